@@ -1,0 +1,498 @@
+import Logging
+import NIOCore
+import TidepoolCore
+
+/// One client of the pooler. It reads the startup packet, authenticates the client, and then
+/// forwards its messages to whichever server the pool lends it, deciding from the message
+/// headers when the server can go back.
+///
+/// Threading: all mutable state is touched on the channel's event loop only.
+final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// Parameters the pooler keeps in step between a client and whichever server it is given.
+    static let trackedParameters = [
+        "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "standard_conforming_strings",
+        "application_name", "search_path",
+    ]
+
+    enum State {
+        case startup
+        case authenticating(ClientAuthStateMachine)
+        /// Logged in as far as the client knows, but waiting for a server to learn its parameters.
+        case awaitingWelcome
+        case idle
+        case waiting
+        case linked(ServerConnection)
+        case closed
+    }
+
+    unowned let pooler: Pooler
+    let channel: Channel
+    let loopIndex: Int
+    var state = State.startup
+    var id: ClientID?
+    var inbound: ByteBuffer?
+    var scanner: MessageScanner
+    var tracker = TransactionTracker()
+    /// Client bytes waiting for a server.
+    var pending: [ByteBuffer] = []
+    /// Client bytes read in this burst for the linked server.
+    var toServer: [ByteBuffer] = []
+    var serverInbound: ByteBuffer?
+    var serverScanner = MessageScanner()
+    /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
+    var swallowingUntilReady = false
+
+    var user = ""
+    var databaseName = ""
+    var database: DatabaseEntry?
+    var poolKey: PoolKey?
+    var poolMode = PoolMode.transaction
+    /// The values of the tracked parameters as the client should see them.
+    var wanted: [String: String] = [:]
+    var cancelKey: (Int32, Int32)?
+    var loginTimeout: Scheduled<Void>?
+    let connectedAt = NIODeadline.now()
+    var closeReason = "client close request"
+
+    init(pooler: Pooler, channel: Channel, loopIndex: Int) {
+        self.pooler = pooler
+        self.channel = channel
+        self.loopIndex = loopIndex
+        self.scanner = MessageScanner(maxMessageLength: pooler.config.global.maxPacketSize)
+    }
+
+    var logger: Logger { pooler.logger }
+    var peer: String { channel.remoteAddress.map { "\($0)" } ?? "unix" }
+
+    func onLoop(_ body: @escaping @Sendable () -> Void) {
+        if channel.eventLoop.inEventLoop { body() } else { channel.eventLoop.execute(body) }
+    }
+
+    // MARK: Channel events
+
+    func channelActive(context: ChannelHandlerContext) {
+        let timeout = pooler.config.global.clientLoginTimeout
+        if timeout > .zero {
+            loginTimeout = context.eventLoop.scheduleTask(in: timeout) { [self] in
+                switch state {
+                case .startup, .authenticating, .awaitingWelcome:
+                    closeReason = "client_login_timeout"
+                    sendFatal(.fatal(SQLState.protocolViolation, "client_login_timeout: login took too long"))
+                default: break
+                }
+            }
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        if var stash = inbound {
+            stash.writeBuffer(&buffer)
+            buffer = stash
+            inbound = nil
+        }
+        do {
+            try process(&buffer)
+        } catch let error as WireError {
+            closeReason = "bad packet"
+            logger.info("client \(peer): \(error.postgresError.message)")
+            sendFatal(error.postgresError)
+            return
+        } catch {
+            sendFatal(.fatal(SQLState.internalError, "\(error)"))
+            return
+        }
+        if buffer.readableBytes > 0 {
+            if case .closed = state { return }
+            inbound = buffer
+        }
+        if !toServer.isEmpty, case .linked(let server) = state, !swallowingUntilReady {
+            server.send(toServer)
+            toServer.removeAll(keepingCapacity: true)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        finish()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        closeReason = "client connection error: \(error)"
+        context.close(promise: nil)
+    }
+
+    // MARK: Reading client bytes
+
+    func process(_ buffer: inout ByteBuffer) throws {
+        while buffer.readableBytes > 0 {
+            switch state {
+            case .startup:
+                guard let packet = try StartupPacket.parse(from: &buffer) else { return }
+                handleStartup(packet)
+            case .authenticating(var auth):
+                guard let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) else { return }
+                guard case .message(let type, let body) = chunk, type == MessageType.password else {
+                    closeReason = "unexpected message during login"
+                    sendFatal(.fatal(SQLState.protocolViolation, "expected a password message"))
+                    return
+                }
+                let action = auth.receivePasswordMessage(body)
+                state = .authenticating(auth)
+                handleAuth(action, auth: auth)
+            case .awaitingWelcome:
+                // A client should wait for ReadyForQuery; keep what it sent for later.
+                return
+            case .idle, .waiting, .linked:
+                guard
+                    let chunk = try scanner.next(
+                        from: &buffer,
+                        classify: { type in
+                            if type == MessageType.terminate { return .inspect }
+                            tracker.clientSent(type)
+                            return .forward
+                        })
+                else { return }
+                switch chunk {
+                case .forward(let bytes):
+                    forward(bytes)
+                case .message:
+                    // Terminate: the client is leaving.
+                    closeReason = "client close request"
+                    finish()
+                    channel.close(promise: nil)
+                    return
+                }
+            case .closed:
+                buffer.moveReaderIndex(to: buffer.writerIndex)
+                return
+            }
+        }
+    }
+
+    func forward(_ bytes: ByteBuffer) {
+        switch state {
+        case .linked where !swallowingUntilReady:
+            toServer.append(bytes)
+        case .idle:
+            pending.append(bytes)
+            state = .waiting
+            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
+        default:
+            pending.append(bytes)
+        }
+    }
+
+    // MARK: Login
+
+    func handleStartup(_ packet: StartupPacket) {
+        switch packet {
+        case .sslRequest, .gssEncRequest:
+            var out = channel.allocator.buffer(capacity: 1)
+            out.writeInteger(UInt8(ascii: "N"))
+            channel.writeAndFlush(out, promise: nil)
+        case .cancel(let pid, let key):
+            pooler.cancel(processID: pid, secretKey: key)
+            closeReason = "cancel request"
+            state = .closed
+            channel.close(promise: nil)
+        case .startup(let minor, let parameters, let unrecognized):
+            login(minor: minor, parameters: parameters, unrecognized: unrecognized)
+        }
+    }
+
+    func login(minor: Int, parameters: [String: String], unrecognized: [String]) {
+        guard let user = parameters["user"], !user.isEmpty else {
+            sendFatal(.fatal(SQLState.invalidAuthorization, "no PostgreSQL user name specified in startup packet"))
+            return
+        }
+        self.user = user
+        databaseName = parameters["database"].flatMap { $0.isEmpty ? nil : $0 } ?? user
+        guard let id = pooler.register(self) else {
+            closeReason = "max_client_conn"
+            sendFatal(.fatal(SQLState.tooManyConnections, "no more connections allowed (max_client_conn)"))
+            return
+        }
+        self.id = id
+        if pooler.config.global.logConnections {
+            logger.info("login attempt: db=\(databaseName) user=\(user) client=\(peer)")
+        }
+        if minor > 0 || !unrecognized.isEmpty {
+            var out = channel.allocator.buffer(capacity: 32)
+            Wire.negotiateProtocolVersion(minor: 0, unrecognized: unrecognized, into: &out)
+            channel.write(out, promise: nil)
+        }
+        for name in Self.trackedParameters {
+            if let value = parameters.first(where: { $0.key.lowercased() == name.lowercased() })?.value {
+                wanted[name] = value
+            }
+        }
+        let secret = pooler.userlist[user]
+        var authType = pooler.config.global.authType
+        if authType == .trust, pooler.config.global.authFile != nil, secret == nil {
+            sendFatal(.fatal(SQLState.invalidAuthorization, "user \"\(user)\" is not in auth_file"))
+            return
+        }
+        if authType == .hba { authType = .md5 }
+        var auth = ClientAuthStateMachine(authType: authType, user: user, secret: secret)
+        let action = auth.start()
+        state = .authenticating(auth)
+        handleAuth(action, auth: auth)
+    }
+
+    func handleAuth(_ action: ClientAuthStateMachine.Action, auth: ClientAuthStateMachine) {
+        switch action {
+        case .send(let out):
+            channel.writeAndFlush(out, promise: nil)
+            if auth.isAuthenticated { authenticated() }
+        case .authenticated:
+            authenticated()
+        case .fail(let error):
+            closeReason = "authentication failed"
+            logger.info("client \(peer) user=\(user): \(error.message)")
+            sendFatal(error)
+        }
+    }
+
+    func authenticated() {
+        guard let database = pooler.config.database(named: databaseName) else {
+            closeReason = "unknown database"
+            sendFatal(.fatal(SQLState.invalidCatalogName, "database \"\(databaseName)\" does not exist"))
+            return
+        }
+        self.database = database
+        let serverUser = database.user ?? user
+        poolKey = PoolKey(database: databaseName, user: serverUser)
+        poolMode = pooler.config.poolMode(database: database, user: user)
+        if let welcome = pooler.welcomeParameters(for: poolKey!) {
+            sendWelcome(welcome)
+        } else {
+            // No server of this pool has logged in yet: borrow one to learn its parameters.
+            state = .awaitingWelcome
+            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database)
+        }
+    }
+
+    func sendWelcome(_ serverParameters: [String: String]) {
+        loginTimeout?.cancel()
+        var out = channel.allocator.buffer(capacity: 512)
+        Wire.authenticationOk(into: &out)
+        var parameters = serverParameters
+        for (name, value) in wanted { parameters[name] = value }
+        for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {
+            Wire.parameterStatus(name, value, into: &out)
+        }
+        // Make the client's view explicit so a server with other values is brought in line.
+        for name in Self.trackedParameters where wanted[name] == nil {
+            if let value = serverParameters[name] { wanted[name] = value }
+        }
+        let key = pooler.issueCancelKey(for: self)
+        cancelKey = key
+        Wire.backendKeyData(processID: key.0, secretKey: key.1, into: &out)
+        Wire.readyForQuery(.idle, into: &out)
+        channel.writeAndFlush(out, promise: nil)
+        state = .idle
+        if !pending.isEmpty {
+            state = .waiting
+            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
+        }
+    }
+
+    // MARK: Pool events (called on this event loop)
+
+    func lent(_ server: ServerConnection) {
+        switch state {
+        case .awaitingWelcome:
+            // The server was only needed for its parameters.
+            pooler.release(server, reusable: true)
+            sendWelcome(server.parameters)
+            if let stash = inbound, stash.readableBytes > 0 {
+                inbound = nil
+                var b = stash
+                try? process(&b)
+                if b.readableBytes > 0 { inbound = b }
+            }
+        case .waiting:
+            state = .linked(server)
+            server.attach(self)
+            serverScanner = MessageScanner(maxMessageLength: pooler.config.global.maxPacketSize)
+            serverInbound = nil
+            var sets = ""
+            for name in Self.trackedParameters {
+                guard let value = wanted[name], let current = server.parameters[name], current != value else { continue }
+                sets += "SET \(name) = '\(value.replacingQuotes())';"
+                server.parameters[name] = value
+            }
+            if !sets.isEmpty {
+                var out = channel.allocator.buffer(capacity: sets.utf8.count + 8)
+                Wire.query(sets, into: &out)
+                swallowingUntilReady = true
+                server.send([out])
+            } else {
+                flushPending(to: server)
+            }
+        default:
+            // The client left while waiting; the server was never used.
+            pooler.release(server, reusable: true)
+        }
+    }
+
+    func flushPending(to server: ServerConnection) {
+        var out = pending
+        pending.removeAll()
+        out += toServer
+        toServer.removeAll()
+        if !out.isEmpty { server.send(out) }
+    }
+
+    func waitFailed(_ error: PoolError) {
+        switch state {
+        case .waiting, .awaitingWelcome:
+            closeReason = "\(error.postgresError.message)"
+            logger.warning("client \(peer) db=\(databaseName) user=\(user): \(error.postgresError.message)")
+            var e = error.postgresError
+            e.severity = "FATAL"
+            sendFatal(e)
+        default:
+            break
+        }
+    }
+
+    /// Bytes from the linked server.
+    func serverData(_ data: ByteBuffer) {
+        guard case .linked(let server) = state else { return }
+        var buffer = data
+        if var stash = serverInbound {
+            stash.writeBuffer(&buffer)
+            buffer = stash
+            serverInbound = nil
+        }
+        do {
+            while let chunk = try serverScanner.next(
+                from: &buffer,
+                classify: { type in
+                    type == MessageType.readyForQuery || type == MessageType.parameterStatus ? .inspect : .forward
+                })
+            {
+                switch chunk {
+                case .forward(let bytes):
+                    if !swallowingUntilReady { channel.write(bytes, promise: nil) }
+                case .message(let type, let body):
+                    if type == MessageType.parameterStatus {
+                        if let (name, value) = WireDecode.parameterStatus(body) {
+                            server.parameters[name] = value
+                            if !swallowingUntilReady {
+                                wanted[name] = value
+                                var out = channel.allocator.buffer(capacity: body.readableBytes + 5)
+                                Wire.parameterStatus(name, value, into: &out)
+                                channel.write(out, promise: nil)
+                            }
+                        }
+                        continue
+                    }
+                    var b = body
+                    let status = TransactionStatus(rawValue: b.readInteger(as: UInt8.self) ?? 0) ?? .failed
+                    if swallowingUntilReady {
+                        swallowingUntilReady = false
+                        flushPending(to: server)
+                        continue
+                    }
+                    tracker.serverReady(status)
+                    var out = channel.allocator.buffer(capacity: 6)
+                    Wire.readyForQuery(status, into: &out)
+                    channel.write(out, promise: nil)
+                    if poolMode == .statement, status != .idle, tracker.isQuiet {
+                        channel.flush()
+                        closeReason = "transaction in statement mode"
+                        sendFatal(
+                            .fatal(
+                                SQLState.featureNotSupported,
+                                "transaction blocks are not allowed in statement pooling mode"))
+                        return
+                    }
+                    if poolMode != .session, tracker.isClean, buffer.readableBytes == 0 {
+                        unlink(server, reusable: true)
+                    }
+                }
+            }
+        } catch {
+            closeReason = "bad packet from server"
+            unlink(server, reusable: false)
+            sendFatal(.fatal(SQLState.protocolViolation, "server sent an invalid message"))
+            return
+        }
+        if buffer.readableBytes > 0 { serverInbound = buffer }
+        channel.flush()
+    }
+
+    func unlink(_ server: ServerConnection, reusable: Bool) {
+        server.detach()
+        state = .idle
+        tracker.reset()
+        pooler.release(server, reusable: reusable)
+    }
+
+    /// The linked server closed or failed.
+    func serverLost(_ server: ServerConnection) {
+        guard case .linked(let linked) = state, linked === server else { return }
+        state = .idle
+        closeReason = "server connection lost"
+        sendFatal(.fatal(SQLState.adminShutdown, "server closed the connection unexpectedly"))
+    }
+
+    /// Where a cancel request for this client should go, if it is using a server right now.
+    func cancelTarget() -> ServerConnection.CancelTarget? {
+        guard case .linked(let server) = state, !tracker.isClean || tracker.outstanding > 0 else { return nil }
+        return server.cancelTarget
+    }
+
+    // MARK: Closing
+
+    func sendFatal(_ error: PostgresError) {
+        var out = channel.allocator.buffer(capacity: 128)
+        Wire.errorResponse(error, into: &out)
+        channel.writeAndFlush(out).whenComplete { [channel] _ in channel.close(promise: nil) }
+        finish()
+        state = .closed
+    }
+
+    /// Gives back or closes the server and forgets the client. Safe to call more than once.
+    func finish() {
+        loginTimeout?.cancel()
+        switch state {
+        case .linked(let server):
+            let clean = tracker.isClean && !swallowingUntilReady
+            server.detach()
+            let reset = pooler.config.global.serverResetQuery
+            if clean, poolMode == .session || pooler.config.global.serverResetQueryAlways, !reset.isEmpty {
+                server.resetAndRelease(reset)
+            } else {
+                pooler.release(server, reusable: clean)
+            }
+        case .closed:
+            return
+        default:
+            break
+        }
+        state = .closed
+        pooler.unregister(self, id: id, cancelKey: cancelKey)
+        if id != nil, pooler.config.global.logDisconnections {
+            let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9
+            logger.info(
+                "closing client \(peer) db=\(databaseName) user=\(user): \(closeReason) (age=\(Int(age))s)")
+        }
+    }
+}
+
+extension String {
+    /// Doubles single quotes for a SQL string literal.
+    func replacingQuotes() -> String {
+        var s = ""
+        for c in self {
+            if c == "'" { s.append("''") } else { s.append(c) }
+        }
+        return s
+    }
+}

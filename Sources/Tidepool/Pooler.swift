@@ -1,0 +1,316 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// The running pooler: listeners, the shared pool state machine, and the registry of live
+/// connections. Decisions are made by `PoolStateMachine`; this class only carries out its actions.
+public final class Pooler: @unchecked Sendable {
+    public let config: Config
+    let userlist: [String: PasswordSecret]
+    public let logger: Logger
+    let group: MultiThreadedEventLoopGroup
+    let loops: [EventLoop]
+    let shared = NIOLockedValueBox(Shared())
+    var listeners: [Channel] = []
+    var janitor: RepeatedTask?
+
+    struct CancelKey: Hashable {
+        var processID: Int32
+        var secretKey: Int32
+    }
+
+    struct Shared {
+        var pools = PoolStateMachine()
+        var clients: [ClientID: ClientConnection] = [:]
+        var servers: [ServerID: ServerConnection] = [:]
+        var cancelKeys: [CancelKey: ClientConnection] = [:]
+        /// ParameterStatus values a server of each pool reported at login.
+        var welcome: [PoolKey: [String: String]] = [:]
+        var nextClientID: UInt64 = 1
+        var clientCount = 0
+    }
+
+    public init(config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil) {
+        self.config = config
+        self.userlist = userlist
+        self.logger = logger
+        let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
+        self.loops = Array(group.makeIterator())
+    }
+
+    // MARK: Start and stop
+
+    /// Binds the TCP and Unix listeners and starts the periodic janitor.
+    public func start() async throws {
+        let g = config.global
+        var addresses: [String] = []
+        for part in g.listenAddr.split(separator: ",").map({ String($0).trimmed(" ") }) where !part.isEmpty {
+            if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
+        }
+        for address in addresses {
+            let channel = try await makeServerBootstrap().bind(host: address, port: g.listenPort).get()
+            listeners.append(channel)
+            logger.info("listening on \(address):\(g.listenPort)")
+        }
+        if !g.unixSocketDir.isEmpty {
+            let path = "\(g.unixSocketDir)/.s.PGSQL.\(g.listenPort)"
+            let channel = try await makeServerBootstrap().bind(
+                unixDomainSocketPath: path, cleanupExistingSocketFile: true
+            ).get()
+            chmod(path, mode_t(g.unixSocketMode))
+            listeners.append(channel)
+            logger.info("listening on unix:\(path)")
+        }
+        let period = TimeAmount.milliseconds(100)
+        janitor = loops[0].scheduleRepeatedTask(initialDelay: period, delay: period) { [weak self] _ in
+            self?.timerFired()
+        }
+    }
+
+    /// The ports actually bound (for tests that bind port 0).
+    public var boundPorts: [Int] { listeners.compactMap { $0.localAddress?.port } }
+
+    public func shutdown() async {
+        janitor?.cancel()
+        for listener in listeners { try? await listener.close() }
+        let (clients, servers) = shared.withLockedValue { ($0.clients.values, $0.servers.values) }
+        for client in clients { client.channel.close(promise: nil) }
+        for server in servers { server.terminate() }
+        try? await group.shutdownGracefully()
+    }
+
+    func makeServerBootstrap() -> ServerBootstrap {
+        ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: Int32(config.global.listenBacklog))
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.allowRemoteHalfClosure, value: false)
+            .childChannelInitializer { [self] channel in
+                let index = self.loopIndex(of: channel.eventLoop)
+                let client = ClientConnection(pooler: self, channel: channel, loopIndex: index)
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(client)
+                }
+            }
+    }
+
+    func loopIndex(of loop: EventLoop) -> Int {
+        loops.firstIndex { $0 === loop } ?? 0
+    }
+
+    // MARK: Clients
+
+    /// Registers a client that passed the startup packet; nil when max_client_conn is reached.
+    func register(_ client: ClientConnection) -> ClientID? {
+        shared.withLockedValue { s in
+            guard s.clientCount < config.global.maxClientConn else { return nil }
+            s.clientCount += 1
+            let id = ClientID(s.nextClientID)
+            s.nextClientID += 1
+            s.clients[id] = client
+            return id
+        }
+    }
+
+    /// Gives a logged-in client a cancel key of its own.
+    func issueCancelKey(for client: ClientConnection) -> (Int32, Int32) {
+        var g = SystemRandomNumberGenerator()
+        return shared.withLockedValue { s in
+            while true {
+                let key = CancelKey(processID: Int32.random(in: 1...Int32.max, using: &g), secretKey: Int32.random(in: Int32.min...Int32.max, using: &g))
+                if s.cancelKeys[key] == nil {
+                    s.cancelKeys[key] = client
+                    return (key.processID, key.secretKey)
+                }
+            }
+        }
+    }
+
+    func unregister(_ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?) {
+        shared.withLockedValue { s in
+            if let id, s.clients.removeValue(forKey: id) != nil {
+                s.clientCount -= 1
+                s.pools.clientGaveUp(id)
+            }
+            if let cancelKey { s.cancelKeys[CancelKey(processID: cancelKey.0, secretKey: cancelKey.1)] = nil }
+        }
+    }
+
+    /// Passes a CancelRequest on to the backend the client is using right now, if any.
+    func cancel(processID: Int32, secretKey: Int32) {
+        let client = shared.withLockedValue { $0.cancelKeys[CancelKey(processID: processID, secretKey: secretKey)] }
+        guard let client else {
+            logger.debug("cancel request with an unknown key ignored")
+            return
+        }
+        client.channel.eventLoop.execute {
+            guard let target = client.cancelTarget() else { return }
+            self.sendCancel(to: target)
+        }
+    }
+
+    func sendCancel(to target: ServerConnection.CancelTarget) {
+        var buffer = ByteBufferAllocator().buffer(capacity: 16)
+        Wire.cancelRequest(processID: target.processID, secretKey: target.secretKey, into: &buffer)
+        let packet = buffer
+        let bootstrap = ClientBootstrap(group: group).connectTimeout(config.global.serverConnectTimeout)
+        let connecting: EventLoopFuture<Channel>
+        switch target.address {
+        case .tcp(let host, let port): connecting = bootstrap.connect(host: host, port: port)
+        case .unix(let path): connecting = bootstrap.connect(unixDomainSocketPath: path)
+        }
+        connecting.whenSuccess { channel in
+            channel.writeAndFlush(packet).whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+
+    // MARK: Pools
+
+    /// The pool settings for a client's (database, user), from the config.
+    func poolSettings(database: DatabaseEntry, user: String) -> PoolSettings {
+        let g = config.global
+        var s = PoolSettings(poolSize: config.poolSize(database: database, user: user))
+        s.minPoolSize = database.minPoolSize ?? g.minPoolSize
+        s.reservePoolSize = database.reservePoolSize ?? g.reservePoolSize
+        s.reservePoolTimeout = g.reservePoolTimeout
+        s.maxDBConnections = database.maxDBConnections ?? g.maxDBConnections
+        s.maxUserConnections = config.users[user]?.maxUserConnections ?? g.maxUserConnections
+        s.queryWaitTimeout = g.queryWaitTimeout
+        s.serverLifetime = g.serverLifetime
+        s.serverIdleTimeout = g.serverIdleTimeout
+        s.serverLoginRetry = g.serverLoginRetry
+        return s
+    }
+
+    /// Makes sure the pool exists, then asks it for a server for `client`.
+    func requestServer(for client: ClientConnection, id: ClientID, pool key: PoolKey, database: DatabaseEntry) {
+        let now = NIODeadline.now()
+        let actions = shared.withLockedValue { s -> [PoolAction] in
+            var actions: [PoolAction] = []
+            if !s.pools.hasPool(key) {
+                actions += s.pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+            }
+            actions += s.pools.clientWantsServer(id, pool: key, loop: client.loopIndex, now: now)
+            return actions
+        }
+        perform(actions)
+    }
+
+    func release(_ server: ServerConnection, reusable: Bool) {
+        let now = NIODeadline.now()
+        let actions = shared.withLockedValue { $0.pools.serverReleased(server.id, reusable: reusable, now: now) }
+        perform(actions)
+    }
+
+    func welcomeParameters(for key: PoolKey) -> [String: String]? {
+        shared.withLockedValue { $0.welcome[key] }
+    }
+
+    func serverLoggedIn(_ server: ServerConnection) {
+        let now = NIODeadline.now()
+        let actions = shared.withLockedValue { s -> [PoolAction] in
+            if s.welcome[server.pool] == nil { s.welcome[server.pool] = server.parameters }
+            return s.pools.serverConnected(server.id, now: now)
+        }
+        perform(actions)
+    }
+
+    func serverConnectFailed(_ server: ServerConnection, error: PostgresError) {
+        logger.warning("server connection to \(server.pool) failed: \(error.message)")
+        let now = NIODeadline.now()
+        let actions = shared.withLockedValue { s -> [PoolAction] in
+            s.servers[server.id] = nil
+            return s.pools.serverConnectFailed(server.id, error: error, now: now)
+        }
+        perform(actions)
+    }
+
+    func serverClosed(_ server: ServerConnection) {
+        let now = NIODeadline.now()
+        let actions = shared.withLockedValue { s -> [PoolAction] in
+            s.servers[server.id] = nil
+            return s.pools.serverClosed(server.id, now: now)
+        }
+        perform(actions)
+    }
+
+    func timerFired() {
+        let now = NIODeadline.now()
+        perform(shared.withLockedValue { $0.pools.timerFired(now: now) })
+    }
+
+    /// Carries out the pool's decisions.
+    func perform(_ actions: [PoolAction]) {
+        for action in actions {
+            switch action {
+            case .lend(let serverID, let clientID):
+                let (client, server) = shared.withLockedValue { ($0.clients[clientID], $0.servers[serverID]) }
+                guard let server else { continue }
+                guard let client else {
+                    release(server, reusable: true)
+                    continue
+                }
+                client.onLoop { client.lent(server) }
+            case .connect(let serverID, let key, let loop):
+                connect(serverID, pool: key, loop: loop)
+            case .close(let serverID):
+                let server = shared.withLockedValue { $0.servers.removeValue(forKey: serverID) }
+                server?.terminate()
+            case .failClient(let clientID, let error):
+                let client = shared.withLockedValue { $0.clients[clientID] }
+                client?.onLoop { client?.waitFailed(error) }
+            }
+        }
+    }
+
+    func connect(_ id: ServerID, pool key: PoolKey, loop: Int) {
+        guard let database = config.database(named: key.database) else {
+            serverConnectFailed(
+                ServerConnection.placeholder(id: id, pool: key, pooler: self),
+                error: .fatal(SQLState.invalidCatalogName, "database \"\(key.database)\" is not configured"))
+            return
+        }
+        let server = ServerConnection(id: id, pool: key, database: database, pooler: self)
+        shared.withLockedValue { $0.servers[id] = server }
+        let bootstrap = ClientBootstrap(group: loops[loop % loops.count])
+            .connectTimeout(config.global.serverConnectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.socketOption(.so_keepalive), value: config.global.tcpKeepalive ? 1 : 0)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(server) }
+            }
+        let connecting: EventLoopFuture<Channel>
+        switch server.address {
+        case .tcp(let host, let port): connecting = bootstrap.connect(host: host, port: port)
+        case .unix(let path): connecting = bootstrap.connect(unixDomainSocketPath: path)
+        }
+        connecting.whenFailure { error in
+            self.serverConnectFailed(
+                server, error: PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "\(error)"))
+        }
+    }
+
+    /// Counts for tests and the admin console.
+    public func poolSnapshot() -> [PoolSnapshot] {
+        let now = NIODeadline.now()
+        return shared.withLockedValue { $0.pools.snapshot(now: now) }
+    }
+}
+
+extension String {
+    func trimmed(_ set: String) -> String {
+        var s = Substring(self)
+        while let c = s.first, set.contains(c) { s = s.dropFirst() }
+        while let c = s.last, set.contains(c) { s = s.dropLast() }
+        return String(s)
+    }
+}
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif

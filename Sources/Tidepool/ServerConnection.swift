@@ -1,0 +1,292 @@
+import Logging
+import NIOCore
+import TidepoolCore
+
+/// One connection from the pooler to PostgreSQL. It logs in, then either sits idle in the pool
+/// or is linked to one client, to which it passes every byte it reads.
+///
+/// Threading: all mutable state is touched on `eventLoop` only, except `parameters`, which only the
+/// linked client touches (the hand-over through the event loops orders those accesses).
+final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum Address: Sendable {
+        case tcp(host: String, port: Int)
+        case unix(path: String)
+    }
+
+    struct CancelTarget: Sendable {
+        var address: Address
+        var processID: Int32
+        var secretKey: Int32
+    }
+
+    enum Phase {
+        case connecting
+        case loggingIn(ServerLoginStateMachine)
+        case ready
+        /// Running the reset query after a session-mode client left.
+        case resetting
+        case closed
+    }
+
+    let id: ServerID
+    let pool: PoolKey
+    let address: Address
+    unowned let pooler: Pooler
+    private(set) var channel: Channel?
+    var phase = Phase.connecting
+    var inbound: ByteBuffer?
+    var scanner = MessageScanner()
+    var owner: ClientConnection?
+    var loginTimeout: Scheduled<Void>?
+    let database: DatabaseEntry?
+
+    /// ParameterStatus values as this backend last reported them.
+    var parameters: [String: String] = [:]
+    var processID: Int32 = 0
+    var secretKey: Int32 = 0
+
+    init(id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler) {
+        self.id = id
+        self.pool = pool
+        self.pooler = pooler
+        self.database = database
+        let host = database?.host ?? "/var/run/postgresql"
+        let port = database?.port ?? 5432
+        self.address = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
+    }
+
+    static func placeholder(id: ServerID, pool: PoolKey, pooler: Pooler) -> ServerConnection {
+        ServerConnection(id: id, pool: pool, database: nil, pooler: pooler)
+    }
+
+    var eventLoop: EventLoop { channel!.eventLoop }
+
+    // MARK: Login
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        channel = context.channel
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        guard let database else { return }
+        let user = database.user ?? pool.user
+        let secret: ServerLoginStateMachine.Secret
+        if let password = database.password {
+            secret = .password(password)
+        } else {
+            switch pooler.userlist[user] {
+            case .plain(let p): secret = .password(p)
+            case .md5(let m): secret = .md5(m)
+            case .scram, nil: secret = .none
+            }
+        }
+        var extra: [(String, String)] = []
+        if let v = database.clientEncoding { extra.append(("client_encoding", v)) }
+        if let v = database.datestyle { extra.append(("DateStyle", v)) }
+        if let v = database.timezone { extra.append(("TimeZone", v)) }
+        let login = ServerLoginStateMachine(
+            user: user, database: database.dbname ?? database.name, secret: secret, extraParameters: extra)
+        phase = .loggingIn(login)
+        context.writeAndFlush(wrapOutboundOut(login.startupMessage(allocator: context.channel.allocator)), promise: nil)
+        loginTimeout = context.eventLoop.scheduleTask(in: pooler.config.global.serverConnectTimeout) { [self] in
+            if case .loggingIn = phase {
+                fail(PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "server login timed out"))
+            }
+        }
+    }
+
+    func fail(_ error: PostgresError) {
+        if case .closed = phase { return }
+        phase = .closed
+        loginTimeout?.cancel()
+        pooler.serverConnectFailed(self, error: error)
+        channel?.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .ready = phase, let owner, inbound == nil {
+            // The hot path: hand the bytes to the client as they are.
+            let bytes = unwrapInboundIn(data)
+            owner.onLoop { owner.serverData(bytes) }
+            return
+        }
+        var buffer = unwrapInboundIn(data)
+        if var pending = inbound {
+            pending.writeBuffer(&buffer)
+            buffer = pending
+            inbound = nil
+        }
+        do {
+            while let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) {
+                guard case .message(let type, let body) = chunk else { continue }
+                handleUnlinked(type: type, body: body, context: context)
+                if case .closed = phase { return }
+                if case .ready = phase, let owner, buffer.readableBytes > 0 {
+                    let rest = buffer
+                    owner.onLoop { owner.serverData(rest) }
+                    return
+                }
+            }
+        } catch {
+            phase = .closed
+            context.close(promise: nil)
+            return
+        }
+        if buffer.readableBytes > 0 { inbound = buffer }
+    }
+
+    /// A whole message while logging in, resetting, or idle in the pool.
+    func handleUnlinked(type: UInt8, body: ByteBuffer, context: ChannelHandlerContext) {
+        switch phase {
+        case .loggingIn(var login):
+            let action = login.receive(type: type, body: body)
+            phase = .loggingIn(login)
+            switch action {
+            case .none: break
+            case .send(let out): context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            case .fail(let error): fail(error)
+            case .loggedIn(let parameters, let pid, let key):
+                loginTimeout?.cancel()
+                self.parameters = parameters
+                processID = pid
+                secretKey = key
+                phase = .ready
+                if let query = database?.connectQuery, !query.isEmpty {
+                    runInternal(query, context: context)
+                } else {
+                    pooler.serverLoggedIn(self)
+                }
+            }
+        case .resetting:
+            if type == MessageType.errorResponse {
+                pooler.logger.warning("reset query failed on \(pool): \(WireDecode.errorFields(body).message)")
+                resetFailed = true
+            } else if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
+                parameters[name] = value
+            } else if type == MessageType.readyForQuery {
+                var b = body
+                let status = b.readInteger(as: UInt8.self)
+                phase = .ready
+                let clean = !resetFailed && status == TransactionStatus.idle.rawValue
+                resetFailed = false
+                if internalForLogin {
+                    internalForLogin = false
+                    pooler.serverLoggedIn(self)
+                } else {
+                    pooler.release(self, reusable: clean)
+                }
+            }
+        case .ready:
+            // Idle in the pool: only a ParameterStatus or a FATAL error may come.
+            if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
+                parameters[name] = value
+            } else if type == MessageType.errorResponse {
+                pooler.logger.info("idle server \(pool) reported: \(WireDecode.errorFields(body).message)")
+            }
+        case .connecting, .closed:
+            break
+        }
+    }
+
+    var resetFailed = false
+    var internalForLogin = false
+
+    /// Runs a query whose results nobody sees (connect_query, server_reset_query).
+    func runInternal(_ sql: String, context: ChannelHandlerContext) {
+        phase = .resetting
+        internalForLogin = true
+        var out = context.channel.allocator.buffer(capacity: sql.utf8.count + 6)
+        Wire.query(sql, into: &out)
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        let wasPhase = phase
+        phase = .closed
+        loginTimeout?.cancel()
+        switch wasPhase {
+        case .connecting, .loggingIn:
+            pooler.serverConnectFailed(
+                self,
+                error: PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "server closed the connection during login"))
+        case .ready, .resetting:
+            if let owner {
+                self.owner = nil
+                owner.onLoop { owner.serverLost(self) }
+            }
+            pooler.serverClosed(self)
+        case .closed:
+            break
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        pooler.logger.debug("server \(id) error: \(error)")
+        context.close(promise: nil)
+    }
+
+    // MARK: Used by the linked client (from any event loop)
+
+    /// Links the server to a client: from now on every byte read goes to it.
+    func attach(_ client: ClientConnection) {
+        onLoop { self.owner = client }
+    }
+
+    func detach() {
+        onLoop { self.owner = nil }
+    }
+
+    /// Writes client bytes (whole or partial messages) and flushes.
+    func send(_ buffers: [ByteBuffer]) {
+        guard let channel else { return }
+        if channel.eventLoop.inEventLoop {
+            for b in buffers { channel.write(b, promise: nil) }
+            channel.flush()
+        } else {
+            channel.eventLoop.execute {
+                for b in buffers { channel.write(b, promise: nil) }
+                channel.flush()
+            }
+        }
+    }
+
+    /// Session mode: clean the server with the reset query before it goes back to the pool.
+    func resetAndRelease(_ sql: String) {
+        onLoop {
+            guard case .ready = self.phase, let channel = self.channel else {
+                return
+            }
+            self.owner = nil
+            self.phase = .resetting
+            var out = channel.allocator.buffer(capacity: sql.utf8.count + 6)
+            Wire.query(sql, into: &out)
+            channel.writeAndFlush(out, promise: nil)
+        }
+    }
+
+    /// Closes the connection politely (Terminate) because the pool no longer wants it.
+    func terminate() {
+        guard let channel else { return }
+        onLoop {
+            if case .closed = self.phase { return }
+            if case .ready = self.phase {
+                var out = channel.allocator.buffer(capacity: 5)
+                Wire.terminate(into: &out)
+                channel.writeAndFlush(out, promise: nil)
+            }
+            channel.close(promise: nil)
+        }
+    }
+
+    var cancelTarget: CancelTarget {
+        CancelTarget(address: address, processID: processID, secretKey: secretKey)
+    }
+
+    func onLoop(_ body: @escaping @Sendable () -> Void) {
+        guard let loop = channel?.eventLoop else { return }
+        if loop.inEventLoop { body() } else { loop.execute(body) }
+    }
+}

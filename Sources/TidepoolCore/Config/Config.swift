@@ -1,0 +1,333 @@
+import NIOCore
+
+public enum PoolMode: String, Sendable, CaseIterable {
+    case session, transaction, statement
+}
+
+public enum AuthType: String, Sendable, CaseIterable {
+    case trust, plain, md5
+    case scramSHA256 = "scram-sha-256"
+    case any
+    case hba
+}
+
+/// Global settings (`[pooler]`, alias `[pgbouncer]`), with PgBouncer's defaults.
+public struct GlobalSettings: Equatable, Sendable {
+    public var listenAddr = "127.0.0.1"
+    public var listenPort = 6432
+    public var unixSocketDir = "/tmp"
+    public var unixSocketMode = 0o777
+    public var authType = AuthType.md5
+    public var authFile: String?
+    public var adminUsers: [String] = []
+    public var statsUsers: [String] = []
+    public var poolMode = PoolMode.transaction
+    public var defaultPoolSize = 20
+    public var minPoolSize = 0
+    public var reservePoolSize = 0
+    public var reservePoolTimeout = TimeAmount.seconds(5)
+    public var maxClientConn = 100
+    public var maxDBConnections = 0
+    public var maxUserConnections = 0
+    public var serverResetQuery = "DISCARD ALL"
+    public var serverResetQueryAlways = false
+    public var serverCheckQuery = ""
+    public var serverCheckDelay = TimeAmount.seconds(30)
+    public var serverLifetime = TimeAmount.seconds(3600)
+    public var serverIdleTimeout = TimeAmount.seconds(600)
+    public var serverConnectTimeout = TimeAmount.seconds(15)
+    public var serverLoginRetry = TimeAmount.seconds(15)
+    public var queryTimeout = TimeAmount.zero
+    public var queryWaitTimeout = TimeAmount.seconds(120)
+    public var clientIdleTimeout = TimeAmount.zero
+    public var clientLoginTimeout = TimeAmount.seconds(60)
+    public var idleTransactionTimeout = TimeAmount.zero
+    public var logConnections = true
+    public var logDisconnections = true
+    public var logPoolerErrors = true
+    public var verbose = 0
+    public var logfile: String?
+    public var pidfile: String?
+    public var maxPacketSize = 2_147_483_647
+    public var listenBacklog = 128
+    public var ignoreStartupParameters: [String] = []
+    public var applicationNameAddHost = false
+    public var statsPeriod = TimeAmount.seconds(60)
+    public var serverRoundRobin = false
+    public var disablePqexec = false
+    public var tcpKeepalive = true
+    /// Event-loop threads; 0 means one per core.
+    public var threads = 0
+
+    public init() {}
+}
+
+/// One `[databases]` entry.
+public struct DatabaseEntry: Equatable, Sendable {
+    public var name: String
+    public var host: String?
+    public var port = 5432
+    public var dbname: String?
+    public var user: String?
+    public var password: String?
+    public var poolSize: Int?
+    public var minPoolSize: Int?
+    public var reservePoolSize: Int?
+    public var poolMode: PoolMode?
+    public var maxDBConnections: Int?
+    public var connectQuery: String?
+    public var clientEncoding: String?
+    public var datestyle: String?
+    public var timezone: String?
+    public var applicationName: String?
+    public var authUser: String?
+
+    public init(name: String) { self.name = name }
+}
+
+/// One `[users]` entry.
+public struct UserEntry: Equatable, Sendable {
+    public var name: String
+    public var poolMode: PoolMode?
+    public var poolSize: Int?
+    public var maxUserConnections: Int?
+
+    public init(name: String) { self.name = name }
+}
+
+/// The whole configuration.
+public struct Config: Equatable, Sendable {
+    public var global = GlobalSettings()
+    public var databases: [String: DatabaseEntry] = [:]
+    public var users: [String: UserEntry] = [:]
+    /// Unknown keys met while loading: (file:line, key).
+    public var warnings: [String] = []
+
+    public init() {}
+
+    /// The entry for a database name, falling back to `*` with that name as dbname.
+    public func database(named name: String) -> DatabaseEntry? {
+        if let entry = databases[name] { return entry }
+        if var fallback = databases["*"] {
+            fallback.name = name
+            if fallback.dbname == nil { fallback.dbname = name }
+            return fallback
+        }
+        return nil
+    }
+
+    public func poolMode(database: DatabaseEntry, user: String) -> PoolMode {
+        users[user]?.poolMode ?? database.poolMode ?? global.poolMode
+    }
+
+    public func poolSize(database: DatabaseEntry, user: String) -> Int {
+        users[user]?.poolSize ?? database.poolSize ?? global.defaultPoolSize
+    }
+
+    /// Loads a file and everything it includes.
+    public static func load(path: String, readFile: (String) throws -> String) throws(ConfigError) -> Config {
+        let text: String
+        do { text = try readFile(path) } catch {
+            throw ConfigError(file: path, line: 0, message: "cannot read config file")
+        }
+        return try parse(text, file: path, readFile: readFile)
+    }
+
+    public static func parse(
+        _ text: String, file: String = "pooler.ini", readFile: (String) throws -> String = { _ in "" }
+    ) throws(ConfigError) -> Config {
+        let entries = try IniFile.parse(text, file: file, readFile: readFile)
+        var config = Config()
+        for entry in entries {
+            switch entry.section {
+            case "pooler", "pgbouncer":
+                try config.applyGlobal(entry)
+            case "databases":
+                config.databases[entry.key] = try parseDatabase(entry)
+            case "users":
+                config.users[entry.key] = try parseUser(entry)
+            case "peers":
+                config.warnings.append("\(entry.file):\(entry.line): [peers] is not supported; ignored")
+            default:
+                config.warnings.append("\(entry.file):\(entry.line): unknown section [\(entry.section)]; ignored")
+            }
+        }
+        return config
+    }
+
+    static func parseDatabase(_ entry: IniEntry) throws(ConfigError) -> DatabaseEntry {
+        var db = DatabaseEntry(name: entry.key)
+        let pairs: [(String, String)]
+        do { pairs = try ConnectionString.parse(entry.value) } catch {
+            throw ConfigError(file: entry.file, line: entry.line, key: entry.key, message: error.message)
+        }
+        for (key, value) in pairs {
+            let v = Value(entry: entry, key: key, text: value)
+            switch key {
+            case "host": db.host = value
+            case "port": db.port = try v.int(1...65535)
+            case "dbname": db.dbname = value
+            case "user": db.user = value
+            case "password": db.password = value
+            case "pool_size": db.poolSize = try v.int(0...100_000)
+            case "min_pool_size": db.minPoolSize = try v.int(0...100_000)
+            case "reserve_pool", "reserve_pool_size": db.reservePoolSize = try v.int(0...100_000)
+            case "pool_mode": db.poolMode = try v.enumValue(PoolMode.self)
+            case "max_db_connections": db.maxDBConnections = try v.int(0...1_000_000)
+            case "connect_query": db.connectQuery = value
+            case "client_encoding": db.clientEncoding = value
+            case "datestyle": db.datestyle = value
+            case "timezone": db.timezone = value
+            case "application_name": db.applicationName = value
+            case "auth_user": db.authUser = value
+            default:
+                throw ConfigError(
+                    file: entry.file, line: entry.line, key: entry.key, message: "unknown database parameter \(key)")
+            }
+        }
+        return db
+    }
+
+    static func parseUser(_ entry: IniEntry) throws(ConfigError) -> UserEntry {
+        var user = UserEntry(name: entry.key)
+        let pairs: [(String, String)]
+        do { pairs = try ConnectionString.parse(entry.value) } catch {
+            throw ConfigError(file: entry.file, line: entry.line, key: entry.key, message: error.message)
+        }
+        for (key, value) in pairs {
+            let v = Value(entry: entry, key: key, text: value)
+            switch key {
+            case "pool_mode": user.poolMode = try v.enumValue(PoolMode.self)
+            case "pool_size": user.poolSize = try v.int(0...100_000)
+            case "max_user_connections": user.maxUserConnections = try v.int(0...1_000_000)
+            default:
+                throw ConfigError(
+                    file: entry.file, line: entry.line, key: entry.key, message: "unknown user parameter \(key)")
+            }
+        }
+        return user
+    }
+
+    mutating func applyGlobal(_ entry: IniEntry) throws(ConfigError) {
+        let v = Value(entry: entry, key: entry.key, text: entry.value)
+        switch entry.key {
+        case "listen_addr": global.listenAddr = entry.value
+        case "listen_port": global.listenPort = try v.int(0...65535)
+        case "unix_socket_dir": global.unixSocketDir = entry.value
+        case "unix_socket_mode": global.unixSocketMode = try v.octal()
+        case "auth_type": global.authType = try v.enumValue(AuthType.self)
+        case "auth_file": global.authFile = entry.value.isEmpty ? nil : entry.value
+        case "admin_users": global.adminUsers = v.list()
+        case "stats_users": global.statsUsers = v.list()
+        case "pool_mode": global.poolMode = try v.enumValue(PoolMode.self)
+        case "default_pool_size": global.defaultPoolSize = try v.int(1...100_000)
+        case "min_pool_size": global.minPoolSize = try v.int(0...100_000)
+        case "reserve_pool_size": global.reservePoolSize = try v.int(0...100_000)
+        case "reserve_pool_timeout": global.reservePoolTimeout = try v.duration()
+        case "max_client_conn": global.maxClientConn = try v.int(1...10_000_000)
+        case "max_db_connections": global.maxDBConnections = try v.int(0...1_000_000)
+        case "max_user_connections": global.maxUserConnections = try v.int(0...1_000_000)
+        case "server_reset_query": global.serverResetQuery = entry.value
+        case "server_reset_query_always": global.serverResetQueryAlways = try v.bool()
+        case "server_check_query": global.serverCheckQuery = entry.value
+        case "server_check_delay": global.serverCheckDelay = try v.duration()
+        case "server_lifetime": global.serverLifetime = try v.duration()
+        case "server_idle_timeout": global.serverIdleTimeout = try v.duration()
+        case "server_connect_timeout": global.serverConnectTimeout = try v.duration()
+        case "server_login_retry": global.serverLoginRetry = try v.duration()
+        case "query_timeout": global.queryTimeout = try v.duration()
+        case "query_wait_timeout": global.queryWaitTimeout = try v.duration()
+        case "client_idle_timeout": global.clientIdleTimeout = try v.duration()
+        case "client_login_timeout": global.clientLoginTimeout = try v.duration()
+        case "idle_transaction_timeout": global.idleTransactionTimeout = try v.duration()
+        case "log_connections": global.logConnections = try v.bool()
+        case "log_disconnections": global.logDisconnections = try v.bool()
+        case "log_pooler_errors": global.logPoolerErrors = try v.bool()
+        case "verbose": global.verbose = try v.int(0...10)
+        case "logfile": global.logfile = entry.value.isEmpty ? nil : entry.value
+        case "pidfile": global.pidfile = entry.value.isEmpty ? nil : entry.value
+        case "max_packet_size": global.maxPacketSize = try v.int(9...2_147_483_647)
+        case "listen_backlog": global.listenBacklog = try v.int(1...65535)
+        case "ignore_startup_parameters": global.ignoreStartupParameters = v.list()
+        case "application_name_add_host": global.applicationNameAddHost = try v.bool()
+        case "stats_period": global.statsPeriod = try v.duration()
+        case "server_round_robin": global.serverRoundRobin = try v.bool()
+        case "disable_pqexec": global.disablePqexec = try v.bool()
+        case "tcp_keepalive": global.tcpKeepalive = try v.bool()
+        case "threads": global.threads = try v.int(0...1024)
+        case "user", "pkt_buf", "sbuf_loopcnt", "syslog", "syslog_ident", "syslog_facility", "so_reuseport",
+            "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout", "tcp_defer_accept",
+            "tcp_socket_buffer", "dns_max_ttl", "dns_nxdomain_ttl", "dns_zone_check_period", "resolv_conf",
+            "suspend_timeout", "server_fast_close", "track_extra_parameters", "stats_users_prefix",
+            "job_name", "service_name", "server_check_delay_ms":
+            // Accepted for compatibility; Tidepool has no use for them yet.
+            warnings.append("\(entry.file):\(entry.line): \(entry.key) is accepted but has no effect")
+        default:
+            warnings.append("\(entry.file):\(entry.line): unknown setting \(entry.key); ignored")
+        }
+    }
+}
+
+/// A value being parsed, for error messages naming file, line and key.
+struct Value {
+    let entry: IniEntry
+    let key: String
+    let text: String
+
+    func fail(_ message: String) -> ConfigError {
+        ConfigError(file: entry.file, line: entry.line, key: key, message: message)
+    }
+
+    func int(_ range: ClosedRange<Int>) throws(ConfigError) -> Int {
+        guard let n = Int(text.trimmingWhitespace()) else { throw fail("'\(text)' is not an integer") }
+        guard range.contains(n) else {
+            throw fail("\(n) is out of range \(range.lowerBound)...\(range.upperBound)")
+        }
+        return n
+    }
+
+    func octal() throws(ConfigError) -> Int {
+        guard let n = Int(text.trimmingWhitespace(), radix: 8) else { throw fail("'\(text)' is not an octal mode") }
+        return n
+    }
+
+    func bool() throws(ConfigError) -> Bool {
+        switch text.lowercased() {
+        case "1", "on", "yes", "true": return true
+        case "0", "off", "no", "false": return false
+        default: throw fail("'\(text)' is not a boolean (use 0 or 1)")
+        }
+    }
+
+    func list() -> [String] {
+        text.split(whereSeparator: { $0 == "," || $0 == " " }).map { String($0) }
+    }
+
+    func enumValue<E: RawRepresentable & CaseIterable>(_ type: E.Type) throws(ConfigError) -> E
+    where E.RawValue == String {
+        guard let value = E(rawValue: text.lowercased()) else {
+            let allowed = E.allCases.map(\.rawValue).joined(separator: ", ")
+            throw fail("'\(text)' is not one of \(allowed)")
+        }
+        return value
+    }
+
+    /// Seconds by default, fractions allowed; or a number with a unit: us, ms, s, min, h, d.
+    func duration() throws(ConfigError) -> TimeAmount {
+        let t = text.trimmingWhitespace().lowercased()
+        let units: [(String, Double)] = [
+            ("us", 1e-6), ("ms", 1e-3), ("min", 60), ("s", 1), ("h", 3600), ("d", 86400),
+        ]
+        var number = t
+        var scale = 1.0
+        for (suffix, factor) in units where t.hasSuffix(suffix) {
+            number = String(t.dropLast(suffix.count)).trimmingWhitespace()
+            scale = factor
+            break
+        }
+        guard let value = Double(number), value >= 0, value.isFinite else {
+            throw fail("'\(text)' is not a duration (seconds, or a number with us, ms, s, min, h, d)")
+        }
+        return .nanoseconds(Int64((value * scale * 1e9).rounded()))
+    }
+}

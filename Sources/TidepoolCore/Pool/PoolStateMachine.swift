@@ -1,0 +1,365 @@
+import DequeModule
+import NIOCore
+
+/// Every pool of the pooler as one value: who waits, who gets which server, when to open and
+/// close servers. It performs no I/O and reads no clock: events come in with the time, actions go
+/// out, and the driver carries them out.
+///
+/// Limits that span pools (max_db_connections, max_user_connections) are why all pools live in one
+/// state machine.
+public struct PoolStateMachine: Sendable {
+    struct Waiter: Sendable {
+        var client: ClientID
+        var loop: Int
+        var since: NIODeadline
+    }
+
+    enum ServerState: Equatable, Sendable {
+        case connecting
+        case idle(since: NIODeadline)
+        case lent(ClientID)
+    }
+
+    struct Server: Sendable {
+        var id: ServerID
+        var pool: PoolKey
+        var loop: Int
+        var state: ServerState
+        var retireAt: NIODeadline
+    }
+
+    struct Pool: Sendable {
+        var settings: PoolSettings
+        var waiters: Deque<Waiter> = []
+        var waitingCount = 0
+        /// Idle servers, most recently used last.
+        var idle: [ServerID] = []
+        var connecting = 0
+        var lent = 0
+        /// Set while new connections fail; cleared by the first success.
+        var lastConnectFailure: (at: NIODeadline, error: PostgresError)?
+
+        var total: Int { idle.count + connecting + lent }
+
+        init(settings: PoolSettings) { self.settings = settings }
+    }
+
+    var pools: [PoolKey: Pool] = [:]
+    var servers: [ServerID: Server] = [:]
+    var waitingClients: [ClientID: PoolKey] = [:]
+    var databaseTotals: [String: Int] = [:]
+    var userTotals: [String: Int] = [:]
+    var nextServerID: UInt64 = 1
+
+    public init() {}
+
+    // MARK: Configuration
+
+    /// Creates the pool or changes its settings (on reload). Returns actions for the new limits.
+    public mutating func configure(_ key: PoolKey, settings: PoolSettings, now: NIODeadline) -> [PoolAction] {
+        if pools[key] == nil {
+            pools[key] = Pool(settings: settings)
+        } else {
+            pools[key]!.settings = settings
+        }
+        var actions: [PoolAction] = []
+        trimIdle(key, now: now, into: &actions)
+        grow(key, now: now, into: &actions)
+        return actions
+    }
+
+    public func hasPool(_ key: PoolKey) -> Bool { pools[key] != nil }
+
+    // MARK: Events
+
+    /// A client needs a server of `pool`. `loop` is the client's event loop: a server on the
+    /// same loop is preferred.
+    public mutating func clientWantsServer(
+        _ client: ClientID, pool key: PoolKey, loop: Int, now: NIODeadline
+    ) -> [PoolAction] {
+        guard var pool = pools[key] else {
+            preconditionFailure("clientWantsServer for unconfigured pool \(key)")
+        }
+        var actions: [PoolAction] = []
+        if pool.waitingCount == 0, let index = pickIdle(pool.idle, loop: loop) {
+            let server = pool.idle.remove(at: index)
+            pool.lent += 1
+            pools[key] = pool
+            servers[server]!.state = .lent(client)
+            actions.append(.lend(server, to: client))
+            return actions
+        }
+        // Fast failure: while connecting keeps failing and no server is left, do not queue.
+        if pool.total == 0, let failure = pool.lastConnectFailure,
+            now < failure.at + pool.settings.serverLoginRetry
+        {
+            actions.append(.failClient(client, .connectFailed(failure.error)))
+            return actions
+        }
+        pool.waiters.append(Waiter(client: client, loop: loop, since: now))
+        pool.waitingCount += 1
+        pools[key] = pool
+        waitingClients[client] = key
+        grow(key, now: now, into: &actions)
+        return actions
+    }
+
+    /// A waiting client disconnected or cancelled; it leaves the queue without taking a server.
+    public mutating func clientGaveUp(_ client: ClientID) {
+        guard let key = waitingClients.removeValue(forKey: client) else { return }
+        pools[key]!.waitingCount -= 1
+        pools[key]!.waiters.removeAll { $0.client == client }
+    }
+
+    /// A new server connection logged in and is ready.
+    public mutating func serverConnected(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
+        guard let server = servers[id], server.state == .connecting else { return [] }
+        pools[server.pool]!.connecting -= 1
+        pools[server.pool]!.lastConnectFailure = nil
+        var actions: [PoolAction] = []
+        makeAvailable(id, now: now, into: &actions)
+        return actions
+    }
+
+    /// A new server connection could not be opened or logged in.
+    public mutating func serverConnectFailed(
+        _ id: ServerID, error: PostgresError, now: NIODeadline
+    ) -> [PoolAction] {
+        guard let server = servers[id], server.state == .connecting else { return [] }
+        let key = server.pool
+        remove(id)
+        pools[key]!.lastConnectFailure = (now, error)
+        var actions: [PoolAction] = []
+        if pools[key]!.total == 0 {
+            // Nothing will free up for the queue: tell the waiters now rather than at their timeout.
+            failAllWaiters(key, error: .connectFailed(error), into: &actions)
+        }
+        return actions
+    }
+
+    /// The client is done with the server. `reusable` is false when the server is not clean
+    /// (open transaction, broken protocol state) and must be closed.
+    public mutating func serverReleased(_ id: ServerID, reusable: Bool, now: NIODeadline) -> [PoolAction] {
+        guard let server = servers[id], case .lent = server.state else { return [] }
+        pools[server.pool]!.lent -= 1
+        var actions: [PoolAction] = []
+        if !reusable || now >= server.retireAt || isOverSize(server.pool) {
+            remove(id)
+            actions.append(.close(id))
+            grow(server.pool, now: now, into: &actions)
+        } else {
+            makeAvailable(id, now: now, into: &actions)
+        }
+        return actions
+    }
+
+    /// A server connection closed or failed on its own (idle or lent).
+    public mutating func serverClosed(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
+        guard let server = servers[id] else { return [] }
+        switch server.state {
+        case .connecting: pools[server.pool]!.connecting -= 1
+        case .lent: pools[server.pool]!.lent -= 1
+        case .idle: pools[server.pool]!.idle.removeAll { $0 == id }
+        }
+        servers[id]!.state = .connecting  // keeps remove() counts consistent
+        pools[server.pool]!.connecting += 1
+        remove(id)
+        var actions: [PoolAction] = []
+        grow(server.pool, now: now, into: &actions)
+        return actions
+    }
+
+    /// Periodic work: wait timeouts, the reserve pool, idle and age limits, min_pool_size.
+    public mutating func timerFired(now: NIODeadline) -> [PoolAction] {
+        var actions: [PoolAction] = []
+        for key in pools.keys {
+            expireWaiters(key, now: now, into: &actions)
+            trimIdle(key, now: now, into: &actions)
+            grow(key, now: now, into: &actions)
+        }
+        return actions
+    }
+
+    // MARK: Queries
+
+    public func snapshot(now: NIODeadline) -> [PoolSnapshot] {
+        pools.map { key, pool in
+            let oldest = pool.waiters.first { waitingClients[$0.client] == key }
+            return PoolSnapshot(
+                key: key, waiting: pool.waitingCount, lent: pool.lent, idle: pool.idle.count,
+                connecting: pool.connecting, maxWait: oldest.map { now - $0.since } ?? .zero,
+                settings: pool.settings)
+        }
+    }
+
+    public func pool(of server: ServerID) -> PoolKey? { servers[server]?.pool }
+
+    public func isWaiting(_ client: ClientID) -> Bool { waitingClients[client] != nil }
+
+    // MARK: Internals
+
+    func pickIdle(_ idle: [ServerID], loop: Int) -> Int? {
+        guard !idle.isEmpty else { return nil }
+        var i = idle.count - 1
+        while i >= 0 {
+            if servers[idle[i]]!.loop == loop { return i }
+            i -= 1
+        }
+        return idle.count - 1
+    }
+
+    /// Gives a free server to the first waiter, or parks it as idle.
+    mutating func makeAvailable(_ id: ServerID, now: NIODeadline, into actions: inout [PoolAction]) {
+        let key = servers[id]!.pool
+        while let waiter = pools[key]!.waiters.popFirst() {
+            guard waitingClients[waiter.client] == key else { continue }
+            waitingClients[waiter.client] = nil
+            pools[key]!.waitingCount -= 1
+            pools[key]!.lent += 1
+            servers[id]!.state = .lent(waiter.client)
+            actions.append(.lend(id, to: waiter.client))
+            return
+        }
+        servers[id]!.state = .idle(since: now)
+        pools[key]!.idle.append(id)
+    }
+
+    func isOverSize(_ key: PoolKey) -> Bool {
+        let pool = pools[key]!
+        return pool.waitingCount == 0 && pool.total > pool.settings.poolSize
+    }
+
+    /// Opens servers while clients wait for more than are being opened, within the limits.
+    mutating func grow(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
+        guard let pool = pools[key] else { return }
+        if let failure = pool.lastConnectFailure, now < failure.at + pool.settings.serverLoginRetry {
+            return  // back off: no new connection until server_login_retry has passed
+        }
+        var wanted = max(pool.waitingCount - pool.connecting, pool.settings.minPoolSize - pool.total)
+        while wanted > 0 {
+            let current = pools[key]!
+            var limit = current.settings.poolSize
+            if let head = current.waiters.first(where: { waitingClients[$0.client] == key }),
+                now - head.since >= current.settings.reservePoolTimeout
+            {
+                limit += current.settings.reservePoolSize
+            }
+            guard current.total < limit else { return }
+            guard makeRoom(for: key, into: &actions) else { return }
+            let loop = current.waiters.last(where: { waitingClients[$0.client] == key })?.loop ?? 0
+            open(key, loop: loop, now: now, into: &actions)
+            wanted -= 1
+        }
+    }
+
+    /// Checks max_db_connections and max_user_connections; closes an idle server of another pool of
+    /// the same database or user when that makes room. Returns false if there is no room.
+    mutating func makeRoom(for key: PoolKey, into actions: inout [PoolAction]) -> Bool {
+        let settings = pools[key]!.settings
+        func full() -> (db: Bool, user: Bool) {
+            (
+                settings.maxDBConnections > 0 && databaseTotals[key.database, default: 0] >= settings.maxDBConnections,
+                settings.maxUserConnections > 0 && userTotals[key.user, default: 0] >= settings.maxUserConnections
+            )
+        }
+        var state = full()
+        while state.db || state.user {
+            let victim = pools.first { other, pool in
+                other != key && !pool.idle.isEmpty
+                    && ((state.db && other.database == key.database) || (state.user && other.user == key.user))
+            }
+            guard let (victimKey, _) = victim else { return false }
+            let id = pools[victimKey]!.idle.removeFirst()
+            servers[id]!.state = .connecting
+            pools[victimKey]!.connecting += 1
+            remove(id)
+            actions.append(.close(id))
+            state = full()
+        }
+        return true
+    }
+
+    mutating func open(_ key: PoolKey, loop: Int, now: NIODeadline, into actions: inout [PoolAction]) {
+        let id = ServerID(nextServerID)
+        nextServerID += 1
+        let settings = pools[key]!.settings
+        let lifetime = settings.serverLifetime
+        var retireAt = NIODeadline.distantFuture
+        if lifetime > .zero {
+            // Spread the deadlines over the last tenth of the lifetime so that servers opened
+            // together are not closed together.
+            let spread = max(lifetime.nanoseconds / 10, 1)
+            let jitter = Int64(truncatingIfNeeded: (id.raw &* 0x9E37_79B9_7F4A_7C15) >> 1) % spread
+            retireAt = now + lifetime - .nanoseconds(jitter)
+        }
+        servers[id] = Server(id: id, pool: key, loop: loop, state: .connecting, retireAt: retireAt)
+        pools[key]!.connecting += 1
+        databaseTotals[key.database, default: 0] += 1
+        userTotals[key.user, default: 0] += 1
+        actions.append(.connect(id, key, loop: loop))
+    }
+
+    /// Forgets a server that is connecting (counts already moved there by the caller).
+    mutating func remove(_ id: ServerID) {
+        guard let server = servers.removeValue(forKey: id) else { return }
+        if server.state == .connecting { pools[server.pool]!.connecting -= 1 }
+        databaseTotals[server.pool.database, default: 1] -= 1
+        userTotals[server.pool.user, default: 1] -= 1
+    }
+
+    mutating func failAllWaiters(_ key: PoolKey, error: PoolError, into actions: inout [PoolAction]) {
+        while let waiter = pools[key]!.waiters.popFirst() {
+            guard waitingClients[waiter.client] == key else { continue }
+            waitingClients[waiter.client] = nil
+            pools[key]!.waitingCount -= 1
+            actions.append(.failClient(waiter.client, error))
+        }
+    }
+
+    mutating func expireWaiters(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
+        let timeout = pools[key]!.settings.queryWaitTimeout
+        guard timeout > .zero else { return }
+        while let waiter = pools[key]!.waiters.first {
+            guard waitingClients[waiter.client] == key else {
+                pools[key]!.waiters.removeFirst()
+                continue
+            }
+            let waited = now - waiter.since
+            guard waited >= timeout else { break }
+            pools[key]!.waiters.removeFirst()
+            waitingClients[waiter.client] = nil
+            pools[key]!.waitingCount -= 1
+            actions.append(.failClient(waiter.client, .waitTimeout(waited: waited)))
+        }
+    }
+
+    /// Closes idle servers past their lifetime or idle timeout (down to min_pool_size), and reserve
+    /// servers no longer needed.
+    mutating func trimIdle(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
+        let settings = pools[key]!.settings
+        var index = 0
+        while index < pools[key]!.idle.count {
+            let id = pools[key]!.idle[index]
+            let server = servers[id]!
+            guard case .idle(let since) = server.state else {
+                index += 1
+                continue
+            }
+            let pool = pools[key]!
+            let expired = now >= server.retireAt
+            let idleTooLong =
+                settings.serverIdleTimeout > .zero && now - since >= settings.serverIdleTimeout
+                && pool.total > settings.minPoolSize
+            let surplus = pool.waitingCount == 0 && pool.total > settings.poolSize
+            if expired || idleTooLong || surplus {
+                pools[key]!.idle.remove(at: index)
+                servers[id]!.state = .connecting
+                pools[key]!.connecting += 1
+                remove(id)
+                actions.append(.close(id))
+            } else {
+                index += 1
+            }
+        }
+    }
+}

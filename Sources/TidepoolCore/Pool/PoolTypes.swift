@@ -1,0 +1,98 @@
+import NIOCore
+
+/// Identifies a client connection to the pooler.
+public struct ClientID: Hashable, Sendable, CustomStringConvertible {
+    public var raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "C-\(raw)" }
+}
+
+/// Identifies a server connection from the pooler to PostgreSQL.
+public struct ServerID: Hashable, Sendable, CustomStringConvertible {
+    public var raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public var description: String { "S-\(raw)" }
+}
+
+/// A pool serves one (database, user) pair.
+public struct PoolKey: Hashable, Sendable, CustomStringConvertible {
+    public var database: String
+    public var user: String
+    public init(database: String, user: String) {
+        self.database = database
+        self.user = user
+    }
+    public var description: String { "\(database)/\(user)" }
+}
+
+/// The limits and timeouts the pool state machine applies to one pool. Durations of zero
+/// switch the rule off, as in PgBouncer.
+public struct PoolSettings: Equatable, Sendable {
+    public var poolSize: Int
+    public var minPoolSize: Int = 0
+    public var reservePoolSize: Int = 0
+    public var reservePoolTimeout: TimeAmount = .seconds(5)
+    /// Across all pools of the database; 0 means no limit.
+    public var maxDBConnections: Int = 0
+    /// Across all pools of the user; 0 means no limit.
+    public var maxUserConnections: Int = 0
+    public var queryWaitTimeout: TimeAmount = .seconds(120)
+    public var serverLifetime: TimeAmount = .seconds(3600)
+    public var serverIdleTimeout: TimeAmount = .seconds(600)
+    public var serverLoginRetry: TimeAmount = .seconds(15)
+
+    public init(poolSize: Int) { self.poolSize = poolSize }
+}
+
+/// Why a waiting client could not be given a server.
+public enum PoolError: Error, Equatable, Sendable {
+    /// It waited `query_wait_timeout` in the queue.
+    case waitTimeout(waited: TimeAmount)
+    /// New server connections to the database keep failing; this is the last error.
+    case connectFailed(PostgresError)
+
+    public var postgresError: PostgresError {
+        switch self {
+        case .waitTimeout(let waited):
+            let seconds = Double(waited.nanoseconds) / 1e9
+            return PostgresError(
+                code: SQLState.protocolViolation,
+                message: "query_wait_timeout: waited \(formatSeconds(seconds)) s for a server connection",
+                hint: "all servers of the pool stayed busy; raise pool_size or query_wait_timeout")
+        case .connectFailed(let error):
+            return PostgresError(
+                code: error.code.hasPrefix("28") || error.code == SQLState.invalidCatalogName
+                    ? error.code : SQLState.connectionFailure,
+                message: "server connection failed: \(error.message)",
+                detail: error.detail)
+        }
+    }
+}
+
+func formatSeconds(_ seconds: Double) -> String {
+    let tenths = Int((seconds * 10).rounded())
+    return "\(tenths / 10).\(tenths % 10)"
+}
+
+/// What the pool state machine asks its driver to do.
+public enum PoolAction: Equatable, Sendable {
+    /// Hand this idle server to the client.
+    case lend(ServerID, to: ClientID)
+    /// Open a new server connection for the pool, preferably on this event loop.
+    case connect(ServerID, PoolKey, loop: Int)
+    /// Close this server connection (it is no longer in the pool).
+    case close(ServerID)
+    /// Tell a waiting client it will get no server.
+    case failClient(ClientID, PoolError)
+}
+
+/// Counts of one pool at a moment, for SHOW POOLS and metrics.
+public struct PoolSnapshot: Equatable, Sendable {
+    public var key: PoolKey
+    public var waiting: Int
+    public var lent: Int
+    public var idle: Int
+    public var connecting: Int
+    public var maxWait: TimeAmount
+    public var settings: PoolSettings
+}

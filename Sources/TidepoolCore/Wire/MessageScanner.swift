@@ -1,0 +1,71 @@
+import NIOCore
+
+/// What a scanner's owner wants done with a message, decided from its type byte alone.
+public enum MessageDisposition: Sendable {
+    /// Forward it untouched, possibly in pieces, together with its neighbours.
+    case forward
+    /// Hand it over whole, on its own, so its body can be read.
+    case inspect
+}
+
+/// Splits a stream of typed PostgreSQL messages (type byte, Int32 length, body) into runs of
+/// bytes that can be forwarded untouched, stopping only at the messages its owner must read.
+///
+/// Only the five header bytes of a forwarded message are looked at; its body is never copied, and a
+/// message larger than what has arrived is forwarded in pieces as it arrives.
+public struct MessageScanner: Sendable {
+    /// Bytes of the message being forwarded that have not arrived yet.
+    public var bytesLeftInMessage: Int = 0
+    public var maxMessageLength: Int
+
+    public init(maxMessageLength: Int = Int(Int32.max)) {
+        self.maxMessageLength = maxMessageLength
+    }
+
+    public enum Chunk {
+        /// Bytes to forward unchanged: whole messages and possibly the start or end of one.
+        case forward(ByteBuffer)
+        /// One whole message to inspect: `body` excludes the type byte and the length.
+        case message(type: UInt8, body: ByteBuffer)
+    }
+
+    /// True when the scanner sits at a message boundary.
+    public var atMessageBoundary: Bool { bytesLeftInMessage == 0 }
+
+    /// Takes the next chunk from the front of `buffer`. Returns nil when more bytes are needed; the
+    /// unread bytes then stay in `buffer`. `classify` is called with each message's type byte when its
+    /// header is read: exactly once for a message it forwards (so it may count them), possibly more
+    /// than once for a message it inspects.
+    @inlinable
+    public mutating func next(
+        from buffer: inout ByteBuffer, classify: (UInt8) -> MessageDisposition
+    ) throws(WireError) -> Chunk? {
+        let start = buffer.readerIndex
+        var cursor = start
+        let end = buffer.writerIndex
+        while cursor < end {
+            if bytesLeftInMessage > 0 {
+                let step = min(bytesLeftInMessage, end - cursor)
+                bytesLeftInMessage -= step
+                cursor += step
+                continue
+            }
+            guard end - cursor >= 5 else { break }
+            let type = buffer.getInteger(at: cursor, as: UInt8.self)!
+            let length = Int(buffer.getInteger(at: cursor + 1, as: Int32.self)!)
+            guard length >= 4 else { throw .invalidLength(length) }
+            guard length <= maxMessageLength else { throw .messageTooLarge(length, limit: maxMessageLength) }
+            if classify(type) == .inspect {
+                // A message to inspect ends the run before it, and is handed over alone.
+                if cursor > start { break }
+                guard end - cursor >= 1 + length else { return nil }
+                buffer.moveReaderIndex(forwardBy: 5)
+                let body = buffer.readSlice(length: length - 4)!
+                return .message(type: type, body: body)
+            }
+            bytesLeftInMessage = length + 1
+        }
+        guard cursor > start else { return nil }
+        return .forward(buffer.readSlice(length: cursor - start)!)
+    }
+}

@@ -1,0 +1,159 @@
+import ArgumentParser
+import Foundation
+import Logging
+import Tidepool
+import TidepoolCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+@main
+struct TidepoolCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tidepool",
+        abstract: "A PostgreSQL connection pooler, drop-in for PgBouncer.",
+        version: "tidepool \(TidepoolCoreVersion.string)")
+
+    @Flag(name: [.customShort("d"), .long], help: "Run in the background (needs logfile or -q).")
+    var daemon = false
+
+    @Flag(name: [.customShort("q"), .long], help: "Log nothing to the console.")
+    var quiet = false
+
+    @Flag(name: [.customShort("v"), .long], help: "Log more; repeat for even more.")
+    var verbose: Int
+
+    @Option(name: [.customShort("u"), .long], help: "Switch to this OS user at start-up.")
+    var user: String?
+
+    @Flag(name: [.customShort("V")], help: "Print the version and exit.")
+    var printVersion = false
+
+    @Flag(name: .long, help: "Check the configuration, print problems and exit.")
+    var check = false
+
+    @Argument(help: "The configuration file (pooler.ini or an existing pgbouncer.ini).")
+    var configFile: String?
+
+    func run() async throws {
+        if printVersion {
+            print("tidepool \(TidepoolCoreVersion.string)")
+            return
+        }
+        guard let configFile else {
+            throw ValidationError("a configuration file is required")
+        }
+        let config: Config
+        do {
+            config = try Config.load(path: configFile) { path in try String(contentsOfFile: path, encoding: .utf8) }
+        } catch {
+            FileHandle.standardError.write(Data("tidepool: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        var userlist: [String: PasswordSecret] = [:]
+        if let authFile = config.global.authFile {
+            guard let text = try? String(contentsOfFile: authFile, encoding: .utf8) else {
+                FileHandle.standardError.write(Data("tidepool: cannot read auth_file \(authFile)\n".utf8))
+                throw ExitCode(1)
+            }
+            userlist = Userlist.parse(text)
+        }
+        if check {
+            for warning in config.warnings { print("warning: \(warning)") }
+            print("configuration OK: \(config.databases.count) database(s), \(userlist.count) user(s) in auth_file")
+            return
+        }
+        if daemon {
+            try daemonize(logfile: config.global.logfile)
+        }
+        let logPath = config.global.logfile
+        let factory = try LineLogHandler.factory(path: quiet && logPath == nil ? "/dev/null" : logPath)
+        let level: Logger.Level =
+            switch config.global.verbose + verbose {
+            case 0: .info
+            case 1: .debug
+            default: .trace
+            }
+        var logger = Logger(label: "tidepool", factory: factory)
+        logger.logLevel = level
+        for warning in config.warnings { logger.warning("\(warning)") }
+        if let user { try switchUser(user) }
+        if let pidfile = config.global.pidfile {
+            try "\(getpid())\n".write(toFile: pidfile, atomically: true, encoding: .utf8)
+        }
+        let pooler = Pooler(config: config, userlist: userlist, logger: logger)
+        do {
+            try await pooler.start()
+        } catch {
+            logger.critical("cannot start: \(error)")
+            throw ExitCode(1)
+        }
+        logger.info("tidepool \(TidepoolCoreVersion.string) started")
+        await waitForTerminationSignal()
+        logger.info("shutting down")
+        await pooler.shutdown()
+        if let pidfile = config.global.pidfile { unlink(pidfile) }
+    }
+
+    /// Re-runs this program in a new session without -d, then exits the parent.
+    func daemonize(logfile: String?) throws {
+        guard logfile != nil || quiet else {
+            throw ValidationError("-d needs logfile in the config or -q")
+        }
+        var arguments = CommandLine.arguments.filter { $0 != "-d" && $0 != "--daemon" }
+        let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        arguments[0] = executable
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/setsid")
+        process.arguments = [executable] + arguments.dropFirst()
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        Foundation.exit(0)
+    }
+
+    func switchUser(_ name: String) throws {
+        guard let entry = getpwnam(name) else { throw ValidationError("unknown user \(name)") }
+        guard setgid(entry.pointee.pw_gid) == 0, setuid(entry.pointee.pw_uid) == 0 else {
+            throw ValidationError("cannot switch to user \(name)")
+        }
+    }
+}
+
+/// Suspends until SIGINT or SIGTERM.
+func waitForTerminationSignal() async {
+    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+        let queue = DispatchQueue(label: "tidepool.signals")
+        let once = OnceFlag()
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+            source.setEventHandler {
+                if once.set() { continuation.resume() }
+            }
+            source.resume()
+            sources.append(source)
+        }
+        SignalSources.keep(sources)
+    }
+}
+
+final class OnceFlag: @unchecked Sendable {
+    private var done = false
+    private let lock = NSLock()
+    func set() -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        if done { return false }
+        done = true
+        return true
+    }
+}
+
+enum SignalSources {
+    nonisolated(unsafe) static var sources: [DispatchSourceSignal] = []
+    static func keep(_ s: [DispatchSourceSignal]) { sources = s }
+}

@@ -1,0 +1,101 @@
+# Shared helpers for Tidepool's scripts. Source it: . "$(dirname "$0")/lib.sh"
+set -euo pipefail
+
+TIDEPOOL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# Installs the Debian packages named, when a command they provide is missing.
+ensure_debian() {
+    local missing=()
+    local pkg
+    for pkg in "$@"; do
+        case "$pkg" in
+            postgresql) command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ] || missing+=(postgresql postgresql-contrib) ;;
+            pgbouncer) command -v pgbouncer >/dev/null || missing+=(pgbouncer) ;;
+            python3-pip) python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip) ;;
+            *) dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg") ;;
+        esac
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing ${missing[*]}"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+# Installs the Python clients the integration tests use.
+ensure_python_clients() {
+    if ! python3 -c 'import psycopg, asyncpg, pytest' 2>/dev/null; then
+        log "installing psycopg, asyncpg, pytest from PyPI"
+        python3 -m pip install -q 'psycopg[binary]' asyncpg pytest
+    fi
+}
+
+pg_bindir() { pg_config --bindir; }
+
+# A free TCP port in [lo, hi), below the ephemeral range.
+free_port() {
+    python3 - "${1:-20000}" "${2:-30000}" <<'PY'
+import random, socket, sys
+lo, hi = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(200):
+    p = random.randrange(lo, hi)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); s.close(); print(p); break
+    except OSError:
+        s.close()
+PY
+}
+
+# start_postgres DIR PORT [fsync on|off]: a throwaway cluster owned by the postgres OS user,
+# listening on 127.0.0.1:PORT and a Unix socket in DIR. Users: postgres (trust), app (SCRAM,
+# password "app-secret"), md5user (md5, password "md5-secret").
+start_postgres() {
+    local dir="$1" port="$2" fsync="${3:-off}"
+    local bin; bin="$(pg_bindir)"
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; fi
+    run_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$*"; else sh -c "$*"; fi; }
+    run_pg "'$bin/initdb' -D '$dir/data' -U postgres -A trust --no-sync >'$dir/initdb.log' 2>&1"
+    cat >>"$dir/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+max_connections = 300
+fsync = $fsync
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 128MB
+password_encryption = 'scram-sha-256'
+CONF
+    cat >"$dir/data/pg_hba.conf" <<HBA
+local all all trust
+host all app 127.0.0.1/32 scram-sha-256
+host all md5user 127.0.0.1/32 md5
+host all all 127.0.0.1/32 trust
+HBA
+    run_pg "'$bin/pg_ctl' -D '$dir/data' -l '$dir/postgres.log' -w -t 60 start >/dev/null"
+    "$bin/psql" -h "$dir" -p "$port" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 <<SQL >/dev/null
+CREATE ROLE app LOGIN PASSWORD 'app-secret';
+SET password_encryption = 'md5';
+CREATE ROLE md5user LOGIN PASSWORD 'md5-secret';
+CREATE DATABASE appdb OWNER app;
+SQL
+}
+
+stop_postgres() {
+    local dir="$1"
+    local bin; bin="$(pg_bindir)"
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        if [ "$(id -u)" = 0 ]; then
+            su postgres -s /bin/sh -c "'$bin/pg_ctl' -D '$dir/data' -m immediate stop" >/dev/null 2>&1 || true
+        else
+            "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+        fi
+    fi
+}
