@@ -125,6 +125,9 @@ public enum ConnectionString {
                     if c == "\\", let next = chars.first {
                         value.append(next)
                         chars = chars.dropFirst()
+                    } else if c == "'", chars.first == "'" {
+                        value.append("'")  // a doubled quote stands for one
+                        chars = chars.dropFirst()
                     } else if c == "'" {
                         closed = true
                         break

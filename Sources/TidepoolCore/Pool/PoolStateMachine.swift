@@ -141,9 +141,10 @@ public struct PoolStateMachine: Sendable {
     /// (open transaction, broken protocol state) and must be closed.
     public mutating func serverReleased(_ id: ServerID, reusable: Bool, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], case .lent = server.state else { return [] }
+        let overSize = isOverSize(server.pool)
         pools[server.pool]!.lent -= 1
         var actions: [PoolAction] = []
-        if !reusable || now >= server.retireAt || isOverSize(server.pool) {
+        if !reusable || now >= server.retireAt || overSize {
             remove(id)
             actions.append(.close(id))
             grow(server.pool, now: now, into: &actions)

@@ -1,0 +1,114 @@
+import NIOCore
+import Testing
+
+@testable import TidepoolCore
+
+@Suite struct ConfigTests {
+    @Test func readsPgBouncerIniWithAliasSectionAndDatabases() throws {
+        let text = """
+            ;; a pgbouncer.ini
+            [databases]
+            app = host=10.0.0.5 port=6543 dbname=appdb user=svc password='it''s' pool_size=7 pool_mode=session
+            quoted = host=db connect_query='SELECT 1' timezone=UTC
+            * = host=fallback
+
+            [users]
+            alice = pool_mode=statement pool_size=3 max_user_connections=9
+
+            [pgbouncer]
+            listen_addr = *
+            listen_port = 7432
+            auth_type = scram-sha-256
+            default_pool_size = 15
+            query_wait_timeout = 2.5
+            server_lifetime = 10min
+            admin_users = root, ops
+            unknown_thing = 1
+            """
+        let config = try Config.parse(text)
+        #expect(config.global.listenAddr == "*")
+        #expect(config.global.listenPort == 7432)
+        #expect(config.global.authType == .scramSHA256)
+        #expect(config.global.defaultPoolSize == 15)
+        #expect(config.global.queryWaitTimeout == .milliseconds(2500))
+        #expect(config.global.serverLifetime == .seconds(600))
+        #expect(config.global.adminUsers == ["root", "ops"])
+        #expect(config.warnings.count == 1)
+        #expect(config.warnings[0].contains("unknown_thing"))
+        let app = config.databases["app"]!
+        #expect(app.host == "10.0.0.5")
+        #expect(app.port == 6543)
+        #expect(app.dbname == "appdb")
+        #expect(app.password == "it's")
+        #expect(app.poolSize == 7)
+        #expect(app.poolMode == .session)
+        #expect(config.databases["quoted"]!.connectQuery == "SELECT 1")
+        // The fallback entry serves any name, with that name as dbname.
+        let other = config.database(named: "reports")!
+        #expect(other.host == "fallback")
+        #expect(other.dbname == "reports")
+        // Users override databases, which override the global setting.
+        #expect(config.poolMode(database: app, user: "alice") == .statement)
+        #expect(config.poolMode(database: app, user: "bob") == .session)
+        #expect(config.poolSize(database: app, user: "alice") == 3)
+        #expect(config.poolSize(database: other, user: "bob") == 15)
+    }
+
+    @Test func poolerSectionIsTheGlobalSection() throws {
+        let config = try Config.parse("[pooler]\npool_mode = statement\n")
+        #expect(config.global.poolMode == .statement)
+    }
+
+    @Test func noFallbackMeansUnknownDatabase() throws {
+        let config = try Config.parse("[databases]\na = host=x\n")
+        #expect(config.database(named: "b") == nil)
+    }
+
+    @Test func invalidValuesNameFileLineAndKey() {
+        let cases: [(String, Int, String)] = [
+            ("[pooler]\n\nlisten_port = abc\n", 3, "listen_port"),
+            ("[pooler]\npool_mode = sometimes\n", 2, "pool_mode"),
+            ("[pooler]\nquery_wait_timeout = soon\n", 2, "query_wait_timeout"),
+            ("[databases]\nx = port=99999\n", 2, "port"),
+            ("[databases]\nx = colour=blue\n", 2, "x"),
+        ]
+        for (text, line, key) in cases {
+            do {
+                _ = try Config.parse(text, file: "my.ini")
+                Issue.record("\(text) should fail")
+            } catch {
+                #expect(error.file == "my.ini")
+                #expect(error.line == line)
+                #expect(error.key == key)
+                #expect(error.description.hasPrefix("my.ini:\(line): "))
+            }
+        }
+    }
+
+    @Test func includeReadsAnotherFileInPlace() throws {
+        let files = ["extra.ini": "default_pool_size = 33\n[databases]\nfromfile = host=h\n"]
+        let config = try Config.parse("[pooler]\n%include extra.ini\n") { path in
+            guard let text = files[path] else { throw ConfigError(file: path, line: 0, message: "missing") }
+            return text
+        }
+        #expect(config.global.defaultPoolSize == 33)
+        #expect(config.databases["fromfile"]?.host == "h")
+        #expect(throws: ConfigError.self) { try Config.parse("[pooler]\n%include nope.ini\n") { _ in throw ConfigError(file: "", line: 0, message: "") } }
+    }
+
+    @Test func connectionStringQuotesAndEscapes() throws {
+        let pairs = try ConnectionString.parse(#"host=a  password='x y\'z' dbname = d"#)
+        #expect(pairs.map(\.0) == ["host", "password", "dbname"])
+        #expect(pairs.map(\.1) == ["a", "x y'z", "d"])
+        #expect(throws: ConfigError.self) { try ConnectionString.parse("host='open") }
+    }
+
+    @Test func shippedExampleParsesWithoutWarnings() throws {
+        // The example lives at the package root; tests run from there.
+        let path = #filePath.replacingOccurrences(of: "Tests/TidepoolCoreTests/ConfigTests.swift", with: "pooler.ini.example")
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let config = try Config.parse(text, file: "pooler.ini.example")
+        #expect(config.warnings.filter { $0.contains("unknown") }.isEmpty)
+        #expect(!config.databases.isEmpty)
+    }
+}

@@ -1,0 +1,247 @@
+import NIOCore
+import Testing
+
+@testable import TidepoolCore
+
+/// A test clock: time only moves when the test says so.
+struct TestClock {
+    var now = NIODeadline.uptimeNanoseconds(1_000_000_000)
+    mutating func advance(_ amount: TimeAmount) { now = now + amount }
+}
+
+let poolA = PoolKey(database: "db", user: "alice")
+let poolB = PoolKey(database: "db", user: "bob")
+let dbError = PostgresError(severity: "FATAL", code: "08006", message: "connection refused")
+
+func c(_ n: UInt64) -> ClientID { ClientID(n) }
+
+extension [PoolAction] {
+    var connects: [ServerID] {
+        compactMap { if case .connect(let id, _, _) = $0 { return id } else { return nil } }
+    }
+    var lends: [(ServerID, ClientID)] {
+        compactMap { if case .lend(let s, let c) = $0 { return (s, c) } else { return nil } }
+    }
+    var closes: [ServerID] {
+        compactMap { if case .close(let id) = $0 { return id } else { return nil } }
+    }
+    var failures: [(ClientID, PoolError)] {
+        compactMap { if case .failClient(let c, let e) = $0 { return (c, e) } else { return nil } }
+    }
+}
+
+@Suite final class PoolStateMachineTests {
+    var clock = TestClock()
+    var pool = PoolStateMachine()
+
+    init() {
+        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 2), now: clock.now)
+    }
+
+    /// Connects a server for a first client and lends it.
+    func lendNewServer(to client: ClientID, key: PoolKey = poolA) -> ServerID {
+        let actions = pool.clientWantsServer(client, pool: key, loop: 0, now: clock.now)
+        let id = actions.connects.first!
+        let lent = pool.serverConnected(id, now: clock.now)
+        #expect(lent == [.lend(id, to: client)])
+        return id
+    }
+
+    @Test func opensAServerForTheFirstClientAndReusesItWhenReleased() {
+        let s1 = lendNewServer(to: c(1))
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).isEmpty)
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now) == [.lend(s1, to: c(2))])
+    }
+
+    @Test func neverOpensMoreThanPoolSizeAndQueuesInOrder() {
+        var connects: [ServerID] = []
+        for n in 1...5 {
+            connects += pool.clientWantsServer(c(UInt64(n)), pool: poolA, loop: 0, now: clock.now).connects
+        }
+        #expect(connects.count == 2)
+        #expect(pool.serverConnected(connects[0], now: clock.now) == [.lend(connects[0], to: c(1))])
+        #expect(pool.serverConnected(connects[1], now: clock.now) == [.lend(connects[1], to: c(2))])
+        // Released servers go to the waiters first in, first out.
+        #expect(pool.serverReleased(connects[1], reusable: true, now: clock.now) == [.lend(connects[1], to: c(3))])
+        #expect(pool.serverReleased(connects[0], reusable: true, now: clock.now) == [.lend(connects[0], to: c(4))])
+        let snap = pool.snapshot(now: clock.now).first!
+        #expect(snap.waiting == 1)
+        #expect(snap.lent == 2)
+    }
+
+    @Test func dirtyServerIsClosedAndReplacedForWaiters() {
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)  // opens a second
+        _ = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)  // waits
+        let actions = pool.serverReleased(s1, reusable: false, now: clock.now)
+        #expect(actions.closes == [s1])
+        // The pool had room again, and two clients wait for one connecting server.
+        #expect(actions.connects.count == 1)
+    }
+
+    @Test func waiterLeavingTheQueueNeverGetsAServer() {
+        let s1 = lendNewServer(to: c(1))
+        let s2 = lendNewServer(to: c(2))
+        _ = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
+        _ = pool.clientWantsServer(c(4), pool: poolA, loop: 0, now: clock.now)
+        pool.clientGaveUp(c(3))
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.lend(s1, to: c(4))])
+        #expect(pool.serverReleased(s2, reusable: true, now: clock.now).isEmpty)
+        #expect(pool.snapshot(now: clock.now).first!.idle == 1)
+    }
+
+    @Test func waitTimeoutFailsTheClientAndSaysHowLong() {
+        _ = lendNewServer(to: c(1))
+        _ = lendNewServer(to: c(2))
+        _ = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
+        clock.advance(.seconds(119))
+        #expect(pool.timerFired(now: clock.now).isEmpty)
+        clock.advance(.seconds(1))
+        let actions = pool.timerFired(now: clock.now)
+        #expect(actions == [.failClient(c(3), .waitTimeout(waited: .seconds(120)))])
+        #expect(PoolError.waitTimeout(waited: .seconds(120)).postgresError.message.contains("120.0 s"))
+        #expect(!pool.isWaiting(c(3)))
+    }
+
+    @Test func connectFailureWithNoServersFailsWaitersFastAndBacksOff() {
+        let actions = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now)
+        _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)
+        let failed = actions.connects.first!
+        var result = pool.serverConnectFailed(failed, error: dbError, now: clock.now)
+        // The second connect is still under way; nobody fails yet.
+        #expect(result.failures.isEmpty)
+        let other = ServerID(failed.raw + 1)
+        result = pool.serverConnectFailed(other, error: dbError, now: clock.now)
+        #expect(result.failures.map(\.0) == [c(1), c(2)])
+        // A new client fails at once while the breaker is open, without a new connect.
+        clock.advance(.seconds(1))
+        let fast = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
+        #expect(fast == [.failClient(c(3), .connectFailed(dbError))])
+        // After server_login_retry it tries again.
+        clock.advance(.seconds(15))
+        let retry = pool.clientWantsServer(c(4), pool: poolA, loop: 0, now: clock.now)
+        #expect(retry.connects.count == 1)
+        // And a success closes the breaker.
+        #expect(pool.serverConnected(retry.connects[0], now: clock.now) == [.lend(retry.connects[0], to: c(4))])
+    }
+
+    @Test func serverLifetimeRetiresOnRelease() {
+        let s1 = lendNewServer(to: c(1))
+        clock.advance(.seconds(3601))
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.close(s1)])
+    }
+
+    @Test func lifetimeDeadlinesAreSpread() {
+        var settings = PoolSettings(poolSize: 50)
+        settings.serverLifetime = .seconds(1000)
+        var p = PoolStateMachine()
+        _ = p.configure(poolA, settings: settings, now: clock.now)
+        var ids: [ServerID] = []
+        for n in 1...50 { ids += p.clientWantsServer(c(UInt64(n)), pool: poolA, loop: 0, now: clock.now).connects }
+        let deadlines = Set(ids.map { p.servers[$0]!.retireAt.uptimeNanoseconds })
+        #expect(deadlines.count > 40)
+        // All within the last tenth of the lifetime.
+        for d in deadlines {
+            #expect(d > clock.now.uptimeNanoseconds + 900_000_000_000)
+            #expect(d <= clock.now.uptimeNanoseconds + 1_000_000_000_000)
+        }
+    }
+
+    @Test func idleTimeoutClosesDownToMinPoolSize() {
+        var settings = PoolSettings(poolSize: 3)
+        settings.minPoolSize = 1
+        settings.serverIdleTimeout = .seconds(600)
+        // min_pool_size opens one server right away.
+        let warm = pool.configure(poolA, settings: settings, now: clock.now).connects
+        #expect(warm.count == 1)
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        _ = pool.serverConnected(warm[0], now: clock.now)
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now) == [.lend(warm[0], to: c(2))])
+        let s3 = lendNewServer(to: c(3))
+        let s4 = lendNewServer(to: c(4))
+        for s in [warm[0], s3, s4] { _ = pool.serverReleased(s, reusable: true, now: clock.now) }
+        clock.advance(.seconds(601))
+        let closed = pool.timerFired(now: clock.now).closes
+        #expect(closed.count == 2)
+        #expect(pool.snapshot(now: clock.now).first!.idle == 1)
+    }
+
+    @Test func reservePoolOpensAfterReserveTimeoutAndShrinksBack() {
+        var settings = PoolSettings(poolSize: 1)
+        settings.reservePoolSize = 1
+        settings.reservePoolTimeout = .seconds(5)
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).isEmpty)
+        clock.advance(.seconds(4))
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        clock.advance(.seconds(1))
+        let reserve = pool.timerFired(now: clock.now).connects
+        #expect(reserve.count == 1)
+        #expect(pool.serverConnected(reserve[0], now: clock.now) == [.lend(reserve[0], to: c(2))])
+        // Once nobody waits, the pool goes back to its size.
+        #expect(pool.serverReleased(reserve[0], reusable: true, now: clock.now) == [.close(reserve[0])])
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).isEmpty)
+    }
+
+    @Test func maxDBConnectionsClosesIdleServerOfAnotherPool() {
+        var settings = PoolSettings(poolSize: 5)
+        settings.maxDBConnections = 1
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        _ = pool.configure(poolB, settings: settings, now: clock.now)
+        let s1 = lendNewServer(to: c(1), key: poolA)
+        // Bob's pool is blocked by the database limit while Alice's server is busy.
+        #expect(pool.clientWantsServer(c(2), pool: poolB, loop: 0, now: clock.now).isEmpty)
+        // When Alice's server goes idle it is closed to make room for Bob's.
+        let actions = pool.serverReleased(s1, reusable: true, now: clock.now)
+        #expect(actions.isEmpty)  // parked idle first
+        let room = pool.timerFired(now: clock.now)
+        #expect(room.closes == [s1])
+        #expect(room.connects.count == 1)
+    }
+
+    @Test func maxUserConnectionsLimitsAcrossDatabases() {
+        var settings = PoolSettings(poolSize: 5)
+        settings.maxUserConnections = 2
+        let other = PoolKey(database: "db2", user: "alice")
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        _ = pool.configure(other, settings: settings, now: clock.now)
+        _ = lendNewServer(to: c(1), key: poolA)
+        _ = lendNewServer(to: c(2), key: other)
+        #expect(pool.clientWantsServer(c(3), pool: other, loop: 0, now: clock.now).isEmpty)
+        #expect(pool.snapshot(now: clock.now).first { $0.key == other }!.waiting == 1)
+    }
+
+    @Test func prefersAnIdleServerOnTheClientsLoop() {
+        let a = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        let b = pool.clientWantsServer(c(2), pool: poolA, loop: 1, now: clock.now).connects[0]
+        _ = pool.serverConnected(a, now: clock.now)
+        _ = pool.serverConnected(b, now: clock.now)
+        // Whichever servers the clients got, each one is now idle on a known loop.
+        _ = pool.serverReleased(a, reusable: true, now: clock.now)
+        _ = pool.serverReleased(b, reusable: true, now: clock.now)
+        let loopOf = { (id: ServerID) in self.pool.servers[id]!.loop }
+        let onLoop0 = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now).lends[0].0
+        #expect(loopOf(onLoop0) == 0)
+        let onLoop1 = pool.clientWantsServer(c(4), pool: poolA, loop: 1, now: clock.now).lends[0].0
+        #expect(loopOf(onLoop1) == 1)
+    }
+
+    @Test func brokenServerIsReplacedForWaiters() {
+        let s1 = lendNewServer(to: c(1))
+        _ = lendNewServer(to: c(2))
+        _ = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
+        let actions = pool.serverClosed(s1, now: clock.now)
+        #expect(actions.connects.count == 1)
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).isEmpty)  // already gone
+    }
+
+    @Test func reconfigureShrinksIdleServers() {
+        let s1 = lendNewServer(to: c(1))
+        let s2 = lendNewServer(to: c(2))
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        _ = pool.serverReleased(s2, reusable: true, now: clock.now)
+        let actions = pool.configure(poolA, settings: PoolSettings(poolSize: 1), now: clock.now)
+        #expect(actions.closes.count == 1)
+    }
+}

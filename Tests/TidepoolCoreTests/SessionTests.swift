@@ -1,0 +1,145 @@
+import NIOCore
+import Testing
+
+@testable import TidepoolCore
+
+@Suite struct TransactionTrackerTests {
+    let Q = MessageType.query, S = MessageType.sync, P = MessageType.parse, B = MessageType.bind
+    let E = MessageType.execute, d = MessageType.copyData, c = MessageType.copyDone
+
+    @Test func simpleQueryOutsideATransactionIsClean() {
+        var t = TransactionTracker()
+        t.clientSent(Q)
+        #expect(!t.isClean)
+        t.serverReady(.idle)
+        #expect(t.isClean)
+    }
+
+    @Test func openTransactionIsNotClean() {
+        var t = TransactionTracker()
+        t.clientSent(Q)
+        t.serverReady(.inTransaction)
+        #expect(!t.isClean)
+        #expect(t.isQuiet)
+        t.clientSent(Q)
+        t.serverReady(.failed)
+        #expect(!t.isClean)
+        t.clientSent(Q)
+        t.serverReady(.idle)
+        #expect(t.isClean)
+    }
+
+    @Test func pipelinedSyncsWaitForTheLastReadyForQuery() {
+        var t = TransactionTracker()
+        for _ in 0..<3 {
+            t.clientSent(P)
+            t.clientSent(B)
+            t.clientSent(E)
+            t.clientSent(S)
+        }
+        t.serverReady(.idle)
+        t.serverReady(.idle)
+        #expect(!t.isClean)
+        t.serverReady(.idle)
+        #expect(t.isClean)
+    }
+
+    @Test func unsyncedExtendedMessagesKeepTheServer() {
+        var t = TransactionTracker()
+        t.clientSent(Q)
+        t.clientSent(P)  // sent before the Query's answer came back, with no Sync yet
+        t.serverReady(.idle)
+        #expect(!t.isClean)
+    }
+
+    @Test func copyInIsPartOfItsQuery() {
+        var t = TransactionTracker()
+        t.clientSent(Q)
+        t.clientSent(d)
+        t.clientSent(d)
+        #expect(!t.isClean)
+        t.clientSent(c)
+        t.serverReady(.idle)
+        #expect(t.isClean)
+    }
+}
+
+@Suite struct ServerLoginTests {
+    func message(_ build: (inout ByteBuffer) -> Void) -> (UInt8, ByteBuffer) {
+        var b = ByteBuffer()
+        build(&b)
+        let type = b.readInteger(as: UInt8.self)!
+        b.moveReaderIndex(forwardBy: 4)
+        return (type, b)
+    }
+
+    func finishLogin(_ login: inout ServerLoginStateMachine) -> ServerLoginStateMachine.Action {
+        var action = login.receive(type: MessageType.authentication, body: message { Wire.authenticationOk(into: &$0) }.1)
+        let p = message { Wire.parameterStatus("server_version", "15.0", into: &$0) }
+        action = login.receive(type: p.0, body: p.1)
+        let k = message { Wire.backendKeyData(processID: 77, secretKey: 88, into: &$0) }
+        action = login.receive(type: k.0, body: k.1)
+        let z = message { Wire.readyForQuery(.idle, into: &$0) }
+        action = login.receive(type: z.0, body: z.1)
+        return action
+    }
+
+    @Test func trustLoginCollectsParametersAndKey() {
+        var login = ServerLoginStateMachine(user: "u", database: "d", secret: .none)
+        guard case .loggedIn(let params, let pid, let key) = finishLogin(&login) else {
+            Issue.record("expected login")
+            return
+        }
+        #expect(params == ["server_version": "15.0"])
+        #expect(pid == 77)
+        #expect(key == 88)
+    }
+
+    @Test func md5LoginWithStoredSecret() {
+        let stored = MD5Auth.storedSecret(password: "pw", user: "u")
+        var login = ServerLoginStateMachine(user: "u", database: "d", secret: .md5(stored))
+        let challenge = message { Wire.authenticationMD5Password(salt: [1, 2, 3, 4], into: &$0) }
+        guard case .send(var out) = login.receive(type: challenge.0, body: challenge.1) else {
+            Issue.record("expected a password message")
+            return
+        }
+        out.moveReaderIndex(forwardBy: 5)
+        #expect(out.readNullTerminatedString() == MD5Auth.response(password: "pw", user: "u", salt: [1, 2, 3, 4]))
+    }
+
+    @Test func cleartextWithoutPasswordFails() {
+        var login = ServerLoginStateMachine(user: "u", database: "d", secret: .md5("md5x"))
+        let challenge = message { Wire.authenticationCleartextPassword(into: &$0) }
+        guard case .fail(let e) = login.receive(type: challenge.0, body: challenge.1) else {
+            Issue.record("expected failure")
+            return
+        }
+        #expect(e.code == "28P01")
+    }
+
+    @Test func scramLoginAgainstOurOwnServerSide() throws {
+        let verifier = ScramSecret(password: "pw", salt: Array("0123456789abcdef".utf8))
+        var server = ScramServerExchange(secret: verifier)
+        var login = ServerLoginStateMachine(user: "u", database: "d", secret: .password("pw"))
+        let sasl = message { Wire.authenticationSASL(mechanisms: ["SCRAM-SHA-256"], into: &$0) }
+        guard case .send(var first) = login.receive(type: sasl.0, body: sasl.1) else { Issue.record("initial"); return }
+        first.moveReaderIndex(forwardBy: 5)
+        #expect(first.readNullTerminatedString() == "SCRAM-SHA-256")
+        let n = Int(first.readInteger(as: Int32.self)!)
+        let serverFirst = try server.receiveClientFirst(first.readBytes(length: n)!)
+        let cont = message { Wire.authenticationSASLContinue(serverFirst, into: &$0) }
+        guard case .send(var final) = login.receive(type: cont.0, body: cont.1) else { Issue.record("final"); return }
+        final.moveReaderIndex(forwardBy: 5)
+        let serverFinal = try server.receiveClientFinal(final.readBytes(length: final.readableBytes)!)
+        let fin = message { Wire.authenticationSASLFinal(serverFinal, into: &$0) }
+        guard case .none = login.receive(type: fin.0, body: fin.1) else { Issue.record("final ok"); return }
+        guard case .loggedIn = finishLogin(&login) else { Issue.record("login"); return }
+    }
+
+    @Test func serverErrorDuringLoginIsReported() {
+        var login = ServerLoginStateMachine(user: "u", database: "nope", secret: .none)
+        let e = message { Wire.errorResponse(.fatal("3D000", "database \"nope\" does not exist"), into: &$0) }
+        guard case .fail(let error) = login.receive(type: e.0, body: e.1) else { Issue.record("fail"); return }
+        #expect(error.code == "3D000")
+    }
+}
