@@ -11,11 +11,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    /// Parameters the pooler keeps in step between a client and whichever server it is given.
-    static let trackedParameters = [
-        "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "standard_conforming_strings",
-        "application_name", "search_path",
-    ]
+    static let trackedParameters = StartupParameters.tracked
 
     enum State {
         case startup
@@ -224,10 +220,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             Wire.negotiateProtocolVersion(minor: 0, unrecognized: unrecognized, into: &out)
             channel.write(out, promise: nil)
         }
-        for name in Self.trackedParameters {
-            if let value = parameters.first(where: { $0.key.lowercased() == name.lowercased() })?.value {
-                wanted[name] = value
-            }
+        do {
+            wanted = try StartupParameters.resolve(parameters, ignored: pooler.config.global.ignoreStartupParameters)
+        } catch {
+            closeReason = "unsupported startup parameter"
+            sendFatal(error)
+            return
         }
         let secret = pooler.userlist[user]
         var authType = pooler.config.global.authType
@@ -321,7 +319,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             serverInbound = nil
             var sets = ""
             for name in Self.trackedParameters {
-                guard let value = wanted[name], let current = server.parameters[name], current != value else { continue }
+                // Parameters the server does not report (search_path) are known only once set here.
+                guard let value = wanted[name], server.parameters[name] != value else { continue }
                 sets += "SET \(name) = '\(value.replacingQuotes())';"
                 server.parameters[name] = value
             }
@@ -383,7 +382,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     if type == MessageType.parameterStatus {
                         if let (name, value) = WireDecode.parameterStatus(body) {
                             server.parameters[name] = value
-                            if !swallowingUntilReady {
+                            if swallowingUntilReady {
+                                // Our own SET: remember the server's spelling of the value.
+                                if wanted[name] != nil { wanted[name] = value }
+                            } else {
                                 wanted[name] = value
                                 var out = channel.allocator.buffer(capacity: body.readableBytes + 5)
                                 Wire.parameterStatus(name, value, into: &out)

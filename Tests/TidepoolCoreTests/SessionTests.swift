@@ -143,3 +143,32 @@ import Testing
         #expect(error.code == "3D000")
     }
 }
+
+@Suite struct StartupParametersTests {
+    @Test func tracksKnownParametersAndOptions() throws {
+        let wanted = try StartupParameters.resolve(
+            [
+                "user": "u", "database": "d", "application_name": "app", "timezone": "UTC",
+                "options": "-c DateStyle=ISO,\\ MDY --search-path=public -cIntervalStyle=iso_8601",
+            ], ignored: [])
+        #expect(wanted["application_name"] == "app")
+        #expect(wanted["TimeZone"] == "UTC")
+        #expect(wanted["DateStyle"] == "ISO, MDY")
+        #expect(wanted["search_path"] == "public")
+        #expect(wanted["IntervalStyle"] == "iso_8601")
+    }
+
+    @Test func refusesUnknownParametersUnlessIgnored() throws {
+        #expect(throws: PostgresError.self) {
+            try StartupParameters.resolve(["user": "u", "extra_float_digits": "2"], ignored: [])
+        }
+        #expect(throws: PostgresError.self) {
+            try StartupParameters.resolve(["user": "u", "options": "-c work_mem=1MB"], ignored: [])
+        }
+        #expect(throws: PostgresError.self) { try StartupParameters.resolve(["replication": "true"], ignored: []) }
+        let wanted = try StartupParameters.resolve(
+            ["user": "u", "extra_float_digits": "2", "options": "-c work_mem=1MB"],
+            ignored: ["extra_float_digits", "work_mem"])
+        #expect(wanted.isEmpty)
+    }
+}

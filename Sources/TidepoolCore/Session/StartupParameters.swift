@@ -1,0 +1,96 @@
+/// What a client asked for in its StartupMessage, reduced to what the pooler can honour.
+public enum StartupParameters {
+    /// Parameters the pooler keeps in step between a client and whichever server it is lent,
+    /// with PostgreSQL's spelling.
+    public static let tracked = [
+        "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "standard_conforming_strings",
+        "application_name", "search_path",
+    ]
+
+    static func canonical(_ name: String) -> String? {
+        tracked.first { $0.lowercased() == name.lowercased() }
+    }
+
+    /// The tracked parameters the client wants, from plain startup parameters and from `-c name=value`
+    /// (or `--name=value`) in `options`. Anything else is refused unless listed in `ignored`
+    /// (ignore_startup_parameters), as PgBouncer does.
+    public static func resolve(_ parameters: [String: String], ignored: [String]) throws(PostgresError) -> [String: String] {
+        let ignoredSet = Set(ignored.map { $0.lowercased() })
+        var wanted: [String: String] = [:]
+        func accept(_ name: String, _ value: String, from what: String) throws(PostgresError) {
+            if let key = canonical(name) {
+                wanted[key] = value
+            } else if !ignoredSet.contains(name.lowercased()) {
+                throw PostgresError.fatal(SQLState.featureNotSupported, "unsupported \(what): \(name)")
+            }
+        }
+        for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {
+            switch name.lowercased() {
+            case "user", "database":
+                continue
+            case "replication":
+                throw PostgresError.fatal(SQLState.featureNotSupported, "replication connections are not supported")
+            case "options":
+                if ignoredSet.contains("options") { continue }
+                for (key, v) in try parseOptions(value) {
+                    try accept(key, v, from: "options startup parameter")
+                }
+            default:
+                try accept(name, value, from: "startup parameter")
+            }
+        }
+        return wanted
+    }
+
+    /// Splits libpq's `options` string: `-c a=b -c c=d`, `-ca=b`, `--a=b`; backslash escapes a space.
+    static func parseOptions(_ text: String) throws(PostgresError) -> [(String, String)] {
+        var words: [String] = []
+        var current = ""
+        var escaped = false
+        for ch in text {
+            if escaped {
+                current.append(ch)
+                escaped = false
+            } else if ch == "\\" {
+                escaped = true
+            } else if ch == " " || ch == "\t" {
+                if !current.isEmpty { words.append(current) }
+                current = ""
+            } else {
+                current.append(ch)
+            }
+        }
+        if !current.isEmpty { words.append(current) }
+        var result: [(String, String)] = []
+        var i = 0
+        while i < words.count {
+            var setting: String
+            if words[i] == "-c", i + 1 < words.count {
+                setting = words[i + 1]
+                i += 2
+            } else if words[i].hasPrefix("-c") {
+                setting = String(words[i].dropFirst(2))
+                i += 1
+            } else if words[i].hasPrefix("--") {
+                setting = String(words[i].dropFirst(2))
+                i += 1
+            } else {
+                throw PostgresError.fatal(SQLState.featureNotSupported, "unsupported options startup parameter: \(words[i])")
+            }
+            guard let eq = setting.firstIndex(of: "=") else {
+                throw PostgresError.fatal(SQLState.protocolViolation, "invalid option \(setting): expected name=value")
+            }
+            let name = setting[..<eq].replacingDashes()
+            setting = String(setting[setting.index(after: eq)...])
+            result.append((name, setting))
+        }
+        return result
+    }
+}
+
+extension Substring {
+    /// PostgreSQL reads `-` in an option's name as `_` (`--search-path=x`).
+    func replacingDashes() -> String {
+        String(self.map { $0 == "-" ? "_" : $0 })
+    }
+}

@@ -1,0 +1,187 @@
+"""Client and server authentication, limits and timeouts."""
+
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from test_core import read_some
+
+
+def md5_secret(password, user):
+    import hashlib
+    return "md5" + hashlib.md5((password + user).encode()).hexdigest()
+
+
+def sqlstate_of(fn):
+    with pytest.raises(psycopg.Error) as info:
+        fn()
+    return info.value.sqlstate, str(info.value)
+
+
+def login_error(t, dbname="postgres", user="postgres", password=None):
+    """The SQLSTATE and message a login gets (asyncpg reports them for login errors; libpq does not)."""
+    import asyncio
+    import asyncpg
+
+    async def attempt():
+        conn = await asyncpg.connect(host="127.0.0.1", port=t.port, user=user, database=dbname,
+                                     password=password, ssl=False, timeout=10)
+        await conn.close()
+
+    with pytest.raises(asyncpg.PostgresError) as info:
+        asyncio.run(attempt())
+    return info.value.sqlstate, str(info.value)
+
+
+USERLIST_TEMPLATE = '"app" "app-secret"\n"md5user" "{md5}"\n"postgres" "pgpass"\n'
+
+
+@pytest.fixture
+def userlist():
+    return USERLIST_TEMPLATE.format(md5=md5_secret("md5-secret", "md5user"))
+
+
+@pytest.mark.parametrize("auth_type", ["md5", "scram-sha-256", "plain"])
+def test_client_auth_against_auth_file(tidepool, pg, userlist, auth_type):
+    t = tidepool(settings=f"auth_type = {auth_type}\n", userlist=userlist)
+    # app logs in to the pooler with its password, and the pooler logs in to PostgreSQL with
+    # SCRAM using the password from the auth file.
+    with t.connect(dbname="appdb", user="app", password="app-secret") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "app"
+    state, message = login_error(t, dbname="appdb", user="app", password="wrong")
+    assert state == "28P01"
+    assert 'password authentication failed for user "app"' in message
+    state, _ = login_error(t, user="nobody", password="x")
+    assert state == "28P01"
+    assert "wrong" not in t.log() and "app-secret" not in t.log()
+
+
+def test_md5_secret_in_auth_file_logs_in_to_server_with_md5(tidepool, userlist):
+    t = tidepool(settings="auth_type = md5\n", userlist=userlist)
+    with t.connect(user="md5user", password="md5-secret") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "md5user"
+    state, _ = login_error(t, user="md5user", password="nope")
+    assert state == "28P01"
+
+
+def test_scram_secret_in_auth_file_is_used_with_md5_auth_type(tidepool, pg):
+    secret = pg.scalar("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+    assert secret.startswith("SCRAM-SHA-256$")
+    # The server side still needs a password: give it in the database entry.
+    t = tidepool(
+        settings="auth_type = md5\n",
+        userlist=f'"app" "{secret}"\n',
+        databases=f"appdb = host=127.0.0.1 port={pg.port} password=app-secret")
+    with t.connect(dbname="appdb", user="app", password="app-secret") as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    state, _ = login_error(t, dbname="appdb", user="app", password="bad")
+    assert state == "28P01"
+
+
+def test_trust_with_auth_file_requires_a_listed_user(tidepool, userlist):
+    t = tidepool(settings="auth_type = trust\n", userlist=userlist)
+    with t.connect(user="postgres") as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    state, _ = login_error(t, user="stranger")
+    assert state == "28000"
+
+
+def test_database_entry_user_and_password(tidepool, pg):
+    t = tidepool(databases=f"aliased = host=127.0.0.1 port={pg.port} dbname=appdb user=app password=app-secret")
+    with t.connect(dbname="aliased", user="anyone") as c:
+        assert c.execute("SELECT current_user, current_database()").fetchone() == ("app", "appdb")
+
+
+def test_unknown_database_gets_3D000(tidepool, pg):
+    t = tidepool(databases=f"only = host=127.0.0.1 port={pg.port} dbname=postgres")
+    state, message = login_error(t, dbname="missing")
+    assert state == "3D000"
+    assert 'database "missing" does not exist' in message
+
+
+def test_database_missing_on_server_reports_server_error(tidepool):
+    t = tidepool()
+    state, message = login_error(t, dbname="not_on_server")
+    assert state == "3D000"
+    assert "not_on_server" in message
+
+
+def test_wrong_server_password_is_reported_to_the_client(tidepool, pg):
+    t = tidepool(databases=f"appdb = host=127.0.0.1 port={pg.port} user=app password=wrong")
+    state, message = login_error(t, dbname="appdb")
+    assert state == "28P01"
+    assert "server connection failed" in message
+
+
+def test_max_client_conn_refuses_at_once(tidepool):
+    t = tidepool(settings="max_client_conn = 2\n")
+    with t.connect() as a, t.connect() as b:
+        started = time.time()
+        state, message = login_error(t)
+        assert state == "53300"
+        assert "max_client_conn" in message
+        assert time.time() - started < 2
+        assert a.execute("SELECT 1").fetchone()[0] == b.execute("SELECT 1").fetchone()[0]
+    # Slots come back when clients leave.
+    time.sleep(0.2)
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_query_wait_timeout_says_it_waited(tidepool):
+    t = tidepool(settings="default_pool_size = 1\nquery_wait_timeout = 1\n")
+    with t.connect() as holder, t.connect() as waiter:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError) as info:
+            waiter.execute("SELECT 1")
+        waited = time.time() - started
+        assert 0.9 <= waited < 3
+        assert "query_wait_timeout" in str(info.value)
+        assert "waited 1." in str(info.value)
+        holder.execute("COMMIT")
+
+
+def test_waiting_client_that_leaves_takes_no_server(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 1\n")
+    with t.connect() as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+        raw = socket.create_connection(("127.0.0.1", t.port))
+        startup = b"user\0postgres\0database\0postgres\0\0"
+        raw.sendall(struct.pack("!ii", 8 + len(startup), 196608) + startup)
+        time.sleep(0.2)
+        raw.recv(65536)
+        q = b"SELECT 1\0"
+        raw.sendall(b"Q" + struct.pack("!i", 4 + len(q)) + q)
+        time.sleep(0.2)
+        raw.close()  # gives up while queued
+        time.sleep(0.2)
+        holder.execute("COMMIT")
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    assert pg.backends(user="postgres") <= 1
+
+
+def test_server_connect_failure_fails_waiting_clients_fast(tidepool, pg):
+    from conftest import free_port
+    dead = free_port()
+    t = tidepool(databases=f"dead = host=127.0.0.1 port={dead} dbname=postgres",
+                 settings="server_connect_timeout = 2\n")
+    started = time.time()
+    with pytest.raises(psycopg.OperationalError) as info:
+        t.connect(dbname="dead").execute("SELECT 1")
+    assert time.time() - started < 3
+    assert "server connection failed" in str(info.value)
+    # While connecting keeps failing, the next client is told at once.
+    started = time.time()
+    with pytest.raises(psycopg.OperationalError):
+        t.connect(dbname="dead").execute("SELECT 1")
+    assert time.time() - started < 1
