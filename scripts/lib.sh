@@ -13,7 +13,7 @@ ensure_debian() {
     local pkg
     for pkg in "$@"; do
         case "$pkg" in
-            postgresql) command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ] || missing+=(postgresql postgresql-contrib) ;;
+            postgresql) pg_bindir >/dev/null 2>&1 || missing+=(postgresql postgresql-contrib) ;;
             pgbouncer) command -v pgbouncer >/dev/null || missing+=(pgbouncer) ;;
             python3-pip) python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip) ;;
             *) dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg") ;;
@@ -26,15 +26,25 @@ ensure_debian() {
     fi
 }
 
-# Installs the Python clients the integration tests use.
+# Installs the Python clients the integration tests use: from PyPI, or Debian's packages where
+# pip may not install into the system Python.
 ensure_python_clients() {
-    if ! python3 -c 'import psycopg, asyncpg, pytest' 2>/dev/null; then
-        log "installing psycopg, asyncpg, pytest from PyPI"
-        python3 -m pip install -q 'psycopg[binary]' asyncpg pytest
-    fi
+    python3 -c 'import psycopg, asyncpg, pytest' 2>/dev/null && return 0
+    log "installing psycopg, asyncpg and pytest"
+    python3 -m pip install -q 'psycopg[binary]' asyncpg pytest 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages 'psycopg[binary]' asyncpg pytest 2>/dev/null || {
+        ensure_debian python3-psycopg python3-asyncpg python3-pytest
+    }
+    python3 -c 'import psycopg, asyncpg, pytest'
 }
 
-pg_bindir() { pg_config --bindir; }
+# The newest installed PostgreSQL server's bin directory (initdb, postgres, pg_ctl, pgbench).
+pg_bindir() {
+    local dir
+    dir="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
+    [ -n "$dir" ] && [ -x "$dir/initdb" ] || return 1
+    echo "$dir"
+}
 
 # A free TCP port in [lo, hi), below the ephemeral range.
 free_port() {

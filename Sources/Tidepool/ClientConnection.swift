@@ -360,8 +360,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     /// Bytes from the linked server.
-    func serverData(_ data: ByteBuffer) {
-        guard case .linked(let server) = state else { return }
+    func serverData(_ data: ByteBuffer, from sender: ServerConnection) {
+        guard case .linked(let server) = state, server === sender else { return }
         var buffer = data
         if var stash = serverInbound {
             stash.writeBuffer(&buffer)

@@ -120,7 +120,9 @@ public final class Pooler: @unchecked Sendable {
         var g = SystemRandomNumberGenerator()
         return shared.withLockedValue { s in
             while true {
-                let key = CancelKey(processID: Int32.random(in: 1...Int32.max, using: &g), secretKey: Int32.random(in: Int32.min...Int32.max, using: &g))
+                let key = CancelKey(
+                    processID: Int32.random(in: 1...Int32.max, using: &g),
+                    secretKey: Int32.random(in: Int32.min...Int32.max, using: &g))
                 if s.cancelKeys[key] == nil {
                     s.cancelKeys[key] = client
                     return (key.processID, key.secretKey)

@@ -93,7 +93,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         context.writeAndFlush(wrapOutboundOut(login.startupMessage(allocator: context.channel.allocator)), promise: nil)
         loginTimeout = context.eventLoop.scheduleTask(in: pooler.config.global.serverConnectTimeout) { [self] in
             if case .loggingIn = phase {
-                fail(PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "server login timed out"))
+                fail(
+                    PostgresError(
+                        severity: "FATAL", code: SQLState.connectionFailure, message: "server login timed out"))
             }
         }
     }
@@ -110,7 +112,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         if case .ready = phase, let owner, inbound == nil {
             // The hot path: hand the bytes to the client as they are.
             let bytes = unwrapInboundIn(data)
-            owner.onLoop { owner.serverData(bytes) }
+            owner.onLoop { owner.serverData(bytes, from: self) }
             return
         }
         var buffer = unwrapInboundIn(data)
@@ -126,7 +128,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
                 if case .closed = phase { return }
                 if case .ready = phase, let owner, buffer.readableBytes > 0 {
                     let rest = buffer
-                    owner.onLoop { owner.serverData(rest) }
+                    owner.onLoop { owner.serverData(rest, from: self) }
                     return
                 }
             }
@@ -211,7 +213,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         case .connecting, .loggingIn:
             pooler.serverConnectFailed(
                 self,
-                error: PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "server closed the connection during login"))
+                error: PostgresError(
+                    severity: "FATAL", code: SQLState.connectionFailure,
+                    message: "server closed the connection during login"))
         case .ready, .resetting:
             if let owner {
                 self.owner = nil

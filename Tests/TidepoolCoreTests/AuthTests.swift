@@ -6,7 +6,9 @@ import Testing
 @Suite struct AuthTests {
     @Test func md5MatchesPostgres() {
         // md5 of "secret" + "alice", as PostgreSQL stores it.
-        #expect(MD5Auth.storedSecret(password: "secret", user: "alice") == "md5" + MD5Auth.md5Hex(Array("secretalice".utf8)))
+        #expect(
+            MD5Auth.storedSecret(password: "secret", user: "alice") == "md5" + MD5Auth.md5Hex(Array("secretalice".utf8))
+        )
         let salt: [UInt8] = [1, 2, 3, 4]
         #expect(
             MD5Auth.response(password: "secret", user: "alice", salt: salt)
@@ -52,7 +54,8 @@ import Testing
         try client.receiveServerFinal(serverFinal)
         // The recovered client key lets the pooler log in again without the password.
         var again = ScramServerExchange(secret: verifier)
-        var passthrough = ScramClientExchange(credentials: .keys(clientKey: server.clientKey!, serverKey: verifier.serverKey))
+        var passthrough = ScramClientExchange(
+            credentials: .keys(clientKey: server.clientKey!, serverKey: verifier.serverKey))
         let f1 = try again.receiveClientFirst(passthrough.clientFirst())
         let f2 = try passthrough.receiveServerFirst(f1)
         try passthrough.receiveServerFinal(try again.receiveClientFinal(f2))
@@ -78,7 +81,9 @@ import Testing
         )!
         var server = ScramServerExchange(secret: verifier, serverNonce: "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0")
         let serverFirst = try server.receiveClientFirst(client.clientFirst())
-        #expect(String(decoding: serverFirst, as: UTF8.self).hasPrefix("r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"))
+        #expect(
+            String(decoding: serverFirst, as: UTF8.self).hasPrefix(
+                "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"))
         let final = try client.receiveServerFirst(serverFirst)
         let serverFinal = try server.receiveClientFinal(final)
         try client.receiveServerFinal(serverFinal)
@@ -96,7 +101,9 @@ import Testing
         for (password, ok) in [("secret", true), ("wrong", false)] {
             var auth = ClientAuthStateMachine(authType: .md5, user: "alice", secret: .plain("secret"))
             guard case .send = auth.start(salt: salt) else { Issue.record("expected a challenge"); return }
-            let response = body { Wire.passwordMessage(MD5Auth.response(password: password, user: "alice", salt: salt), into: &$0) }
+            let response = body {
+                Wire.passwordMessage(MD5Auth.response(password: password, user: "alice", salt: salt), into: &$0)
+            }
             switch auth.receivePasswordMessage(response) {
             case .authenticated: #expect(ok)
             case .fail(let e):
@@ -111,7 +118,8 @@ import Testing
     @Test func clientAuthUnknownUserFailsLikeAWrongPassword() {
         var auth = ClientAuthStateMachine(authType: .md5, user: "nobody", secret: nil)
         guard case .send = auth.start(salt: [1, 2, 3, 4]) else { Issue.record("expected a challenge"); return }
-        guard case .fail(let e) = auth.receivePasswordMessage(body { Wire.passwordMessage("md5whatever", into: &$0) }) else {
+        guard case .fail(let e) = auth.receivePasswordMessage(body { Wire.passwordMessage("md5whatever", into: &$0) })
+        else {
             Issue.record("expected failure")
             return
         }
@@ -126,7 +134,9 @@ import Testing
         #expect(challenge.readInteger(as: Int32.self) == 10)
         var client = ScramClientExchange(credentials: .password("pw"))
         let first = body { Wire.saslInitialResponse(mechanism: "SCRAM-SHA-256", data: client.clientFirst(), into: &$0) }
-        guard case .send(var cont) = auth.receivePasswordMessage(first) else { Issue.record("expected continue"); return }
+        guard case .send(var cont) = auth.receivePasswordMessage(first) else {
+            Issue.record("expected continue"); return
+        }
         cont.moveReaderIndex(forwardBy: 5)
         #expect(cont.readInteger(as: Int32.self) == 11)
         let final = try client.receiveServerFirst(cont.readBytes(length: cont.readableBytes)!)
@@ -149,7 +159,8 @@ import Testing
         for secret in secrets {
             var auth = ClientAuthStateMachine(authType: .plain, user: "u", secret: secret)
             _ = auth.start()
-            guard case .authenticated = auth.receivePasswordMessage(body { Wire.passwordMessage("pw", into: &$0) }) else {
+            guard case .authenticated = auth.receivePasswordMessage(body { Wire.passwordMessage("pw", into: &$0) })
+            else {
                 Issue.record("\(secret) should accept pw")
                 continue
             }

@@ -93,7 +93,9 @@ import Testing
         }
         #expect(config.global.defaultPoolSize == 33)
         #expect(config.databases["fromfile"]?.host == "h")
-        #expect(throws: ConfigError.self) { try Config.parse("[pooler]\n%include nope.ini\n") { _ in throw ConfigError(file: "", line: 0, message: "") } }
+        #expect(throws: ConfigError.self) {
+            try Config.parse("[pooler]\n%include nope.ini\n") { _ in throw ConfigError(file: "", line: 0, message: "") }
+        }
     }
 
     @Test func connectionStringQuotesAndEscapes() throws {
@@ -105,7 +107,8 @@ import Testing
 
     @Test func shippedExampleParsesWithoutWarnings() throws {
         // The example lives at the package root; tests run from there.
-        let path = #filePath.replacingOccurrences(of: "Tests/TidepoolCoreTests/ConfigTests.swift", with: "pooler.ini.example")
+        let path = #filePath.replacingOccurrences(
+            of: "Tests/TidepoolCoreTests/ConfigTests.swift", with: "pooler.ini.example")
         let text = try String(contentsOfFile: path, encoding: .utf8)
         let config = try Config.parse(text, file: "pooler.ini.example")
         #expect(config.warnings.filter { $0.contains("unknown") }.isEmpty)

@@ -74,7 +74,8 @@ import Testing
     }
 
     func finishLogin(_ login: inout ServerLoginStateMachine) -> ServerLoginStateMachine.Action {
-        var action = login.receive(type: MessageType.authentication, body: message { Wire.authenticationOk(into: &$0) }.1)
+        var action = login.receive(
+            type: MessageType.authentication, body: message { Wire.authenticationOk(into: &$0) }.1)
         let p = message { Wire.parameterStatus("server_version", "15.0", into: &$0) }
         action = login.receive(type: p.0, body: p.1)
         let k = message { Wire.backendKeyData(processID: 77, secretKey: 88, into: &$0) }

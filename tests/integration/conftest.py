@@ -18,6 +18,15 @@ import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Thousands of clients need thousands of descriptors, here and in the processes started from here.
+try:
+    import resource
+
+    _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+except (ImportError, ValueError, OSError):
+    pass
 LIB = ROOT / "scripts" / "lib.sh"
 
 

@@ -59,10 +59,13 @@ public struct ClientAuthStateMachine: Sendable {
             case .scram(let verifier):
                 return startSCRAM(verifier, nonce: nonce, into: &out)
             case .plain(let password):
-                return startSCRAM(ScramSecret(password: password, salt: Array(salt + salt + salt + salt)), nonce: nonce, into: &out)
+                return startSCRAM(
+                    ScramSecret(password: password, salt: Array(salt + salt + salt + salt)), nonce: nonce, into: &out)
             case .md5, nil:
                 // No usable verifier: run the exchange against a random one so the answer is the same.
-                let fake = ScramSecret(iterations: 4096, salt: salt, storedKey: Array(repeating: 0, count: 32), serverKey: Array(repeating: 0, count: 32))
+                let fake = ScramSecret(
+                    iterations: 4096, salt: salt, storedKey: Array(repeating: 0, count: 32),
+                    serverKey: Array(repeating: 0, count: 32))
                 return startSCRAM(fake, nonce: nonce, into: &out)
             }
         }

@@ -98,7 +98,8 @@ public struct ServerLoginStateMachine: Sendable {
             return .none
         case 3:
             guard case .password(let password) = secret else {
-                return .fail(Self.authFailure("server asked for a cleartext password, but none is configured for \(user)"))
+                return .fail(
+                    Self.authFailure("server asked for a cleartext password, but none is configured for \(user)"))
             }
             Wire.passwordMessage(password, into: &out)
             return .send(out)

@@ -14,7 +14,9 @@ public enum StartupParameters {
     /// The tracked parameters the client wants, from plain startup parameters and from `-c name=value`
     /// (or `--name=value`) in `options`. Anything else is refused unless listed in `ignored`
     /// (ignore_startup_parameters), as PgBouncer does.
-    public static func resolve(_ parameters: [String: String], ignored: [String]) throws(PostgresError) -> [String: String] {
+    public static func resolve(_ parameters: [String: String], ignored: [String]) throws(PostgresError) -> [String:
+        String]
+    {
         let ignoredSet = Set(ignored.map { $0.lowercased() })
         var wanted: [String: String] = [:]
         func accept(_ name: String, _ value: String, from what: String) throws(PostgresError) {
@@ -75,7 +77,8 @@ public enum StartupParameters {
                 setting = String(words[i].dropFirst(2))
                 i += 1
             } else {
-                throw PostgresError.fatal(SQLState.featureNotSupported, "unsupported options startup parameter: \(words[i])")
+                throw PostgresError.fatal(
+                    SQLState.featureNotSupported, "unsupported options startup parameter: \(words[i])")
             }
             guard let eq = setting.firstIndex(of: "=") else {
                 throw PostgresError.fatal(SQLState.protocolViolation, "invalid option \(setting): expected name=value")

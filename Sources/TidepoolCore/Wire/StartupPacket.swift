@@ -17,7 +17,7 @@ public enum StartupPacket: Equatable, Sendable {
     public static func parse(from buffer: inout ByteBuffer) throws(WireError) -> StartupPacket? {
         guard let length = buffer.getInteger(at: buffer.readerIndex, as: Int32.self) else { return nil }
         guard length >= 8 else { throw .invalidLength(Int(length)) }
-        guard length <= maxStartupLength else { throw .messageTooLarge(Int(length), limit: maxStartupLength) }
+        guard length <= maxStartupLength else { throw .invalidLength(Int(length)) }
         guard buffer.readableBytes >= Int(length) else { return nil }
         var packet = buffer.readSlice(length: Int(length))!
         packet.moveReaderIndex(forwardBy: 4)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs every test Tidepool has: the unit tests (no sockets), the style lint, and the integration
+# tests that drive a real PostgreSQL through a running tidepool with psql, pgbench, psycopg and
+# asyncpg. Installs what is missing (Debian packages, PyPI clients) and starts its own throwaway
+# PostgreSQL, so it works on a fresh machine. Extra arguments go to pytest (e.g. -k cancel).
+. "$(dirname "$0")/lib.sh"
+cd "$TIDEPOOL_ROOT"
+
+ensure_debian postgresql python3-pip
+ensure_python_clients
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+log "building"
+swift build 2>&1 | tail -3
+
+log "unit tests"
+swift test 2>&1 | tail -15
+
+log "style lint"
+swift format lint --strict -r Sources Tests Package.swift
+
+log "integration tests"
+export TIDEPOOL_BIN="$TIDEPOOL_ROOT/.build/debug/tidepool"
+python3 -m pytest tests/integration -q -p no:cacheprovider "$@"
