@@ -43,23 +43,23 @@ public final class Pooler: @unchecked Sendable {
 
     // MARK: Start and stop
 
-    /// Binds the TCP and Unix listeners and starts the periodic janitor.
-    public func start() async throws {
+    /// Binds the TCP and Unix listeners and starts the periodic janitor. Blocks until bound.
+    public func start() throws {
         let g = config.global
         var addresses: [String] = []
         for part in g.listenAddr.split(separator: ",").map({ String($0).trimmed(" ") }) where !part.isEmpty {
             if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
         }
         for address in addresses {
-            let channel = try await makeServerBootstrap().bind(host: address, port: g.listenPort).get()
+            let channel = try makeServerBootstrap().bind(host: address, port: g.listenPort).wait()
             listeners.append(channel)
             logger.info("listening on \(address):\(g.listenPort)")
         }
         if !g.unixSocketDir.isEmpty {
             let path = "\(g.unixSocketDir)/.s.PGSQL.\(g.listenPort)"
-            let channel = try await makeServerBootstrap().bind(
+            let channel = try makeServerBootstrap().bind(
                 unixDomainSocketPath: path, cleanupExistingSocketFile: true
-            ).get()
+            ).wait()
             chmod(path, mode_t(g.unixSocketMode))
             listeners.append(channel)
             logger.info("listening on unix:\(path)")
@@ -73,20 +73,21 @@ public final class Pooler: @unchecked Sendable {
     /// The ports actually bound (for tests that bind port 0).
     public var boundPorts: [Int] { listeners.compactMap { $0.localAddress?.port } }
 
-    public func shutdown() async {
+    /// Stops listening, closes every connection and stops the event loops. Blocks until done.
+    public func shutdown() {
         janitor?.cancel()
-        for listener in listeners { try? await listener.close() }
+        for listener in listeners { try? listener.close().wait() }
         let (clients, servers) = shared.withLockedValue { ($0.clients.values, $0.servers.values) }
         for client in clients { client.channel.close(promise: nil) }
         for server in servers { server.terminate() }
-        try? await group.shutdownGracefully()
+        try? group.syncShutdownGracefully()
     }
 
     func makeServerBootstrap() -> ServerBootstrap {
         ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: Int32(config.global.listenBacklog))
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: false)
             .childChannelInitializer { [self] channel in
                 let index = self.loopIndex(of: channel.eventLoop)
@@ -279,7 +280,7 @@ public final class Pooler: @unchecked Sendable {
         shared.withLockedValue { $0.servers[id] = server }
         let bootstrap = ClientBootstrap(group: loops[loop % loops.count])
             .connectTimeout(config.global.serverConnectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.socketOption(.so_keepalive), value: config.global.tcpKeepalive ? 1 : 0)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(server) }

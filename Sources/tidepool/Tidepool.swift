@@ -9,7 +9,7 @@ import TidepoolCore
 #endif
 
 @main
-struct TidepoolCommand: AsyncParsableCommand {
+struct TidepoolCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tidepool",
         abstract: "A PostgreSQL connection pooler, drop-in for PgBouncer.",
@@ -36,7 +36,7 @@ struct TidepoolCommand: AsyncParsableCommand {
     @Argument(help: "The configuration file (pooler.ini or an existing pgbouncer.ini).")
     var configFile: String?
 
-    func run() async throws {
+    func run() throws {
         if printVersion {
             print("tidepool \(TidepoolCoreVersion.string)")
             return
@@ -78,21 +78,22 @@ struct TidepoolCommand: AsyncParsableCommand {
         var logger = Logger(label: "tidepool", factory: factory)
         logger.logLevel = level
         for warning in config.warnings { logger.warning("\(warning)") }
-        if let user { try switchUser(user) }
         if let pidfile = config.global.pidfile {
             try "\(getpid())\n".write(toFile: pidfile, atomically: true, encoding: .utf8)
         }
+        // Before any thread starts, so that every thread runs as that user.
+        if let user { try switchUser(user) }
         let pooler = Pooler(config: config, userlist: userlist, logger: logger)
         do {
-            try await pooler.start()
+            try pooler.start()
         } catch {
             logger.critical("cannot start: \(error)")
             throw ExitCode(1)
         }
         logger.info("tidepool \(TidepoolCoreVersion.string) started")
-        await waitForTerminationSignal()
+        waitForTerminationSignal()
         logger.info("shutting down")
-        await pooler.shutdown()
+        pooler.shutdown()
         if let pidfile = config.global.pidfile { unlink(pidfile) }
     }
 
@@ -116,44 +117,26 @@ struct TidepoolCommand: AsyncParsableCommand {
 
     func switchUser(_ name: String) throws {
         guard let entry = getpwnam(name) else { throw ValidationError("unknown user \(name)") }
-        guard setgid(entry.pointee.pw_gid) == 0, setuid(entry.pointee.pw_uid) == 0 else {
+        guard initgroups(name, entry.pointee.pw_gid) == 0, setgid(entry.pointee.pw_gid) == 0,
+            setuid(entry.pointee.pw_uid) == 0
+        else {
             throw ValidationError("cannot switch to user \(name)")
         }
     }
 }
 
-/// Suspends until SIGINT or SIGTERM.
-func waitForTerminationSignal() async {
-    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-        let queue = DispatchQueue(label: "tidepool.signals")
-        let once = OnceFlag()
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGINT, SIGTERM] {
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-            source.setEventHandler {
-                if once.set() { continuation.resume() }
-            }
-            source.resume()
-            sources.append(source)
-        }
-        SignalSources.keep(sources)
+/// Blocks until SIGINT or SIGTERM.
+func waitForTerminationSignal() {
+    let done = DispatchSemaphore(value: 0)
+    let queue = DispatchQueue(label: "tidepool.signals")
+    var sources: [DispatchSourceSignal] = []
+    for sig in [SIGINT, SIGTERM] {
+        signal(sig, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+        source.setEventHandler { done.signal() }
+        source.resume()
+        sources.append(source)
     }
-}
-
-final class OnceFlag: @unchecked Sendable {
-    private var done = false
-    private let lock = NSLock()
-    func set() -> Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        if done { return false }
-        done = true
-        return true
-    }
-}
-
-enum SignalSources {
-    nonisolated(unsafe) static var sources: [DispatchSourceSignal] = []
-    static func keep(_ s: [DispatchSourceSignal]) { sources = s }
+    done.wait()
+    for source in sources { source.cancel() }
 }

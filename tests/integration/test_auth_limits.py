@@ -185,3 +185,53 @@ def test_server_connect_failure_fails_waiting_clients_fast(tidepool, pg):
     with pytest.raises(psycopg.OperationalError):
         t.connect(dbname="dead").execute("SELECT 1")
     assert time.time() - started < 1
+
+
+def hold_transactions(t, n, **kw):
+    conns = []
+    for _ in range(n):
+        c = t.connect(**kw)
+        c.execute("BEGIN")
+        c.execute("SELECT 1")
+        conns.append(c)
+    return conns
+
+
+def test_max_db_connections_spans_user_pools(tidepool, pg):
+    with pg.connect() as admin:
+        admin.execute("DO $$ BEGIN CREATE ROLE other LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    t = tidepool(settings="max_db_connections = 2\ndefault_pool_size = 5\nquery_wait_timeout = 1\n")
+    other = t.connect(user="other")  # its pool learns the server's parameters now
+    held = hold_transactions(t, 2, user="postgres")
+    try:
+        with pytest.raises(psycopg.OperationalError) as info:
+            other.execute("SELECT 1")
+        assert "query_wait_timeout" in str(info.value)
+        assert pg.backends() == 2
+    finally:
+        other.close()
+        for c in held:
+            c.close()
+    time.sleep(0.3)
+    # Idle servers of the other pool make room for this one.
+    with t.connect(user="other") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "other"
+
+
+def test_max_user_connections(tidepool, pg):
+    t = tidepool(settings="max_user_connections = 1\nquery_wait_timeout = 1\n", users="postgres = max_user_connections=1")
+    held = hold_transactions(t, 1)
+    try:
+        with t.connect() as c:
+            with pytest.raises(psycopg.OperationalError):
+                c.execute("SELECT 1")
+    finally:
+        held[0].close()
+
+
+def test_per_database_pool_size_and_server_parameters(tidepool, pg):
+    t = tidepool(databases=f"tz = host=127.0.0.1 port={pg.port} dbname=postgres pool_size=1 timezone=Asia/Tokyo "
+                           f"application_name=from_config")
+    with t.connect(dbname="tz") as a, t.connect(dbname="tz") as b:
+        assert a.execute("SHOW TimeZone").fetchone()[0] == "Asia/Tokyo"
+        assert a.execute("SELECT pg_backend_pid()").fetchone() == b.execute("SELECT pg_backend_pid()").fetchone()

@@ -81,3 +81,29 @@ def test_daemon_mode_detaches_and_writes_pidfile(pg, tmp_path):
             break
         time.sleep(0.1)
     assert not pidfile.exists()
+
+
+def test_user_switch_and_quiet(pg, tmp_path):
+    import os
+    import pwd
+    from conftest import free_port, wait_for_port
+    if os.getuid() != 0:
+        import pytest
+        pytest.skip("switching users needs root")
+    port = free_port()
+    ini = tmp_path / "u.ini"
+    ini.write_text(f"[databases]\n* = host=127.0.0.1 port={pg.port}\n[pooler]\nlisten_port = {port}\n"
+                   f"unix_socket_dir =\nauth_type = trust\n")
+    proc = subprocess.Popen([BINARY, "-q", "-u", "nobody", str(ini)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, proc=proc)
+        status = open(f"/proc/{proc.pid}/status").read()
+        uid = int([l for l in status.splitlines() if l.startswith("Uid:")][0].split()[1])
+        assert uid == pwd.getpwnam("nobody").pw_uid
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres") as c:
+            assert c.execute("SELECT 1").fetchone()[0] == 1
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert out == b"" and err == b""  # -q: nothing on the console
