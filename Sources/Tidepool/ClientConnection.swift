@@ -52,6 +52,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var loginTimeout: Scheduled<Void>?
     let connectedAt = NIODeadline.now()
     var closeReason = "client close request"
+    var timeouts = ClientTimeoutSettings()
+    // Moments the client-side timeouts count from (kept only when a timeout is on).
+    var idleSince = NIODeadline.now()
+    var linkedAt = NIODeadline.now()
+    var queryStartedAt: NIODeadline?
+    var quietSince: NIODeadline?
 
     init(pooler: Pooler, channel: Channel, loopIndex: Int) {
         self.pooler = pooler
@@ -109,6 +115,67 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             server.send(toServer)
             toServer.removeAll(keepingCapacity: true)
         }
+        if timeouts.anyEnabled { noteClientActivity() }
+    }
+
+    func noteClientActivity() {
+        let now = NIODeadline.now()
+        switch state {
+        case .idle: idleSince = now
+        case .linked, .waiting:
+            quietSince = nil
+            if tracker.outstanding > 0, queryStartedAt == nil { queryStartedAt = now }
+        default: break
+        }
+    }
+
+    /// Called by the loop's sweeper: applies query_timeout, idle_transaction_timeout,
+    /// client_idle_timeout and transaction_timeout.
+    func checkTimeouts(now: NIODeadline) {
+        let activity: ClientActivity
+        switch state {
+        case .idle: activity = .idle(since: idleSince)
+        case .waiting: activity = .waiting
+        case .linked:
+            activity = .linked(linkedAt: linkedAt, queryStartedAt: queryStartedAt, quietSince: quietSince)
+        default: return
+        }
+        switch ClientTimeouts.check(activity, settings: timeouts, now: now) {
+        case .none:
+            break
+        case .close(let error):
+            closeReason = error.message
+            logger.info("client \(peer) db=\(databaseName) user=\(user): \(error.message)")
+            sendFatal(error)
+        case .cancelAndClose(let error):
+            if case .linked(let server) = state { pooler.sendCancel(to: server.cancelTarget) }
+            closeReason = error.message
+            logger.info("client \(peer) db=\(databaseName) user=\(user): \(error.message)")
+            sendFatal(error)
+        }
+    }
+
+    /// A CancelRequest for a client still queued for a server: it leaves the queue and its request
+    /// fails as if cancelled by the server. Returns false when the client is not waiting.
+    func cancelWhileWaiting() -> Bool {
+        guard case .waiting = state, let id else { return false }
+        pooler.clientGaveUp(id)
+        guard scanner.atMessageBoundary else {
+            closeReason = "cancelled in the middle of a message"
+            sendFatal(.fatal(SQLState.queryCanceled, "canceling statement due to user request"))
+            return true
+        }
+        pending.removeAll()
+        var out = channel.allocator.buffer(capacity: 128)
+        Wire.errorResponse(
+            PostgresError(code: SQLState.queryCanceled, message: "canceling statement due to user request"),
+            into: &out)
+        for _ in 0..<max(tracker.outstanding, 1) { Wire.readyForQuery(.idle, into: &out) }
+        tracker.reset()
+        state = .idle
+        idleSince = NIODeadline.now()
+        channel.writeAndFlush(out, promise: nil)
+        return true
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -261,6 +328,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         self.database = database
+        timeouts = pooler.config.clientTimeouts(user: user)
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
         poolMode = pooler.config.poolMode(database: database, user: user)
@@ -292,6 +360,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         Wire.readyForQuery(.idle, into: &out)
         channel.writeAndFlush(out, promise: nil)
         state = .idle
+        idleSince = NIODeadline.now()
+        if timeouts.anyEnabled { pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self }
         if !pending.isEmpty {
             state = .waiting
             pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
@@ -315,6 +385,11 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case .waiting:
             state = .linked(server)
             server.attach(self)
+            if timeouts.anyEnabled {
+                linkedAt = NIODeadline.now()
+                queryStartedAt = tracker.outstanding > 0 ? linkedAt : nil
+                quietSince = nil
+            }
             serverScanner = MessageScanner(maxMessageLength: pooler.config.global.maxPacketSize)
             serverInbound = nil
             var sets = ""
@@ -402,6 +477,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                         continue
                     }
                     tracker.serverReady(status)
+                    if timeouts.anyEnabled, tracker.isQuiet {
+                        queryStartedAt = nil
+                        quietSince = status == .idle ? nil : NIODeadline.now()
+                    }
                     var out = channel.allocator.buffer(capacity: 6)
                     Wire.readyForQuery(status, into: &out)
                     channel.write(out, promise: nil)
@@ -433,6 +512,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         server.detach()
         state = .idle
         tracker.reset()
+        if timeouts.anyEnabled { idleSince = NIODeadline.now() }
         pooler.release(server, reusable: reusable)
     }
 
@@ -479,6 +559,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             break
         }
         state = .closed
+        pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
         pooler.unregister(self, id: id, cancelKey: cancelKey)
         if id != nil, pooler.config.global.logDisconnections {
             let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9

@@ -15,6 +15,13 @@ public final class Pooler: @unchecked Sendable {
     let shared = NIOLockedValueBox(Shared())
     var listeners: [Channel] = []
     var janitor: RepeatedTask?
+    var sweepers: [RepeatedTask] = []
+    /// The logged-in clients of each event loop, touched only on that loop.
+    let loopClients: [LoopClients]
+
+    final class LoopClients: @unchecked Sendable {
+        var clients: [ObjectIdentifier: ClientConnection] = [:]
+    }
 
     struct CancelKey: Hashable {
         var processID: Int32
@@ -39,6 +46,7 @@ public final class Pooler: @unchecked Sendable {
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
         self.loops = Array(group.makeIterator())
+        self.loopClients = loops.map { _ in LoopClients() }
     }
 
     // MARK: Start and stop
@@ -68,6 +76,30 @@ public final class Pooler: @unchecked Sendable {
         janitor = loops[0].scheduleRepeatedTask(initialDelay: period, delay: period) { [weak self] _ in
             self?.timerFired()
         }
+        warmStart()
+        if config.anyClientTimeout {
+            for (index, loop) in loops.enumerated() {
+                let registry = loopClients[index]
+                sweepers.append(
+                    loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
+                        let now = NIODeadline.now()
+                        for client in registry.clients.values { client.checkTimeouts(now: now) }
+                    })
+            }
+        }
+    }
+
+    /// Opens min_pool_size servers for the pools known before any client arrives: databases whose
+    /// entry names the server user.
+    func warmStart() {
+        let now = NIODeadline.now()
+        for (name, database) in config.databases where name != "*" {
+            guard let user = database.user else { continue }
+            let settings = poolSettings(database: database, user: user)
+            guard settings.minPoolSize > 0 else { continue }
+            let key = PoolKey(database: name, user: user)
+            perform(shared.withLockedValue { $0.pools.configure(key, settings: settings, now: now) })
+        }
     }
 
     /// The ports actually bound (for tests that bind port 0).
@@ -76,6 +108,7 @@ public final class Pooler: @unchecked Sendable {
     /// Stops listening, closes every connection and stops the event loops. Blocks until done.
     public func shutdown() {
         janitor?.cancel()
+        for sweeper in sweepers { sweeper.cancel() }
         for listener in listeners { try? listener.close().wait() }
         let (clients, servers) = shared.withLockedValue { ($0.clients.values, $0.servers.values) }
         for client in clients { client.channel.close(promise: nil) }
@@ -149,7 +182,8 @@ public final class Pooler: @unchecked Sendable {
             logger.debug("cancel request with an unknown key ignored")
             return
         }
-        client.channel.eventLoop.execute {
+        client.onLoop {
+            if client.cancelWhileWaiting() { return }
             guard let target = client.cancelTarget() else { return }
             self.sendCancel(to: target)
         }
@@ -181,11 +215,17 @@ public final class Pooler: @unchecked Sendable {
         s.reservePoolTimeout = g.reservePoolTimeout
         s.maxDBConnections = database.maxDBConnections ?? g.maxDBConnections
         s.maxUserConnections = config.users[user]?.maxUserConnections ?? g.maxUserConnections
-        s.queryWaitTimeout = g.queryWaitTimeout
+        s.queryWaitTimeout = config.queryWaitTimeout(database: database, user: user)
         s.serverLifetime = g.serverLifetime
         s.serverIdleTimeout = g.serverIdleTimeout
         s.serverLoginRetry = g.serverLoginRetry
+        s.serverCheckDelay = g.serverCheckDelay
         return s
+    }
+
+    /// A waiting client cancelled: it leaves the queue without a server.
+    func clientGaveUp(_ id: ClientID) {
+        shared.withLockedValue { $0.pools.clientGaveUp(id) }
     }
 
     /// Makes sure the pool exists, then asks it for a server for `client`.
@@ -240,6 +280,16 @@ public final class Pooler: @unchecked Sendable {
         perform(actions)
     }
 
+    func checkFinished(_ server: ServerConnection, ok: Bool) {
+        let now = NIODeadline.now()
+        let actions = shared.withLockedValue { s -> [PoolAction] in
+            if ok { return s.pools.serverCheckSucceeded(server.id, now: now) }
+            s.servers[server.id] = nil
+            return s.pools.serverCheckFailed(server.id, now: now)
+        }
+        perform(actions)
+    }
+
     func timerFired() {
         let now = NIODeadline.now()
         perform(shared.withLockedValue { $0.pools.timerFired(now: now) })
@@ -265,6 +315,28 @@ public final class Pooler: @unchecked Sendable {
             case .failClient(let clientID, let error):
                 let client = shared.withLockedValue { $0.clients[clientID] }
                 client?.onLoop { client?.waitFailed(error) }
+            case .check(let serverID, _):
+                if let server = shared.withLockedValue({ $0.servers[serverID] }) {
+                    server.check(config.global.serverCheckQuery)
+                } else {
+                    let now = NIODeadline.now()
+                    perform(shared.withLockedValue { $0.pools.serverCheckFailed(serverID, now: now) })
+                }
+            case .note(let key, let event):
+                switch event {
+                case .reserveOpened(let waited):
+                    logger.info("pool \(key): opening a reserve server, a client waited \(waited.seconds) s")
+                case .checkFailed:
+                    logger.warning("pool \(key): server failed server_check_query; checking older idle servers")
+                case .recycledForAge:
+                    logger.debug("pool \(key): closed a server that reached server_lifetime")
+                case .closedIdle:
+                    logger.debug("pool \(key): closed a server idle for server_idle_timeout")
+                case .waitTimedOut:
+                    logger.debug("pool \(key): a client reached query_wait_timeout")
+                case .probe:
+                    logger.info("pool \(key): trying to connect again")
+                }
             }
         }
     }
@@ -300,6 +372,13 @@ public final class Pooler: @unchecked Sendable {
     public func poolSnapshot() -> [PoolSnapshot] {
         let now = NIODeadline.now()
         return shared.withLockedValue { $0.pools.snapshot(now: now) }
+    }
+}
+
+extension TimeAmount {
+    var seconds: String {
+        let tenths = (nanoseconds + 50_000_000) / 100_000_000
+        return "\(tenths / 10).\(tenths % 10)"
     }
 }
 

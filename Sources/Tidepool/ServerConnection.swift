@@ -22,12 +22,21 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         var secretKey: Int32
     }
 
+    enum InternalQuery {
+        /// connect_query, right after login.
+        case afterLogin
+        /// server_reset_query after a session-mode client left; then back to the pool.
+        case reset
+        /// server_check_query before the server is lent.
+        case check
+    }
+
     enum Phase {
         case connecting
         case loggingIn(ServerLoginStateMachine)
         case ready
-        /// Running the reset query after a session-mode client left.
-        case resetting
+        /// Running a query of the pooler's own; its results are not shown to anybody.
+        case internalQuery(InternalQuery)
         case closed
     }
 
@@ -36,6 +45,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     let address: Address
     unowned let pooler: Pooler
     private(set) var channel: Channel?
+    var context: ChannelHandlerContext?
     var phase = Phase.connecting
     var inbound: ByteBuffer?
     var scanner = MessageScanner()
@@ -68,6 +78,22 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func handlerAdded(context: ChannelHandlerContext) {
         channel = context.channel
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    /// Runs server_check_query before the server is lent (pre-ping).
+    func check(_ sql: String) {
+        onLoop {
+            guard case .ready = self.phase, let context = self.context else {
+                self.pooler.checkFinished(self, ok: false)
+                return
+            }
+            self.runInternal(sql, purpose: .check, context: context)
+        }
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -157,28 +183,35 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
                 secretKey = key
                 phase = .ready
                 if let query = database?.connectQuery, !query.isEmpty {
-                    runInternal(query, context: context)
+                    runInternal(query, purpose: .afterLogin, context: context)
                 } else {
                     pooler.serverLoggedIn(self)
                 }
             }
-        case .resetting:
+        case .internalQuery(let purpose):
             if type == MessageType.errorResponse {
-                pooler.logger.warning("reset query failed on \(pool): \(WireDecode.errorFields(body).message)")
-                resetFailed = true
+                pooler.logger.warning("\(purpose) query failed on \(pool): \(WireDecode.errorFields(body).message)")
+                internalFailed = true
             } else if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
                 parameters[name] = value
             } else if type == MessageType.readyForQuery {
                 var b = body
                 let status = b.readInteger(as: UInt8.self)
                 phase = .ready
-                let clean = !resetFailed && status == TransactionStatus.idle.rawValue
-                resetFailed = false
-                if internalForLogin {
-                    internalForLogin = false
-                    pooler.serverLoggedIn(self)
-                } else {
-                    pooler.release(self, reusable: clean)
+                internalTimeout?.cancel()
+                let clean = !internalFailed && status == TransactionStatus.idle.rawValue
+                internalFailed = false
+                switch purpose {
+                case .afterLogin: pooler.serverLoggedIn(self)
+                case .reset: pooler.release(self, reusable: clean)
+                case .check:
+                    if clean {
+                        pooler.checkFinished(self, ok: true)
+                    } else {
+                        phase = .closed
+                        pooler.checkFinished(self, ok: false)
+                        context.close(promise: nil)
+                    }
                 }
             }
         case .ready:
@@ -193,16 +226,20 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    var resetFailed = false
-    var internalForLogin = false
+    var internalFailed = false
+    var internalTimeout: Scheduled<Void>?
 
-    /// Runs a query whose results nobody sees (connect_query, server_reset_query).
-    func runInternal(_ sql: String, context: ChannelHandlerContext) {
-        phase = .resetting
-        internalForLogin = true
+    /// Runs a query whose results nobody sees (connect_query, server_reset_query, server_check_query).
+    func runInternal(_ sql: String, purpose: InternalQuery, context: ChannelHandlerContext) {
+        phase = .internalQuery(purpose)
         var out = context.channel.allocator.buffer(capacity: sql.utf8.count + 6)
         Wire.query(sql, into: &out)
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        let channel = context.channel
+        internalTimeout = context.eventLoop.scheduleTask(in: pooler.config.global.serverConnectTimeout) {
+            // No answer in time: the server is unusable.
+            channel.close(promise: nil)
+        }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -216,7 +253,15 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
                 error: PostgresError(
                     severity: "FATAL", code: SQLState.connectionFailure,
                     message: "server closed the connection during login"))
-        case .ready, .resetting:
+        case .internalQuery(.afterLogin):
+            pooler.serverConnectFailed(
+                self,
+                error: PostgresError(
+                    severity: "FATAL", code: SQLState.connectionFailure,
+                    message: "server closed the connection during connect_query"))
+        case .internalQuery(.check):
+            pooler.checkFinished(self, ok: false)
+        case .ready, .internalQuery(.reset):
             if let owner {
                 self.owner = nil
                 owner.onLoop { owner.serverLost(self) }
@@ -260,14 +305,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Session mode: clean the server with the reset query before it goes back to the pool.
     func resetAndRelease(_ sql: String) {
         onLoop {
-            guard case .ready = self.phase, let channel = self.channel else {
-                return
-            }
+            guard case .ready = self.phase, let context = self.context else { return }
             self.owner = nil
-            self.phase = .resetting
-            var out = channel.allocator.buffer(capacity: sql.utf8.count + 6)
-            Wire.query(sql, into: &out)
-            channel.writeAndFlush(out, promise: nil)
+            self.runInternal(sql, purpose: .reset, context: context)
         }
     }
 

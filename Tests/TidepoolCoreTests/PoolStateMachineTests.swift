@@ -12,6 +12,7 @@ struct TestClock {
 let poolA = PoolKey(database: "db", user: "alice")
 let poolB = PoolKey(database: "db", user: "bob")
 let dbError = PostgresError(severity: "FATAL", code: "08006", message: "connection refused")
+let loginError = PostgresError(severity: "FATAL", code: "28P01", message: "password authentication failed")
 
 func c(_ n: UInt64) -> ClientID { ClientID(n) }
 
@@ -98,7 +99,7 @@ extension [PoolAction] {
         #expect(pool.timerFired(now: clock.now).isEmpty)
         clock.advance(.seconds(1))
         let actions = pool.timerFired(now: clock.now)
-        #expect(actions == [.failClient(c(3), .waitTimeout(waited: .seconds(120)))])
+        #expect(actions == [.failClient(c(3), .waitTimeout(waited: .seconds(120))), .note(poolA, .waitTimedOut)])
         #expect(PoolError.waitTimeout(waited: .seconds(120)).postgresError.message.contains("120.0 s"))
         #expect(!pool.isWaiting(c(3)))
     }
@@ -107,28 +108,156 @@ extension [PoolAction] {
         let actions = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now)
         _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)
         let failed = actions.connects.first!
-        var result = pool.serverConnectFailed(failed, error: dbError, now: clock.now)
+        var result = pool.serverConnectFailed(failed, error: loginError, now: clock.now)
         // The second connect is still under way; nobody fails yet.
         #expect(result.failures.isEmpty)
         let other = ServerID(failed.raw + 1)
-        result = pool.serverConnectFailed(other, error: dbError, now: clock.now)
+        result = pool.serverConnectFailed(other, error: loginError, now: clock.now)
         #expect(result.failures.map(\.0) == [c(1), c(2)])
         // A new client fails at once while the breaker is open, without a new connect.
         clock.advance(.seconds(1))
         let fast = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
-        #expect(fast == [.failClient(c(3), .connectFailed(dbError))])
-        // After server_login_retry it tries again.
-        clock.advance(.seconds(15))
-        let retry = pool.clientWantsServer(c(4), pool: poolA, loop: 0, now: clock.now)
+        #expect(fast == [.failClient(c(3), .connectFailed(loginError))])
+        // A refused login is retried only after server_login_retry, by a probe.
+        clock.advance(.seconds(13))
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        clock.advance(.seconds(1))
+        let probe = pool.timerFired(now: clock.now)
+        #expect(probe.connects.count == 1)
+        #expect(probe.contains(.note(poolA, .probe)))
+        // A success closes the breaker: the next client gets that server.
+        #expect(pool.serverConnected(probe.connects[0], now: clock.now).isEmpty)
+        #expect(
+            pool.clientWantsServer(c(4), pool: poolA, loop: 0, now: clock.now) == [.lend(probe.connects[0], to: c(4))])
+    }
+
+    @Test func unreachableDatabaseIsProbedEverySecondWhileClientsAsk() {
+        let first = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        #expect(pool.serverConnectFailed(first, error: dbError, now: clock.now).failures.map(\.0) == [c(1)])
+        clock.advance(.milliseconds(500))
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).failures.count == 1)
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        clock.advance(.milliseconds(500))
+        let probe = pool.timerFired(now: clock.now).connects
+        #expect(probe.count == 1)
+        // Still down: the probe fails and the back-off starts again.
+        _ = pool.serverConnectFailed(probe[0], error: dbError, now: clock.now)
+        // Nobody asked since: no more probes.
+        clock.advance(.seconds(5))
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        // Past the back-off, a client queues and a connect starts for it.
+        let retry = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
         #expect(retry.connects.count == 1)
-        // And a success closes the breaker.
-        #expect(pool.serverConnected(retry.connects[0], now: clock.now) == [.lend(retry.connects[0], to: c(4))])
+        #expect(pool.serverConnected(retry.connects[0], now: clock.now) == [.lend(retry.connects[0], to: c(3))])
+    }
+
+    @Test func idleServerPastCheckDelayIsCheckedBeforeLending() {
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        clock.advance(.seconds(10))
+        // Recently used: lent without a check.
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now) == [.lend(s1, to: c(2))])
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        clock.advance(.seconds(30))
+        #expect(pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now) == [.check(s1, for: c(3))])
+        #expect(pool.snapshot(now: clock.now).first!.lent == 1)
+        #expect(pool.serverCheckSucceeded(s1, now: clock.now) == [.lend(s1, to: c(3))])
+    }
+
+    @Test func failedCheckClosesTheServerAndChecksOlderOnesTheClientNeverNotices() {
+        var settings = PoolSettings(poolSize: 3)
+        settings.serverCheckDelay = .seconds(30)
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        let old1 = lendNewServer(to: c(1))
+        let old2 = lendNewServer(to: c(2))
+        clock.advance(.seconds(1))
+        let young = lendNewServer(to: c(3))
+        // Released in this order: young is used last, so it is lent first (LIFO).
+        _ = pool.serverReleased(old1, reusable: true, now: clock.now)
+        _ = pool.serverReleased(old2, reusable: true, now: clock.now)
+        _ = pool.serverReleased(young, reusable: true, now: clock.now)
+        clock.advance(.seconds(60))
+        #expect(pool.clientWantsServer(c(4), pool: poolA, loop: 0, now: clock.now) == [.check(young, for: c(4))])
+        let failed = pool.serverCheckFailed(young, now: clock.now)
+        #expect(failed.closes == [young])
+        #expect(failed.contains(.note(poolA, .checkFailed)))
+        // The client is offered the next server at once, which is checked too.
+        #expect(failed.contains(.check(old2, for: c(4))))
+        #expect(pool.serverCheckSucceeded(old2, now: clock.now) == [.lend(old2, to: c(4))])
+        // old1 is older than the failed server: checked even though a check delay has not passed.
+        _ = pool.serverReleased(old2, reusable: true, now: clock.now)
+        #expect(pool.clientWantsServer(c(5), pool: poolA, loop: 0, now: clock.now) == [.lend(old2, to: c(5))])
+        #expect(pool.clientWantsServer(c(6), pool: poolA, loop: 0, now: clock.now) == [.check(old1, for: c(6))])
+    }
+
+    @Test func failedCheckWithNoOtherServerConnectsANewOneForTheClient() {
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        clock.advance(.seconds(31))
+        _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)
+        let actions = pool.serverCheckFailed(s1, now: clock.now)
+        #expect(actions.closes == [s1])
+        #expect(actions.connects.count == 1)
+        #expect(pool.serverConnected(actions.connects[0], now: clock.now) == [.lend(actions.connects[0], to: c(2))])
+    }
+
+    @Test func serverClosingDuringItsCheckCountsAsAFailedCheck() {
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        clock.advance(.seconds(31))
+        _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)
+        let actions = pool.serverClosed(s1, now: clock.now)
+        #expect(actions.contains(.note(poolA, .checkFailed)))
+        #expect(actions.connects.count == 1)
+    }
+
+    @Test func checkCanBeSwitchedOff() {
+        var settings = PoolSettings(poolSize: 2)
+        settings.serverCheckEnabled = false
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        clock.advance(.seconds(100))
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now) == [.lend(s1, to: c(2))])
+    }
+
+    @Test func recycleWhileLentHappensAtRelease() {
+        var settings = PoolSettings(poolSize: 1)
+        settings.serverLifetime = .seconds(10)
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)
+        clock.advance(.seconds(20))
+        // Lent past its lifetime: nothing happens to it until the client is done.
+        #expect(pool.timerFired(now: clock.now).closes.isEmpty)
+        let actions = pool.serverReleased(s1, reusable: true, now: clock.now)
+        #expect(actions.closes == [s1])
+        #expect(actions.connects.count == 1)  // replaced for the waiting client
+    }
+
+    @Test func reservePoolWhileConnectsFailOpensNothing() {
+        var settings = PoolSettings(poolSize: 1)
+        settings.reservePoolSize = 2
+        settings.reservePoolTimeout = .seconds(1)
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)
+        clock.advance(.seconds(1))
+        let reserve = pool.timerFired(now: clock.now)
+        #expect(reserve.connects.count == 1)
+        #expect(reserve.contains(.note(poolA, .reserveOpened(waited: .seconds(1)))))
+        // The reserve connect fails; with a server still lent the client keeps waiting and no
+        // new attempt is made during the back-off.
+        #expect(pool.serverConnectFailed(reserve.connects[0], error: loginError, now: clock.now).isEmpty)
+        clock.advance(.seconds(2))
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.lend(s1, to: c(2))])
     }
 
     @Test func serverLifetimeRetiresOnRelease() {
         let s1 = lendNewServer(to: c(1))
         clock.advance(.seconds(3601))
-        #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.close(s1)])
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.close(s1), .note(poolA, .recycledForAge)])
     }
 
     @Test func lifetimeDeadlinesAreSpread() {

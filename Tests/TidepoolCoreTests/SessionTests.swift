@@ -173,3 +173,74 @@ import Testing
         #expect(wanted.isEmpty)
     }
 }
+
+@Suite struct ClientTimeoutTests {
+    let t0 = NIODeadline.uptimeNanoseconds(1_000_000_000_000)
+    var settings: ClientTimeoutSettings {
+        var s = ClientTimeoutSettings()
+        s.clientIdleTimeout = .seconds(10)
+        s.idleTransactionTimeout = .seconds(5)
+        s.queryTimeout = .seconds(3)
+        s.transactionTimeout = .seconds(60)
+        return s
+    }
+
+    func message(_ v: ClientTimeoutVerdict) -> String? {
+        switch v {
+        case .none: return nil
+        case .close(let e), .cancelAndClose(let e): return e.message
+        }
+    }
+
+    @Test func offByDefault() {
+        #expect(!ClientTimeoutSettings().anyEnabled)
+        let v = ClientTimeouts.check(.idle(since: t0), settings: ClientTimeoutSettings(), now: t0 + .hours(10))
+        #expect(v == .none)
+    }
+
+    @Test func clientIdleTimeout() {
+        #expect(ClientTimeouts.check(.idle(since: t0), settings: settings, now: t0 + .seconds(9)) == .none)
+        let v = ClientTimeouts.check(.idle(since: t0), settings: settings, now: t0 + .seconds(10))
+        #expect(message(v)?.hasPrefix("client_idle_timeout") == true)
+        guard case .close = v else { Issue.record("idle clients are closed, nothing to cancel"); return }
+    }
+
+    @Test func queryTimeoutCancelsAndCloses() {
+        let running = ClientActivity.linked(linkedAt: t0, queryStartedAt: t0 + .seconds(1), quietSince: nil)
+        #expect(ClientTimeouts.check(running, settings: settings, now: t0 + .seconds(3)) == .none)
+        let v = ClientTimeouts.check(running, settings: settings, now: t0 + .seconds(4))
+        guard case .cancelAndClose(let e) = v else { Issue.record("expected cancel"); return }
+        #expect(e.code == "57014")
+        #expect(e.message.hasPrefix("query_timeout"))
+    }
+
+    @Test func idleInTransactionTimeout() {
+        let quiet = ClientActivity.linked(linkedAt: t0, queryStartedAt: nil, quietSince: t0 + .seconds(1))
+        #expect(ClientTimeouts.check(quiet, settings: settings, now: t0 + .seconds(5)) == .none)
+        #expect(
+            message(ClientTimeouts.check(quiet, settings: settings, now: t0 + .seconds(6)))?.hasPrefix(
+                "idle_transaction_timeout") == true)
+    }
+
+    @Test func transactionTimeoutCountsFromTheStartOfTheTransaction() {
+        let busy = ClientActivity.linked(linkedAt: t0, queryStartedAt: nil, quietSince: nil)
+        #expect(ClientTimeouts.check(busy, settings: settings, now: t0 + .seconds(59)) == .none)
+        #expect(
+            message(ClientTimeouts.check(busy, settings: settings, now: t0 + .seconds(60)))?.hasPrefix(
+                "transaction_timeout") == true)
+    }
+
+    @Test func waitingClientsAreThePoolsBusiness() {
+        #expect(ClientTimeouts.check(.waiting, settings: settings, now: t0 + .hours(1)) == .none)
+    }
+
+    @Test func perUserSettingsOverrideGlobal() throws {
+        let config = try Config.parse(
+            "[users]\nslow = query_timeout=100 client_idle_timeout=0\n[pooler]\nquery_timeout = 5\nclient_idle_timeout = 7\n"
+        )
+        #expect(config.clientTimeouts(user: "slow").queryTimeout == .seconds(100))
+        #expect(config.clientTimeouts(user: "slow").clientIdleTimeout == .zero)
+        #expect(config.clientTimeouts(user: "other").queryTimeout == .seconds(5))
+        #expect(config.anyClientTimeout)
+    }
+}

@@ -42,6 +42,7 @@ public struct GlobalSettings: Equatable, Sendable {
     public var clientIdleTimeout = TimeAmount.zero
     public var clientLoginTimeout = TimeAmount.seconds(60)
     public var idleTransactionTimeout = TimeAmount.zero
+    public var transactionTimeout = TimeAmount.zero
     public var logConnections = true
     public var logDisconnections = true
     public var logPoolerErrors = true
@@ -81,6 +82,7 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var timezone: String?
     public var applicationName: String?
     public var authUser: String?
+    public var queryWaitTimeout: TimeAmount?
 
     public init(name: String) { self.name = name }
 }
@@ -91,6 +93,11 @@ public struct UserEntry: Equatable, Sendable {
     public var poolMode: PoolMode?
     public var poolSize: Int?
     public var maxUserConnections: Int?
+    public var queryTimeout: TimeAmount?
+    public var idleTransactionTimeout: TimeAmount?
+    public var clientIdleTimeout: TimeAmount?
+    public var transactionTimeout: TimeAmount?
+    public var queryWaitTimeout: TimeAmount?
 
     public init(name: String) { self.name = name }
 }
@@ -122,6 +129,26 @@ public struct Config: Equatable, Sendable {
 
     public func poolSize(database: DatabaseEntry, user: String) -> Int {
         users[user]?.poolSize ?? database.poolSize ?? global.defaultPoolSize
+    }
+
+    /// The client-side timeouts for a user: its [users] entry over the global settings.
+    public func clientTimeouts(user: String) -> ClientTimeoutSettings {
+        var t = ClientTimeoutSettings()
+        let u = users[user]
+        t.clientIdleTimeout = u?.clientIdleTimeout ?? global.clientIdleTimeout
+        t.idleTransactionTimeout = u?.idleTransactionTimeout ?? global.idleTransactionTimeout
+        t.queryTimeout = u?.queryTimeout ?? global.queryTimeout
+        t.transactionTimeout = u?.transactionTimeout ?? global.transactionTimeout
+        return t
+    }
+
+    /// Whether any client anywhere can hit a client-side timeout.
+    public var anyClientTimeout: Bool {
+        clientTimeouts(user: "").anyEnabled || users.keys.contains { clientTimeouts(user: $0).anyEnabled }
+    }
+
+    public func queryWaitTimeout(database: DatabaseEntry, user: String) -> TimeAmount {
+        users[user]?.queryWaitTimeout ?? database.queryWaitTimeout ?? global.queryWaitTimeout
     }
 
     /// Loads a file and everything it includes.
@@ -180,6 +207,7 @@ public struct Config: Equatable, Sendable {
             case "timezone": db.timezone = value
             case "application_name": db.applicationName = value
             case "auth_user": db.authUser = value
+            case "query_wait_timeout": db.queryWaitTimeout = try v.duration()
             default:
                 throw ConfigError(
                     file: entry.file, line: entry.line, key: entry.key, message: "unknown database parameter \(key)")
@@ -200,6 +228,11 @@ public struct Config: Equatable, Sendable {
             case "pool_mode": user.poolMode = try v.enumValue(PoolMode.self)
             case "pool_size": user.poolSize = try v.int(0...100_000)
             case "max_user_connections": user.maxUserConnections = try v.int(0...1_000_000)
+            case "query_timeout": user.queryTimeout = try v.duration()
+            case "idle_transaction_timeout": user.idleTransactionTimeout = try v.duration()
+            case "client_idle_timeout": user.clientIdleTimeout = try v.duration()
+            case "transaction_timeout": user.transactionTimeout = try v.duration()
+            case "query_wait_timeout": user.queryWaitTimeout = try v.duration()
             default:
                 throw ConfigError(
                     file: entry.file, line: entry.line, key: entry.key, message: "unknown user parameter \(key)")
@@ -240,6 +273,7 @@ public struct Config: Equatable, Sendable {
         case "client_idle_timeout": global.clientIdleTimeout = try v.duration()
         case "client_login_timeout": global.clientLoginTimeout = try v.duration()
         case "idle_transaction_timeout": global.idleTransactionTimeout = try v.duration()
+        case "transaction_timeout": global.transactionTimeout = try v.duration()
         case "log_connections": global.logConnections = try v.bool()
         case "log_disconnections": global.logDisconnections = try v.bool()
         case "log_pooler_errors": global.logPoolerErrors = try v.bool()

@@ -18,6 +18,8 @@ public struct PoolStateMachine: Sendable {
         case connecting
         case idle(since: NIODeadline)
         case lent(ClientID)
+        /// Running the pre-lend check, promised to this client.
+        case checking(ClientID)
     }
 
     struct Server: Sendable {
@@ -26,6 +28,9 @@ public struct PoolStateMachine: Sendable {
         var loop: Int
         var state: ServerState
         var retireAt: NIODeadline
+        var createdAt: NIODeadline
+        /// Set when a younger server of the pool failed its check: check this one before use too.
+        var suspect = false
     }
 
     struct Pool: Sendable {
@@ -38,6 +43,8 @@ public struct PoolStateMachine: Sendable {
         var lent = 0
         /// Set while new connections fail; cleared by the first success.
         var lastConnectFailure: (at: NIODeadline, error: PostgresError)?
+        /// A client was turned away while connections failed: try again when the back-off ends.
+        var probeWanted = false
 
         var total: Int { idle.count + connecting + lent }
 
@@ -85,14 +92,12 @@ public struct PoolStateMachine: Sendable {
             let server = pool.idle.remove(at: index)
             pool.lent += 1
             pools[key] = pool
-            servers[server]!.state = .lent(client)
-            actions.append(.lend(server, to: client))
+            lendIdle(server, to: client, now: now, into: &actions)
             return actions
         }
         // Fast failure: while connecting keeps failing and no server is left, do not queue.
-        if pool.total == 0, let failure = pool.lastConnectFailure,
-            now < failure.at + pool.settings.serverLoginRetry
-        {
+        if pool.total == 0, let failure = pool.lastConnectFailure, now < failure.at + retryDelay(pool) {
+            pools[key]!.probeWanted = true
             actions.append(.failClient(client, .connectFailed(failure.error)))
             return actions
         }
@@ -116,6 +121,7 @@ public struct PoolStateMachine: Sendable {
         guard let server = servers[id], server.state == .connecting else { return [] }
         pools[server.pool]!.connecting -= 1
         pools[server.pool]!.lastConnectFailure = nil
+        pools[server.pool]!.probeWanted = false
         var actions: [PoolAction] = []
         makeAvailable(id, now: now, into: &actions)
         return actions
@@ -147,6 +153,7 @@ public struct PoolStateMachine: Sendable {
         if !reusable || now >= server.retireAt || overSize {
             remove(id)
             actions.append(.close(id))
+            if reusable && now >= server.retireAt { actions.append(.note(server.pool, .recycledForAge)) }
             grow(server.pool, now: now, into: &actions)
         } else {
             makeAvailable(id, now: now, into: &actions)
@@ -160,6 +167,7 @@ public struct PoolStateMachine: Sendable {
         switch server.state {
         case .connecting: pools[server.pool]!.connecting -= 1
         case .lent: pools[server.pool]!.lent -= 1
+        case .checking: return serverCheckFailed(id, now: now)
         case .idle: pools[server.pool]!.idle.removeAll { $0 == id }
         }
         servers[id]!.state = .connecting  // keeps remove() counts consistent
@@ -170,6 +178,42 @@ public struct PoolStateMachine: Sendable {
         return actions
     }
 
+    /// The pre-lend check passed: the server goes to the client it was meant for.
+    public mutating func serverCheckSucceeded(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
+        guard let server = servers[id], case .checking(let client) = server.state else { return [] }
+        servers[id]!.state = .lent(client)
+        servers[id]!.suspect = false
+        return [.lend(id, to: client)]
+    }
+
+    /// The pre-lend check failed: the server is closed, every idle server of the pool older than it
+    /// is checked before use too (the database probably restarted), and the client is served next.
+    public mutating func serverCheckFailed(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
+        guard let server = servers[id], case .checking(let client) = server.state else { return [] }
+        let key = server.pool
+        pools[key]!.lent -= 1
+        servers[id]!.state = .connecting
+        pools[key]!.connecting += 1
+        remove(id)
+        var actions: [PoolAction] = [.close(id), .note(key, .checkFailed)]
+        for other in pools[key]!.idle where servers[other]!.createdAt <= server.createdAt {
+            servers[other]!.suspect = true
+        }
+        // The client goes back to the head of the queue, keeping its place.
+        if !pools[key]!.idle.isEmpty, pools[key]!.waitingCount == 0 {
+            let index = pickIdle(pools[key]!.idle, loop: server.loop)!
+            let next = pools[key]!.idle.remove(at: index)
+            pools[key]!.lent += 1
+            lendIdle(next, to: client, now: now, into: &actions)
+        } else {
+            pools[key]!.waiters.prepend(Waiter(client: client, loop: server.loop, since: now))
+            pools[key]!.waitingCount += 1
+            waitingClients[client] = key
+            grow(key, now: now, into: &actions)
+        }
+        return actions
+    }
+
     /// Periodic work: wait timeouts, the reserve pool, idle and age limits, min_pool_size.
     public mutating func timerFired(now: NIODeadline) -> [PoolAction] {
         var actions: [PoolAction] = []
@@ -177,6 +221,7 @@ public struct PoolStateMachine: Sendable {
             expireWaiters(key, now: now, into: &actions)
             trimIdle(key, now: now, into: &actions)
             grow(key, now: now, into: &actions)
+            probe(key, now: now, into: &actions)
         }
         return actions
     }
@@ -198,6 +243,44 @@ public struct PoolStateMachine: Sendable {
     public func isWaiting(_ client: ClientID) -> Bool { waitingClients[client] != nil }
 
     // MARK: Internals
+
+    /// Lends an idle server already taken off the idle list, checking it first when it sat unused
+    /// for server_check_delay or is suspect.
+    mutating func lendIdle(_ id: ServerID, to client: ClientID, now: NIODeadline, into actions: inout [PoolAction]) {
+        let server = servers[id]!
+        let settings = pools[server.pool]!.settings
+        var needsCheck = server.suspect
+        if case .idle(let since) = server.state, now - since >= settings.serverCheckDelay { needsCheck = true }
+        if settings.serverCheckEnabled && needsCheck {
+            servers[id]!.state = .checking(client)
+            actions.append(.check(id, for: client))
+        } else {
+            servers[id]!.state = .lent(client)
+            actions.append(.lend(id, to: client))
+        }
+    }
+
+    /// How long new connections are held back after one failed: an unreachable server is tried
+    /// again within a second (so the pool serves as soon as it is back); a server that refused the
+    /// login waits server_login_retry, so as not to flood its log.
+    func retryDelay(_ pool: Pool) -> TimeAmount {
+        guard let failure = pool.lastConnectFailure else { return .zero }
+        if failure.error.code == SQLState.connectionFailure {
+            return min(pool.settings.serverLoginRetry, .seconds(1))
+        }
+        return pool.settings.serverLoginRetry
+    }
+
+    /// After the back-off, one connection attempt for the clients turned away in the meantime.
+    mutating func probe(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
+        let pool = pools[key]!
+        guard pool.probeWanted, pool.total == 0, let failure = pool.lastConnectFailure,
+            now >= failure.at + retryDelay(pool)
+        else { return }
+        pools[key]!.probeWanted = false
+        open(key, loop: 0, now: now, into: &actions)
+        actions.append(.note(key, .probe))
+    }
 
     func pickIdle(_ idle: [ServerID], loop: Int) -> Int? {
         guard !idle.isEmpty else { return nil }
@@ -233,22 +316,23 @@ public struct PoolStateMachine: Sendable {
     /// Opens servers while clients wait for more than are being opened, within the limits.
     mutating func grow(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
         guard let pool = pools[key] else { return }
-        if let failure = pool.lastConnectFailure, now < failure.at + pool.settings.serverLoginRetry {
-            return  // back off: no new connection until server_login_retry has passed
+        if let failure = pool.lastConnectFailure, now < failure.at + retryDelay(pool) {
+            return  // back off after a failed connection
         }
         var wanted = max(pool.waitingCount - pool.connecting, pool.settings.minPoolSize - pool.total)
         while wanted > 0 {
             let current = pools[key]!
             var limit = current.settings.poolSize
-            if let head = current.waiters.first(where: { waitingClients[$0.client] == key }),
-                now - head.since >= current.settings.reservePoolTimeout
-            {
-                limit += current.settings.reservePoolSize
+            var waited = TimeAmount.zero
+            if let head = current.waiters.first(where: { waitingClients[$0.client] == key }) {
+                waited = now - head.since
+                if waited >= current.settings.reservePoolTimeout { limit += current.settings.reservePoolSize }
             }
             guard current.total < limit else { return }
             guard makeRoom(for: key, into: &actions) else { return }
             let loop = current.waiters.last(where: { waitingClients[$0.client] == key })?.loop ?? 0
             open(key, loop: loop, now: now, into: &actions)
+            if current.total >= current.settings.poolSize { actions.append(.note(key, .reserveOpened(waited: waited))) }
             wanted -= 1
         }
     }
@@ -293,7 +377,7 @@ public struct PoolStateMachine: Sendable {
             let jitter = Int64(truncatingIfNeeded: (id.raw &* 0x9E37_79B9_7F4A_7C15) >> 1) % spread
             retireAt = now + lifetime - .nanoseconds(jitter)
         }
-        servers[id] = Server(id: id, pool: key, loop: loop, state: .connecting, retireAt: retireAt)
+        servers[id] = Server(id: id, pool: key, loop: loop, state: .connecting, retireAt: retireAt, createdAt: now)
         pools[key]!.connecting += 1
         databaseTotals[key.database, default: 0] += 1
         userTotals[key.user, default: 0] += 1
@@ -331,6 +415,7 @@ public struct PoolStateMachine: Sendable {
             waitingClients[waiter.client] = nil
             pools[key]!.waitingCount -= 1
             actions.append(.failClient(waiter.client, .waitTimeout(waited: waited)))
+            actions.append(.note(key, .waitTimedOut))
         }
     }
 
@@ -358,6 +443,11 @@ public struct PoolStateMachine: Sendable {
                 pools[key]!.connecting += 1
                 remove(id)
                 actions.append(.close(id))
+                if expired {
+                    actions.append(.note(key, .recycledForAge))
+                } else if idleTooLong {
+                    actions.append(.note(key, .closedIdle))
+                }
             } else {
                 index += 1
             }

@@ -40,6 +40,10 @@ public struct PoolSettings: Equatable, Sendable {
     public var serverLifetime: TimeAmount = .seconds(3600)
     public var serverIdleTimeout: TimeAmount = .seconds(600)
     public var serverLoginRetry: TimeAmount = .seconds(15)
+    /// An idle server unused for this long is checked before it is lent; zero checks every time.
+    public var serverCheckDelay: TimeAmount = .seconds(30)
+    /// False switches the pre-lend check off.
+    public var serverCheckEnabled = true
 
     public init(poolSize: Int) { self.poolSize = poolSize }
 }
@@ -84,6 +88,27 @@ public enum PoolAction: Equatable, Sendable {
     case close(ServerID)
     /// Tell a waiting client it will get no server.
     case failClient(ClientID, PoolError)
+    /// Run `server_check_query` on this idle server; answer with `serverCheckSucceeded` or
+    /// `serverCheckFailed`. The server is meant for the client.
+    case check(ServerID, for: ClientID)
+    /// Something worth logging and counting happened.
+    case note(PoolKey, PoolEvent)
+}
+
+/// Events of a pool for logs and metrics.
+public enum PoolEvent: Equatable, Sendable {
+    /// A server beyond pool_size was opened because a client waited reserve_pool_timeout.
+    case reserveOpened(waited: TimeAmount)
+    /// A server reached server_lifetime and was closed.
+    case recycledForAge
+    /// An idle server reached server_idle_timeout and was closed.
+    case closedIdle
+    /// A server failed its pre-lend check and was closed.
+    case checkFailed
+    /// A client waited query_wait_timeout and was turned away.
+    case waitTimedOut
+    /// A connection attempt made while new connections kept failing.
+    case probe
 }
 
 /// Counts of one pool at a moment, for SHOW POOLS and metrics.
