@@ -37,6 +37,8 @@ public final class Pooler: @unchecked Sendable {
         var welcome: [PoolKey: [String: String]] = [:]
         var nextClientID: UInt64 = 1
         var clientCount = 0
+        /// Once set, pool decisions are no longer carried out.
+        var shuttingDown = false
     }
 
     public init(config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil) {
@@ -107,12 +109,21 @@ public final class Pooler: @unchecked Sendable {
 
     /// Stops listening, closes every connection and stops the event loops. Blocks until done.
     public func shutdown() {
+        shared.withLockedValue { $0.shuttingDown = true }
         janitor?.cancel()
         for sweeper in sweepers { sweeper.cancel() }
         for listener in listeners { try? listener.close().wait() }
         let (clients, servers) = shared.withLockedValue { ($0.clients.values, $0.servers.values) }
-        for client in clients { client.channel.close(promise: nil) }
-        for server in servers { server.terminate() }
+        var closing: [EventLoopFuture<Void>] = []
+        for client in clients {
+            client.channel.close(promise: nil)
+            closing.append(client.channel.closeFuture)
+        }
+        for server in servers {
+            server.terminate()
+            if let channel = server.channel { closing.append(channel.closeFuture) }
+        }
+        for future in closing { try? future.wait() }
         try? group.syncShutdownGracefully()
     }
 
@@ -297,6 +308,7 @@ public final class Pooler: @unchecked Sendable {
 
     /// Carries out the pool's decisions.
     func perform(_ actions: [PoolAction]) {
+        if actions.isEmpty || shared.withLockedValue({ $0.shuttingDown }) { return }
         for action in actions {
             switch action {
             case .lend(let serverID, let clientID):

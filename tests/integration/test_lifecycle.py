@@ -1,0 +1,290 @@
+"""Pool lifecycle against a real PostgreSQL: pre-ping, recycling, reserve pool, warm start,
+fast failure and recovery, client-side timeouts, broken servers."""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from conftest import LIB, Postgres, free_port
+
+
+def backend_pids(pg, user="postgres", dbname="postgres"):
+    with pg.connect() as c:
+        return [r[0] for r in c.execute(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND datname = %s "
+            "AND usename = %s AND pid <> pg_backend_pid()", (dbname, user)).fetchall()]
+
+
+def hold_servers(t, n):
+    """Opens n servers at once by holding n transactions, then lets them go idle."""
+    conns = [t.connect() for _ in range(n)]
+    for c in conns:
+        c.execute("BEGIN")
+        c.execute("SELECT 1")
+    for c in conns:
+        c.execute("COMMIT")
+        c.close()
+
+
+def test_terminated_idle_servers_give_clients_no_errors(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 3\nserver_check_delay = 0\n")
+    hold_servers(t, 3)
+    pids = backend_pids(pg)
+    assert len(pids) == 3
+    with pg.connect() as c:
+        for pid in pids:
+            c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    errors_seen = []
+
+    def work():
+        try:
+            with t.connect() as c:
+                for _ in range(10):
+                    c.execute("SELECT 1")
+        except psycopg.Error as e:
+            errors_seen.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(5)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert errors_seen == []
+    assert not set(backend_pids(pg)) & set(pids)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="stopping a backend needs the postgres user's rights")
+def test_pre_ping_replaces_a_server_that_stopped_answering(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 2\nserver_check_delay = 0\nserver_connect_timeout = 1\n")
+    hold_servers(t, 1)
+    [pid] = backend_pids(pg)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.time()
+        with t.connect() as c:
+            got = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert got != pid
+        assert time.time() - started < 5
+        assert "server_check_query" in t.log()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_server_lifetime_replaces_servers(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 1\nserver_lifetime = 1\n")
+    with t.connect() as c:
+        first = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        time.sleep(1.3)
+        c.execute("SELECT 1")  # released past its lifetime: closed
+        second = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+    assert first != second
+    time.sleep(0.3)
+    assert first not in backend_pids(pg)
+
+
+def test_server_idle_timeout_closes_down_to_min_pool_size(tidepool, pg):
+    t = tidepool(
+        databases=f"warm = host=127.0.0.1 port={pg.port} dbname=postgres user=postgres min_pool_size=1",
+        settings="server_idle_timeout = 1\ndefault_pool_size = 4\n")
+    # Warm start: min_pool_size servers are there before any client comes.
+    deadline = time.time() + 5
+    while len(backend_pids(pg)) < 1 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(backend_pids(pg)) == 1
+    conns = [t.connect(dbname="warm") for _ in range(3)]
+    for c in conns:
+        c.execute("BEGIN")
+    for c in conns:
+        c.execute("COMMIT")
+        c.close()
+    assert len(backend_pids(pg)) == 3
+    time.sleep(2.5)
+    assert len(backend_pids(pg)) == 1
+
+
+def test_reserve_pool_opens_under_a_burst_and_shrinks_back(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 2\nreserve_pool_size = 2\nreserve_pool_timeout = 0.3\n")
+    peak = []
+
+    def work():
+        with t.connect() as c:
+            c.execute("SELECT pg_sleep(1.5)")
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for th in threads:
+        th.start()
+    time.sleep(1.0)
+    peak.append(len(backend_pids(pg)))
+    for th in threads:
+        th.join(30)
+    assert peak[0] == 4
+    assert "reserve" in t.log()
+    time.sleep(0.5)
+    assert len(backend_pids(pg)) <= 2
+
+
+def test_client_idle_timeout(tidepool):
+    t = tidepool(settings="client_idle_timeout = 1\n")
+    with t.connect() as c:
+        c.execute("SELECT 1")
+        time.sleep(1.5)
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT 1")
+    assert "client_idle_timeout" in t.log()
+
+
+def test_idle_transaction_timeout(tidepool, pg):
+    t = tidepool(settings="idle_transaction_timeout = 1\ndefault_pool_size = 1\n")
+    with t.connect() as c:
+        c.execute("BEGIN")
+        c.execute("SELECT 1")
+        time.sleep(1.5)
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT 1")
+    # The server with the open transaction was not given to anyone.
+    with t.connect() as c:
+        assert c.execute("SELECT txid_current_if_assigned()").fetchone()[0] is None
+    assert "idle_transaction_timeout" in t.log()
+
+
+def test_query_timeout_cancels_the_query_and_closes(tidepool, pg):
+    t = tidepool(settings="query_timeout = 1\n")
+    with t.connect() as c:
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT pg_sleep(30)")
+        assert time.time() - started < 5
+    time.sleep(0.5)
+    with pg.connect() as admin:
+        assert admin.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+                             "AND state = 'active'").fetchone()[0] == 0
+    assert "query_timeout" in t.log()
+
+
+def test_per_user_query_timeout(tidepool, pg):
+    with pg.connect() as admin:
+        admin.execute("DO $$ BEGIN CREATE ROLE patient LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    t = tidepool(settings="query_timeout = 1\n", users="patient = query_timeout=0")
+    with t.connect(user="patient") as c:
+        c.execute("SELECT pg_sleep(1.5)")
+    with t.connect() as c:
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT pg_sleep(1.5)")
+
+
+def test_transaction_timeout(tidepool):
+    t = tidepool(settings="transaction_timeout = 1\n")
+    with t.connect() as c:
+        c.execute("BEGIN")
+        with pytest.raises(psycopg.OperationalError):
+            for _ in range(30):
+                c.execute("SELECT pg_sleep(0.1)")
+    assert "transaction_timeout" in t.log()
+
+
+def test_cancel_while_waiting_for_a_server(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 1\n")
+    with t.connect() as holder, t.connect() as waiter:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+        result = {}
+
+        def wait():
+            try:
+                waiter.execute("SELECT 'never ran'")
+                result["w"] = "ran"
+            except errors.QueryCanceled:
+                result["w"] = "canceled"
+
+        th = threading.Thread(target=wait)
+        th.start()
+        time.sleep(0.4)
+        waiter.cancel()
+        th.join(5)
+        assert result.get("w") == "canceled"
+        # It never took a server, and it still works once one is free.
+        holder.execute("COMMIT")
+        assert waiter.execute("SELECT 'works'").fetchone()[0] == "works"
+
+
+def test_broken_server_fails_only_its_client(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 2\n")
+    with t.connect() as victim, t.connect() as bystander:
+        victim.execute("BEGIN")
+        victim_pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]
+        bystander.execute("BEGIN")
+        bystander.execute("SELECT 1")
+        with pg.connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (victim_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")
+        assert bystander.execute("SELECT 2").fetchone()[0] == 2
+        bystander.execute("COMMIT")
+    with t.connect() as c:
+        assert c.execute("SELECT pg_backend_pid()").fetchone()[0] != victim_pid
+
+
+@pytest.fixture
+def second_pg():
+    directory = tempfile.mkdtemp(prefix="tidepool-pg2-")
+    port = free_port()
+    subprocess.run(["bash", "-c", f". '{LIB}'; start_postgres '{directory}' {port}"], check=True)
+    yield Postgres(directory, port)
+    subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def pg_ctl(pg, action, mode="fast"):
+    cmd = f". '{LIB}'; \"$(pg_bindir)/pg_ctl\" -D '{pg.dir}/data' -l '{pg.dir}/postgres.log' -w -m {mode} {action}"
+    if os.getuid() == 0:
+        cmd = f". '{LIB}'; su postgres -s /bin/sh -c \"\\\"$(pg_bindir)/pg_ctl\\\" -D '{pg.dir}/data' -l '{pg.dir}/postgres.log' -w -m {mode} {action}\""
+    subprocess.run(["bash", "-c", cmd], check=True, capture_output=True)
+
+
+def test_stopped_postgres_fails_fast_and_pool_recovers_within_a_second(tidepool, second_pg):
+    t = tidepool(databases=f"* = host=127.0.0.1 port={second_pg.port}",
+                 settings="server_connect_timeout = 2\nserver_login_retry = 15\n")
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    pg_ctl(second_pg, "stop")
+    for _ in range(3):
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError):
+            with t.connect() as c:
+                c.execute("SELECT 1")
+        assert time.time() - started < 2.5
+    pg_ctl(second_pg, "start")
+    back = time.time()
+    while True:
+        try:
+            with t.connect() as c:
+                c.execute("SELECT 1")
+            break
+        except psycopg.OperationalError:
+            assert time.time() - back < 1.5, "pool did not serve again within a second"
+            time.sleep(0.05)
+
+
+def test_server_connect_timeout_covers_a_server_that_never_answers(tidepool):
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel accepts; nobody ever answers the startup packet
+    try:
+        t = tidepool(databases=f"silent = host=127.0.0.1 port={silent.getsockname()[1]} dbname=x",
+                     settings="server_connect_timeout = 1\n")
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError) as info:
+            t.connect(dbname="silent")
+        assert 0.8 < time.time() - started < 3
+        assert "timed out" in str(info.value)
+    finally:
+        silent.close()
