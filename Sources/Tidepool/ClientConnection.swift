@@ -481,11 +481,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                         queryStartedAt = nil
                         quietSince = status == .idle ? nil : NIODeadline.now()
                     }
-                    var out = channel.allocator.buffer(capacity: 6)
-                    Wire.readyForQuery(status, into: &out)
-                    channel.write(out, promise: nil)
-                    if poolMode == .statement, status != .idle, tracker.isQuiet {
-                        channel.flush()
+                    if poolMode == .statement, status != .idle {
+                        // The error takes the ReadyForQuery's place, so the statement that opened
+                        // the transaction is the one that fails.
                         closeReason = "transaction in statement mode"
                         sendFatal(
                             .fatal(
@@ -493,6 +491,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                                 "transaction blocks are not allowed in statement pooling mode"))
                         return
                     }
+                    var out = channel.allocator.buffer(capacity: 6)
+                    Wire.readyForQuery(status, into: &out)
+                    channel.write(out, promise: nil)
                     if poolMode != .session, tracker.isClean, buffer.readableBytes == 0 {
                         unlink(server, reusable: true)
                     }
