@@ -510,7 +510,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func unlink(_ server: ServerConnection, reusable: Bool) {
-        server.detach()
+        server.detach(from: self)
         state = .idle
         tracker.reset()
         if timeouts.anyEnabled { idleSince = NIODeadline.now() }
@@ -547,7 +547,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         switch state {
         case .linked(let server):
             let clean = tracker.isClean && !swallowingUntilReady
-            server.detach()
+            server.detach(from: self)
             let reset = pooler.config.global.serverResetQuery
             if clean, poolMode == .session || pooler.config.global.serverResetQueryAlways, !reset.isEmpty {
                 server.resetAndRelease(reset)

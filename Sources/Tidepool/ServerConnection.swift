@@ -284,8 +284,13 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         onLoop { self.owner = client }
     }
 
-    func detach() {
-        onLoop { self.owner = nil }
+    /// Unlinks the server from `client`. Only that client's link is undone: a detach that reaches
+    /// the server's loop after the server was already lent to the next client must not cut that
+    /// client off (the next client may run on the server's loop and attach without queueing).
+    func detach(from client: ClientConnection) {
+        onLoop {
+            if self.owner === client { self.owner = nil }
+        }
     }
 
     /// Writes client bytes (whole or partial messages) and flushes.

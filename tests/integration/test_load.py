@@ -69,3 +69,15 @@ def test_5000_clients_connected_at_once(tidepool, pg, pgbench_data):
     with Watcher(pg) as w:
         run_pgbench(t, 5000, "-S", seconds=5, threads=4)
     assert max(w.samples) <= 20
+
+
+def test_few_clients_many_transactions_across_event_loops(tidepool, pg, pgbench_data):
+    """Regression: a server released by a client on one event loop and lent at once to a client on
+    the server's own loop lost its link when the first client's late detach arrived, and the second
+    client waited forever. Few clients and many short transactions hit that hand-over constantly."""
+    t = tidepool(settings="default_pool_size = 20\nthreads = 2\n")
+    cmd = ["pgbench", "-h", "127.0.0.1", "-p", str(t.port), "-U", "postgres", "-n", "-c", "4", "-j", "1",
+           "-t", "3000", "-S", "postgres"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "number of transactions actually processed: 12000/12000" in out.stdout

@@ -1,0 +1,278 @@
+"""Runs the Tidepool / PgBouncer / PostgreSQL benchmark (see bench.sh) and prints one table."""
+
+import datetime
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIB = os.path.join(ROOT, "scripts", "lib.sh")
+DURATION = int(os.environ.get("DURATION", "10"))
+CLIENTS = [int(c) for c in os.environ.get("CLIENTS", "20 200 1000 5000").split()]
+ROUNDS = int(os.environ.get("ROUNDS", "2"))
+THREADS = int(os.environ.get("THREADS", str(os.cpu_count())))
+POOL = 20
+WORK = tempfile.mkdtemp(prefix="tidepool-bench-")
+os.chmod(WORK, 0o755)
+IS_ROOT = os.getuid() == 0
+
+
+def sh(cmd, **kw):
+    return subprocess.run(["bash", "-c", f". '{LIB}'; {cmd}"], check=True, capture_output=True, text=True, **kw)
+
+
+def free_port():
+    return int(sh("free_port").stdout.strip())
+
+
+def wait_port(port, proc):
+    import socket
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Pooler:
+    def __init__(self, name, port, proc):
+        self.name, self.port, self.proc = name, port, proc
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_tidepool(pg_port):
+    port = free_port()
+    ini = os.path.join(WORK, "tidepool.ini")
+    with open(ini, "w") as f:
+        f.write(f"""[databases]
+postgres = host=127.0.0.1 port={pg_port} dbname=postgres
+[pooler]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+pool_mode = transaction
+default_pool_size = {POOL}
+max_client_conn = 20000
+log_connections = 0
+log_disconnections = 0
+threads = {THREADS}
+logfile = {WORK}/tidepool.log
+""")
+    proc = subprocess.Popen([os.path.join(ROOT, ".build", "release", "tidepool"), ini])
+    wait_port(port, proc)
+    return Pooler("tidepool", port, proc)
+
+
+def start_pgbouncer(pg_port):
+    port = free_port()
+    ini = os.path.join(WORK, "pgbouncer.ini")
+    users = os.path.join(WORK, "userlist.txt")
+    with open(users, "w") as f:
+        f.write('"postgres" ""\n')
+    with open(ini, "w") as f:
+        f.write(f"""[databases]
+postgres = host=127.0.0.1 port={pg_port} dbname=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {users}
+pool_mode = transaction
+default_pool_size = {POOL}
+max_client_conn = 20000
+log_connections = 0
+log_disconnections = 0
+logfile = {WORK}/pgbouncer.log
+""")
+    os.chmod(ini, 0o644)
+    os.chmod(users, 0o644)
+    cmd = ["pgbouncer", ini]
+    if IS_ROOT:
+        cmd = ["pgbouncer", "-u", "postgres", ini]
+        open(f"{WORK}/pgbouncer.log", "a").close()
+        shutil.chown(f"{WORK}/pgbouncer.log", "postgres")
+    proc = subprocess.Popen(cmd)
+    wait_port(port, proc)
+    return Pooler("pgbouncer", port, proc)
+
+
+def pgbench(port, clients, *args, duration=DURATION, logdir=None):
+    cmd = ["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-n", "-c", str(clients),
+           "-j", str(min(4, clients)), "-T", str(duration), *args]
+    if logdir:
+        cmd += ["--log", f"--log-prefix={logdir}/tx", "--sampling-rate=0.2"]
+    cmd.append("postgres")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 300)
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        raise RuntimeError(f"pgbench failed ({' '.join(cmd)}):\n{text[-2000:]}")
+    result = {
+        "tps": float(re.search(r"tps = ([\d.]+)", text).group(1)),
+        "avg": float(re.search(r"latency average = ([\d.]+) ms", text).group(1)),
+        "tx": int(re.search(r"number of transactions actually processed: (\d+)", text).group(1)),
+        "failed": int((re.search(r"number of failed transactions: (\d+)", text) or [0, 0])[1]),
+        "cmd": " ".join(cmd),
+    }
+    if logdir:
+        lat = []
+        for path in glob.glob(f"{logdir}/tx*"):
+            with open(path) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 3:
+                        lat.append(int(parts[2]))
+            os.remove(path)
+        lat.sort()
+        result["p99"] = lat[int(len(lat) * 0.99) - 1] / 1000 if lat else float("nan")
+    return result
+
+
+def measure(pooler, clients, mode):
+    logdir = tempfile.mkdtemp(dir=WORK)
+    before = cpu_seconds(pooler.proc.pid)
+    r = pgbench(pooler.port, clients, "-S", "-M", mode, logdir=logdir)
+    r["cpu_per_100k"] = (cpu_seconds(pooler.proc.pid) - before) / max(r["tx"], 1) * 100_000
+    shutil.rmtree(logdir, ignore_errors=True)
+    return r
+
+
+def idle_memory(pooler, clients=5000):
+    """RSS per idle client: 5000 clients connected and sleeping, minus the RSS with none."""
+    time.sleep(0.5)
+    base = rss_kb(pooler.proc.pid)
+    script = os.path.join(WORK, "idle.sql")
+    with open(script, "w") as f:
+        f.write("\\sleep 8 s\n")
+    proc = subprocess.Popen(["pgbench", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "postgres", "-n",
+                             "-c", str(clients), "-j", "4", "-t", "1", "-f", script, "postgres"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(6)
+    loaded = rss_kb(pooler.proc.pid)
+    proc.wait()
+    return (loaded - base) * 1024 / clients, base, loaded
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def main():
+    import faulthandler
+    if os.environ.get("BENCH_DEBUG"):
+        faulthandler.dump_traceback_later(int(os.environ["BENCH_DEBUG"]), exit=True)
+    pg_port = free_port()
+    sh(f"start_postgres '{WORK}/pg' {pg_port} off")
+    pgdir = os.path.join(WORK, "pg")
+    rows = []
+    commands = []
+    try:
+        sh(f"pgbench -i -q -s 10 -h 127.0.0.1 -p {pg_port} -U postgres postgres")
+        tidepool = start_tidepool(pg_port)
+        bouncer = start_pgbouncer(pg_port)
+        direct = pgbench(pg_port, 20, "-S", "-M", "simple", logdir=tempfile.mkdtemp(dir=WORK))
+        commands.append(direct["cmd"])
+        rows.append(("direct PostgreSQL", 20, "simple", direct, None))
+        for clients in CLIENTS:
+            for mode in ("simple", "extended"):
+                results = {"tidepool": [], "pgbouncer": []}
+                for _ in range(ROUNDS):
+                    for pooler in (tidepool, bouncer):
+                        r = measure(pooler, clients, mode)
+                        results[pooler.name].append(r)
+                        commands.append(r["cmd"])
+                        print(f"  {pooler.name:9} c={clients:5} {mode:8} tps={r['tps']:9.0f} "
+                              f"p99={r['p99']:7.1f}ms failed={r['failed']}", file=sys.stderr, flush=True)
+                t = {k: mean([r[k] for r in results["tidepool"]]) for k in ("tps", "avg", "p99", "cpu_per_100k")}
+                p = {k: mean([r[k] for r in results["pgbouncer"]]) for k in ("tps", "avg", "p99", "cpu_per_100k")}
+                t["failed"] = sum(r["failed"] for r in results["tidepool"])
+                p["failed"] = sum(r["failed"] for r in results["pgbouncer"])
+                rows.append(("pair", clients, mode, t, p))
+        conn_t = pgbench(tidepool.port, 20, "-S", "-C", duration=DURATION)
+        conn_p = pgbench(bouncer.port, 20, "-S", "-C", duration=DURATION)
+        commands += [conn_t["cmd"], conn_p["cmd"]]
+        mem_t = idle_memory(tidepool)
+        mem_p = idle_memory(bouncer)
+        tidepool.stop()
+        bouncer.stop()
+    finally:
+        sh(f"stop_postgres '{pgdir}'")
+
+    lines = []
+    lines.append(f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+                 f"{os.cpu_count()} cores, Tidepool threads={THREADS}, pool_size={POOL}, "
+                 f"{DURATION} s per run, {ROUNDS} alternating rounds")
+    lines.append("")
+    lines.append("| clients | protocol | Tidepool tps | PgBouncer tps | ratio | Tidepool avg / p99 ms | "
+                 "PgBouncer avg / p99 ms | CPU s per 100k tx (T / P) | failed (T / P) |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, clients, mode, t, p in rows:
+        if p is None:
+            lines.append(f"| {clients} | {mode} | direct PostgreSQL: {t['tps']:.0f} | | | "
+                         f"{t['avg']:.2f} / {t['p99']:.2f} | | | {t['failed']} |")
+            continue
+        lines.append(f"| {clients} | {mode} | {t['tps']:.0f} | {p['tps']:.0f} | {t['tps'] / p['tps']:.2f} | "
+                     f"{t['avg']:.2f} / {t['p99']:.2f} | {p['avg']:.2f} / {p['p99']:.2f} | "
+                     f"{t['cpu_per_100k']:.2f} / {p['cpu_per_100k']:.2f} | {t['failed']} / {p['failed']} |")
+    lines.append("")
+    lines.append(f"- New connection per transaction (`pgbench -C -S -c 20`): Tidepool {conn_t['tps']:.0f} tps, "
+                 f"PgBouncer {conn_p['tps']:.0f} tps ({conn_t['tps'] / conn_p['tps']:.2f}x).")
+    lines.append(f"- Memory per idle client (5,000 connected, RSS difference): Tidepool {mem_t[0]:.0f} B "
+                 f"({mem_t[1] // 1024} → {mem_t[2] // 1024} MiB), PgBouncer {mem_p[0]:.0f} B "
+                 f"({mem_p[1] // 1024} → {mem_p[2] // 1024} MiB).")
+    lines.append("")
+    lines.append("<details><summary>Commands</summary>\n")
+    lines.append("```")
+    lines.append("scripts/bench.sh  # " + " ".join(f"{k}={os.environ[k]}" for k in
+                                                   ("DURATION", "CLIENTS", "ROUNDS", "THREADS") if k in os.environ))
+    for c in dict.fromkeys(commands):
+        lines.append(re.sub(r"-p \d+", "-p PORT", re.sub(r"--log-prefix=\S+", "--log-prefix=DIR/tx", c)))
+    lines.append("```\n</details>\n")
+    table = "\n".join(lines)
+    print(table)
+    if not os.environ.get("NO_RECORD"):
+        path = os.path.join(ROOT, "BENCHMARKS.md")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("# Benchmarks\n\nProduced by `scripts/bench.sh` (see its header for settings). "
+                        "Newest run first below the log.\n\n## Runs\n\n")
+        text = open(path).read()
+        marker = "## Runs\n\n"
+        text = text.replace(marker, marker + table + "\n", 1)
+        with open(path, "w") as f:
+            f.write(text)
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
