@@ -188,9 +188,6 @@ def mean(values):
 
 
 def main():
-    import faulthandler
-    if os.environ.get("BENCH_DEBUG"):
-        faulthandler.dump_traceback_later(int(os.environ["BENCH_DEBUG"]), exit=True)
     pg_port = free_port()
     sh(f"start_postgres '{WORK}/pg' {pg_port} off")
     pgdir = os.path.join(WORK, "pg")
@@ -221,10 +218,18 @@ def main():
         conn_t = pgbench(tidepool.port, 20, "-S", "-C", duration=DURATION)
         conn_p = pgbench(bouncer.port, 20, "-S", "-C", duration=DURATION)
         commands += [conn_t["cmd"], conn_p["cmd"]]
-        mem_t = idle_memory(tidepool)
-        mem_p = idle_memory(bouncer)
         tidepool.stop()
         bouncer.stop()
+        # Memory is measured on fresh processes: a process that served the load above has memory
+        # its allocator kept, which would hide what idle clients cost.
+        fresh = start_tidepool(pg_port)
+        pgbench(fresh.port, 1, "-S", duration=1)  # one pool, so that both sides start from the same state
+        mem_t = idle_memory(fresh)
+        fresh.stop()
+        fresh = start_pgbouncer(pg_port)
+        pgbench(fresh.port, 1, "-S", duration=1)
+        mem_p = idle_memory(fresh)
+        fresh.stop()
     finally:
         sh(f"stop_postgres '{pgdir}'")
 
@@ -255,8 +260,9 @@ def main():
     lines.append("```")
     lines.append("scripts/bench.sh  # " + " ".join(f"{k}={os.environ[k]}" for k in
                                                    ("DURATION", "CLIENTS", "ROUNDS", "THREADS") if k in os.environ))
-    for c in dict.fromkeys(commands):
-        lines.append(re.sub(r"-p \d+", "-p PORT", re.sub(r"--log-prefix=\S+", "--log-prefix=DIR/tx", c)))
+    shown = [re.sub(r"-p \d+", "-p PORT", re.sub(r"--log-prefix=\S+", "--log-prefix=DIR/tx", c)) for c in commands]
+    for c in dict.fromkeys(shown):
+        lines.append(c)
     lines.append("```\n</details>\n")
     table = "\n".join(lines)
     print(table)

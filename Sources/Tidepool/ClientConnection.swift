@@ -21,6 +21,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case idle
         case waiting
         case linked(ServerConnection)
+        /// Connected to the admin console.
+        case admin(readOnly: Bool)
         case closed
     }
 
@@ -52,6 +54,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var loginTimeout: Scheduled<Void>?
     let connectedAt = NIODeadline.now()
     var closeReason = "client close request"
+    var joinedPool = false
     var timeouts = ClientTimeoutSettings()
     // Moments the client-side timeouts count from (kept only when a timeout is on).
     var idleSince = NIODeadline.now()
@@ -228,6 +231,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     channel.close(promise: nil)
                     return
                 }
+            case .admin(let readOnly):
+                guard let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }),
+                    case .message(let type, let body) = chunk
+                else { return }
+                handleAdmin(type: type, body: body, readOnly: readOnly)
+                if case .closed = state { return }
             case .closed:
                 buffer.moveReaderIndex(to: buffer.writerIndex)
                 return
@@ -246,6 +255,46 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         default:
             pending.append(bytes)
         }
+    }
+
+    // MARK: Admin console
+
+    func handleAdmin(type: UInt8, body: ByteBuffer, readOnly: Bool) {
+        var out = channel.allocator.buffer(capacity: 1024)
+        switch type {
+        case MessageType.terminate:
+            finish()
+            channel.close(promise: nil)
+            return
+        case MessageType.query:
+            let sql = WireDecode.queryText(body) ?? ""
+            do throws(PostgresError) {
+                let command = try AdminCommand.parse(sql)
+                if readOnly, !command.isReadOnly {
+                    throw PostgresError(
+                        code: SQLState.insufficientPrivilege, message: "admin command requires an admin_users user")
+                }
+                let result = try pooler.admin(command)
+                if result.tag.isEmpty {
+                    Wire.emptyQueryResponse(into: &out)
+                } else {
+                    result.encode(into: &out)
+                }
+            } catch {
+                Wire.errorResponse(error, into: &out)
+            }
+            Wire.readyForQuery(.idle, into: &out)
+        case MessageType.sync:
+            Wire.errorResponse(
+                PostgresError(
+                    code: SQLState.featureNotSupported,
+                    message: "the admin console speaks the simple query protocol only"),
+                into: &out)
+            Wire.readyForQuery(.idle, into: &out)
+        default:
+            return  // extended-protocol messages are answered at their Sync
+        }
+        channel.writeAndFlush(out, promise: nil)
     }
 
     // MARK: Login
@@ -322,7 +371,32 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func authenticated() {
-        guard let database = pooler.config.database(named: databaseName) else {
+        let config = pooler.config
+        if databaseName == "pooler" || databaseName == "pgbouncer", config.databases[databaseName] == nil {
+            let isAdmin = config.global.adminUsers.contains(user)
+            guard isAdmin || config.global.statsUsers.contains(user) else {
+                closeReason = "not an admin user"
+                sendFatal(
+                    .fatal(SQLState.insufficientPrivilege, "not allowed: \(user) is not in admin_users or stats_users"))
+                return
+            }
+            state = .admin(readOnly: !isAdmin)
+            loginTimeout?.cancel()
+            var out = channel.allocator.buffer(capacity: 256)
+            Wire.authenticationOk(into: &out)
+            for (name, value) in [
+                ("server_version", "15.0 (Tidepool \(TidepoolCoreVersion.string))"), ("client_encoding", "UTF8"),
+                ("server_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("standard_conforming_strings", "on"),
+                ("integer_datetimes", "on"), ("application_name", wanted["application_name"] ?? ""),
+            ] {
+                Wire.parameterStatus(name, value, into: &out)
+            }
+            Wire.backendKeyData(processID: 0, secretKey: 0, into: &out)
+            Wire.readyForQuery(.idle, into: &out)
+            channel.writeAndFlush(out, promise: nil)
+            return
+        }
+        guard let database = config.database(named: databaseName) else {
             closeReason = "unknown database"
             sendFatal(.fatal(SQLState.invalidCatalogName, "database \"\(databaseName)\" does not exist"))
             return
@@ -332,6 +406,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
         poolMode = pooler.config.poolMode(database: database, user: user)
+        pooler.joinPool(poolKey!)
+        joinedPool = true
         if let welcome = pooler.welcomeParameters(for: poolKey!) {
             sendWelcome(welcome)
         } else {
@@ -561,7 +637,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         state = .closed
         pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
-        pooler.unregister(self, id: id, cancelKey: cancelKey)
+        pooler.unregister(self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil)
         if id != nil, pooler.config.global.logDisconnections {
             let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9
             logger.info(

@@ -39,6 +39,8 @@ public final class Pooler: @unchecked Sendable {
         var clientCount = 0
         /// Once set, pool decisions are no longer carried out.
         var shuttingDown = false
+        /// Logged-in clients per pool, for SHOW POOLS.
+        var poolClients: [PoolKey: Int] = [:]
     }
 
     public init(config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil) {
@@ -176,8 +178,13 @@ public final class Pooler: @unchecked Sendable {
         }
     }
 
-    func unregister(_ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?) {
+    func joinPool(_ key: PoolKey) {
+        shared.withLockedValue { $0.poolClients[key, default: 0] += 1 }
+    }
+
+    func unregister(_ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?) {
         shared.withLockedValue { s in
+            if let pool { s.poolClients[pool, default: 1] -= 1 }
             if let id, s.clients.removeValue(forKey: id) != nil {
                 s.clientCount -= 1
                 s.pools.clientGaveUp(id)
@@ -377,6 +384,55 @@ public final class Pooler: @unchecked Sendable {
         connecting.whenFailure { error in
             self.serverConnectFailed(
                 server, error: PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "\(error)"))
+        }
+    }
+
+    /// Runs one admin console command.
+    func admin(_ command: AdminCommand) throws(PostgresError) -> AdminResult {
+        switch command {
+        case .empty:
+            return AdminResult(columns: [], rows: [], tag: "")
+        case .show(let what):
+            let now = NIODeadline.now()
+            let (snapshots, poolClients, clientCount) = shared.withLockedValue {
+                ($0.pools.snapshot(now: now), $0.poolClients, $0.clientCount)
+            }
+            switch what {
+            case "POOLS":
+                var counts: [PoolKey: PoolClientCounts] = [:]
+                var modes: [PoolKey: PoolMode] = [:]
+                for snap in snapshots {
+                    let total = poolClients[snap.key] ?? 0
+                    counts[snap.key] = PoolClientCounts(active: max(total - snap.waiting, 0), waiting: snap.waiting)
+                    if let db = config.database(named: snap.key.database) {
+                        modes[snap.key] = config.poolMode(database: db, user: snap.key.user)
+                    }
+                }
+                return AdminViews.pools(snapshots, clients: counts, modes: modes)
+            case "LISTS":
+                return AdminViews.lists(
+                    databases: config.databases.count, users: config.users.count, pools: snapshots.count,
+                    clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
+                    serversIdle: snapshots.reduce(0) { $0 + $1.idle },
+                    serversLogin: snapshots.reduce(0) { $0 + $1.connecting },
+                    clientsWaiting: snapshots.reduce(0) { $0 + $1.waiting })
+            case "DATABASES":
+                var current: [String: Int] = [:]
+                for snap in snapshots {
+                    current[snap.key.database, default: 0] += snap.lent + snap.idle + snap.connecting
+                }
+                return AdminViews.databases(config, currentConnections: current)
+            case "VERSION":
+                return AdminViews.version(TidepoolCoreVersion.string)
+            case "HELP":
+                return AdminResult(columns: ["help"], rows: AdminViews.helpText.map { [$0] })
+            case "CONFIG":
+                return AdminViews.config(config.displaySettings)
+            default:
+                throw PostgresError(code: SQLState.syntaxError, message: "unknown SHOW item \(what), use SHOW HELP;")
+            }
+        default:
+            throw PostgresError(code: SQLState.featureNotSupported, message: "this admin command is not supported yet")
         }
     }
 

@@ -142,6 +142,33 @@ public struct Config: Equatable, Sendable {
         return t
     }
 
+    /// Settings as SHOW CONFIG lists them (no secrets).
+    public var displaySettings: [(String, String)] {
+        let g = global
+        func secs(_ t: TimeAmount) -> String {
+            let ms = t.nanoseconds / 1_000_000
+            return ms % 1000 == 0 ? "\(ms / 1000)" : "\(Double(ms) / 1000)"
+        }
+        return [
+            ("listen_addr", g.listenAddr), ("listen_port", "\(g.listenPort)"), ("unix_socket_dir", g.unixSocketDir),
+            ("auth_type", g.authType.rawValue), ("auth_file", g.authFile ?? ""), ("pool_mode", g.poolMode.rawValue),
+            ("default_pool_size", "\(g.defaultPoolSize)"), ("min_pool_size", "\(g.minPoolSize)"),
+            ("reserve_pool_size", "\(g.reservePoolSize)"), ("reserve_pool_timeout", secs(g.reservePoolTimeout)),
+            ("max_client_conn", "\(g.maxClientConn)"), ("max_db_connections", "\(g.maxDBConnections)"),
+            ("max_user_connections", "\(g.maxUserConnections)"), ("server_reset_query", g.serverResetQuery),
+            ("server_check_query", g.serverCheckQuery), ("server_check_delay", secs(g.serverCheckDelay)),
+            ("server_lifetime", secs(g.serverLifetime)), ("server_idle_timeout", secs(g.serverIdleTimeout)),
+            ("server_connect_timeout", secs(g.serverConnectTimeout)), ("server_login_retry", secs(g.serverLoginRetry)),
+            ("query_timeout", secs(g.queryTimeout)), ("query_wait_timeout", secs(g.queryWaitTimeout)),
+            ("client_idle_timeout", secs(g.clientIdleTimeout)), ("client_login_timeout", secs(g.clientLoginTimeout)),
+            ("idle_transaction_timeout", secs(g.idleTransactionTimeout)),
+            ("transaction_timeout", secs(g.transactionTimeout)), ("max_packet_size", "\(g.maxPacketSize)"),
+            ("admin_users", g.adminUsers.joined(separator: ",")), ("stats_users", g.statsUsers.joined(separator: ",")),
+            ("threads", "\(g.threads)"), ("log_connections", g.logConnections ? "1" : "0"),
+            ("log_disconnections", g.logDisconnections ? "1" : "0"),
+        ]
+    }
+
     /// Whether any client anywhere can hit a client-side timeout.
     public var anyClientTimeout: Bool {
         clientTimeouts(user: "").anyEnabled || users.keys.contains { clientTimeouts(user: $0).anyEnabled }

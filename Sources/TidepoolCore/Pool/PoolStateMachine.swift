@@ -231,10 +231,16 @@ public struct PoolStateMachine: Sendable {
     public func snapshot(now: NIODeadline) -> [PoolSnapshot] {
         pools.map { key, pool in
             let oldest = pool.waiters.first { waitingClients[$0.client] == key }
-            return PoolSnapshot(
+            var snapshot = PoolSnapshot(
                 key: key, waiting: pool.waitingCount, lent: pool.lent, idle: pool.idle.count,
                 connecting: pool.connecting, maxWait: oldest.map { now - $0.since } ?? .zero,
                 settings: pool.settings)
+            snapshot.checking =
+                servers.values.filter {
+                    if case .checking = $0.state { return $0.pool == key }
+                    return false
+                }.count
+            return snapshot
         }
     }
 

@@ -115,7 +115,10 @@ public enum PoolEvent: Equatable, Sendable {
 public struct PoolSnapshot: Equatable, Sendable {
     public var key: PoolKey
     public var waiting: Int
+    /// Lent to clients (checked out), including those being checked before lending.
     public var lent: Int
+    /// Running the pre-lend check.
+    public var checking: Int = 0
     public var idle: Int
     public var connecting: Int
     public var maxWait: TimeAmount
