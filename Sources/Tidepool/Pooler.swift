@@ -249,21 +249,18 @@ public final class Pooler: @unchecked Sendable {
     /// Makes sure the pool exists, then asks it for a server for `client`.
     func requestServer(for client: ClientConnection, id: ClientID, pool key: PoolKey, database: DatabaseEntry) {
         let now = NIODeadline.now()
-        let actions = shared.withLockedValue { s -> [PoolAction] in
-            var actions: [PoolAction] = []
-            if !s.pools.hasPool(key) {
-                actions += s.pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
-            }
-            actions += s.pools.clientWantsServer(id, pool: key, loop: client.loopIndex, now: now)
+        let loop = client.loopIndex
+        withPool { pools in
+            if pools.hasPool(key) { return pools.clientWantsServer(id, pool: key, loop: loop, now: now) }
+            var actions = pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+            actions += pools.clientWantsServer(id, pool: key, loop: loop, now: now)
             return actions
         }
-        perform(actions)
     }
 
     func release(_ server: ServerConnection, reusable: Bool) {
         let now = NIODeadline.now()
-        let actions = shared.withLockedValue { $0.pools.serverReleased(server.id, reusable: reusable, now: now) }
-        perform(actions)
+        withPool { $0.serverReleased(server.id, reusable: reusable, now: now) }
     }
 
     func welcomeParameters(for key: PoolKey) -> [String: String]? {
@@ -313,14 +310,49 @@ public final class Pooler: @unchecked Sendable {
         perform(shared.withLockedValue { $0.pools.timerFired(now: now) })
     }
 
+    /// A pool decision with the connections it names looked up (under the same lock).
+    struct Resolved {
+        var action: PoolAction
+        var client: ClientConnection?
+        var server: ServerConnection?
+    }
+
+    /// Runs a pool event and looks up what its actions name in one lock acquisition, then carries
+    /// the actions out outside the lock.
+    func withPool(_ event: (inout PoolStateMachine) -> [PoolAction]) {
+        let resolved = shared.withLockedValue { s -> [Resolved] in
+            let actions = event(&s.pools)
+            if actions.isEmpty || s.shuttingDown { return [] }
+            return actions.map { action in
+                switch action {
+                case .lend(let serverID, let clientID):
+                    return Resolved(action: action, client: s.clients[clientID], server: s.servers[serverID])
+                case .failClient(let clientID, _):
+                    return Resolved(action: action, client: s.clients[clientID], server: nil)
+                case .check(let serverID, _):
+                    return Resolved(action: action, client: nil, server: s.servers[serverID])
+                case .close(let serverID):
+                    return Resolved(action: action, client: nil, server: s.servers.removeValue(forKey: serverID))
+                case .connect, .note:
+                    return Resolved(action: action, client: nil, server: nil)
+                }
+            }
+        }
+        if !resolved.isEmpty { carryOut(resolved) }
+    }
+
     /// Carries out the pool's decisions.
     func perform(_ actions: [PoolAction]) {
-        if actions.isEmpty || shared.withLockedValue({ $0.shuttingDown }) { return }
-        for action in actions {
-            switch action {
-            case .lend(let serverID, let clientID):
-                let (client, server) = shared.withLockedValue { ($0.clients[clientID], $0.servers[serverID]) }
-                guard let server else { continue }
+        if actions.isEmpty { return }
+        withPool { _ in actions }
+    }
+
+    func carryOut(_ resolved: [Resolved]) {
+        for item in resolved {
+            switch item.action {
+            case .lend:
+                let client = item.client
+                guard let server = item.server else { continue }
                 guard let client else {
                     release(server, reusable: true)
                     continue
@@ -328,14 +360,13 @@ public final class Pooler: @unchecked Sendable {
                 client.onLoop { client.lent(server) }
             case .connect(let serverID, let key, let loop):
                 connect(serverID, pool: key, loop: loop)
-            case .close(let serverID):
-                let server = shared.withLockedValue { $0.servers.removeValue(forKey: serverID) }
-                server?.terminate()
-            case .failClient(let clientID, let error):
-                let client = shared.withLockedValue { $0.clients[clientID] }
+            case .close:
+                item.server?.terminate()
+            case .failClient(_, let error):
+                let client = item.client
                 client?.onLoop { client?.waitFailed(error) }
             case .check(let serverID, _):
-                if let server = shared.withLockedValue({ $0.servers[serverID] }) {
+                if let server = item.server {
                     server.check(config.global.serverCheckQuery)
                 } else {
                     let now = NIODeadline.now()

@@ -84,14 +84,15 @@ public struct PoolStateMachine: Sendable {
     public mutating func clientWantsServer(
         _ client: ClientID, pool key: PoolKey, loop: Int, now: NIODeadline
     ) -> [PoolAction] {
-        guard var pool = pools[key] else {
+        guard let pool = pools[key] else {
             preconditionFailure("clientWantsServer for unconfigured pool \(key)")
         }
         var actions: [PoolAction] = []
+        actions.reserveCapacity(1)
         if pool.waitingCount == 0, let index = pickIdle(pool.idle, loop: loop) {
-            let server = pool.idle.remove(at: index)
-            pool.lent += 1
-            pools[key] = pool
+            // Mutate in place: a copy of the pool would copy its idle list on every lend.
+            let server = pools[key]!.idle.remove(at: index)
+            pools[key]!.lent += 1
             lendIdle(server, to: client, now: now, into: &actions)
             return actions
         }
@@ -101,9 +102,8 @@ public struct PoolStateMachine: Sendable {
             actions.append(.failClient(client, .connectFailed(failure.error)))
             return actions
         }
-        pool.waiters.append(Waiter(client: client, loop: loop, since: now))
-        pool.waitingCount += 1
-        pools[key] = pool
+        pools[key]!.waiters.append(Waiter(client: client, loop: loop, since: now))
+        pools[key]!.waitingCount += 1
         waitingClients[client] = key
         grow(key, now: now, into: &actions)
         return actions
