@@ -281,7 +281,14 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Links the server to a client: from now on every byte read goes to it.
     func attach(_ client: ClientConnection) {
-        onLoop { self.owner = client }
+        onLoop {
+            if case .closed = self.phase {
+                // It died between being lent and being linked: nobody else will tell the client.
+                client.onLoop { client.serverLost(self) }
+            } else {
+                self.owner = client
+            }
+        }
     }
 
     /// Unlinks the server from `client`. Only that client's link is undone: a detach that reaches
