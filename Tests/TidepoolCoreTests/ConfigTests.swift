@@ -54,6 +54,17 @@ import Testing
         #expect(config.poolSize(database: other, user: "bob") == 15)
     }
 
+    @Test func queryWaitTimeoutPerUserOverPerDatabaseOverGlobal() throws {
+        let config = try Config.parse(
+            "[databases]\nslow = host=h query_wait_timeout=30\nfast = host=h\n[users]\nimpatient = query_wait_timeout=2\n"
+                + "[pooler]\nquery_wait_timeout = 60\n")
+        let slow = config.databases["slow"]!
+        let fast = config.databases["fast"]!
+        #expect(config.queryWaitTimeout(database: slow, user: "bob") == .seconds(30))
+        #expect(config.queryWaitTimeout(database: fast, user: "bob") == .seconds(60))
+        #expect(config.queryWaitTimeout(database: slow, user: "impatient") == .seconds(2))
+    }
+
     @Test func poolerSectionIsTheGlobalSection() throws {
         let config = try Config.parse("[pooler]\npool_mode = statement\n")
         #expect(config.global.poolMode == .statement)
