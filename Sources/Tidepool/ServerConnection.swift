@@ -113,6 +113,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         if let v = database.clientEncoding { extra.append(("client_encoding", v)) }
         if let v = database.datestyle { extra.append(("DateStyle", v)) }
         if let v = database.timezone { extra.append(("TimeZone", v)) }
+        if let v = database.applicationName { extra.append(("application_name", v)) }
         let login = ServerLoginStateMachine(
             user: user, database: database.dbname ?? database.name, secret: secret, extraParameters: extra)
         phase = .loggingIn(login)

@@ -234,4 +234,5 @@ def test_per_database_pool_size_and_server_parameters(tidepool, pg):
                            f"application_name=from_config")
     with t.connect(dbname="tz") as a, t.connect(dbname="tz") as b:
         assert a.execute("SHOW TimeZone").fetchone()[0] == "Asia/Tokyo"
+        assert a.execute("SELECT current_setting('application_name')").fetchone()[0] == "from_config"
         assert a.execute("SELECT pg_backend_pid()").fetchone() == b.execute("SELECT pg_backend_pid()").fetchone()

@@ -209,14 +209,20 @@ public struct Config: Equatable, Sendable {
         return config
     }
 
-    static func parseDatabase(_ entry: IniEntry) throws(ConfigError) -> DatabaseEntry {
-        var db = DatabaseEntry(name: entry.key)
-        let pairs: [(String, String)]
-        do { pairs = try ConnectionString.parse(entry.value) } catch {
+    /// The `key=value` settings of a [databases] or [users] line, each ready to be parsed.
+    static func settings(of entry: IniEntry) throws(ConfigError) -> [(String, String, Value)] {
+        do {
+            return try ConnectionString.parse(entry.value).map {
+                ($0.0, $0.1, Value(entry: entry, key: $0.0, text: $0.1))
+            }
+        } catch {
             throw ConfigError(file: entry.file, line: entry.line, key: entry.key, message: error.message)
         }
-        for (key, value) in pairs {
-            let v = Value(entry: entry, key: key, text: value)
+    }
+
+    static func parseDatabase(_ entry: IniEntry) throws(ConfigError) -> DatabaseEntry {
+        var db = DatabaseEntry(name: entry.key)
+        for (key, value, v) in try settings(of: entry) {
             switch key {
             case "host": db.host = value
             case "port": db.port = try v.int(1...65535)
@@ -245,12 +251,7 @@ public struct Config: Equatable, Sendable {
 
     static func parseUser(_ entry: IniEntry) throws(ConfigError) -> UserEntry {
         var user = UserEntry(name: entry.key)
-        let pairs: [(String, String)]
-        do { pairs = try ConnectionString.parse(entry.value) } catch {
-            throw ConfigError(file: entry.file, line: entry.line, key: entry.key, message: error.message)
-        }
-        for (key, value) in pairs {
-            let v = Value(entry: entry, key: key, text: value)
+        for (key, value, v) in try settings(of: entry) {
             switch key {
             case "pool_mode": user.poolMode = try v.enumValue(PoolMode.self)
             case "pool_size": user.poolSize = try v.int(0...100_000)
