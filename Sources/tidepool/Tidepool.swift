@@ -91,7 +91,7 @@ struct TidepoolCommand: ParsableCommand {
             throw ExitCode(1)
         }
         logger.info("tidepool \(TidepoolCoreVersion.string) started")
-        waitForTerminationSignal()
+        waitForTerminationSignal(logger: logger)
         logger.info("shutting down")
         pooler.shutdown()
         if let pidfile = config.global.pidfile { unlink(pidfile) }
@@ -125,15 +125,23 @@ struct TidepoolCommand: ParsableCommand {
     }
 }
 
-/// Blocks until SIGINT or SIGTERM.
-func waitForTerminationSignal() {
+/// Blocks until SIGINT or SIGTERM. SIGHUP, SIGUSR1 and SIGUSR2 (PgBouncer's reload, pause and
+/// resume) are logged and otherwise ignored until those commands exist, rather than ending the
+/// process as their default action would.
+func waitForTerminationSignal(logger: Logger) {
     let done = DispatchSemaphore(value: 0)
     let queue = DispatchQueue(label: "tidepool.signals")
     var sources: [DispatchSourceSignal] = []
-    for sig in [SIGINT, SIGTERM] {
+    for sig in [SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2] {
         signal(sig, SIG_IGN)
         let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-        source.setEventHandler { done.signal() }
+        if sig == SIGINT || sig == SIGTERM {
+            source.setEventHandler { done.signal() }
+        } else {
+            source.setEventHandler {
+                logger.warning("signal \(sig) ignored: reload, pause and resume are not implemented yet")
+            }
+        }
         source.resume()
         sources.append(source)
     }
