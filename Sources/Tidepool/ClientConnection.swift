@@ -274,6 +274,17 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     throw PostgresError(
                         code: SQLState.insufficientPrivilege, message: "admin command requires an admin_users user")
                 }
+                if case .pause(let database) = command {
+                    // Answer once every server of the paused pools is back.
+                    let channel = self.channel
+                    pooler.pause(database: database).whenSuccess {
+                        var reply = channel.allocator.buffer(capacity: 32)
+                        Wire.commandComplete("PAUSE", into: &reply)
+                        Wire.readyForQuery(.idle, into: &reply)
+                        channel.writeAndFlush(reply, promise: nil)
+                    }
+                    return
+                }
                 let result = try pooler.admin(command)
                 if result.tag.isEmpty {
                     Wire.emptyQueryResponse(into: &out)

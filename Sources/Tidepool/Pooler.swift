@@ -462,9 +462,52 @@ public final class Pooler: @unchecked Sendable {
             default:
                 throw PostgresError(code: SQLState.syntaxError, message: "unknown SHOW item \(what), use SHOW HELP;")
             }
+        case .resume(let database):
+            let now = NIODeadline.now()
+            withPool { $0.resume(database: database, now: now) }
+            logger.info("RESUME \(database ?? "all databases")")
+            return AdminResult(columns: [], rows: [], tag: "RESUME")
         default:
             throw PostgresError(code: SQLState.featureNotSupported, message: "this admin command is not supported yet")
         }
+    }
+
+    /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server
+    /// of those pools is lent any more.
+    public func pause(database: String?) -> EventLoopFuture<Void> {
+        shared.withLockedValue { $0.pools.pause(database: database) }
+        logger.info("PAUSE \(database ?? "all databases"): waiting for lent servers to come back")
+        return waitUntil(on: loops[0]) { [self] in
+            shared.withLockedValue { $0.pools.lentCount(database: database) } == 0
+        }
+    }
+
+    public func resume(database: String?) {
+        _ = try? admin(.resume(database))
+    }
+
+    /// Stops accepting new clients.
+    public func stopListening() {
+        for listener in listeners { try? listener.close().wait() }
+        listeners.removeAll()
+    }
+
+    public var connectedClients: Int { shared.withLockedValue { $0.clientCount } }
+
+    /// Completes once `condition` holds, checking every 50 ms.
+    public func waitUntil(on loop: EventLoop, _ condition: @escaping @Sendable () -> Bool) -> EventLoopFuture<Void> {
+        let promise = loop.makePromise(of: Void.self)
+        if condition() {
+            promise.succeed(())
+            return promise.futureResult
+        }
+        loop.scheduleRepeatedTask(initialDelay: .milliseconds(50), delay: .milliseconds(50)) { task in
+            if condition() {
+                task.cancel()
+                promise.succeed(())
+            }
+        }
+        return promise.futureResult
     }
 
     /// Counts for tests and the admin console.

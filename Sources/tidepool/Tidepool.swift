@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import NIOCore
 import Tidepool
 import TidepoolCore
 
@@ -91,7 +92,24 @@ struct TidepoolCommand: ParsableCommand {
             throw ExitCode(1)
         }
         logger.info("tidepool \(TidepoolCoreVersion.string) started")
-        waitForTerminationSignal(logger: logger)
+        let stop = waitForTerminationSignal(
+            logger: logger, pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) })
+        let limit = config.global.shutdownTimeout
+        switch stop {
+        case SIGTERM:
+            // Graceful: no new clients; the connected ones finish and leave.
+            logger.info("SIGTERM: waiting for \(pooler.connectedClients) client(s) to disconnect")
+            pooler.stopListening()
+            drain(pooler, limit: limit) { pooler.connectedClients == 0 }
+        case SIGINT:
+            // Like SHUTDOWN WAIT_FOR_SERVERS: transactions in flight finish, then everything closes.
+            logger.info("SIGINT: waiting for servers in use to be released")
+            pooler.stopListening()
+            _ = pooler.pause(database: nil)
+            drain(pooler, limit: limit) { pooler.poolSnapshot().allSatisfy { $0.lent == 0 } }
+        default:
+            break
+        }
         logger.info("shutting down")
         pooler.shutdown()
         if let pidfile = config.global.pidfile { unlink(pidfile) }
@@ -125,26 +143,45 @@ struct TidepoolCommand: ParsableCommand {
     }
 }
 
-/// Blocks until SIGINT or SIGTERM. SIGHUP, SIGUSR1 and SIGUSR2 (PgBouncer's reload, pause and
-/// resume) are logged and otherwise ignored until those commands exist, rather than ending the
-/// process as their default action would.
-func waitForTerminationSignal(logger: Logger) {
+/// Waits (polling) until `done` holds or `limit` passes (zero: no limit).
+func drain(_ pooler: Pooler, limit: TimeAmount, until done: () -> Bool) {
+    let deadline = limit > .zero ? NIODeadline.now() + limit : NIODeadline.distantFuture
+    while !done() && NIODeadline.now() < deadline {
+        usleep(50_000)
+    }
+}
+
+/// Blocks until SIGINT, SIGTERM or SIGQUIT and returns which. SIGUSR1 pauses and SIGUSR2 resumes
+/// all pools, as in PgBouncer; SIGHUP (reload) is logged and ignored until reload exists, rather than
+/// ending the process as its default action would.
+func waitForTerminationSignal(
+    logger: Logger, pause: @escaping @Sendable () -> Void, resume: @escaping @Sendable () -> Void
+) -> Int32 {
     let done = DispatchSemaphore(value: 0)
+    let received = SignalBox()
     let queue = DispatchQueue(label: "tidepool.signals")
     var sources: [DispatchSourceSignal] = []
-    for sig in [SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2] {
+    for sig in [SIGINT, SIGTERM, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2] {
         signal(sig, SIG_IGN)
         let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-        if sig == SIGINT || sig == SIGTERM {
-            source.setEventHandler { done.signal() }
-        } else {
+        switch sig {
+        case SIGUSR1: source.setEventHandler { pause() }
+        case SIGUSR2: source.setEventHandler { resume() }
+        case SIGHUP: source.setEventHandler { logger.warning("SIGHUP ignored: reload is not implemented yet") }
+        default:
             source.setEventHandler {
-                logger.warning("signal \(sig) ignored: reload, pause and resume are not implemented yet")
+                received.value = sig
+                done.signal()
             }
         }
         source.resume()
         sources.append(source)
     }
     done.wait()
-    for source in sources { source.cancel() }
+    return received.value
+}
+
+/// Written on the signal queue before the semaphore is signalled, read after the wait.
+final class SignalBox: @unchecked Sendable {
+    var value: Int32 = 0
 }

@@ -374,3 +374,38 @@ extension [PoolAction] {
         #expect(actions.closes.count == 1)
     }
 }
+
+@Suite final class PauseTests {
+    var clock = TestClock()
+    var pool = PoolStateMachine()
+
+    init() {
+        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 2), now: clock.now)
+        _ = pool.configure(
+            PoolKey(database: "other", user: "alice"), settings: PoolSettings(poolSize: 2), now: clock.now)
+    }
+
+    @Test func pausedPoolQueuesClientsAndLendsNothingUntilResume() {
+        let s1 = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        _ = pool.serverConnected(s1, now: clock.now)
+        pool.pause(database: "db")
+        #expect(pool.lentCount(database: "db") == 1)
+        // Released while paused: parked, not handed to the queue.
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).isEmpty)
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).isEmpty)
+        #expect(pool.lentCount(database: "db") == 0)
+        #expect(pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now).isEmpty)
+        // Another database is not paused.
+        let other = PoolKey(database: "other", user: "alice")
+        #expect(pool.clientWantsServer(c(4), pool: other, loop: 0, now: clock.now).connects.count == 1)
+        let resumed = pool.resume(database: "db", now: clock.now)
+        #expect(resumed.lends.map(\.1) == [c(2)])
+        #expect(resumed.connects.count == 1)  // for c(3)
+    }
+
+    @Test func pauseAllAndResumeAll() {
+        pool.pause(database: nil)
+        #expect(pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).isEmpty)
+        #expect(pool.resume(database: nil, now: clock.now).connects.count == 1)
+    }
+}

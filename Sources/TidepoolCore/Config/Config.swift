@@ -43,6 +43,8 @@ public struct GlobalSettings: Equatable, Sendable {
     public var clientLoginTimeout = TimeAmount.seconds(60)
     public var idleTransactionTimeout = TimeAmount.zero
     public var transactionTimeout = TimeAmount.zero
+    /// How long SIGTERM and SIGINT wait for clients or servers before closing anyway; 0 = no limit.
+    public var shutdownTimeout = TimeAmount.seconds(60)
     public var logConnections = true
     public var logDisconnections = true
     public var logPoolerErrors = true
@@ -302,6 +304,7 @@ public struct Config: Equatable, Sendable {
         case "client_login_timeout": global.clientLoginTimeout = try v.duration()
         case "idle_transaction_timeout": global.idleTransactionTimeout = try v.duration()
         case "transaction_timeout": global.transactionTimeout = try v.duration()
+        case "shutdown_timeout": global.shutdownTimeout = try v.duration()
         case "log_connections": global.logConnections = try v.bool()
         case "log_disconnections": global.logDisconnections = try v.bool()
         case "log_pooler_errors": global.logPoolerErrors = try v.bool()

@@ -45,6 +45,8 @@ public struct PoolStateMachine: Sendable {
         var lastConnectFailure: (at: NIODeadline, error: PostgresError)?
         /// A client was turned away while connections failed: try again when the back-off ends.
         var probeWanted = false
+        /// PAUSE: no server is lent or opened; clients queue until RESUME.
+        var paused = false
 
         var total: Int { idle.count + connecting + lent }
 
@@ -89,7 +91,7 @@ public struct PoolStateMachine: Sendable {
         }
         var actions: [PoolAction] = []
         actions.reserveCapacity(1)
-        if pool.waitingCount == 0, let index = pickIdle(pool.idle, loop: loop) {
+        if !pool.paused, pool.waitingCount == 0, let index = pickIdle(pool.idle, loop: loop) {
             // Mutate in place: a copy of the pool would copy its idle list on every lend.
             let server = pools[key]!.idle.remove(at: index)
             pools[key]!.lent += 1
@@ -214,6 +216,35 @@ public struct PoolStateMachine: Sendable {
         return actions
     }
 
+    /// PAUSE: the pools of `database` (all pools when nil) stop lending and opening servers;
+    /// clients queue. Servers already lent stay with their clients until released.
+    public mutating func pause(database: String?) {
+        for key in pools.keys where database == nil || key.database == database {
+            pools[key]!.paused = true
+        }
+    }
+
+    /// RESUME: paused pools serve their queues again.
+    public mutating func resume(database: String?, now: NIODeadline) -> [PoolAction] {
+        var actions: [PoolAction] = []
+        for key in pools.keys where (database == nil || key.database == database) && pools[key]!.paused {
+            pools[key]!.paused = false
+            while pools[key]!.waitingCount > 0, let index = pickIdle(pools[key]!.idle, loop: 0) {
+                let id = pools[key]!.idle.remove(at: index)
+                makeAvailable(id, now: now, into: &actions)
+            }
+            grow(key, now: now, into: &actions)
+        }
+        return actions
+    }
+
+    /// Servers lent right now in the pools of `database` (all when nil): PAUSE is complete at zero.
+    public func lentCount(database: String?) -> Int {
+        pools.reduce(0) { sum, entry in
+            sum + (database == nil || entry.key.database == database ? entry.value.lent : 0)
+        }
+    }
+
     /// Periodic work: wait timeouts, the reserve pool, idle and age limits, min_pool_size.
     public mutating func timerFired(now: NIODeadline) -> [PoolAction] {
         var actions: [PoolAction] = []
@@ -301,7 +332,7 @@ public struct PoolStateMachine: Sendable {
     /// Gives a free server to the first waiter, or parks it as idle.
     mutating func makeAvailable(_ id: ServerID, now: NIODeadline, into actions: inout [PoolAction]) {
         let key = servers[id]!.pool
-        while let waiter = pools[key]!.waiters.popFirst() {
+        while !pools[key]!.paused, let waiter = pools[key]!.waiters.popFirst() {
             guard waitingClients[waiter.client] == key else { continue }
             waitingClients[waiter.client] = nil
             pools[key]!.waitingCount -= 1
@@ -321,7 +352,7 @@ public struct PoolStateMachine: Sendable {
 
     /// Opens servers while clients wait for more than are being opened, within the limits.
     mutating func grow(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
-        guard let pool = pools[key] else { return }
+        guard let pool = pools[key], !pool.paused else { return }
         if let failure = pool.lastConnectFailure, now < failure.at + retryDelay(pool) {
             return  // back off after a failed connection
         }

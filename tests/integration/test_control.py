@@ -1,0 +1,104 @@
+"""PAUSE/RESUME and the signals: SIGUSR1/SIGUSR2, graceful SIGTERM, SIGINT, SIGQUIT."""
+
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+
+def admin(t):
+    return t.connect(dbname="pgbouncer", user="admin")
+
+
+def test_pause_waits_for_lent_servers_and_resume_releases_the_queue(tidepool):
+    t = tidepool(settings="admin_users = admin\ndefault_pool_size = 2\n")
+    with t.connect() as busy, t.connect() as later, admin(t) as a:
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        paused = threading.Event()
+        th = threading.Thread(target=lambda: (a.execute("PAUSE"), paused.set()))
+        th.start()
+        time.sleep(0.4)
+        assert not paused.is_set(), "PAUSE returned while a server was still lent"
+        busy.execute("COMMIT")
+        assert paused.wait(5)
+        th.join()
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(later.execute("SELECT 'after resume'").fetchone()[0]))
+        waiter.start()
+        time.sleep(0.4)
+        assert got == []  # queued while paused
+        with admin(t) as a2:
+            a2.execute("RESUME")
+        waiter.join(5)
+        assert got == ["after resume"]
+
+
+def test_sigusr1_pauses_and_sigusr2_resumes(tidepool):
+    t = tidepool()
+    with t.connect() as c:
+        c.execute("SELECT 1")
+        t.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.3)
+        got = []
+        th = threading.Thread(target=lambda: got.append(c.execute("SELECT 2").fetchone()[0]))
+        th.start()
+        time.sleep(0.4)
+        assert got == []
+        t.proc.send_signal(signal.SIGUSR2)
+        th.join(5)
+        assert got == [2]
+
+
+def test_sigterm_waits_for_clients_then_exits(tidepool):
+    t = tidepool()
+    c = t.connect()
+    c.execute("BEGIN")
+    c.execute("SELECT 1")
+    t.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert t.proc.poll() is None, "exited while a client was still connected"
+    with pytest.raises(psycopg.OperationalError):
+        t.connect()  # no new clients
+    c.execute("INSERT INTO items (note) VALUES ('during sigterm')")
+    c.execute("COMMIT")
+    c.close()
+    t.proc.wait(timeout=5)
+    assert t.proc.returncode == 0
+
+
+def test_sigterm_gives_up_after_shutdown_timeout(tidepool):
+    t = tidepool(settings="shutdown_timeout = 1\n")
+    c = t.connect()
+    c.execute("SELECT 1")
+    started = time.time()
+    t.proc.send_signal(signal.SIGTERM)
+    t.proc.wait(timeout=10)
+    assert 0.9 < time.time() - started < 5
+    c.close()
+
+
+def test_sigint_finishes_transactions_in_flight_then_exits(tidepool):
+    t = tidepool()
+    c = t.connect()
+    c.execute("BEGIN")
+    c.execute("SELECT 1")
+    t.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert t.proc.poll() is None, "exited with a transaction in flight"
+    c.execute("COMMIT")
+    t.proc.wait(timeout=5)
+    assert t.proc.returncode == 0
+    c.close()
+
+
+def test_sigquit_exits_at_once(tidepool):
+    t = tidepool()
+    c = t.connect()
+    c.execute("BEGIN")
+    t.proc.send_signal(signal.SIGQUIT)
+    t.proc.wait(timeout=5)
+    assert t.proc.returncode == 0
+    c.close()
