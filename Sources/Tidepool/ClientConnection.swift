@@ -477,7 +477,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 queryStartedAt = tracker.outstanding > 0 ? linkedAt : nil
                 quietSince = nil
             }
-            serverScanner = MessageScanner(maxMessageLength: pooler.config.global.maxPacketSize)
+            serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
             serverInbound = nil
             var sets = ""
             for name in Self.trackedParameters {

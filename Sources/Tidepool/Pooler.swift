@@ -7,8 +7,16 @@ import TidepoolCore
 /// The running pooler: listeners, the shared pool state machine, and the registry of live
 /// connections. Decisions are made by `PoolStateMachine`; this class only carries out its actions.
 public final class Pooler: @unchecked Sendable {
-    public let config: Config
-    let userlist: [String: PasswordSecret]
+    /// The configuration and auth file in force; RELOAD swaps them.
+    struct Settings {
+        var config: Config
+        var userlist: [String: PasswordSecret]
+    }
+    let settings: NIOLockedValueBox<Settings>
+    /// Reads the configuration and the auth file again (for RELOAD and SIGHUP).
+    let reloader: (@Sendable () throws -> (Config, [String: PasswordSecret]))?
+    public var config: Config { settings.withLockedValue { $0.config } }
+    var userlist: [String: PasswordSecret] { settings.withLockedValue { $0.userlist } }
     public let logger: Logger
     let group: MultiThreadedEventLoopGroup
     let loops: [EventLoop]
@@ -43,9 +51,12 @@ public final class Pooler: @unchecked Sendable {
         var poolClients: [PoolKey: Int] = [:]
     }
 
-    public init(config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil) {
-        self.config = config
-        self.userlist = userlist
+    public init(
+        config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil,
+        reloader: (@Sendable () throws -> (Config, [String: PasswordSecret]))? = nil
+    ) {
+        self.settings = NIOLockedValueBox(Settings(config: config, userlist: userlist))
+        self.reloader = reloader
         self.logger = logger
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
@@ -81,7 +92,8 @@ public final class Pooler: @unchecked Sendable {
             self?.timerFired()
         }
         warmStart()
-        if config.anyClientTimeout {
+        do {
+            // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
             for (index, loop) in loops.enumerated() {
                 let registry = loopClients[index]
                 sweepers.append(
@@ -462,6 +474,9 @@ public final class Pooler: @unchecked Sendable {
             default:
                 throw PostgresError(code: SQLState.syntaxError, message: "unknown SHOW item \(what), use SHOW HELP;")
             }
+        case .reload:
+            try reload()
+            return AdminResult(columns: [], rows: [], tag: "RELOAD")
         case .resume(let database):
             let now = NIODeadline.now()
             withPool { $0.resume(database: database, now: now) }
@@ -470,6 +485,41 @@ public final class Pooler: @unchecked Sendable {
         default:
             throw PostgresError(code: SQLState.featureNotSupported, message: "this admin command is not supported yet")
         }
+    }
+
+    /// RELOAD: reads the configuration and auth file again and applies them to the pools (sizes,
+    /// limits, timeouts) without dropping a client. An invalid configuration is rejected and the
+    /// old one stays.
+    public func reload() throws(PostgresError) {
+        guard let reloader else {
+            throw PostgresError(code: SQLState.featureNotSupported, message: "no configuration file to reload")
+        }
+        let fresh: (Config, [String: PasswordSecret])
+        do {
+            fresh = try reloader()
+        } catch {
+            logger.error("RELOAD rejected, keeping the old configuration: \(error)")
+            throw PostgresError(code: SQLState.invalidParameterValue, message: "RELOAD rejected: \(error)")
+        }
+        let old = config
+        settings.withLockedValue { $0 = Settings(config: fresh.0, userlist: fresh.1) }
+        let g = fresh.0.global
+        if g.listenAddr != old.global.listenAddr || g.listenPort != old.global.listenPort
+            || g.unixSocketDir != old.global.unixSocketDir
+        {
+            logger.warning("RELOAD: listen_addr, listen_port and unix_socket_dir take effect after a restart")
+        }
+        for warning in fresh.0.warnings { logger.warning("\(warning)") }
+        let now = NIODeadline.now()
+        withPool { pools in
+            var actions: [PoolAction] = []
+            for key in pools.poolKeys {
+                guard let database = fresh.0.database(named: key.database) else { continue }
+                actions += pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+            }
+            return actions
+        }
+        logger.info("RELOAD: configuration applied")
     }
 
     /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server

@@ -46,19 +46,12 @@ struct TidepoolCommand: ParsableCommand {
             throw ValidationError("a configuration file is required")
         }
         let config: Config
+        let userlist: [String: PasswordSecret]
         do {
-            config = try Config.load(path: configFile) { path in try String(contentsOfFile: path, encoding: .utf8) }
+            (config, userlist) = try loadConfiguration(configFile)
         } catch {
             FileHandle.standardError.write(Data("tidepool: \(error)\n".utf8))
             throw ExitCode(1)
-        }
-        var userlist: [String: PasswordSecret] = [:]
-        if let authFile = config.global.authFile {
-            guard let text = try? String(contentsOfFile: authFile, encoding: .utf8) else {
-                FileHandle.standardError.write(Data("tidepool: cannot read auth_file \(authFile)\n".utf8))
-                throw ExitCode(1)
-            }
-            userlist = Userlist.parse(text)
         }
         if check {
             for warning in config.warnings { print("warning: \(warning)") }
@@ -84,7 +77,9 @@ struct TidepoolCommand: ParsableCommand {
         }
         // Before any thread starts, so that every thread runs as that user.
         if let user { try switchUser(user) }
-        let pooler = Pooler(config: config, userlist: userlist, logger: logger)
+        let path = configFile
+        let pooler = Pooler(
+            config: config, userlist: userlist, logger: logger, reloader: { try loadConfiguration(path) })
         do {
             try pooler.start()
         } catch {
@@ -93,7 +88,8 @@ struct TidepoolCommand: ParsableCommand {
         }
         logger.info("tidepool \(TidepoolCoreVersion.string) started")
         let stop = waitForTerminationSignal(
-            logger: logger, pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) })
+            pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) },
+            reload: { try? pooler.reload() })
         let limit = config.global.shutdownTimeout
         switch stop {
         case SIGTERM:
@@ -151,11 +147,24 @@ func drain(_ pooler: Pooler, limit: TimeAmount, until done: () -> Bool) {
     }
 }
 
-/// Blocks until SIGINT, SIGTERM or SIGQUIT and returns which. SIGUSR1 pauses and SIGUSR2 resumes
-/// all pools, as in PgBouncer; SIGHUP (reload) is logged and ignored until reload exists, rather than
-/// ending the process as its default action would.
+/// Reads the configuration file and the auth file it names.
+func loadConfiguration(_ path: String) throws -> (Config, [String: PasswordSecret]) {
+    let config = try Config.load(path: path) { try String(contentsOfFile: $0, encoding: .utf8) }
+    var userlist: [String: PasswordSecret] = [:]
+    if let authFile = config.global.authFile {
+        guard let text = try? String(contentsOfFile: authFile, encoding: .utf8) else {
+            throw ConfigError(file: path, line: 0, key: "auth_file", message: "cannot read auth_file \(authFile)")
+        }
+        userlist = Userlist.parse(text)
+    }
+    return (config, userlist)
+}
+
+/// Blocks until SIGINT, SIGTERM or SIGQUIT and returns which. As in PgBouncer, SIGHUP reloads the
+/// configuration, SIGUSR1 pauses and SIGUSR2 resumes all pools.
 func waitForTerminationSignal(
-    logger: Logger, pause: @escaping @Sendable () -> Void, resume: @escaping @Sendable () -> Void
+    pause: @escaping @Sendable () -> Void, resume: @escaping @Sendable () -> Void,
+    reload: @escaping @Sendable () -> Void
 ) -> Int32 {
     let done = DispatchSemaphore(value: 0)
     let received = SignalBox()
@@ -167,7 +176,7 @@ func waitForTerminationSignal(
         switch sig {
         case SIGUSR1: source.setEventHandler { pause() }
         case SIGUSR2: source.setEventHandler { resume() }
-        case SIGHUP: source.setEventHandler { logger.warning("SIGHUP ignored: reload is not implemented yet") }
+        case SIGHUP: source.setEventHandler { reload() }
         default:
             source.setEventHandler {
                 received.value = sig

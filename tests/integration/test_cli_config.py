@@ -109,7 +109,7 @@ def test_user_switch_and_quiet(pg, tmp_path):
     assert out == b"" and err == b""  # -q: nothing on the console
 
 
-def test_sighup_does_not_stop_the_pooler(tidepool):
+def test_sighup_reloads_without_stopping(tidepool):
     import signal as sig
     t = tidepool()
     t.proc.send_signal(sig.SIGHUP)
@@ -117,4 +117,4 @@ def test_sighup_does_not_stop_the_pooler(tidepool):
     assert t.proc.poll() is None
     with t.connect() as c:
         assert c.execute("SELECT 1").fetchone()[0] == 1
-    assert "SIGHUP ignored" in t.log()
+    assert "RELOAD: configuration applied" in t.log()

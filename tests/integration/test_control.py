@@ -102,3 +102,54 @@ def test_sigquit_exits_at_once(tidepool):
     t.proc.wait(timeout=5)
     assert t.proc.returncode == 0
     c.close()
+
+
+def backends(pg):
+    return pg.backends(user="postgres")
+
+
+def test_reload_shrinks_the_pool_and_adds_databases_without_dropping_clients(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 3\nadmin_users = admin\n",
+                 databases=f"postgres = host=127.0.0.1 port={pg.port}")
+    keep = t.connect()
+    conns = [t.connect() for _ in range(3)]
+    for c in conns:
+        c.execute("BEGIN")
+    for c in conns:
+        c.execute("COMMIT")
+        c.close()
+    assert backends(pg) == 3
+    text = t.ini.read_text()
+    text = text.replace("default_pool_size = 3", "default_pool_size = 1")
+    text = text.replace("[databases]\n", f"[databases]\nadded = host=127.0.0.1 port={pg.port} dbname=postgres\n")
+    t.ini.write_text(text)
+    t.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 3
+    while backends(pg) > 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert backends(pg) == 1
+    assert keep.execute("SELECT 'still here'").fetchone()[0] == "still here"
+    with t.connect(dbname="added") as c:
+        assert c.execute("SELECT current_database()").fetchone()[0] == "postgres"
+    with admin(t) as a:
+        config = {r[0]: r[1] for r in a.execute("SHOW CONFIG").fetchall()}
+        assert config["default_pool_size"] == "1"
+    keep.close()
+
+
+def test_invalid_config_on_reload_is_rejected_and_the_old_one_stays(tidepool):
+    t = tidepool(settings="default_pool_size = 3\nadmin_users = admin\n")
+    good = t.ini.read_text()
+    t.ini.write_text(good.replace("default_pool_size = 3", "default_pool_size = lots"))
+    with admin(t) as a:
+        with pytest.raises(psycopg.Error) as info:
+            a.execute("RELOAD")
+        assert "default_pool_size" in str(info.value)
+        config = {r[0]: r[1] for r in a.execute("SHOW CONFIG").fetchall()}
+        assert config["default_pool_size"] == "3"
+    assert "RELOAD rejected" in t.log()
+    t.ini.write_text(good)
+    with admin(t) as a:
+        a.execute("RELOAD")
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1

@@ -126,7 +126,7 @@ public enum AdminViews {
     }
 
     public static let helpText = [
-        "SHOW HELP|POOLS|LISTS|DATABASES|CONFIG|VERSION", "PAUSE [<db>]", "RESUME [<db>]",
+        "SHOW HELP|POOLS|LISTS|DATABASES|CONFIG|VERSION", "PAUSE [<db>]", "RESUME [<db>]", "RELOAD",
     ]
 
     /// SHOW CONFIG: every setting with its value; secrets never appear.

@@ -79,6 +79,8 @@ public struct PoolStateMachine: Sendable {
 
     public func hasPool(_ key: PoolKey) -> Bool { pools[key] != nil }
 
+    public var poolKeys: [PoolKey] { Array(pools.keys) }
+
     // MARK: Events
 
     /// A client needs a server of `pool`. `loop` is the client's event loop: a server on the

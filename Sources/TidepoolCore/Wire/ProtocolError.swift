@@ -40,6 +40,7 @@ public enum SQLState {
     public static let insufficientPrivilege = "42501"
     public static let syntaxError = "42601"
     public static let internalError = "XX000"
+    public static let invalidParameterValue = "22023"
 }
 
 /// Framing errors: the byte stream cannot be a valid PostgreSQL message sequence.
