@@ -55,6 +55,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     let connectedAt = NIODeadline.now()
     var closeReason = "client close request"
     var joinedPool = false
+    /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
+    /// back until they have arrived.
+    var cancelsInFlight = 0
     var timeouts = ClientTimeoutSettings()
     // Moments the client-side timeouts count from (kept only when a timeout is on).
     var idleSince = NIODeadline.now()
@@ -581,7 +584,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     var out = channel.allocator.buffer(capacity: 6)
                     Wire.readyForQuery(status, into: &out)
                     channel.write(out, promise: nil)
-                    if poolMode != .session, tracker.isClean, buffer.readableBytes == 0 {
+                    if poolMode != .session, tracker.isClean, buffer.readableBytes == 0, cancelsInFlight == 0 {
                         unlink(server, reusable: true)
                     }
                 }
@@ -602,6 +605,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         tracker.reset()
         if timeouts.anyEnabled { idleSince = NIODeadline.now() }
         pooler.release(server, reusable: reusable)
+    }
+
+    /// A cancel request sent for this client reached PostgreSQL (or gave up): the server may go back.
+    func cancelFinished() {
+        cancelsInFlight -= 1
+        guard cancelsInFlight == 0, case .linked(let server) = state, poolMode != .session, tracker.isClean,
+            !swallowingUntilReady, serverInbound == nil
+        else { return }
+        unlink(server, reusable: true)
     }
 
     /// The linked server closed or failed.
@@ -633,7 +645,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         loginTimeout?.cancel()
         switch state {
         case .linked(let server):
-            let clean = tracker.isClean && !swallowingUntilReady
+            // A cancel still on its way could hit the next client's query: such a server is closed.
+            let clean = tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0
             server.detach(from: self)
             let reset = pooler.config.global.serverResetQuery
             if clean, poolMode == .session || pooler.config.global.serverResetQueryAlways, !reset.isEmpty {

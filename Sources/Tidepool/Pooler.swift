@@ -215,22 +215,31 @@ public final class Pooler: @unchecked Sendable {
         client.onLoop {
             if client.cancelWhileWaiting() { return }
             guard let target = client.cancelTarget() else { return }
-            self.sendCancel(to: target)
+            // The client keeps its server until the cancel has reached PostgreSQL, so that it cannot
+            // land on a query another client runs on that backend after a hand-over.
+            client.cancelsInFlight += 1
+            self.sendCancel(to: target).whenComplete { _ in
+                client.onLoop { client.cancelFinished() }
+            }
         }
     }
 
-    func sendCancel(to target: ServerConnection.CancelTarget) {
+    /// Sends a CancelRequest on a new connection; completes when PostgreSQL has closed that
+    /// connection (it has then acted on the request) or after server_connect_timeout.
+    func sendCancel(to target: ServerConnection.CancelTarget) -> EventLoopFuture<Void> {
         var buffer = ByteBufferAllocator().buffer(capacity: 16)
         Wire.cancelRequest(processID: target.processID, secretKey: target.secretKey, into: &buffer)
         let packet = buffer
-        let bootstrap = ClientBootstrap(group: group).connectTimeout(config.global.serverConnectTimeout)
+        let timeout = config.global.serverConnectTimeout
+        let bootstrap = ClientBootstrap(group: group).connectTimeout(timeout)
         let connecting: EventLoopFuture<Channel>
         switch target.address {
         case .tcp(let host, let port): connecting = bootstrap.connect(host: host, port: port)
         case .unix(let path): connecting = bootstrap.connect(unixDomainSocketPath: path)
         }
-        connecting.whenSuccess { channel in
-            channel.writeAndFlush(packet).whenComplete { _ in channel.close(promise: nil) }
+        return connecting.flatMap { channel in
+            channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+            return channel.writeAndFlush(packet).flatMap { channel.closeFuture }
         }
     }
 

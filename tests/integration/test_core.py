@@ -326,3 +326,43 @@ def test_unsupported_startup_parameters_are_refused_unless_ignored(tidepool):
     assert "unsupported startup parameter: extra_float_digits" in str(info.value)
     t2 = tidepool(settings="ignore_startup_parameters = extra_float_digits\n")
     assert asyncio.run(attempt(t2.port, extra_float_digits="2")) == 1
+
+
+def test_cancels_never_hit_another_clients_query(tidepool):
+    """A cancel races the end of the query it targets; the server must not be handed to another
+    client before the cancel has reached PostgreSQL, or that client's query gets cancelled."""
+    t = tidepool(settings="default_pool_size = 2\n")
+    stop = time.time() + 4
+    victim_errors = []
+
+    def victim():
+        with t.connect() as c:
+            while time.time() < stop:
+                try:
+                    c.execute("SELECT pg_sleep(0.01)")
+                except errors.QueryCanceled as e:
+                    victim_errors.append(e)
+
+    victims = [threading.Thread(target=victim) for _ in range(6)]
+    for v in victims:
+        v.start()
+    cancels = 0
+    with t.connect() as canceller:
+        while time.time() < stop:
+            th = threading.Thread(target=lambda: _swallow(canceller, "SELECT pg_sleep(0.01)"))
+            th.start()
+            time.sleep(0.009)
+            canceller.cancel()
+            cancels += 1
+            th.join(5)
+    for v in victims:
+        v.join(10)
+    assert cancels > 50
+    assert victim_errors == []
+
+
+def _swallow(conn, sql):
+    try:
+        conn.execute(sql)
+    except errors.QueryCanceled:
+        pass
