@@ -171,3 +171,7 @@ def tidepool(pg):
         t.stop()
         assert t.proc.returncode == 0, f"tidepool exited with {t.proc.returncode}:\n{t.log()[-3000:]}"
         shutil.rmtree(t.dir, ignore_errors=True)
+    # The next test counts backends: wait until the servers of this one have really gone.
+    deadline = time.time() + 5
+    while time.time() < deadline and (pg.backends("postgres") or pg.backends("appdb")):
+        time.sleep(0.05)
