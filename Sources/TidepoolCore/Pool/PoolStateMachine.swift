@@ -151,15 +151,14 @@ public struct PoolStateMachine: Sendable {
     /// (open transaction, broken protocol state) and must be closed.
     public mutating func serverReleased(_ id: ServerID, reusable: Bool, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], case .lent = server.state else { return [] }
-        let overSize = isOverSize(server.pool)
-        pools[server.pool]!.lent -= 1
         var actions: [PoolAction] = []
-        if !reusable || now >= server.retireAt || overSize {
+        if !reusable || now >= server.retireAt || isOverSize(server.pool) {
             remove(id)
             actions.append(.close(id))
             if reusable && now >= server.retireAt { actions.append(.note(server.pool, .recycledForAge)) }
             grow(server.pool, now: now, into: &actions)
         } else {
+            pools[server.pool]!.lent -= 1
             makeAvailable(id, now: now, into: &actions)
         }
         return actions
@@ -168,14 +167,7 @@ public struct PoolStateMachine: Sendable {
     /// A server connection closed or failed on its own (idle or lent).
     public mutating func serverClosed(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id] else { return [] }
-        switch server.state {
-        case .connecting: pools[server.pool]!.connecting -= 1
-        case .lent: pools[server.pool]!.lent -= 1
-        case .checking: return serverCheckFailed(id, now: now)
-        case .idle: pools[server.pool]!.idle.removeAll { $0 == id }
-        }
-        servers[id]!.state = .connecting  // keeps remove() counts consistent
-        pools[server.pool]!.connecting += 1
+        if case .checking = server.state { return serverCheckFailed(id, now: now) }
         remove(id)
         var actions: [PoolAction] = []
         grow(server.pool, now: now, into: &actions)
@@ -195,9 +187,6 @@ public struct PoolStateMachine: Sendable {
     public mutating func serverCheckFailed(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], case .checking(let client) = server.state else { return [] }
         let key = server.pool
-        pools[key]!.lent -= 1
-        servers[id]!.state = .connecting
-        pools[key]!.connecting += 1
         remove(id)
         var actions: [PoolAction] = [.close(id), .note(key, .checkFailed)]
         for other in pools[key]!.idle where servers[other]!.createdAt <= server.createdAt {
@@ -276,8 +265,6 @@ public struct PoolStateMachine: Sendable {
             return snapshot
         }
     }
-
-    public func pool(of server: ServerID) -> PoolKey? { servers[server]?.pool }
 
     public func isWaiting(_ client: ClientID) -> Bool { waitingClients[client] != nil }
 
@@ -393,9 +380,7 @@ public struct PoolStateMachine: Sendable {
                     && ((state.db && other.database == key.database) || (state.user && other.user == key.user))
             }
             guard let (victimKey, _) = victim else { return false }
-            let id = pools[victimKey]!.idle.removeFirst()
-            servers[id]!.state = .connecting
-            pools[victimKey]!.connecting += 1
+            let id = pools[victimKey]!.idle.first!
             remove(id)
             actions.append(.close(id))
             state = full()
@@ -423,10 +408,14 @@ public struct PoolStateMachine: Sendable {
         actions.append(.connect(id, key, loop: loop))
     }
 
-    /// Forgets a server that is connecting (counts already moved there by the caller).
+    /// Forgets a server, whatever its state, and takes it out of its pool's counts.
     mutating func remove(_ id: ServerID) {
         guard let server = servers.removeValue(forKey: id) else { return }
-        if server.state == .connecting { pools[server.pool]!.connecting -= 1 }
+        switch server.state {
+        case .connecting: pools[server.pool]!.connecting -= 1
+        case .lent, .checking: pools[server.pool]!.lent -= 1
+        case .idle: pools[server.pool]!.idle.removeAll { $0 == id }
+        }
         databaseTotals[server.pool.database, default: 1] -= 1
         userTotals[server.pool.user, default: 1] -= 1
     }
@@ -477,10 +466,7 @@ public struct PoolStateMachine: Sendable {
                 && pool.total > settings.minPoolSize
             let surplus = pool.waitingCount == 0 && pool.total > settings.poolSize
             if expired || idleTooLong || surplus {
-                pools[key]!.idle.remove(at: index)
-                servers[id]!.state = .connecting
-                pools[key]!.connecting += 1
-                remove(id)
+                remove(id)  // takes it off the idle list, so `index` now names the next one
                 actions.append(.close(id))
                 if expired {
                     actions.append(.note(key, .recycledForAge))
