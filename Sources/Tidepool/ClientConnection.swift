@@ -11,8 +11,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    static let trackedParameters = StartupParameters.tracked
-
     enum State {
         case startup
         case authenticating(ClientAuthStateMachine)
@@ -146,19 +144,19 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             activity = .linked(linkedAt: linkedAt, queryStartedAt: queryStartedAt, quietSince: quietSince)
         default: return
         }
+        let error: PostgresError
         switch ClientTimeouts.check(activity, settings: timeouts, now: now) {
         case .none:
-            break
-        case .close(let error):
-            closeReason = error.message
-            logger.info("client \(peer) db=\(databaseName) user=\(user): \(error.message)")
-            sendFatal(error)
-        case .cancelAndClose(let error):
+            return
+        case .close(let e):
+            error = e
+        case .cancelAndClose(let e):
             if case .linked(let server) = state { pooler.sendCancel(to: server.cancelTarget) }
-            closeReason = error.message
-            logger.info("client \(peer) db=\(databaseName) user=\(user): \(error.message)")
-            sendFatal(error)
+            error = e
         }
+        closeReason = error.message
+        logger.info("client \(peer) db=\(databaseName) user=\(user): \(error.message)")
+        sendFatal(error)
     }
 
     /// A CancelRequest for a client still queued for a server: it leaves the queue and its request
@@ -342,7 +340,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         self.id = id
-        if pooler.config.global.logConnections {
+        let config = pooler.config
+        if config.global.logConnections {
             logger.info("login attempt: db=\(databaseName) user=\(user) client=\(peer)")
         }
         if minor > 0 || !unrecognized.isEmpty {
@@ -351,15 +350,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             channel.write(out, promise: nil)
         }
         do {
-            wanted = try StartupParameters.resolve(parameters, ignored: pooler.config.global.ignoreStartupParameters)
+            wanted = try StartupParameters.resolve(parameters, ignored: config.global.ignoreStartupParameters)
         } catch {
             closeReason = "unsupported startup parameter"
             sendFatal(error)
             return
         }
         let secret = pooler.userlist[user]
-        var authType = pooler.config.global.authType
-        if authType == .trust, pooler.config.global.authFile != nil, secret == nil {
+        var authType = config.global.authType
+        if authType == .trust, config.global.authFile != nil, secret == nil {
             sendFatal(.fatal(SQLState.invalidAuthorization, "user \"\(user)\" is not in auth_file"))
             return
         }
@@ -416,10 +415,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         self.database = database
-        timeouts = pooler.config.clientTimeouts(user: user)
+        timeouts = config.clientTimeouts(user: user)
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
-        poolMode = pooler.config.poolMode(database: database, user: user)
+        poolMode = config.poolMode(database: database, user: user)
         pooler.joinPool(poolKey!)
         joinedPool = true
         if let welcome = pooler.welcomeParameters(for: poolKey!) {
@@ -441,7 +440,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             Wire.parameterStatus(name, value, into: &out)
         }
         // Make the client's view explicit so a server with other values is brought in line.
-        for name in Self.trackedParameters where wanted[name] == nil {
+        for name in StartupParameters.tracked where wanted[name] == nil {
             if let value = serverParameters[name] { wanted[name] = value }
         }
         let key = pooler.issueCancelKey(for: self)
@@ -483,7 +482,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
             serverInbound = nil
             var sets = ""
-            for name in Self.trackedParameters {
+            for name in StartupParameters.tracked {
                 // Parameters the server does not report (search_path) are known only once set here.
                 guard let value = wanted[name], server.parameters[name] != value else { continue }
                 sets += "SET \(name) = '\(value.replacingQuotes())';"
@@ -584,9 +583,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     var out = channel.allocator.buffer(capacity: 6)
                     Wire.readyForQuery(status, into: &out)
                     channel.write(out, promise: nil)
-                    if poolMode != .session, tracker.isClean, buffer.readableBytes == 0, cancelsInFlight == 0 {
-                        unlink(server, reusable: true)
-                    }
+                    if buffer.readableBytes == 0, mayGiveBack { unlink(server, reusable: true) }
                 }
             }
         } catch {
@@ -607,12 +604,28 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         pooler.release(server, reusable: reusable)
     }
 
+    /// Whether the linked server may go back to the pool now: not in session mode, nothing
+    /// outstanding, no transaction open, no query of the pooler's own and no cancel under way.
+    var mayGiveBack: Bool {
+        poolMode != .session && tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0
+    }
+
+    /// A CancelRequest with this client's key. A queued client leaves the queue; a client using a
+    /// server keeps it until the cancel has reached PostgreSQL, so that the cancel cannot land on a
+    /// query another client runs on that backend after a hand-over.
+    func cancelRequested() {
+        if cancelWhileWaiting() { return }
+        guard case .linked(let server) = state, !tracker.isClean else { return }
+        cancelsInFlight += 1
+        pooler.sendCancel(to: server.cancelTarget).whenComplete { _ in
+            self.onLoop { self.cancelFinished() }
+        }
+    }
+
     /// A cancel request sent for this client reached PostgreSQL (or gave up): the server may go back.
     func cancelFinished() {
         cancelsInFlight -= 1
-        guard cancelsInFlight == 0, case .linked(let server) = state, poolMode != .session, tracker.isClean,
-            !swallowingUntilReady, serverInbound == nil
-        else { return }
+        guard case .linked(let server) = state, serverInbound == nil, mayGiveBack else { return }
         unlink(server, reusable: true)
     }
 
@@ -622,12 +635,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         state = .idle
         closeReason = "server connection lost"
         sendFatal(.fatal(SQLState.adminShutdown, "server closed the connection unexpectedly"))
-    }
-
-    /// Where a cancel request for this client should go, if it is using a server right now.
-    func cancelTarget() -> ServerConnection.CancelTarget? {
-        guard case .linked(let server) = state, !tracker.isClean || tracker.outstanding > 0 else { return nil }
-        return server.cancelTarget
     }
 
     // MARK: Closing
@@ -648,8 +655,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             // A cancel still on its way could hit the next client's query: such a server is closed.
             let clean = tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0
             server.detach(from: self)
-            let reset = pooler.config.global.serverResetQuery
-            if clean, poolMode == .session || pooler.config.global.serverResetQueryAlways, !reset.isEmpty {
+            let global = pooler.config.global
+            let reset = global.serverResetQuery
+            if clean, poolMode == .session || global.serverResetQueryAlways, !reset.isEmpty {
                 server.resetAndRelease(reset)
             } else {
                 pooler.release(server, reusable: clean)

@@ -92,16 +92,14 @@ public final class Pooler: @unchecked Sendable {
             self?.timerFired()
         }
         warmStart()
-        do {
-            // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
-            for (index, loop) in loops.enumerated() {
-                let registry = loopClients[index]
-                sweepers.append(
-                    loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
-                        let now = NIODeadline.now()
-                        for client in registry.clients.values { client.checkTimeouts(now: now) }
-                    })
-            }
+        // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
+        for (index, loop) in loops.enumerated() {
+            let registry = loopClients[index]
+            sweepers.append(
+                loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
+                    let now = NIODeadline.now()
+                    for client in registry.clients.values { client.checkTimeouts(now: now) }
+                })
         }
     }
 
@@ -114,12 +112,9 @@ public final class Pooler: @unchecked Sendable {
             let settings = poolSettings(database: database, user: user)
             guard settings.minPoolSize > 0 else { continue }
             let key = PoolKey(database: name, user: user)
-            perform(shared.withLockedValue { $0.pools.configure(key, settings: settings, now: now) })
+            withPool { $0.configure(key, settings: settings, now: now) }
         }
     }
-
-    /// The ports actually bound (for tests that bind port 0).
-    public var boundPorts: [Int] { listeners.compactMap { $0.localAddress?.port } }
 
     /// Stops listening, closes every connection and stops the event loops. Blocks until done.
     public func shutdown() {
@@ -212,20 +207,12 @@ public final class Pooler: @unchecked Sendable {
             logger.debug("cancel request with an unknown key ignored")
             return
         }
-        client.onLoop {
-            if client.cancelWhileWaiting() { return }
-            guard let target = client.cancelTarget() else { return }
-            // The client keeps its server until the cancel has reached PostgreSQL, so that it cannot
-            // land on a query another client runs on that backend after a hand-over.
-            client.cancelsInFlight += 1
-            self.sendCancel(to: target).whenComplete { _ in
-                client.onLoop { client.cancelFinished() }
-            }
-        }
+        client.onLoop { client.cancelRequested() }
     }
 
     /// Sends a CancelRequest on a new connection; completes when PostgreSQL has closed that
     /// connection (it has then acted on the request) or after server_connect_timeout.
+    @discardableResult
     func sendCancel(to target: ServerConnection.CancelTarget) -> EventLoopFuture<Void> {
         var buffer = ByteBufferAllocator().buffer(capacity: 16)
         Wire.cancelRequest(processID: target.processID, secretKey: target.secretKey, into: &buffer)
@@ -247,6 +234,7 @@ public final class Pooler: @unchecked Sendable {
 
     /// The pool settings for a client's (database, user), from the config.
     func poolSettings(database: DatabaseEntry, user: String) -> PoolSettings {
+        let config = self.config
         let g = config.global
         var s = PoolSettings(poolSize: config.poolSize(database: database, user: user))
         s.minPoolSize = database.minPoolSize ?? g.minPoolSize
@@ -290,45 +278,41 @@ public final class Pooler: @unchecked Sendable {
 
     func serverLoggedIn(_ server: ServerConnection) {
         let now = NIODeadline.now()
-        let actions = shared.withLockedValue { s -> [PoolAction] in
+        withShared { s in
             if s.welcome[server.pool] == nil { s.welcome[server.pool] = server.parameters }
             return s.pools.serverConnected(server.id, now: now)
         }
-        perform(actions)
     }
 
     func serverConnectFailed(_ server: ServerConnection, error: PostgresError) {
         logger.warning("server connection to \(server.pool) failed: \(error.message)")
         let now = NIODeadline.now()
-        let actions = shared.withLockedValue { s -> [PoolAction] in
+        withShared { s in
             s.servers[server.id] = nil
             return s.pools.serverConnectFailed(server.id, error: error, now: now)
         }
-        perform(actions)
     }
 
     func serverClosed(_ server: ServerConnection) {
         let now = NIODeadline.now()
-        let actions = shared.withLockedValue { s -> [PoolAction] in
+        withShared { s in
             s.servers[server.id] = nil
             return s.pools.serverClosed(server.id, now: now)
         }
-        perform(actions)
     }
 
     func checkFinished(_ server: ServerConnection, ok: Bool) {
         let now = NIODeadline.now()
-        let actions = shared.withLockedValue { s -> [PoolAction] in
+        withShared { s in
             if ok { return s.pools.serverCheckSucceeded(server.id, now: now) }
             s.servers[server.id] = nil
             return s.pools.serverCheckFailed(server.id, now: now)
         }
-        perform(actions)
     }
 
     func timerFired() {
         let now = NIODeadline.now()
-        perform(shared.withLockedValue { $0.pools.timerFired(now: now) })
+        withPool { $0.timerFired(now: now) }
     }
 
     /// A pool decision with the connections it names looked up (under the same lock).
@@ -341,8 +325,13 @@ public final class Pooler: @unchecked Sendable {
     /// Runs a pool event and looks up what its actions name in one lock acquisition, then carries
     /// the actions out outside the lock.
     func withPool(_ event: (inout PoolStateMachine) -> [PoolAction]) {
+        withShared { event(&$0.pools) }
+    }
+
+    /// `withPool` for events that also update the registries kept beside the pools.
+    func withShared(_ event: (inout Shared) -> [PoolAction]) {
         let resolved = shared.withLockedValue { s -> [Resolved] in
-            let actions = event(&s.pools)
+            let actions = event(&s)
             if actions.isEmpty || s.shuttingDown { return [] }
             return actions.map { action in
                 switch action {
@@ -360,12 +349,6 @@ public final class Pooler: @unchecked Sendable {
             }
         }
         if !resolved.isEmpty { carryOut(resolved) }
-    }
-
-    /// Carries out the pool's decisions.
-    func perform(_ actions: [PoolAction]) {
-        if actions.isEmpty { return }
-        withPool { _ in actions }
     }
 
     func carryOut(_ resolved: [Resolved]) {
@@ -391,12 +374,12 @@ public final class Pooler: @unchecked Sendable {
                     server.check(config.global.serverCheckQuery)
                 } else {
                     let now = NIODeadline.now()
-                    perform(shared.withLockedValue { $0.pools.serverCheckFailed(serverID, now: now) })
+                    withPool { $0.serverCheckFailed(serverID, now: now) }
                 }
             case .note(let key, let event):
                 switch event {
                 case .reserveOpened(let waited):
-                    logger.info("pool \(key): opening a reserve server, a client waited \(waited.seconds) s")
+                    logger.info("pool \(key): opening a reserve server, a client waited \(waited.secondsText) s")
                 case .checkFailed:
                     logger.warning("pool \(key): server failed server_check_query; checking older idle servers")
                 case .recycledForAge:
@@ -466,8 +449,7 @@ public final class Pooler: @unchecked Sendable {
                     databases: config.databases.count, users: config.users.count, pools: snapshots.count,
                     clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
                     serversIdle: snapshots.reduce(0) { $0 + $1.idle },
-                    serversLogin: snapshots.reduce(0) { $0 + $1.connecting },
-                    clientsWaiting: snapshots.reduce(0) { $0 + $1.waiting })
+                    serversLogin: snapshots.reduce(0) { $0 + $1.connecting })
             case "DATABASES":
                 var current: [String: Int] = [:]
                 for snap in snapshots {
@@ -536,9 +518,12 @@ public final class Pooler: @unchecked Sendable {
     public func pause(database: String?) -> EventLoopFuture<Void> {
         shared.withLockedValue { $0.pools.pause(database: database) }
         logger.info("PAUSE \(database ?? "all databases"): waiting for lent servers to come back")
-        return waitUntil(on: loops[0]) { [self] in
-            shared.withLockedValue { $0.pools.lentCount(database: database) } == 0
-        }
+        return waitUntil(on: loops[0]) { [self] in lentServers(database: database) == 0 }
+    }
+
+    /// Servers lent to clients right now in the pools of `database` (all when nil).
+    public func lentServers(database: String?) -> Int {
+        shared.withLockedValue { $0.pools.lentCount(database: database) }
     }
 
     public func resume(database: String?) {
@@ -567,19 +552,6 @@ public final class Pooler: @unchecked Sendable {
             }
         }
         return promise.futureResult
-    }
-
-    /// Counts for tests and the admin console.
-    public func poolSnapshot() -> [PoolSnapshot] {
-        let now = NIODeadline.now()
-        return shared.withLockedValue { $0.pools.snapshot(now: now) }
-    }
-}
-
-extension TimeAmount {
-    var seconds: String {
-        let tenths = (nanoseconds + 50_000_000) / 100_000_000
-        return "\(tenths / 10).\(tenths % 10)"
     }
 }
 

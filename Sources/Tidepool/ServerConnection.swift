@@ -248,18 +248,13 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         phase = .closed
         loginTimeout?.cancel()
         switch wasPhase {
-        case .connecting, .loggingIn:
+        case .connecting, .loggingIn, .internalQuery(.afterLogin):
+            let step = if case .internalQuery = wasPhase { "connect_query" } else { "login" }
             pooler.serverConnectFailed(
                 self,
                 error: PostgresError(
                     severity: "FATAL", code: SQLState.connectionFailure,
-                    message: "server closed the connection during login"))
-        case .internalQuery(.afterLogin):
-            pooler.serverConnectFailed(
-                self,
-                error: PostgresError(
-                    severity: "FATAL", code: SQLState.connectionFailure,
-                    message: "server closed the connection during connect_query"))
+                    message: "server closed the connection during \(step)"))
         case .internalQuery(.check):
             pooler.checkFinished(self, ok: false)
         case .ready, .internalQuery(.reset):

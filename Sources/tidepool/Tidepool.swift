@@ -102,7 +102,7 @@ struct TidepoolCommand: ParsableCommand {
             logger.info("SIGINT: waiting for servers in use to be released")
             pooler.stopListening()
             _ = pooler.pause(database: nil)
-            drain(pooler, limit: limit) { pooler.poolSnapshot().allSatisfy { $0.lent == 0 } }
+            drain(pooler, limit: limit) { pooler.lentServers(database: nil) == 0 }
         default:
             break
         }

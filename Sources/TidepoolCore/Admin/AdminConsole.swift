@@ -88,8 +88,7 @@ public enum AdminViews {
     }
 
     public static func lists(
-        databases: Int, users: Int, pools: Int, clients: Int, serversUsed: Int, serversIdle: Int, serversLogin: Int,
-        clientsWaiting: Int
+        databases: Int, users: Int, pools: Int, clients: Int, serversUsed: Int, serversIdle: Int, serversLogin: Int
     ) -> AdminResult {
         let items: [(String, Int)] = [
             ("databases", databases), ("users", users), ("peers", 0), ("pools", pools), ("peer_pools", 0),
@@ -97,7 +96,6 @@ public enum AdminViews {
             ("used_servers", serversUsed + serversIdle + serversLogin), ("dns_names", 0), ("dns_zones", 0),
             ("dns_queries", 0), ("dns_pending", 0),
         ]
-        _ = clientsWaiting
         return AdminResult(columns: ["list", "items"], rows: items.map { [$0.0, "\($0.1)"] })
     }
 

@@ -171,11 +171,6 @@ public struct Config: Equatable, Sendable {
         ]
     }
 
-    /// Whether any client anywhere can hit a client-side timeout.
-    public var anyClientTimeout: Bool {
-        clientTimeouts(user: "").anyEnabled || users.keys.contains { clientTimeouts(user: $0).anyEnabled }
-    }
-
     public func queryWaitTimeout(database: DatabaseEntry, user: String) -> TimeAmount {
         users[user]?.queryWaitTimeout ?? database.queryWaitTimeout ?? global.queryWaitTimeout
     }
@@ -253,7 +248,7 @@ public struct Config: Equatable, Sendable {
 
     static func parseUser(_ entry: IniEntry) throws(ConfigError) -> UserEntry {
         var user = UserEntry(name: entry.key)
-        for (key, value, v) in try settings(of: entry) {
+        for (key, _, v) in try settings(of: entry) {
             switch key {
             case "pool_mode": user.poolMode = try v.enumValue(PoolMode.self)
             case "pool_size": user.poolSize = try v.int(0...100_000)

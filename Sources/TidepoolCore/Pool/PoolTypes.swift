@@ -58,10 +58,9 @@ public enum PoolError: Error, Equatable, Sendable {
     public var postgresError: PostgresError {
         switch self {
         case .waitTimeout(let waited):
-            let seconds = Double(waited.nanoseconds) / 1e9
             return PostgresError(
                 code: SQLState.protocolViolation,
-                message: "query_wait_timeout: waited \(formatSeconds(seconds)) s for a server connection",
+                message: "query_wait_timeout: waited \(waited.secondsText) s for a server connection",
                 hint: "all servers of the pool stayed busy; raise pool_size or query_wait_timeout")
         case .connectFailed(let error):
             return PostgresError(
@@ -73,9 +72,12 @@ public enum PoolError: Error, Equatable, Sendable {
     }
 }
 
-func formatSeconds(_ seconds: Double) -> String {
-    let tenths = Int((seconds * 10).rounded())
-    return "\(tenths / 10).\(tenths % 10)"
+extension TimeAmount {
+    /// Seconds with one decimal, as messages and logs show durations ("2.5").
+    public var secondsText: String {
+        let tenths = Int((Double(nanoseconds) / 1e8).rounded())
+        return "\(tenths / 10).\(tenths % 10)"
+    }
 }
 
 /// What the pool state machine asks its driver to do.

@@ -73,6 +73,6 @@ public enum ClientTimeouts {
     }
 
     static func format(_ t: TimeAmount) -> String {
-        "\(formatSeconds(Double(t.nanoseconds) / 1e9)) s"
+        "\(t.secondsText) s"
     }
 }
