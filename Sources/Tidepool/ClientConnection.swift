@@ -40,6 +40,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var serverScanner = MessageScanner()
     /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
     var swallowingUntilReady = false
+    /// Named prepared statements kept working across servers (transaction and statement pooling
+    /// with max_prepared_statements > 0). While it is on, client bytes stay in `inbound` until a
+    /// server is linked, because how they are rewritten depends on what that server has prepared.
+    var prepared: PreparedStatementTracker?
 
     var user = ""
     var databaseName = ""
@@ -100,17 +104,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             buffer = stash
             inbound = nil
         }
-        do {
-            try process(&buffer)
-        } catch let error as WireError {
-            closeReason = "bad packet"
-            logger.info("client \(peer): \(error.postgresError.message)")
-            sendFatal(error.postgresError)
-            return
-        } catch {
-            sendFatal(.fatal(SQLState.internalError, "\(error)"))
-            return
-        }
+        guard processCatching(&buffer) else { return }
         if buffer.readableBytes > 0 {
             if case .closed = state { return }
             inbound = buffer
@@ -120,6 +114,21 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             toServer.removeAll(keepingCapacity: true)
         }
         if timeouts.anyEnabled { noteClientActivity() }
+    }
+
+    /// Runs `process`, turning a framing error into a FATAL for the client. False when it closed.
+    func processCatching(_ buffer: inout ByteBuffer) -> Bool {
+        do {
+            try process(&buffer)
+            return true
+        } catch let error as WireError {
+            closeReason = "bad packet"
+            logger.info("client \(peer): \(error.postgresError.message)")
+            sendFatal(error.postgresError)
+        } catch {
+            sendFatal(.fatal(SQLState.internalError, "\(error)"))
+        }
+        return false
     }
 
     func noteClientActivity() {
@@ -164,6 +173,28 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func cancelWhileWaiting() -> Bool {
         guard case .waiting = state, let id else { return false }
         pooler.clientGaveUp(id)
+        var answers = max(tracker.outstanding, 1)
+        if prepared != nil, var stash = inbound {
+            // Unread bytes kept for the server: count the requests among them, and drop them.
+            inbound = nil
+            var counter = MessageScanner()
+            var requests = 0
+            while let chunk = try? counter.next(
+                from: &stash,
+                classify: { type in
+                    if type == MessageType.query || type == MessageType.sync || type == MessageType.functionCall {
+                        requests += 1
+                    }
+                    return .forward
+                }), case .forward = chunk
+            {}
+            answers = max(tracker.outstanding + requests, 1)
+            if !counter.atMessageBoundary || stash.readableBytes > 0 {
+                closeReason = "cancelled in the middle of a message"
+                sendFatal(.fatal(SQLState.queryCanceled, "canceling statement due to user request"))
+                return true
+            }
+        }
         guard scanner.atMessageBoundary else {
             closeReason = "cancelled in the middle of a message"
             sendFatal(.fatal(SQLState.queryCanceled, "canceling statement due to user request"))
@@ -174,7 +205,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         Wire.errorResponse(
             PostgresError(code: SQLState.queryCanceled, message: "canceling statement due to user request"),
             into: &out)
-        for _ in 0..<max(tracker.outstanding, 1) { Wire.readyForQuery(.idle, into: &out) }
+        for _ in 0..<answers { Wire.readyForQuery(.idle, into: &out) }
         tracker.reset()
         state = .idle
         idleSince = NIODeadline.now()
@@ -201,7 +232,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 handleStartup(packet)
             case .authenticating(var auth):
                 guard let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) else { return }
-                guard case .message(let type, let body) = chunk, type == MessageType.password else {
+                guard case .message(let type, let body, _) = chunk, type == MessageType.password else {
                     closeReason = "unexpected message during login"
                     sendFatal(.fatal(SQLState.protocolViolation, "expected a password message"))
                     return
@@ -213,6 +244,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 // A client should wait for ReadyForQuery; keep what it sent for later.
                 return
             case .idle, .waiting, .linked:
+                if prepared != nil {
+                    guard try processPrepared(&buffer) else { return }
+                    continue
+                }
                 guard
                     let chunk = try scanner.next(
                         from: &buffer,
@@ -234,7 +269,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 }
             case .admin(let readOnly):
                 guard let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }),
-                    case .message(let type, let body) = chunk
+                    case .message(let type, let body, _) = chunk
                 else { return }
                 handleAdmin(type: type, body: body, readOnly: readOnly)
                 if case .closed = state { return }
@@ -243,6 +278,61 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 return
             }
         }
+    }
+
+    /// One step of `process` for a client whose named prepared statements the pooler keeps.
+    /// Returns false when it needs more bytes or a server first.
+    func processPrepared(_ buffer: inout ByteBuffer) throws -> Bool {
+        guard case .linked(let server) = state, !swallowingUntilReady else {
+            if case .idle = state,
+                let answer = prepared!.answerWithoutServer(buffer, isKnown: { pooler.isKnownStatement($0) })
+            {
+                buffer.moveReaderIndex(forwardBy: answer.consumed)
+                channel.writeAndFlush(answer.reply, promise: nil)
+                return true
+            }
+            if case .idle = state {
+                // Stash first: the server may be lent, and the stash read, before requestServer returns.
+                state = .waiting
+                inbound = buffer
+                buffer.moveReaderIndex(to: buffer.writerIndex)
+                pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
+            }
+            return false
+        }
+        guard
+            let chunk = try scanner.next(
+                from: &buffer,
+                classify: { type in
+                    if type == MessageType.terminate || PreparedStatementTracker.inspects(type) { return .inspect }
+                    tracker.clientSent(type)
+                    prepared!.clientForwarded(type)
+                    return .forward
+                })
+        else { return false }
+        switch chunk {
+        case .forward(let bytes):
+            toServer.append(bytes)
+        case .message(let type, let body, let whole):
+            if type == MessageType.terminate {
+                closeReason = "client close request"
+                finish()
+                channel.close(promise: nil)
+                return false
+            }
+            tracker.clientSent(type)
+            prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
+            if writeMadeUpReplies() { channel.flush() }
+        }
+        return true
+    }
+
+    /// Writes the answers the prepared-statement tracker made up that are due. True if it wrote any.
+    func writeMadeUpReplies() -> Bool {
+        guard prepared != nil else { return false }
+        let replies = prepared!.takeReplies()
+        for reply in replies { channel.write(reply, promise: nil) }
+        return !replies.isEmpty
     }
 
     func forward(_ bytes: ByteBuffer) {
@@ -419,6 +509,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
         poolMode = config.poolMode(database: database, user: user)
+        if config.global.maxPreparedStatements > 0, poolMode != .session { prepared = PreparedStatementTracker() }
         pooler.joinPool(poolKey!)
         joinedPool = true
         if let welcome = pooler.welcomeParameters(for: poolKey!) {
@@ -503,6 +594,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func flushPending(to server: ServerConnection) {
+        if prepared != nil, var stash = inbound {
+            // What the client sent while it waited, now that the server's statements are known.
+            inbound = nil
+            guard processCatching(&stash) else { return }
+            if stash.readableBytes > 0, inbound == nil { inbound = stash }
+            guard case .linked(let linked) = state, linked === server else { return }
+        }
         var out = pending
         pending.removeAll()
         out += toServer
@@ -536,13 +634,27 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             while let chunk = try serverScanner.next(
                 from: &buffer,
                 classify: { type in
-                    type == MessageType.readyForQuery || type == MessageType.parameterStatus ? .inspect : .forward
+                    if type == MessageType.readyForQuery || type == MessageType.parameterStatus { return .inspect }
+                    if prepared != nil {
+                        // Made-up or swallowed answers pending: look at each message.
+                        if prepared!.specials > 0 { return .inspect }
+                        _ = prepared!.serverMessage(type, server: &server.statements)
+                    }
+                    return .forward
                 })
             {
                 switch chunk {
                 case .forward(let bytes):
                     if !swallowingUntilReady { channel.write(bytes, promise: nil) }
-                case .message(let type, let body):
+                case .message(let type, let body, let whole):
+                    if type != MessageType.readyForQuery, type != MessageType.parameterStatus {
+                        // Only while the prepared-statement tracker has answers of its own pending.
+                        if prepared!.serverMessage(type, server: &server.statements) {
+                            channel.write(whole, promise: nil)
+                        }
+                        _ = writeMadeUpReplies()
+                        continue
+                    }
                     if type == MessageType.parameterStatus {
                         if let (name, value) = WireDecode.parameterStatus(body) {
                             server.parameters[name] = value
@@ -566,6 +678,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                         continue
                     }
                     tracker.serverReady(status)
+                    if prepared != nil { _ = prepared!.serverMessage(type, server: &server.statements) }
                     if timeouts.anyEnabled, tracker.isQuiet {
                         queryStartedAt = nil
                         quietSince = status == .idle ? nil : NIODeadline.now()
@@ -583,6 +696,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     var out = channel.allocator.buffer(capacity: 6)
                     Wire.readyForQuery(status, into: &out)
                     channel.write(out, promise: nil)
+                    _ = writeMadeUpReplies()
                     if buffer.readableBytes == 0, mayGiveBack { unlink(server, reusable: true) }
                 }
             }
@@ -593,6 +707,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         if buffer.readableBytes > 0 { serverInbound = buffer }
+        if prepared != nil {
+            let accepted = prepared!.takeAccepted()
+            if !accepted.isEmpty { pooler.statementsAccepted(accepted) }
+        }
         channel.flush()
     }
 
@@ -608,6 +726,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// outstanding, no transaction open, no query of the pooler's own and no cancel under way.
     var mayGiveBack: Bool {
         poolMode != .session && tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0
+            && (prepared?.isQuiet ?? true)
     }
 
     /// A CancelRequest with this client's key. A queued client leaves the queue; a client using a
@@ -653,7 +772,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         switch state {
         case .linked(let server):
             // A cancel still on its way could hit the next client's query: such a server is closed.
-            let clean = tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0
+            let clean =
+                tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && (prepared?.isQuiet ?? true)
             server.detach(from: self)
             let global = pooler.config.global
             let reset = global.serverResetQuery

@@ -21,6 +21,19 @@ public final class Pooler: @unchecked Sendable {
     let group: MultiThreadedEventLoopGroup
     let loops: [EventLoop]
     let shared = NIOLockedValueBox(Shared())
+    /// Pooler-wide names of prepared statements some server has accepted: a client preparing one of
+    /// these with Parse+Sync is answered without borrowing a server.
+    let knownStatements = NIOLockedValueBox(Set<String>())
+
+    func isKnownStatement(_ name: String) -> Bool {
+        knownStatements.withLockedValue { $0.contains(name) }
+    }
+
+    func statementsAccepted(_ names: [String]) {
+        knownStatements.withLockedValue { known in
+            if known.count < 100_000 { known.formUnion(names) }
+        }
+    }
     var listeners: [Channel] = []
     var janitor: RepeatedTask?
     var sweepers: [RepeatedTask] = []

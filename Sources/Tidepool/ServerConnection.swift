@@ -57,12 +57,15 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     var parameters: [String: String] = [:]
     var processID: Int32 = 0
     var secretKey: Int32 = 0
+    /// The pooler-wide prepared statements this backend holds; only the linked client touches it.
+    var statements: ServerStatementCache
 
     init(id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler) {
         self.id = id
         self.pool = pool
         self.pooler = pooler
         self.database = database
+        self.statements = ServerStatementCache(capacity: pooler.config.global.maxPreparedStatements)
         let host = database?.host ?? "/var/run/postgresql"
         let port = database?.port ?? 5432
         self.address = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
@@ -150,7 +153,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         do {
             while let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) {
-                guard case .message(let type, let body) = chunk else { continue }
+                guard case .message(let type, let body, _) = chunk else { continue }
                 handleUnlinked(type: type, body: body, context: context)
                 if case .closed = phase { return }
                 if case .ready = phase, let owner, buffer.readableBytes > 0 {
@@ -315,6 +318,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         onLoop {
             guard case .ready = self.phase, let context = self.context else { return }
             self.owner = nil
+            self.statements.removeAll()  // DISCARD ALL and the like drop them
             self.runInternal(sql, purpose: .reset, context: context)
         }
     }

@@ -111,7 +111,7 @@ import Testing
         guard case .forward(let run) = first else { Issue.record("expected a run"); return }
         #expect(run.readableBytes == 8 + 14)
         let second = try scanner.next(from: &buffer, classify: classifyZ)
-        guard case .message(let type, let body) = second else { Issue.record("expected Z"); return }
+        guard case .message(let type, let body, _) = second else { Issue.record("expected Z"); return }
         #expect(type == UInt8(ascii: "Z"))
         #expect(Array(body.readableBytesView) == [73])
         guard case .forward(let tail) = try scanner.next(from: &buffer, classify: classifyZ) else {
@@ -167,7 +167,7 @@ extension MessageScanner.Chunk: Equatable {
     public static func == (a: Self, b: Self) -> Bool {
         switch (a, b) {
         case (.forward(let x), .forward(let y)): return x == y
-        case (.message(let t1, let b1), .message(let t2, let b2)): return t1 == t2 && b1 == b2
+        case (.message(let t1, let b1, _), .message(let t2, let b2, _)): return t1 == t2 && b1 == b2
         default: return false
         }
     }

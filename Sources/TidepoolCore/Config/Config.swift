@@ -52,6 +52,9 @@ public struct GlobalSettings: Equatable, Sendable {
     public var logfile: String?
     public var pidfile: String?
     public var maxPacketSize = 2_147_483_647
+    /// Named prepared statements kept per server connection in transaction and statement pooling;
+    /// 0 passes prepared statements through untouched.
+    public var maxPreparedStatements = 200
     public var listenBacklog = 128
     public var ignoreStartupParameters: [String] = []
     public var applicationNameAddHost = false
@@ -165,6 +168,7 @@ public struct Config: Equatable, Sendable {
             ("client_idle_timeout", secs(g.clientIdleTimeout)), ("client_login_timeout", secs(g.clientLoginTimeout)),
             ("idle_transaction_timeout", secs(g.idleTransactionTimeout)),
             ("transaction_timeout", secs(g.transactionTimeout)), ("max_packet_size", "\(g.maxPacketSize)"),
+            ("max_prepared_statements", "\(g.maxPreparedStatements)"),
             ("admin_users", g.adminUsers.joined(separator: ",")), ("stats_users", g.statsUsers.joined(separator: ",")),
             ("threads", "\(g.threads)"), ("log_connections", g.logConnections ? "1" : "0"),
             ("log_disconnections", g.logDisconnections ? "1" : "0"),
@@ -307,6 +311,7 @@ public struct Config: Equatable, Sendable {
         case "logfile": global.logfile = entry.value.isEmpty ? nil : entry.value
         case "pidfile": global.pidfile = entry.value.isEmpty ? nil : entry.value
         case "max_packet_size": global.maxPacketSize = try v.int(9...2_147_483_647)
+        case "max_prepared_statements": global.maxPreparedStatements = try v.int(0...100_000)
         case "listen_backlog": global.listenBacklog = try v.int(1...65535)
         case "ignore_startup_parameters": global.ignoreStartupParameters = v.list()
         case "application_name_add_host": global.applicationNameAddHost = try v.bool()

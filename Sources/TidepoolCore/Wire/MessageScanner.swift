@@ -25,8 +25,8 @@ public struct MessageScanner: Sendable {
     public enum Chunk {
         /// Bytes to forward unchanged: whole messages and possibly the start or end of one.
         case forward(ByteBuffer)
-        /// One whole message to inspect: `body` excludes the type byte and the length.
-        case message(type: UInt8, body: ByteBuffer)
+        /// One whole message to inspect: `body` excludes the type byte and the length, `whole` has them.
+        case message(type: UInt8, body: ByteBuffer, whole: ByteBuffer)
     }
 
     /// True when the scanner sits at a message boundary.
@@ -59,9 +59,8 @@ public struct MessageScanner: Sendable {
                 // A message to inspect ends the run before it, and is handed over alone.
                 if cursor > start { break }
                 guard end - cursor >= 1 + length else { return nil }
-                buffer.moveReaderIndex(forwardBy: 5)
-                let body = buffer.readSlice(length: length - 4)!
-                return .message(type: type, body: body)
+                let whole = buffer.readSlice(length: length + 1)!
+                return .message(type: type, body: whole.getSlice(at: whole.readerIndex + 5, length: length - 4)!, whole: whole)
             }
             bytesLeftInMessage = length + 1
         }

@@ -1,0 +1,479 @@
+import Crypto
+import DequeModule
+import NIOCore
+
+/// The prepared statements one server connection holds, by their pooler-wide names, with the
+/// least-recently-used one first out when the cache is full.
+public struct ServerStatementCache: Sendable {
+    public let capacity: Int
+    private var lastUse: [String: UInt64] = [:]
+    private var clock: UInt64 = 0
+
+    public init(capacity: Int) {
+        self.capacity = max(capacity, 1)
+    }
+
+    public var count: Int { lastUse.count }
+    public func contains(_ name: String) -> Bool { lastUse[name] != nil }
+
+    public mutating func touch(_ name: String) {
+        clock &+= 1
+        if lastUse[name] != nil { lastUse[name] = clock }
+    }
+
+    /// Records `name` as prepared; returns the name that must be closed to make room, if any.
+    public mutating func insert(_ name: String) -> String? {
+        var evicted: String?
+        if lastUse[name] == nil, lastUse.count >= capacity {
+            evicted = lastUse.min(by: { $0.value < $1.value })?.key
+            if let evicted { lastUse[evicted] = nil }
+        }
+        clock &+= 1
+        lastUse[name] = clock
+        return evicted
+    }
+
+    /// Records `name` as prepared again without evicting (an eviction that PostgreSQL skipped).
+    mutating func restore(_ name: String) {
+        clock &+= 1
+        lastUse[name] = lastUse[name] ?? 0
+    }
+
+    public mutating func remove(_ name: String) { lastUse[name] = nil }
+    public mutating func removeAll() { lastUse.removeAll() }
+}
+
+/// Makes a client's named prepared statements work on whichever server it is lent (transaction
+/// pooling). The client's statement names stay the client's: each distinct statement (query text and
+/// parameter types) gets a pooler-wide name, the server is sent a Parse under that name only when it
+/// lacks it, and every client Bind/Describe/Close naming the statement is rewritten to match.
+///
+/// The replies the pooler causes or answers for itself are kept in step with the server's: a queue
+/// holds one entry per client message that the server answers, in order, plus entries for the
+/// pooler's own Parse and Close (whose answers are swallowed) and for answers made up without asking
+/// the server (ParseComplete for a statement the server already has, CloseComplete for a client
+/// Close). After an ErrorResponse the server skips to the next Sync; the queue does the same and
+/// undoes what the skipped entries would have done.
+public struct PreparedStatementTracker: Sendable {
+    public struct Statement: Sendable, Equatable {
+        /// The name the servers know it by.
+        public var serverName: String
+        /// The Parse body after the statement name: query text and parameter types.
+        public var definition: ByteBuffer
+    }
+
+    enum Undo: Sendable {
+        case forget(String)
+        case restore(String, Statement)
+    }
+
+    enum Entry: Sendable {
+        /// A client message whose answer goes to the client as it comes.
+        case pass(UInt8)
+        /// A client Parse sent under the pooler-wide name; an error means neither has it.
+        case parse(client: String, server: String)
+        /// The pooler's own Parse before a Bind or Describe; its ParseComplete is swallowed.
+        case injectedParse(server: String)
+        /// The pooler's own Close of an evicted statement; its CloseComplete is swallowed.
+        case injectedClose(server: String)
+        /// An answer made up by the pooler, given to the client when its turn comes.
+        case reply(ByteBuffer, undo: Undo?)
+        /// A simple Query running DISCARD ALL or DEALLOCATE ALL: once it succeeds, neither the client
+        /// nor the server has any prepared statement.
+        case clearingQuery(failed: Bool)
+
+        var isPlain: Bool {
+            if case .pass = self { return true }
+            return false
+        }
+    }
+
+    /// The client's statements by the client's names.
+    public private(set) var statements: [String: Statement] = [:]
+    private var queue = Deque<Entry>()
+    /// Entries in the queue other than plain `.pass`: while there are any, every server message
+    /// must be looked at one by one.
+    public private(set) var specials = 0
+    /// Answers made up by the pooler that are due now, in order.
+    private var dueReplies: [ByteBuffer] = []
+    /// Statements a server accepted, not yet taken by `takeAccepted`.
+    private var accepted: [String] = []
+
+    /// Named Parse messages from the client.
+    public private(set) var clientParseCount = 0
+    /// Parse messages actually sent to servers (the client's and the pooler's own).
+    public private(set) var serverParseCount = 0
+    /// Bind messages of named statements.
+    public private(set) var bindCount = 0
+
+    public init() {}
+
+    /// No answer is outstanding and nothing is due.
+    public var isQuiet: Bool { queue.isEmpty && dueReplies.isEmpty }
+
+    // MARK: Client messages
+
+    /// Whether a client message must be handed to `clientMessage` whole; all others are forwarded
+    /// and reported through `clientForwarded`.
+    public static func inspects(_ type: UInt8) -> Bool {
+        switch type {
+        case MessageType.parse, MessageType.bind, MessageType.describe, MessageType.close, MessageType.query:
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// A client message forwarded untouched.
+    public mutating func clientForwarded(_ type: UInt8) {
+        switch type {
+        case MessageType.execute, MessageType.sync, MessageType.functionCall:
+            append(.pass(type))
+        default:
+            break  // Flush and COPY traffic are not answered on their own
+        }
+    }
+
+    /// Translates one whole client message of a type `inspects` accepts into what the server gets,
+    /// appended to `out`. `whole` is the message with its header, `body` without.
+    public mutating func clientMessage(
+        type: UInt8, body: ByteBuffer, whole: ByteBuffer, server: inout ServerStatementCache,
+        into out: inout [ByteBuffer]
+    ) {
+        var b = body
+        switch type {
+        case MessageType.parse:
+            guard let name = b.readNullTerminatedString(), !name.isEmpty else { break }
+            clientParseCount += 1
+            if let existing = statements[name] {
+                // PostgreSQL refuses a second statement of the same name: let the server say so,
+                // by parsing under a name it is known to hold.
+                ensurePrepared(existing, on: &server, into: &out)
+                out.append(Self.parseMessage(existing.serverName, existing.definition))
+                serverParseCount += 1
+                append(.pass(type))
+                return
+            }
+            // A copy: a slice would keep the client's whole read buffer alive.
+            var definition = ByteBufferAllocator().buffer(capacity: b.readableBytes)
+            definition.writeImmutableBuffer(b)
+            let statement = Statement(serverName: Self.serverName(for: b), definition: definition)
+            statements[name] = statement
+            if server.contains(statement.serverName) {
+                server.touch(statement.serverName)
+                append(.reply(Self.simpleMessage(UInt8(ascii: "1")), undo: .forget(name)))
+            } else {
+                makeRoom(for: statement.serverName, on: &server, into: &out)
+                out.append(Self.parseMessage(statement.serverName, statement.definition))
+                serverParseCount += 1
+                append(.parse(client: name, server: statement.serverName))
+            }
+            return
+        case MessageType.bind:
+            guard let portal = b.readNullTerminatedString(), let name = b.readNullTerminatedString(),
+                let statement = statements[name]
+            else { break }
+            bindCount += 1
+            ensurePrepared(statement, on: &server, into: &out)
+            var message = ByteBufferAllocator().buffer(capacity: whole.readableBytes + 40)
+            Wire.withMessage(type, into: &message) { m in
+                m.writeNullTerminatedString(portal)
+                m.writeNullTerminatedString(statement.serverName)
+                m.writeImmutableBuffer(b)
+            }
+            out.append(message)
+            append(.pass(type))
+            return
+        case MessageType.describe:
+            guard b.readInteger(as: UInt8.self) == UInt8(ascii: "S"), let name = b.readNullTerminatedString(),
+                let statement = statements[name]
+            else { break }
+            ensurePrepared(statement, on: &server, into: &out)
+            var message = ByteBufferAllocator().buffer(capacity: statement.serverName.utf8.count + 7)
+            Wire.withMessage(type, into: &message) { m in
+                m.writeInteger(UInt8(ascii: "S"))
+                m.writeNullTerminatedString(statement.serverName)
+            }
+            out.append(message)
+            append(.pass(type))
+            return
+        case MessageType.close:
+            guard b.readInteger(as: UInt8.self) == UInt8(ascii: "S"), let name = b.readNullTerminatedString(),
+                let statement = statements[name]
+            else { break }
+            // Only the client's name goes; the server keeps the statement for others.
+            statements[name] = nil
+            append(.reply(Self.simpleMessage(UInt8(ascii: "3")), undo: .restore(name, statement)))
+            return
+        case MessageType.query:
+            if let sql = WireDecode.queryText(body), Self.clearsStatements(sql) {
+                out.append(whole)
+                append(.clearingQuery(failed: false))
+                return
+            }
+        default:
+            break
+        }
+        out.append(whole)
+        append(.pass(type))
+    }
+
+    /// For a client that holds no server (so no transaction is open): when `buffer` starts with
+    /// Parse messages of statements some server has already accepted (`isKnown`, by pooler-wide
+    /// name) under names new to the client, and Close messages, up to a Sync, they are answered here
+    /// without borrowing a server. Returns how many bytes were used and the answer, or nil when a
+    /// server is needed. A driver that prepares with Parse+Sync then never waits for a server that
+    /// its own other connections hold.
+    public mutating func answerWithoutServer(
+        _ buffer: ByteBuffer, isKnown: (String) -> Bool
+    ) -> (consumed: Int, reply: ByteBuffer)? {
+        var cursor = buffer.readerIndex
+        var view = statements
+        var parses = 0
+        var reply = ByteBufferAllocator().buffer(capacity: 32)
+        while let type = buffer.getInteger(at: cursor, as: UInt8.self),
+            let length = buffer.getInteger(at: cursor + 1, as: Int32.self).map(Int.init), length >= 4,
+            var body = buffer.getSlice(at: cursor + 5, length: length - 4)
+        {
+            cursor += 1 + length
+            switch type {
+            case MessageType.parse:
+                guard let name = body.readNullTerminatedString(), !name.isEmpty, view[name] == nil else { return nil }
+                let serverName = Self.serverName(for: body)
+                guard isKnown(serverName) else { return nil }
+                var definition = ByteBufferAllocator().buffer(capacity: body.readableBytes)
+                definition.writeImmutableBuffer(body)
+                view[name] = Statement(serverName: serverName, definition: definition)
+                parses += 1
+                Wire.withMessage(UInt8(ascii: "1"), into: &reply) { _ in }
+            case MessageType.close:
+                guard let kind = body.readInteger(as: UInt8.self), let name = body.readNullTerminatedString()
+                else { return nil }
+                if kind == UInt8(ascii: "S") { view[name] = nil }
+                Wire.withMessage(UInt8(ascii: "3"), into: &reply) { _ in }
+            case MessageType.sync:
+                guard reply.readableBytes > 0 else { return nil }
+                statements = view
+                clientParseCount += parses
+                Wire.readyForQuery(.idle, into: &reply)
+                return (cursor - buffer.readerIndex, reply)
+            default:
+                return nil
+            }
+        }
+        return nil
+    }
+
+    /// Pooler-wide names a server accepted a Parse for since the last call.
+    public mutating func takeAccepted() -> [String] {
+        guard !accepted.isEmpty else { return [] }
+        defer { accepted.removeAll() }
+        return accepted
+    }
+
+    /// Answers made up by the pooler that are now due, to be written to the client in order.
+    public mutating func takeReplies() -> [ByteBuffer] {
+        guard !dueReplies.isEmpty else { return [] }
+        defer { dueReplies.removeAll(keepingCapacity: true) }
+        return dueReplies
+    }
+
+    // MARK: Server messages
+
+    /// One message from the server, by type. Returns whether it goes on to the client; afterwards,
+    /// `takeReplies` gives the made-up answers that follow it.
+    public mutating func serverMessage(_ type: UInt8, server: inout ServerStatementCache) -> Bool {
+        switch type {
+        case MessageType.noticeResponse, MessageType.parameterStatus, UInt8(ascii: "A"):
+            return true  // may come at any time
+        case MessageType.readyForQuery:
+            // Ends the Sync, Query or FunctionCall at the front; anything before it was skipped.
+            while let entry = queue.first {
+                pop(server: &server, skipped: !Self.isReadyTerminated(entry))
+                if Self.isReadyTerminated(entry) {
+                    if case .clearingQuery(let failed) = entry, !failed {
+                        statements.removeAll()
+                        server.removeAll()
+                    }
+                    break
+                }
+            }
+            releaseDueReplies()
+            return true
+        case MessageType.errorResponse:
+            guard let entry = queue.first else { return true }
+            switch entry {
+            case .pass(let t) where t == MessageType.query || t == MessageType.sync || t == MessageType.functionCall:
+                return true  // the ReadyForQuery ends it
+            case .clearingQuery:
+                queue[queue.startIndex] = .clearingQuery(failed: true)
+                return true
+            default:
+                // An extended-protocol message failed: the server skips everything up to the next Sync.
+                pop(server: &server, failed: true)
+                while let next = queue.first {
+                    if case .pass(let t) = next, t == MessageType.sync { break }
+                    pop(server: &server, skipped: true)
+                }
+                releaseDueReplies()
+                return true
+            }
+        default:
+            guard let entry = queue.first else { return true }
+            var forward = true
+            switch entry {
+            case .pass(let t):
+                if Self.ends(t, with: type) { pop(server: &server) }
+            case .parse(_, let name):
+                if type == UInt8(ascii: "1") {
+                    accepted.append(name)
+                    pop(server: &server)
+                }
+            case .injectedParse(let name):
+                if type == UInt8(ascii: "1") {
+                    forward = false
+                    accepted.append(name)
+                    pop(server: &server)
+                }
+            case .injectedClose:
+                if type == UInt8(ascii: "3") {
+                    forward = false
+                    pop(server: &server)
+                }
+            case .reply, .clearingQuery:
+                break
+            }
+            releaseDueReplies()
+            return forward
+        }
+    }
+
+    // MARK: Internals
+
+    private mutating func append(_ entry: Entry) {
+        if !entry.isPlain { specials += 1 }
+        queue.append(entry)
+        releaseDueReplies()
+    }
+
+    /// Moves made-up answers at the front of the queue to `dueReplies`.
+    private mutating func releaseDueReplies() {
+        while case .reply(let bytes, _) = queue.first {
+            dueReplies.append(bytes)
+            queue.removeFirst()
+            specials -= 1
+        }
+    }
+
+    /// Removes the front entry. A skipped or failed entry undoes what it stood for.
+    private mutating func pop(server: inout ServerStatementCache, skipped: Bool = false, failed: Bool = false) {
+        guard let entry = queue.popFirst() else { return }
+        if !entry.isPlain { specials -= 1 }
+        guard skipped || failed else { return }
+        switch entry {
+        case .parse(let client, let serverName):
+            server.remove(serverName)
+            if statements[client]?.serverName == serverName { statements[client] = nil }
+        case .injectedParse(let serverName):
+            server.remove(serverName)
+        case .injectedClose(let serverName):
+            server.restore(serverName)
+        case .reply(_, let undo):
+            switch undo {
+            case .forget(let name): statements[name] = nil
+            case .restore(let name, let statement): statements[name] = statement
+            case nil: break
+            }
+        case .pass, .clearingQuery:
+            break
+        }
+    }
+
+    private mutating func ensurePrepared(
+        _ statement: Statement, on server: inout ServerStatementCache, into out: inout [ByteBuffer]
+    ) {
+        if server.contains(statement.serverName) {
+            server.touch(statement.serverName)
+            return
+        }
+        makeRoom(for: statement.serverName, on: &server, into: &out)
+        out.append(Self.parseMessage(statement.serverName, statement.definition))
+        serverParseCount += 1
+        append(.injectedParse(server: statement.serverName))
+    }
+
+    private mutating func makeRoom(
+        for name: String, on server: inout ServerStatementCache, into out: inout [ByteBuffer]
+    ) {
+        guard let evicted = server.insert(name) else { return }
+        var message = ByteBufferAllocator().buffer(capacity: evicted.utf8.count + 7)
+        Wire.withMessage(MessageType.close, into: &message) { m in
+            m.writeInteger(UInt8(ascii: "S"))
+            m.writeNullTerminatedString(evicted)
+        }
+        out.append(message)
+        append(.injectedClose(server: evicted))
+    }
+
+    static func isReadyTerminated(_ entry: Entry) -> Bool {
+        switch entry {
+        case .pass(let t): return t == MessageType.query || t == MessageType.sync || t == MessageType.functionCall
+        case .clearingQuery: return true
+        default: return false
+        }
+    }
+
+    /// Whether `response` is the last message answering a client message of type `request`.
+    static func ends(_ request: UInt8, with response: UInt8) -> Bool {
+        switch request {
+        case MessageType.parse: return response == UInt8(ascii: "1")
+        case MessageType.bind: return response == UInt8(ascii: "2")
+        case MessageType.close: return response == UInt8(ascii: "3")
+        case MessageType.describe: return response == MessageType.rowDescription || response == UInt8(ascii: "n")
+        case MessageType.execute:
+            return response == MessageType.commandComplete || response == MessageType.emptyQueryResponse
+                || response == UInt8(ascii: "s")
+        default: return false  // Sync, Query and FunctionCall end at ReadyForQuery
+        }
+    }
+
+    /// The pooler-wide name of a statement: a digest of its text and parameter types, so every
+    /// client and server agrees on it without asking anybody.
+    public static func serverName(for definition: ByteBuffer) -> String {
+        var hasher = SHA256()
+        definition.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) }
+        let digest = hasher.finalize()
+        var name = "tidepool_"
+        for byte in digest.prefix(12) {
+            name += String(byte >> 4, radix: 16) + String(byte & 0xF, radix: 16)
+        }
+        return name
+    }
+
+    /// DISCARD ALL, DEALLOCATE ALL and DEALLOCATE PREPARE ALL, alone in a Query.
+    public static func clearsStatements(_ sql: String) -> Bool {
+        var words = sql.lowercased().split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" || $0 == "\r" })
+            .map(String.init)
+        if let last = words.last, last.hasSuffix(";") {
+            words[words.count - 1] = String(last.dropLast())
+            if words.last == "" { words.removeLast() }
+        }
+        return words == ["discard", "all"] || words == ["deallocate", "all"]
+            || words == ["deallocate", "prepare", "all"]
+    }
+
+    static func parseMessage(_ name: String, _ definition: ByteBuffer) -> ByteBuffer {
+        var message = ByteBufferAllocator().buffer(capacity: name.utf8.count + definition.readableBytes + 6)
+        Wire.withMessage(MessageType.parse, into: &message) { m in
+            m.writeNullTerminatedString(name)
+            m.writeImmutableBuffer(definition)
+        }
+        return message
+    }
+
+    static func simpleMessage(_ type: UInt8) -> ByteBuffer {
+        var message = ByteBufferAllocator().buffer(capacity: 5)
+        Wire.withMessage(type, into: &message) { _ in }
+        return message
+    }
+}
