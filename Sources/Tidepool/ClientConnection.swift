@@ -44,6 +44,11 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// with max_prepared_statements > 0). While it is on, client bytes stay in `inbound` until a
     /// server is linked, because how they are rewritten depends on what that server has prepared.
     var prepared: PreparedStatementTracker?
+    /// Counters for SHOW STATS, handed to the pooler once per transaction.
+    var traffic = TrafficStats()
+    var waitStart: NIODeadline?
+    var statsQueryStart: NIODeadline?
+    var statsTransactionStart: NIODeadline?
 
     var user = ""
     var databaseName = ""
@@ -99,6 +104,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
+        traffic.received += buffer.readableBytes
         if var stash = inbound {
             stash.writeBuffer(&buffer)
             buffer = stash
@@ -110,6 +116,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             inbound = buffer
         }
         if !toServer.isEmpty, case .linked(let server) = state, !swallowingUntilReady {
+            markSent()
             server.send(toServer)
             toServer.removeAll(keepingCapacity: true)
         }
@@ -294,6 +301,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             if case .idle = state {
                 // Stash first: the server may be lent, and the stash read, before requestServer returns.
                 state = .waiting
+                waitStart = NIODeadline.now()
                 inbound = buffer
                 buffer.moveReaderIndex(to: buffer.writerIndex)
                 pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
@@ -342,6 +350,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case .idle:
             pending.append(bytes)
             state = .waiting
+            waitStart = NIODeadline.now()
             pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
         default:
             pending.append(bytes)
@@ -565,6 +574,11 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case .waiting:
             state = .linked(server)
             server.attach(self)
+            traffic.serverAssignments += 1
+            if let start = waitStart {
+                traffic.waitTime += Int((NIODeadline.now() - start).nanoseconds / 1000)
+                waitStart = nil
+            }
             if timeouts.anyEnabled {
                 linkedAt = NIODeadline.now()
                 queryStartedAt = tracker.outstanding > 0 ? linkedAt : nil
@@ -605,7 +619,47 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         pending.removeAll()
         out += toServer
         toServer.removeAll()
-        if !out.isEmpty { server.send(out) }
+        if !out.isEmpty {
+            markSent()
+            server.send(out)
+        }
+    }
+
+    /// Client bytes went to the server: a query (and maybe a transaction) starts, for SHOW STATS.
+    func markSent() {
+        guard statsQueryStart == nil else { return }
+        let now = NIODeadline.now()
+        statsQueryStart = now
+        if statsTransactionStart == nil { statsTransactionStart = now }
+    }
+
+    /// A ReadyForQuery from the server ends a query, and with status idle a transaction.
+    func countReady(_ status: TransactionStatus) {
+        traffic.queries += 1
+        let now = NIODeadline.now()
+        if tracker.isQuiet, let start = statsQueryStart {
+            traffic.queryTime += Int((now - start).nanoseconds / 1000)
+            statsQueryStart = nil
+        }
+        if status == .idle, let start = statsTransactionStart {
+            traffic.transactions += 1
+            traffic.transactionTime += Int((now - start).nanoseconds / 1000)
+            statsTransactionStart = nil
+            if poolMode == .session { handInTraffic() }
+        }
+    }
+
+    /// Adds this client's counters to its database's totals.
+    func handInTraffic() {
+        if prepared != nil {
+            let counts = prepared!.takeCounts()
+            traffic.clientParses += counts.clientParses
+            traffic.serverParses += counts.serverParses
+            traffic.binds += counts.binds
+        }
+        guard !traffic.isZero else { return }
+        pooler.addTraffic(traffic, database: databaseName)
+        traffic = TrafficStats()
     }
 
     func waitFailed(_ error: PoolError) {
@@ -624,6 +678,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Bytes from the linked server.
     func serverData(_ data: ByteBuffer, from sender: ServerConnection) {
         guard case .linked(let server) = state, server === sender else { return }
+        traffic.sent += data.readableBytes
         var buffer = data
         if var stash = serverInbound {
             stash.writeBuffer(&buffer)
@@ -678,6 +733,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                         continue
                     }
                     tracker.serverReady(status)
+                    countReady(status)
                     if prepared != nil { _ = prepared!.serverMessage(type, server: &server.statements) }
                     if timeouts.anyEnabled, tracker.isQuiet {
                         queryStartedAt = nil
@@ -715,6 +771,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func unlink(_ server: ServerConnection, reusable: Bool) {
+        handInTraffic()
         server.detach(from: self)
         state = .idle
         tracker.reset()
@@ -788,6 +845,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             break
         }
         state = .closed
+        if database != nil { handInTraffic() }
         pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
         pooler.unregister(self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil)
         if id != nil, pooler.config.global.logDisconnections {

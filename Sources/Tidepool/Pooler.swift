@@ -326,6 +326,20 @@ public final class Pooler: @unchecked Sendable {
     func timerFired() {
         let now = NIODeadline.now()
         withPool { $0.timerFired(now: now) }
+        let elapsed = now - statsPeriodStart
+        if elapsed >= config.global.statsPeriod {
+            statsPeriodStart = now
+            traffic.withLockedValue { $0.endPeriod(seconds: Double(elapsed.nanoseconds) / 1e9) }
+        }
+    }
+
+    /// Traffic counters per database; clients hand theirs in once per transaction.
+    let traffic = NIOLockedValueBox(TrafficBook())
+    /// Touched by the janitor only.
+    var statsPeriodStart = NIODeadline.now()
+
+    func addTraffic(_ stats: TrafficStats, database: String) {
+        traffic.withLockedValue { $0.add(stats, database: database) }
     }
 
     /// A pool decision with the connections it names looked up (under the same lock).
@@ -469,6 +483,15 @@ public final class Pooler: @unchecked Sendable {
                     current[snap.key.database, default: 0] += snap.lent + snap.idle + snap.connecting
                 }
                 return AdminViews.databases(config, currentConnections: current)
+            case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
+                let book = traffic.withLockedValue { $0 }
+                let databases = Array(Set(snapshots.map(\.key.database)))
+                switch what {
+                case "STATS": return AdminViews.stats(book, databases: databases)
+                case "STATS_TOTALS": return AdminViews.statsTotals(book, databases: databases)
+                case "STATS_AVERAGES": return AdminViews.statsAverages(book, databases: databases)
+                default: return AdminViews.totals(book)
+                }
             case "VERSION":
                 return AdminViews.version(TidepoolCoreVersion.string)
             case "HELP":

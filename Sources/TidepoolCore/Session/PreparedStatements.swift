@@ -264,6 +264,12 @@ public struct PreparedStatementTracker: Sendable {
         return nil
     }
 
+    /// The statement counters since the last call, zeroed: (client Parses, server Parses, Binds).
+    public mutating func takeCounts() -> (clientParses: Int, serverParses: Int, binds: Int) {
+        defer { (clientParseCount, serverParseCount, bindCount) = (0, 0, 0) }
+        return (clientParseCount, serverParseCount, bindCount)
+    }
+
     /// Pooler-wide names a server accepted a Parse for since the last call.
     public mutating func takeAccepted() -> [String] {
         guard !accepted.isEmpty else { return [] }

@@ -1,0 +1,225 @@
+"""Named prepared statements in transaction mode (max_prepared_statements), with real drivers.
+
+Every scenario runs twice, once straight against PostgreSQL and once through a Tidepool pool of two
+servers shared by several connections, and the two transcripts must be identical.
+"""
+
+import asyncio
+import re
+import subprocess
+import threading
+
+import asyncpg
+import psycopg
+import pytest
+
+POOLED = "pool_mode = transaction\ndefault_pool_size = 2\nadmin_users = postgres\n"
+
+
+def show(t, what):
+    with psycopg.connect(host="127.0.0.1", port=t.port, dbname="pgbouncer", user="postgres",
+                         autocommit=True) as admin:
+        cur = admin.execute(f"SHOW {what}")
+        names = [c.name for c in cur.description]
+        rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    return [{k: int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v for k, v in r.items()} for r in rows]
+
+
+def outcome(fn):
+    """A result, or the SQLSTATE of the error it raised."""
+    try:
+        return ("ok", fn())
+    except psycopg.Error as e:
+        return ("error", e.sqlstate or type(e).__name__)
+
+
+def psycopg_transcript(connect):
+    """Queries, statement re-use, an error mid-pipeline and after it, DEALLOCATE ALL."""
+    out = []
+    with connect() as conn:
+        for i in range(30):
+            out.append(outcome(lambda: conn.execute("SELECT %s::int * 2", (i,)).fetchone()))
+            out.append(outcome(lambda: conn.execute("SELECT %s::text || 'x'", (str(i),)).fetchone()))
+        out.append(outcome(lambda: conn.execute("SELECT 1 / %s::int", (0,)).fetchone()))
+        out.append(outcome(lambda: conn.execute("SELECT %s::int + 1", (41,)).fetchone()))
+        # A pipeline with an error in the middle: what follows it is aborted, not run.
+        results = []
+        try:
+            with conn.pipeline():
+                c1 = conn.execute("SELECT %s::int", (1,))
+                c2 = conn.execute("SELECT 1 / %s::int", (0,))
+                c3 = conn.execute("SELECT %s::int", (3,))
+        except psycopg.Error as e:
+            results.append(("pipeline error", e.sqlstate))
+        for c in (c1, c2, c3):
+            results.append(outcome(lambda: c.fetchone()))
+        out.append(results)
+        # A pipeline that works, with statements prepared inside it.
+        with conn.pipeline():
+            cursors = [conn.execute("SELECT %s::int, %s::text", (i, f"v{i}")) for i in range(10)]
+        out.append([c.fetchone() for c in cursors])
+        # A transaction using prepared statements, then DEALLOCATE ALL, then the same statements again.
+        with conn.transaction():
+            out.append(conn.execute("SELECT %s::int * 3", (7,)).fetchone())
+        out.append(outcome(lambda: conn.execute("DEALLOCATE ALL").statusmessage))
+        for i in range(3):
+            out.append(outcome(lambda: conn.execute("SELECT %s::int * 2", (i,)).fetchone()))
+        # Unnamed statements still work beside named ones.
+        out.append(conn.execute("SELECT %s::int - 1", (10,), prepare=False).fetchone())
+    return out
+
+
+def test_psycopg_prepared_statements_match_a_direct_connection(pg, tidepool):
+    t = tidepool(settings=POOLED)
+    direct = psycopg_transcript(lambda: pg.connect(prepare_threshold=0))
+    pooled = psycopg_transcript(lambda: t.connect(prepare_threshold=0))
+    assert pooled == direct
+    assert ("error", "22012") in direct
+
+
+def test_many_clients_reuse_statements_across_transactions_and_servers(pg, tidepool):
+    """Eight psycopg connections share two servers; each prepares the same statements and the
+    pooler prepares them on whichever server it gets."""
+    t = tidepool(settings=POOLED)
+    errors = []
+
+    def worker(n):
+        try:
+            with t.connect(prepare_threshold=0) as conn:
+                for i in range(100):
+                    assert conn.execute("SELECT %s::int + %s::int", (n, i)).fetchone() == (n + i,)
+                    with conn.transaction():
+                        assert conn.execute("SELECT %s::text", (f"{n}-{i}",)).fetchone() == (f"{n}-{i}",)
+                        assert conn.execute("SELECT count(*) FROM generate_series(1, %s::int)",
+                                            (i + 1,)).fetchone() == (i + 1,)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, errors[:3]
+    assert pg.backends() <= 2
+    stats = {row["database"]: row for row in show(t, "STATS")}["postgres"]
+    # 8 clients x 3 statements were parsed by clients; servers saw far fewer Parse messages.
+    assert stats["total_client_parse_count"] >= 24
+    assert 0 < stats["total_server_parse_count"] < stats["total_client_parse_count"] + stats["total_bind_count"]
+    assert stats["total_bind_count"] >= 8 * 300
+
+
+async def asyncpg_transcript(connect):
+    out = []
+    conn = await connect()
+    try:
+        for i in range(20):
+            out.append(await conn.fetchval("SELECT $1::int * 2", i))
+            out.append(await conn.fetchrow("SELECT $1::text AS a, $2::int AS b", f"s{i}", i))
+        stmt = await conn.prepare("SELECT $1::int + 100")
+        for i in range(20):
+            out.append(await stmt.fetchval(i))
+        try:
+            await conn.fetchval("SELECT 1 / $1::int", 0)
+        except asyncpg.PostgresError as e:
+            out.append(("error", e.sqlstate))
+        out.append(await conn.fetchval("SELECT $1::int", 5))
+        async with conn.transaction():
+            out.append(await conn.fetchval("SELECT $1::int * 3", 3))
+            try:
+                async with conn.transaction():  # a savepoint that fails
+                    await conn.fetchval("SELECT 1 / $1::int", 0)
+            except asyncpg.PostgresError as e:
+                out.append(("error", e.sqlstate))
+            out.append(await conn.fetchval("SELECT $1::int * 3", 4))
+        await conn.executemany("SELECT $1::int", [(i,) for i in range(10)])
+        cursor_rows = []
+        async with conn.transaction():
+            async for row in conn.cursor("SELECT g FROM generate_series(1, $1::int) g", 50, prefetch=7):
+                cursor_rows.append(row[0])
+        out.append(cursor_rows)
+    finally:
+        await conn.close()
+    return out
+
+
+def test_asyncpg_prepared_statements_match_a_direct_connection(pg, tidepool):
+    t = tidepool(settings=POOLED)
+
+    async def run():
+        direct = await asyncpg_transcript(
+            lambda: asyncpg.connect(host="127.0.0.1", port=pg.port, user="postgres", database="postgres"))
+        pooled = await asyncpg_transcript(
+            lambda: asyncpg.connect(host="127.0.0.1", port=t.port, user="postgres", database="postgres"))
+        assert pooled == direct
+
+        # Several asyncpg connections at once on the two servers.
+        async def one(n):
+            conn = await asyncpg.connect(host="127.0.0.1", port=t.port, user="postgres", database="postgres")
+            try:
+                for i in range(50):
+                    assert await conn.fetchval("SELECT $1::int + $2::int", n, i) == n + i
+            finally:
+                await conn.close()
+
+        await asyncio.gather(*(one(n) for n in range(6)))
+
+    asyncio.run(run())
+    assert pg.backends() == 0 or pg.backends() <= 2
+
+
+def test_small_server_cache_evicts_and_reprepares(pg, tidepool):
+    """With max_prepared_statements = 2, five statements in turn keep evicting each other on the
+    server; every one still works and the server never holds more than two of them."""
+    t = tidepool(settings=POOLED + "max_prepared_statements = 2\n")
+    with t.connect(prepare_threshold=0) as conn:
+        for round_ in range(4):
+            for k in range(5):
+                assert conn.execute(f"SELECT %s::int + {k}", (round_,)).fetchone() == (round_ + k,)
+                held = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
+                assert held <= 2
+
+
+def test_client_close_and_deallocate_do_not_break_other_clients(pg, tidepool):
+    t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 1\n")
+    with t.connect(prepare_threshold=0) as a, t.connect(prepare_threshold=0) as b:
+        assert a.execute("SELECT %s::int", (1,)).fetchone() == (1,)
+        assert b.execute("SELECT %s::int", (2,)).fetchone() == (2,)  # same text, same server statement
+        a.execute("DEALLOCATE ALL")  # a forgets its statements; the server really drops them
+        assert b.execute("SELECT %s::int", (3,)).fetchone() == (3,)
+        assert a.execute("SELECT %s::int", (4,)).fetchone() == (4,)
+        # psycopg closes its statements with a protocol Close when its own cache overflows.
+        a.prepared_max = 1
+        for k in range(4):
+            assert a.execute(f"SELECT %s::int + {k}", (k,)).fetchone() == (2 * k,)
+            assert b.execute("SELECT %s::int", (k,)).fetchone() == (k,)
+
+
+def test_off_passes_named_statements_through(pg, tidepool):
+    """max_prepared_statements = 0: named statements reach the server as they are, so two clients
+    on one server collide exactly as they would without the feature."""
+    t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 1\nmax_prepared_statements = 0\n")
+    with t.connect(prepare_threshold=0) as a, t.connect(prepare_threshold=0) as b:
+        a.execute("SELECT %s::int", (1,))
+        with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
+            b.execute("SELECT %s::int", (1,))
+
+
+def test_pgbench_prepared_200_clients_on_10_servers(pg, tidepool):
+    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres",
+                    "postgres"], check=True, capture_output=True, timeout=120)
+    t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 10\nmax_client_conn = 1000\n"
+                          "admin_users = postgres\n")
+    cmd = ["pgbench", "-h", "127.0.0.1", "-p", str(t.port), "-U", "postgres", "-c", "200", "-j", "2", "-T", "5",
+           "-n", "-M", "prepared", "postgres"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-3000:]
+    assert re.search(r"number of failed transactions: 0 ", text), text[-3000:]
+    processed = int(re.search(r"number of transactions actually processed: (\d+)", text).group(1))
+    assert processed > 0
+    stats = {row["database"]: row for row in show(t, "STATS")}["postgres"]
+    # Each of pgbench's 7 statements is parsed once per client, but only once per server.
+    assert stats["total_client_parse_count"] >= 200 * 7
+    assert stats["total_server_parse_count"] <= 10 * 7 * 2
+    assert stats["total_bind_count"] >= processed * 7
