@@ -330,7 +330,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             }
             tracker.clientSent(type)
             prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
-            if writeMadeUpReplies() { channel.flush() }
+            if writeMadeUpReplies() {
+                channel.flush()
+                if toServer.isEmpty, serverInbound == nil, mayGiveBack {
+                    unlink(server, reusable: true)
+                    return true
+                }
+            }
         }
         return true
     }
@@ -339,7 +345,17 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func writeMadeUpReplies() -> Bool {
         guard prepared != nil else { return false }
         let replies = prepared!.takeReplies()
-        for reply in replies { channel.write(reply, promise: nil) }
+        for reply in replies {
+            if reply.getInteger(at: reply.readerIndex, as: UInt8.self) == MessageType.readyForQuery,
+                let raw = reply.getInteger(at: reply.readerIndex + 5, as: UInt8.self),
+                let status = TransactionStatus(rawValue: raw)
+            {
+                // Ends a client Query the pooler answered itself, like one from the server.
+                tracker.serverReady(status)
+                countReady(status)
+            }
+            channel.write(reply, promise: nil)
+        }
         return !replies.isEmpty
     }
 
@@ -732,9 +748,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                         flushPending(to: server)
                         continue
                     }
+                    if prepared != nil, !prepared!.serverMessage(type, status: status, server: &server.statements) {
+                        // The ReadyForQuery of the pooler's own Sync or Query.
+                        _ = writeMadeUpReplies()
+                        continue
+                    }
                     tracker.serverReady(status)
                     countReady(status)
-                    if prepared != nil { _ = prepared!.serverMessage(type, server: &server.statements) }
                     if timeouts.anyEnabled, tracker.isQuiet {
                         queryStartedAt = nil
                         quietSince = status == .idle ? nil : NIODeadline.now()

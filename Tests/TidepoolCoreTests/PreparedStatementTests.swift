@@ -382,6 +382,111 @@ final class PreparedHarness {
     }
 }
 
+@Suite struct SQLPreparedStatementTests {
+    typealias H = PreparedHarness
+
+    @Test func recognisesTheCommands() {
+        typealias C = SQLStatementCommand
+        #expect(C.parse("PREPARE foo AS SELECT 1") == .prepare(name: "foo", text: "AS SELECT 1"))
+        #expect(C.parse("  prepare Foo (int) as select $1; ") == .prepare(name: "foo", text: "(int) as select $1"))
+        #expect(C.parse("PREPARE \"My \"\"x\"\"\" AS SELECT 1") == .prepare(name: "My \"x\"", text: "AS SELECT 1"))
+        #expect(C.parse("EXECUTE foo(1, 'a')") == .execute(name: "foo", rest: " (1, 'a')"))
+        #expect(C.parse("execute foo") == .execute(name: "foo", rest: ""))
+        #expect(C.parse("DEALLOCATE foo") == .deallocate(name: "foo"))
+        #expect(C.parse("deallocate prepare foo;") == .deallocate(name: "foo"))
+        #expect(C.parse("DEALLOCATE ALL") == nil)
+        #expect(C.parse("PREPARE a AS SELECT 1; EXECUTE a") == nil)
+        #expect(C.parse("SELECT 1") == nil)
+        #expect(C.parse("EXECUTE") == nil)
+    }
+
+    @Test func prepareThenExecuteOnAnotherServer() {
+        let h = H()
+        h.client(H.query("PREPARE foo AS SELECT 1"))
+        #expect(h.sent.count == 1 && h.sent[0].1.hasPrefix("PREPARE tidepool_"))
+        #expect(h.serverSends("CZ") == "CZ")
+        let serverName = h.tracker.statements["foo"]!.serverName
+        #expect(h.tracker.takeAccepted() == [serverName])
+        // Next transaction, another server: the statement is prepared there first, silently.
+        h.server = ServerStatementCache(capacity: 10)
+        h.sent.removeAll()
+        h.client(H.query("EXECUTE foo"))
+        #expect(h.sent.map(\.1) == ["PREPARE \(serverName) AS SELECT 1", "EXECUTE \(serverName)"])
+        #expect(h.serverSends("CZ") == "")
+        #expect(h.serverSends("TDCZ") == "TDCZ")
+        #expect(h.tracker.isQuiet && h.server.contains(serverName))
+    }
+
+    @Test func executeOfAProtocolStatementInjectsParseAndSync() {
+        let h = H()
+        h.client(H.parse("s1", "select 1"))
+        h.client(H.sync)
+        h.serverSends("1Z")
+        h.server = ServerStatementCache(capacity: 10)
+        h.sent.removeAll()
+        h.client(H.query("EXECUTE s1"))
+        #expect(h.sentTypes == "PSQ")
+        #expect(h.serverSends("1Z") == "")
+        #expect(h.serverSends("TDCZ") == "TDCZ")
+        #expect(h.tracker.isQuiet)
+    }
+
+    @Test func deallocateIsAnsweredForTheClientAlone() {
+        let h = H()
+        h.client(H.query("PREPARE foo AS SELECT 1"))
+        h.serverSends("CZ")
+        h.client(H.query("BEGIN"))
+        h.serverSends("C")
+        _ = h.tracker.serverMessage(MessageType.readyForQuery, status: .inTransaction, server: &h.server)
+        h.sent.removeAll()
+        h.client(H.query("DEALLOCATE foo"))
+        #expect(h.sent.isEmpty)
+        #expect(h.madeUp == [UInt8(ascii: "C"), UInt8(ascii: "Z")])
+        #expect(h.tracker.statements["foo"] == nil)
+        #expect(h.server.count == 1)  // the server keeps it for others
+        // Unknown names go to the server, which answers as PostgreSQL does.
+        h.client(H.query("DEALLOCATE nope"))
+        #expect(h.sent.map(\.1) == ["DEALLOCATE nope"])
+    }
+
+    @Test func madeUpReadyForQueryCarriesTheTransactionStatus() {
+        var t = PreparedStatementTracker()
+        var server = ServerStatementCache(capacity: 4)
+        var out: [ByteBuffer] = []
+        let prepare = H.query("PREPARE foo AS SELECT 1")
+        t.clientMessage(
+            type: MessageType.query, body: prepare.getSlice(at: 5, length: prepare.readableBytes - 5)!,
+            whole: prepare, server: &server, into: &out)
+        _ = t.serverMessage(MessageType.commandComplete, server: &server)
+        _ = t.serverMessage(MessageType.readyForQuery, status: .inTransaction, server: &server)
+        let deallocate = H.query("DEALLOCATE foo")
+        t.clientMessage(
+            type: MessageType.query, body: deallocate.getSlice(at: 5, length: deallocate.readableBytes - 5)!,
+            whole: deallocate, server: &server, into: &out)
+        let replies = t.takeReplies()
+        #expect(replies.count == 2)
+        #expect(replies[1].getInteger(at: 5, as: UInt8.self) == TransactionStatus.inTransaction.rawValue)
+    }
+
+    @Test func duplicatePrepareFailsOnTheServer() {
+        let h = H()
+        h.client(H.query("PREPARE foo AS SELECT 1"))
+        h.serverSends("CZ")
+        h.sent.removeAll()
+        h.client(H.query("PREPARE foo AS SELECT 2"))
+        #expect(h.sent.count == 1 && h.sent[0].1.contains("42P05"))
+        #expect(h.serverSends("EZ") == "EZ")
+        #expect(h.tracker.statements["foo"]?.sqlText == "AS SELECT 1")
+    }
+
+    @Test func failedPrepareLeavesNothing() {
+        let h = H()
+        h.client(H.query("PREPARE foo AS SELEC 1"))
+        #expect(h.serverSends("EZ") == "EZ")
+        #expect(h.tracker.statements["foo"] == nil && h.server.count == 0)
+    }
+}
+
 @Suite struct ServerStatementCacheTests {
     @Test func evictsTheLeastRecentlyUsed() {
         var c = ServerStatementCache(capacity: 2)

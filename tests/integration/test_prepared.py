@@ -44,15 +44,15 @@ def psycopg_transcript(connect):
         out.append(outcome(lambda: conn.execute("SELECT %s::int + 1", (41,)).fetchone()))
         # A pipeline with an error in the middle: what follows it is aborted, not run.
         results = []
+        cursors = []
         try:
             with conn.pipeline():
-                c1 = conn.execute("SELECT %s::int", (1,))
-                c2 = conn.execute("SELECT 1 / %s::int", (0,))
-                c3 = conn.execute("SELECT %s::int", (3,))
+                for args in (("SELECT %s::int", (1,)), ("SELECT 1 / %s::int", (0,)), ("SELECT %s::int", (3,))):
+                    cursors.append(conn.execute(*args))
         except psycopg.Error as e:
+            # Raised at the Sync or at an execute after the error arrived: the error is the same.
             results.append(("pipeline error", e.sqlstate))
-        for c in (c1, c2, c3):
-            results.append(outcome(lambda: c.fetchone()))
+        results.append(outcome(lambda: cursors[0].fetchone()))
         out.append(results)
         # A pipeline that works, with statements prepared inside it.
         with conn.pipeline():
@@ -223,3 +223,42 @@ def test_pgbench_prepared_200_clients_on_10_servers(pg, tidepool):
     assert stats["total_client_parse_count"] >= 200 * 7
     assert stats["total_server_parse_count"] <= 10 * 7 * 2
     assert stats["total_bind_count"] >= processed * 7
+
+
+def sql_transcript(connect_a, connect_b):
+    """SQL PREPARE / EXECUTE / DEALLOCATE from two connections that use the same names."""
+    out = []
+    with connect_a() as a, connect_b() as b:
+        for conn, value in ((a, 1), (b, 2)):
+            out.append(outcome(lambda: conn.execute(f"PREPARE q (int) AS SELECT $1 + {value}").statusmessage))
+        for i in range(5):
+            out.append(outcome(lambda: a.execute(f"EXECUTE q ({i})").fetchone()))
+            out.append(outcome(lambda: b.execute(f"EXECUTE q ({i})").fetchone()))
+        out.append(outcome(lambda: a.execute("PREPARE q AS SELECT 0").statusmessage))  # duplicate
+        out.append(outcome(lambda: a.execute("DEALLOCATE q").statusmessage))
+        out.append(outcome(lambda: a.execute("EXECUTE q (1)").fetchone()))  # gone for a only
+        out.append(outcome(lambda: b.execute("EXECUTE q (1)").fetchone()))
+        out.append(outcome(lambda: a.execute("DEALLOCATE q").statusmessage))  # twice: an error
+        with a.transaction():
+            out.append(outcome(lambda: a.execute("PREPARE r AS SELECT 'in tx'").statusmessage))
+            out.append(outcome(lambda: a.execute("EXECUTE r").fetchone()))
+        out.append(outcome(lambda: a.execute("EXECUTE r").fetchone()))
+        # A failed duplicate inside a transaction block aborts it, as in PostgreSQL.
+        try:
+            with a.transaction():
+                a.execute("PREPARE r AS SELECT 1")
+        except psycopg.Error as e:
+            out.append(("tx error", e.sqlstate))
+        out.append(outcome(lambda: a.execute("EXECUTE r").fetchone()))
+    return out
+
+
+def test_sql_prepare_execute_deallocate_are_per_client(pg, tidepool):
+    """Two clients share one server and use the same statement name for different queries: each
+    sees only its own, as with two direct connections."""
+    t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 1\n")
+    direct = sql_transcript(lambda: pg.connect(), lambda: pg.connect())
+    pooled = sql_transcript(lambda: t.connect(), lambda: t.connect())
+    assert pooled == direct
+    assert ("ok", (4,)) in direct and ("ok", (5,)) in direct
+    assert ("error", "42P05") in direct and ("error", "26000") in direct

@@ -60,6 +60,8 @@ public struct PreparedStatementTracker: Sendable {
         public var serverName: String
         /// The Parse body after the statement name: query text and parameter types.
         public var definition: ByteBuffer
+        /// For a statement made with SQL PREPARE: what followed its name ("(types) AS query").
+        public var sqlText: String? = nil
     }
 
     enum Undo: Sendable {
@@ -77,10 +79,17 @@ public struct PreparedStatementTracker: Sendable {
         /// The pooler's own Close of an evicted statement; its CloseComplete is swallowed.
         case injectedClose(server: String)
         /// An answer made up by the pooler, given to the client when its turn comes.
-        case reply(ByteBuffer, undo: Undo?)
+        /// `ready`: a ReadyForQuery with the transaction status of the moment follows.
+        case reply(ByteBuffer, undo: Undo?, ready: Bool = false)
         /// A simple Query running DISCARD ALL or DEALLOCATE ALL: once it succeeds, neither the client
         /// nor the server has any prepared statement.
         case clearingQuery(failed: Bool)
+        /// A client's SQL PREPARE sent under the pooler-wide name; an error means neither has it.
+        case sqlPrepare(client: String, server: String, failed: Bool)
+        /// The pooler's own simple Query (SQL PREPARE before an EXECUTE): all it answers is swallowed.
+        case injectedQuery(server: String, failed: Bool)
+        /// The pooler's own Sync after an injected Parse; its ReadyForQuery is swallowed.
+        case injectedSync
 
         var isPlain: Bool {
             if case .pass = self { return true }
@@ -98,6 +107,8 @@ public struct PreparedStatementTracker: Sendable {
     private var dueReplies: [ByteBuffer] = []
     /// Statements a server accepted, not yet taken by `takeAccepted`.
     private var accepted: [String] = []
+    /// The transaction status of the last ReadyForQuery, for made-up ones.
+    private var lastStatus = TransactionStatus.idle
 
     /// Named Parse messages from the client.
     public private(set) var clientParseCount = 0
@@ -206,9 +217,15 @@ public struct PreparedStatementTracker: Sendable {
             append(.reply(Self.simpleMessage(UInt8(ascii: "3")), undo: .restore(name, statement)))
             return
         case MessageType.query:
-            if let sql = WireDecode.queryText(body), Self.clearsStatements(sql) {
+            guard let sql = WireDecode.queryText(body) else { break }
+            if Self.clearsStatements(sql) {
                 out.append(whole)
                 append(.clearingQuery(failed: false))
+                return
+            }
+            if let command = SQLStatementCommand.parse(sql),
+                sqlCommand(command, server: &server, into: &out)
+            {
                 return
             }
         default:
@@ -277,6 +294,70 @@ public struct PreparedStatementTracker: Sendable {
         return accepted
     }
 
+    /// SQL PREPARE, EXECUTE and DEALLOCATE of a statement name, alone in a Query. Returns false when
+    /// the Query goes to the server as it is.
+    private mutating func sqlCommand(
+        _ command: SQLStatementCommand, server: inout ServerStatementCache, into out: inout [ByteBuffer]
+    ) -> Bool {
+        switch command {
+        case .prepare(let name, let text):
+            if statements[name] != nil {
+                // PostgreSQL's own error, raised by the server so the transaction fails as it would.
+                let message = String("prepared statement \"\(name)\" already exists".flatMap { $0 == "'" ? ["'", "'"] : [$0] })
+                out.append(
+                    Self.queryMessage(
+                        "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '\(SQLState.duplicatePreparedStatement)', "
+                            + "MESSAGE = '\(message)'; END$tidepool$"))
+                append(.pass(MessageType.query))
+                return true
+            }
+            let serverName = Self.serverName(forSQL: text)
+            statements[name] = Statement(
+                serverName: serverName, definition: ByteBuffer(), sqlText: text)
+            clientParseCount += 1
+            if server.contains(serverName) {
+                server.touch(serverName)
+                var done = ByteBufferAllocator().buffer(capacity: 16)
+                Wire.commandComplete("PREPARE", into: &done)
+                append(.reply(done, undo: .forget(name), ready: true))
+            } else {
+                makeRoom(for: serverName, on: &server, into: &out)
+                out.append(Self.queryMessage("PREPARE \(serverName) \(text)"))
+                serverParseCount += 1
+                append(.sqlPrepare(client: name, server: serverName, failed: false))
+            }
+            return true
+        case .execute(let name, let rest):
+            guard let statement = statements[name] else { return false }
+            bindCount += 1
+            if !server.contains(statement.serverName) {
+                makeRoom(for: statement.serverName, on: &server, into: &out)
+                serverParseCount += 1
+                if let text = statement.sqlText {
+                    out.append(Self.queryMessage("PREPARE \(statement.serverName) \(text)"))
+                    append(.injectedQuery(server: statement.serverName, failed: false))
+                } else {
+                    out.append(Self.parseMessage(statement.serverName, statement.definition))
+                    append(.injectedParse(server: statement.serverName))
+                    out.append(Self.simpleMessage(MessageType.sync))
+                    append(.injectedSync)
+                }
+            } else {
+                server.touch(statement.serverName)
+            }
+            out.append(Self.queryMessage("EXECUTE \(statement.serverName)\(rest)"))
+            append(.pass(MessageType.query))
+            return true
+        case .deallocate(let name):
+            guard let statement = statements[name] else { return false }
+            statements[name] = nil
+            var done = ByteBufferAllocator().buffer(capacity: 16)
+            Wire.commandComplete("DEALLOCATE", into: &done)
+            append(.reply(done, undo: .restore(name, statement), ready: true))
+            return true
+        }
+    }
+
     /// Answers made up by the pooler that are now due, to be written to the client in order.
     public mutating func takeReplies() -> [ByteBuffer] {
         guard !dueReplies.isEmpty else { return [] }
@@ -288,27 +369,57 @@ public struct PreparedStatementTracker: Sendable {
 
     /// One message from the server, by type. Returns whether it goes on to the client; afterwards,
     /// `takeReplies` gives the made-up answers that follow it.
-    public mutating func serverMessage(_ type: UInt8, server: inout ServerStatementCache) -> Bool {
+    public mutating func serverMessage(
+        _ type: UInt8, status: TransactionStatus = .idle, server: inout ServerStatementCache
+    ) -> Bool {
+        if case .injectedQuery(let name, let failed) = queue.first {
+            // Everything the pooler's own Query answers is swallowed; its ReadyForQuery ends it.
+            if type == MessageType.errorResponse {
+                queue[queue.startIndex] = .injectedQuery(server: name, failed: true)
+            } else if type == MessageType.readyForQuery {
+                if failed { server.remove(name) } else { accepted.append(name) }
+                pop(server: &server)
+                releaseDueReplies()
+            }
+            return type == MessageType.parameterStatus
+        }
         switch type {
         case MessageType.noticeResponse, MessageType.parameterStatus, UInt8(ascii: "A"):
             return true  // may come at any time
         case MessageType.readyForQuery:
+            lastStatus = status
             // Ends the Sync, Query or FunctionCall at the front; anything before it was skipped.
+            var forward = true
             while let entry = queue.first {
                 pop(server: &server, skipped: !Self.isReadyTerminated(entry))
                 if Self.isReadyTerminated(entry) {
-                    if case .clearingQuery(let failed) = entry, !failed {
+                    switch entry {
+                    case .clearingQuery(let failed) where !failed:
                         statements.removeAll()
                         server.removeAll()
+                    case .sqlPrepare(let client, let name, let failed):
+                        if failed {
+                            server.remove(name)
+                            if statements[client]?.serverName == name { statements[client] = nil }
+                        } else {
+                            accepted.append(name)
+                        }
+                    case .injectedSync:
+                        forward = false
+                    default:
+                        break
                     }
                     break
                 }
             }
             releaseDueReplies()
-            return true
+            return forward
         case MessageType.errorResponse:
             guard let entry = queue.first else { return true }
             switch entry {
+            case .sqlPrepare(let client, let name, _):
+                queue[queue.startIndex] = .sqlPrepare(client: client, server: name, failed: true)
+                return true
             case .pass(let t) where t == MessageType.query || t == MessageType.sync || t == MessageType.functionCall:
                 return true  // the ReadyForQuery ends it
             case .clearingQuery:
@@ -319,6 +430,7 @@ public struct PreparedStatementTracker: Sendable {
                 pop(server: &server, failed: true)
                 while let next = queue.first {
                     if case .pass(let t) = next, t == MessageType.sync { break }
+                    if case .injectedSync = next { break }
                     pop(server: &server, skipped: true)
                 }
                 releaseDueReplies()
@@ -346,7 +458,7 @@ public struct PreparedStatementTracker: Sendable {
                     forward = false
                     pop(server: &server)
                 }
-            case .reply, .clearingQuery:
+            case .reply, .clearingQuery, .sqlPrepare, .injectedQuery, .injectedSync:
                 break
             }
             releaseDueReplies()
@@ -364,8 +476,13 @@ public struct PreparedStatementTracker: Sendable {
 
     /// Moves made-up answers at the front of the queue to `dueReplies`.
     private mutating func releaseDueReplies() {
-        while case .reply(let bytes, _) = queue.first {
+        while case .reply(let bytes, _, let ready) = queue.first {
             dueReplies.append(bytes)
+            if ready {
+                var z = ByteBufferAllocator().buffer(capacity: 6)
+                Wire.readyForQuery(lastStatus, into: &z)
+                dueReplies.append(z)
+            }
             queue.removeFirst()
             specials -= 1
         }
@@ -384,13 +501,18 @@ public struct PreparedStatementTracker: Sendable {
             server.remove(serverName)
         case .injectedClose(let serverName):
             server.restore(serverName)
-        case .reply(_, let undo):
+        case .reply(_, let undo, _):
             switch undo {
             case .forget(let name): statements[name] = nil
             case .restore(let name, let statement): statements[name] = statement
             case nil: break
             }
-        case .pass, .clearingQuery:
+        case .sqlPrepare(let client, let serverName, _):
+            server.remove(serverName)
+            if statements[client]?.serverName == serverName { statements[client] = nil }
+        case .injectedQuery(let serverName, _):
+            server.remove(serverName)
+        case .pass, .clearingQuery, .injectedSync:
             break
         }
     }
@@ -424,7 +546,7 @@ public struct PreparedStatementTracker: Sendable {
     static func isReadyTerminated(_ entry: Entry) -> Bool {
         switch entry {
         case .pass(let t): return t == MessageType.query || t == MessageType.sync || t == MessageType.functionCall
-        case .clearingQuery: return true
+        case .clearingQuery, .sqlPrepare, .injectedQuery, .injectedSync: return true
         default: return false
         }
     }
@@ -456,6 +578,20 @@ public struct PreparedStatementTracker: Sendable {
         return name
     }
 
+    /// The pooler-wide name of a statement made with SQL PREPARE, from what followed its name.
+    public static func serverName(forSQL text: String) -> String {
+        var definition = ByteBufferAllocator().buffer(capacity: text.utf8.count + 4)
+        definition.writeString("sql:")
+        definition.writeString(text)
+        return serverName(for: definition)
+    }
+
+    static func queryMessage(_ sql: String) -> ByteBuffer {
+        var message = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 6)
+        Wire.query(sql, into: &message)
+        return message
+    }
+
     /// DISCARD ALL, DEALLOCATE ALL and DEALLOCATE PREPARE ALL, alone in a Query.
     public static func clearsStatements(_ sql: String) -> Bool {
         var words = sql.lowercased().split(whereSeparator: { $0 == " " || $0 == "\n" || $0 == "\t" || $0 == "\r" })
@@ -481,5 +617,79 @@ public struct PreparedStatementTracker: Sendable {
         var message = ByteBufferAllocator().buffer(capacity: 5)
         Wire.withMessage(type, into: &message) { _ in }
         return message
+    }
+}
+
+/// SQL PREPARE, EXECUTE and DEALLOCATE of one statement name, alone in a simple Query.
+public enum SQLStatementCommand: Equatable, Sendable {
+    /// `text` is what follows the name: "[(types)] AS query".
+    case prepare(name: String, text: String)
+    /// `rest` is what follows the name: " (parameters)" or "".
+    case execute(name: String, rest: String)
+    case deallocate(name: String)
+
+    /// Recognises the commands; nil for anything else, several statements, or DEALLOCATE ALL.
+    public static func parse(_ sql: String) -> SQLStatementCommand? {
+        var text = Substring(sql)
+        while let c = text.first, c.isWhitespace { text = text.dropFirst() }
+        while let c = text.last, c.isWhitespace || c == ";" { text = text.dropLast() }
+        guard !text.contains(";"), !text.hasPrefix("--"), !text.hasPrefix("/*") else { return nil }
+        guard let verb = keyword(&text) else { return nil }
+        switch verb {
+        case "prepare":
+            guard let name = identifier(&text), !text.isEmpty else { return nil }
+            let rest = text.drop(while: { $0.isWhitespace })
+            guard rest.lowercased().hasPrefix("as") || rest.hasPrefix("(") else { return nil }
+            return .prepare(name: name, text: String(rest))
+        case "execute":
+            guard let name = identifier(&text) else { return nil }
+            let rest = text.drop(while: { $0.isWhitespace })
+            guard rest.isEmpty || rest.hasPrefix("(") else { return nil }
+            return .execute(name: name, rest: rest.isEmpty ? "" : " " + rest)
+        case "deallocate":
+            var probe = text
+            if keyword(&probe) == "prepare" { text = probe }
+            guard let name = identifier(&text), text.allSatisfy(\.isWhitespace) else { return nil }
+            if name == "all" { return nil }
+            return .deallocate(name: name)
+        default:
+            return nil
+        }
+    }
+
+    /// A bare word, lowercased, after optional whitespace.
+    static func keyword(_ text: inout Substring) -> String? {
+        text = text.drop(while: { $0.isWhitespace })
+        let word = text.prefix(while: { $0.isLetter })
+        guard !word.isEmpty else { return nil }
+        text = text.dropFirst(word.count)
+        return word.lowercased()
+    }
+
+    /// An SQL identifier: folded to lower case unless double-quoted.
+    static func identifier(_ text: inout Substring) -> String? {
+        text = text.drop(while: { $0.isWhitespace })
+        if text.first == "\"" {
+            var name = ""
+            var rest = text.dropFirst()
+            while let c = rest.first {
+                rest = rest.dropFirst()
+                if c == "\"" {
+                    if rest.first == "\"" {
+                        name.append("\"")
+                        rest = rest.dropFirst()
+                        continue
+                    }
+                    text = rest
+                    return name.isEmpty ? nil : name
+                }
+                name.append(c)
+            }
+            return nil
+        }
+        let word = text.prefix(while: { $0.isLetter || $0.isNumber || $0 == "_" || $0 == "$" })
+        guard let first = word.first, first.isLetter || first == "_" else { return nil }
+        text = text.dropFirst(word.count)
+        return word.lowercased()
     }
 }

@@ -39,6 +39,7 @@ public enum SQLState {
     public static let activeSQLTransaction = "25001"
     public static let insufficientPrivilege = "42501"
     public static let syntaxError = "42601"
+    public static let duplicatePreparedStatement = "42P05"
     public static let internalError = "XX000"
     public static let invalidParameterValue = "22023"
 }
