@@ -17,6 +17,17 @@ DURATION = int(os.environ.get("DURATION", "10"))
 CLIENTS = [int(c) for c in os.environ.get("CLIENTS", "20 200 1000 5000").split()]
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 THREADS = int(os.environ.get("THREADS", str(os.cpu_count())))
+MODES = os.environ.get("MODES", "simple extended prepared").split()
+
+
+def pgbouncer_version():
+    out = subprocess.run(["pgbouncer", "-V"], capture_output=True, text=True).stdout
+    m = re.search(r"(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+# PgBouncer keeps named prepared statements working in transaction mode from 1.21 on.
+BOUNCER_PREPARED = pgbouncer_version() >= (1, 21)
 POOL = 20
 WORK = tempfile.mkdtemp(prefix="tidepool-bench-")
 os.chmod(WORK, 0o755)
@@ -114,7 +125,7 @@ max_client_conn = 20000
 log_connections = 0
 log_disconnections = 0
 logfile = {WORK}/pgbouncer.log
-""")
+""" + ("max_prepared_statements = 200\n" if BOUNCER_PREPARED else ""))
     os.chmod(ini, 0o644)
     os.chmod(users, 0o644)
     cmd = ["pgbouncer", ini]
@@ -201,19 +212,23 @@ def main():
         commands.append(direct["cmd"])
         rows.append(("direct PostgreSQL", 20, "simple", direct, None))
         for clients in CLIENTS:
-            for mode in ("simple", "extended"):
+            for mode in MODES:
                 results = {"tidepool": [], "pgbouncer": []}
+                # An older PgBouncer cannot run -M prepared in transaction mode at all.
+                poolers = (tidepool, bouncer) if mode != "prepared" or BOUNCER_PREPARED else (tidepool,)
                 for _ in range(ROUNDS):
-                    for pooler in (tidepool, bouncer):
+                    for pooler in poolers:
                         r = measure(pooler, clients, mode)
                         results[pooler.name].append(r)
                         commands.append(r["cmd"])
                         print(f"  {pooler.name:9} c={clients:5} {mode:8} tps={r['tps']:9.0f} "
                               f"p99={r['p99']:7.1f}ms failed={r['failed']}", file=sys.stderr, flush=True)
                 t = {k: mean([r[k] for r in results["tidepool"]]) for k in ("tps", "avg", "p99", "cpu_per_100k")}
-                p = {k: mean([r[k] for r in results["pgbouncer"]]) for k in ("tps", "avg", "p99", "cpu_per_100k")}
+                p = None
+                if results["pgbouncer"]:
+                    p = {k: mean([r[k] for r in results["pgbouncer"]]) for k in ("tps", "avg", "p99", "cpu_per_100k")}
+                    p["failed"] = sum(r["failed"] for r in results["pgbouncer"])
                 t["failed"] = sum(r["failed"] for r in results["tidepool"])
-                p["failed"] = sum(r["failed"] for r in results["pgbouncer"])
                 rows.append(("pair", clients, mode, t, p))
         conn_t = pgbench(tidepool.port, 20, "-S", "-C", duration=DURATION)
         conn_p = pgbench(bouncer.port, 20, "-S", "-C", duration=DURATION)
@@ -242,6 +257,11 @@ def main():
                  "PgBouncer avg / p99 ms | CPU s per 100k tx (T / P) | failed (T / P) |")
     lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, clients, mode, t, p in rows:
+        if p is None and label == "pair":
+            lines.append(f"| {clients} | {mode} | {t['tps']:.0f} | n/a (PgBouncer {'.'.join(map(str, pgbouncer_version()))} "
+                         f"has no prepared statements in transaction mode) | | {t['avg']:.2f} / {t['p99']:.2f} | | "
+                         f"{t['cpu_per_100k']:.2f} | {t['failed']} |")
+            continue
         if p is None:
             lines.append(f"| {clients} | {mode} | direct PostgreSQL: {t['tps']:.0f} | | | "
                          f"{t['avg']:.2f} / {t['p99']:.2f} | | | {t['failed']} |")
@@ -259,7 +279,8 @@ def main():
     lines.append("<details><summary>Commands</summary>\n")
     lines.append("```")
     lines.append("scripts/bench.sh  # " + " ".join(f"{k}={os.environ[k]}" for k in
-                                                   ("DURATION", "CLIENTS", "ROUNDS", "THREADS") if k in os.environ))
+                                                   ("DURATION", "CLIENTS", "ROUNDS", "THREADS", "MODES")
+                                                   if k in os.environ))
     shown = [re.sub(r"-p \d+", "-p PORT", re.sub(r"--log-prefix=\S+", "--log-prefix=DIR/tx", c)) for c in commands]
     for c in dict.fromkeys(shown):
         lines.append(c)

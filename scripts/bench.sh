@@ -5,6 +5,7 @@
 #   scripts/bench.sh                 full run (about 10 minutes)
 #   DURATION=5 CLIENTS="20 200" scripts/bench.sh     shorter
 #   THREADS=2                        Tidepool's event-loop threads (default: number of cores)
+#   MODES="extended prepared"       pgbench protocols to run (default: simple extended prepared)
 #   NO_RECORD=1                      print only, do not touch BENCHMARKS.md
 . "$(dirname "$0")/lib.sh"
 cd "$TIDEPOOL_ROOT"

@@ -46,6 +46,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var prepared: PreparedStatementTracker?
     /// Counters for SHOW STATS, handed to the pooler once per transaction.
     var traffic = TrafficStats()
+    /// The number of the lend that linked the current server.
+    var lease: UInt64 = 0
     var waitStart: NIODeadline?
     var statsQueryStart: NIODeadline?
     var statsTransactionStart: NIODeadline?
@@ -291,6 +293,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Returns false when it needs more bytes or a server first.
     func processPrepared(_ buffer: inout ByteBuffer) throws -> Bool {
         guard case .linked(let server) = state, !swallowingUntilReady else {
+            if case .idle = state, buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) == MessageType.terminate {
+                closeReason = "client close request"
+                finish()
+                channel.close(promise: nil)
+                return false
+            }
             if case .idle = state,
                 let answer = prepared!.answerWithoutServer(buffer, isKnown: { pooler.isKnownStatement($0) })
             {
@@ -311,8 +319,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         guard
             let chunk = try scanner.next(
                 from: &buffer,
-                classify: { type in
-                    if type == MessageType.terminate || PreparedStatementTracker.inspects(type) { return .inspect }
+                peek: { type, bytes, bodyStart in
+                    if type == MessageType.terminate
+                        || PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart)
+                    {
+                        return .inspect
+                    }
                     tracker.clientSent(type)
                     prepared!.clientForwarded(type)
                     return .forward
@@ -575,7 +587,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: Pool events (called on this event loop)
 
-    func lent(_ server: ServerConnection) {
+    func lent(_ server: ServerConnection, lease: UInt64) {
         switch state {
         case .awaitingWelcome:
             // The server was only needed for its parameters.
@@ -589,7 +601,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             }
         case .waiting:
             state = .linked(server)
-            server.attach(self)
+            self.lease = lease
+            server.attach(self, lease: lease)
             traffic.serverAssignments += 1
             if let start = waitStart {
                 traffic.waitTime += Int((NIODeadline.now() - start).nanoseconds / 1000)
@@ -792,7 +805,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func unlink(_ server: ServerConnection, reusable: Bool) {
         handInTraffic()
-        server.detach(from: self)
+        server.detach(from: self, lease: lease)
         state = .idle
         tracker.reset()
         if timeouts.anyEnabled { idleSince = NIODeadline.now() }
@@ -851,7 +864,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             // A cancel still on its way could hit the next client's query: such a server is closed.
             let clean =
                 tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && (prepared?.isQuiet ?? true)
-            server.detach(from: self)
+            server.detach(from: self, lease: lease)
             let global = pooler.config.global
             let reset = global.serverResetQuery
             if clean, poolMode == .session || global.serverResetQueryAlways, !reset.isEmpty {

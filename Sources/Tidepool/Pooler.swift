@@ -347,6 +347,7 @@ public final class Pooler: @unchecked Sendable {
         var action: PoolAction
         var client: ClientConnection?
         var server: ServerConnection?
+        var lease: UInt64 = 0
     }
 
     /// Runs a pool event and looks up what its actions name in one lock acquisition, then carries
@@ -363,7 +364,10 @@ public final class Pooler: @unchecked Sendable {
             return actions.map { action in
                 switch action {
                 case .lend(let serverID, let clientID):
-                    return Resolved(action: action, client: s.clients[clientID], server: s.servers[serverID])
+                    let server = s.servers[serverID]
+                    server?.leasesIssued += 1  // under the lock: lends of a server are numbered in order
+                    return Resolved(
+                        action: action, client: s.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
                 case .failClient(let clientID, _):
                     return Resolved(action: action, client: s.clients[clientID], server: nil)
                 case .check(let serverID, _):
@@ -388,7 +392,8 @@ public final class Pooler: @unchecked Sendable {
                     release(server, reusable: true)
                     continue
                 }
-                client.onLoop { client.lent(server) }
+                let lease = item.lease
+                client.onLoop { client.lent(server, lease: lease) }
             case .connect(let serverID, let key, let loop):
                 connect(serverID, pool: key, loop: loop)
             case .close:

@@ -50,6 +50,11 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     var inbound: ByteBuffer?
     var scanner = MessageScanner()
     var owner: ClientConnection?
+    /// Lends of this server are numbered under the pool lock (`leasesIssued`); the server follows
+    /// only the newest (`leases`, on its loop), so an attach or detach that reaches its loop late
+    /// (queued from another loop behind a newer lend) changes nothing.
+    var leasesIssued: UInt64 = 0
+    var leases = LeaseTracker()
     var loginTimeout: Scheduled<Void>?
     let database: DatabaseEntry?
 
@@ -278,24 +283,24 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: Used by the linked client (from any event loop)
 
-    /// Links the server to a client: from now on every byte read goes to it.
-    func attach(_ client: ClientConnection) {
+    /// Links the server to a client for lend number `lease`: from now on every byte read goes to it.
+    func attach(_ client: ClientConnection, lease: UInt64) {
         onLoop {
             if case .closed = self.phase {
                 // It died between being lent and being linked: nobody else will tell the client.
                 client.onLoop { client.serverLost(self) }
-            } else {
+            } else if self.leases.attach(lease) {
                 self.owner = client
             }
         }
     }
 
-    /// Unlinks the server from `client`. Only that client's link is undone: a detach that reaches
-    /// the server's loop after the server was already lent to the next client must not cut that
-    /// client off (the next client may run on the server's loop and attach without queueing).
-    func detach(from client: ClientConnection) {
+    /// Ends lend number `lease`. A detach (or an attach) of an older lend that reaches the server's
+    /// loop after a newer one must not cut the newer client off: the newer client may run on the
+    /// server's loop and attach at once, while the older lend's tasks still wait in its queue.
+    func detach(from client: ClientConnection, lease: UInt64) {
         onLoop {
-            if self.owner === client { self.owner = nil }
+            if self.leases.detach(lease) { self.owner = nil }
         }
     }
 

@@ -409,3 +409,20 @@ extension [PoolAction] {
         #expect(pool.resume(database: nil, now: clock.now).connects.count == 1)
     }
 }
+
+@Suite struct LeaseTrackerTests {
+    @Test func lateAttachAndDetachOfOlderLendsChangeNothing() {
+        var leases = LeaseTracker()
+        // Lend 7 attaches at once on the server's own loop while lends 3..6 still wait in its queue.
+        #expect(leases.attach(7))
+        for old in UInt64(3)...6 {
+            #expect(!leases.attach(old))
+            #expect(!leases.detach(old))
+        }
+        #expect(leases.attached && leases.current == 7)
+        #expect(leases.detach(7))
+        #expect(!leases.attached)
+        #expect(!leases.detach(7))  // twice
+        #expect(leases.attach(8))
+    }
+}

@@ -71,7 +71,7 @@ final class PreparedHarness {
     /// Sends one client message through the tracker, as the runtime does.
     func client(_ whole: ByteBuffer) {
         let type = whole.getInteger(at: whole.readerIndex, as: UInt8.self)!
-        if PreparedStatementTracker.inspects(type) {
+        if PreparedStatementTracker.inspects(type, whole, bodyStart: whole.readerIndex + 5) {
             let body = whole.getSlice(at: whole.readerIndex + 5, length: whole.readableBytes - 5)!
             var out: [ByteBuffer] = []
             tracker.clientMessage(type: type, body: body, whole: whole, server: &server, into: &out)
@@ -152,11 +152,12 @@ final class PreparedHarness {
 
     @Test func parseOfAStatementTheServerHasIsAnsweredInOrder() {
         let h = H()
-        let name = PreparedStatementTracker.serverName(for: {
-            var b = H.parse("x", "select 1")
-            b.moveReaderIndex(forwardBy: 7)
-            return b
-        }())
+        let name = PreparedStatementTracker.serverName(
+            for: {
+                var b = H.parse("x", "select 1")
+                b.moveReaderIndex(forwardBy: 7)
+                return b
+            }())
         _ = h.server.insert(name)
         // A query is still running: the made-up ParseComplete must come after its answers.
         h.client(H.query("select 2"))
@@ -263,11 +264,12 @@ final class PreparedHarness {
 
     @Test func errorMidPipelineDropsMadeUpRepliesAfterIt() {
         let h = H()
-        let known = PreparedStatementTracker.serverName(for: {
-            var b = H.parse("x", "select 1")
-            b.moveReaderIndex(forwardBy: 7)
-            return b
-        }())
+        let known = PreparedStatementTracker.serverName(
+            for: {
+                var b = H.parse("x", "select 1")
+                b.moveReaderIndex(forwardBy: 7)
+                return b
+            }())
         _ = h.server.insert(known)
         h.client(H.parse("", "select 1/0"))
         h.client(H.bind(""))
@@ -367,6 +369,25 @@ final class PreparedHarness {
         var sync2 = H.sync
         bind.writeBuffer(&sync2)
         #expect(t.answerWithoutServer(bind, isKnown: { _ in true }) == nil)
+    }
+
+    @Test func onlyNamedStatementsAndStatementCommandsAreInspected() {
+        func inspects(_ m: ByteBuffer) -> Bool {
+            PreparedStatementTracker.inspects(m.getInteger(at: 0, as: UInt8.self)!, m, bodyStart: 5)
+        }
+        #expect(inspects(H.parse("s1", "select 1")))
+        #expect(!inspects(H.parse("", "select 1")))
+        #expect(inspects(H.bind("s1")))
+        #expect(!inspects(H.bind("")))
+        #expect(inspects(H.describe("s1")) && !inspects(H.describe("")))
+        #expect(inspects(H.close("s1")) && !inspects(H.close("")))
+        #expect(!inspects(H.query("select 1")) && !inspects(H.query("  BEGIN")))
+        for sql in ["DISCARD ALL", " deallocate x", "PREPARE a AS SELECT 1", "\nexecute a"] {
+            #expect(inspects(H.query(sql)))
+        }
+        // Bytes not arrived yet: look at the whole message to be safe.
+        #expect(inspects(H.parse("s1", "x").getSlice(at: 0, length: 5)!))
+        #expect(!inspects(H.sync) && !inspects(H.execute))
     }
 
     @Test func unnamedStatementsPassThroughUntouched() {

@@ -81,3 +81,12 @@ def test_few_clients_many_transactions_across_event_loops(tidepool, pg, pgbench_
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "number of transactions actually processed: 12000/12000" in out.stdout
+
+
+def test_connection_per_transaction_from_several_threads(pg, tidepool, pgbench_data):
+    """pgbench -C: every transaction is a new client, from two threads, onto 10 servers on several
+    event loops. Regression: a server lent on its own loop while the previous lends' attach and
+    detach were still queued there lost its owner, and the client's answer was dropped (a hang)."""
+    t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 10\nmax_client_conn = 500\n")
+    for _ in range(3):
+        run_pgbench(t, 20, "-S", "-C", seconds=3)

@@ -124,7 +124,8 @@ public enum AdminViews {
     }
 
     public static let helpText = [
-        "SHOW HELP|POOLS|LISTS|DATABASES|CONFIG|VERSION", "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS", "PAUSE [<db>]", "RESUME [<db>]", "RELOAD",
+        "SHOW HELP|POOLS|LISTS|DATABASES|CONFIG|VERSION", "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
+        "PAUSE [<db>]", "RESUME [<db>]", "RELOAD",
     ]
 
     /// SHOW CONFIG: every setting with its value; secrets never appear.

@@ -126,3 +126,28 @@ public struct PoolSnapshot: Equatable, Sendable {
     public var maxWait: TimeAmount
     public var settings: PoolSettings
 }
+
+/// Which lend of a server connection is current, from attach and detach events that may reach the
+/// server out of order: lends are numbered when the pool decides them, and an attach or detach of
+/// an older lend than the newest seen changes nothing.
+public struct LeaseTracker: Sendable {
+    public private(set) var current: UInt64 = 0
+    public private(set) var attached = false
+
+    public init() {}
+
+    /// Lend `lease` links its client; false when a newer lend was already seen.
+    public mutating func attach(_ lease: UInt64) -> Bool {
+        guard lease > current else { return false }
+        current = lease
+        attached = true
+        return true
+    }
+
+    /// Lend `lease` ends; false when it is not the current one.
+    public mutating func detach(_ lease: UInt64) -> Bool {
+        guard lease == current, attached else { return false }
+        attached = false
+        return true
+    }
+}

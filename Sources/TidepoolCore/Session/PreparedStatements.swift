@@ -124,12 +124,34 @@ public struct PreparedStatementTracker: Sendable {
 
     // MARK: Client messages
 
-    /// Whether a client message must be handed to `clientMessage` whole; all others are forwarded
-    /// and reported through `clientForwarded`.
-    public static func inspects(_ type: UInt8) -> Bool {
+    /// Whether a client message needs `clientMessage`, from its type and the first bytes of its body
+    /// (from `bodyStart` in `buffer`, as far as they have arrived). Parse, Bind, Describe and Close of
+    /// the unnamed statement, and of portals, go through untouched; so does a Query that cannot be
+    /// DISCARD, DEALLOCATE, PREPARE or EXECUTE.
+    @inlinable
+    public static func inspects(_ type: UInt8, _ buffer: ByteBuffer, bodyStart: Int) -> Bool {
+        @inline(__always) func byte(_ i: Int) -> UInt8? {
+            i < buffer.writerIndex ? buffer.getInteger(at: i, as: UInt8.self) : nil
+        }
         switch type {
-        case MessageType.parse, MessageType.bind, MessageType.describe, MessageType.close, MessageType.query:
-            return true
+        case MessageType.parse:
+            return byte(bodyStart) != 0
+        case MessageType.bind:
+            // Portal name, then statement name; only the unnamed portal is looked past.
+            guard byte(bodyStart) == 0 else { return true }
+            return byte(bodyStart + 1) != 0
+        case MessageType.describe, MessageType.close:
+            guard let kind = byte(bodyStart) else { return true }
+            return kind != UInt8(ascii: "P") && byte(bodyStart + 1) != 0
+        case MessageType.query:
+            var i = bodyStart
+            while let c = byte(i), c == 32 || c == 9 || c == 10 || c == 13 { i += 1 }
+            guard let c = byte(i) else { return true }
+            // d(iscard|eallocate), p(repare), e(xecute), either case.
+            switch c | 0x20 {
+            case UInt8(ascii: "d"), UInt8(ascii: "p"), UInt8(ascii: "e"): return true
+            default: return false
+            }
         default:
             return false
         }
@@ -138,7 +160,8 @@ public struct PreparedStatementTracker: Sendable {
     /// A client message forwarded untouched.
     public mutating func clientForwarded(_ type: UInt8) {
         switch type {
-        case MessageType.execute, MessageType.sync, MessageType.functionCall:
+        case MessageType.execute, MessageType.sync, MessageType.functionCall, MessageType.query,
+            MessageType.parse, MessageType.bind, MessageType.describe, MessageType.close:
             append(.pass(type))
         default:
             break  // Flush and COPY traffic are not answered on their own
@@ -303,7 +326,8 @@ public struct PreparedStatementTracker: Sendable {
         case .prepare(let name, let text):
             if statements[name] != nil {
                 // PostgreSQL's own error, raised by the server so the transaction fails as it would.
-                let message = String("prepared statement \"\(name)\" already exists".flatMap { $0 == "'" ? ["'", "'"] : [$0] })
+                let message = String(
+                    "prepared statement \"\(name)\" already exists".flatMap { $0 == "'" ? ["'", "'"] : [$0] })
                 out.append(
                     Self.queryMessage(
                         "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '\(SQLState.duplicatePreparedStatement)', "

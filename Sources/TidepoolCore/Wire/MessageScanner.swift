@@ -40,6 +40,15 @@ public struct MessageScanner: Sendable {
     public mutating func next(
         from buffer: inout ByteBuffer, classify: (UInt8) -> MessageDisposition
     ) throws(WireError) -> Chunk? {
+        try next(from: &buffer, peek: { type, _, _ in classify(type) })
+    }
+
+    /// As `next(from:classify:)`, but `peek` also gets the buffer and the index where the message's
+    /// body starts, to look at its first bytes (which may not have arrived: check `writerIndex`).
+    @inlinable
+    public mutating func next(
+        from buffer: inout ByteBuffer, peek classify: (UInt8, ByteBuffer, Int) -> MessageDisposition
+    ) throws(WireError) -> Chunk? {
         let start = buffer.readerIndex
         var cursor = start
         let end = buffer.writerIndex
@@ -55,12 +64,13 @@ public struct MessageScanner: Sendable {
             let length = Int(buffer.getInteger(at: cursor + 1, as: Int32.self)!)
             guard length >= 4 else { throw .invalidLength(length) }
             guard length <= maxMessageLength else { throw .messageTooLarge(length, limit: maxMessageLength) }
-            if classify(type) == .inspect {
+            if classify(type, buffer, cursor + 5) == .inspect {
                 // A message to inspect ends the run before it, and is handed over alone.
                 if cursor > start { break }
                 guard end - cursor >= 1 + length else { return nil }
                 let whole = buffer.readSlice(length: length + 1)!
-                return .message(type: type, body: whole.getSlice(at: whole.readerIndex + 5, length: length - 4)!, whole: whole)
+                return .message(
+                    type: type, body: whole.getSlice(at: whole.readerIndex + 5, length: length - 4)!, whole: whole)
             }
             bytesLeftInMessage = length + 1
         }
