@@ -414,15 +414,18 @@ extension [PoolAction] {
     @Test func lateAttachAndDetachOfOlderLendsChangeNothing() {
         var leases = LeaseTracker()
         // Lend 7 attaches at once on the server's own loop while lends 3..6 still wait in its queue.
-        #expect(leases.attach(7))
+        let attachedNewest = leases.attach(7)
+        #expect(attachedNewest)
         for old in UInt64(3)...6 {
-            #expect(!leases.attach(old))
-            #expect(!leases.detach(old))
+            let attached = leases.attach(old)
+            let detached = leases.detach(old)
+            #expect(!attached && !detached)
         }
         #expect(leases.attached && leases.current == 7)
-        #expect(leases.detach(7))
-        #expect(!leases.attached)
-        #expect(!leases.detach(7))  // twice
-        #expect(leases.attach(8))
+        let detached = leases.detach(7)
+        let detachedTwice = leases.detach(7)
+        #expect(detached && !detachedTwice && !leases.attached)
+        let next = leases.attach(8)
+        #expect(next)
     }
 }
