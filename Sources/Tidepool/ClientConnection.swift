@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOCore
 import TidepoolCore
@@ -51,6 +52,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var waitStart: NIODeadline?
     var statsQueryStart: NIODeadline?
     var statsTransactionStart: NIODeadline?
+    /// The first bytes of the request being timed, kept (as a slice) only with log_slow_query_ms.
+    var slowQueryRequest: ByteBuffer?
+    /// log_slow_query_ms in microseconds as it was at login (0 = off).
+    var slowQueryThreshold = 0
 
     var user = ""
     var databaseName = ""
@@ -62,6 +67,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var cancelKey: (Int32, Int32)?
     var loginTimeout: Scheduled<Void>?
     let connectedAt = NIODeadline.now()
+    let connectedAtWallClock = Date().timeIntervalSince1970
     var closeReason = "client close request"
     var joinedPool = false
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
@@ -107,6 +113,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         traffic.received += buffer.readableBytes
+        if statsQueryStart == nil, slowQueryThreshold > 0 {
+            slowQueryRequest = buffer.getSlice(at: buffer.readerIndex, length: min(buffer.readableBytes, 160))
+        }
         if var stash = inbound {
             stash.writeBuffer(&buffer)
             buffer = stash
@@ -396,33 +405,34 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         case MessageType.query:
             let sql = WireDecode.queryText(body) ?? ""
+            let command: AdminCommand
             do throws(PostgresError) {
-                let command = try AdminCommand.parse(sql)
+                command = try AdminCommand.parse(sql)
                 if readOnly, !command.isReadOnly {
                     throw PostgresError(
                         code: SQLState.insufficientPrivilege, message: "admin command requires an admin_users user")
                 }
-                if case .pause(let database) = command {
-                    // Answer once every server of the paused pools is back.
-                    let channel = self.channel
-                    pooler.pause(database: database).whenSuccess {
-                        var reply = channel.allocator.buffer(capacity: 32)
-                        Wire.commandComplete("PAUSE", into: &reply)
-                        Wire.readyForQuery(.idle, into: &reply)
-                        channel.writeAndFlush(reply, promise: nil)
-                    }
-                    return
-                }
-                let result = try pooler.admin(command)
-                if result.tag.isEmpty {
-                    Wire.emptyQueryResponse(into: &out)
-                } else {
-                    result.encode(into: &out)
-                }
             } catch {
                 Wire.errorResponse(error, into: &out)
+                Wire.readyForQuery(.idle, into: &out)
+                channel.writeAndFlush(out, promise: nil)
+                return
             }
-            Wire.readyForQuery(.idle, into: &out)
+            let channel = self.channel
+            pooler.admin(command, on: channel.eventLoop).whenComplete { result in
+                var reply = channel.allocator.buffer(capacity: 1024)
+                switch result {
+                case .success(let table):
+                    if table.tag.isEmpty { Wire.emptyQueryResponse(into: &reply) } else { table.encode(into: &reply) }
+                case .failure(let error):
+                    Wire.errorResponse(
+                        error as? PostgresError ?? PostgresError(code: SQLState.internalError, message: "\(error)"),
+                        into: &reply)
+                }
+                Wire.readyForQuery(.idle, into: &reply)
+                channel.writeAndFlush(reply, promise: nil)
+            }
+            return
         case MessageType.sync:
             Wire.errorResponse(
                 PostgresError(
@@ -541,8 +551,14 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             sendFatal(.fatal(SQLState.invalidCatalogName, "database \"\(databaseName)\" does not exist"))
             return
         }
+        if pooler.isDisabled(databaseName) {
+            closeReason = "database disabled"
+            sendFatal(.fatal(SQLState.cannotConnectNow, "database \"\(databaseName)\" does not allow connections"))
+            return
+        }
         self.database = database
         timeouts = config.clientTimeouts(user: user)
+        slowQueryThreshold = Int(config.global.logSlowQuery.nanoseconds / 1000)
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
         poolMode = config.poolMode(database: database, user: user)
@@ -605,7 +621,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             server.attach(self, lease: lease)
             traffic.serverAssignments += 1
             if let start = waitStart {
-                traffic.waitTime += Int((NIODeadline.now() - start).nanoseconds / 1000)
+                let waited = Int((NIODeadline.now() - start).nanoseconds / 1000)
+                traffic.waitTime += waited
+                pooler.loopLatency[loopIndex].book.record(.wait, microseconds: UInt64(waited), database: databaseName)
                 waitStart = nil
             }
             if timeouts.anyEnabled {
@@ -654,6 +672,22 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
+    /// log_slow_query_ms: database, user, client address, duration and the statement's first bytes.
+    func logSlowQuery(microseconds: Int) {
+        var text = ""
+        if var request = slowQueryRequest, let type = request.readInteger(as: UInt8.self),
+            request.readInteger(as: Int32.self) != nil
+        {
+            if type == MessageType.parse { _ = request.readNullTerminatedString() }
+            if type == MessageType.query || type == MessageType.parse {
+                let bytes = request.readBytes(length: min(request.readableBytes, 100)) ?? []
+                text = String(decoding: bytes.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+        }
+        logger.warning(
+            "slow query: db=\(databaseName) user=\(user) client=\(peer) duration=\(microseconds / 1000) ms: \(text)")
+    }
+
     /// Client bytes went to the server: a query (and maybe a transaction) starts, for SHOW STATS.
     func markSent() {
         guard statsQueryStart == nil else { return }
@@ -666,13 +700,19 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func countReady(_ status: TransactionStatus) {
         traffic.queries += 1
         let now = NIODeadline.now()
+        let latency = pooler.loopLatency[loopIndex]
         if tracker.isQuiet, let start = statsQueryStart {
-            traffic.queryTime += Int((now - start).nanoseconds / 1000)
+            let took = Int((now - start).nanoseconds / 1000)
+            traffic.queryTime += took
+            latency.book.record(.query, microseconds: UInt64(took), database: databaseName)
             statsQueryStart = nil
+            if slowQueryThreshold > 0, took >= slowQueryThreshold { logSlowQuery(microseconds: took) }
         }
         if status == .idle, let start = statsTransactionStart {
+            let took = Int((now - start).nanoseconds / 1000)
             traffic.transactions += 1
-            traffic.transactionTime += Int((now - start).nanoseconds / 1000)
+            traffic.transactionTime += took
+            latency.book.record(.transaction, microseconds: UInt64(took), database: databaseName)
             statsTransactionStart = nil
             if poolMode == .session { handInTraffic() }
         }

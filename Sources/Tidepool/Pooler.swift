@@ -44,6 +44,13 @@ public final class Pooler: @unchecked Sendable {
         var clients: [ObjectIdentifier: ClientConnection] = [:]
     }
 
+    /// SHOW LATENCY's histograms of each event loop, touched only on that loop.
+    let loopLatency: [LoopLatency]
+
+    final class LoopLatency: @unchecked Sendable {
+        var book = LatencyBook()
+    }
+
     struct CancelKey: Hashable {
         var processID: Int32
         var secretKey: Int32
@@ -62,6 +69,10 @@ public final class Pooler: @unchecked Sendable {
         var shuttingDown = false
         /// Logged-in clients per pool, for SHOW POOLS.
         var poolClients: [PoolKey: Int] = [:]
+        /// DISABLE: databases that refuse new clients.
+        var disabled: Set<String> = []
+        /// SUSPEND: set until RESUME.
+        var suspended = false
     }
 
     public init(
@@ -75,6 +86,7 @@ public final class Pooler: @unchecked Sendable {
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
         self.loops = Array(group.makeIterator())
         self.loopClients = loops.map { _ in LoopClients() }
+        self.loopLatency = loops.map { _ in LoopLatency() }
     }
 
     // MARK: Start and stop
@@ -329,7 +341,15 @@ public final class Pooler: @unchecked Sendable {
         let elapsed = now - statsPeriodStart
         if elapsed >= config.global.statsPeriod {
             statsPeriodStart = now
-            traffic.withLockedValue { $0.endPeriod(seconds: Double(elapsed.nanoseconds) / 1e9) }
+            let book = traffic.withLockedValue { t -> TrafficBook in
+                t.endPeriod(seconds: Double(elapsed.nanoseconds) / 1e9)
+                return t
+            }
+            for (index, loop) in loops.enumerated() {
+                let latency = loopLatency[index]
+                loop.execute { latency.book.endPeriod() }
+            }
+            if config.global.logStats { logStats(book) }
         }
     }
 
@@ -337,6 +357,17 @@ public final class Pooler: @unchecked Sendable {
     let traffic = NIOLockedValueBox(TrafficBook())
     /// Touched by the janitor only.
     var statsPeriodStart = NIODeadline.now()
+
+    /// log_stats: one line per database with the last period's rates and averages.
+    func logStats(_ book: TrafficBook) {
+        for (database, delta) in book.lastPeriod.sorted(by: { $0.key < $1.key }) {
+            let a = delta.averages(overSeconds: book.lastPeriodSeconds)
+            let line =
+                "stats: instance=\(instanceID) db=\(database) \(a[1]) xacts/s, \(a[2]) queries/s, in \(a[3]) B/s, "
+                + "out \(a[4]) B/s, xact \(a[5]) us, query \(a[6]) us, wait \(a[7]) us"
+            logger.info("\(line)")
+        }
+    }
 
     func addTraffic(_ stats: TrafficStats, database: String) {
         traffic.withLockedValue { $0.add(stats, database: database) }
@@ -455,69 +486,6 @@ public final class Pooler: @unchecked Sendable {
     }
 
     /// Runs one admin console command.
-    func admin(_ command: AdminCommand) throws(PostgresError) -> AdminResult {
-        switch command {
-        case .empty:
-            return AdminResult(columns: [], rows: [], tag: "")
-        case .show(let what):
-            let now = NIODeadline.now()
-            let (snapshots, poolClients, clientCount) = shared.withLockedValue {
-                ($0.pools.snapshot(now: now), $0.poolClients, $0.clientCount)
-            }
-            switch what {
-            case "POOLS":
-                var counts: [PoolKey: PoolClientCounts] = [:]
-                var modes: [PoolKey: PoolMode] = [:]
-                for snap in snapshots {
-                    let total = poolClients[snap.key] ?? 0
-                    counts[snap.key] = PoolClientCounts(active: max(total - snap.waiting, 0), waiting: snap.waiting)
-                    if let db = config.database(named: snap.key.database) {
-                        modes[snap.key] = config.poolMode(database: db, user: snap.key.user)
-                    }
-                }
-                return AdminViews.pools(snapshots, clients: counts, modes: modes)
-            case "LISTS":
-                return AdminViews.lists(
-                    databases: config.databases.count, users: config.users.count, pools: snapshots.count,
-                    clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
-                    serversIdle: snapshots.reduce(0) { $0 + $1.idle },
-                    serversLogin: snapshots.reduce(0) { $0 + $1.connecting })
-            case "DATABASES":
-                var current: [String: Int] = [:]
-                for snap in snapshots {
-                    current[snap.key.database, default: 0] += snap.lent + snap.idle + snap.connecting
-                }
-                return AdminViews.databases(config, currentConnections: current)
-            case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
-                let book = traffic.withLockedValue { $0 }
-                let databases = Array(Set(snapshots.map(\.key.database)))
-                switch what {
-                case "STATS": return AdminViews.stats(book, databases: databases)
-                case "STATS_TOTALS": return AdminViews.statsTotals(book, databases: databases)
-                case "STATS_AVERAGES": return AdminViews.statsAverages(book, databases: databases)
-                default: return AdminViews.totals(book)
-                }
-            case "VERSION":
-                return AdminViews.version(TidepoolCoreVersion.string)
-            case "HELP":
-                return AdminResult(columns: ["help"], rows: AdminViews.helpText.map { [$0] })
-            case "CONFIG":
-                return AdminViews.config(config.displaySettings)
-            default:
-                throw PostgresError(code: SQLState.syntaxError, message: "unknown SHOW item \(what), use SHOW HELP;")
-            }
-        case .reload:
-            try reload()
-            return AdminResult(columns: [], rows: [], tag: "RELOAD")
-        case .resume(let database):
-            let now = NIODeadline.now()
-            withPool { $0.resume(database: database, now: now) }
-            logger.info("RESUME \(database ?? "all databases")")
-            return AdminResult(columns: [], rows: [], tag: "RESUME")
-        default:
-            throw PostgresError(code: SQLState.featureNotSupported, message: "this admin command is not supported yet")
-        }
-    }
 
     /// RELOAD: reads the configuration and auth file again and applies them to the pools (sizes,
     /// limits, timeouts) without dropping a client. An invalid configuration is rejected and the
@@ -568,7 +536,12 @@ public final class Pooler: @unchecked Sendable {
     }
 
     public func resume(database: String?) {
-        _ = try? admin(.resume(database))
+        let now = NIODeadline.now()
+        withPool { $0.resume(database: database, now: now) }
+        shared.withLockedValue { s in
+            if database == nil { s.suspended = false }
+        }
+        logger.info("RESUME \(database ?? "all databases")")
     }
 
     /// Stops accepting new clients.

@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOCore
 import TidepoolCore
@@ -58,6 +59,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     var loginTimeout: Scheduled<Void>?
     let database: DatabaseEntry?
 
+    let connectedAtWallClock = Date().timeIntervalSince1970
     /// ParameterStatus values as this backend last reported them.
     var parameters: [String: String] = [:]
     var processID: Int32 = 0

@@ -429,3 +429,29 @@ extension [PoolAction] {
         #expect(next)
     }
 }
+
+final class ReconnectTests {
+    @Test func reconnectClosesIdleServersNowAndLentOnesWhenBack() {
+        var pools = PoolStateMachine()
+        let key = PoolKey(database: "app", user: "u")
+        let now = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        _ = pools.configure(key, settings: PoolSettings(poolSize: 2), now: now)
+        // Two clients each get a server; the first gives it back.
+        var servers: [ServerID] = []
+        for c in 1...2 {
+            let actions = pools.clientWantsServer(ClientID(UInt64(c)), pool: key, loop: 0, now: now)
+            for case .connect(let id, _, _) in actions { servers.append(id) }
+        }
+        #expect(servers.count == 2)
+        for id in servers { _ = pools.serverConnected(id, now: now) }
+        _ = pools.serverReleased(servers[0], reusable: true, now: now)
+        let actions = pools.reconnect(database: "app", now: now)
+        #expect(actions.contains(.close(servers[0])))
+        #expect(pools.closeNeededCount(database: "app") == 1)
+        #expect(pools.isCloseNeeded(servers[1]))
+        #expect(pools.closeNeededCount(database: "other") == 0)
+        let back = pools.serverReleased(servers[1], reusable: true, now: now)
+        #expect(back.contains(.close(servers[1])))
+        #expect(pools.closeNeededCount(database: nil) == 0)
+    }
+}

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 
 /// A command of the admin console (the `pooler` / `pgbouncer` virtual database).
@@ -6,8 +7,25 @@ public enum AdminCommand: Equatable, Sendable {
     case pause(String?)
     case resume(String?)
     case reload
-    case shutdown
+    case shutdown(ShutdownMode)
+    case suspend
+    case disable(String)
+    case enable(String)
+    case reconnect(String?)
+    case kill(String?)
+    case killClient(String)
+    case waitClose(String?)
+    case set(key: String, value: String)
     case empty
+
+    public enum ShutdownMode: Equatable, Sendable {
+        /// At once (SIGQUIT).
+        case immediate
+        /// Once every server in use is back (SIGINT).
+        case waitForServers
+        /// Once every client has left (SIGTERM).
+        case waitForClients
+    }
 
     /// Parses one statement; case and a trailing semicolon do not matter.
     public static func parse(_ sql: String) throws(PostgresError) -> AdminCommand {
@@ -16,15 +34,51 @@ public enum AdminCommand: Equatable, Sendable {
         let words = text.split(whereSeparator: { $0.isWhitespace }).map { String($0) }
         guard let verb = words.first?.uppercased() else { return .empty }
         let argument = words.count > 1 ? words[1] : nil
+        if verb == "SET" { return try parseSet(text.dropFirst(3)) }
         switch (verb, words.count) {
         case ("SHOW", 2): return .show(words[1].uppercased())
         case ("PAUSE", 1...2): return .pause(argument)
         case ("RESUME", 1...2): return .resume(argument)
         case ("RELOAD", 1): return .reload
-        case ("SHUTDOWN", 1): return .shutdown
+        case ("SHUTDOWN", 1): return .shutdown(.immediate)
+        case ("SHUTDOWN", 2) where argument!.uppercased() == "WAIT_FOR_SERVERS": return .shutdown(.waitForServers)
+        case ("SHUTDOWN", 2) where argument!.uppercased() == "WAIT_FOR_CLIENTS": return .shutdown(.waitForClients)
+        case ("SUSPEND", 1): return .suspend
+        case ("DISABLE", 2): return .disable(argument!)
+        case ("ENABLE", 2): return .enable(argument!)
+        case ("RECONNECT", 1...2): return .reconnect(argument)
+        case ("KILL", 1...2): return .kill(argument)
+        case ("KILL_CLIENT", 2): return .killClient(argument!)
+        case ("WAIT_CLOSE", 1...2): return .waitClose(argument)
         default:
             throw PostgresError(code: SQLState.syntaxError, message: "invalid command '\(text)', use SHOW HELP;")
         }
+    }
+
+    /// `SET key = value` (or `key TO value`); the value may be quoted with single quotes.
+    static func parseSet(_ rest: Substring) throws(PostgresError) -> AdminCommand {
+        let text = rest.trimmingSpaces
+        let separator = text.firstIndex(of: "=")
+        var key: Substring
+        var value: Substring
+        if let separator {
+            key = text[..<separator]
+            value = text[text.index(after: separator)...]
+        } else if let range = text.range(of: " to ", options: .caseInsensitive) {
+            key = text[..<range.lowerBound]
+            value = text[range.upperBound...]
+        } else {
+            throw PostgresError(code: SQLState.syntaxError, message: "expected SET key = value")
+        }
+        key = key.trimmingSpaces
+        value = value.trimmingSpaces
+        if value.count >= 2, value.first == "'", value.last == "'" {
+            value = value.dropFirst().dropLast()
+        }
+        guard !key.isEmpty, !key.contains(" ") else {
+            throw PostgresError(code: SQLState.syntaxError, message: "expected SET key = value")
+        }
+        return .set(key: key.lowercased(), value: String(value).replacingDoubledQuotes)
     }
 
     /// Whether users in stats_users (not admin_users) may run it.
@@ -99,7 +153,9 @@ public enum AdminViews {
         return AdminResult(columns: ["list", "items"], rows: items.map { [$0.0, "\($0.1)"] })
     }
 
-    public static func databases(_ config: Config, currentConnections: [String: Int]) -> AdminResult {
+    public static func databases(
+        _ config: Config, currentConnections: [String: Int], paused: Set<String> = [], disabled: Set<String> = []
+    ) -> AdminResult {
         let columns = [
             "name", "host", "port", "database", "force_user", "pool_size", "min_pool_size", "reserve_pool_size",
             "server_lifetime", "pool_mode", "load_balance_hosts", "max_connections", "current_connections",
@@ -113,7 +169,7 @@ public enum AdminViews {
                 "\(d.reservePoolSize ?? config.global.reservePoolSize)",
                 "\(config.global.serverLifetime.nanoseconds / 1_000_000_000)", d.poolMode?.rawValue, nil,
                 "\(d.maxDBConnections ?? config.global.maxDBConnections)", "\(currentConnections[name] ?? 0)", "0",
-                "0", "0", "0",
+                "0", paused.contains(name) ? "1" : "0", disabled.contains(name) ? "1" : "0",
             ]
         }
         return AdminResult(columns: columns, rows: rows)
@@ -124,14 +180,134 @@ public enum AdminViews {
     }
 
     public static let helpText = [
-        "SHOW HELP|POOLS|LISTS|DATABASES|CONFIG|VERSION", "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
-        "PAUSE [<db>]", "RESUME [<db>]", "RELOAD",
+        "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION", "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
+        "SHOW LATENCY|LISTS|STATE|MEM", "SET key = arg", "RELOAD", "PAUSE [<db>]", "RESUME [<db>]", "DISABLE <db>",
+        "ENABLE <db>", "RECONNECT [<db>]", "KILL [<db>]", "KILL_CLIENT <id>", "SUSPEND", "SHUTDOWN",
+        "SHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS", "WAIT_CLOSE [<db>]",
     ]
 
     /// SHOW CONFIG: every setting with its value; secrets never appear.
     public static func config(_ settings: [(String, String)]) -> AdminResult {
         AdminResult(
             columns: ["key", "value", "default", "changeable"],
-            rows: settings.sorted { $0.0 < $1.0 }.map { [$0.0, $0.1, nil, "no"] })
+            rows: settings.sorted { $0.0 < $1.0 }.map { [$0.0, $0.1, nil, Config.fixedAtStart.contains($0.0) ? "no" : "yes"] })
+    }
+}
+
+extension Substring {
+    var trimmingSpaces: Substring {
+        var s = self
+        while let c = s.first, c.isWhitespace { s = s.dropFirst() }
+        while let c = s.last, c.isWhitespace { s = s.dropLast() }
+        return s
+    }
+}
+
+extension String {
+    var replacingDoubledQuotes: String {
+        var out = ""
+        var previousQuote = false
+        for c in self {
+            if c == "'", previousQuote {
+                previousQuote = false
+                continue
+            }
+            previousQuote = c == "'"
+            out.append(c)
+        }
+        return out
+    }
+}
+
+/// One client or server connection as SHOW CLIENTS and SHOW SERVERS list it.
+public struct ConnectionRow: Sendable, Equatable {
+    public var user = ""
+    public var database = ""
+    /// active, waiting, idle, used, tested, login...
+    public var state = ""
+    public var address = ""
+    public var port = 0
+    public var localAddress = ""
+    public var localPort = 0
+    /// Seconds since the epoch.
+    public var connectTime = 0.0
+    public var requestTime = 0.0
+    public var waitMicroseconds = 0
+    public var closeNeeded = false
+    public var id = ""
+    /// The id of the connection at the other end of the link, if any.
+    public var link = ""
+    public var remotePID = 0
+    public var applicationName = ""
+    public var preparedStatements = 0
+
+    public init() {}
+}
+
+extension AdminViews {
+    static let connectionColumns = [
+        "type", "user", "database", "replication", "state", "addr", "port", "local_addr", "local_port",
+        "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link", "remote_pid", "tls",
+        "application_name", "prepared_statements", "id",
+    ]
+
+    static func timestamp(_ seconds: Double) -> String {
+        guard seconds > 0 else { return "" }
+        let date = Date(timeIntervalSince1970: seconds)
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss 'UTC'"
+        return formatter.string(from: date)
+    }
+
+    /// SHOW CLIENTS (type C) and SHOW SERVERS (type S), PgBouncer 1.25's columns.
+    public static func connections(_ rows: [ConnectionRow], type: String) -> AdminResult {
+        let sorted = rows.sorted { ($0.database, $0.user, $0.id) < ($1.database, $1.user, $1.id) }
+        return AdminResult(
+            columns: connectionColumns,
+            rows: sorted.map { r in
+                [
+                    type, r.user, r.database, "none", r.state, r.address, "\(r.port)", r.localAddress,
+                    "\(r.localPort)", timestamp(r.connectTime), timestamp(r.requestTime),
+                    "\(r.waitMicroseconds / 1_000_000)", "\(r.waitMicroseconds % 1_000_000)", r.closeNeeded ? "1" : "0",
+                    "\(type)-\(r.id)", r.link.isEmpty ? nil : r.link, "\(r.remotePID)", nil, r.applicationName,
+                    "\(r.preparedStatements)", r.id,
+                ]
+            })
+    }
+
+    /// SHOW USERS: the [users] entries and every user with a pool.
+    public static func users(_ config: Config, poolUsers: [String], serverConnections: [String: Int]) -> AdminResult {
+        let columns = [
+            "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections", "current_connections",
+            "max_user_client_connections", "current_client_connections",
+        ]
+        let names = Set(config.users.keys).union(poolUsers).sorted()
+        let rows: [[String?]] = names.map { name in
+            let u = config.users[name]
+            return [
+                name, u?.poolSize.map { "\($0)" } ?? "", "", (u?.poolMode ?? config.global.poolMode).rawValue,
+                "\(u?.maxUserConnections ?? config.global.maxUserConnections)", "\(serverConnections[name] ?? 0)",
+                "0", "0",
+            ]
+        }
+        return AdminResult(columns: columns, rows: rows)
+    }
+
+    /// SHOW STATE: whether the pooler is active, paused or suspended, and which instance this is.
+    public static func state(paused: Bool, suspended: Bool, instanceID: String, uptimeSeconds: Int) -> AdminResult {
+        let rows: [[String?]] = [
+            ["active", !paused && !suspended ? "yes" : "no"], ["paused", paused ? "yes" : "no"],
+            ["suspended", suspended ? "yes" : "no"], ["instance_id", instanceID], ["uptime", "\(uptimeSeconds)"],
+        ]
+        return AdminResult(columns: ["key", "value"], rows: rows)
+    }
+
+    /// SHOW MEM: Tidepool's own figures in PgBouncer's columns (name, size, used, free, memtotal).
+    public static func memory(_ items: [(name: String, size: Int, used: Int)]) -> AdminResult {
+        AdminResult(
+            columns: ["name", "size", "used", "free", "memtotal"],
+            rows: items.map { [$0.name, "\($0.size)", "\($0.used)", "0", "\($0.size * $0.used)"] })
     }
 }

@@ -59,6 +59,15 @@ public struct GlobalSettings: Equatable, Sendable {
     public var ignoreStartupParameters: [String] = []
     public var applicationNameAddHost = false
     public var statsPeriod = TimeAmount.seconds(60)
+    /// Log one line of rates and averages per database every stats_period.
+    public var logStats = true
+    /// Log queries slower than this (0 = off).
+    public var logSlowQuery = TimeAmount.zero
+    /// HTTP listener for /metrics and /health (off when the port is 0).
+    public var statsListenAddr = "127.0.0.1"
+    public var statsListenPort = 0
+    /// Told apart in logs, SHOW STATE and metrics; empty means host-pid.
+    public var instanceID = ""
     public var serverRoundRobin = false
     public var disablePqexec = false
     public var tcpKeepalive = true
@@ -155,6 +164,10 @@ public struct Config: Equatable, Sendable {
             return ms % 1000 == 0 ? "\(ms / 1000)" : "\(Double(ms) / 1000)"
         }
         return [
+            ("stats_period", secs(g.statsPeriod)), ("log_stats", g.logStats ? "1" : "0"),
+            ("log_slow_query_ms", "\(g.logSlowQuery.nanoseconds / 1_000_000)"),
+            ("stats_listen_addr", g.statsListenAddr), ("stats_listen_port", "\(g.statsListenPort)"),
+            ("instance_id", g.instanceID),
             ("listen_addr", g.listenAddr), ("listen_port", "\(g.listenPort)"), ("unix_socket_dir", g.unixSocketDir),
             ("auth_type", g.authType.rawValue), ("auth_file", g.authFile ?? ""), ("pool_mode", g.poolMode.rawValue),
             ("default_pool_size", "\(g.defaultPoolSize)"), ("min_pool_size", "\(g.minPoolSize)"),
@@ -316,6 +329,11 @@ public struct Config: Equatable, Sendable {
         case "ignore_startup_parameters": global.ignoreStartupParameters = v.list()
         case "application_name_add_host": global.applicationNameAddHost = try v.bool()
         case "stats_period": global.statsPeriod = try v.duration()
+        case "log_stats": global.logStats = try v.bool()
+        case "log_slow_query_ms": global.logSlowQuery = .milliseconds(Int64(try v.int(0...86_400_000)))
+        case "stats_listen_addr": global.statsListenAddr = entry.value
+        case "stats_listen_port": global.statsListenPort = try v.int(0...65535)
+        case "instance_id": global.instanceID = entry.value
         case "server_round_robin": global.serverRoundRobin = try v.bool()
         case "disable_pqexec": global.disablePqexec = try v.bool()
         case "tcp_keepalive": global.tcpKeepalive = try v.bool()
@@ -329,6 +347,29 @@ public struct Config: Equatable, Sendable {
             warnings.append("\(entry.file):\(entry.line): \(entry.key) is accepted but has no effect")
         default:
             warnings.append("\(entry.file):\(entry.line): unknown setting \(entry.key); ignored")
+        }
+    }
+}
+
+extension Config {
+    /// Settings that take effect only at start: SET refuses them, RELOAD warns about them.
+    public static let fixedAtStart: Set<String> = [
+        "listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "logfile", "pidfile", "user",
+        "threads", "stats_listen_addr", "stats_listen_port", "instance_id", "auth_file",
+    ]
+
+    /// SET key = value from the admin console: a global setting changed at run time.
+    public mutating func set(_ key: String, _ value: String) throws(PostgresError) {
+        guard !Self.fixedAtStart.contains(key) else {
+            throw PostgresError(code: SQLState.cantChangeRuntimeParam, message: "\(key) cannot be changed at run time")
+        }
+        guard displaySettings.contains(where: { $0.0 == key }) else {
+            throw PostgresError(code: SQLState.undefinedObject, message: "unknown setting \(key)")
+        }
+        do {
+            try applyGlobal(IniEntry(section: "pooler", key: key, value: value, file: "SET", line: 0))
+        } catch {
+            throw PostgresError(code: SQLState.invalidParameterValue, message: error.message)
         }
     }
 }

@@ -31,6 +31,8 @@ public struct PoolStateMachine: Sendable {
         var createdAt: NIODeadline
         /// Set when a younger server of the pool failed its check: check this one before use too.
         var suspect = false
+        /// RECONNECT: closed instead of reused once it comes back.
+        var closeNeeded = false
     }
 
     struct Pool: Sendable {
@@ -152,7 +154,7 @@ public struct PoolStateMachine: Sendable {
     public mutating func serverReleased(_ id: ServerID, reusable: Bool, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], case .lent = server.state else { return [] }
         var actions: [PoolAction] = []
-        if !reusable || now >= server.retireAt || isOverSize(server.pool) {
+        if !reusable || server.closeNeeded || now >= server.retireAt || isOverSize(server.pool) {
             remove(id)
             actions.append(.close(id))
             if reusable && now >= server.retireAt { actions.append(.note(server.pool, .recycledForAge)) }
@@ -227,6 +229,39 @@ public struct PoolStateMachine: Sendable {
             grow(key, now: now, into: &actions)
         }
         return actions
+    }
+
+    /// RECONNECT: every server of `database` (all when nil) is replaced: idle ones are closed now,
+    /// the others when they come back.
+    public mutating func reconnect(database: String?, now: NIODeadline) -> [PoolAction] {
+        var actions: [PoolAction] = []
+        for (id, server) in servers where database == nil || server.pool.database == database {
+            if case .idle = server.state {
+                remove(id)
+                actions.append(.close(id))
+            } else {
+                servers[id]!.closeNeeded = true
+            }
+        }
+        for key in pools.keys where database == nil || key.database == database {
+            grow(key, now: now, into: &actions)
+        }
+        return actions
+    }
+
+    /// Servers of `database` (all when nil) still open that RECONNECT asked to close: WAIT_CLOSE
+    /// returns at zero.
+    public func closeNeededCount(database: String?) -> Int {
+        servers.values.filter { $0.closeNeeded && (database == nil || $0.pool.database == database) }.count
+    }
+
+    /// Whether a server is to be closed once it comes back (SHOW SERVERS close_needed).
+    public func isCloseNeeded(_ id: ServerID) -> Bool { servers[id]?.closeNeeded ?? false }
+
+    /// Whether every pool of `database` (all pools when nil) is paused.
+    public func isPaused(database: String?) -> Bool {
+        let matching = pools.filter { database == nil || $0.key.database == database }
+        return !matching.isEmpty && matching.allSatisfy { $0.value.paused }
     }
 
     /// Servers lent right now in the pools of `database` (all when nil): PAUSE is complete at zero.

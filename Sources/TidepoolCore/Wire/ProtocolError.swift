@@ -40,6 +40,8 @@ public enum SQLState {
     public static let insufficientPrivilege = "42501"
     public static let syntaxError = "42601"
     public static let duplicatePreparedStatement = "42P05"
+    public static let cantChangeRuntimeParam = "55P02"
+    public static let undefinedObject = "42704"
     public static let internalError = "XX000"
     public static let invalidParameterValue = "22023"
 }

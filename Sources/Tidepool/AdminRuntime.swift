@@ -1,0 +1,303 @@
+import Foundation
+import NIOCore
+import TidepoolCore
+
+/// The admin console's commands carried out: SHOW views gathered from the pools and from every
+/// connection (each asked on its own event loop), and the control commands.
+extension Pooler {
+    static let startedAt = Date()
+
+    /// The instance id: `instance_id`, or host-pid.
+    public var instanceID: String {
+        let configured = config.global.instanceID
+        if !configured.isEmpty { return configured }
+        return "\(ProcessInfo.processInfo.hostName)-\(getpid())"
+    }
+
+    func done(_ tag: String, on loop: EventLoop) -> EventLoopFuture<AdminResult> {
+        loop.makeSucceededFuture(AdminResult(columns: [], rows: [], tag: tag))
+    }
+
+    /// Runs one admin command; the future completes with its result or a PostgresError.
+    func admin(_ command: AdminCommand, on loop: EventLoop) -> EventLoopFuture<AdminResult> {
+        do throws(PostgresError) {
+            switch command {
+            case .empty:
+                return done("", on: loop)
+            case .show(let what):
+                return try show(what, on: loop)
+            case .reload:
+                try reload()
+                return done("RELOAD", on: loop)
+            case .pause(let database):
+                return pause(database: database).map { AdminResult(columns: [], rows: [], tag: "PAUSE") }
+            case .resume(let database):
+                resume(database: database)
+                return done("RESUME", on: loop)
+            case .suspend:
+                shared.withLockedValue { $0.suspended = true }
+                return pause(database: nil).map { AdminResult(columns: [], rows: [], tag: "SUSPEND") }
+            case .disable(let database):
+                try requireDatabase(database)
+                shared.withLockedValue { _ = $0.disabled.insert(database) }
+                logger.info("DISABLE \(database): new clients are refused")
+                return done("DISABLE", on: loop)
+            case .enable(let database):
+                try requireDatabase(database)
+                shared.withLockedValue { _ = $0.disabled.remove(database) }
+                logger.info("ENABLE \(database)")
+                return done("ENABLE", on: loop)
+            case .reconnect(let database):
+                let now = NIODeadline.now()
+                withPool { $0.reconnect(database: database, now: now) }
+                logger.info("RECONNECT \(database ?? "all databases")")
+                return done("RECONNECT", on: loop)
+            case .waitClose(let database):
+                return waitUntil(on: loop) { [self] in
+                    shared.withLockedValue { $0.pools.closeNeededCount(database: database) } == 0
+                }.map { AdminResult(columns: [], rows: [], tag: "WAIT_CLOSE") }
+            case .kill(let database):
+                shared.withLockedValue { $0.pools.pause(database: database) }
+                let now = NIODeadline.now()
+                withPool { $0.reconnect(database: database, now: now) }
+                let victims = shared.withLockedValue { s in
+                    s.clients.values.filter { database == nil || $0.poolKey?.database == database }
+                }
+                for client in victims { client.onLoop { client.kill("KILL \(database ?? "")") } }
+                logger.info("KILL \(database ?? "all databases"): \(victims.count) client(s) closed")
+                return done("KILL", on: loop)
+            case .killClient(let text):
+                let raw = UInt64(text.hasPrefix("C-") ? String(text.dropFirst(2)) : text)
+                guard let raw, let client = shared.withLockedValue({ $0.clients[ClientID(raw)] }) else {
+                    throw PostgresError(code: SQLState.undefinedObject, message: "no client with id \(text)")
+                }
+                client.onLoop { client.kill("KILL_CLIENT") }
+                return done("KILL_CLIENT", on: loop)
+            case .set(let key, let value):
+                var fresh = config
+                try fresh.set(key, value)
+                settings.withLockedValue { $0.config = fresh }
+                applyPoolSettings(fresh)
+                logger.info("SET \(key) = \(value)")
+                return done("SET", on: loop)
+            case .shutdown(let mode):
+                let signal: Int32 =
+                    switch mode {
+                    case .immediate: SIGQUIT
+                    case .waitForServers: SIGINT
+                    case .waitForClients: SIGTERM
+                    }
+                logger.info("SHUTDOWN requested from the admin console")
+                // The signal handler does the rest, as for a signal from outside; answer first.
+                loop.scheduleTask(in: .milliseconds(50)) { kill(getpid(), signal) }
+                return done("SHUTDOWN", on: loop)
+            }
+        } catch {
+            return loop.makeFailedFuture(error)
+        }
+    }
+
+    func requireDatabase(_ name: String) throws(PostgresError) {
+        guard config.databases[name] != nil else {
+            throw PostgresError(code: SQLState.invalidCatalogName, message: "no such database: \(name)")
+        }
+    }
+
+    /// Applies changed pool settings to the existing pools (RELOAD and SET).
+    func applyPoolSettings(_ config: Config) {
+        let now = NIODeadline.now()
+        withPool { pools in
+            var actions: [PoolAction] = []
+            for key in pools.poolKeys {
+                guard let database = config.database(named: key.database) else { continue }
+                actions += pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+            }
+            return actions
+        }
+    }
+
+    func isDisabled(_ database: String) -> Bool {
+        shared.withLockedValue { $0.disabled.contains(database) }
+    }
+
+    func show(_ what: String, on loop: EventLoop) throws(PostgresError) -> EventLoopFuture<AdminResult> {
+        let now = NIODeadline.now()
+        let (snapshots, poolClients, clientCount, disabled, suspended, allPaused) = shared.withLockedValue {
+            (
+                $0.pools.snapshot(now: now), $0.poolClients, $0.clientCount, $0.disabled, $0.suspended,
+                $0.pools.isPaused(database: nil)
+            )
+        }
+        let config = self.config
+        switch what {
+        case "POOLS":
+            var counts: [PoolKey: PoolClientCounts] = [:]
+            var modes: [PoolKey: PoolMode] = [:]
+            for snap in snapshots {
+                let total = poolClients[snap.key] ?? 0
+                counts[snap.key] = PoolClientCounts(active: max(total - snap.waiting, 0), waiting: snap.waiting)
+                if let db = config.database(named: snap.key.database) {
+                    modes[snap.key] = config.poolMode(database: db, user: snap.key.user)
+                }
+            }
+            return loop.makeSucceededFuture(AdminViews.pools(snapshots, clients: counts, modes: modes))
+        case "LISTS":
+            return loop.makeSucceededFuture(
+                AdminViews.lists(
+                    databases: config.databases.count, users: config.users.count, pools: snapshots.count,
+                    clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
+                    serversIdle: snapshots.reduce(0) { $0 + $1.idle },
+                    serversLogin: snapshots.reduce(0) { $0 + $1.connecting }))
+        case "DATABASES":
+            var current: [String: Int] = [:]
+            var paused: Set<String> = []
+            for snap in snapshots {
+                current[snap.key.database, default: 0] += snap.lent + snap.idle + snap.connecting
+            }
+            shared.withLockedValue { s in
+                for name in config.databases.keys where s.pools.isPaused(database: name) { paused.insert(name) }
+            }
+            return loop.makeSucceededFuture(
+                AdminViews.databases(config, currentConnections: current, paused: paused, disabled: disabled))
+        case "USERS":
+            var connections: [String: Int] = [:]
+            for snap in snapshots { connections[snap.key.user, default: 0] += snap.lent + snap.idle + snap.connecting }
+            return loop.makeSucceededFuture(
+                AdminViews.users(config, poolUsers: snapshots.map(\.key.user), serverConnections: connections))
+        case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
+            let book = traffic.withLockedValue { $0 }
+            let databases = Array(Set(snapshots.map(\.key.database)))
+            switch what {
+            case "STATS": return loop.makeSucceededFuture(AdminViews.stats(book, databases: databases))
+            case "STATS_TOTALS": return loop.makeSucceededFuture(AdminViews.statsTotals(book, databases: databases))
+            case "STATS_AVERAGES":
+                return loop.makeSucceededFuture(AdminViews.statsAverages(book, databases: databases))
+            default: return loop.makeSucceededFuture(AdminViews.totals(book))
+            }
+        case "STATE":
+            return loop.makeSucceededFuture(
+                AdminViews.state(
+                    paused: allPaused, suspended: suspended, instanceID: instanceID,
+                    uptimeSeconds: Int(Date().timeIntervalSince(Self.startedAt))))
+        case "MEM":
+            let servers = shared.withLockedValue { $0.servers.count }
+            let known = knownStatements.withLockedValue { $0.count }
+            let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+            let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
+            let rss = (statm.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0) * pageSize
+            return loop.makeSucceededFuture(
+                AdminViews.memory([
+                    ("process_rss", rss, 1), ("clients", 0, clientCount), ("servers", 0, servers),
+                    ("prepared_statement_names", 0, known),
+                    ("latency_histograms", LatencyHistogram.byteSize, latencyHistogramCount()),
+                ]))
+        case "CLIENTS":
+            let clients = shared.withLockedValue { Array($0.clients.values) }
+            let rows = clients.map { client in client.channel.eventLoop.submit { client.describe() } }
+            return EventLoopFuture.whenAllSucceed(rows, on: loop).map { AdminViews.connections($0, type: "C") }
+        case "SERVERS":
+            let (servers, closing) = shared.withLockedValue { s in
+                (Array(s.servers.values), Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) }))
+            }
+            let rows: [EventLoopFuture<ConnectionRow>] = servers.compactMap { server in
+                guard let serverLoop = server.channel?.eventLoop else { return nil }
+                return serverLoop.submit { server.describe(closeNeeded: closing.contains(server.id)) }
+            }
+            return EventLoopFuture.whenAllSucceed(rows, on: loop).map { AdminViews.connections($0, type: "S") }
+        case "LATENCY":
+            let books = loops.enumerated().map { index, l in l.submit { [self] in loopLatency[index].book } }
+            return EventLoopFuture.whenAllSucceed(books, on: loop).map { books in
+                var merged = LatencyBook()
+                for book in books { merged.merge(book) }
+                return AdminViews.latency(merged)
+            }
+        case "VERSION":
+            return loop.makeSucceededFuture(AdminViews.version(TidepoolCoreVersion.string))
+        case "HELP":
+            return loop.makeSucceededFuture(AdminResult(columns: ["help"], rows: AdminViews.helpText.map { [$0] }))
+        case "CONFIG":
+            return loop.makeSucceededFuture(AdminViews.config(config.displaySettings))
+        default:
+            throw PostgresError(code: SQLState.syntaxError, message: "unknown SHOW item \(what), use SHOW HELP;")
+        }
+    }
+
+    /// Histograms allocated for SHOW LATENCY, roughly (three per database, span and loop).
+    func latencyHistogramCount() -> Int {
+        let databases = traffic.withLockedValue { $0.totals.count }
+        return databases * 3 * 3 * loops.count
+    }
+}
+
+extension ClientConnection {
+    /// This client as SHOW CLIENTS lists it (called on its event loop).
+    func describe() -> ConnectionRow {
+        var row = ConnectionRow()
+        row.user = user
+        row.database = databaseName
+        switch state {
+        case .waiting: row.state = "waiting"
+        case .startup, .authenticating, .awaitingWelcome: row.state = "login"
+        case .closed: row.state = "closed"
+        default: row.state = "active"
+        }
+        if let remote = channel.remoteAddress {
+            row.address = remote.ipAddress ?? "unix"
+            row.port = remote.port ?? 0
+        }
+        if let local = channel.localAddress {
+            row.localAddress = local.ipAddress ?? "unix"
+            row.localPort = local.port ?? 0
+        }
+        row.connectTime = connectedAtWallClock
+        row.requestTime = connectedAtWallClock
+        if case .waiting = state, let start = waitStart {
+            row.waitMicroseconds = Int((NIODeadline.now() - start).nanoseconds / 1000)
+        }
+        row.id = id.map { "\($0.raw)" } ?? ""
+        if case .linked(let server) = state { row.link = "\(server.id)" }
+        row.applicationName = wanted["application_name"] ?? ""
+        row.preparedStatements = prepared?.statements.count ?? 0
+        return row
+    }
+
+    /// KILL and KILL_CLIENT: the client is told and disconnected.
+    func kill(_ reason: String) {
+        if case .closed = state { return }
+        closeReason = reason
+        sendFatal(.fatal(SQLState.adminShutdown, "terminating connection due to administrator command"))
+    }
+}
+
+extension ServerConnection {
+    /// This server as SHOW SERVERS lists it (called on its event loop).
+    func describe(closeNeeded: Bool) -> ConnectionRow {
+        var row = ConnectionRow()
+        row.user = database?.user ?? pool.user
+        row.database = pool.database
+        switch phase {
+        case .connecting, .loggingIn, .internalQuery(.afterLogin): row.state = "login"
+        case .internalQuery(.check): row.state = "tested"
+        case .internalQuery(.reset): row.state = "used"
+        case .ready: row.state = owner == nil ? "idle" : "active"
+        case .closed: row.state = "closed"
+        }
+        if let remote = channel?.remoteAddress {
+            row.address = remote.ipAddress ?? "unix"
+            row.port = remote.port ?? 0
+        }
+        if let local = channel?.localAddress {
+            row.localAddress = local.ipAddress ?? "unix"
+            row.localPort = local.port ?? 0
+        }
+        row.connectTime = connectedAtWallClock
+        row.requestTime = connectedAtWallClock
+        row.closeNeeded = closeNeeded
+        row.id = "\(id.raw)"
+        if let owner, let ownerID = owner.id { row.link = "\(ownerID)" }
+        row.remotePID = Int(processID)
+        row.applicationName = parameters["application_name"] ?? ""
+        row.preparedStatements = statements.count
+        return row
+    }
+}
