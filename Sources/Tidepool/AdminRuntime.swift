@@ -8,11 +8,7 @@ extension Pooler {
     static let startedAt = Date()
 
     /// The instance id: `instance_id`, or host-pid.
-    public var instanceID: String {
-        let configured = config.global.instanceID
-        if !configured.isEmpty { return configured }
-        return "\(ProcessInfo.processInfo.hostName)-\(getpid())"
-    }
+    public var instanceID: String { metrics.instance }
 
     func done(_ tag: String, on loop: EventLoop) -> EventLoopFuture<AdminResult> {
         loop.makeSucceededFuture(AdminResult(columns: [], rows: [], tag: tag))
@@ -98,7 +94,7 @@ extension Pooler {
     }
 
     func requireDatabase(_ name: String) throws(PostgresError) {
-        guard config.databases[name] != nil else {
+        guard config.database(named: name) != nil else {
             throw PostgresError(code: SQLState.invalidCatalogName, message: "no such database: \(name)")
         }
     }

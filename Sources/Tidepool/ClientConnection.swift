@@ -54,6 +54,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var statsTransactionStart: NIODeadline?
     /// The first bytes of the request being timed, kept (as a slice) only with log_slow_query_ms.
     var slowQueryRequest: ByteBuffer?
+    /// Histograms for /metrics (when stats_listen_port is set).
+    var timers: PoolerMetrics.DatabaseTimers?
     /// log_slow_query_ms in microseconds as it was at login (0 = off).
     var slowQueryThreshold = 0
 
@@ -559,6 +561,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         self.database = database
         timeouts = config.clientTimeouts(user: user)
         slowQueryThreshold = Int(config.global.logSlowQuery.nanoseconds / 1000)
+        if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: databaseName) }
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
         poolMode = config.poolMode(database: database, user: user)
@@ -624,6 +627,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 let waited = Int((NIODeadline.now() - start).nanoseconds / 1000)
                 traffic.waitTime += waited
                 pooler.loopLatency[loopIndex].book.record(.wait, microseconds: UInt64(waited), database: databaseName)
+                timers?.wait.recordNanoseconds(waited * 1000)
                 waitStart = nil
             }
             if timeouts.anyEnabled {
@@ -705,6 +709,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             let took = Int((now - start).nanoseconds / 1000)
             traffic.queryTime += took
             latency.book.record(.query, microseconds: UInt64(took), database: databaseName)
+            timers?.query.recordNanoseconds(took * 1000)
             statsQueryStart = nil
             if slowQueryThreshold > 0, took >= slowQueryThreshold { logSlowQuery(microseconds: took) }
         }
@@ -713,6 +718,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             traffic.transactions += 1
             traffic.transactionTime += took
             latency.book.record(.transaction, microseconds: UInt64(took), database: databaseName)
+            timers?.transaction.recordNanoseconds(took * 1000)
             statsTransactionStart = nil
             if poolMode == .session { handInTraffic() }
         }
@@ -889,6 +895,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     // MARK: Closing
 
     func sendFatal(_ error: PostgresError) {
+        pooler.metrics.clientError(error.code)
         var out = channel.allocator.buffer(capacity: 128)
         Wire.errorResponse(error, into: &out)
         channel.writeAndFlush(out).whenComplete { [channel] _ in channel.close(promise: nil) }

@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -35,6 +36,9 @@ public final class Pooler: @unchecked Sendable {
         }
     }
     var listeners: [Channel] = []
+    /// The HTTP listener for /metrics and /health (stats_listen_port).
+    var statsListener: Channel?
+    let metrics: PoolerMetrics
     var janitor: RepeatedTask?
     var sweepers: [RepeatedTask] = []
     /// The logged-in clients of each event loop, touched only on that loop.
@@ -87,6 +91,9 @@ public final class Pooler: @unchecked Sendable {
         self.loops = Array(group.makeIterator())
         self.loopClients = loops.map { _ in LoopClients() }
         self.loopLatency = loops.map { _ in LoopLatency() }
+        let configured = config.global.instanceID
+        self.metrics = PoolerMetrics(
+            instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
     }
 
     // MARK: Start and stop
@@ -117,6 +124,7 @@ public final class Pooler: @unchecked Sendable {
             self?.timerFired()
         }
         warmStart()
+        try startStatsListener()
         // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
         for (index, loop) in loops.enumerated() {
             let registry = loopClients[index]
@@ -145,6 +153,7 @@ public final class Pooler: @unchecked Sendable {
     public func shutdown() {
         shared.withLockedValue { $0.shuttingDown = true }
         janitor?.cancel()
+        try? statsListener?.close().wait()
         for sweeper in sweepers { sweeper.cancel() }
         for listener in listeners { try? listener.close().wait() }
         let (clients, servers) = shared.withLockedValue { ($0.clients.values, $0.servers.values) }
@@ -440,6 +449,7 @@ public final class Pooler: @unchecked Sendable {
                     withPool { $0.serverCheckFailed(serverID, now: now) }
                 }
             case .note(let key, let event):
+                metrics.note(event, pool: key)
                 switch event {
                 case .reserveOpened(let waited):
                     logger.info("pool \(key): opening a reserve server, a client waited \(waited.secondsText) s")

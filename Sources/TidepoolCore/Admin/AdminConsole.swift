@@ -100,9 +100,10 @@ public struct AdminResult: Equatable, Sendable {
         self.tag = tag
     }
 
-    /// RowDescription, DataRows and CommandComplete.
+    /// RowDescription, DataRows and CommandComplete; a command without columns only CommandComplete.
     public func encode(into buffer: inout ByteBuffer) {
-        Wire.rowDescription(columns, into: &buffer)
+        // A command (SET, RECONNECT...) answers with its tag alone.
+        if !columns.isEmpty || !rows.isEmpty { Wire.rowDescription(columns, into: &buffer) }
         for row in rows { Wire.dataRow(row, into: &buffer) }
         Wire.commandComplete(tag, into: &buffer)
     }
@@ -180,7 +181,8 @@ public enum AdminViews {
     }
 
     public static let helpText = [
-        "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION", "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
+        "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION",
+        "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
         "SHOW LATENCY|LISTS|STATE|MEM", "SET key = arg", "RELOAD", "PAUSE [<db>]", "RESUME [<db>]", "DISABLE <db>",
         "ENABLE <db>", "RECONNECT [<db>]", "KILL [<db>]", "KILL_CLIENT <id>", "SUSPEND", "SHUTDOWN",
         "SHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS", "WAIT_CLOSE [<db>]",
@@ -190,7 +192,9 @@ public enum AdminViews {
     public static func config(_ settings: [(String, String)]) -> AdminResult {
         AdminResult(
             columns: ["key", "value", "default", "changeable"],
-            rows: settings.sorted { $0.0 < $1.0 }.map { [$0.0, $0.1, nil, Config.fixedAtStart.contains($0.0) ? "no" : "yes"] })
+            rows: settings.sorted { $0.0 < $1.0 }.map {
+                [$0.0, $0.1, nil, Config.fixedAtStart.contains($0.0) ? "no" : "yes"]
+            })
     }
 }
 

@@ -1,0 +1,238 @@
+import CoreMetrics
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Prometheus
+import TidepoolCore
+
+/// Tidepool's metrics in a Prometheus registry, through swift-metrics. Gauges and counters are
+/// brought up to date from the pools and the traffic book when scraped; histograms are recorded as
+/// transactions and queries finish (once per transaction or query, never per message).
+final class PoolerMetrics: @unchecked Sendable {
+    let registry = PrometheusCollectorRegistry()
+    let factory: PrometheusMetricsFactory
+    let instance: String
+    /// Counter values already reported, per database: a scrape adds the difference.
+    private let reported = NIOLockedValueBox([String: TrafficStats]())
+    private let timers = NIOLockedValueBox([String: DatabaseTimers]())
+
+    /// Histograms of one database, shared by its clients.
+    final class DatabaseTimers: Sendable {
+        let wait: CoreMetrics.Timer
+        let transaction: CoreMetrics.Timer
+        let query: CoreMetrics.Timer
+
+        init(database: String, instance: String, factory: MetricsFactory) {
+            let dimensions = [("database", database), ("instance_id", instance)]
+            wait = Timer(label: "tidepool_wait_time_seconds", dimensions: dimensions, factory: factory)
+            transaction = Timer(label: "tidepool_transaction_time_seconds", dimensions: dimensions, factory: factory)
+            query = Timer(label: "tidepool_query_time_seconds", dimensions: dimensions, factory: factory)
+        }
+    }
+
+    init(instance: String) {
+        self.instance = instance
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2),
+            .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+            .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2), .seconds(5), .seconds(10),
+        ]
+        self.factory = factory
+    }
+
+    func timers(for database: String) -> DatabaseTimers {
+        timers.withLockedValue { all in
+            if let existing = all[database] { return existing }
+            let made = DatabaseTimers(database: database, instance: instance, factory: factory)
+            all[database] = made
+            return made
+        }
+    }
+
+    func count(_ name: String, _ dimensions: [(String, String)], by amount: Int = 1) {
+        guard amount > 0 else { return }
+        Counter(label: name, dimensions: dimensions + [("instance_id", instance)], factory: factory)
+            .increment(by: amount)
+    }
+
+    /// A pool event worth counting (pre-ping failures, recycling, reserve use, wait timeouts).
+    func note(_ event: PoolEvent, pool: PoolKey) {
+        let dimensions = [("database", pool.database), ("user", pool.user)]
+        switch event {
+        case .checkFailed: count("tidepool_preping_failures_total", dimensions)
+        case .recycledForAge: count("tidepool_recycled_servers_total", dimensions + [("reason", "lifetime")])
+        case .closedIdle: count("tidepool_recycled_servers_total", dimensions + [("reason", "idle")])
+        case .reserveOpened: count("tidepool_reserve_uses_total", dimensions)
+        case .waitTimedOut: count("tidepool_pool_timeouts_total", dimensions)
+        case .probe: break
+        }
+    }
+
+    /// An error the pooler itself sent a client, by SQLSTATE.
+    func clientError(_ code: String) {
+        count("tidepool_errors_total", [("sqlstate", code)])
+    }
+
+    /// Brings gauges and counters up to date and renders the registry in the text format.
+    func render(snapshots: [PoolSnapshot], clients: [PoolKey: Int], traffic: TrafficBook) -> String {
+        for s in snapshots {
+            let dimensions = [("database", s.key.database), ("user", s.key.user), ("instance_id", instance)]
+            func gauge(_ name: String, _ value: Double) {
+                Gauge(label: name, dimensions: dimensions, factory: factory).record(value)
+            }
+            gauge("tidepool_clients_active", Double(max((clients[s.key] ?? 0) - s.waiting, 0)))
+            gauge("tidepool_clients_waiting", Double(s.waiting))
+            gauge("tidepool_servers_active", Double(s.lent - s.checking))
+            gauge("tidepool_servers_idle", Double(s.idle))
+            gauge("tidepool_servers_used", 0)
+            gauge("tidepool_servers_tested", Double(s.checking))
+            gauge("tidepool_servers_login", Double(s.connecting))
+            gauge("tidepool_max_wait_seconds", Double(s.maxWait.nanoseconds) / 1e9)
+        }
+        let deltas = reported.withLockedValue { reported -> [(String, TrafficStats)] in
+            var out: [(String, TrafficStats)] = []
+            for (database, total) in traffic.totals {
+                out.append((database, total - (reported[database] ?? TrafficStats())))
+                reported[database] = total
+            }
+            return out
+        }
+        for (database, d) in deltas {
+            let dimensions = [("database", database)]
+            count("tidepool_server_assignments_total", dimensions, by: d.serverAssignments)
+            count("tidepool_transactions_total", dimensions, by: d.transactions)
+            count("tidepool_queries_total", dimensions, by: d.queries)
+            count("tidepool_received_bytes_total", dimensions, by: d.received)
+            count("tidepool_sent_bytes_total", dimensions, by: d.sent)
+            count("tidepool_transaction_time_microseconds_total", dimensions, by: d.transactionTime)
+            count("tidepool_query_time_microseconds_total", dimensions, by: d.queryTime)
+            count("tidepool_wait_time_microseconds_total", dimensions, by: d.waitTime)
+            count("tidepool_client_parses_total", dimensions, by: d.clientParses)
+            count("tidepool_server_parses_total", dimensions, by: d.serverParses)
+            count("tidepool_binds_total", dimensions, by: d.binds)
+        }
+        Gauge(
+            label: "tidepool_info", dimensions: [("version", TidepoolCoreVersion.string), ("instance_id", instance)],
+            factory: factory
+        ).record(1)
+        return registry.emitToString()
+    }
+}
+
+extension Pooler {
+    /// Starts the HTTP listener for /metrics, /health/live and /health/ready when
+    /// stats_listen_port is set.
+    func startStatsListener() throws {
+        let g = config.global
+        guard g.statsListenPort > 0 else { return }
+        let channel = try ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { [self] channel in
+                channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
+                    try channel.pipeline.syncOperations.addHandler(StatsHTTPHandler(pooler: self))
+                }
+            }
+            .bind(host: g.statsListenAddr, port: g.statsListenPort).wait()
+        statsListener = channel
+        logger.info("metrics and health on http://\(g.statsListenAddr):\(g.statsListenPort)/metrics")
+    }
+
+    func renderMetrics() -> String {
+        let now = NIODeadline.now()
+        let (snapshots, clients) = shared.withLockedValue { ($0.pools.snapshot(now: now), $0.poolClients) }
+        return metrics.render(snapshots: snapshots, clients: clients, traffic: traffic.withLockedValue { $0 })
+    }
+
+    /// /health/ready: every configured database accepts a connection (TCP or Unix socket) within
+    /// a second. Completes with the databases that did not and why.
+    func readiness(on loop: EventLoop) -> EventLoopFuture<[String: String]> {
+        let databases = config.databases
+        let checks = databases.map { name, entry -> EventLoopFuture<(String, String?)> in
+            let host = entry.host ?? "/var/run/postgresql"
+            let port = entry.port ?? 5432
+            let bootstrap = ClientBootstrap(group: loop).connectTimeout(.seconds(1))
+            let connection =
+                host.hasPrefix("/")
+                ? bootstrap.connect(unixDomainSocketPath: "\(host)/.s.PGSQL.\(port)")
+                : bootstrap.connect(host: host, port: port)
+            return connection.flatMap { channel in channel.close().map { (name, nil as String?) } }
+                .flatMapError { error in loop.makeSucceededFuture((name, "\(error)")) }
+        }
+        return EventLoopFuture.whenAllSucceed(checks, on: loop).map { results in
+            var failed: [String: String] = [:]
+            for (name, error) in results { if let error { failed[name] = error } }
+            return failed
+        }
+    }
+}
+
+/// Answers /metrics, /health/live and /health/ready.
+final class StatsHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    unowned let pooler: Pooler
+    var path = ""
+
+    init(pooler: Pooler) { self.pooler = pooler }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            path = String(head.uri.split(separator: "?").first ?? "")
+        case .body:
+            break
+        case .end:
+            let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+            switch path {
+            case "/metrics":
+                respond(context, .ok, "text/plain; version=0.0.4", pooler.renderMetrics())
+            case "/health/live":
+                respond(context, .ok, "application/json", #"{"status":"live"}"#)
+            case "/health/ready":
+                pooler.readiness(on: context.eventLoop).whenSuccess { [self] failed in
+                    let context = loopBound.value
+                    if failed.isEmpty {
+                        respond(context, .ok, "application/json", #"{"status":"ready"}"#)
+                    } else {
+                        let reasons = failed.sorted { $0.key < $1.key }.map {
+                            "\"\(Self.escape($0.key))\":\"\(Self.escape($0.value))\""
+                        }
+                        respond(
+                            context, .serviceUnavailable, "application/json",
+                            #"{"status":"unavailable","databases":{"# + reasons.joined(separator: ",") + "}}")
+                    }
+                }
+            default:
+                respond(context, .notFound, "text/plain", "not found\n")
+            }
+        }
+    }
+
+    static func escape(_ text: String) -> String {
+        var out = ""
+        for c in text {
+            switch c {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            default: out.append(c)
+            }
+        }
+        return out
+    }
+
+    func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ type: String, _ body: String) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: type)
+        headers.add(name: "Content-Length", value: "\(body.utf8.count)")
+        context.write(
+            wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))),
+            promise: nil)
+        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
+}
