@@ -55,3 +55,112 @@ import Testing
         #expect(text.contains("auth_file=/x"))
     }
 }
+
+@Suite struct AdminControlParsingTests {
+    @Test func parsesControlCommands() throws {
+        #expect(try AdminCommand.parse("SHUTDOWN") == .shutdown(.immediate))
+        #expect(try AdminCommand.parse("shutdown wait_for_servers;") == .shutdown(.waitForServers))
+        #expect(try AdminCommand.parse("SHUTDOWN WAIT_FOR_CLIENTS") == .shutdown(.waitForClients))
+        #expect(try AdminCommand.parse("SUSPEND") == .suspend)
+        #expect(try AdminCommand.parse("DISABLE db1") == .disable("db1"))
+        #expect(try AdminCommand.parse("enable db1") == .enable("db1"))
+        #expect(try AdminCommand.parse("RECONNECT") == .reconnect(nil))
+        #expect(try AdminCommand.parse("KILL db1") == .kill("db1"))
+        #expect(try AdminCommand.parse("KILL_CLIENT 42") == .killClient("42"))
+        #expect(try AdminCommand.parse("WAIT_CLOSE") == .waitClose(nil))
+        #expect(throws: PostgresError.self) { try AdminCommand.parse("DISABLE") }
+        #expect(throws: PostgresError.self) { try AdminCommand.parse("SHUTDOWN NOW") }
+        #expect(!AdminCommand.kill(nil).isReadOnly && !AdminCommand.set(key: "a", value: "b").isReadOnly)
+    }
+
+    @Test func parsesSet() throws {
+        #expect(try AdminCommand.parse("SET default_pool_size = 3") == .set(key: "default_pool_size", value: "3"))
+        #expect(try AdminCommand.parse("set Query_Timeout TO '1.5';") == .set(key: "query_timeout", value: "1.5"))
+        #expect(
+            try AdminCommand.parse("SET server_reset_query = 'it''s'") == .set(key: "server_reset_query", value: "it's")
+        )
+        #expect(throws: PostgresError.self) { try AdminCommand.parse("SET nothing") }
+    }
+
+    @Test func setChangesRuntimeSettingsOnly() throws {
+        var config = Config()
+        try config.set("default_pool_size", "7")
+        #expect(config.global.defaultPoolSize == 7)
+        try config.set("query_timeout", "2.5")
+        #expect(config.global.queryTimeout == .milliseconds(2500))
+        #expect(throws: PostgresError.self) { try config.set("listen_port", "1") }
+        #expect(throws: PostgresError.self) { try config.set("no_such_key", "1") }
+        #expect(throws: PostgresError.self) { try config.set("default_pool_size", "many") }
+        let changeable = Dictionary(
+            uniqueKeysWithValues: AdminViews.config(config.displaySettings).rows.map { ($0[0]!, $0[3]!) })
+        #expect(changeable["listen_port"] == "no" && changeable["default_pool_size"] == "yes")
+    }
+
+    @Test func commandsAnswerWithTheirTagOnly() {
+        var out = ByteBufferAllocator().buffer(capacity: 32)
+        AdminResult(columns: [], rows: [], tag: "RECONNECT").encode(into: &out)
+        #expect(out.getInteger(at: 0, as: UInt8.self) == MessageType.commandComplete)
+    }
+}
+
+@Suite struct StatsTests {
+    @Test func booksTotalsAndPeriods() {
+        var book = TrafficBook()
+        var s = TrafficStats()
+        s.transactions = 10
+        s.queries = 20
+        s.transactionTime = 10_000
+        s.queryTime = 4_000
+        s.serverAssignments = 10
+        s.waitTime = 500
+        s.received = 1000
+        book.add(s, database: "a")
+        book.endPeriod(seconds: 2)
+        book.add(s, database: "a")
+        #expect(book.totals["a"]!.transactions == 20)
+        #expect(book.lastPeriod["a"]!.transactions == 10)
+        let averages = book.lastPeriod["a"]!.averages(overSeconds: 2)
+        // per second: assignments, xacts, queries, received...; then µs per xact, query, assignment.
+        #expect(averages[1] == 5 && averages[2] == 10 && averages[3] == 500)
+        #expect(averages[5] == 1000 && averages[6] == 200 && averages[7] == 50)
+        let stats = AdminViews.stats(book, databases: ["a", "b"])
+        #expect(stats.columns.count == 23 && stats.columns[1] == "total_server_assignment_count")
+        #expect(stats.columns.contains("avg_recv") && stats.columns.last == "avg_bind_count")
+        #expect(stats.rows.map { $0[0] } == ["a", "b"])
+        #expect(stats.rows[0][2] == "20")
+        let totals = AdminViews.statsTotals(book, databases: [])
+        #expect(totals.columns[4] == "bytes_received" && totals.rows[0][4] == "2000")
+    }
+
+    @Test func latencyPercentilesAreWithinThreePercent() {
+        var h = LatencyHistogram()
+        for v in 1...10_000 { h.record(UInt64(v)) }
+        #expect(h.count == 10_000 && h.max == 10_000)
+        for (fraction, exact) in [(0.5, 5_000.0), (0.95, 9_500.0), (0.99, 9_900.0)] {
+            let got = Double(h.percentile(fraction))
+            #expect(got >= exact && got <= exact * 1.035)
+        }
+        #expect(h.percentile(1.0) == 10_000)
+        var small = LatencyHistogram()
+        small.record(7)
+        #expect(small.percentile(0.5) == 7)
+        var huge = LatencyHistogram()
+        huge.record(UInt64.max / 2)
+        #expect(huge.count == 1)
+        #expect(LatencyHistogram().percentile(0.99) == 0)
+    }
+
+    @Test func latencyBooksMergeAcrossLoops() {
+        var a = LatencyBook()
+        var b = LatencyBook()
+        a.record(.query, microseconds: 100, database: "db")
+        b.record(.query, microseconds: 300, database: "db")
+        b.endPeriod()
+        a.merge(b)
+        #expect(a.total["db"]!.query.count == 2)
+        #expect(a.lastPeriod["db"]!.query.count == 1)
+        let view = AdminViews.latency(a)
+        #expect(view.columns == ["database", "kind", "span", "count", "p50_us", "p95_us", "p99_us", "max_us"])
+        #expect(view.rows.count == 6)
+    }
+}
