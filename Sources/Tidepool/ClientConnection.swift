@@ -54,6 +54,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var statsTransactionStart: NIODeadline?
     /// The first bytes of the request being timed, kept (as a slice) only with log_slow_query_ms.
     var slowQueryRequest: ByteBuffer?
+    /// This database's SHOW LATENCY histograms on this client's event loop.
+    var latency: LatencyRecorder?
     /// Histograms for /metrics (when stats_listen_port is set).
     var timers: PoolerMetrics.DatabaseTimers?
     /// log_slow_query_ms in microseconds as it was at login (0 = off).
@@ -562,6 +564,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         timeouts = config.clientTimeouts(user: user)
         slowQueryThreshold = Int(config.global.logSlowQuery.nanoseconds / 1000)
         if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: databaseName) }
+        latency = pooler.loopLatency[loopIndex].recorder(for: databaseName)
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
         poolMode = config.poolMode(database: database, user: user)
@@ -626,7 +629,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             if let start = waitStart {
                 let waited = Int((NIODeadline.now() - start).nanoseconds / 1000)
                 traffic.waitTime += waited
-                pooler.loopLatency[loopIndex].book.record(.wait, microseconds: UInt64(waited), database: databaseName)
+                latency?.record(.wait, microseconds: UInt64(waited))
                 timers?.wait.recordNanoseconds(waited * 1000)
                 waitStart = nil
             }
@@ -704,11 +707,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func countReady(_ status: TransactionStatus) {
         traffic.queries += 1
         let now = NIODeadline.now()
-        let latency = pooler.loopLatency[loopIndex]
         if tracker.isQuiet, let start = statsQueryStart {
             let took = Int((now - start).nanoseconds / 1000)
             traffic.queryTime += took
-            latency.book.record(.query, microseconds: UInt64(took), database: databaseName)
+            latency?.record(.query, microseconds: UInt64(took))
             timers?.query.recordNanoseconds(took * 1000)
             statsQueryStart = nil
             if slowQueryThreshold > 0, took >= slowQueryThreshold { logSlowQuery(microseconds: took) }
@@ -717,7 +719,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             let took = Int((now - start).nanoseconds / 1000)
             traffic.transactions += 1
             traffic.transactionTime += took
-            latency.book.record(.transaction, microseconds: UInt64(took), database: databaseName)
+            latency?.record(.transaction, microseconds: UInt64(took))
             timers?.transaction.recordNanoseconds(took * 1000)
             statsTransactionStart = nil
             if poolMode == .session { handInTraffic() }

@@ -52,7 +52,20 @@ public final class Pooler: @unchecked Sendable {
     let loopLatency: [LoopLatency]
 
     final class LoopLatency: @unchecked Sendable {
-        var book = LatencyBook()
+        var recorders: [String: LatencyRecorder] = [:]
+
+        func recorder(for database: String) -> LatencyRecorder {
+            if let r = recorders[database] { return r }
+            let r = LatencyRecorder()
+            recorders[database] = r
+            return r
+        }
+
+        var book: LatencyBook {
+            var book = LatencyBook()
+            book.add(recorders)
+            return book
+        }
     }
 
     struct CancelKey: Hashable {
@@ -356,7 +369,7 @@ public final class Pooler: @unchecked Sendable {
             }
             for (index, loop) in loops.enumerated() {
                 let latency = loopLatency[index]
-                loop.execute { latency.book.endPeriod() }
+                loop.execute { for recorder in latency.recorders.values { recorder.endPeriod() } }
             }
             if config.global.logStats { logStats(book) }
         }

@@ -86,7 +86,7 @@ struct TidepoolCommand: ParsableCommand {
             logger.critical("cannot start: \(error)")
             throw ExitCode(1)
         }
-        logger.info("tidepool \(TidepoolCoreVersion.string) started")
+        logger.info("tidepool \(TidepoolCoreVersion.string) started, instance_id=\(pooler.instanceID)")
         let stop = waitForTerminationSignal(
             pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) },
             reload: { try? pooler.reload() })

@@ -76,6 +76,35 @@ public struct LatencySet: Sendable {
     }
 }
 
+/// The histograms of one database on one event loop, recorded into without hashing: a client
+/// keeps a reference to its database's recorder. Touched only on its event loop.
+public final class LatencyRecorder: @unchecked Sendable {
+    public var total = LatencySet()
+    public var current = LatencySet()
+    public var lastPeriod = LatencySet()
+
+    public init() {}
+
+    public func record(_ kind: LatencyBook.Kind, microseconds: UInt64) {
+        switch kind {
+        case .wait:
+            total.wait.record(microseconds)
+            current.wait.record(microseconds)
+        case .transaction:
+            total.transaction.record(microseconds)
+            current.transaction.record(microseconds)
+        case .query:
+            total.query.record(microseconds)
+            current.query.record(microseconds)
+        }
+    }
+
+    public func endPeriod() {
+        lastPeriod = current
+        current = LatencySet()
+    }
+}
+
 public struct LatencyBook: Sendable {
     public var total: [String: LatencySet] = [:]
     public var current: [String: LatencySet] = [:]
@@ -100,6 +129,15 @@ public struct LatencyBook: Sendable {
     public mutating func endPeriod() {
         lastPeriod = current
         current = [:]
+    }
+
+    /// Adds what one loop's recorders hold.
+    public mutating func add(_ recorders: [String: LatencyRecorder]) {
+        for (db, r) in recorders {
+            total[db, default: LatencySet()].merge(r.total)
+            current[db, default: LatencySet()].merge(r.current)
+            lastPeriod[db, default: LatencySet()].merge(r.lastPeriod)
+        }
     }
 
     public mutating func merge(_ other: LatencyBook) {
