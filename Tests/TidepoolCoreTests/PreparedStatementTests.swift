@@ -62,6 +62,13 @@ final class PreparedHarness {
         message(MessageType.query) { $0.writeNullTerminatedString(sql) }
     }
 
+    /// The pooler-wide name a Parse of `sql` (no parameter types) gets.
+    static func serverName(of sql: String) -> String {
+        var definition = parse("x", sql)
+        definition.moveReaderIndex(forwardBy: 7)  // type, length, "x\0"
+        return PreparedStatementTracker.serverName(for: definition)
+    }
+
     static let sync = message(MessageType.sync) { _ in }
     static let execute = message(MessageType.execute) {
         $0.writeNullTerminatedString("")
@@ -152,12 +159,7 @@ final class PreparedHarness {
 
     @Test func parseOfAStatementTheServerHasIsAnsweredInOrder() {
         let h = H()
-        let name = PreparedStatementTracker.serverName(
-            for: {
-                var b = H.parse("x", "select 1")
-                b.moveReaderIndex(forwardBy: 7)
-                return b
-            }())
+        let name = H.serverName(of: "select 1")
         _ = h.server.insert(name)
         // A query is still running: the made-up ParseComplete must come after its answers.
         h.client(H.query("select 2"))
@@ -264,12 +266,7 @@ final class PreparedHarness {
 
     @Test func errorMidPipelineDropsMadeUpRepliesAfterIt() {
         let h = H()
-        let known = PreparedStatementTracker.serverName(
-            for: {
-                var b = H.parse("x", "select 1")
-                b.moveReaderIndex(forwardBy: 7)
-                return b
-            }())
+        let known = H.serverName(of: "select 1")
         _ = h.server.insert(known)
         h.client(H.parse("", "select 1/0"))
         h.client(H.bind(""))

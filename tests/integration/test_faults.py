@@ -2,6 +2,8 @@
 and must serve again as soon as PostgreSQL does."""
 
 import random
+import re
+import signal
 import subprocess
 import threading
 import time
@@ -77,3 +79,104 @@ def test_postgres_restart_under_load(tidepool, second_pg):
     assert time.time() - back < 1.5
     bench.communicate(timeout=60)  # pgbench ends: clients got errors or went on, none hangs
     assert settle_fds(t, baseline) <= baseline + 4 + 10
+
+
+def raw_startup(port, user="postgres", database="postgres"):
+    """A socket that has logged in with the v3 protocol (trust) and read up to ReadyForQuery."""
+    import socket
+    import struct
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    params = f"user\0{user}\0database\0{database}\0\0".encode()
+    s.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+    data = b""
+    while b"Z\0\0\0\x05" not in data:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    return s
+
+
+def message(kind, body=b""):
+    import struct
+    return kind + struct.pack("!i", 4 + len(body)) + body
+
+
+def test_client_vanishing_mid_pipeline_leaves_no_dirty_server(tidepool, pg):
+    """Parse/Bind/Execute of an INSERT inside BEGIN, no Sync, then the client is gone: the server
+    must not go back to the pool with that transaction open."""
+    with pg.connect() as c:
+        c.execute("CREATE TABLE IF NOT EXISTS vanish_pipeline (v int)")
+        c.execute("TRUNCATE vanish_pipeline")
+    t = tidepool(settings="default_pool_size = 1\n")
+    baseline = None
+    for _ in range(5):
+        s = raw_startup(t.port)
+        if baseline is None:
+            baseline = t.pid_fd_count()
+        s.sendall(message(b"Q", b"BEGIN\0"))
+        s.recv(65536)
+        s.sendall(message(b"P", b"\0INSERT INTO vanish_pipeline VALUES (1)\0\0\0")
+                  + message(b"B", b"\0\0\0\0\0\0\0\0")
+                  + message(b"E", b"\0\0\0\0\0"))
+        time.sleep(0.05)
+        s.close()
+    with t.connect() as c:
+        # The only server is clean: no transaction from the vanished clients, nothing committed.
+        assert c.execute("SELECT txid_current_if_assigned()").fetchone()[0] is None
+        assert c.execute("SELECT count(*) FROM vanish_pipeline").fetchone()[0] == 0
+    assert settle_fds(t, baseline) <= baseline + 4
+
+
+def test_client_vanishing_mid_startup_leaks_nothing(tidepool):
+    import socket
+    t = tidepool()
+    wait_serving(t, 5)
+    baseline = t.pid_fd_count()
+    for i in range(100):
+        s = socket.create_connection(("127.0.0.1", t.port), timeout=5)
+        # Half a length word, part of a startup packet, or a whole one and no password answer.
+        s.sendall([b"\0\0", b"\0\0\0\x30\0\x03\0\0user\0post", b"\0\0\0\x08"][i % 3])
+        s.close()
+    assert settle_fds(t, baseline) <= baseline + 4
+    assert wait_serving(t, 2) == 1
+
+
+def test_reload_under_load_loses_nothing(tidepool, pg):
+    subprocess.run(["pgbench", "-i", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "postgres"],
+                   check=True, capture_output=True)
+    t = tidepool(settings="default_pool_size = 10\nmax_client_conn = 500\nadmin_users = postgres\n")
+    wait_serving(t, 5)
+    bench = start_pgbench(t.port, 50, 5, "-S")
+    sizes = [4, 12, 6, 10]
+    deadline = time.time() + 4
+    i = 0
+    with t.connect(dbname="pgbouncer") as admin:
+        while time.time() < deadline:
+            t.ini.write_text(t.ini.read_text().replace(f"default_pool_size = {sizes[(i - 1) % 4] if i else 10}",
+                                                       f"default_pool_size = {sizes[i % 4]}"))
+            admin.execute("RELOAD")
+            i += 1
+            time.sleep(0.3)
+    out, _ = bench.communicate(timeout=60)
+    assert i >= 8
+    assert re.search(r"number of failed transactions: 0 ", out), out[-2000:]
+    assert "aborted" not in out
+
+
+def test_sigterm_under_write_load_loses_no_committed_transaction(tidepool, pg):
+    """SIGTERM while pgbench -N writes: Tidepool stops accepting, lets the connected clients finish,
+    and every transaction pgbench counts as done is in the table."""
+    subprocess.run(["pgbench", "-i", "-q", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "postgres"],
+                   check=True, capture_output=True)
+    before = pg.scalar("SELECT count(*) FROM pgbench_history")
+    t = tidepool(settings="default_pool_size = 10\nmax_client_conn = 500\nshutdown_timeout = 60\n")
+    wait_serving(t, 5)
+    bench = start_pgbench(t.port, 20, 4, "-N")
+    time.sleep(1.5)
+    t.proc.send_signal(signal.SIGTERM)
+    out, _ = bench.communicate(timeout=60)
+    t.proc.wait(timeout=30)
+    assert t.proc.returncode == 0
+    processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
+    assert re.search(r"number of failed transactions: 0 ", out), out[-2000:]
+    assert pg.scalar("SELECT count(*) FROM pgbench_history") - before == processed
