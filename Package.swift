@@ -51,6 +51,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // libFuzzer target over the decoders and state machines (scripts/fuzz.sh).
+        .executableTarget(name: "tidepool-fuzz", dependencies: ["TidepoolCore"]),
         .testTarget(
             name: "TidepoolCoreTests",
             dependencies: ["TidepoolCore", .product(name: "NIOCore", package: "swift-nio")]

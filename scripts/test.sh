@@ -16,6 +16,11 @@ swift build 2>&1 | tail -3
 log "unit tests"
 swift test 2>&1 | tail -15
 
+if [ "${CI:-}" = true ] || [ -n "${FUZZ_SECONDS:-}" ]; then
+    log "fuzzing (bounded)"
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-60}"
+fi
+
 log "style lint"
 swift format lint --strict -r Sources Tests Package.swift
 
