@@ -490,10 +490,24 @@ public final class Pooler: @unchecked Sendable {
         }
         let server = ServerConnection(id: id, pool: key, database: database, pooler: self)
         shared.withLockedValue { $0.servers[id] = server }
-        let bootstrap = ClientBootstrap(group: loops[loop % loops.count])
-            .connectTimeout(config.global.serverConnectTimeout)
+        let g = config.global
+        var bootstrap = ClientBootstrap(group: loops[loop % loops.count])
+            .connectTimeout(g.serverConnectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .channelOption(.socketOption(.so_keepalive), value: config.global.tcpKeepalive ? 1 : 0)
+            .channelOption(.socketOption(.so_keepalive), value: g.tcpKeepalive ? 1 : 0)
+        if case .tcp = server.address {
+            // tcp_keepidle, tcp_keepintvl, tcp_keepcnt and tcp_user_timeout, as PgBouncer applies them.
+            for (option, value) in [
+                (TCP_KEEPIDLE, g.tcpKeepidle), (TCP_KEEPINTVL, g.tcpKeepintvl), (TCP_KEEPCNT, g.tcpKeepcnt),
+                (TCP_USER_TIMEOUT, g.tcpUserTimeout),
+            ] where value > 0 && (g.tcpKeepalive || option == TCP_USER_TIMEOUT) {
+                bootstrap = bootstrap.channelOption(
+                    ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: option)),
+                    value: SocketOptionValue(value))
+            }
+        }
+        bootstrap =
+            bootstrap
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(server) }
             }

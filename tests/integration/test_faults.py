@@ -1,6 +1,7 @@
 """Faults under load: servers killed, PostgreSQL restarted. Tidepool must not hang, leak or crash,
 and must serve again as soon as PostgreSQL does."""
 
+import os
 import random
 import re
 import signal
@@ -9,6 +10,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from test_lifecycle import pg_ctl, second_pg  # noqa: F401  (fixture)
 
@@ -63,16 +65,17 @@ def test_terminating_random_servers_under_load(tidepool, pg):
     assert settle_fds(t, baseline) <= baseline + 4 + 10  # at most the pool's servers came back
 
 
-def test_postgres_restart_under_load(tidepool, second_pg):
+@pytest.mark.parametrize("clients,mode", [(200, "immediate"), (1000, "immediate"), (1000, "fast")])
+def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
     t = tidepool(databases=f"* = host=127.0.0.1 port={second_pg.port}",
-                 settings="default_pool_size = 10\nmax_client_conn = 500\nserver_connect_timeout = 2\n")
+                 settings="default_pool_size = 10\nmax_client_conn = 2000\nserver_connect_timeout = 2\n")
     wait_serving(t, 5)
     subprocess.run(["pgbench", "-i", "-q", "-h", "127.0.0.1", "-p", str(second_pg.port), "-U", "postgres",
                     "postgres"], check=True, capture_output=True)
     baseline = t.pid_fd_count()
-    bench = start_pgbench(t.port, 200, 5, "-S")
-    time.sleep(1.5)
-    pg_ctl(second_pg, "stop", mode="immediate")
+    bench = start_pgbench(t.port, clients, 6, "-S")
+    time.sleep(2.5 if clients > 200 else 1.5)
+    pg_ctl(second_pg, "stop", mode=mode)
     pg_ctl(second_pg, "start")
     back = time.time()
     assert wait_serving(t, 1.5) == 1
@@ -180,3 +183,56 @@ def test_sigterm_under_write_load_loses_no_committed_transaction(tidepool, pg):
     processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
     assert re.search(r"number of failed transactions: 0 ", out), out[-2000:]
     assert pg.scalar("SELECT count(*) FROM pgbench_history") - before == processed
+
+
+def test_stopped_backend_under_load_frees_the_client_and_the_slot(tidepool, pg):
+    """A backend paused with SIGSTOP never answers: query_timeout frees its client, and the server
+    slot goes back to the pool (the server is closed), so other clients keep being served."""
+    t = tidepool(settings="default_pool_size = 2\nquery_timeout = 1\n")
+    victim = t.connect()
+    pid = victim.execute("SELECT pg_backend_pid()").fetchone()[0]
+    victim.execute("BEGIN")
+    victim.execute("SELECT 1")  # the victim keeps this backend
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.time()
+        with pytest.raises(psycopg.Error):
+            victim.execute("SELECT 1")
+        assert time.time() - started < 5
+        # Both slots serve other clients again: the stopped backend's server was closed.
+        results = []
+
+        def work(n):
+            with t.connect() as c:
+                for _ in range(20):
+                    results.append(c.execute("SELECT %s::int", (n,)).fetchone()[0])
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(20)
+        assert len(results) == 80
+        with pg.connect() as direct:
+            assert pid in {r[0] for r in direct.execute("SELECT pid FROM pg_stat_activity").fetchall()}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        victim.close()
+
+
+def test_tcp_keepalive_settings_reach_server_sockets(tidepool, pg):
+    """tcp_keepidle & co. are set on server connections, so a peer that vanished from the network
+    is found by keepalive probes (a stopped backend on this host still answers probes: that case
+    is query_timeout's, above)."""
+    t = tidepool(settings="tcp_keepalive = 1\ntcp_keepidle = 7\ntcp_keepintvl = 3\ntcp_keepcnt = 2\n")
+    with t.connect() as c:
+        c.execute("SELECT 1")
+        out = subprocess.run(["ss", "-tnopH", "state", "established", f"( dport = :{pg.port} )"],
+                             capture_output=True, text=True, check=True).stdout
+    mine = [line for line in out.splitlines() if f"pid={t.proc.pid}," in line]
+    assert mine, out
+    for line in mine:
+        m = re.search(r"timer:\(keepalive,([\d.]+)(ms|sec|min)", line)
+        assert m, line
+        seconds = float(m.group(1)) * {"ms": 0.001, "sec": 1, "min": 60}[m.group(2)]
+        assert seconds <= 7.0, line

@@ -71,6 +71,12 @@ public struct GlobalSettings: Equatable, Sendable {
     public var serverRoundRobin = false
     public var disablePqexec = false
     public var tcpKeepalive = true
+    /// Seconds of idleness before keepalive probes, seconds between probes, probes before giving
+    /// up (0 = the kernel's default), and TCP_USER_TIMEOUT in milliseconds (0 = off).
+    public var tcpKeepidle = 0
+    public var tcpKeepintvl = 0
+    public var tcpKeepcnt = 0
+    public var tcpUserTimeout = 0
     /// Event-loop threads; 0 means one per core.
     public var threads = 0
 
@@ -337,9 +343,13 @@ public struct Config: Equatable, Sendable {
         case "server_round_robin": global.serverRoundRobin = try v.bool()
         case "disable_pqexec": global.disablePqexec = try v.bool()
         case "tcp_keepalive": global.tcpKeepalive = try v.bool()
+        case "tcp_keepidle": global.tcpKeepidle = try v.int(0...86_400)
+        case "tcp_keepintvl": global.tcpKeepintvl = try v.int(0...86_400)
+        case "tcp_keepcnt": global.tcpKeepcnt = try v.int(0...1000)
+        case "tcp_user_timeout": global.tcpUserTimeout = try v.int(0...86_400_000)
         case "threads": global.threads = try v.int(0...1024)
         case "user", "pkt_buf", "sbuf_loopcnt", "syslog", "syslog_ident", "syslog_facility", "so_reuseport",
-            "tcp_keepcnt", "tcp_keepidle", "tcp_keepintvl", "tcp_user_timeout", "tcp_defer_accept",
+            "tcp_defer_accept",
             "tcp_socket_buffer", "dns_max_ttl", "dns_nxdomain_ttl", "dns_zone_check_period", "resolv_conf",
             "suspend_timeout", "server_fast_close", "track_extra_parameters", "stats_users_prefix",
             "job_name", "service_name", "server_check_delay_ms":
