@@ -236,3 +236,51 @@ def test_tcp_keepalive_settings_reach_server_sockets(tidepool, pg):
         assert m, line
         seconds = float(m.group(1)) * {"ms": 0.001, "sec": 1, "min": 60}[m.group(2)]
         assert seconds <= 7.0, line
+
+
+def test_terminated_servers_fail_only_the_clients_inside_a_transaction(tidepool, pg):
+    """Every 100 ms the servers of clients sitting inside a transaction are terminated, while other
+    clients run autocommit queries on the same pool: only the clients in a transaction see errors,
+    and every client's next statement works (nobody is handed a dead server)."""
+    t = tidepool(settings="default_pool_size = 8\n")
+    stop = threading.Event()
+    autocommit_errors = []
+    served = []
+
+    def autocommit_worker():
+        with t.connect() as c:
+            while not stop.is_set():
+                try:
+                    c.execute("SELECT 1")
+                    served.append(1)
+                except psycopg.Error as e:
+                    autocommit_errors.append(repr(e))
+                    return
+
+    workers = [threading.Thread(target=autocommit_worker) for _ in range(4)]
+    for w in workers:
+        w.start()
+    in_transaction_errors = 0
+    for _ in range(10):
+        holders = [t.connect() for _ in range(2)]
+        for h in holders:
+            h.execute("BEGIN")
+            h.execute("SELECT 1")
+        with pg.connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'postgres' "
+                          "AND state = 'idle in transaction' AND pid <> pg_backend_pid()")
+        for h in holders:
+            try:
+                h.execute("SELECT 1")
+            except psycopg.Error:
+                in_transaction_errors += 1
+            h.close()
+        with t.connect() as fresh:
+            assert fresh.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(0.1)
+    stop.set()
+    for w in workers:
+        w.join(10)
+    assert in_transaction_errors == 20
+    assert not autocommit_errors, autocommit_errors[:3]
+    assert len(served) > 100
