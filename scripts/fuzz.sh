@@ -16,7 +16,7 @@ log "fuzzing for ${seconds}s"
 status=0
 .build-fuzz/debug/tidepool-fuzz -max_total_time="$seconds" -max_len=4096 -timeout=10 \
     -artifact_prefix="$work/" "$work/new" Tests/FuzzCorpus >"$work/log" 2>&1 || status=$?
-tail -5 "$work/log"
+grep -E "DONE|^Done|ERROR|SUMMARY|crash-|timeout-" "$work/log" | tail -6
 for crash in "$work"/crash-* "$work"/timeout-* "$work"/leak-*; do
     [ -e "$crash" ] || continue
     cp "$crash" "Tests/FuzzCorpus/$(basename "$crash")"
