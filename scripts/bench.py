@@ -12,6 +12,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from harness import LIB, ROOT, cpu_seconds, free_port, rss_kb, sh, wait_port  # noqa: E402,F401
 
 DURATION = int(os.environ.get("DURATION", "10"))
@@ -49,26 +50,9 @@ class Pooler:
 
 
 def start_tidepool(pg_port):
-    port = free_port()
-    ini = os.path.join(WORK, "tidepool.ini")
-    with open(ini, "w") as f:
-        f.write(f"""[databases]
-postgres = host=127.0.0.1 port={pg_port} dbname=postgres
-[pooler]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-pool_mode = transaction
-default_pool_size = {POOL}
-max_client_conn = 20000
-log_connections = 0
-log_disconnections = 0
-threads = {THREADS}
-logfile = {WORK}/tidepool.log
-""")
-    proc = subprocess.Popen([os.path.join(ROOT, ".build", "release", "tidepool"), ini])
-    wait_port(port, proc)
+    proc, port = harness.start_tidepool(
+        WORK, pg_port, f"default_pool_size = {POOL}\nmax_client_conn = 20000\nthreads = {THREADS}\n",
+        database="postgres = host=127.0.0.1 port={pg_port} dbname=postgres")
     return Pooler("tidepool", port, proc)
 
 

@@ -11,7 +11,4 @@
 cd "$TIDEPOOL_ROOT"
 
 ensure_debian postgresql pgbouncer
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-log "building tidepool (release)"
-swift build -c release 2>&1 | tail -1
-exec python3 "$TIDEPOOL_ROOT/scripts/bench.py" "$@"
+release_script bench "$@"

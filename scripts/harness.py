@@ -39,3 +39,17 @@ def rss_kb(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def start_tidepool(work, pg_port, settings, database="* = host=127.0.0.1 port={pg_port}"):
+    """Starts the release build on a free port in front of `pg_port`, transaction mode, trust auth,
+    with extra `settings` lines; returns (process, port)."""
+    port = free_port()
+    ini = os.path.join(work, "tidepool.ini")
+    with open(ini, "w") as f:
+        f.write(f"[databases]\n{database.format(pg_port=pg_port)}\n[pooler]\nlisten_addr = 127.0.0.1\n"
+                f"listen_port = {port}\nunix_socket_dir =\nauth_type = trust\npool_mode = transaction\n"
+                f"log_connections = 0\nlog_disconnections = 0\nlogfile = {work}/tidepool.log\n{settings}")
+    proc = subprocess.Popen([os.path.join(ROOT, ".build", "release", "tidepool"), ini])
+    wait_port(port, proc)
+    return proc, port

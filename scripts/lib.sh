@@ -109,3 +109,14 @@ stop_postgres() {
         fi
     fi
 }
+
+# Builds the release binary, raises the fd limit and runs scripts/NAME.py with the remaining
+# arguments (bench, soak, storm).
+release_script() {
+    local name="$1"
+    shift
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    log "building tidepool (release)"
+    swift build -c release 2>&1 | tail -1
+    exec python3 "$TIDEPOOL_ROOT/scripts/$name.py" "$@"
+}

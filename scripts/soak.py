@@ -11,7 +11,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, free_port, rss_kb, sh, wait_port  # noqa: E402
+from harness import ROOT, free_port, rss_kb, sh, start_tidepool  # noqa: E402
 
 DURATION = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get("DURATION", "1800"))
 SAMPLE = int(os.environ.get("SAMPLE", "10"))
@@ -30,28 +30,9 @@ def main():
     samples = []
     try:
         sh(f"pgbench -i -q -s 2 -h 127.0.0.1 -p {pg_port} -U postgres postgres")
-        port = free_port()
-        ini = os.path.join(WORK, "pooler.ini")
-        with open(ini, "w") as f:
-            f.write(f"""[databases]
-* = host=127.0.0.1 port={pg_port}
-[pooler]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = 5000
-admin_users = postgres
-log_connections = 0
-log_disconnections = 0
-stats_period = 10
-logfile = {WORK}/tidepool.log
-""")
-        tidepool = subprocess.Popen([os.path.join(ROOT, ".build", "release", "tidepool"), ini])
+        tidepool, port = start_tidepool(
+            WORK, pg_port, "default_pool_size = 20\nmax_client_conn = 5000\nadmin_users = postgres\nstats_period = 10\n")
         procs.append(tidepool)
-        wait_port(port, tidepool)
         long_tx = os.path.join(WORK, "long.sql")
         with open(long_tx, "w") as f:
             f.write("BEGIN;\nSELECT pg_sleep(0.2);\nUPDATE pgbench_branches SET bbalance = bbalance WHERE bid = 1;\n"

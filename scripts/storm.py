@@ -12,7 +12,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, free_port, rss_kb, sh, wait_port  # noqa: E402
+from harness import ROOT, free_port, rss_kb, sh, start_tidepool  # noqa: E402
 
 CLIENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 WORK = tempfile.mkdtemp(prefix="tidepool-storm-")
@@ -71,26 +71,8 @@ def main():
     sh(f"start_postgres '{WORK}/pg' {pg_port} off")
     tidepool = None
     try:
-        port = free_port()
-        ini = os.path.join(WORK, "pooler.ini")
-        with open(ini, "w") as f:
-            f.write(f"""[databases]
-* = host=127.0.0.1 port={pg_port}
-[pooler]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = {CLIENTS + 100}
-query_wait_timeout = 120
-log_connections = 0
-log_disconnections = 0
-logfile = {WORK}/tidepool.log
-""")
-        tidepool = subprocess.Popen([os.path.join(ROOT, ".build", "release", "tidepool"), ini])
-        wait_port(port, tidepool)
+        tidepool, port = start_tidepool(
+            WORK, pg_port, f"default_pool_size = 20\nmax_client_conn = {CLIENTS + 100}\nquery_wait_timeout = 120\n")
         rss_before = rss_kb(tidepool.pid)
         counts, seconds = asyncio.run(storm(port))
         rss_peak = rss_kb(tidepool.pid)

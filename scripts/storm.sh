@@ -7,7 +7,4 @@
 cd "$TIDEPOOL_ROOT"
 
 ensure_debian postgresql
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-log "building tidepool (release)"
-swift build -c release 2>&1 | tail -1
-exec python3 "$TIDEPOOL_ROOT/scripts/storm.py" "$@"
+release_script storm "$@"
