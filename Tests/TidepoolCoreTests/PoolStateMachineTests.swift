@@ -151,6 +151,20 @@ extension [PoolAction] {
         #expect(pool.serverConnected(retry.connects[0], now: clock.now) == [.lend(retry.connects[0], to: c(3))])
     }
 
+    @Test func databaseShuttingDownIsRetriedWithinASecond() {
+        // "the database system is shutting down" (57P03) during a restart is transient, unlike a
+        // refused login: the pool must serve again within a second of PostgreSQL being back.
+        let shuttingDown = PostgresError(
+            severity: "FATAL", code: SQLState.cannotConnectNow, message: "the database system is shutting down")
+        let first = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        #expect(pool.serverConnectFailed(first, error: shuttingDown, now: clock.now).failures.map(\.0) == [c(1)])
+        clock.advance(.milliseconds(400))
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).failures.count == 1)
+        clock.advance(.milliseconds(600))
+        let retry = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
+        #expect(retry.connects.count == 1)
+    }
+
     @Test func idleServerPastCheckDelayIsCheckedBeforeLending() {
         let s1 = lendNewServer(to: c(1))
         _ = pool.serverReleased(s1, reusable: true, now: clock.now)

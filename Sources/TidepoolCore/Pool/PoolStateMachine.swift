@@ -326,7 +326,9 @@ public struct PoolStateMachine: Sendable {
     /// login waits server_login_retry, so as not to flood its log.
     func retryDelay(_ pool: Pool) -> TimeAmount {
         guard let failure = pool.lastConnectFailure else { return .zero }
-        if failure.error.code == SQLState.connectionFailure {
+        // Unreachable, or shutting down / starting up (57P03): transient, so tried again within a
+        // second; a refused login waits server_login_retry.
+        if failure.error.code == SQLState.connectionFailure || failure.error.code == SQLState.cannotConnectNow {
             return min(pool.settings.serverLoginRetry, .seconds(1))
         }
         return pool.settings.serverLoginRetry
