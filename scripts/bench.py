@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import LIB, ROOT, cpu_seconds, free_port, rss_kb, sh, wait_port  # noqa: E402,F401
+from harness import cpu_seconds, free_port, rss_kb, sh, wait_port  # noqa: E402
 
 DURATION = int(os.environ.get("DURATION", "10"))
 CLIENTS = [int(c) for c in os.environ.get("CLIENTS", "20 200 1000 5000").split()]
@@ -238,18 +238,7 @@ def main():
         lines.append(c)
     lines.append("```\n</details>\n")
     table = "\n".join(lines)
-    print(table)
-    if not os.environ.get("NO_RECORD"):
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        if not os.path.exists(path):
-            with open(path, "w") as f:
-                f.write("# Benchmarks\n\nProduced by `scripts/bench.sh` (see its header for settings). "
-                        "Newest run first below the log.\n\n## Runs\n\n")
-        text = open(path).read()
-        marker = "## Runs\n\n"
-        text = text.replace(marker, marker + table + "\n", 1)
-        with open(path, "w") as f:
-            f.write(text)
+    harness.record(table)
     shutil.rmtree(WORK, ignore_errors=True)
 
 

@@ -53,3 +53,19 @@ def start_tidepool(work, pg_port, settings, database="* = host=127.0.0.1 port={p
     proc = subprocess.Popen([os.path.join(ROOT, ".build", "release", "tidepool"), ini])
     wait_port(port, proc)
     return proc, port
+
+
+def record(text):
+    """Prints a result and, unless NO_RECORD is set, adds it at the top of BENCHMARKS.md's runs."""
+    print(text)
+    if os.environ.get("NO_RECORD"):
+        return
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("# Benchmarks\n\nProduced by the scripts under scripts/. Newest run first below the log.\n\n"
+                    "## Runs\n\n")
+    marker = "## Runs\n\n"
+    body = open(path).read()
+    with open(path, "w") as f:
+        f.write(body.replace(marker, marker + text + "\n", 1))

@@ -11,7 +11,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, free_port, rss_kb, sh, start_tidepool  # noqa: E402
+from harness import free_port, record, rss_kb, sh, start_tidepool  # noqa: E402
 
 DURATION = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get("DURATION", "1800"))
 SAMPLE = int(os.environ.get("SAMPLE", "10"))
@@ -114,13 +114,7 @@ def main():
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    if not os.environ.get("NO_RECORD"):
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        body = open(path).read()
-        marker = "## Runs\n\n"
-        with open(path, "w") as f:
-            f.write(body.replace(marker, marker + text + "\n", 1))
+    record(text)
     shutil.rmtree(WORK, ignore_errors=True)
     ok = flat and fds_ok and failed == 0 and not admin_errors
     sys.exit(0 if ok else 1)

@@ -12,7 +12,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, free_port, rss_kb, sh, start_tidepool  # noqa: E402
+from harness import free_port, record, rss_kb, sh, start_tidepool  # noqa: E402
 
 CLIENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
 WORK = tempfile.mkdtemp(prefix="tidepool-storm-")
@@ -97,13 +97,7 @@ def main():
     if counts.get("errors"):
         lines.insert(3, f"- First errors: {counts['errors'][:3]}")
     text = "\n".join(lines)
-    print(text)
-    if not os.environ.get("NO_RECORD"):
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        body = open(path).read()
-        marker = "## Runs\n\n"
-        with open(path, "w") as f:
-            f.write(body.replace(marker, marker + text + "\n", 1))
+    record(text)
     shutil.rmtree(WORK, ignore_errors=True)
     sys.exit(0 if counts["failed"] == 0 else 1)
 

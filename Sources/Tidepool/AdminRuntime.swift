@@ -99,19 +99,6 @@ extension Pooler {
         }
     }
 
-    /// Applies changed pool settings to the existing pools (RELOAD and SET).
-    func applyPoolSettings(_ config: Config) {
-        let now = NIODeadline.now()
-        withPool { pools in
-            var actions: [PoolAction] = []
-            for key in pools.poolKeys {
-                guard let database = config.database(named: key.database) else { continue }
-                actions += pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
-            }
-            return actions
-        }
-    }
-
     func isDisabled(_ database: String) -> Bool {
         shared.withLockedValue { $0.disabled.contains(database) }
     }

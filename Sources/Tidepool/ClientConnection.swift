@@ -196,6 +196,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         guard case .waiting = state, let id else { return false }
         pooler.clientGaveUp(id)
         var answers = max(tracker.outstanding, 1)
+        var midMessage = !scanner.atMessageBoundary
         if prepared != nil, var stash = inbound {
             // Unread bytes kept for the server: count the requests among them, and drop them.
             inbound = nil
@@ -211,13 +212,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 }), case .forward = chunk
             {}
             answers = max(tracker.outstanding + requests, 1)
-            if !counter.atMessageBoundary || stash.readableBytes > 0 {
-                closeReason = "cancelled in the middle of a message"
-                sendFatal(.fatal(SQLState.queryCanceled, "canceling statement due to user request"))
-                return true
-            }
+            midMessage = midMessage || !counter.atMessageBoundary || stash.readableBytes > 0
         }
-        guard scanner.atMessageBoundary else {
+        guard !midMessage else {
             closeReason = "cancelled in the middle of a message"
             sendFatal(.fatal(SQLState.queryCanceled, "canceling statement due to user request"))
             return true
@@ -283,10 +280,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 case .forward(let bytes):
                     forward(bytes)
                 case .message:
-                    // Terminate: the client is leaving.
-                    closeReason = "client close request"
-                    finish()
-                    channel.close(promise: nil)
+                    clientTerminated()
                     return
                 }
             case .admin(let readOnly):
@@ -306,27 +300,22 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Returns false when it needs more bytes or a server first.
     func processPrepared(_ buffer: inout ByteBuffer) throws -> Bool {
         guard case .linked(let server) = state, !swallowingUntilReady else {
-            if case .idle = state, buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) == MessageType.terminate {
-                closeReason = "client close request"
-                finish()
-                channel.close(promise: nil)
+            guard case .idle = state else { return false }
+            if buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) == MessageType.terminate {
+                clientTerminated()
                 return false
             }
-            if case .idle = state,
-                let answer = prepared!.answerWithoutServer(buffer, isKnown: { pooler.isKnownStatement($0) })
-            {
+            if let answer = prepared!.answerWithoutServer(buffer, isKnown: { pooler.isKnownStatement($0) }) {
                 buffer.moveReaderIndex(forwardBy: answer.consumed)
                 channel.writeAndFlush(answer.reply, promise: nil)
                 return true
             }
-            if case .idle = state {
-                // Stash first: the server may be lent, and the stash read, before requestServer returns.
-                state = .waiting
-                waitStart = NIODeadline.now()
-                inbound = buffer
-                buffer.moveReaderIndex(to: buffer.writerIndex)
-                pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
-            }
+            // Stash first: the server may be lent, and the stash read, before requestServer returns.
+            state = .waiting
+            waitStart = NIODeadline.now()
+            inbound = buffer
+            buffer.moveReaderIndex(to: buffer.writerIndex)
+            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
             return false
         }
         guard
@@ -348,9 +337,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             toServer.append(bytes)
         case .message(let type, let body, let whole):
             if type == MessageType.terminate {
-                closeReason = "client close request"
-                finish()
-                channel.close(promise: nil)
+                clientTerminated()
                 return false
             }
             tracker.clientSent(type)
@@ -404,8 +391,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         var out = channel.allocator.buffer(capacity: 1024)
         switch type {
         case MessageType.terminate:
-            finish()
-            channel.close(promise: nil)
+            clientTerminated()
             return
         case MessageType.query:
             let sql = WireDecode.queryText(body) ?? ""
@@ -862,9 +848,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Whether the linked server may go back to the pool now: not in session mode, nothing
     /// outstanding, no transaction open, no query of the pooler's own and no cancel under way.
-    var mayGiveBack: Bool {
-        poolMode != .session && tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0
-            && (prepared?.isQuiet ?? true)
+    var mayGiveBack: Bool { poolMode != .session && serverIsClean }
+
+    /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
+    /// no cancel under way (one still on its way could hit the next client's query).
+    var serverIsClean: Bool {
+        tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && (prepared?.isQuiet ?? true)
     }
 
     /// A CancelRequest with this client's key. A queued client leaves the queue; a client using a
@@ -896,6 +885,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: Closing
 
+    /// Terminate: the client is leaving.
+    func clientTerminated() {
+        closeReason = "client close request"
+        finish()
+        channel.close(promise: nil)
+    }
+
     func sendFatal(_ error: PostgresError) {
         pooler.metrics.clientError(error.code)
         var out = channel.allocator.buffer(capacity: 128)
@@ -910,9 +906,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         loginTimeout?.cancel()
         switch state {
         case .linked(let server):
-            // A cancel still on its way could hit the next client's query: such a server is closed.
-            let clean =
-                tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && (prepared?.isQuiet ?? true)
+            let clean = serverIsClean
             server.detach(from: self, lease: lease)
             let global = pooler.config.global
             let reset = global.serverResetQuery

@@ -151,13 +151,8 @@ extension Pooler {
     func readiness(on loop: EventLoop) -> EventLoopFuture<[String: String]> {
         let databases = config.databases
         let checks = databases.map { name, entry -> EventLoopFuture<(String, String?)> in
-            let host = entry.host ?? "/var/run/postgresql"
-            let port = entry.port ?? 5432
-            let bootstrap = ClientBootstrap(group: loop).connectTimeout(.seconds(1))
-            let connection =
-                host.hasPrefix("/")
-                ? bootstrap.connect(unixDomainSocketPath: "\(host)/.s.PGSQL.\(port)")
-                : bootstrap.connect(host: host, port: port)
+            let connection = ServerConnection.Address(entry).connect(
+                ClientBootstrap(group: loop).connectTimeout(.seconds(1)))
             return connection.flatMap { channel in channel.close().map { (name, nil as String?) } }
                 .flatMapError { error in loop.makeSucceededFuture((name, "\(error)")) }
         }

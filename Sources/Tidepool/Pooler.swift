@@ -61,11 +61,7 @@ public final class Pooler: @unchecked Sendable {
             return r
         }
 
-        var book: LatencyBook {
-            var book = LatencyBook()
-            book.add(recorders)
-            return book
-        }
+        var book: LatencyBook { LatencyBook(recorders) }
     }
 
     struct CancelKey: Hashable {
@@ -265,12 +261,7 @@ public final class Pooler: @unchecked Sendable {
         Wire.cancelRequest(processID: target.processID, secretKey: target.secretKey, into: &buffer)
         let packet = buffer
         let timeout = config.global.serverConnectTimeout
-        let bootstrap = ClientBootstrap(group: group).connectTimeout(timeout)
-        let connecting: EventLoopFuture<Channel>
-        switch target.address {
-        case .tcp(let host, let port): connecting = bootstrap.connect(host: host, port: port)
-        case .unix(let path): connecting = bootstrap.connect(unixDomainSocketPath: path)
-        }
+        let connecting = target.address.connect(ClientBootstrap(group: group).connectTimeout(timeout))
         return connecting.flatMap { channel in
             channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
             return channel.writeAndFlush(packet).flatMap { channel.closeFuture }
@@ -511,18 +502,12 @@ public final class Pooler: @unchecked Sendable {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(server) }
             }
-        let connecting: EventLoopFuture<Channel>
-        switch server.address {
-        case .tcp(let host, let port): connecting = bootstrap.connect(host: host, port: port)
-        case .unix(let path): connecting = bootstrap.connect(unixDomainSocketPath: path)
-        }
+        let connecting = server.address.connect(bootstrap)
         connecting.whenFailure { error in
             self.serverConnectFailed(
                 server, error: PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "\(error)"))
         }
     }
-
-    /// Runs one admin console command.
 
     /// RELOAD: reads the configuration and auth file again and applies them to the pools (sizes,
     /// limits, timeouts) without dropping a client. An invalid configuration is rejected and the
@@ -547,16 +532,21 @@ public final class Pooler: @unchecked Sendable {
             logger.warning("RELOAD: listen_addr, listen_port and unix_socket_dir take effect after a restart")
         }
         for warning in fresh.0.warnings { logger.warning("\(warning)") }
+        applyPoolSettings(fresh.0)
+        logger.info("RELOAD: configuration applied")
+    }
+
+    /// Applies changed pool settings to the existing pools (RELOAD and SET).
+    func applyPoolSettings(_ config: Config) {
         let now = NIODeadline.now()
         withPool { pools in
             var actions: [PoolAction] = []
             for key in pools.poolKeys {
-                guard let database = fresh.0.database(named: key.database) else { continue }
+                guard let database = config.database(named: key.database) else { continue }
                 actions += pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
             }
             return actions
         }
-        logger.info("RELOAD: configuration applied")
     }
 
     /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server

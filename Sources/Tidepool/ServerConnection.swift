@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOPosix
 import TidepoolCore
 
 /// One connection from the pooler to PostgreSQL. It logs in, then either sits idle in the pool
@@ -15,6 +16,20 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     enum Address: Sendable {
         case tcp(host: String, port: Int)
         case unix(path: String)
+
+        /// Where a database entry points: a host, or a directory holding PostgreSQL's socket.
+        init(_ database: DatabaseEntry?) {
+            let host = database?.host ?? "/var/run/postgresql"
+            let port = database?.port ?? 5432
+            self = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
+        }
+
+        func connect(_ bootstrap: ClientBootstrap) -> EventLoopFuture<Channel> {
+            switch self {
+            case .tcp(let host, let port): bootstrap.connect(host: host, port: port)
+            case .unix(let path): bootstrap.connect(unixDomainSocketPath: path)
+            }
+        }
     }
 
     struct CancelTarget: Sendable {
@@ -73,9 +88,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         self.pooler = pooler
         self.database = database
         self.statements = ServerStatementCache(capacity: pooler.config.global.maxPreparedStatements)
-        let host = database?.host ?? "/var/run/postgresql"
-        let port = database?.port ?? 5432
-        self.address = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
+        self.address = Address(database)
     }
 
     static func placeholder(id: ServerID, pool: PoolKey, pooler: Pooler) -> ServerConnection {

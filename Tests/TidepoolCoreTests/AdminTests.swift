@@ -151,12 +151,15 @@ import Testing
     }
 
     @Test func latencyBooksMergeAcrossLoops() {
-        var a = LatencyBook()
-        var b = LatencyBook()
-        a.record(.query, microseconds: 100, database: "db")
-        b.record(.query, microseconds: 300, database: "db")
-        b.endPeriod()
-        a.merge(b)
+        // Two event loops' recorders of one database.
+        let loop1 = LatencyRecorder()
+        let loop2 = LatencyRecorder()
+        loop1.record(.query, microseconds: 100)
+        loop2.record(.query, microseconds: 300)
+        loop2.endPeriod()
+        #expect(loop2.current.query.count == 0 && loop2.total.query.count == 1)
+        var a = LatencyBook(["db": loop1])
+        a.merge(LatencyBook(["db": loop2]))
         #expect(a.total["db"]!.query.count == 2)
         #expect(a.lastPeriod["db"]!.query.count == 1)
         let view = AdminViews.latency(a)

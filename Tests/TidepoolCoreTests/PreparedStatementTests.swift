@@ -75,6 +75,13 @@ final class PreparedHarness {
         $0.writeInteger(Int32(0))
     }
 
+    /// The client prepares `name` with Parse+Sync and the server accepts it.
+    func prepareAndSync(_ name: String, _ sql: String) {
+        client(Self.parse(name, sql))
+        client(Self.sync)
+        serverSends("1Z")
+    }
+
     /// Sends one client message through the tracker, as the runtime does.
     func client(_ whole: ByteBuffer) {
         let type = whole.getInteger(at: whole.readerIndex, as: UInt8.self)!
@@ -175,9 +182,7 @@ final class PreparedHarness {
 
     @Test func bindOnAServerWithoutTheStatementInjectsParse() {
         let h = H()
-        h.client(H.parse("s1", "select 1"))
-        h.client(H.sync)
-        h.serverSends("1Z")
+        h.prepareAndSync("s1", "select 1")
         // The next transaction runs on another server, which has nothing prepared.
         h.server = ServerStatementCache(capacity: 10)
         h.sent.removeAll()
@@ -231,9 +236,7 @@ final class PreparedHarness {
 
     @Test func closeForgetsOnlyTheClientsName() {
         let h = H()
-        h.client(H.parse("s1", "select 1"))
-        h.client(H.sync)
-        h.serverSends("1Z")
+        h.prepareAndSync("s1", "select 1")
         let name = h.tracker.statements["s1"]!.serverName
         h.sent.removeAll()
         h.client(H.close("s1"))
@@ -285,9 +288,7 @@ final class PreparedHarness {
 
     @Test func failedInjectedParseIsShownAndSkipsToSync() {
         let h = H()
-        h.client(H.parse("s1", "select 1"))
-        h.client(H.sync)
-        h.serverSends("1Z")
+        h.prepareAndSync("s1", "select 1")
         h.server = ServerStatementCache(capacity: 10)
         h.client(H.bind("s1"))
         h.client(H.execute)
@@ -316,9 +317,7 @@ final class PreparedHarness {
 
     @Test func duplicateNameIsRefusedByTheServer() {
         let h = H()
-        h.client(H.parse("s1", "select 1"))
-        h.client(H.sync)
-        h.serverSends("1Z")
+        h.prepareAndSync("s1", "select 1")
         h.sent.removeAll()
         h.client(H.parse("s1", "select 2"))
         h.client(H.sync)
@@ -331,9 +330,7 @@ final class PreparedHarness {
 
     @Test func discardAllClearsEverythingOnlyWhenItSucceeds() {
         let h = H()
-        h.client(H.parse("s1", "select 1"))
-        h.client(H.sync)
-        h.serverSends("1Z")
+        h.prepareAndSync("s1", "select 1")
         h.client(H.query("DISCARD ALL"))
         h.serverSends("EZ")  // e.g. inside a transaction block
         #expect(h.tracker.statements["s1"] != nil && h.server.count == 1)
@@ -437,9 +434,7 @@ final class PreparedHarness {
 
     @Test func executeOfAProtocolStatementInjectsParseAndSync() {
         let h = H()
-        h.client(H.parse("s1", "select 1"))
-        h.client(H.sync)
-        h.serverSends("1Z")
+        h.prepareAndSync("s1", "select 1")
         h.server = ServerStatementCache(capacity: 10)
         h.sent.removeAll()
         h.client(H.query("EXECUTE s1"))

@@ -13,7 +13,10 @@ def admin(t, user="admin"):
 
 
 def rows(conn, sql):
+    """A result as dicts, or the command tag of a command without rows."""
     cur = conn.execute(sql)
+    if cur.description is None:
+        return cur.statusmessage
     names = [d.name for d in cur.description]
     return [dict(zip(names, r)) for r in cur.fetchall()]
 

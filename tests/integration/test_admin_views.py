@@ -3,7 +3,6 @@
 
 import json
 import re
-import subprocess
 import threading
 import time
 import urllib.error
@@ -14,18 +13,7 @@ import pytest
 from psycopg import errors
 
 from conftest import free_port
-
-
-def admin(t, user="admin"):
-    return t.connect(dbname="pgbouncer", user=user)
-
-
-def rows(conn, sql):
-    cur = conn.execute(sql)
-    if cur.description is None:
-        return cur.statusmessage
-    names = [d.name for d in cur.description]
-    return [dict(zip(names, r)) for r in cur.fetchall()]
+from test_admin import admin, rows
 
 
 def by(rows_, key):

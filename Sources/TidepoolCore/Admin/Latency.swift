@@ -69,6 +69,16 @@ public struct LatencySet: Sendable {
 
     public init() {}
 
+    public enum Kind: Sendable { case wait, transaction, query }
+
+    public mutating func record(_ kind: Kind, microseconds: UInt64) {
+        switch kind {
+        case .wait: wait.record(microseconds)
+        case .transaction: transaction.record(microseconds)
+        case .query: query.record(microseconds)
+        }
+    }
+
     public mutating func merge(_ other: LatencySet) {
         wait.merge(other.wait)
         transaction.merge(other.transaction)
@@ -85,18 +95,9 @@ public final class LatencyRecorder: @unchecked Sendable {
 
     public init() {}
 
-    public func record(_ kind: LatencyBook.Kind, microseconds: UInt64) {
-        switch kind {
-        case .wait:
-            total.wait.record(microseconds)
-            current.wait.record(microseconds)
-        case .transaction:
-            total.transaction.record(microseconds)
-            current.transaction.record(microseconds)
-        case .query:
-            total.query.record(microseconds)
-            current.query.record(microseconds)
-        }
+    public func record(_ kind: LatencySet.Kind, microseconds: UInt64) {
+        total.record(kind, microseconds: microseconds)
+        current.record(kind, microseconds: microseconds)
     }
 
     public func endPeriod() {
@@ -105,6 +106,7 @@ public final class LatencyRecorder: @unchecked Sendable {
     }
 }
 
+/// Every loop's recorders merged, for SHOW LATENCY.
 public struct LatencyBook: Sendable {
     public var total: [String: LatencySet] = [:]
     public var current: [String: LatencySet] = [:]
@@ -112,32 +114,11 @@ public struct LatencyBook: Sendable {
 
     public init() {}
 
-    public enum Kind: Sendable { case wait, transaction, query }
-
-    public mutating func record(_ kind: Kind, microseconds: UInt64, database: String) {
-        func add(_ set: inout LatencySet) {
-            switch kind {
-            case .wait: set.wait.record(microseconds)
-            case .transaction: set.transaction.record(microseconds)
-            case .query: set.query.record(microseconds)
-            }
-        }
-        add(&total[database, default: LatencySet()])
-        add(&current[database, default: LatencySet()])
-    }
-
-    public mutating func endPeriod() {
-        lastPeriod = current
-        current = [:]
-    }
-
-    /// Adds what one loop's recorders hold.
-    public mutating func add(_ recorders: [String: LatencyRecorder]) {
-        for (db, r) in recorders {
-            total[db, default: LatencySet()].merge(r.total)
-            current[db, default: LatencySet()].merge(r.current)
-            lastPeriod[db, default: LatencySet()].merge(r.lastPeriod)
-        }
+    /// What one loop's recorders hold.
+    public init(_ recorders: [String: LatencyRecorder]) {
+        total = recorders.mapValues(\.total)
+        current = recorders.mapValues(\.current)
+        lastPeriod = recorders.mapValues(\.lastPeriod)
     }
 
     public mutating func merge(_ other: LatencyBook) {
