@@ -165,6 +165,62 @@ extension [PoolAction] {
         #expect(retry.connects.count == 1)
     }
 
+    @Test func restartingDatabaseThatServedBeforeKeepsClientsWaitingAndServesWhenBack() {
+        // The database served, then its servers died (a restart): clients queue instead of failing.
+        let s1 = lendNewServer(to: c(1))
+        #expect(pool.serverClosed(s1, now: clock.now).isEmpty)
+        let first = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).connects
+        #expect(first.count == 1)
+        #expect(pool.serverConnectFailed(first[0], error: dbError, now: clock.now).isEmpty)
+        // A new client queues too; nothing is tried during the 250 ms back-off.
+        #expect(pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now).isEmpty)
+        #expect(pool.isWaiting(c(2)) && pool.isWaiting(c(3)))
+        clock.advance(.milliseconds(200))
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        // Then one connection at a time, although two clients wait.
+        clock.advance(.milliseconds(50))
+        let retry = pool.timerFired(now: clock.now).connects
+        #expect(retry.count == 1)
+        clock.advance(.milliseconds(100))
+        #expect(pool.timerFired(now: clock.now).connects.isEmpty)
+        let shuttingDown = PostgresError(
+            severity: "FATAL", code: SQLState.cannotConnectNow, message: "the database system is starting up")
+        #expect(pool.serverConnectFailed(retry[0], error: shuttingDown, now: clock.now).isEmpty)
+        clock.advance(.milliseconds(250))
+        let back = pool.timerFired(now: clock.now).connects
+        #expect(back.count == 1)
+        // Back: the first waiter is served and a connection opens for the other.
+        let served = pool.serverConnected(back[0], now: clock.now)
+        #expect(served.lends.map(\.1) == [c(2)])
+        #expect(served.connects.count == 1)
+        #expect(pool.serverConnected(served.connects[0], now: clock.now) == [.lend(served.connects[0], to: c(3))])
+    }
+
+    @Test func waitingThroughAnOutageThatDoesNotEndFailsWithTheConnectError() {
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.serverClosed(s1, now: clock.now)
+        let first = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).connects[0]
+        _ = pool.serverConnectFailed(first, error: dbError, now: clock.now)
+        var failures: [(ClientID, PoolError)] = []
+        for _ in 0..<(120 * 4) {
+            clock.advance(.milliseconds(250))
+            let actions = pool.timerFired(now: clock.now)
+            for id in actions.connects { _ = pool.serverConnectFailed(id, error: dbError, now: clock.now) }
+            failures += actions.failures
+        }
+        #expect(failures.count == 1)
+        #expect(failures.first?.0 == c(2))
+        #expect(failures.first?.1 == .connectFailed(dbError))
+    }
+
+    @Test func refusedLoginAfterServingStillFailsFast() {
+        let s1 = lendNewServer(to: c(1))
+        _ = pool.serverClosed(s1, now: clock.now)
+        let first = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).connects[0]
+        #expect(pool.serverConnectFailed(first, error: loginError, now: clock.now).failures.map(\.0) == [c(2)])
+        #expect(pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now).failures.map(\.0) == [c(3)])
+    }
+
     @Test func idleServerPastCheckDelayIsCheckedBeforeLending() {
         let s1 = lendNewServer(to: c(1))
         _ = pool.serverReleased(s1, reusable: true, now: clock.now)

@@ -67,19 +67,47 @@ def test_terminating_random_servers_under_load(tidepool, pg):
 
 @pytest.mark.parametrize("clients,mode", [(200, "immediate"), (1000, "immediate"), (1000, "fast")])
 def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
+    """Clients inside a transaction get an error, clients outside one wait through the restart, and
+    the pool serves within a second of PostgreSQL being back."""
     t = tidepool(databases=f"* = host=127.0.0.1 port={second_pg.port}",
                  settings="default_pool_size = 10\nmax_client_conn = 2000\nserver_connect_timeout = 2\n")
     wait_serving(t, 5)
     subprocess.run(["pgbench", "-i", "-q", "-h", "127.0.0.1", "-p", str(second_pg.port), "-U", "postgres",
                     "postgres"], check=True, capture_output=True)
     baseline = t.pid_fd_count()
+    in_transaction = [t.connect() for _ in range(3)]
+    for c in in_transaction:
+        c.execute("BEGIN")
+        c.execute("SELECT 1")
+    idle = [t.connect() for _ in range(20)]
     bench = start_pgbench(t.port, clients, 6, "-S")
     time.sleep(2.5 if clients > 200 else 1.5)
     pg_ctl(second_pg, "stop", mode=mode)
+    results = []
+
+    def query(c):
+        try:
+            results.append(c.execute("SELECT 1").fetchone()[0])
+        except psycopg.Error as e:
+            results.append(e)
+
+    waiting = [threading.Thread(target=query, args=(c,)) for c in idle]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.5)
+    assert results == [], "clients outside a transaction must wait while PostgreSQL is down"
     pg_ctl(second_pg, "start")
     back = time.time()
-    assert wait_serving(t, 1.5) == 1
-    assert time.time() - back < 1.5
+    assert wait_serving(t, 1.0) == 1
+    assert time.time() - back < 1.0, "the pool did not serve within a second of PostgreSQL being back"
+    for thread in waiting:
+        thread.join(timeout=10)
+    assert results == [1] * len(idle)
+    for c in in_transaction:
+        with pytest.raises(psycopg.OperationalError):
+            c.execute("SELECT 1")
+    for c in in_transaction + idle:
+        c.close()
     bench.communicate(timeout=60)  # pgbench ends: clients got errors or went on, none hangs
     assert settle_fds(t, baseline) <= baseline + 4 + 10
 

@@ -59,6 +59,9 @@ public struct PoolStateMachine: Sendable {
     var servers: [ServerID: Server] = [:]
     var waitingClients: [ClientID: PoolKey] = [:]
     var databaseTotals: [String: Int] = [:]
+    /// Databases a server has logged in to since start: when one becomes unreachable, clients
+    /// wait for it to come back (a restart) instead of failing at once.
+    var databasesServed: Set<String> = []
     var userTotals: [String: Int] = [:]
     var nextServerID: UInt64 = 1
 
@@ -102,8 +105,11 @@ public struct PoolStateMachine: Sendable {
             lendIdle(server, to: client, now: now, into: &actions)
             return actions
         }
-        // Fast failure: while connecting keeps failing and no server is left, do not queue.
-        if pool.total == 0, let failure = pool.lastConnectFailure, now < failure.at + retryDelay(pool) {
+        // Fast failure: while connecting keeps failing and no server is left, do not queue, unless
+        // the database served before and is only restarting.
+        if pool.total == 0, let failure = pool.lastConnectFailure, !ridesOut(key, failure.error),
+            now < failure.at + retryDelay(key)
+        {
             pools[key]!.probeWanted = true
             actions.append(.failClient(client, .connectFailed(failure.error)))
             return actions
@@ -128,8 +134,11 @@ public struct PoolStateMachine: Sendable {
         pools[server.pool]!.connecting -= 1
         pools[server.pool]!.lastConnectFailure = nil
         pools[server.pool]!.probeWanted = false
+        databasesServed.insert(server.pool.database)
         var actions: [PoolAction] = []
         makeAvailable(id, now: now, into: &actions)
+        // After an outage only one connection was being tried: open the rest for the queue.
+        grow(server.pool, now: now, into: &actions)
         return actions
     }
 
@@ -142,8 +151,9 @@ public struct PoolStateMachine: Sendable {
         remove(id)
         pools[key]!.lastConnectFailure = (now, error)
         var actions: [PoolAction] = []
-        if pools[key]!.total == 0 {
+        if pools[key]!.total == 0, !ridesOut(key, error) {
             // Nothing will free up for the queue: tell the waiters now rather than at their timeout.
+            // A database that served before and is now unreachable or restarting is waited for.
             failAllWaiters(key, error: .connectFailed(error), into: &actions)
         }
         return actions
@@ -321,24 +331,35 @@ public struct PoolStateMachine: Sendable {
         }
     }
 
-    /// How long new connections are held back after one failed: an unreachable server is tried
-    /// again within a second (so the pool serves as soon as it is back); a server that refused the
-    /// login waits server_login_retry, so as not to flood its log.
-    func retryDelay(_ pool: Pool) -> TimeAmount {
+    /// Whether a failure is transient: the server is unreachable, shutting down or starting up
+    /// (57P03), as during a restart; a refused login is not.
+    static func isTransient(_ error: PostgresError) -> Bool {
+        error.code == SQLState.connectionFailure || error.code == SQLState.cannotConnectNow
+    }
+
+    /// Whether clients wait through this failure instead of failing at once: the database served
+    /// before and the failure is transient. They wait up to query_wait_timeout.
+    func ridesOut(_ key: PoolKey, _ error: PostgresError) -> Bool {
+        databasesServed.contains(key.database) && Self.isTransient(error)
+    }
+
+    /// How long new connections are held back after one failed: a restarting database that served
+    /// before is tried every 250 ms (so the pool serves within a second of it being back), an
+    /// unreachable one every second, and a server that refused the login only after
+    /// server_login_retry, so as not to flood its log.
+    func retryDelay(_ key: PoolKey) -> TimeAmount {
+        let pool = pools[key]!
         guard let failure = pool.lastConnectFailure else { return .zero }
-        // Unreachable, or shutting down / starting up (57P03): transient, so tried again within a
-        // second; a refused login waits server_login_retry.
-        if failure.error.code == SQLState.connectionFailure || failure.error.code == SQLState.cannotConnectNow {
-            return min(pool.settings.serverLoginRetry, .seconds(1))
-        }
-        return pool.settings.serverLoginRetry
+        guard Self.isTransient(failure.error) else { return pool.settings.serverLoginRetry }
+        let delay: TimeAmount = databasesServed.contains(key.database) ? .milliseconds(250) : .seconds(1)
+        return min(pool.settings.serverLoginRetry, delay)
     }
 
     /// After the back-off, one connection attempt for the clients turned away in the meantime.
     mutating func probe(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
         let pool = pools[key]!
         guard pool.probeWanted, pool.total == 0, let failure = pool.lastConnectFailure,
-            now >= failure.at + retryDelay(pool)
+            now >= failure.at + retryDelay(key)
         else { return }
         pools[key]!.probeWanted = false
         open(key, loop: 0, now: now, into: &actions)
@@ -379,10 +400,12 @@ public struct PoolStateMachine: Sendable {
     /// Opens servers while clients wait for more than are being opened, within the limits.
     mutating func grow(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
         guard let pool = pools[key], !pool.paused else { return }
-        if let failure = pool.lastConnectFailure, now < failure.at + retryDelay(pool) {
-            return  // back off after a failed connection
-        }
         var wanted = max(pool.waitingCount - pool.connecting, pool.settings.minPoolSize - pool.total)
+        if let failure = pool.lastConnectFailure {
+            // Back off after a failed connection, then try one at a time until one succeeds.
+            guard now >= failure.at + retryDelay(key), pool.connecting == 0 else { return }
+            wanted = min(wanted, 1)
+        }
         while wanted > 0 {
             let current = pools[key]!
             var limit = current.settings.poolSize
@@ -479,7 +502,9 @@ public struct PoolStateMachine: Sendable {
             pools[key]!.waiters.removeFirst()
             waitingClients[waiter.client] = nil
             pools[key]!.waitingCount -= 1
-            actions.append(.failClient(waiter.client, .waitTimeout(waited: waited)))
+            // Waiting through an outage that did not end: say why there was no server.
+            let failure = pools[key]!.lastConnectFailure
+            actions.append(.failClient(waiter.client, failure.map { .connectFailed($0.error) } ?? .waitTimeout(waited: waited)))
             actions.append(.note(key, .waitTimedOut))
         }
     }
