@@ -504,7 +504,8 @@ public struct PoolStateMachine: Sendable {
             pools[key]!.waitingCount -= 1
             // Waiting through an outage that did not end: say why there was no server.
             let failure = pools[key]!.lastConnectFailure
-            actions.append(.failClient(waiter.client, failure.map { .connectFailed($0.error) } ?? .waitTimeout(waited: waited)))
+            actions.append(
+                .failClient(waiter.client, failure.map { .connectFailed($0.error) } ?? .waitTimeout(waited: waited)))
             actions.append(.note(key, .waitTimedOut))
         }
     }
