@@ -11,6 +11,31 @@ public enum AuthType: String, Sendable, CaseIterable {
     case hba
 }
 
+/// PostgreSQL's sslmode values, for client_tls_sslmode and server_tls_sslmode.
+public enum SSLMode: String, Sendable, CaseIterable {
+    case disable, allow, prefer, require
+    case verifyCA = "verify-ca"
+    case verifyFull = "verify-full"
+
+    /// TLS is required: plaintext is refused.
+    public var requiresTLS: Bool { self == .require || self == .verifyCA || self == .verifyFull }
+}
+
+/// One side's TLS settings (client_tls_* or server_tls_*). Files are read when a context is made:
+/// at start and on RELOAD.
+public struct TLSSettings: Equatable, Sendable {
+    public var sslmode: SSLMode
+    public var keyFile = ""
+    public var certFile = ""
+    public var caFile = ""
+    /// "secure" (TLS 1.2 and 1.3), "all", or a list of tlsv1.2, tlsv1.3.
+    public var protocols = "secure"
+    /// OpenSSL cipher list for TLS 1.2; "default" keeps the library's.
+    public var ciphers = "default"
+
+    public init(sslmode: SSLMode) { self.sslmode = sslmode }
+}
+
 /// Global settings (`[pooler]`, alias `[pgbouncer]`), with PgBouncer's defaults.
 public struct GlobalSettings: Equatable, Sendable {
     public var listenAddr = "127.0.0.1"
@@ -79,6 +104,19 @@ public struct GlobalSettings: Equatable, Sendable {
     public var tcpUserTimeout = 0
     /// Event-loop threads; 0 means one per core.
     public var threads = 0
+    public var clientTLS = TLSSettings(sslmode: .disable)
+    public var serverTLS = TLSSettings(sslmode: .prefer)
+    /// auth_query: secrets of users not in auth_file are looked up in PostgreSQL as auth_user.
+    public var authUser: String?
+    public var authQuery = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+    public var authDBName: String?
+    /// How long a secret found (or not found) by auth_query is reused.
+    public var authQueryCacheTTL = TimeAmount.seconds(10)
+    /// pg_hba.conf-style rules for auth_type = hba.
+    public var authHBAFile: String?
+    /// Per client address: open connections and new connections per second (0 = no limit).
+    public var maxClientConnPerIP = 0
+    public var clientConnectRatePerIP = 0
 
     public init() {}
 }
@@ -102,6 +140,8 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var timezone: String?
     public var applicationName: String?
     public var authUser: String?
+    public var authQuery: String?
+    public var authDBName: String?
     public var queryWaitTimeout: TimeAmount?
 
     public init(name: String) { self.name = name }
@@ -191,6 +231,16 @@ public struct Config: Equatable, Sendable {
             ("admin_users", g.adminUsers.joined(separator: ",")), ("stats_users", g.statsUsers.joined(separator: ",")),
             ("threads", "\(g.threads)"), ("log_connections", g.logConnections ? "1" : "0"),
             ("log_disconnections", g.logDisconnections ? "1" : "0"),
+            ("client_tls_sslmode", g.clientTLS.sslmode.rawValue), ("client_tls_key_file", g.clientTLS.keyFile),
+            ("client_tls_cert_file", g.clientTLS.certFile), ("client_tls_ca_file", g.clientTLS.caFile),
+            ("client_tls_protocols", g.clientTLS.protocols), ("client_tls_ciphers", g.clientTLS.ciphers),
+            ("server_tls_sslmode", g.serverTLS.sslmode.rawValue), ("server_tls_key_file", g.serverTLS.keyFile),
+            ("server_tls_cert_file", g.serverTLS.certFile), ("server_tls_ca_file", g.serverTLS.caFile),
+            ("server_tls_protocols", g.serverTLS.protocols), ("server_tls_ciphers", g.serverTLS.ciphers),
+            ("auth_user", g.authUser ?? ""), ("auth_query", g.authQuery), ("auth_dbname", g.authDBName ?? ""),
+            ("auth_query_cache_ttl", secs(g.authQueryCacheTTL)), ("auth_hba_file", g.authHBAFile ?? ""),
+            ("max_client_conn_per_ip", "\(g.maxClientConnPerIP)"),
+            ("client_connect_rate_per_ip", "\(g.clientConnectRatePerIP)"),
         ]
     }
 
@@ -260,6 +310,8 @@ public struct Config: Equatable, Sendable {
             case "timezone": db.timezone = value
             case "application_name": db.applicationName = value
             case "auth_user": db.authUser = value
+            case "auth_query": db.authQuery = value
+            case "auth_dbname": db.authDBName = value
             case "query_wait_timeout": db.queryWaitTimeout = try v.duration()
             default:
                 throw ConfigError(
@@ -348,6 +400,25 @@ public struct Config: Equatable, Sendable {
         case "tcp_keepcnt": global.tcpKeepcnt = try v.int(0...1000)
         case "tcp_user_timeout": global.tcpUserTimeout = try v.int(0...86_400_000)
         case "threads": global.threads = try v.int(0...1024)
+        case "client_tls_sslmode": global.clientTLS.sslmode = try v.enumValue(SSLMode.self)
+        case "client_tls_key_file": global.clientTLS.keyFile = entry.value
+        case "client_tls_cert_file": global.clientTLS.certFile = entry.value
+        case "client_tls_ca_file": global.clientTLS.caFile = entry.value
+        case "client_tls_protocols": global.clientTLS.protocols = try v.tlsProtocols()
+        case "client_tls_ciphers": global.clientTLS.ciphers = entry.value
+        case "server_tls_sslmode": global.serverTLS.sslmode = try v.enumValue(SSLMode.self)
+        case "server_tls_key_file": global.serverTLS.keyFile = entry.value
+        case "server_tls_cert_file": global.serverTLS.certFile = entry.value
+        case "server_tls_ca_file": global.serverTLS.caFile = entry.value
+        case "server_tls_protocols": global.serverTLS.protocols = try v.tlsProtocols()
+        case "server_tls_ciphers": global.serverTLS.ciphers = entry.value
+        case "auth_user": global.authUser = entry.value.isEmpty ? nil : entry.value
+        case "auth_query": global.authQuery = entry.value
+        case "auth_dbname": global.authDBName = entry.value.isEmpty ? nil : entry.value
+        case "auth_query_cache_ttl": global.authQueryCacheTTL = try v.duration()
+        case "auth_hba_file": global.authHBAFile = entry.value.isEmpty ? nil : entry.value
+        case "max_client_conn_per_ip": global.maxClientConnPerIP = try v.int(0...10_000_000)
+        case "client_connect_rate_per_ip": global.clientConnectRatePerIP = try v.int(0...10_000_000)
         case "user", "pkt_buf", "sbuf_loopcnt", "syslog", "syslog_ident", "syslog_facility", "so_reuseport",
             "tcp_defer_accept",
             "tcp_socket_buffer", "dns_max_ttl", "dns_nxdomain_ttl", "dns_zone_check_period", "resolv_conf",
@@ -413,6 +484,16 @@ struct Value {
         case "0", "off", "no", "false": return false
         default: throw fail("'\(text)' is not a boolean (use 0 or 1)")
         }
+    }
+
+    /// "secure", "all", "legacy" or a list of tlsv1.2 / tlsv1.3 (older versions are refused).
+    func tlsProtocols() throws(ConfigError) -> String {
+        let words = list().map { $0.lowercased() }
+        let known: Set<String> = ["secure", "all", "legacy", "tlsv1.2", "tlsv1.3", "default"]
+        guard !words.isEmpty, words.allSatisfy({ known.contains($0) }) else {
+            throw fail("'\(text)' is not secure, all, or a list of tlsv1.2, tlsv1.3")
+        }
+        return words.joined(separator: ",")
     }
 
     func list() -> [String] {
