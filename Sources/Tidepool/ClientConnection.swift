@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOSSL
 import TidepoolCore
 
 /// One client of the pooler. It reads the startup packet, authenticates the client, and then
@@ -14,6 +15,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     enum State {
         case startup
+        /// Waiting for auth_query to find the user's secret.
+        case lookingUpSecret
         case authenticating(ClientAuthStateMachine)
         /// Logged in as far as the client knows, but waiting for a server to learn its parameters.
         case awaitingWelcome
@@ -74,6 +77,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     let connectedAtWallClock = Date().timeIntervalSince1970
     var closeReason = "client close request"
     var joinedPool = false
+    /// The client's connection is encrypted (it sent SSLRequest and the handshake was started).
+    var tls = false
+    /// The client address counted for max_client_conn_per_ip (nil for a Unix socket).
+    var countedAddress: String?
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
     /// back until they have arrived.
     var cancelsInFlight = 0
@@ -105,7 +112,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         if timeout > .zero {
             loginTimeout = context.eventLoop.scheduleTask(in: timeout) { [self] in
                 switch state {
-                case .startup, .authenticating, .awaitingWelcome:
+                case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
                     closeReason = "client_login_timeout"
                     sendFatal(.fatal(SQLState.protocolViolation, "client_login_timeout: login took too long"))
                 default: break
@@ -248,7 +255,20 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             switch state {
             case .startup:
                 guard let packet = try StartupPacket.parse(from: &buffer) else { return }
+                if packet == .sslRequest, !tls, let context = pooler.security.clientTLS {
+                    // Bytes after SSLRequest came before encryption: refuse them rather than
+                    // read them as if the handshake had covered them.
+                    guard buffer.readableBytes == 0 else {
+                        closeReason = "data after SSLRequest"
+                        sendFatal(.fatal(SQLState.protocolViolation, "unexpected data after SSLRequest"))
+                        return
+                    }
+                    startTLS(context)
+                    return
+                }
                 handleStartup(packet)
+            case .lookingUpSecret:
+                return  // kept until the secret is known
             case .authenticating(var auth):
                 guard let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) else { return }
                 guard case .message(let type, let body, _) = chunk, type == MessageType.password else {
@@ -438,6 +458,35 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     // MARK: Login
 
+    /// Answers SSLRequest with 'S' and puts the TLS handler in front of this one; the client's
+    /// next bytes are its TLS handshake.
+    func startTLS(_ context: NIOSSLContext) {
+        var out = channel.allocator.buffer(capacity: 1)
+        out.writeInteger(UInt8(ascii: "S"))
+        channel.writeAndFlush(out, promise: nil)
+        do {
+            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context), position: .first)
+            tls = true
+        } catch {
+            closeReason = "TLS setup failed"
+            channel.close(promise: nil)
+        }
+    }
+
+    /// The common name of the client's verified certificate, for the cert method.
+    var certificateCommonName: String? {
+        guard tls, let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+            let certificate = handler.peerCertificate
+        else { return nil }
+        return certificate.subjectName.first { $0.type == .commonName }?.value
+    }
+
+    /// The client's IP address as text; nil for a Unix socket.
+    var clientIP: String? {
+        guard let address = channel.remoteAddress, address.protocol != .unix else { return nil }
+        return address.ipAddress
+    }
+
     func handleStartup(_ packet: StartupPacket) {
         switch packet {
         case .sslRequest, .gssEncRequest:
@@ -461,15 +510,20 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         self.user = user
         databaseName = parameters["database"].flatMap { $0.isEmpty ? nil : $0 } ?? user
-        guard let id = pooler.register(self) else {
-            closeReason = "max_client_conn"
-            sendFatal(.fatal(SQLState.tooManyConnections, "no more connections allowed (max_client_conn)"))
+        let ip = clientIP
+        switch pooler.register(self, address: ip) {
+        case .success(let id):
+            self.id = id
+            countedAddress = ip
+        case .failure(let error):
+            closeReason = error.message
+            logger.warning("client \(peer) user=\(user) refused: \(error.message)")
+            sendFatal(error)
             return
         }
-        self.id = id
         let config = pooler.config
         if config.global.logConnections {
-            logger.info("login attempt: db=\(databaseName) user=\(user) client=\(peer)")
+            logger.info("login attempt: db=\(databaseName) user=\(user) client=\(peer)\(tls ? " tls" : "")")
         }
         if minor > 0 || !unrecognized.isEmpty {
             var out = channel.allocator.buffer(capacity: 32)
@@ -483,13 +537,97 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             sendFatal(error)
             return
         }
-        let secret = pooler.userlist[user]
-        var authType = config.global.authType
-        if authType == .trust, config.global.authFile != nil, secret == nil {
-            sendFatal(.fatal(SQLState.invalidAuthorization, "user \"\(user)\" is not in auth_file"))
+        if config.global.clientTLS.sslmode.requiresTLS, !tls, ip != nil {
+            closeReason = "TLS required"
+            sendFatal(
+                .fatal(
+                    SQLState.invalidAuthorization,
+                    "SSL required (client_tls_sslmode = \(config.global.clientTLS.sslmode.rawValue))"))
             return
         }
-        if authType == .hba { authType = .md5 }
+        var authType = config.global.authType
+        if authType == .hba {
+            guard let method = hbaMethod(config) else { return }
+            authType = method
+        }
+        if authType == .cert {
+            guard let name = certificateCommonName, name == user else {
+                closeReason = "certificate authentication failed"
+                sendFatal(
+                    .fatal(SQLState.invalidAuthorization, "certificate authentication failed for user \"\(user)\""))
+                return
+            }
+            authType = .trust
+        }
+        if let secret = pooler.userlist[user] {
+            startAuth(authType, secret: secret)
+            return
+        }
+        let entry = config.database(named: databaseName)
+        guard authType != .trust, pooler.authUser(for: entry) != nil else {
+            if authType == .trust, config.global.authFile != nil, config.global.authType != .hba {
+                sendFatal(.fatal(SQLState.invalidAuthorization, "user \"\(user)\" is not in auth_file"))
+                return
+            }
+            startAuth(authType, secret: nil)
+            return
+        }
+        state = .lookingUpSecret
+        let method = authType
+        pooler.lookUpSecret(user: user, database: entry, on: channel.eventLoop).whenSuccess { [self] outcome in
+            guard case .lookingUpSecret = state else { return }
+            switch outcome {
+            case .found(let secret):
+                startAuth(method, secret: secret)
+            case .notFound:
+                startAuth(method, secret: nil)  // fails like a wrong password, as PostgreSQL does
+            case .failed(let error):
+                logger.warning("auth_query for user=\(user) failed: \(error.message)")
+                closeReason = "auth_query failed"
+                sendFatal(.fatal(SQLState.connectionFailure, "authentication lookup failed (auth_query)"))
+            }
+            if let stash = inbound, stash.readableBytes > 0, case .authenticating = state {
+                inbound = nil
+                var buffer = stash
+                if processCatching(&buffer), buffer.readableBytes > 0 { inbound = buffer }
+            }
+        }
+    }
+
+    /// auth_type = hba: the method of the first auth_hba_file line matching this connection, or
+    /// nil when the client was refused (no line, or reject).
+    func hbaMethod(_ config: Config) -> AuthType? {
+        let address = clientIP.flatMap(HBARules.parseIP)
+        guard let rules = pooler.security.hba,
+            let rule = rules.method(database: databaseName, user: user, address: address, tls: tls)
+        else {
+            closeReason = "no auth_hba_file entry"
+            let host = clientIP ?? "local"
+            sendFatal(
+                .fatal(
+                    SQLState.invalidAuthorization,
+                    "no auth_hba_file entry for host \"\(host)\", user \"\(user)\", database \"\(databaseName)\", \(tls ? "SSL on" : "SSL off")"
+                ))
+            return nil
+        }
+        switch rule.method {
+        case .trust: return .trust
+        case .md5: return .md5
+        case .scramSHA256: return .scramSHA256
+        case .password: return .plain
+        case .cert: return .cert
+        case .reject:
+            closeReason = "rejected by auth_hba_file"
+            sendFatal(
+                .fatal(
+                    SQLState.invalidAuthorization,
+                    "connection rejected by auth_hba_file line \(rule.line) for user \"\(user)\", database \"\(databaseName)\""
+                ))
+            return nil
+        }
+    }
+
+    func startAuth(_ authType: AuthType, secret: PasswordSecret?) {
         var auth = ClientAuthStateMachine(authType: authType, user: user, secret: secret)
         let action = auth.start()
         state = .authenticating(auth)
@@ -500,14 +638,33 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         switch action {
         case .send(let out):
             channel.writeAndFlush(out, promise: nil)
-            if auth.isAuthenticated { authenticated() }
+            if auth.isAuthenticated {
+                rememberServerSecret(auth)
+                authenticated()
+            }
         case .authenticated:
+            rememberServerSecret(auth)
             authenticated()
         case .fail(let error):
             closeReason = "authentication failed"
             logger.info("client \(peer) user=\(user): \(error.message)")
             sendFatal(error)
         }
+    }
+
+    /// What a successful login teaches about logging in to servers as this user, when the stored
+    /// secret alone cannot (a SCRAM verifier): the keys recovered from the client's SCRAM proof, or
+    /// the cleartext password it sent.
+    func rememberServerSecret(_ auth: ClientAuthStateMachine) {
+        let secret: ServerLoginStateMachine.Secret
+        if let clientKey = auth.scramClientKey, let serverKey = auth.scramServerKey {
+            secret = .scramKeys(clientKey: clientKey, serverKey: serverKey)
+        } else if let password = auth.cleartextPassword {
+            secret = .password(password)
+        } else {
+            return
+        }
+        pooler.credentials.withLockedValue { $0.serverSecrets[user] = secret }
     }
 
     func authenticated() {
@@ -923,7 +1080,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         state = .closed
         if database != nil { handInTraffic() }
         pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
-        pooler.unregister(self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil)
+        pooler.unregister(
+            self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress)
         if id != nil, pooler.config.global.logDisconnections {
             let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9
             logger.info(

@@ -22,6 +22,17 @@ public final class Pooler: @unchecked Sendable {
     let group: MultiThreadedEventLoopGroup
     let loops: [EventLoop]
     let shared = NIOLockedValueBox(Shared())
+    /// HBA rules and TLS contexts; loaded by start() and RELOAD.
+    let securityBox = NIOLockedValueBox(Security())
+    var security: Security { securityBox.withLockedValue { $0 } }
+    /// Secrets found by auth_query, and what a client's login taught about logging in to servers
+    /// as that user (SCRAM keys recovered from the client's proof, or its cleartext password).
+    let credentials = NIOLockedValueBox(Credentials())
+
+    struct Credentials {
+        var authQuery = AuthQueryCache(ttl: .seconds(10))
+        var serverSecrets: [String: ServerLoginStateMachine.Secret] = [:]
+    }
     /// Pooler-wide names of prepared statements some server has accepted: a client preparing one of
     /// these with Parse+Sync is answered without borrowing a server.
     let knownStatements = NIOLockedValueBox(Set<String>())
@@ -84,6 +95,8 @@ public final class Pooler: @unchecked Sendable {
         var poolClients: [PoolKey: Int] = [:]
         /// DISABLE: databases that refuse new clients.
         var disabled: Set<String> = []
+        /// max_client_conn_per_ip and client_connect_rate_per_ip.
+        var addresses = ClientAddressLimiter()
         /// SUSPEND: set until RESUME.
         var suspended = false
     }
@@ -110,6 +123,7 @@ public final class Pooler: @unchecked Sendable {
     /// Binds the TCP and Unix listeners and starts the periodic janitor. Blocks until bound.
     public func start() throws {
         let g = config.global
+        try loadSecurity(config)
         var addresses: [String] = []
         for part in g.listenAddr.split(separator: ",").map({ String($0).trimmed(" ") }) where !part.isEmpty {
             if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
@@ -200,15 +214,29 @@ public final class Pooler: @unchecked Sendable {
 
     // MARK: Clients
 
-    /// Registers a client that passed the startup packet; nil when max_client_conn is reached.
-    func register(_ client: ClientConnection) -> ClientID? {
-        shared.withLockedValue { s in
-            guard s.clientCount < config.global.maxClientConn else { return nil }
+    /// Registers a client that passed the startup packet; fails when max_client_conn or a limit
+    /// per client address is reached. `address` is nil for a Unix socket (no per-address limit).
+    func register(_ client: ClientConnection, address: String?) -> Result<ClientID, PostgresError> {
+        let g = config.global
+        let now = NIODeadline.now()
+        return shared.withLockedValue { s in
+            guard s.clientCount < g.maxClientConn else {
+                return .failure(.fatal(SQLState.tooManyConnections, "no more connections allowed (max_client_conn)"))
+            }
+            if let address {
+                s.addresses.maxPerAddress = g.maxClientConnPerIP
+                s.addresses.perSecond = g.clientConnectRatePerIP
+                if let refusal = s.addresses.admit(address, now: now) {
+                    var error = refusal.postgresError
+                    error.severity = "FATAL"
+                    return .failure(error)
+                }
+            }
             s.clientCount += 1
             let id = ClientID(s.nextClientID)
             s.nextClientID += 1
             s.clients[id] = client
-            return id
+            return .success(id)
         }
     }
 
@@ -232,11 +260,14 @@ public final class Pooler: @unchecked Sendable {
         shared.withLockedValue { $0.poolClients[key, default: 0] += 1 }
     }
 
-    func unregister(_ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?) {
+    func unregister(
+        _ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?, address: String?
+    ) {
         shared.withLockedValue { s in
             if let pool { s.poolClients[pool, default: 1] -= 1 }
             if let id, s.clients.removeValue(forKey: id) != nil {
                 s.clientCount -= 1
+                if let address { s.addresses.release(address) }
                 s.pools.clientGaveUp(id)
             }
             if let cancelKey { s.cancelKeys[CancelKey(processID: cancelKey.0, secretKey: cancelKey.1)] = nil }
@@ -497,16 +528,30 @@ public final class Pooler: @unchecked Sendable {
                     value: SocketOptionValue(value))
             }
         }
+        let negotiator = serverTLSNegotiator(for: server.address)
         bootstrap =
             bootstrap
             .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(server) }
+                channel.eventLoop.makeCompletedFuture {
+                    if let negotiator { try channel.pipeline.syncOperations.addHandler(negotiator) }
+                    try channel.pipeline.syncOperations.addHandler(server)
+                }
             }
         let connecting = server.address.connect(bootstrap)
         connecting.whenFailure { error in
             self.serverConnectFailed(
                 server, error: PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "\(error)"))
         }
+    }
+
+    /// The SSLRequest step for a new server connection, per server_tls_sslmode; none over a Unix
+    /// socket (PostgreSQL does not offer TLS there) or when TLS is off.
+    func serverTLSNegotiator(for address: ServerConnection.Address) -> ServerTLSNegotiator? {
+        let g = config.global
+        guard case .tcp(let host, _) = address, g.serverTLS.sslmode != .disable, g.serverTLS.sslmode != .allow
+        else { return nil }
+        return ServerTLSNegotiator(
+            mode: g.serverTLS.sslmode, context: security.serverTLS, hostname: host, timeout: g.serverConnectTimeout)
     }
 
     /// RELOAD: reads the configuration and auth file again and applies them to the pools (sizes,
@@ -523,8 +568,15 @@ public final class Pooler: @unchecked Sendable {
             logger.error("RELOAD rejected, keeping the old configuration: \(error)")
             throw PostgresError(code: SQLState.invalidParameterValue, message: "RELOAD rejected: \(error)")
         }
+        do {
+            try loadSecurity(fresh.0)
+        } catch {
+            logger.error("RELOAD rejected, keeping the old configuration: \(error)")
+            throw PostgresError(code: SQLState.invalidParameterValue, message: "RELOAD rejected: \(error)")
+        }
         let old = config
         settings.withLockedValue { $0 = Settings(config: fresh.0, userlist: fresh.1) }
+        credentials.withLockedValue { $0.authQuery.removeAll() }
         let g = fresh.0.global
         if g.listenAddr != old.global.listenAddr || g.listenPort != old.global.listenPort
             || g.unixSocketDir != old.global.unixSocketDir
@@ -534,6 +586,13 @@ public final class Pooler: @unchecked Sendable {
         for warning in fresh.0.warnings { logger.warning("\(warning)") }
         applyPoolSettings(fresh.0)
         logger.info("RELOAD: configuration applied")
+    }
+
+    /// Reads the HBA file and the TLS certificates; nothing changes when one of them is bad.
+    func loadSecurity(_ config: Config) throws {
+        let loaded = try Security.load(config) { try String(contentsOfFile: $0, encoding: .utf8) }
+        securityBox.withLockedValue { $0 = loaded }
+        credentials.withLockedValue { $0.authQuery.ttl = config.global.authQueryCacheTTL }
     }
 
     /// Applies changed pool settings to the existing pools (RELOAD and SET).

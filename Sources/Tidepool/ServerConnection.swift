@@ -126,10 +126,20 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         if let password = database.password {
             secret = .password(password)
         } else {
+            // The auth file's password or md5 secret; otherwise what a client's login taught (the
+            // keys recovered from its SCRAM proof, its cleartext password), then auth_query's md5.
+            let learned = pooler.credentials.withLockedValue { $0.serverSecrets[user] }
             switch pooler.userlist[user] {
             case .plain(let p): secret = .password(p)
             case .md5(let m): secret = .md5(m)
-            case .scram, nil: secret = .none
+            case .scram, nil:
+                if let learned {
+                    secret = learned
+                } else if case .found(.md5(let m))? = pooler.cachedAuthQuery(user: user, database: database) {
+                    secret = .md5(m)
+                } else {
+                    secret = .none
+                }
             }
         }
         var extra: [(String, String)] = []
@@ -292,8 +302,17 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        pooler.logger.debug("server \(id) error: \(error)")
-        context.close(promise: nil)
+        switch phase {
+        case .connecting, .loggingIn:
+            // TLS negotiation or handshake failed: the pool learns why.
+            fail(
+                error as? PostgresError
+                    ?? PostgresError(
+                        severity: "FATAL", code: SQLState.connectionFailure, message: "server TLS: \(error)"))
+        default:
+            pooler.logger.debug("server \(id) error: \(error)")
+            context.close(promise: nil)
+        }
     }
 
     // MARK: Used by the linked client (from any event loop)

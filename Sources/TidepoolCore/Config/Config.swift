@@ -9,6 +9,8 @@ public enum AuthType: String, Sendable, CaseIterable {
     case scramSHA256 = "scram-sha-256"
     case any
     case hba
+    /// The client's TLS certificate: its common name must be the user name.
+    case cert
 }
 
 /// PostgreSQL's sslmode values, for client_tls_sslmode and server_tls_sslmode.

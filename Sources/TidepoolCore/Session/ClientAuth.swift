@@ -45,6 +45,12 @@ public struct ClientAuthStateMachine: Sendable {
         case .trust, .any:
             state = .done
             return .authenticated
+        case .cert:
+            // Checked by the runtime against the TLS certificate before this machine is used.
+            return .fail(
+                PostgresError(
+                    severity: "FATAL", code: SQLState.invalidAuthorization,
+                    message: "certificate authentication failed for user \"\(user)\""))
         case .plain:
             state = .awaitingCleartext
             Wire.authenticationCleartextPassword(into: &out)

@@ -1,0 +1,173 @@
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// One auth_query lookup: a connection logged in as auth_user that runs the query for one user
+/// name and closes. Answers are cached by the pooler for auth_query_cache_ttl.
+final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let query: String
+    let user: String
+    let promise: EventLoopPromise<AuthQueryExchange.Outcome>
+    var login: ServerLoginStateMachine
+    var exchange: AuthQueryExchange?
+    var scanner = MessageScanner(maxMessageLength: 1 << 20)
+    var inbound: ByteBuffer?
+    var done = false
+
+    init(
+        login: ServerLoginStateMachine, query: String, user: String,
+        promise: EventLoopPromise<AuthQueryExchange.Outcome>
+    ) {
+        self.login = login
+        self.query = query
+        self.user = user
+        self.promise = promise
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.writeAndFlush(wrapOutboundOut(login.startupMessage(allocator: context.channel.allocator)), promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        if var stash = inbound {
+            stash.writeBuffer(&buffer)
+            buffer = stash
+            inbound = nil
+        }
+        while !done, let chunk = try? scanner.next(from: &buffer, classify: { _ in .inspect }) {
+            guard case .message(let type, let body, _) = chunk else { continue }
+            if var running = exchange {
+                let outcome = running.receive(type: type, body: body)
+                exchange = running
+                if let outcome { finish(context, outcome) }
+                continue
+            }
+            switch login.receive(type: type, body: body) {
+            case .none: break
+            case .send(let out): context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            case .fail(let error): finish(context, .failed(error))
+            case .loggedIn:
+                exchange = AuthQueryExchange()
+                var out = context.channel.allocator.buffer(capacity: 128)
+                AuthQueryExchange.request(query: query, user: user, into: &out)
+                context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            }
+        }
+        if buffer.readableBytes > 0 { inbound = buffer }
+    }
+
+    func finish(_ context: ChannelHandlerContext, _ outcome: AuthQueryExchange.Outcome) {
+        guard !done else { return }
+        done = true
+        promise.succeed(outcome)
+        var out = context.channel.allocator.buffer(capacity: 5)
+        Wire.terminate(into: &out)
+        context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in context.close(promise: nil) }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        guard !done else { return }
+        done = true
+        promise.succeed(
+            .failed(
+                PostgresError(
+                    severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query connection closed")))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if !done {
+            done = true
+            let e = error as? PostgresError
+            promise.succeed(
+                .failed(
+                    e
+                        ?? PostgresError(
+                            severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query: \(error)")))
+        }
+        context.close(promise: nil)
+    }
+}
+
+extension Pooler {
+    /// The auth_user that looks secrets up for logins to `database` (its own auth_user first), or
+    /// nil when auth_query is not in use.
+    func authUser(for database: DatabaseEntry?) -> String? {
+        database?.authUser ?? config.global.authUser
+    }
+
+    /// A fresh auth_query answer for `user`, without a lookup.
+    func cachedAuthQuery(user: String, database: DatabaseEntry?) -> AuthQueryExchange.Outcome? {
+        let authDBName = database?.authDBName ?? config.global.authDBName ?? database?.name ?? user
+        let key = AuthQueryCache.key(database: authDBName, user: user)
+        return credentials.withLockedValue { $0.authQuery.lookup(key, now: NIODeadline.now()) }
+    }
+
+    /// Looks up `user`'s secret with auth_query, from the cache when it is fresh. Completes on `loop`.
+    func lookUpSecret(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
+        AuthQueryExchange.Outcome
+    > {
+        let config = self.config
+        guard let authUser = authUser(for: database) else { return loop.makeSucceededFuture(.notFound) }
+        let authDBName = database?.authDBName ?? config.global.authDBName ?? database?.name ?? user
+        let key = AuthQueryCache.key(database: authDBName, user: user)
+        let now = NIODeadline.now()
+        if let cached = credentials.withLockedValue({ $0.authQuery.lookup(key, now: now) }) {
+            return loop.makeSucceededFuture(cached)
+        }
+        guard let target = config.database(named: authDBName) else {
+            return loop.makeSucceededFuture(
+                .failed(.fatal(SQLState.invalidCatalogName, "auth_dbname \"\(authDBName)\" is not configured")))
+        }
+        let secret: ServerLoginStateMachine.Secret
+        if let password = target.password, target.user == nil || target.user == authUser {
+            secret = .password(password)
+        } else {
+            switch userlist[authUser] {
+            case .plain(let p): secret = .password(p)
+            case .md5(let m): secret = .md5(m)
+            case .scram, nil: secret = credentials.withLockedValue { $0.serverSecrets[authUser] } ?? .none
+            }
+        }
+        let login = ServerLoginStateMachine(user: authUser, database: target.dbname ?? target.name, secret: secret)
+        let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
+        let handler = AuthQueryConnection(
+            login: login, query: database?.authQuery ?? config.global.authQuery, user: user, promise: promise)
+        let address = ServerConnection.Address(target)
+        let negotiator = serverTLSNegotiator(for: address)
+        let bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(config.global.serverConnectTimeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if let negotiator { try channel.pipeline.syncOperations.addHandler(negotiator) }
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+        address.connect(bootstrap).whenComplete { result in
+            switch result {
+            case .success(let channel):
+                // Nothing may hang a login: the lookup gets server_connect_timeout in all.
+                let timer = channel.eventLoop.scheduleTask(in: config.global.serverConnectTimeout) {
+                    promise.succeed(
+                        .failed(
+                            PostgresError(
+                                severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query timed out")))
+                    channel.close(promise: nil)
+                }
+                promise.futureResult.whenComplete { _ in timer.cancel() }
+            case .failure(let error):
+                promise.succeed(
+                    .failed(
+                        PostgresError(
+                            severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query: \(error)")))
+            }
+        }
+        return promise.futureResult.map { outcome in
+            self.credentials.withLockedValue { $0.authQuery.store(key, outcome, now: NIODeadline.now()) }
+            return outcome
+        }
+    }
+}
