@@ -563,8 +563,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             startAuth(authType, secret: secret)
             return
         }
-        let entry = config.database(named: databaseName)
-        guard authType != .trust, pooler.authUser(for: entry) != nil else {
+        // The admin console looks secrets up only in auth_file, or through an explicit auth_dbname.
+        let isConsole =
+            (databaseName == "pooler" || databaseName == "pgbouncer") && config.databases[databaseName] == nil
+        let entry = isConsole ? nil : config.database(named: databaseName)
+        let lookUp = isConsole ? config.global.authDBName != nil : pooler.authUser(for: entry) != nil
+        guard authType != .trust, lookUp else {
             if authType == .trust, config.global.authFile != nil, config.global.authType != .hba {
                 sendFatal(.fatal(SQLState.invalidAuthorization, "user \"\(user)\" is not in auth_file"))
                 return

@@ -1,0 +1,348 @@
+"""TLS on both sides, auth_file and auth_query logins (md5 and SCRAM, including SCRAM pass-through
+with secrets from auth_query), auth_type = hba with each method, per-address limits, and no
+secrets in logs, SHOW CONFIG or /metrics. PostgreSQL here runs with ssl = on and scram-sha-256;
+the certificates are made with openssl by the fixture."""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from conftest import LIB, Postgres, free_port
+
+PASSWORDS = ["app-secret", "md5-secret", "auth-secret", "pw-secret", "admin-secret"]
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_ca(directory, name):
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=directory)
+
+
+def make_cert(directory, ca, name, cn, san=None):
+    """A certificate for `cn` signed by `ca`; `san` like DNS:localhost,IP:127.0.0.1."""
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", cwd=directory)
+    ext = []
+    if san:
+        with open(os.path.join(directory, f"{name}.ext"), "w") as f:
+            f.write(f"subjectAltName={san}\n")
+        ext = ["-extfile", f"{name}.ext"]
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-days", "2", "-out", f"{name}.crt", *ext, cwd=directory)
+    os.chmod(os.path.join(directory, f"{name}.key"), 0o600)
+
+
+@pytest.fixture(scope="module")
+def certs():
+    directory = tempfile.mkdtemp(prefix="tidepool-certs-")
+    os.chmod(directory, 0o755)
+    for ca in ("ca", "otherca"):
+        make_ca(directory, ca)
+    make_cert(directory, "ca", "pgserver", "localhost", "DNS:localhost,IP:127.0.0.1")
+    make_cert(directory, "ca", "pooler", "localhost", "DNS:localhost,IP:127.0.0.1")
+    make_cert(directory, "otherca", "pooler2", "localhost", "DNS:localhost,IP:127.0.0.1")
+    make_cert(directory, "ca", "certuser", "certuser")
+    make_cert(directory, "ca", "intruder", "someoneelse")
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_pg(command):
+    if os.getuid() == 0:
+        command = f"su postgres -s /bin/sh -c \"{command}\""
+    subprocess.run(["bash", "-c", f". '{LIB}'; {command}"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tls_pg(certs):
+    """PostgreSQL with ssl = on that refuses plaintext TCP and asks for SCRAM (md5 for md5user)."""
+    directory = tempfile.mkdtemp(prefix="tidepool-tlspg-")
+    port = free_port()
+    subprocess.run(["bash", "-c", f". '{LIB}'; start_postgres '{directory}' {port}"], check=True)
+    data = os.path.join(directory, "data")
+    for name in ("crt", "key"):
+        shutil.copy(os.path.join(certs, f"pgserver.{name}"), os.path.join(data, f"server.{name}"))
+        os.chmod(os.path.join(data, f"server.{name}"), 0o600)
+        if os.getuid() == 0:
+            shutil.chown(os.path.join(data, f"server.{name}"), "postgres", "postgres")
+    with open(os.path.join(data, "postgresql.conf"), "a") as f:
+        f.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+    with open(os.path.join(data, "pg_hba.conf"), "w") as f:
+        f.write("local all all trust\n"
+                "hostnossl all all 127.0.0.1/32 reject\n"
+                "hostssl all certuser,trustuser,rejectuser,pwuser 127.0.0.1/32 trust\n"
+                "hostssl all md5user 127.0.0.1/32 md5\n"
+                "hostssl all all 127.0.0.1/32 scram-sha-256\n")
+    run_pg(f"\\\"$(pg_bindir)/pg_ctl\\\" -D '{data}' -l '{directory}/postgres.log' -w restart")
+    server = Postgres(directory, port)
+    with psycopg.connect(host=directory, port=port, dbname="postgres", user="postgres", autocommit=True) as c:
+        c.execute("CREATE ROLE authuser LOGIN SUPERUSER PASSWORD 'auth-secret'")
+        for role in ("certuser", "trustuser", "rejectuser", "pwuser"):
+            c.execute(f"CREATE ROLE {role} LOGIN")
+        server.app_verifier = c.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'app'").fetchone()[0]
+        server.md5_verifier = c.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'md5user'").fetchone()[0]
+    yield server
+    subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def server_tls(certs, mode="verify-full"):
+    return f"server_tls_sslmode = {mode}\nserver_tls_ca_file = {certs}/ca.crt\n"
+
+
+def client_tls(certs, mode="require", cert="pooler", ca=True):
+    text = (f"client_tls_sslmode = {mode}\nclient_tls_cert_file = {certs}/{cert}.crt\n"
+            f"client_tls_key_file = {certs}/{cert}.key\n")
+    if ca:
+        text += f"client_tls_ca_file = {certs}/ca.crt\n"
+    return text
+
+
+def databases(pg, host="localhost"):
+    return f"* = host={host} port={pg.port}"
+
+
+def connect(t, user="postgres", password=None, dbname="postgres", **kw):
+    extra = {"password": password} if password is not None else {}
+    return psycopg.connect(host="127.0.0.1", port=t.port, dbname=dbname, user=user, autocommit=True,
+                           connect_timeout=10, prepare_threshold=None, **extra, **kw)
+
+
+def sqlstate_of(excinfo):
+    return getattr(excinfo.value, "sqlstate", None) or (excinfo.value.diag.sqlstate if excinfo.value.diag else None)
+
+
+def test_psql_with_sslmode_require_and_verify_full(tidepool, tls_pg, certs):
+    t = tidepool(databases=databases(tls_pg), settings=client_tls(certs) + server_tls(certs),
+                 userlist='"trustuser" ""\n', )
+    for dsn in (f"host=127.0.0.1 port={t.port} dbname=postgres user=trustuser sslmode=require",
+                f"host=localhost port={t.port} dbname=postgres user=trustuser sslmode=verify-full "
+                f"sslrootcert={certs}/ca.crt"):
+        out = subprocess.run(["psql", dsn, "-XAtc", "SELECT current_user"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "trustuser"
+    # The pooler's certificate is checked by the client: a client trusting another CA refuses it.
+    out = subprocess.run(["psql", f"host=localhost port={t.port} dbname=postgres user=trustuser "
+                          f"sslmode=verify-full sslrootcert={certs}/otherca.crt", "-XAtc", "SELECT 1"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "certificate verify failed" in out.stderr
+    with connect(t, user="trustuser", sslmode="require") as c:
+        assert c.pgconn.ssl_in_use
+        # Tidepool's own connection to PostgreSQL is encrypted too (plaintext is refused there).
+        assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0] is True
+
+
+def test_plaintext_client_is_refused_under_require(tidepool, tls_pg, certs):
+    t = tidepool(databases=databases(tls_pg), settings=client_tls(certs) + server_tls(certs))
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="trustuser", sslmode="disable")
+    assert "SSL required" in str(info.value)
+    assert sqlstate_of(info) in (None, "28000")  # libpq keeps the message; the code is 28000
+    # Garbage sent right after SSLRequest, before the handshake, is refused.
+    import socket
+    import struct
+    s = socket.create_connection(("127.0.0.1", t.port), timeout=5)
+    s.sendall(struct.pack("!ii", 8, 80877103) + b"garbage")
+    reply = s.recv(1024)
+    assert reply[:1] == b"E" and b"unexpected data after SSLRequest" in reply
+    s.close()
+
+
+def test_server_tls_modes(tidepool, tls_pg, certs):
+    # verify-full by name and by IP address (the certificate names both).
+    for host in ("localhost", "127.0.0.1"):
+        t = tidepool(databases=databases(tls_pg, host), settings=server_tls(certs))
+        with connect(t, user="trustuser") as c:
+            assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0] is True
+    # require without a CA encrypts without checking.
+    t = tidepool(databases=databases(tls_pg), settings="server_tls_sslmode = require\n")
+    with connect(t, user="trustuser") as c:
+        assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0] is True
+    # verify-ca against the wrong CA, and disable against a server that refuses plaintext, fail.
+    t = tidepool(databases=databases(tls_pg),
+                 settings=f"server_tls_sslmode = verify-ca\nserver_tls_ca_file = {certs}/otherca.crt\n")
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="trustuser").execute("SELECT 1")
+    assert "server connection failed" in str(info.value)
+    t = tidepool(databases=databases(tls_pg), settings="server_tls_sslmode = disable\n")
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="trustuser").execute("SELECT 1")
+    assert "no pg_hba.conf entry" in str(info.value) or "rejects connection" in str(info.value)
+
+
+def test_md5_and_scram_logins_from_auth_file(tidepool, tls_pg, certs):
+    userlist = f'"app" "{tls_pg.app_verifier}"\n"md5user" "{tls_pg.md5_verifier}"\n'
+    t = tidepool(databases=databases(tls_pg), settings="auth_type = md5\n" + server_tls(certs), userlist=userlist)
+    with connect(t, user="md5user", password="md5-secret") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "md5user"
+    # The auth file holds only a SCRAM verifier: the server login uses the keys from the client's proof.
+    with connect(t, user="app", password="app-secret") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "app"
+    for user, wrong in (("md5user", "nope"), ("app", "nope")):
+        with pytest.raises(psycopg.OperationalError) as info:
+            connect(t, user=user, password=wrong)
+        assert "password authentication failed" in str(info.value)
+        assert sqlstate_of(info) in (None, "28P01")
+
+
+def auth_query_settings(certs, extra=""):
+    return "auth_type = md5\nauth_user = authuser\n" + server_tls(certs) + extra
+
+
+def test_auth_query_md5_and_scram_pass_through(tidepool, tls_pg, certs):
+    # Only auth_user is in the auth file; app (SCRAM) and md5user (md5) are looked up in pg_shadow.
+    t = tidepool(databases=databases(tls_pg), settings=auth_query_settings(certs),
+                 userlist='"authuser" "auth-secret"\n')
+    with connect(t, user="md5user", password="md5-secret") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "md5user"
+    # SCRAM from auth_query: the server login must work with what the client's proof gives (the
+    # case PgBouncer fails). A second client and a second server login reuse the learned keys.
+    with connect(t, user="app", password="app-secret") as c1, connect(t, user="app", password="app-secret") as c2:
+        c1.execute("BEGIN")
+        c2.execute("BEGIN")
+        pids = {c.execute("SELECT pg_backend_pid()").fetchone()[0] for c in (c1, c2)}
+        assert len(pids) == 2
+        assert c1.execute("SELECT current_user").fetchone()[0] == "app"
+        c1.execute("COMMIT")
+        c2.execute("COMMIT")
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="app", password="wrong")
+    assert "password authentication failed" in str(info.value)
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="nosuchuser", password="x")
+    assert "password authentication failed" in str(info.value)
+
+
+def test_auth_query_per_database_and_a_failing_query(tidepool, tls_pg, certs):
+    dbs = (f"postgres = host=localhost port={tls_pg.port} auth_user=authuser\n"
+           f"broken = host=localhost port={tls_pg.port} dbname=postgres auth_user=authuser "
+           f"auth_query='SELECT usename FROM pg_shadow WHERE usename=$1'\n")
+    t = tidepool(databases=dbs, settings="auth_type = scram-sha-256\n" + server_tls(certs),
+                 userlist='"authuser" "auth-secret"\n')
+    with connect(t, user="app", password="app-secret") as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="app", password="app-secret", dbname="broken")
+    assert "authentication lookup failed" in str(info.value)
+    assert "auth_query" in t.log()
+
+
+def test_hba_methods(tidepool, tls_pg, certs):
+    hba = os.path.join(certs, "hba.conf")
+    with open(hba, "w") as f:
+        f.write("# auth_hba_file for the test\n"
+                "host all trustuser 127.0.0.1/32 trust\n"
+                "host all rejectuser all reject\n"
+                "host all md5user 127.0.0.1/32 md5\n"
+                "host all app 127.0.0.1/32 scram-sha-256\n"
+                "host all pwuser 127.0.0.1 255.255.255.255 password\n"
+                "hostssl all certuser 127.0.0.1/32 cert\n")
+    userlist = (f'"app" "{tls_pg.app_verifier}"\n"md5user" "{tls_pg.md5_verifier}"\n"pwuser" "pw-secret"\n'
+                f'"certuser" ""\n"trustuser" ""\n"rejectuser" ""\n')
+    t = tidepool(databases=databases(tls_pg),
+                 settings=f"auth_type = hba\nauth_hba_file = {hba}\n" + server_tls(certs)
+                 + client_tls(certs, mode="prefer"), userlist=userlist)
+    with connect(t, user="trustuser", sslmode="disable") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "trustuser"
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="rejectuser", sslmode="disable")
+    assert "rejected by auth_hba_file line 3" in str(info.value)
+    for user, password in (("md5user", "md5-secret"), ("app", "app-secret"), ("pwuser", "pw-secret")):
+        with connect(t, user=user, password=password, sslmode="disable") as c:
+            assert c.execute("SELECT current_user").fetchone()[0] == user
+        with pytest.raises(psycopg.OperationalError) as info:
+            connect(t, user=user, password="wrong", sslmode="disable")
+        assert "password authentication failed" in str(info.value)
+    # cert: a verified client certificate whose CN is the user; nothing else will do.
+    with connect(t, user="certuser", sslmode="require", sslcert=f"{certs}/certuser.crt",
+                 sslkey=f"{certs}/certuser.key") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "certuser"
+    for kw in ({"sslmode": "require"},
+               {"sslmode": "require", "sslcert": f"{certs}/intruder.crt", "sslkey": f"{certs}/intruder.key"}):
+        with pytest.raises(psycopg.OperationalError) as info:
+            connect(t, user="certuser", **kw)
+        assert "certificate authentication failed" in str(info.value)
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="certuser", sslmode="disable")
+    assert "no auth_hba_file entry" in str(info.value) and "SSL off" in str(info.value)
+    with pytest.raises(psycopg.OperationalError) as info:
+        connect(t, user="unlisted", sslmode="disable")
+    assert "no auth_hba_file entry" in str(info.value)
+
+
+def test_client_certificates_reload_on_reload(tidepool, tls_pg, certs):
+    work = tempfile.mkdtemp(prefix="tidepool-reload-certs-")
+    for name in ("crt", "key"):
+        shutil.copy(os.path.join(certs, f"pooler.{name}"), os.path.join(work, f"live.{name}"))
+    t = tidepool(databases=databases(tls_pg),
+                 settings=f"admin_users = postgres\nclient_tls_sslmode = require\nclient_tls_cert_file = {work}/live.crt\n"
+                 f"client_tls_key_file = {work}/live.key\n" + server_tls(certs))
+
+    def verified_by(ca):
+        dsn = f"host=localhost port={t.port} dbname=postgres user=trustuser sslmode=verify-full sslrootcert={certs}/{ca}.crt"
+        return subprocess.run(["psql", dsn, "-XAtc", "SELECT 1"], capture_output=True, timeout=30).returncode == 0
+
+    assert verified_by("ca") and not verified_by("otherca")
+    for name in ("crt", "key"):
+        shutil.copy(os.path.join(certs, f"pooler2.{name}"), os.path.join(work, f"live.{name}"))
+    with connect(t, dbname="pooler", user="postgres") as admin:
+        admin.execute("RELOAD")
+    assert verified_by("otherca") and not verified_by("ca")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_per_address_connection_and_rate_limits(tidepool, pg):
+    t = tidepool(settings="max_client_conn_per_ip = 3\n")
+    held = [t.connect() for _ in range(3)]
+    with pytest.raises(psycopg.OperationalError) as info:
+        t.connect()
+    assert "too many connections from this address" in str(info.value)
+    assert "max_client_conn_per_ip" in t.log()
+    held.pop().close()
+    time.sleep(0.2)
+    held.append(t.connect())
+    for c in held:
+        c.close()
+    t = tidepool(settings="client_connect_rate_per_ip = 5\n")
+    refused = 0
+    started = time.time()
+    for _ in range(8):
+        try:
+            t.connect().close()
+        except psycopg.OperationalError as e:
+            assert "connecting too fast" in str(e)
+            refused += 1
+    assert time.time() - started < 1 and refused >= 1
+    time.sleep(1.1)
+    t.connect().close()
+
+
+def test_no_secret_in_logs_show_config_or_metrics(tidepool, tls_pg, certs):
+    port = free_port()
+    userlist = (f'"authuser" "auth-secret"\n"pwuser" "pw-secret"\n"md5user" "{tls_pg.md5_verifier}"\n'
+                '"postgres" "admin-secret"\n')
+    t = tidepool(databases=databases(tls_pg) + " password=auth-secret user=authuser",
+                 settings=auth_query_settings(certs, f"stats_listen_port = {port}\nverbose = 2\nadmin_users = postgres\n"),
+                 userlist=userlist)
+    with connect(t, user="app", password="app-secret") as c:
+        c.execute("SELECT 1")
+    with pytest.raises(psycopg.OperationalError):
+        connect(t, user="app", password="pw-secret")
+    with connect(t, dbname="pooler", user="postgres", password="admin-secret") as admin:
+        config = str(admin.execute("SHOW CONFIG").fetchall())
+        config += str(admin.execute("SHOW DATABASES").fetchall())
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for where, text in (("log", t.log()), ("SHOW CONFIG", config), ("metrics", metrics)):
+        for secret in PASSWORDS + [tls_pg.md5_verifier, tls_pg.app_verifier.split("$")[-1]]:
+            assert secret not in text, f"{secret} in {where}"
