@@ -72,6 +72,12 @@ extension Pooler {
             case .set(let key, let value):
                 var fresh = config
                 try fresh.set(key, value)
+                if key.hasPrefix("client_tls_") || key.hasPrefix("server_tls_") || key.hasPrefix("auth_") {
+                    // Certificates and HBA rules are loaded now; a bad file refuses the SET.
+                    do { try loadSecurity(fresh) } catch {
+                        throw PostgresError(code: SQLState.invalidParameterValue, message: "\(error)")
+                    }
+                }
                 settings.withLockedValue { $0.config = fresh }
                 applyPoolSettings(fresh)
                 logger.info("SET \(key) = \(value)")
