@@ -15,6 +15,7 @@ import pytest
 from psycopg import errors
 
 from conftest import LIB, Postgres, free_port
+from test_auth_limits import login_error
 
 PASSWORDS = ["app-secret", "md5-secret", "auth-secret", "pw-secret", "admin-secret"]
 
@@ -118,10 +119,6 @@ def connect(t, user="postgres", password=None, dbname="postgres", **kw):
                            connect_timeout=10, prepare_threshold=None, **extra, **kw)
 
 
-def sqlstate_of(excinfo):
-    return getattr(excinfo.value, "sqlstate", None) or (excinfo.value.diag.sqlstate if excinfo.value.diag else None)
-
-
 def test_psql_with_sslmode_require_and_verify_full(tidepool, tls_pg, certs):
     t = tidepool(databases=databases(tls_pg), settings=client_tls(certs) + server_tls(certs),
                  userlist='"trustuser" ""\n', )
@@ -148,7 +145,7 @@ def test_plaintext_client_is_refused_under_require(tidepool, tls_pg, certs):
     with pytest.raises(psycopg.OperationalError) as info:
         connect(t, user="trustuser", sslmode="disable")
     assert "SSL required" in str(info.value)
-    assert sqlstate_of(info) in (None, "28000")  # libpq keeps the message; the code is 28000
+    assert login_error(t, user="trustuser")[0] == "28000"  # asyncpg with ssl=False shows the code
     # Garbage sent right after SSLRequest, before the handshake, is refused.
     import socket
     import struct
@@ -181,6 +178,35 @@ def test_server_tls_modes(tidepool, tls_pg, certs):
     assert "no pg_hba.conf entry" in str(info.value) or "rejects connection" in str(info.value)
 
 
+def test_server_verify_full_checks_the_host_name(tidepool, tls_pg, certs):
+    """PostgreSQL given a certificate for another name: verify-ca still connects, verify-full
+    refuses, by host name and by IP address."""
+    data = os.path.join(tls_pg.dir, "data")
+    make_cert(certs, "ca", "elsewhere", "elsewhere.example", "DNS:elsewhere.example")
+    for name in ("crt", "key"):
+        shutil.copy(os.path.join(certs, f"elsewhere.{name}"), os.path.join(data, f"server.{name}"))
+        if os.getuid() == 0:
+            shutil.chown(os.path.join(data, f"server.{name}"), "postgres", "postgres")
+    run_pg(f"\\\"$(pg_bindir)/pg_ctl\\\" -D '{data}' reload")
+    time.sleep(0.5)
+    try:
+        t = tidepool(databases=databases(tls_pg), settings=server_tls(certs, "verify-ca"))
+        with connect(t, user="trustuser") as c:
+            assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0] is True
+        for host in ("localhost", "127.0.0.1"):
+            t = tidepool(databases=databases(tls_pg, host), settings=server_tls(certs, "verify-full"))
+            with pytest.raises(psycopg.OperationalError) as info:
+                connect(t, user="trustuser").execute("SELECT 1")
+            assert "server connection failed" in str(info.value)
+    finally:
+        for name in ("crt", "key"):
+            shutil.copy(os.path.join(certs, f"pgserver.{name}"), os.path.join(data, f"server.{name}"))
+            if os.getuid() == 0:
+                shutil.chown(os.path.join(data, f"server.{name}"), "postgres", "postgres")
+        run_pg(f"\\\"$(pg_bindir)/pg_ctl\\\" -D '{data}' reload")
+        time.sleep(0.5)
+
+
 def test_md5_and_scram_logins_from_auth_file(tidepool, tls_pg, certs):
     userlist = f'"app" "{tls_pg.app_verifier}"\n"md5user" "{tls_pg.md5_verifier}"\n'
     t = tidepool(databases=databases(tls_pg), settings="auth_type = md5\n" + server_tls(certs), userlist=userlist)
@@ -193,7 +219,7 @@ def test_md5_and_scram_logins_from_auth_file(tidepool, tls_pg, certs):
         with pytest.raises(psycopg.OperationalError) as info:
             connect(t, user=user, password=wrong)
         assert "password authentication failed" in str(info.value)
-        assert sqlstate_of(info) in (None, "28P01")
+        assert login_error(t, user=user, password=wrong)[0] == "28P01"
 
 
 def auth_query_settings(certs, extra=""):
@@ -219,9 +245,9 @@ def test_auth_query_md5_and_scram_pass_through(tidepool, tls_pg, certs):
     with pytest.raises(psycopg.OperationalError) as info:
         connect(t, user="app", password="wrong")
     assert "password authentication failed" in str(info.value)
-    with pytest.raises(psycopg.OperationalError) as info:
-        connect(t, user="nosuchuser", password="x")
-    assert "password authentication failed" in str(info.value)
+    assert login_error(t, user="app", password="wrong")[0] == "28P01"
+    assert login_error(t, user="md5user", password="wrong")[0] == "28P01"
+    assert login_error(t, user="nosuchuser", password="x")[0] == "28P01"
 
 
 def test_auth_query_per_database_and_a_failing_query(tidepool, tls_pg, certs):
@@ -299,6 +325,15 @@ def test_client_certificates_reload_on_reload(tidepool, tls_pg, certs):
     with connect(t, dbname="pooler", user="postgres") as admin:
         admin.execute("RELOAD")
     assert verified_by("otherca") and not verified_by("ca")
+    # A certificate that cannot be read refuses RELOAD and SET, and the one in force stays.
+    with open(os.path.join(work, "live.crt"), "w") as f:
+        f.write("not a certificate")
+    with connect(t, dbname="pooler", user="postgres") as admin:
+        with pytest.raises(psycopg.Error, match="RELOAD rejected"):
+            admin.execute("RELOAD")
+        with pytest.raises(psycopg.Error, match="certificate"):
+            admin.execute(f"SET client_tls_cert_file = '{certs}/missing.crt'")
+    assert verified_by("otherca")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -346,3 +381,18 @@ def test_no_secret_in_logs_show_config_or_metrics(tidepool, tls_pg, certs):
     for where, text in (("log", t.log()), ("SHOW CONFIG", config), ("metrics", metrics)):
         for secret in PASSWORDS + [tls_pg.md5_verifier, tls_pg.app_verifier.split("$")[-1]]:
             assert secret not in text, f"{secret} in {where}"
+
+
+def test_client_tls_protocols(tidepool, tls_pg, certs):
+    t = tidepool(databases=databases(tls_pg), settings=client_tls(certs) + "client_tls_protocols = tlsv1.3\n"
+                 + server_tls(certs))
+
+    def psql(max_version):
+        dsn = (f"host=127.0.0.1 port={t.port} dbname=postgres user=trustuser sslmode=require "
+               f"ssl_max_protocol_version={max_version}")
+        return subprocess.run(["psql", dsn, "-XAtc", "SHOW server_version"], capture_output=True, text=True,
+                              timeout=30)
+
+    assert psql("TLSv1.3").returncode == 0
+    refused = psql("TLSv1.2")
+    assert refused.returncode != 0 and "protocol" in refused.stderr.lower()
