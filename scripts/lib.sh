@@ -110,6 +110,14 @@ stop_postgres() {
     fi
 }
 
+# The production build. Run-time exclusivity checks (which debug and test builds keep) cost about a
+# tenth of the pooler's user-space instructions per transaction, in SwiftNIO as much as in Tidepool
+# (callgrind, see BENCHMARKS.md), so release builds leave them out.
+RELEASE_FLAGS=(-c release -Xswiftc -enforce-exclusivity=unchecked)
+release_build() {
+    swift build "${RELEASE_FLAGS[@]}" 2>&1 | tail -1
+}
+
 # Builds the release binary, raises the fd limit and runs scripts/NAME.py with the remaining
 # arguments (bench, soak, storm).
 release_script() {
@@ -117,6 +125,6 @@ release_script() {
     shift
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     log "building tidepool (release)"
-    swift build -c release 2>&1 | tail -1
+    release_build
     exec python3 "$TIDEPOOL_ROOT/scripts/$name.py" "$@"
 }

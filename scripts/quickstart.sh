@@ -19,7 +19,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 log "building tidepool (release)"
-swift build -c release 2>&1 | tail -1
+release_build
 log "starting PostgreSQL on 127.0.0.1:$pg_port"
 start_postgres "$work/pg" "$pg_port"
 

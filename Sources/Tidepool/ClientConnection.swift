@@ -70,7 +70,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var poolKey: PoolKey?
     var poolMode = PoolMode.transaction
     /// The values of the tracked parameters as the client should see them.
-    var wanted: [String: String] = [:]
+    var wanted: [String: String] = [:] { didSet { wantedTrackedCache = nil } }
+    var wantedTrackedCache: [String?]?
+    /// The tracked values the client wants, kept until `wanted` changes.
+    var wantedTracked: [String?] {
+        if let cached = wantedTrackedCache { return cached }
+        let values = StartupParameters.trackedValues(wanted)
+        wantedTrackedCache = values
+        return values
+    }
     var cancelKey: (Int32, Int32)?
     var loginTimeout: Scheduled<Void>?
     let connectedAt = NIODeadline.now()
@@ -788,11 +796,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
             serverInbound = nil
             var sets = ""
-            for name in StartupParameters.tracked {
-                // Parameters the server does not report (search_path) are known only once set here.
-                guard let value = wanted[name], server.parameters[name] != value else { continue }
-                sets += "SET \(name) = '\(value.replacingQuotes())';"
-                server.parameters[name] = value
+            if server.trackedValues != wantedTracked {
+                for name in StartupParameters.tracked {
+                    // Parameters the server does not report (search_path) are known only once set here.
+                    guard let value = wanted[name], server.parameters[name] != value else { continue }
+                    sets += "SET \(name) = '\(value.replacingQuotes())';"
+                    server.parameters[name] = value
+                }
             }
             if !sets.isEmpty {
                 var out = channel.allocator.buffer(capacity: sets.utf8.count + 8)
@@ -977,9 +987,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                                 "transaction blocks are not allowed in statement pooling mode"))
                         return
                     }
-                    var out = channel.allocator.buffer(capacity: 6)
-                    Wire.readyForQuery(status, into: &out)
-                    channel.write(out, promise: nil)
+                    channel.write(whole, promise: nil)  // the server's own bytes, as a slice
                     _ = writeMadeUpReplies()
                     if buffer.readableBytes == 0, mayGiveBack { unlink(server, reusable: true) }
                 }

@@ -199,6 +199,11 @@ public final class Pooler: @unchecked Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: false)
+            // An idle client keeps its receive buffer between reads: start it small (it grows
+            // when a read fills it) so that thousands of idle clients cost little memory.
+            .childChannelOption(
+                .recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 512, maximum: 65536)
+            )
             .childChannelInitializer { [self] channel in
                 let index = self.loopIndex(of: channel.eventLoop)
                 let client = ClientConnection(pooler: self, channel: channel, loopIndex: index)
@@ -468,7 +473,11 @@ public final class Pooler: @unchecked Sendable {
                     continue
                 }
                 let lease = item.lease
-                client.onLoop { client.lent(server, lease: lease) }
+                if client.channel.eventLoop.inEventLoop {
+                    client.lent(server, lease: lease)
+                } else {
+                    client.channel.eventLoop.execute { client.lent(server, lease: lease) }
+                }
             case .connect(let serverID, let key, let loop):
                 connect(serverID, pool: key, loop: loop)
             case .close:

@@ -76,7 +76,15 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     let connectedAtWallClock = Date().timeIntervalSince1970
     /// ParameterStatus values as this backend last reported them.
-    var parameters: [String: String] = [:]
+    var parameters: [String: String] = [:] { didSet { trackedCache = nil } }
+    var trackedCache: [String?]?
+    /// The tracked parameters' values, kept until `parameters` changes.
+    var trackedValues: [String?] {
+        if let cached = trackedCache { return cached }
+        let values = StartupParameters.trackedValues(parameters)
+        trackedCache = values
+        return values
+    }
     var processID: Int32 = 0
     var secretKey: Int32 = 0
     /// The pooler-wide prepared statements this backend holds; only the linked client touches it.
@@ -172,7 +180,11 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         if case .ready = phase, let owner, inbound == nil {
             // The hot path: hand the bytes to the client as they are.
             let bytes = unwrapInboundIn(data)
-            owner.onLoop { owner.serverData(bytes, from: self) }
+            if owner.channel.eventLoop.inEventLoop {
+                owner.serverData(bytes, from: self)  // same loop: no task, no closure
+            } else {
+                owner.channel.eventLoop.execute { owner.serverData(bytes, from: self) }
+            }
             return
         }
         var buffer = unwrapInboundIn(data)
@@ -319,13 +331,19 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Links the server to a client for lend number `lease`: from now on every byte read goes to it.
     func attach(_ client: ClientConnection, lease: UInt64) {
-        onLoop {
-            if case .closed = self.phase {
-                // It died between being lent and being linked: nobody else will tell the client.
-                client.onLoop { client.serverLost(self) }
-            } else if self.leases.attach(lease) {
-                self.owner = client
-            }
+        if channel?.eventLoop.inEventLoop == true {
+            attachOnLoop(client, lease: lease)
+        } else {
+            onLoop { self.attachOnLoop(client, lease: lease) }
+        }
+    }
+
+    private func attachOnLoop(_ client: ClientConnection, lease: UInt64) {
+        if case .closed = phase {
+            // It died between being lent and being linked: nobody else will tell the client.
+            client.onLoop { client.serverLost(self) }
+        } else if leases.attach(lease) {
+            owner = client
         }
     }
 
@@ -333,8 +351,10 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// loop after a newer one must not cut the newer client off: the newer client may run on the
     /// server's loop and attach at once, while the older lend's tasks still wait in its queue.
     func detach(from client: ClientConnection, lease: UInt64) {
-        onLoop {
-            if self.leases.detach(lease) { self.owner = nil }
+        if channel?.eventLoop.inEventLoop == true {
+            if leases.detach(lease) { owner = nil }
+        } else {
+            onLoop { if self.leases.detach(lease) { self.owner = nil } }
         }
     }
 

@@ -25,6 +25,8 @@ public struct PoolStateMachine: Sendable {
     struct Server: Sendable {
         var id: ServerID
         var pool: PoolKey
+        /// Where `pool` is in the pool table.
+        var slot: Int
         var loop: Int
         var state: ServerState
         var retireAt: NIODeadline
@@ -36,6 +38,7 @@ public struct PoolStateMachine: Sendable {
     }
 
     struct Pool: Sendable {
+        let key: PoolKey
         var settings: PoolSettings
         var waiters: Deque<Waiter> = []
         var waitingCount = 0
@@ -52,10 +55,45 @@ public struct PoolStateMachine: Sendable {
 
         var total: Int { idle.count + connecting + lent }
 
-        init(settings: PoolSettings) { self.settings = settings }
+        init(key: PoolKey, settings: PoolSettings) {
+            self.key = key
+            self.settings = settings
+        }
     }
 
-    var pools: [PoolKey: Pool] = [:]
+    /// Pools are found by key once per client request; a server remembers its pool's slot, so the
+    /// events on the way back (release, lend to the next waiter) index an array instead of hashing.
+    struct PoolTable: Sequence, Sendable {
+        var storage: [Pool] = []
+        var slots: [PoolKey: Int] = [:]
+
+        func slot(of key: PoolKey) -> Int? { slots[key] }
+        func contains(_ key: PoolKey) -> Bool { slots[key] != nil }
+        var keys: [PoolKey] { storage.map(\.key) }
+
+        /// Pools are never removed, so a slot stays valid.
+        mutating func add(_ pool: Pool) -> Int {
+            storage.append(pool)
+            slots[pool.key] = storage.count - 1
+            return storage.count - 1
+        }
+
+        subscript(key: PoolKey) -> Pool {
+            get { storage[slots[key]!] }
+            _modify { yield &storage[slots[key]!] }
+        }
+
+        subscript(slot slot: Int) -> Pool {
+            get { storage[slot] }
+            _modify { yield &storage[slot] }
+        }
+
+        func makeIterator() -> some IteratorProtocol<(key: PoolKey, value: Pool)> {
+            storage.lazy.map { (key: $0.key, value: $0) }.makeIterator()
+        }
+    }
+
+    var pools = PoolTable()
     var servers: [ServerID: Server] = [:]
     var waitingClients: [ClientID: PoolKey] = [:]
     var databaseTotals: [String: Int] = [:]
@@ -71,10 +109,10 @@ public struct PoolStateMachine: Sendable {
 
     /// Creates the pool or changes its settings (on reload). Returns actions for the new limits.
     public mutating func configure(_ key: PoolKey, settings: PoolSettings, now: NIODeadline) -> [PoolAction] {
-        if pools[key] == nil {
-            pools[key] = Pool(settings: settings)
+        if pools.contains(key) {
+            pools[key].settings = settings
         } else {
-            pools[key]!.settings = settings
+            _ = pools.add(Pool(key: key, settings: settings))
         }
         var actions: [PoolAction] = []
         trimIdle(key, now: now, into: &actions)
@@ -82,9 +120,9 @@ public struct PoolStateMachine: Sendable {
         return actions
     }
 
-    public func hasPool(_ key: PoolKey) -> Bool { pools[key] != nil }
+    public func hasPool(_ key: PoolKey) -> Bool { pools.contains(key) }
 
-    public var poolKeys: [PoolKey] { Array(pools.keys) }
+    public var poolKeys: [PoolKey] { pools.keys }
 
     // MARK: Events
 
@@ -93,29 +131,33 @@ public struct PoolStateMachine: Sendable {
     public mutating func clientWantsServer(
         _ client: ClientID, pool key: PoolKey, loop: Int, now: NIODeadline
     ) -> [PoolAction] {
-        guard let pool = pools[key] else {
+        guard let slot = pools.slot(of: key) else {
             preconditionFailure("clientWantsServer for unconfigured pool \(key)")
         }
         var actions: [PoolAction] = []
         actions.reserveCapacity(1)
-        if !pool.paused, pool.waitingCount == 0, let index = pickIdle(pool.idle, loop: loop) {
-            // Mutate in place: a copy of the pool would copy its idle list on every lend.
-            let server = pools[key]!.idle.remove(at: index)
-            pools[key]!.lent += 1
+        if !pools[slot: slot].paused, pools[slot: slot].waitingCount == 0,
+            let index = pickIdle(pools[slot: slot].idle, loop: loop)
+        {
+            // Mutate in place, with no copy of the pool alive: a copy would make removing from
+            // the idle list copy the whole list on every lend.
+            let server = pools[slot: slot].idle.remove(at: index)
+            pools[slot: slot].lent += 1
             lendIdle(server, to: client, now: now, into: &actions)
             return actions
         }
+        let pool = pools[slot: slot]
         // Fast failure: while connecting keeps failing and no server is left, do not queue, unless
         // the database served before and is only restarting.
         if pool.total == 0, let failure = pool.lastConnectFailure, !ridesOut(key, failure.error),
             now < failure.at + retryDelay(key)
         {
-            pools[key]!.probeWanted = true
+            pools[key].probeWanted = true
             actions.append(.failClient(client, .connectFailed(failure.error)))
             return actions
         }
-        pools[key]!.waiters.append(Waiter(client: client, loop: loop, since: now))
-        pools[key]!.waitingCount += 1
+        pools[key].waiters.append(Waiter(client: client, loop: loop, since: now))
+        pools[key].waitingCount += 1
         waitingClients[client] = key
         grow(key, now: now, into: &actions)
         return actions
@@ -124,16 +166,16 @@ public struct PoolStateMachine: Sendable {
     /// A waiting client disconnected or cancelled; it leaves the queue without taking a server.
     public mutating func clientGaveUp(_ client: ClientID) {
         guard let key = waitingClients.removeValue(forKey: client) else { return }
-        pools[key]!.waitingCount -= 1
-        pools[key]!.waiters.removeAll { $0.client == client }
+        pools[key].waitingCount -= 1
+        pools[key].waiters.removeAll { $0.client == client }
     }
 
     /// A new server connection logged in and is ready.
     public mutating func serverConnected(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], server.state == .connecting else { return [] }
-        pools[server.pool]!.connecting -= 1
-        pools[server.pool]!.lastConnectFailure = nil
-        pools[server.pool]!.probeWanted = false
+        pools[server.pool].connecting -= 1
+        pools[server.pool].lastConnectFailure = nil
+        pools[server.pool].probeWanted = false
         databasesServed.insert(server.pool.database)
         var actions: [PoolAction] = []
         makeAvailable(id, now: now, into: &actions)
@@ -149,9 +191,9 @@ public struct PoolStateMachine: Sendable {
         guard let server = servers[id], server.state == .connecting else { return [] }
         let key = server.pool
         remove(id)
-        pools[key]!.lastConnectFailure = (now, error)
+        pools[key].lastConnectFailure = (now, error)
         var actions: [PoolAction] = []
-        if pools[key]!.total == 0, !ridesOut(key, error) {
+        if pools[key].total == 0, !ridesOut(key, error) {
             // Nothing will free up for the queue: tell the waiters now rather than at their timeout.
             // A database that served before and is now unreachable or restarting is waited for.
             failAllWaiters(key, error: .connectFailed(error), into: &actions)
@@ -164,13 +206,13 @@ public struct PoolStateMachine: Sendable {
     public mutating func serverReleased(_ id: ServerID, reusable: Bool, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], case .lent = server.state else { return [] }
         var actions: [PoolAction] = []
-        if !reusable || server.closeNeeded || now >= server.retireAt || isOverSize(server.pool) {
+        if !reusable || server.closeNeeded || now >= server.retireAt || isOverSize(slot: server.slot) {
             remove(id)
             actions.append(.close(id))
             if reusable && now >= server.retireAt { actions.append(.note(server.pool, .recycledForAge)) }
             grow(server.pool, now: now, into: &actions)
         } else {
-            pools[server.pool]!.lent -= 1
+            pools[slot: server.slot].lent -= 1
             makeAvailable(id, now: now, into: &actions)
         }
         return actions
@@ -201,18 +243,18 @@ public struct PoolStateMachine: Sendable {
         let key = server.pool
         remove(id)
         var actions: [PoolAction] = [.close(id), .note(key, .checkFailed)]
-        for other in pools[key]!.idle where servers[other]!.createdAt <= server.createdAt {
+        for other in pools[key].idle where servers[other]!.createdAt <= server.createdAt {
             servers[other]!.suspect = true
         }
         // The client goes back to the head of the queue, keeping its place.
-        if !pools[key]!.idle.isEmpty, pools[key]!.waitingCount == 0 {
-            let index = pickIdle(pools[key]!.idle, loop: server.loop)!
-            let next = pools[key]!.idle.remove(at: index)
-            pools[key]!.lent += 1
+        if !pools[key].idle.isEmpty, pools[key].waitingCount == 0 {
+            let index = pickIdle(pools[key].idle, loop: server.loop)!
+            let next = pools[key].idle.remove(at: index)
+            pools[key].lent += 1
             lendIdle(next, to: client, now: now, into: &actions)
         } else {
-            pools[key]!.waiters.prepend(Waiter(client: client, loop: server.loop, since: now))
-            pools[key]!.waitingCount += 1
+            pools[key].waiters.prepend(Waiter(client: client, loop: server.loop, since: now))
+            pools[key].waitingCount += 1
             waitingClients[client] = key
             grow(key, now: now, into: &actions)
         }
@@ -223,17 +265,17 @@ public struct PoolStateMachine: Sendable {
     /// clients queue. Servers already lent stay with their clients until released.
     public mutating func pause(database: String?) {
         for key in pools.keys where database == nil || key.database == database {
-            pools[key]!.paused = true
+            pools[key].paused = true
         }
     }
 
     /// RESUME: paused pools serve their queues again.
     public mutating func resume(database: String?, now: NIODeadline) -> [PoolAction] {
         var actions: [PoolAction] = []
-        for key in pools.keys where (database == nil || key.database == database) && pools[key]!.paused {
-            pools[key]!.paused = false
-            while pools[key]!.waitingCount > 0, let index = pickIdle(pools[key]!.idle, loop: 0) {
-                let id = pools[key]!.idle.remove(at: index)
+        for key in pools.keys where (database == nil || key.database == database) && pools[key].paused {
+            pools[key].paused = false
+            while pools[key].waitingCount > 0, let index = pickIdle(pools[key].idle, loop: 0) {
+                let id = pools[key].idle.remove(at: index)
                 makeAvailable(id, now: now, into: &actions)
             }
             grow(key, now: now, into: &actions)
@@ -319,7 +361,7 @@ public struct PoolStateMachine: Sendable {
     /// for server_check_delay or is suspect.
     mutating func lendIdle(_ id: ServerID, to client: ClientID, now: NIODeadline, into actions: inout [PoolAction]) {
         let server = servers[id]!
-        let settings = pools[server.pool]!.settings
+        let settings = pools[slot: server.slot].settings
         var needsCheck = server.suspect
         if case .idle(let since) = server.state, now - since >= settings.serverCheckDelay { needsCheck = true }
         if settings.serverCheckEnabled && needsCheck {
@@ -348,7 +390,7 @@ public struct PoolStateMachine: Sendable {
     /// unreachable one every second, and a server that refused the login only after
     /// server_login_retry, so as not to flood its log.
     func retryDelay(_ key: PoolKey) -> TimeAmount {
-        let pool = pools[key]!
+        let pool = pools[key]
         guard let failure = pool.lastConnectFailure else { return .zero }
         guard Self.isTransient(failure.error) else { return pool.settings.serverLoginRetry }
         let delay: TimeAmount = databasesServed.contains(key.database) ? .milliseconds(250) : .seconds(1)
@@ -357,11 +399,11 @@ public struct PoolStateMachine: Sendable {
 
     /// After the back-off, one connection attempt for the clients turned away in the meantime.
     mutating func probe(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
-        let pool = pools[key]!
+        let pool = pools[key]
         guard pool.probeWanted, pool.total == 0, let failure = pool.lastConnectFailure,
             now >= failure.at + retryDelay(key)
         else { return }
-        pools[key]!.probeWanted = false
+        pools[key].probeWanted = false
         open(key, loop: 0, now: now, into: &actions)
         actions.append(.note(key, .probe))
     }
@@ -378,28 +420,33 @@ public struct PoolStateMachine: Sendable {
 
     /// Gives a free server to the first waiter, or parks it as idle.
     mutating func makeAvailable(_ id: ServerID, now: NIODeadline, into actions: inout [PoolAction]) {
-        let key = servers[id]!.pool
-        while !pools[key]!.paused, let waiter = pools[key]!.waiters.popFirst() {
+        let slot = servers[id]!.slot
+        let key = pools[slot: slot].key
+        while !pools[slot: slot].paused, pools[slot: slot].waitingCount > 0,
+            let waiter = pools[slot: slot].waiters.popFirst()
+        {
             guard waitingClients[waiter.client] == key else { continue }
             waitingClients[waiter.client] = nil
-            pools[key]!.waitingCount -= 1
-            pools[key]!.lent += 1
+            pools[slot: slot].waitingCount -= 1
+            pools[slot: slot].lent += 1
             servers[id]!.state = .lent(waiter.client)
             actions.append(.lend(id, to: waiter.client))
             return
         }
         servers[id]!.state = .idle(since: now)
-        pools[key]!.idle.append(id)
+        pools[slot: slot].idle.append(id)
     }
 
-    func isOverSize(_ key: PoolKey) -> Bool {
-        let pool = pools[key]!
+    func isOverSize(slot: Int) -> Bool {
+        let pool = pools[slot: slot]
         return pool.waitingCount == 0 && pool.total > pool.settings.poolSize
     }
 
     /// Opens servers while clients wait for more than are being opened, within the limits.
     mutating func grow(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
-        guard let pool = pools[key], !pool.paused else { return }
+        guard pools.contains(key) else { return }
+        let pool = pools[key]
+        guard !pool.paused else { return }
         var wanted = max(pool.waitingCount - pool.connecting, pool.settings.minPoolSize - pool.total)
         if let failure = pool.lastConnectFailure {
             // Back off after a failed connection, then try one at a time until one succeeds.
@@ -407,7 +454,7 @@ public struct PoolStateMachine: Sendable {
             wanted = min(wanted, 1)
         }
         while wanted > 0 {
-            let current = pools[key]!
+            let current = pools[key]
             var limit = current.settings.poolSize
             var waited = TimeAmount.zero
             if let head = current.waiters.first(where: { waitingClients[$0.client] == key }) {
@@ -426,7 +473,7 @@ public struct PoolStateMachine: Sendable {
     /// Checks max_db_connections and max_user_connections; closes an idle server of another pool of
     /// the same database or user when that makes room. Returns false if there is no room.
     mutating func makeRoom(for key: PoolKey, into actions: inout [PoolAction]) -> Bool {
-        let settings = pools[key]!.settings
+        let settings = pools[key].settings
         func full() -> (db: Bool, user: Bool) {
             (
                 settings.maxDBConnections > 0 && databaseTotals[key.database, default: 0] >= settings.maxDBConnections,
@@ -440,7 +487,7 @@ public struct PoolStateMachine: Sendable {
                     && ((state.db && other.database == key.database) || (state.user && other.user == key.user))
             }
             guard let (victimKey, _) = victim else { return false }
-            let id = pools[victimKey]!.idle.first!
+            let id = pools[victimKey].idle.first!
             remove(id)
             actions.append(.close(id))
             state = full()
@@ -451,7 +498,7 @@ public struct PoolStateMachine: Sendable {
     mutating func open(_ key: PoolKey, loop: Int, now: NIODeadline, into actions: inout [PoolAction]) {
         let id = ServerID(nextServerID)
         nextServerID += 1
-        let settings = pools[key]!.settings
+        let settings = pools[key].settings
         let lifetime = settings.serverLifetime
         var retireAt = NIODeadline.distantFuture
         if lifetime > .zero {
@@ -461,8 +508,10 @@ public struct PoolStateMachine: Sendable {
             let jitter = Int64(truncatingIfNeeded: (id.raw &* 0x9E37_79B9_7F4A_7C15) >> 1) % spread
             retireAt = now + lifetime - .nanoseconds(jitter)
         }
-        servers[id] = Server(id: id, pool: key, loop: loop, state: .connecting, retireAt: retireAt, createdAt: now)
-        pools[key]!.connecting += 1
+        servers[id] = Server(
+            id: id, pool: key, slot: pools.slot(of: key)!, loop: loop, state: .connecting, retireAt: retireAt,
+            createdAt: now)
+        pools[key].connecting += 1
         databaseTotals[key.database, default: 0] += 1
         userTotals[key.user, default: 0] += 1
         actions.append(.connect(id, key, loop: loop))
@@ -472,38 +521,38 @@ public struct PoolStateMachine: Sendable {
     mutating func remove(_ id: ServerID) {
         guard let server = servers.removeValue(forKey: id) else { return }
         switch server.state {
-        case .connecting: pools[server.pool]!.connecting -= 1
-        case .lent, .checking: pools[server.pool]!.lent -= 1
-        case .idle: pools[server.pool]!.idle.removeAll { $0 == id }
+        case .connecting: pools[server.pool].connecting -= 1
+        case .lent, .checking: pools[server.pool].lent -= 1
+        case .idle: pools[server.pool].idle.removeAll { $0 == id }
         }
         databaseTotals[server.pool.database, default: 1] -= 1
         userTotals[server.pool.user, default: 1] -= 1
     }
 
     mutating func failAllWaiters(_ key: PoolKey, error: PoolError, into actions: inout [PoolAction]) {
-        while let waiter = pools[key]!.waiters.popFirst() {
+        while let waiter = pools[key].waiters.popFirst() {
             guard waitingClients[waiter.client] == key else { continue }
             waitingClients[waiter.client] = nil
-            pools[key]!.waitingCount -= 1
+            pools[key].waitingCount -= 1
             actions.append(.failClient(waiter.client, error))
         }
     }
 
     mutating func expireWaiters(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
-        let timeout = pools[key]!.settings.queryWaitTimeout
+        let timeout = pools[key].settings.queryWaitTimeout
         guard timeout > .zero else { return }
-        while let waiter = pools[key]!.waiters.first {
+        while let waiter = pools[key].waiters.first {
             guard waitingClients[waiter.client] == key else {
-                pools[key]!.waiters.removeFirst()
+                pools[key].waiters.removeFirst()
                 continue
             }
             let waited = now - waiter.since
             guard waited >= timeout else { break }
-            pools[key]!.waiters.removeFirst()
+            pools[key].waiters.removeFirst()
             waitingClients[waiter.client] = nil
-            pools[key]!.waitingCount -= 1
+            pools[key].waitingCount -= 1
             // Waiting through an outage that did not end: say why there was no server.
-            let failure = pools[key]!.lastConnectFailure
+            let failure = pools[key].lastConnectFailure
             actions.append(
                 .failClient(waiter.client, failure.map { .connectFailed($0.error) } ?? .waitTimeout(waited: waited)))
             actions.append(.note(key, .waitTimedOut))
@@ -513,16 +562,16 @@ public struct PoolStateMachine: Sendable {
     /// Closes idle servers past their lifetime or idle timeout (down to min_pool_size), and reserve
     /// servers no longer needed.
     mutating func trimIdle(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
-        let settings = pools[key]!.settings
+        let settings = pools[key].settings
         var index = 0
-        while index < pools[key]!.idle.count {
-            let id = pools[key]!.idle[index]
+        while index < pools[key].idle.count {
+            let id = pools[key].idle[index]
             let server = servers[id]!
             guard case .idle(let since) = server.state else {
                 index += 1
                 continue
             }
-            let pool = pools[key]!
+            let pool = pools[key]
             let expired = now >= server.retireAt
             let idleTooLong =
                 settings.serverIdleTimeout > .zero && now - since >= settings.serverIdleTimeout

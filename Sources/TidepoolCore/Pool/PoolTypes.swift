@@ -16,12 +16,27 @@ public struct ServerID: Hashable, Sendable, CustomStringConvertible {
 
 /// A pool serves one (database, user) pair.
 public struct PoolKey: Hashable, Sendable, CustomStringConvertible {
-    public var database: String
-    public var user: String
+    public let database: String
+    public let user: String
+    /// Hashed once: the pool's dictionaries are looked up several times per transaction, and
+    /// hashing two strings each time showed in profiles.
+    let hash: Int
+
     public init(database: String, user: String) {
         self.database = database
         self.user = user
+        var hasher = Hasher()
+        hasher.combine(database)
+        hasher.combine(user)
+        self.hash = hasher.finalize()
     }
+
+    public static func == (a: PoolKey, b: PoolKey) -> Bool {
+        a.hash == b.hash && a.database == b.database && a.user == b.user
+    }
+
+    public func hash(into hasher: inout Hasher) { hasher.combine(hash) }
+
     public var description: String { "\(database)/\(user)" }
 }
 

@@ -7,6 +7,12 @@ public enum StartupParameters {
         "application_name", "search_path",
     ]
 
+    /// The tracked parameters' values in `tracked` order: two sides agree when these are equal,
+    /// which is cheaper to check per transaction than looking each name up.
+    public static func trackedValues(_ parameters: [String: String]) -> [String?] {
+        tracked.map { parameters[$0] }
+    }
+
     static func canonical(_ name: String) -> String? {
         tracked.first { $0.lowercased() == name.lowercased() }
     }
