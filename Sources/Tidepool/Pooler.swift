@@ -597,6 +597,11 @@ public final class Pooler: @unchecked Sendable {
         logger.info("RELOAD: configuration applied")
     }
 
+    /// For --check: loads the HBA file and the TLS certificates the way start() would.
+    public static func checkSecurityFiles(_ config: Config) throws {
+        _ = try Security.load(config) { try String(contentsOfFile: $0, encoding: .utf8) }
+    }
+
     /// Reads the HBA file and the TLS certificates; nothing changes when one of them is bad.
     func loadSecurity(_ config: Config) throws {
         let loaded = try Security.load(config) { try String(contentsOfFile: $0, encoding: .utf8) }

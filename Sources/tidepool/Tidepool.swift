@@ -55,6 +55,12 @@ struct TidepoolCommand: ParsableCommand {
         }
         if check {
             for warning in config.warnings { print("warning: \(warning)") }
+            do {
+                try Pooler.checkSecurityFiles(config)  // auth_hba_file, TLS certificates and keys
+            } catch {
+                FileHandle.standardError.write(Data("tidepool: \(error)\n".utf8))
+                throw ExitCode(1)
+            }
             print("configuration OK: \(config.databases.count) database(s), \(userlist.count) user(s) in auth_file")
             return
         }

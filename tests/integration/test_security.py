@@ -396,3 +396,28 @@ def test_client_tls_protocols(tidepool, tls_pg, certs):
     assert psql("TLSv1.3").returncode == 0
     refused = psql("TLSv1.2")
     assert refused.returncode != 0 and "protocol" in refused.stderr.lower()
+
+
+def test_check_validates_certificates_and_hba_file(tmp_path, certs):
+    from conftest import BINARY
+    base = f"[databases]\n* = host=127.0.0.1\n[pooler]\nlisten_port = 6432\n"
+    good = tmp_path / "good.ini"
+    good.write_text(base + client_tls(certs) + f"auth_type = hba\nauth_hba_file = {certs}/hba.conf\n")
+    (tmp_path / "x").write_text("")
+    with open(f"{certs}/hba.conf", "w") as f:
+        f.write("host all all 127.0.0.1/32 md5\n")
+    out = subprocess.run([BINARY, "--check", str(good)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for bad, wanted in ((client_tls(certs).replace("pooler.crt", "missing.crt"), "certificate"),
+                        ("auth_type = hba\n", "auth_hba_file"),
+                        (f"auth_type = hba\nauth_hba_file = {tmp_path}/x.conf\n", "cannot read")):
+        ini = tmp_path / "bad.ini"
+        ini.write_text(base + bad)
+        out = subprocess.run([BINARY, "--check", str(ini)], capture_output=True, text=True)
+        assert out.returncode == 1 and wanted in out.stderr, out.stderr
+    hba = tmp_path / "broken.conf"
+    hba.write_text("host all all 10.0.0.0/99 md5\n")
+    ini = tmp_path / "bad.ini"
+    ini.write_text(base + f"auth_type = hba\nauth_hba_file = {hba}\n")
+    out = subprocess.run([BINARY, "--check", str(ini)], capture_output=True, text=True)
+    assert out.returncode == 1 and "broken.conf:1" in out.stderr, out.stderr
