@@ -70,15 +70,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var poolKey: PoolKey?
     var poolMode = PoolMode.transaction
     /// The values of the tracked parameters as the client should see them.
-    var wanted: [String: String] = [:] { didSet { wantedTrackedCache = nil } }
-    var wantedTrackedCache: [String?]?
-    /// The tracked values the client wants, kept until `wanted` changes.
-    var wantedTracked: [String?] {
-        if let cached = wantedTrackedCache { return cached }
-        let values = StartupParameters.trackedValues(wanted)
-        wantedTrackedCache = values
-        return values
-    }
+    @TrackedParameters var wanted: [String: String] = [:]
     var cancelKey: (Int32, Int32)?
     var loginTimeout: Scheduled<Void>?
     let connectedAt = NIODeadline.now()
@@ -796,7 +788,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
             serverInbound = nil
             var sets = ""
-            if server.trackedValues != wantedTracked {
+            if server.$parameters != $wanted {
                 for name in StartupParameters.tracked {
                     // Parameters the server does not report (search_path) are known only once set here.
                     guard let value = wanted[name], server.parameters[name] != value else { continue }

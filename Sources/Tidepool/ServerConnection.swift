@@ -76,15 +76,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     let connectedAtWallClock = Date().timeIntervalSince1970
     /// ParameterStatus values as this backend last reported them.
-    var parameters: [String: String] = [:] { didSet { trackedCache = nil } }
-    var trackedCache: [String?]?
-    /// The tracked parameters' values, kept until `parameters` changes.
-    var trackedValues: [String?] {
-        if let cached = trackedCache { return cached }
-        let values = StartupParameters.trackedValues(parameters)
-        trackedCache = values
-        return values
-    }
+    @TrackedParameters var parameters: [String: String] = [:]
     var processID: Int32 = 0
     var secretKey: Int32 = 0
     /// The pooler-wide prepared statements this backend holds; only the linked client touches it.

@@ -173,3 +173,52 @@ import Testing
         #expect(cache.lookup(key, now: now) == .notFound)
     }
 }
+
+@Suite struct SecuritySettingsTests {
+    @Test func readsBothSidesTLSAndAuthSettings() throws {
+        let config = try Config.parse(
+            """
+            [pooler]
+            client_tls_sslmode = verify-full
+            client_tls_cert_file = /c.crt
+            client_tls_key_file = /c.key
+            client_tls_ca_file = /ca.crt
+            client_tls_protocols = tlsv1.3
+            server_tls_sslmode = verify-ca
+            server_tls_ciphers = HIGH
+            auth_user = looker
+            auth_dbname = authdb
+            auth_query_cache_ttl = 2
+            auth_hba_file = /hba.conf
+            max_client_conn_per_ip = 7
+            client_connect_rate_per_ip = 3
+            [databases]
+            app = host=db auth_user=other auth_query='SELECT u, p FROM s WHERE u=$1' auth_dbname=x
+            """)
+        let g = config.global
+        #expect(g.clientTLS.sslmode == .verifyFull && g.clientTLS.certFile == "/c.crt")
+        #expect(
+            g.clientTLS.keyFile == "/c.key" && g.clientTLS.caFile == "/ca.crt" && g.clientTLS.protocols == "tlsv1.3")
+        #expect(g.serverTLS.sslmode == .verifyCA && g.serverTLS.ciphers == "HIGH")
+        #expect(g.authUser == "looker" && g.authDBName == "authdb" && g.authQueryCacheTTL == .seconds(2))
+        #expect(g.authHBAFile == "/hba.conf" && g.maxClientConnPerIP == 7 && g.clientConnectRatePerIP == 3)
+        let app = try #require(config.databases["app"])
+        #expect(app.authUser == "other" && app.authQuery == "SELECT u, p FROM s WHERE u=$1" && app.authDBName == "x")
+        #expect(Config().global.serverTLS.sslmode == .prefer && Config().global.clientTLS.sslmode == .disable)
+    }
+
+    @Test func refusesBadTLSSettingsWithTheirKey() {
+        for line in ["client_tls_sslmode = sometimes", "server_tls_protocols = sslv3", "client_tls_colour = red"] {
+            #expect(throws: ConfigError.self) { try Config.parse("[pooler]\n\(line)\n") }
+        }
+    }
+
+    @Test func trackedParametersFollowChanges() {
+        var parameters = TrackedParameters(wrappedValue: ["TimeZone": "UTC", "other": "x"])
+        let zone = StartupParameters.tracked.firstIndex(of: "TimeZone")!
+        #expect(parameters.projectedValue[zone] == "UTC")
+        #expect(parameters.projectedValue.compactMap { $0 } == ["UTC"])
+        parameters.wrappedValue["TimeZone"] = "Europe/Paris"
+        #expect(parameters.projectedValue[zone] == "Europe/Paris")
+    }
+}

@@ -178,17 +178,23 @@ def test_server_tls_modes(tidepool, tls_pg, certs):
     assert "no pg_hba.conf entry" in str(info.value) or "rejects connection" in str(info.value)
 
 
+def install_pg_certificate(pg, certs, name):
+    """Gives the running PostgreSQL certificate `name` and reloads it."""
+    data = os.path.join(pg.dir, "data")
+    for ext in ("crt", "key"):
+        shutil.copy(os.path.join(certs, f"{name}.{ext}"), os.path.join(data, f"server.{ext}"))
+        os.chmod(os.path.join(data, f"server.{ext}"), 0o600)
+        if os.getuid() == 0:
+            shutil.chown(os.path.join(data, f"server.{ext}"), "postgres", "postgres")
+    run_pg(f"\\\"$(pg_bindir)/pg_ctl\\\" -D '{data}' reload")
+    time.sleep(0.5)
+
+
 def test_server_verify_full_checks_the_host_name(tidepool, tls_pg, certs):
     """PostgreSQL given a certificate for another name: verify-ca still connects, verify-full
     refuses, by host name and by IP address."""
-    data = os.path.join(tls_pg.dir, "data")
     make_cert(certs, "ca", "elsewhere", "elsewhere.example", "DNS:elsewhere.example")
-    for name in ("crt", "key"):
-        shutil.copy(os.path.join(certs, f"elsewhere.{name}"), os.path.join(data, f"server.{name}"))
-        if os.getuid() == 0:
-            shutil.chown(os.path.join(data, f"server.{name}"), "postgres", "postgres")
-    run_pg(f"\\\"$(pg_bindir)/pg_ctl\\\" -D '{data}' reload")
-    time.sleep(0.5)
+    install_pg_certificate(tls_pg, certs, "elsewhere")
     try:
         t = tidepool(databases=databases(tls_pg), settings=server_tls(certs, "verify-ca"))
         with connect(t, user="trustuser") as c:
@@ -199,12 +205,7 @@ def test_server_verify_full_checks_the_host_name(tidepool, tls_pg, certs):
                 connect(t, user="trustuser").execute("SELECT 1")
             assert "server connection failed" in str(info.value)
     finally:
-        for name in ("crt", "key"):
-            shutil.copy(os.path.join(certs, f"pgserver.{name}"), os.path.join(data, f"server.{name}"))
-            if os.getuid() == 0:
-                shutil.chown(os.path.join(data, f"server.{name}"), "postgres", "postgres")
-        run_pg(f"\\\"$(pg_bindir)/pg_ctl\\\" -D '{data}' reload")
-        time.sleep(0.5)
+        install_pg_certificate(tls_pg, certs, "pgserver")
 
 
 def test_md5_and_scram_logins_from_auth_file(tidepool, tls_pg, certs):

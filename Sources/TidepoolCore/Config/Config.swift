@@ -36,6 +36,19 @@ public struct TLSSettings: Equatable, Sendable {
     public var ciphers = "default"
 
     public init(sslmode: SSLMode) { self.sslmode = sslmode }
+
+    /// One client_tls_* or server_tls_* setting, `name` without its prefix.
+    mutating func apply(_ name: String, _ v: Value) throws(ConfigError) {
+        switch name {
+        case "sslmode": sslmode = try v.enumValue(SSLMode.self)
+        case "key_file": keyFile = v.text
+        case "cert_file": certFile = v.text
+        case "ca_file": caFile = v.text
+        case "protocols": protocols = try v.tlsProtocols()
+        case "ciphers": ciphers = v.text
+        default: throw v.fail("unknown setting \(v.key)")
+        }
+    }
 }
 
 /// Global settings (`[pooler]`, alias `[pgbouncer]`), with PgBouncer's defaults.
@@ -402,18 +415,10 @@ public struct Config: Equatable, Sendable {
         case "tcp_keepcnt": global.tcpKeepcnt = try v.int(0...1000)
         case "tcp_user_timeout": global.tcpUserTimeout = try v.int(0...86_400_000)
         case "threads": global.threads = try v.int(0...1024)
-        case "client_tls_sslmode": global.clientTLS.sslmode = try v.enumValue(SSLMode.self)
-        case "client_tls_key_file": global.clientTLS.keyFile = entry.value
-        case "client_tls_cert_file": global.clientTLS.certFile = entry.value
-        case "client_tls_ca_file": global.clientTLS.caFile = entry.value
-        case "client_tls_protocols": global.clientTLS.protocols = try v.tlsProtocols()
-        case "client_tls_ciphers": global.clientTLS.ciphers = entry.value
-        case "server_tls_sslmode": global.serverTLS.sslmode = try v.enumValue(SSLMode.self)
-        case "server_tls_key_file": global.serverTLS.keyFile = entry.value
-        case "server_tls_cert_file": global.serverTLS.certFile = entry.value
-        case "server_tls_ca_file": global.serverTLS.caFile = entry.value
-        case "server_tls_protocols": global.serverTLS.protocols = try v.tlsProtocols()
-        case "server_tls_ciphers": global.serverTLS.ciphers = entry.value
+        case let key where key.hasPrefix("client_tls_"):
+            try global.clientTLS.apply(String(key.dropFirst(11)), v)
+        case let key where key.hasPrefix("server_tls_"):
+            try global.serverTLS.apply(String(key.dropFirst(11)), v)
         case "auth_user": global.authUser = entry.value.isEmpty ? nil : entry.value
         case "auth_query": global.authQuery = entry.value
         case "auth_dbname": global.authDBName = entry.value.isEmpty ? nil : entry.value

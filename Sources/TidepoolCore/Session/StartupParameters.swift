@@ -1,3 +1,23 @@
+/// Parameters by name, with the tracked ones' values (`$name`, in `StartupParameters.tracked`
+/// order) computed once per change: a client and the server it is lent agree when those arrays are
+/// equal, which is cheaper to check on every lend than looking each name up on both sides.
+@propertyWrapper
+public struct TrackedParameters: Sendable {
+    public var wrappedValue: [String: String] { didSet { cache = nil } }
+    var cache: [String?]?
+
+    public init(wrappedValue: [String: String]) { self.wrappedValue = wrappedValue }
+
+    public var projectedValue: [String?] {
+        mutating get {
+            if let cache { return cache }
+            let values = StartupParameters.tracked.map { wrappedValue[$0] }
+            cache = values
+            return values
+        }
+    }
+}
+
 /// What a client asked for in its StartupMessage, reduced to what the pooler can honour.
 public enum StartupParameters {
     /// Parameters the pooler keeps in step between a client and whichever server it is lent,
@@ -6,12 +26,6 @@ public enum StartupParameters {
         "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "standard_conforming_strings",
         "application_name", "search_path",
     ]
-
-    /// The tracked parameters' values in `tracked` order: two sides agree when these are equal,
-    /// which is cheaper to check per transaction than looking each name up.
-    public static func trackedValues(_ parameters: [String: String]) -> [String?] {
-        tracked.map { parameters[$0] }
-    }
 
     static func canonical(_ name: String) -> String? {
         tracked.first { $0.lowercased() == name.lowercased() }
