@@ -71,6 +71,10 @@ public struct TrafficStats: Sendable, Equatable {
 }
 
 /// Totals per database and the difference over the last complete stats period.
+extension TrafficStats {
+    public static func += (a: inout TrafficStats, b: TrafficStats) { a = a + b }
+}
+
 public struct TrafficBook: Sendable {
     public private(set) var totals: [String: TrafficStats] = [:]
     private var atPeriodStart: [String: TrafficStats] = [:]
@@ -80,7 +84,7 @@ public struct TrafficBook: Sendable {
     public init() {}
 
     public mutating func add(_ stats: TrafficStats, database: String) {
-        totals[database, default: TrafficStats()] = totals[database, default: TrafficStats()] + stats
+        totals[database, default: TrafficStats()] += stats  // one lookup, in place
     }
 
     /// Closes a stats period that lasted `seconds`.
