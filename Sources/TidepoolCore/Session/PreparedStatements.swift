@@ -197,10 +197,15 @@ public struct PreparedStatementTracker: Sendable {
                 server.touch(statement.serverName)
                 append(.reply(Self.simpleMessage(UInt8(ascii: "1")), undo: .forget(name)))
             } else {
-                makeRoom(for: statement.serverName, on: &server, into: &out)
-                out.append(Self.parseMessage(statement.serverName, statement.definition))
-                serverParseCount += 1
-                append(.parse(client: name, server: statement.serverName))
+                prepareOnServer(
+                    statement.serverName,
+                    [
+                        (
+                            Self.parseMessage(statement.serverName, statement.definition),
+                            .parse(client: name, server: statement.serverName)
+                        )
+                    ],
+                    on: &server, into: &out)
             }
             return
         case MessageType.bind:
@@ -345,27 +350,39 @@ public struct PreparedStatementTracker: Sendable {
                 Wire.commandComplete("PREPARE", into: &done)
                 append(.reply(done, undo: .forget(name), ready: true))
             } else {
-                makeRoom(for: serverName, on: &server, into: &out)
-                out.append(Self.queryMessage("PREPARE \(serverName) \(text)"))
-                serverParseCount += 1
-                append(.sqlPrepare(client: name, server: serverName, failed: false))
+                prepareOnServer(
+                    serverName,
+                    [
+                        (
+                            Self.queryMessage("PREPARE \(serverName) \(text)"),
+                            .sqlPrepare(client: name, server: serverName, failed: false)
+                        )
+                    ],
+                    on: &server, into: &out)
             }
             return true
         case .execute(let name, let rest):
             guard let statement = statements[name] else { return false }
             bindCount += 1
             if !server.contains(statement.serverName) {
-                makeRoom(for: statement.serverName, on: &server, into: &out)
-                serverParseCount += 1
-                if let text = statement.sqlText {
-                    out.append(Self.queryMessage("PREPARE \(statement.serverName) \(text)"))
-                    append(.injectedQuery(server: statement.serverName, failed: false))
-                } else {
-                    out.append(Self.parseMessage(statement.serverName, statement.definition))
-                    append(.injectedParse(server: statement.serverName))
-                    out.append(Self.simpleMessage(MessageType.sync))
-                    append(.injectedSync)
-                }
+                let messages: [(ByteBuffer, Entry)] =
+                    if let text = statement.sqlText {
+                        [
+                            (
+                                Self.queryMessage("PREPARE \(statement.serverName) \(text)"),
+                                .injectedQuery(server: statement.serverName, failed: false)
+                            )
+                        ]
+                    } else {
+                        [
+                            (
+                                Self.parseMessage(statement.serverName, statement.definition),
+                                .injectedParse(server: statement.serverName)
+                            ),
+                            (Self.simpleMessage(MessageType.sync), .injectedSync),
+                        ]
+                    }
+                prepareOnServer(statement.serverName, messages, on: &server, into: &out)
             } else {
                 server.touch(statement.serverName)
             }
@@ -548,10 +565,29 @@ public struct PreparedStatementTracker: Sendable {
             server.touch(statement.serverName)
             return
         }
-        makeRoom(for: statement.serverName, on: &server, into: &out)
-        out.append(Self.parseMessage(statement.serverName, statement.definition))
+        prepareOnServer(
+            statement.serverName,
+            [
+                (
+                    Self.parseMessage(statement.serverName, statement.definition),
+                    .injectedParse(server: statement.serverName)
+                )
+            ],
+            on: &server, into: &out)
+    }
+
+    /// Gives a server a statement it lacks: room first (closing the least recently used one when
+    /// full), then `messages`, each with the queue entry that stands for its answers.
+    private mutating func prepareOnServer(
+        _ serverName: String, _ messages: [(ByteBuffer, Entry)], on server: inout ServerStatementCache,
+        into out: inout [ByteBuffer]
+    ) {
+        makeRoom(for: serverName, on: &server, into: &out)
         serverParseCount += 1
-        append(.injectedParse(server: statement.serverName))
+        for (message, entry) in messages {
+            out.append(message)
+            append(entry)
+        }
     }
 
     private mutating func makeRoom(
