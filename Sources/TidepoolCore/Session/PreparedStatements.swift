@@ -413,7 +413,7 @@ public struct PreparedStatementTracker: Sendable {
     public mutating func serverMessage(
         _ type: UInt8, status: TransactionStatus = .idle, server: inout ServerStatementCache
     ) -> Bool {
-        if case .injectedQuery(let name, let failed) = queue.first {
+        if specials > 0, case .injectedQuery(let name, let failed) = queue.first {
             // Everything the pooler's own Query answers is swallowed; its ReadyForQuery ends it.
             if type == MessageType.errorResponse {
                 queue[queue.startIndex] = .injectedQuery(server: name, failed: true)
@@ -510,13 +510,16 @@ public struct PreparedStatementTracker: Sendable {
     // MARK: Internals
 
     private mutating func append(_ entry: Entry) {
-        if !entry.isPlain { specials += 1 }
         queue.append(entry)
+        // A plain entry at the back cannot make a made-up answer at the front due.
+        guard !entry.isPlain else { return }
+        specials += 1
         releaseDueReplies()
     }
 
     /// Moves made-up answers at the front of the queue to `dueReplies`.
     private mutating func releaseDueReplies() {
+        guard specials > 0 else { return }  // made-up answers are specials
         while case .reply(let bytes, _, let ready) = queue.first {
             dueReplies.append(bytes)
             if ready {
