@@ -12,6 +12,7 @@ ensure_debian postgresql valgrind
 log "building tidepool (release)"
 release_build
 work="$(mktemp -d /tmp/tidepool-instructions.XXXXXX)"
+chmod 755 "$work"  # PostgreSQL runs as its own OS user below it
 pg_port="$(free_port)"
 port="$(free_port)"
 cleanup() {
