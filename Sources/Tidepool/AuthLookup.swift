@@ -99,11 +99,34 @@ extension Pooler {
         database?.authUser ?? config.global.authUser
     }
 
+    /// The database auth_query runs in for logins of `user` to `database`, and the cache key of
+    /// the answer.
+    func authQueryTarget(user: String, database: DatabaseEntry?) -> (dbname: String, key: String) {
+        let dbname = database?.authDBName ?? config.global.authDBName ?? database?.name ?? user
+        return (dbname, AuthQueryCache.key(database: dbname, user: user))
+    }
+
     /// A fresh auth_query answer for `user`, without a lookup.
     func cachedAuthQuery(user: String, database: DatabaseEntry?) -> AuthQueryExchange.Outcome? {
-        let authDBName = database?.authDBName ?? config.global.authDBName ?? database?.name ?? user
-        let key = AuthQueryCache.key(database: authDBName, user: user)
+        let key = authQueryTarget(user: user, database: database).key
         return credentials.withLockedValue { $0.authQuery.lookup(key, now: NIODeadline.now()) }
+    }
+
+    /// How the pooler logs in to a server of `database` as `user`: the entry's password (when it is
+    /// that user's), the auth file's password or md5 secret, then what a client's login taught (the
+    /// keys recovered from its SCRAM proof, its cleartext password), then auth_query's md5.
+    func serverSecret(user: String, database: DatabaseEntry) -> ServerLoginStateMachine.Secret {
+        if let password = database.password, database.user == nil || database.user == user {
+            return .password(password)
+        }
+        switch userlist[user] {
+        case .plain(let p): return .password(p)
+        case .md5(let m): return .md5(m)
+        case .scram, nil:
+            if let learned = credentials.withLockedValue({ $0.serverSecrets[user] }) { return learned }
+            if case .found(.md5(let m))? = cachedAuthQuery(user: user, database: database) { return .md5(m) }
+            return .none
+        }
     }
 
     /// Looks up `user`'s secret with auth_query, from the cache when it is fresh. Completes on `loop`.
@@ -112,8 +135,7 @@ extension Pooler {
     > {
         let config = self.config
         guard let authUser = authUser(for: database) else { return loop.makeSucceededFuture(.notFound) }
-        let authDBName = database?.authDBName ?? config.global.authDBName ?? database?.name ?? user
-        let key = AuthQueryCache.key(database: authDBName, user: user)
+        let (authDBName, key) = authQueryTarget(user: user, database: database)
         let now = NIODeadline.now()
         if let cached = credentials.withLockedValue({ $0.authQuery.lookup(key, now: now) }) {
             return loop.makeSucceededFuture(cached)
@@ -122,17 +144,9 @@ extension Pooler {
             return loop.makeSucceededFuture(
                 .failed(.fatal(SQLState.invalidCatalogName, "auth_dbname \"\(authDBName)\" is not configured")))
         }
-        let secret: ServerLoginStateMachine.Secret
-        if let password = target.password, target.user == nil || target.user == authUser {
-            secret = .password(password)
-        } else {
-            switch userlist[authUser] {
-            case .plain(let p): secret = .password(p)
-            case .md5(let m): secret = .md5(m)
-            case .scram, nil: secret = credentials.withLockedValue { $0.serverSecrets[authUser] } ?? .none
-            }
-        }
-        let login = ServerLoginStateMachine(user: authUser, database: target.dbname ?? target.name, secret: secret)
+        let login = ServerLoginStateMachine(
+            user: authUser, database: target.dbname ?? target.name,
+            secret: serverSecret(user: authUser, database: target))
         let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
         let handler = AuthQueryConnection(
             login: login, query: database?.authQuery ?? config.global.authQuery, user: user, promise: promise)

@@ -564,8 +564,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         // The admin console looks secrets up only in auth_file, or through an explicit auth_dbname.
-        let isConsole =
-            (databaseName == "pooler" || databaseName == "pgbouncer") && config.databases[databaseName] == nil
+        let isConsole = isAdminConsole(config)
         let entry = isConsole ? nil : config.database(named: databaseName)
         let lookUp = isConsole ? config.global.authDBName != nil : pooler.authUser(for: entry) != nil
         guard authType != .trust, lookUp else {
@@ -671,9 +670,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         pooler.credentials.withLockedValue { $0.serverSecrets[user] = secret }
     }
 
+    /// The client asked for the admin console: database `pooler` or `pgbouncer`, unless the
+    /// configuration names a real database so.
+    func isAdminConsole(_ config: Config) -> Bool {
+        (databaseName == "pooler" || databaseName == "pgbouncer") && config.databases[databaseName] == nil
+    }
+
     func authenticated() {
         let config = pooler.config
-        if databaseName == "pooler" || databaseName == "pgbouncer", config.databases[databaseName] == nil {
+        if isAdminConsole(config) {
             let isAdmin = config.global.adminUsers.contains(user)
             guard isAdmin || config.global.statsUsers.contains(user) else {
                 closeReason = "not an admin user"

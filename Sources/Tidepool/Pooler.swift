@@ -599,12 +599,12 @@ public final class Pooler: @unchecked Sendable {
 
     /// For --check: loads the HBA file and the TLS certificates the way start() would.
     public static func checkSecurityFiles(_ config: Config) throws {
-        _ = try Security.load(config) { try String(contentsOfFile: $0, encoding: .utf8) }
+        _ = try Security.load(config)
     }
 
     /// Reads the HBA file and the TLS certificates; nothing changes when one of them is bad.
     func loadSecurity(_ config: Config) throws {
-        let loaded = try Security.load(config) { try String(contentsOfFile: $0, encoding: .utf8) }
+        let loaded = try Security.load(config)
         securityBox.withLockedValue { $0 = loaded }
         credentials.withLockedValue { $0.authQuery.ttl = config.global.authQueryCacheTTL }
     }

@@ -122,26 +122,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelActive(context: ChannelHandlerContext) {
         guard let database else { return }
         let user = database.user ?? pool.user
-        let secret: ServerLoginStateMachine.Secret
-        if let password = database.password {
-            secret = .password(password)
-        } else {
-            // The auth file's password or md5 secret; otherwise what a client's login taught (the
-            // keys recovered from its SCRAM proof, its cleartext password), then auth_query's md5.
-            let learned = pooler.credentials.withLockedValue { $0.serverSecrets[user] }
-            switch pooler.userlist[user] {
-            case .plain(let p): secret = .password(p)
-            case .md5(let m): secret = .md5(m)
-            case .scram, nil:
-                if let learned {
-                    secret = learned
-                } else if case .found(.md5(let m))? = pooler.cachedAuthQuery(user: user, database: database) {
-                    secret = .md5(m)
-                } else {
-                    secret = .none
-                }
-            }
-        }
+        let secret = pooler.serverSecret(user: user, database: database)
         var extra: [(String, String)] = []
         if let v = database.clientEncoding { extra.append(("client_encoding", v)) }
         if let v = database.datestyle { extra.append(("DateStyle", v)) }

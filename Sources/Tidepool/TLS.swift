@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import NIOSSL
 import TidepoolCore
@@ -9,7 +10,9 @@ struct Security: Sendable {
     var clientTLS: NIOSSLContext?
     var serverTLS: NIOSSLContext?
 
-    static func load(_ config: Config, readFile: (String) throws -> String) throws -> Security {
+    static func load(
+        _ config: Config, readFile: (String) throws -> String = { try String(contentsOfFile: $0, encoding: .utf8) }
+    ) throws -> Security {
         var security = Security()
         let g = config.global
         if let path = g.authHBAFile {
@@ -109,7 +112,7 @@ final class ServerTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler 
         var out = context.channel.allocator.buffer(capacity: 8)
         Wire.sslRequest(into: &out)
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-        timer = context.eventLoop.scheduleTask(in: timeout) { [weak self] in
+        timer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
             guard let self, !self.answered else { return }
             context.fireErrorCaught(
                 PostgresError(

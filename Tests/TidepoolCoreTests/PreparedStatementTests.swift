@@ -82,6 +82,12 @@ final class PreparedHarness {
         serverSends("1Z")
     }
 
+    /// The next transaction runs on another server, which has nothing prepared; forget what was sent.
+    func moveToAnEmptyServer() {
+        server = ServerStatementCache(capacity: 10)
+        sent.removeAll()
+    }
+
     /// Sends one client message through the tracker, as the runtime does.
     func client(_ whole: ByteBuffer) {
         let type = whole.getInteger(at: whole.readerIndex, as: UInt8.self)!
@@ -184,8 +190,7 @@ final class PreparedHarness {
         let h = H()
         h.prepareAndSync("s1", "select 1")
         // The next transaction runs on another server, which has nothing prepared.
-        h.server = ServerStatementCache(capacity: 10)
-        h.sent.removeAll()
+        h.moveToAnEmptyServer()
         h.client(H.bind("s1"))
         h.client(H.execute)
         h.client(H.sync)
@@ -423,8 +428,7 @@ final class PreparedHarness {
         let serverName = h.tracker.statements["foo"]!.serverName
         #expect(h.tracker.takeAccepted() == [serverName])
         // Next transaction, another server: the statement is prepared there first, silently.
-        h.server = ServerStatementCache(capacity: 10)
-        h.sent.removeAll()
+        h.moveToAnEmptyServer()
         h.client(H.query("EXECUTE foo"))
         #expect(h.sent.map(\.1) == ["PREPARE \(serverName) AS SELECT 1", "EXECUTE \(serverName)"])
         #expect(h.serverSends("CZ") == "")
@@ -435,8 +439,7 @@ final class PreparedHarness {
     @Test func executeOfAProtocolStatementInjectsParseAndSync() {
         let h = H()
         h.prepareAndSync("s1", "select 1")
-        h.server = ServerStatementCache(capacity: 10)
-        h.sent.removeAll()
+        h.moveToAnEmptyServer()
         h.client(H.query("EXECUTE s1"))
         #expect(h.sentTypes == "PSQ")
         #expect(h.serverSends("1Z") == "")
