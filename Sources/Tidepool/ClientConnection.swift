@@ -335,7 +335,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             waitStart = NIODeadline.now()
             inbound = buffer
             buffer.moveReaderIndex(to: buffer.writerIndex)
-            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
+            pooler.requestServer(for: self)
             return false
         }
         guard
@@ -399,7 +399,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             pending.append(bytes)
             state = .waiting
             waitStart = NIODeadline.now()
-            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
+            pooler.requestServer(for: self)
         default:
             pending.append(bytes)
         }
@@ -728,7 +728,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         } else {
             // No server of this pool has logged in yet: borrow one to learn its parameters.
             state = .awaitingWelcome
-            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database)
+            pooler.requestServer(for: self)
         }
     }
 
@@ -755,7 +755,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         if timeouts.anyEnabled { pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self }
         if !pending.isEmpty {
             state = .waiting
-            pooler.requestServer(for: self, id: id!, pool: poolKey!, database: database!)
+            pooler.requestServer(for: self)
         }
     }
 
@@ -823,13 +823,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             if stash.readableBytes > 0, inbound == nil { inbound = stash }
             guard case .linked(let linked) = state, linked === server else { return }
         }
-        var out = pending
-        pending.removeAll()
-        out += toServer
-        toServer.removeAll()
-        if !out.isEmpty {
+        if !pending.isEmpty {
+            // Held back while waiting: goes first.
+            toServer.insert(contentsOf: pending, at: 0)
+            pending.removeAll(keepingCapacity: true)
+        }
+        if !toServer.isEmpty {
             markSent()
-            server.send(out)
+            server.send(toServer)
+            toServer.removeAll(keepingCapacity: true)
         }
     }
 
@@ -906,7 +908,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// Bytes from the linked server.
+    /// Bytes from the linked server. What is passed on unchanged is written as one slice of the
+    /// server's bytes per run (a reply and its ReadyForQuery usually arrive in one read and leave
+    /// in one write); anything the pooler writes itself ends the run first, to keep the order.
     func serverData(_ data: ByteBuffer, from sender: ServerConnection) {
         guard case .linked(let server) = state, server === sender else { return }
         traffic.sent += data.readableBytes
@@ -916,32 +920,42 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             buffer = stash
             serverInbound = nil
         }
+        var run = ServerBytesRun(of: buffer)
+        var flushed = false
         do {
-            while let chunk = try serverScanner.next(
-                from: &buffer,
-                classify: { type in
-                    if type == MessageType.readyForQuery || type == MessageType.parameterStatus { return .inspect }
-                    if prepared != nil {
-                        // Made-up or swallowed answers pending: look at each message.
-                        if prepared!.specials > 0 { return .inspect }
-                        _ = prepared!.serverMessage(type, server: &server.statements)
-                    }
-                    return .forward
-                })
-            {
+            while true {
+                let chunkStart = buffer.readerIndex
+                guard
+                    let chunk = try serverScanner.next(
+                        from: &buffer,
+                        classify: { type in
+                            if type == MessageType.readyForQuery || type == MessageType.parameterStatus {
+                                return .inspect
+                            }
+                            if prepared != nil {
+                                // Made-up or swallowed answers pending: look at each message.
+                                if prepared!.specials > 0 { return .inspect }
+                                _ = prepared!.serverMessage(type, server: &server.statements)
+                            }
+                            return .forward
+                        })
+                else { break }
+                let chunkLength = buffer.readerIndex - chunkStart
                 switch chunk {
-                case .forward(let bytes):
-                    if !swallowingUntilReady { channel.write(bytes, promise: nil) }
-                case .message(let type, let body, let whole):
+                case .forward:
+                    if !swallowingUntilReady { run.add(chunkStart, chunkLength, to: channel) }
+                case .message(let type, let body, _):
                     if type != MessageType.readyForQuery, type != MessageType.parameterStatus {
                         // Only while the prepared-statement tracker has answers of its own pending.
                         if prepared!.serverMessage(type, server: &server.statements) {
-                            channel.write(whole, promise: nil)
+                            run.add(chunkStart, chunkLength, to: channel)
                         }
+                        run.write(to: channel)
                         _ = writeMadeUpReplies()
                         continue
                     }
                     if type == MessageType.parameterStatus {
+                        run.write(to: channel)
                         if let (name, value) = WireDecode.parameterStatus(body) {
                             server.parameters[name] = value
                             if swallowingUntilReady {
@@ -965,6 +979,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     }
                     if prepared != nil, !prepared!.serverMessage(type, status: status, server: &server.statements) {
                         // The ReadyForQuery of the pooler's own Sync or Query.
+                        run.write(to: channel)
                         _ = writeMadeUpReplies()
                         continue
                     }
@@ -977,6 +992,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     if poolMode == .statement, status != .idle {
                         // The error takes the ReadyForQuery's place, so the statement that opened
                         // the transaction is the one that fails.
+                        run.write(to: channel)
                         closeReason = "transaction in statement mode"
                         sendFatal(
                             .fatal(
@@ -984,23 +1000,34 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                                 "transaction blocks are not allowed in statement pooling mode"))
                         return
                     }
-                    channel.write(whole, promise: nil)  // the server's own bytes, as a slice
-                    _ = writeMadeUpReplies()
-                    if buffer.readableBytes == 0, mayGiveBack { unlink(server, reusable: true) }
+                    run.add(chunkStart, chunkLength, to: channel)  // the server's own bytes
+                    if prepared?.hasDueReplies ?? false {
+                        run.write(to: channel)
+                        _ = writeMadeUpReplies()
+                    }
+                    if buffer.readableBytes == 0, mayGiveBack {
+                        // The answer leaves before the server goes back to the pool.
+                        run.write(to: channel)
+                        channel.flush()
+                        flushed = true
+                        unlink(server, reusable: true)
+                    }
                 }
             }
         } catch {
+            run.write(to: channel)
             closeReason = "bad packet from server"
             unlink(server, reusable: false)
             sendFatal(.fatal(SQLState.protocolViolation, "server sent an invalid message"))
             return
         }
+        if run.write(to: channel) { flushed = false }
         if buffer.readableBytes > 0 { serverInbound = buffer }
         if prepared != nil {
             let accepted = prepared!.takeAccepted()
             if !accepted.isEmpty { pooler.statementsAccepted(accepted) }
         }
-        channel.flush()
+        if !flushed { channel.flush() }
     }
 
     func unlink(_ server: ServerConnection, reusable: Bool) {
@@ -1107,5 +1134,31 @@ extension String {
             if c == "'" { s.append("''") } else { s.append(c) }
         }
         return s
+    }
+}
+
+/// A run of a server's bytes that the client gets unchanged, written as one slice.
+struct ServerBytesRun {
+    /// The bytes as read, before any chunk was taken from them.
+    let source: ByteBuffer
+    var start = 0
+    var length = 0
+
+    init(of source: ByteBuffer) { self.source = source }
+
+    /// Adds the chunk at `chunkStart`; a chunk that does not follow the run ends it first.
+    mutating func add(_ chunkStart: Int, _ chunkLength: Int, to channel: Channel) {
+        if length > 0, start + length != chunkStart { write(to: channel) }
+        if length == 0 { start = chunkStart }
+        length += chunkLength
+    }
+
+    /// Writes the run (without flushing). True if there was one.
+    @discardableResult
+    mutating func write(to channel: Channel) -> Bool {
+        guard length > 0 else { return false }
+        channel.write(source.getSlice(at: start, length: length)!, promise: nil)
+        length = 0
+        return true
     }
 }

@@ -330,12 +330,17 @@ public final class Pooler: @unchecked Sendable {
     }
 
     /// Makes sure the pool exists, then asks it for a server for `client`.
-    func requestServer(for client: ClientConnection, id: ClientID, pool key: PoolKey, database: DatabaseEntry) {
+    /// The client's database entry is read only when the pool has to be made: copying it costs
+    /// a retain per field, on every transaction.
+    func requestServer(for client: ClientConnection) {
         let now = NIODeadline.now()
         let loop = client.loopIndex
+        let id = client.id!
+        let key = client.poolKey!
         withPool { pools in
             if pools.hasPool(key) { return pools.clientWantsServer(id, pool: key, loop: loop, now: now) }
-            var actions = pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+            let settings = poolSettings(database: client.database!, user: key.user)
+            var actions = pools.configure(key, settings: settings, now: now)
             actions += pools.clientWantsServer(id, pool: key, loop: loop, now: now)
             return actions
         }

@@ -24,8 +24,9 @@ public struct PoolStateMachine: Sendable {
 
     struct Server: Sendable {
         var id: ServerID
-        var pool: PoolKey
-        /// Where `pool` is in the pool table.
+        /// Where its pool is in the pool table (`key(of:)` gives the pool's key). No key here:
+        /// a server is copied out of `servers` on every event, and a key's strings cost
+        /// reference counting on each copy.
         var slot: Int
         var loop: Int
         var state: ServerState
@@ -78,13 +79,14 @@ public struct PoolStateMachine: Sendable {
             return storage.count - 1
         }
 
+        // `_read`, not `get`: reading one field must not copy the whole pool.
         subscript(key: PoolKey) -> Pool {
-            get { storage[slots[key]!] }
+            _read { yield storage[slots[key]!] }
             _modify { yield &storage[slots[key]!] }
         }
 
         subscript(slot slot: Int) -> Pool {
-            get { storage[slot] }
+            _read { yield storage[slot] }
             _modify { yield &storage[slot] }
         }
 
@@ -95,7 +97,8 @@ public struct PoolStateMachine: Sendable {
 
     var pools = PoolTable()
     var servers: [ServerID: Server] = [:]
-    var waitingClients: [ClientID: PoolKey] = [:]
+    /// Each waiting client's pool slot.
+    var waitingClients: [ClientID: Int] = [:]
     var databaseTotals: [String: Int] = [:]
     /// Databases a server has logged in to since start: when one becomes unreachable, clients
     /// wait for it to come back (a restart) instead of failing at once.
@@ -104,6 +107,9 @@ public struct PoolStateMachine: Sendable {
     var nextServerID: UInt64 = 1
 
     public init() {}
+
+    /// The key of the pool a server belongs to.
+    func key(of server: Server) -> PoolKey { pools[slot: server.slot].key }
 
     // MARK: Configuration
 
@@ -146,41 +152,42 @@ public struct PoolStateMachine: Sendable {
             lendIdle(server, to: client, now: now, into: &actions)
             return actions
         }
-        let pool = pools[slot: slot]
         // Fast failure: while connecting keeps failing and no server is left, do not queue, unless
         // the database served before and is only restarting.
-        if pool.total == 0, let failure = pool.lastConnectFailure, !ridesOut(key, failure.error),
+        if pools[slot: slot].total == 0, let failure = pools[slot: slot].lastConnectFailure,
+            !ridesOut(key, failure.error),
             now < failure.at + retryDelay(key)
         {
             pools[key].probeWanted = true
             actions.append(.failClient(client, .connectFailed(failure.error)))
             return actions
         }
-        pools[key].waiters.append(Waiter(client: client, loop: loop, since: now))
-        pools[key].waitingCount += 1
-        waitingClients[client] = key
+        pools[slot: slot].waiters.append(Waiter(client: client, loop: loop, since: now))
+        pools[slot: slot].waitingCount += 1
+        waitingClients[client] = slot
         grow(key, now: now, into: &actions)
         return actions
     }
 
     /// A waiting client disconnected or cancelled; it leaves the queue without taking a server.
     public mutating func clientGaveUp(_ client: ClientID) {
-        guard let key = waitingClients.removeValue(forKey: client) else { return }
-        pools[key].waitingCount -= 1
-        pools[key].waiters.removeAll { $0.client == client }
+        guard let slot = waitingClients.removeValue(forKey: client) else { return }
+        pools[slot: slot].waitingCount -= 1
+        pools[slot: slot].waiters.removeAll { $0.client == client }
     }
 
     /// A new server connection logged in and is ready.
     public mutating func serverConnected(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], server.state == .connecting else { return [] }
-        pools[server.pool].connecting -= 1
-        pools[server.pool].lastConnectFailure = nil
-        pools[server.pool].probeWanted = false
-        databasesServed.insert(server.pool.database)
+        let key = key(of: server)
+        pools[slot: server.slot].connecting -= 1
+        pools[slot: server.slot].lastConnectFailure = nil
+        pools[slot: server.slot].probeWanted = false
+        databasesServed.insert(key.database)
         var actions: [PoolAction] = []
         makeAvailable(id, now: now, into: &actions)
         // After an outage only one connection was being tried: open the rest for the queue.
-        grow(server.pool, now: now, into: &actions)
+        grow(key, now: now, into: &actions)
         return actions
     }
 
@@ -189,7 +196,7 @@ public struct PoolStateMachine: Sendable {
         _ id: ServerID, error: PostgresError, now: NIODeadline
     ) -> [PoolAction] {
         guard let server = servers[id], server.state == .connecting else { return [] }
-        let key = server.pool
+        let key = key(of: server)
         remove(id)
         pools[key].lastConnectFailure = (now, error)
         var actions: [PoolAction] = []
@@ -207,10 +214,11 @@ public struct PoolStateMachine: Sendable {
         guard let server = servers[id], case .lent = server.state else { return [] }
         var actions: [PoolAction] = []
         if !reusable || server.closeNeeded || now >= server.retireAt || isOverSize(slot: server.slot) {
+            let key = key(of: server)
             remove(id)
             actions.append(.close(id))
-            if reusable && now >= server.retireAt { actions.append(.note(server.pool, .recycledForAge)) }
-            grow(server.pool, now: now, into: &actions)
+            if reusable && now >= server.retireAt { actions.append(.note(key, .recycledForAge)) }
+            grow(key, now: now, into: &actions)
         } else {
             pools[slot: server.slot].lent -= 1
             makeAvailable(id, now: now, into: &actions)
@@ -224,7 +232,7 @@ public struct PoolStateMachine: Sendable {
         if case .checking = server.state { return serverCheckFailed(id, now: now) }
         remove(id)
         var actions: [PoolAction] = []
-        grow(server.pool, now: now, into: &actions)
+        grow(key(of: server), now: now, into: &actions)
         return actions
     }
 
@@ -240,7 +248,7 @@ public struct PoolStateMachine: Sendable {
     /// is checked before use too (the database probably restarted), and the client is served next.
     public mutating func serverCheckFailed(_ id: ServerID, now: NIODeadline) -> [PoolAction] {
         guard let server = servers[id], case .checking(let client) = server.state else { return [] }
-        let key = server.pool
+        let key = key(of: server)
         remove(id)
         var actions: [PoolAction] = [.close(id), .note(key, .checkFailed)]
         for other in pools[key].idle where servers[other]!.createdAt <= server.createdAt {
@@ -255,7 +263,7 @@ public struct PoolStateMachine: Sendable {
         } else {
             pools[key].waiters.prepend(Waiter(client: client, loop: server.loop, since: now))
             pools[key].waitingCount += 1
-            waitingClients[client] = key
+            waitingClients[client] = server.slot
             grow(key, now: now, into: &actions)
         }
         return actions
@@ -287,7 +295,7 @@ public struct PoolStateMachine: Sendable {
     /// the others when they come back.
     public mutating func reconnect(database: String?, now: NIODeadline) -> [PoolAction] {
         var actions: [PoolAction] = []
-        for (id, server) in servers where database == nil || server.pool.database == database {
+        for (id, server) in servers where database == nil || key(of: server).database == database {
             if case .idle = server.state {
                 remove(id)
                 actions.append(.close(id))
@@ -304,7 +312,7 @@ public struct PoolStateMachine: Sendable {
     /// Servers of `database` (all when nil) still open that RECONNECT asked to close: WAIT_CLOSE
     /// returns at zero.
     public func closeNeededCount(database: String?) -> Int {
-        servers.values.filter { $0.closeNeeded && (database == nil || $0.pool.database == database) }.count
+        servers.values.filter { $0.closeNeeded && (database == nil || key(of: $0).database == database) }.count
     }
 
     /// Whether a server is to be closed once it comes back (SHOW SERVERS close_needed).
@@ -339,14 +347,15 @@ public struct PoolStateMachine: Sendable {
 
     public func snapshot(now: NIODeadline) -> [PoolSnapshot] {
         pools.map { key, pool in
-            let oldest = pool.waiters.first { waitingClients[$0.client] == key }
+            let slot = pools.slot(of: key)!
+            let oldest = pool.waiters.first { waitingClients[$0.client] == slot }
             var snapshot = PoolSnapshot(
                 key: key, waiting: pool.waitingCount, lent: pool.lent, idle: pool.idle.count,
                 connecting: pool.connecting, maxWait: oldest.map { now - $0.since } ?? .zero,
                 settings: pool.settings)
             snapshot.checking =
                 servers.values.filter {
-                    if case .checking = $0.state { return $0.pool == key }
+                    if case .checking = $0.state { return $0.slot == slot }
                     return false
                 }.count
             return snapshot
@@ -421,11 +430,10 @@ public struct PoolStateMachine: Sendable {
     /// Gives a free server to the first waiter, or parks it as idle.
     mutating func makeAvailable(_ id: ServerID, now: NIODeadline, into actions: inout [PoolAction]) {
         let slot = servers[id]!.slot
-        let key = pools[slot: slot].key
         while !pools[slot: slot].paused, pools[slot: slot].waitingCount > 0,
             let waiter = pools[slot: slot].waiters.popFirst()
         {
-            guard waitingClients[waiter.client] == key else { continue }
+            guard waitingClients[waiter.client] == slot else { continue }
             waitingClients[waiter.client] = nil
             pools[slot: slot].waitingCount -= 1
             pools[slot: slot].lent += 1
@@ -438,34 +446,37 @@ public struct PoolStateMachine: Sendable {
     }
 
     func isOverSize(slot: Int) -> Bool {
-        let pool = pools[slot: slot]
-        return pool.waitingCount == 0 && pool.total > pool.settings.poolSize
+        pools[slot: slot].waitingCount == 0 && pools[slot: slot].total > pools[slot: slot].settings.poolSize
     }
 
     /// Opens servers while clients wait for more than are being opened, within the limits.
     mutating func grow(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
-        guard pools.contains(key) else { return }
-        let pool = pools[key]
-        guard !pool.paused else { return }
-        var wanted = max(pool.waitingCount - pool.connecting, pool.settings.minPoolSize - pool.total)
-        if let failure = pool.lastConnectFailure {
+        // No copy of the pool here: this runs on every request that has to wait.
+        guard let slot = pools.slot(of: key), !pools[slot: slot].paused else { return }
+        var wanted = max(
+            pools[slot: slot].waitingCount - pools[slot: slot].connecting,
+            pools[slot: slot].settings.minPoolSize - pools[slot: slot].total)
+        guard wanted > 0 else { return }
+        if let failure = pools[slot: slot].lastConnectFailure {
             // Back off after a failed connection, then try one at a time until one succeeds.
-            guard now >= failure.at + retryDelay(key), pool.connecting == 0 else { return }
+            guard now >= failure.at + retryDelay(key), pools[slot: slot].connecting == 0 else { return }
             wanted = min(wanted, 1)
         }
         while wanted > 0 {
-            let current = pools[key]
-            var limit = current.settings.poolSize
+            let total = pools[slot: slot].total
+            let settings = pools[slot: slot].settings
+            guard total < settings.poolSize + settings.reservePoolSize else { return }
+            var limit = settings.poolSize
             var waited = TimeAmount.zero
-            if let head = current.waiters.first(where: { waitingClients[$0.client] == key }) {
+            if let head = pools[slot: slot].waiters.first(where: { waitingClients[$0.client] == slot }) {
                 waited = now - head.since
-                if waited >= current.settings.reservePoolTimeout { limit += current.settings.reservePoolSize }
+                if waited >= settings.reservePoolTimeout { limit += settings.reservePoolSize }
             }
-            guard current.total < limit else { return }
+            guard total < limit else { return }
             guard makeRoom(for: key, into: &actions) else { return }
-            let loop = current.waiters.last(where: { waitingClients[$0.client] == key })?.loop ?? 0
+            let loop = pools[slot: slot].waiters.last(where: { waitingClients[$0.client] == slot })?.loop ?? 0
             open(key, loop: loop, now: now, into: &actions)
-            if current.total >= current.settings.poolSize { actions.append(.note(key, .reserveOpened(waited: waited))) }
+            if total >= settings.poolSize { actions.append(.note(key, .reserveOpened(waited: waited))) }
             wanted -= 1
         }
     }
@@ -509,7 +520,7 @@ public struct PoolStateMachine: Sendable {
             retireAt = now + lifetime - .nanoseconds(jitter)
         }
         servers[id] = Server(
-            id: id, pool: key, slot: pools.slot(of: key)!, loop: loop, state: .connecting, retireAt: retireAt,
+            id: id, slot: pools.slot(of: key)!, loop: loop, state: .connecting, retireAt: retireAt,
             createdAt: now)
         pools[key].connecting += 1
         databaseTotals[key.database, default: 0] += 1
@@ -521,17 +532,19 @@ public struct PoolStateMachine: Sendable {
     mutating func remove(_ id: ServerID) {
         guard let server = servers.removeValue(forKey: id) else { return }
         switch server.state {
-        case .connecting: pools[server.pool].connecting -= 1
-        case .lent, .checking: pools[server.pool].lent -= 1
-        case .idle: pools[server.pool].idle.removeAll { $0 == id }
+        case .connecting: pools[slot: server.slot].connecting -= 1
+        case .lent, .checking: pools[slot: server.slot].lent -= 1
+        case .idle: pools[slot: server.slot].idle.removeAll { $0 == id }
         }
-        databaseTotals[server.pool.database, default: 1] -= 1
-        userTotals[server.pool.user, default: 1] -= 1
+        let key = key(of: server)
+        databaseTotals[key.database, default: 1] -= 1
+        userTotals[key.user, default: 1] -= 1
     }
 
     mutating func failAllWaiters(_ key: PoolKey, error: PoolError, into actions: inout [PoolAction]) {
+        let slot = pools.slot(of: key)!
         while let waiter = pools[key].waiters.popFirst() {
-            guard waitingClients[waiter.client] == key else { continue }
+            guard waitingClients[waiter.client] == slot else { continue }
             waitingClients[waiter.client] = nil
             pools[key].waitingCount -= 1
             actions.append(.failClient(waiter.client, error))
@@ -541,8 +554,9 @@ public struct PoolStateMachine: Sendable {
     mutating func expireWaiters(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
         let timeout = pools[key].settings.queryWaitTimeout
         guard timeout > .zero else { return }
+        let slot = pools.slot(of: key)!
         while let waiter = pools[key].waiters.first {
-            guard waitingClients[waiter.client] == key else {
+            guard waitingClients[waiter.client] == slot else {
                 pools[key].waiters.removeFirst()
                 continue
             }

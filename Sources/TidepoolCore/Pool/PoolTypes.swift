@@ -5,6 +5,9 @@ public struct ClientID: Hashable, Sendable, CustomStringConvertible {
     public var raw: UInt64
     public init(_ raw: UInt64) { self.raw = raw }
     public var description: String { "C-\(raw)" }
+    /// Hashed as the integer it is: dictionaries keyed by IDs are read several times per
+    /// transaction, and the generic path (a Hasher made, fed and finalised) showed in profiles.
+    public func _rawHashValue(seed: Int) -> Int { raw._rawHashValue(seed: seed) }
 }
 
 /// Identifies a server connection from the pooler to PostgreSQL.
@@ -12,6 +15,9 @@ public struct ServerID: Hashable, Sendable, CustomStringConvertible {
     public var raw: UInt64
     public init(_ raw: UInt64) { self.raw = raw }
     public var description: String { "S-\(raw)" }
+    /// Hashed as the integer it is: dictionaries keyed by IDs are read several times per
+    /// transaction, and the generic path (a Hasher made, fed and finalised) showed in profiles.
+    public func _rawHashValue(seed: Int) -> Int { raw._rawHashValue(seed: seed) }
 }
 
 /// A pool serves one (database, user) pair.
@@ -36,6 +42,7 @@ public struct PoolKey: Hashable, Sendable, CustomStringConvertible {
     }
 
     public func hash(into hasher: inout Hasher) { hasher.combine(hash) }
+    public func _rawHashValue(seed: Int) -> Int { hash._rawHashValue(seed: seed) }
 
     public var description: String { "\(database)/\(user)" }
 }

@@ -121,6 +121,7 @@ public struct PreparedStatementTracker: Sendable {
 
     /// No answer is outstanding and nothing is due.
     public var isQuiet: Bool { queue.isEmpty && dueReplies.isEmpty }
+    public var hasDueReplies: Bool { !dueReplies.isEmpty }
 
     // MARK: Client messages
 
@@ -273,6 +274,10 @@ public struct PreparedStatementTracker: Sendable {
         _ buffer: ByteBuffer, isKnown: (String) -> Bool
     ) -> (consumed: Int, reply: ByteBuffer)? {
         var cursor = buffer.readerIndex
+        // Most transactions start with something else: answer those without allocating.
+        guard let first = buffer.getInteger(at: cursor, as: UInt8.self),
+            first == MessageType.parse || first == MessageType.close
+        else { return nil }
         var view = statements
         var parses = 0
         var reply = ByteBufferAllocator().buffer(capacity: 32)
@@ -429,6 +434,13 @@ public struct PreparedStatementTracker: Sendable {
             return true  // may come at any time
         case MessageType.readyForQuery:
             lastStatus = status
+            if specials == 0 {
+                // Only plain entries: nothing to undo or release, drop up to the one this ends.
+                while case .pass(let t) = queue.popFirst() {
+                    if t == MessageType.query || t == MessageType.sync || t == MessageType.functionCall { break }
+                }
+                return true
+            }
             // Ends the Sync, Query or FunctionCall at the front; anything before it was skipped.
             var forward = true
             while let entry = queue.first {
