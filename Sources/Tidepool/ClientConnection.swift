@@ -17,7 +17,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case startup
         /// Waiting for auth_query to find the user's secret.
         case lookingUpSecret
-        case authenticating(ClientAuthStateMachine)
+        /// Boxed: the other cases are a word at most, and the state is copied on every message.
+        indirect case authenticating(ClientAuthStateMachine)
         /// Logged in as far as the client knows, but waiting for a server to learn its parameters.
         case awaitingWelcome
         case idle

@@ -443,76 +443,84 @@ public final class Pooler: @unchecked Sendable {
 
     /// `withPool` for events that also update the registries kept beside the pools.
     func withShared(_ event: (inout Shared) -> [PoolAction]) {
+        // Most events decide one action: it is carried out without an array of its own.
+        var single: Resolved?
         let resolved = shared.withLockedValue { s -> [Resolved] in
             let actions = event(&s)
             if actions.isEmpty || s.shuttingDown { return [] }
-            return actions.map { action in
-                switch action {
-                case .lend(let serverID, let clientID):
-                    let server = s.servers[serverID]
-                    server?.leasesIssued += 1  // under the lock: lends of a server are numbered in order
-                    return Resolved(
-                        action: action, client: s.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
-                case .failClient(let clientID, _):
-                    return Resolved(action: action, client: s.clients[clientID], server: nil)
-                case .check(let serverID, _):
-                    return Resolved(action: action, client: nil, server: s.servers[serverID])
-                case .close(let serverID):
-                    return Resolved(action: action, client: nil, server: s.servers.removeValue(forKey: serverID))
-                case .connect, .note:
-                    return Resolved(action: action, client: nil, server: nil)
-                }
+            if actions.count == 1 {
+                single = Self.resolve(actions[0], in: &s)
+                return []
             }
+            return actions.map { Self.resolve($0, in: &s) }
         }
-        if !resolved.isEmpty { carryOut(resolved) }
+        if let single { carryOut(single) }
+        for item in resolved { carryOut(item) }
     }
 
-    func carryOut(_ resolved: [Resolved]) {
-        for item in resolved {
-            switch item.action {
-            case .lend:
-                let client = item.client
-                guard let server = item.server else { continue }
-                guard let client else {
-                    release(server, reusable: true)
-                    continue
-                }
-                let lease = item.lease
-                if client.channel.eventLoop.inEventLoop {
-                    client.lent(server, lease: lease)
-                } else {
-                    client.channel.eventLoop.execute { client.lent(server, lease: lease) }
-                }
-            case .connect(let serverID, let key, let loop):
-                connect(serverID, pool: key, loop: loop)
-            case .close:
-                item.server?.terminate()
-            case .failClient(_, let error):
-                let client = item.client
-                client?.onLoop { client?.waitFailed(error) }
-            case .check(let serverID, _):
-                if let server = item.server {
-                    server.check(config.global.serverCheckQuery)
-                } else {
-                    let now = NIODeadline.now()
-                    withPool { $0.serverCheckFailed(serverID, now: now) }
-                }
-            case .note(let key, let event):
-                metrics.note(event, pool: key)
-                switch event {
-                case .reserveOpened(let waited):
-                    logger.info("pool \(key): opening a reserve server, a client waited \(waited.secondsText) s")
-                case .checkFailed:
-                    logger.warning("pool \(key): server failed server_check_query; checking older idle servers")
-                case .recycledForAge:
-                    logger.debug("pool \(key): closed a server that reached server_lifetime")
-                case .closedIdle:
-                    logger.debug("pool \(key): closed a server idle for server_idle_timeout")
-                case .waitTimedOut:
-                    logger.debug("pool \(key): a client reached query_wait_timeout")
-                case .probe:
-                    logger.info("pool \(key): trying to connect again")
-                }
+    /// Looks up the connections an action names; called under the lock.
+    static func resolve(_ action: PoolAction, in s: inout Shared) -> Resolved {
+        switch action {
+        case .lend(let serverID, let clientID):
+            let server = s.servers[serverID]
+            server?.leasesIssued += 1  // under the lock: lends of a server are numbered in order
+            return Resolved(
+                action: action, client: s.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
+        case .failClient(let clientID, _):
+            return Resolved(action: action, client: s.clients[clientID], server: nil)
+        case .check(let serverID, _):
+            return Resolved(action: action, client: nil, server: s.servers[serverID])
+        case .close(let serverID):
+            return Resolved(action: action, client: nil, server: s.servers.removeValue(forKey: serverID))
+        case .connect, .note:
+            return Resolved(action: action, client: nil, server: nil)
+        }
+    }
+
+    func carryOut(_ item: Resolved) {
+        switch item.action {
+        case .lend:
+            let client = item.client
+            guard let server = item.server else { return }
+            guard let client else {
+                release(server, reusable: true)
+                return
+            }
+            let lease = item.lease
+            if client.channel.eventLoop.inEventLoop {
+                client.lent(server, lease: lease)
+            } else {
+                client.channel.eventLoop.execute { client.lent(server, lease: lease) }
+            }
+        case .connect(let serverID, let key, let loop):
+            connect(serverID, pool: key, loop: loop)
+        case .close:
+            item.server?.terminate()
+        case .failClient(_, let error):
+            let client = item.client
+            client?.onLoop { client?.waitFailed(error) }
+        case .check(let serverID, _):
+            if let server = item.server {
+                server.check(config.global.serverCheckQuery)
+            } else {
+                let now = NIODeadline.now()
+                withPool { $0.serverCheckFailed(serverID, now: now) }
+            }
+        case .note(let key, let event):
+            metrics.note(event, pool: key)
+            switch event {
+            case .reserveOpened(let waited):
+                logger.info("pool \(key): opening a reserve server, a client waited \(waited.secondsText) s")
+            case .checkFailed:
+                logger.warning("pool \(key): server failed server_check_query; checking older idle servers")
+            case .recycledForAge:
+                logger.debug("pool \(key): closed a server that reached server_lifetime")
+            case .closedIdle:
+                logger.debug("pool \(key): closed a server idle for server_idle_timeout")
+            case .waitTimedOut:
+                logger.debug("pool \(key): a client reached query_wait_timeout")
+            case .probe:
+                logger.info("pool \(key): trying to connect again")
             }
         }
     }
