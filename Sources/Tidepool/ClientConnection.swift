@@ -725,7 +725,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         pooler.joinPool(poolKey!)
         joinedPool = true
         if let welcome = pooler.welcomeParameters(for: poolKey!) {
-            sendWelcome(welcome)
+            sendWelcome(welcome, fromPool: true)
         } else {
             // No server of this pool has logged in yet: borrow one to learn its parameters.
             state = .awaitingWelcome
@@ -733,19 +733,32 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    func sendWelcome(_ serverParameters: [String: String]) {
+    /// AuthenticationOk, the server's parameters with the client's own values, BackendKeyData and
+    /// ReadyForQuery. `fromPool`: the parameters are the pool's (not a just-borrowed server's), so
+    /// their encoding can be shared with the pool's other clients.
+    func sendWelcome(_ serverParameters: [String: String], fromPool: Bool) {
         loginTimeout?.cancel()
         var out = channel.allocator.buffer(capacity: 512)
         Wire.authenticationOk(into: &out)
-        var parameters = serverParameters
-        for (name, value) in wanted { parameters[name] = value }
-        for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {
-            Wire.parameterStatus(name, value, into: &out)
+        let make = { [wanted] () -> Pooler.Welcome in
+            var messages = ByteBufferAllocator().buffer(capacity: 512)
+            var parameters = serverParameters
+            for (name, value) in wanted { parameters[name] = value }
+            for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {
+                Wire.parameterStatus(name, value, into: &messages)
+            }
+            // Make the client's view explicit so a server with other values is brought in line.
+            var complete = wanted
+            for name in StartupParameters.tracked where complete[name] == nil {
+                if let value = serverParameters[name] { complete[name] = value }
+            }
+            var tracked = TrackedParameters(wrappedValue: complete)
+            _ = tracked.projectedValue  // worked out once for every client that shares this welcome
+            return Pooler.Welcome(messages: messages, wanted: tracked)
         }
-        // Make the client's view explicit so a server with other values is brought in line.
-        for name in StartupParameters.tracked where wanted[name] == nil {
-            if let value = serverParameters[name] { wanted[name] = value }
-        }
+        var welcome = fromPool ? pooler.welcome(for: poolKey!, values: $wanted, make: make) : make()
+        out.writeBuffer(&welcome.messages)
+        _wanted = welcome.wanted
         let key = pooler.issueCancelKey(for: self)
         cancelKey = key
         Wire.backendKeyData(processID: key.0, secretKey: key.1, into: &out)
@@ -767,7 +780,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case .awaitingWelcome:
             // The server was only needed for its parameters.
             pooler.release(server, reusable: true)
-            sendWelcome(server.parameters)
+            sendWelcome(server.parameters, fromPool: false)
             if let stash = inbound, stash.readableBytes > 0 {
                 inbound = nil
                 var b = stash

@@ -87,6 +87,10 @@ public final class Pooler: @unchecked Sendable {
         var cancelKeys: [CancelKey: ClientConnection] = [:]
         /// ParameterStatus values a server of each pool reported at login.
         var welcome: [PoolKey: [String: String]] = [:]
+        /// What a client of a pool gets at login, by the tracked values it asked for
+        /// (`StartupParameters.tracked` order): working it out per login was a fifth of what a
+        /// connection cost.
+        var welcomes: [PoolKey: [[String?]: Welcome]] = [:]
         var nextClientID: UInt64 = 1
         var clientCount = 0
         /// Once set, pool decisions are no longer carried out.
@@ -129,8 +133,7 @@ public final class Pooler: @unchecked Sendable {
             if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
         }
         for address in addresses {
-            let channel = try makeServerBootstrap().bind(host: address, port: g.listenPort).wait()
-            listeners.append(channel)
+            try listenTCP(host: address, port: g.listenPort, shared: g.soReuseport)
             logger.info("listening on \(address):\(g.listenPort)")
         }
         if !g.unixSocketDir.isEmpty {
@@ -193,8 +196,34 @@ public final class Pooler: @unchecked Sendable {
         try? group.syncShutdownGracefully()
     }
 
-    func makeServerBootstrap() -> ServerBootstrap {
-        ServerBootstrap(group: group)
+    /// One listening socket per event loop (SO_REUSEPORT), each accepting onto its own loop: a
+    /// new client then never waits for a hand-over from the accepting thread to its own. Unless
+    /// `shared` (so_reuseport), a plain bind first makes sure no other process holds the port, so
+    /// a second pooler on the same port fails as it would with one socket.
+    func listenTCP(host: String, port: Int, shared: Bool) throws {
+        if loops.count == 1 {
+            listeners.append(try makeServerBootstrap().bind(host: host, port: port).wait())
+            return
+        }
+        if !shared {
+            try makeServerBootstrap(on: loops[0], reusePort: false).bind(host: host, port: port).wait().close().wait()
+        }
+        var bound = port
+        for loop in loops {
+            let channel = try makeServerBootstrap(on: loop, reusePort: true).bind(host: host, port: bound).wait()
+            bound = channel.localAddress?.port ?? bound  // port 0: the others join the first one's
+            listeners.append(channel)
+        }
+    }
+
+    func makeServerBootstrap(on loop: EventLoop? = nil, reusePort: Bool = false) -> ServerBootstrap {
+        let bootstrap = loop.map { ServerBootstrap(group: $0) } ?? ServerBootstrap(group: group)
+        return
+            bootstrap
+            .serverChannelOption(
+                ChannelOptions.Types.SocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_REUSEPORT)),
+                value: reusePort ? 1 : 0
+            )
             .serverChannelOption(.backlog, value: Int32(config.global.listenBacklog))
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
@@ -250,10 +279,12 @@ public final class Pooler: @unchecked Sendable {
         var g = SystemRandomNumberGenerator()
         return shared.withLockedValue { s in
             while true {
+                // One draw (a getrandom system call) gives both halves; process IDs are positive.
+                let bits = g.next()
                 let key = CancelKey(
-                    processID: Int32.random(in: 1...Int32.max, using: &g),
-                    secretKey: Int32.random(in: Int32.min...Int32.max, using: &g))
-                if s.cancelKeys[key] == nil {
+                    processID: Int32(truncatingIfNeeded: bits & 0x7FFF_FFFF),
+                    secretKey: Int32(truncatingIfNeeded: bits >> 32))
+                if key.processID != 0, s.cancelKeys[key] == nil {
                     s.cancelKeys[key] = client
                     return (key.processID, key.secretKey)
                 }
@@ -353,6 +384,24 @@ public final class Pooler: @unchecked Sendable {
 
     func welcomeParameters(for key: PoolKey) -> [String: String]? {
         shared.withLockedValue { $0.welcome[key] }
+    }
+
+    /// A client's welcome: the ParameterStatus messages, and the tracked parameters it then has
+    /// (its own values, the server's for the rest).
+    struct Welcome: Sendable {
+        var messages: ByteBuffer
+        var wanted: TrackedParameters
+    }
+
+    /// The pool's welcome for a client wanting `values`, made by `make` the first time. At most 64
+    /// sets of values are kept per pool (application_name can differ per client).
+    func welcome(for key: PoolKey, values: [String?], make: () -> Welcome) -> Welcome {
+        if let welcome = shared.withLockedValue({ $0.welcomes[key]?[values] }) { return welcome }
+        let welcome = make()
+        shared.withLockedValue { s in
+            if s.welcomes[key, default: [:]].count < 64 { s.welcomes[key, default: [:]][values] = welcome }
+        }
+        return welcome
     }
 
     func serverLoggedIn(_ server: ServerConnection) {

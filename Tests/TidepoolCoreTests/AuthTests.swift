@@ -115,6 +115,24 @@ import Testing
         }
     }
 
+    @Test func clientAuthMD5MakesARandomSaltPerLogin() {
+        // AuthenticationMD5Password: 'R', length 12, code 5, then the 4-byte salt.
+        func challengeSalt() -> [UInt8]? {
+            var auth = ClientAuthStateMachine(authType: .md5, user: "alice", secret: .plain("secret"))
+            guard case .send(var out) = auth.start(), out.readableBytes == 13 else { return nil }
+            out.moveReaderIndex(forwardBy: 9)
+            return out.readBytes(length: 4)
+        }
+        let salts = (0..<8).compactMap { _ in challengeSalt() }
+        #expect(salts.count == 8)
+        #expect(Set(salts.map { $0.description }).count > 1)
+        var trust = ClientAuthStateMachine(authType: .trust, user: "alice", secret: nil)
+        guard case .authenticated = trust.start() else {
+            Issue.record("trust needs no challenge")
+            return
+        }
+    }
+
     @Test func clientAuthUnknownUserFailsLikeAWrongPassword() {
         var auth = ClientAuthStateMachine(authType: .md5, user: "nobody", secret: nil)
         guard case .send = auth.start(salt: [1, 2, 3, 4]) else { Issue.record("expected a challenge"); return }

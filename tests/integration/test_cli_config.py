@@ -1,11 +1,12 @@
 """Command line and configuration handling of the tidepool binary."""
 
+import os
 import subprocess
 import time
 
 import psycopg
 
-from conftest import BINARY
+from conftest import BINARY, Tidepool
 
 
 def run(*args, timeout=20):
@@ -118,3 +119,58 @@ def test_sighup_reloads_without_stopping(tidepool):
     with t.connect() as c:
         assert c.execute("SELECT 1").fetchone()[0] == 1
     assert "RELOAD: configuration applied" in t.log()
+
+
+def listening_sockets(port, pid):
+    """Inodes of the TCP sockets listening on `port` that process `pid` holds."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+                inodes.add(fields[9])
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return {i for i in inodes if f"socket:[{i}]" in held}
+
+
+def second_pooler(tmp_path, port, pg, settings=""):
+    ini = tmp_path / "second.ini"
+    ini.write_text(f"[databases]\n* = host=127.0.0.1 port={pg.port}\n[pooler]\nlisten_addr = 127.0.0.1\n"
+                   f"listen_port = {port}\nunix_socket_dir =\nauth_type = trust\nthreads = 2\n{settings}")
+    return subprocess.Popen([BINARY, str(ini)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_one_listener_per_thread_and_the_port_stays_ours_unless_so_reuseport(pg, tmp_path):
+    first = Tidepool(pg, "threads = 2\n")
+    try:
+        # One listening socket per event-loop thread, so a new client is accepted on its own thread.
+        assert len(listening_sockets(first.port, first.proc.pid)) == 2
+        conns = [first.connect() for _ in range(8)]
+        assert [c.execute("SELECT 1").fetchone()[0] for c in conns] == [1] * 8
+        for c in conns:
+            c.close()
+        # A second pooler on the same port fails, as it would against a single socket.
+        second = second_pooler(tmp_path, first.port, pg)
+        assert second.wait(timeout=20) != 0
+        assert "in use" in second.stdout.read().lower()
+    finally:
+        first.stop()
+    # With so_reuseport = 1 on both, both listen on the port (PgBouncer's meaning of the key).
+    first = Tidepool(pg, "threads = 2\nso_reuseport = 1\n")
+    second = second_pooler(tmp_path, first.port, pg, "so_reuseport = 1\n")
+    try:
+        deadline = time.time() + 20
+        while len(listening_sockets(first.port, second.pid)) < 2 and time.time() < deadline:
+            assert second.poll() is None, second.stdout.read()
+            time.sleep(0.1)
+        assert len(listening_sockets(first.port, second.pid)) == 2
+        assert len(listening_sockets(first.port, first.proc.pid)) == 2
+    finally:
+        second.terminate()
+        second.wait(timeout=10)
+        first.stop()

@@ -74,8 +74,10 @@ public enum Scram {
     }
 
     static func randomNonce() -> String {
+        // 18 bytes from three 64-bit draws (each draw is a getrandom system call).
         var generator = SystemRandomNumberGenerator()
-        let bytes = (0..<18).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let words = (generator.next(), generator.next(), generator.next())
+        let bytes = withUnsafeBytes(of: words) { Array($0.prefix(18)) }
         return Data(bytes).base64EncodedString()
     }
 

@@ -96,6 +96,9 @@ public struct GlobalSettings: Equatable, Sendable {
     /// 0 passes prepared statements through untouched.
     public var maxPreparedStatements = 200
     public var listenBacklog = 128
+    /// so_reuseport: other processes may listen on the same TCP port too (the kernel spreads new
+    /// connections). Tidepool itself always listens with one socket per event-loop thread.
+    public var soReuseport = false
     public var ignoreStartupParameters: [String] = []
     public var applicationNameAddHost = false
     public var statsPeriod = TimeAmount.seconds(60)
@@ -399,6 +402,7 @@ public struct Config: Equatable, Sendable {
         case "max_packet_size": global.maxPacketSize = try v.int(9...2_147_483_647)
         case "max_prepared_statements": global.maxPreparedStatements = try v.int(0...100_000)
         case "listen_backlog": global.listenBacklog = try v.int(1...65535)
+        case "so_reuseport": global.soReuseport = try v.bool()
         case "ignore_startup_parameters": global.ignoreStartupParameters = v.list()
         case "application_name_add_host": global.applicationNameAddHost = try v.bool()
         case "stats_period": global.statsPeriod = try v.duration()
@@ -426,7 +430,7 @@ public struct Config: Equatable, Sendable {
         case "auth_hba_file": global.authHBAFile = entry.value.isEmpty ? nil : entry.value
         case "max_client_conn_per_ip": global.maxClientConnPerIP = try v.int(0...10_000_000)
         case "client_connect_rate_per_ip": global.clientConnectRatePerIP = try v.int(0...10_000_000)
-        case "user", "pkt_buf", "sbuf_loopcnt", "syslog", "syslog_ident", "syslog_facility", "so_reuseport",
+        case "user", "pkt_buf", "sbuf_loopcnt", "syslog", "syslog_ident", "syslog_facility",
             "tcp_defer_accept",
             "tcp_socket_buffer", "dns_max_ttl", "dns_nxdomain_ttl", "dns_zone_check_period", "resolv_conf",
             "suspend_timeout", "server_fast_close", "track_extra_parameters", "stats_users_prefix",

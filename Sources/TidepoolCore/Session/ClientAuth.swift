@@ -39,8 +39,10 @@ public struct ClientAuthStateMachine: Sendable {
         .fatal(SQLState.invalidPassword, "password authentication failed for user \"\(user)\"")
     }
 
-    public mutating func start(salt: [UInt8] = randomSalt(), nonce: String? = nil) -> Action {
+    /// `salt`: the md5 salt (random when nil, made only for the methods that use one).
+    public mutating func start(salt givenSalt: [UInt8]? = nil, nonce: String? = nil) -> Action {
         var out = ByteBufferAllocator().buffer(capacity: 32)
+        var salt: [UInt8] { givenSalt ?? Self.randomSalt() }
         switch authType {
         case .trust, .any:
             state = .done
@@ -58,6 +60,7 @@ public struct ClientAuthStateMachine: Sendable {
             if case .scram(let verifier) = secret {
                 return startSCRAM(verifier, nonce: nonce, into: &out)
             }
+            let salt = salt
             state = .awaitingMD5(salt: salt)
             Wire.authenticationMD5Password(salt: salt, into: &out)
         case .scramSHA256:
@@ -65,6 +68,7 @@ public struct ClientAuthStateMachine: Sendable {
             case .scram(let verifier):
                 return startSCRAM(verifier, nonce: nonce, into: &out)
             case .plain(let password):
+                let salt = salt
                 return startSCRAM(
                     ScramSecret(password: password, salt: Array(salt + salt + salt + salt)), nonce: nonce, into: &out)
             case .md5, nil:
@@ -84,9 +88,9 @@ public struct ClientAuthStateMachine: Sendable {
         return .send(out)
     }
 
+    /// Four random bytes, from one draw (each draw is a getrandom system call).
     public static func randomSalt() -> [UInt8] {
-        var g = SystemRandomNumberGenerator()
-        return (0..<4).map { _ in UInt8.random(in: 0...255, using: &g) }
+        withUnsafeBytes(of: UInt32.random(in: .min ... .max)) { Array($0) }
     }
 
     /// Takes the body of a password-type ('p') message.

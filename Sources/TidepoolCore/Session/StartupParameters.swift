@@ -27,9 +27,9 @@ public enum StartupParameters {
         "application_name", "search_path",
     ]
 
-    static func canonical(_ name: String) -> String? {
-        tracked.first { $0.lowercased() == name.lowercased() }
-    }
+    static let trackedByLowercase = Dictionary(uniqueKeysWithValues: tracked.map { ($0.lowercased(), $0) })
+
+    static func canonical(_ name: String) -> String? { trackedByLowercase[name.lowercased()] }
 
     /// The tracked parameters the client wants, from plain startup parameters and from `-c name=value`
     /// (or `--name=value`) in `options`. Anything else is refused unless listed in `ignored`
