@@ -738,6 +738,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// their encoding can be shared with the pool's other clients.
     func sendWelcome(_ serverParameters: [String: String], fromPool: Bool) {
         loginTimeout?.cancel()
+        loginTimeout = nil  // its promise would otherwise stay allocated for the whole session
         var out = channel.allocator.buffer(capacity: 512)
         Wire.authenticationOk(into: &out)
         let make = { [wanted] () -> Pooler.Welcome in
