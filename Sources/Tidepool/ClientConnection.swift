@@ -100,10 +100,14 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     var logger: Logger { pooler.logger }
+    /// The client's event loop, found without touching its channel (a cold object when a server
+    /// is handed over among thousands of clients).
+    var eventLoop: EventLoop { pooler.loops[loopIndex] }
     var peer: String { channel.remoteAddress.map { "\($0)" } ?? "unix" }
 
     func onLoop(_ body: @escaping @Sendable () -> Void) {
-        if channel.eventLoop.inEventLoop { body() } else { channel.eventLoop.execute(body) }
+        let loop = eventLoop
+        if loop.inEventLoop { body() } else { loop.execute(body) }
     }
 
     // MARK: Channel events

@@ -538,10 +538,11 @@ public final class Pooler: @unchecked Sendable {
                 return
             }
             let lease = item.lease
-            if client.channel.eventLoop.inEventLoop {
+            let loop = client.eventLoop
+            if loop.inEventLoop {
                 client.lent(server, lease: lease)
             } else {
-                client.channel.eventLoop.execute { client.lent(server, lease: lease) }
+                loop.execute { client.lent(server, lease: lease) }
             }
         case .connect(let serverID, let key, let loop):
             connect(serverID, pool: key, loop: loop)

@@ -153,10 +153,11 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         if case .ready = phase, let owner, inbound == nil {
             // The hot path: hand the bytes to the client as they are.
             let bytes = unwrapInboundIn(data)
-            if owner.channel.eventLoop.inEventLoop {
+            let loop = owner.eventLoop
+            if loop.inEventLoop {
                 owner.serverData(bytes, from: self)  // same loop: no task, no closure
             } else {
-                owner.channel.eventLoop.execute { owner.serverData(bytes, from: self) }
+                loop.execute { owner.serverData(bytes, from: self) }
             }
             return
         }

@@ -490,6 +490,11 @@ public struct PreparedStatementTracker: Sendable {
                 return true
             }
         default:
+            if specials == 0 {
+                // Only plain entries: the front one may end, nothing else to do.
+                if case .pass(let t) = queue.first, Self.ends(t, with: type) { queue.removeFirst() }
+                return true
+            }
             guard let entry = queue.first else { return true }
             var forward = true
             switch entry {
