@@ -69,25 +69,27 @@ public struct PreparedStatementTracker: Sendable {
         case restore(String, Statement)
     }
 
+    /// The cases with a payload are boxed (`indirect`): the common `.pass` then moves through the
+    /// queue as a couple of bytes instead of a wide enum copied with outlined retains.
     enum Entry: Sendable {
         /// A client message whose answer goes to the client as it comes.
         case pass(UInt8)
         /// A client Parse sent under the pooler-wide name; an error means neither has it.
-        case parse(client: String, server: String)
+        indirect case parse(client: String, server: String)
         /// The pooler's own Parse before a Bind or Describe; its ParseComplete is swallowed.
-        case injectedParse(server: String)
+        indirect case injectedParse(server: String)
         /// The pooler's own Close of an evicted statement; its CloseComplete is swallowed.
-        case injectedClose(server: String)
+        indirect case injectedClose(server: String)
         /// An answer made up by the pooler, given to the client when its turn comes.
         /// `ready`: a ReadyForQuery with the transaction status of the moment follows.
-        case reply(ByteBuffer, undo: Undo?, ready: Bool = false)
+        indirect case reply(ByteBuffer, undo: Undo?, ready: Bool = false)
         /// A simple Query running DISCARD ALL or DEALLOCATE ALL: once it succeeds, neither the client
         /// nor the server has any prepared statement.
         case clearingQuery(failed: Bool)
         /// A client's SQL PREPARE sent under the pooler-wide name; an error means neither has it.
-        case sqlPrepare(client: String, server: String, failed: Bool)
+        indirect case sqlPrepare(client: String, server: String, failed: Bool)
         /// The pooler's own simple Query (SQL PREPARE before an EXECUTE): all it answers is swallowed.
-        case injectedQuery(server: String, failed: Bool)
+        indirect case injectedQuery(server: String, failed: Bool)
         /// The pooler's own Sync after an injected Parse; its ReadyForQuery is swallowed.
         case injectedSync
 
