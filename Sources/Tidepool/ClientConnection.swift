@@ -29,7 +29,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case closed
     }
 
-    unowned let pooler: Pooler
+    /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
+    /// goes), and a checked unowned reference cost an atomic retain and release per use.
+    unowned(unsafe) let pooler: Pooler
     let channel: Channel
     let loopIndex: Int
     var state = State.startup
@@ -97,6 +99,22 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         self.channel = channel
         self.loopIndex = loopIndex
         self.scanner = MessageScanner(maxMessageLength: pooler.config.global.maxPacketSize)
+    }
+
+    /// This handler's place in the client's pipeline, while it is there.
+    var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    /// Writes toward the client from this handler's place in the pipeline (on the client's loop):
+    /// the per-transaction writes skip the pipeline's tail and its event-loop check.
+    func clientWrite(_ buffer: ByteBuffer) {
+        if let context { context.write(NIOAny(buffer), promise: nil) } else { channel.write(buffer, promise: nil) }
+    }
+
+    func clientFlush() {
+        if let context { context.flush() } else { channel.flush() }
     }
 
     var logger: Logger { pooler.logger }
@@ -391,7 +409,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 tracker.serverReady(status)
                 countReady(status)
             }
-            channel.write(reply, promise: nil)
+            clientWrite(reply)
         }
         return !replies.isEmpty
     }
@@ -962,19 +980,19 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 let chunkLength = buffer.readerIndex - chunkStart
                 switch chunk {
                 case .forward:
-                    if !swallowingUntilReady { run.add(chunkStart, chunkLength, to: channel) }
+                    if !swallowingUntilReady { run.add(chunkStart, chunkLength, to: self) }
                 case .message(let type, let body, _):
                     if type != MessageType.readyForQuery, type != MessageType.parameterStatus {
                         // Only while the prepared-statement tracker has answers of its own pending.
                         if prepared!.serverMessage(type, server: &server.statements) {
-                            run.add(chunkStart, chunkLength, to: channel)
+                            run.add(chunkStart, chunkLength, to: self)
                         }
-                        run.write(to: channel)
+                        run.write(to: self)
                         _ = writeMadeUpReplies()
                         continue
                     }
                     if type == MessageType.parameterStatus {
-                        run.write(to: channel)
+                        run.write(to: self)
                         if let (name, value) = WireDecode.parameterStatus(body) {
                             server.parameters[name] = value
                             if swallowingUntilReady {
@@ -984,7 +1002,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                                 wanted[name] = value
                                 var out = channel.allocator.buffer(capacity: body.readableBytes + 5)
                                 Wire.parameterStatus(name, value, into: &out)
-                                channel.write(out, promise: nil)
+                                clientWrite(out)
                             }
                         }
                         continue
@@ -998,7 +1016,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     }
                     if prepared != nil, !prepared!.serverMessage(type, status: status, server: &server.statements) {
                         // The ReadyForQuery of the pooler's own Sync or Query.
-                        run.write(to: channel)
+                        run.write(to: self)
                         _ = writeMadeUpReplies()
                         continue
                     }
@@ -1011,7 +1029,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     if poolMode == .statement, status != .idle {
                         // The error takes the ReadyForQuery's place, so the statement that opened
                         // the transaction is the one that fails.
-                        run.write(to: channel)
+                        run.write(to: self)
                         closeReason = "transaction in statement mode"
                         sendFatal(
                             .fatal(
@@ -1019,34 +1037,34 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                                 "transaction blocks are not allowed in statement pooling mode"))
                         return
                     }
-                    run.add(chunkStart, chunkLength, to: channel)  // the server's own bytes
+                    run.add(chunkStart, chunkLength, to: self)  // the server's own bytes
                     if prepared?.hasDueReplies ?? false {
-                        run.write(to: channel)
+                        run.write(to: self)
                         _ = writeMadeUpReplies()
                     }
                     if buffer.readableBytes == 0, mayGiveBack {
                         // The answer leaves before the server goes back to the pool.
-                        run.write(to: channel)
-                        channel.flush()
+                        run.write(to: self)
+                        clientFlush()
                         flushed = true
                         unlink(server, reusable: true)
                     }
                 }
             }
         } catch {
-            run.write(to: channel)
+            run.write(to: self)
             closeReason = "bad packet from server"
             unlink(server, reusable: false)
             sendFatal(.fatal(SQLState.protocolViolation, "server sent an invalid message"))
             return
         }
-        if run.write(to: channel) { flushed = false }
+        if run.write(to: self) { flushed = false }
         if buffer.readableBytes > 0 { serverInbound = buffer }
         if prepared != nil {
             let accepted = prepared!.takeAccepted()
             if !accepted.isEmpty { pooler.statementsAccepted(accepted) }
         }
-        if !flushed { channel.flush() }
+        if !flushed { clientFlush() }
     }
 
     func unlink(_ server: ServerConnection, reusable: Bool) {
@@ -1166,17 +1184,17 @@ struct ServerBytesRun {
     init(of source: ByteBuffer) { self.source = source }
 
     /// Adds the chunk at `chunkStart`; a chunk that does not follow the run ends it first.
-    mutating func add(_ chunkStart: Int, _ chunkLength: Int, to channel: Channel) {
-        if length > 0, start + length != chunkStart { write(to: channel) }
+    mutating func add(_ chunkStart: Int, _ chunkLength: Int, to client: ClientConnection) {
+        if length > 0, start + length != chunkStart { write(to: client) }
         if length == 0 { start = chunkStart }
         length += chunkLength
     }
 
     /// Writes the run (without flushing). True if there was one.
     @discardableResult
-    mutating func write(to channel: Channel) -> Bool {
+    mutating func write(to client: ClientConnection) -> Bool {
         guard length > 0 else { return false }
-        channel.write(source.getSlice(at: start, length: length)!, promise: nil)
+        client.clientWrite(source.getSlice(at: start, length: length)!)
         length = 0
         return true
     }
