@@ -42,7 +42,7 @@ public struct ClientAuthStateMachine: Sendable {
     /// `salt`: the md5 salt (random when nil, made only for the methods that use one).
     public mutating func start(salt givenSalt: [UInt8]? = nil, nonce: String? = nil) -> Action {
         var out = ByteBufferAllocator().buffer(capacity: 32)
-        var salt: [UInt8] { givenSalt ?? Self.randomSalt() }
+        lazy var salt = givenSalt ?? Self.randomSalt()
         switch authType {
         case .trust, .any:
             state = .done
@@ -60,7 +60,6 @@ public struct ClientAuthStateMachine: Sendable {
             if case .scram(let verifier) = secret {
                 return startSCRAM(verifier, nonce: nonce, into: &out)
             }
-            let salt = salt
             state = .awaitingMD5(salt: salt)
             Wire.authenticationMD5Password(salt: salt, into: &out)
         case .scramSHA256:
@@ -68,7 +67,6 @@ public struct ClientAuthStateMachine: Sendable {
             case .scram(let verifier):
                 return startSCRAM(verifier, nonce: nonce, into: &out)
             case .plain(let password):
-                let salt = salt
                 return startSCRAM(
                     ScramSecret(password: password, salt: Array(salt + salt + salt + salt)), nonce: nonce, into: &out)
             case .md5, nil:

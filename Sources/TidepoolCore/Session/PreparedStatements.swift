@@ -438,9 +438,7 @@ public struct PreparedStatementTracker: Sendable {
             lastStatus = status
             if specials == 0 {
                 // Only plain entries: nothing to undo or release, drop up to the one this ends.
-                while case .pass(let t) = queue.popFirst() {
-                    if t == MessageType.query || t == MessageType.sync || t == MessageType.functionCall { break }
-                }
+                while let entry = queue.popFirst(), !Self.isReadyTerminated(entry) {}
                 return true
             }
             // Ends the Sync, Query or FunctionCall at the front; anything before it was skipped.
