@@ -117,6 +117,14 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         if let context { context.flush() } else { channel.flush() }
     }
 
+    /// Waiting in its loop's `TurnFlusher`.
+    var flushQueued = false
+
+    /// Flushes at the end of the loop's turn, together with the turn's other answers.
+    func flushAtTurnEnd() {
+        if !flushQueued { pooler.loopFlushers[loopIndex].add(self) }
+    }
+
     var logger: Logger { pooler.logger }
     /// The client's event loop, found without touching its channel (a cold object when a server
     /// is handed over among thousands of clients).
@@ -958,7 +966,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             serverInbound = nil
         }
         var run = ServerBytesRun(of: buffer)
-        var flushed = false
         do {
             while true {
                 let chunkStart = buffer.readerIndex
@@ -1043,10 +1050,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                         _ = writeMadeUpReplies()
                     }
                     if buffer.readableBytes == 0, mayGiveBack {
-                        // The answer leaves before the server goes back to the pool.
+                        // The answer is written before the server goes back to the pool.
                         run.write(to: self)
-                        clientFlush()
-                        flushed = true
                         unlink(server, reusable: true)
                     }
                 }
@@ -1058,13 +1063,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             sendFatal(.fatal(SQLState.protocolViolation, "server sent an invalid message"))
             return
         }
-        if run.write(to: self) { flushed = false }
+        run.write(to: self)
         if buffer.readableBytes > 0 { serverInbound = buffer }
         if prepared != nil {
             let accepted = prepared!.takeAccepted()
             if !accepted.isEmpty { pooler.statementsAccepted(accepted) }
         }
-        if !flushed { clientFlush() }
+        flushAtTurnEnd()
     }
 
     func unlink(_ server: ServerConnection, reusable: Bool) {
@@ -1119,6 +1124,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func clientTerminated() {
         closeReason = "client close request"
         finish()
+        if flushQueued { clientFlush() }  // unflushed writes are dropped by close
         channel.close(promise: nil)
     }
 
@@ -1190,12 +1196,10 @@ struct ServerBytesRun {
         length += chunkLength
     }
 
-    /// Writes the run (without flushing). True if there was one.
-    @discardableResult
-    mutating func write(to client: ClientConnection) -> Bool {
-        guard length > 0 else { return false }
+    /// Writes the run, if any (without flushing).
+    mutating func write(to client: ClientConnection) {
+        guard length > 0 else { return }
         client.clientWrite(source.getSlice(at: start, length: length)!)
         length = 0
-        return true
     }
 }

@@ -84,8 +84,14 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// The pooler-wide prepared statements this backend holds; only the linked client touches it.
     var statements: ServerStatementCache
 
-    init(id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler) {
+    /// The index of the server's event loop in the pooler's table.
+    let loopIndex: Int
+    /// Waiting in its loop's `TurnFlusher`.
+    var flushQueued = false
+
+    init(id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int) {
         self.id = id
+        self.loopIndex = loopIndex
         self.pool = pool
         self.pooler = pooler
         self.database = database
@@ -94,7 +100,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     static func placeholder(id: ServerID, pool: PoolKey, pooler: Pooler) -> ServerConnection {
-        ServerConnection(id: id, pool: pool, database: nil, pooler: pooler)
+        ServerConnection(id: id, pool: pool, database: nil, pooler: pooler, loopIndex: 0)
     }
 
     var eventLoop: EventLoop { channel!.eventLoop }
@@ -334,7 +340,8 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// Writes client bytes (whole or partial messages) and flushes.
+    /// Writes client bytes (whole or partial messages); they are flushed at the end of the loop's
+    /// turn.
     func send(_ buffers: [ByteBuffer]) {
         guard let channel else { return }
         if channel.eventLoop.inEventLoop {
@@ -349,7 +356,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     private func write(_ buffers: [ByteBuffer], _ channel: Channel) {
         if let context {
             for b in buffers { context.write(NIOAny(b), promise: nil) }
-            context.flush()
+            if !flushQueued { pooler.loopFlushers[loopIndex].add(self) }
         } else {
             for b in buffers { channel.write(b, promise: nil) }
             channel.flush()
