@@ -154,7 +154,7 @@ extension Pooler {
             return loop.makeSucceededFuture(
                 AdminViews.users(config, poolUsers: snapshots.map(\.key.user), serverConnections: connections))
         case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
-            let book = traffic.withLockedValue { $0 }
+            let book = trafficBook()
             let databases = Array(Set(snapshots.map(\.key.database)))
             switch what {
             case "STATS": return loop.makeSucceededFuture(AdminViews.stats(book, databases: databases))
@@ -213,7 +213,7 @@ extension Pooler {
 
     /// Histograms allocated for SHOW LATENCY, roughly (three per database, span and loop).
     func latencyHistogramCount() -> Int {
-        let databases = traffic.withLockedValue { $0.totals.count }
+        let databases = Set(trafficCells.withLockedValue { $0.keys.map(\.database) }).count
         return databases * 3 * 3 * loops.count
     }
 }

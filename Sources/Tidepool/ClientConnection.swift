@@ -53,6 +53,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var prepared: PreparedStatementTracker?
     /// Counters for SHOW STATS, handed to the pooler once per transaction.
     var traffic = TrafficStats()
+    /// Where `traffic` is handed in (this loop's cell for the client's database).
+    var trafficCell: Pooler.TrafficCell?
     /// The number of the lend that linked the current server.
     var lease: UInt64 = 0
     var waitStart: NIODeadline?
@@ -936,7 +938,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             traffic.binds += counts.binds
         }
         guard !traffic.isZero else { return }
-        pooler.addTraffic(traffic, database: databaseName)
+        if trafficCell?.database != databaseName {
+            trafficCell = pooler.trafficCell(loop: loopIndex, database: databaseName)
+        }
+        trafficCell!.add(traffic)
         traffic = TrafficStats()
     }
 

@@ -143,7 +143,7 @@ extension Pooler {
     func renderMetrics() -> String {
         let now = NIODeadline.now()
         let (snapshots, clients) = shared.withLockedValue { ($0.pools.snapshot(now: now), $0.poolClients) }
-        return metrics.render(snapshots: snapshots, clients: clients, traffic: traffic.withLockedValue { $0 })
+        return metrics.render(snapshots: snapshots, clients: clients, traffic: trafficBook())
     }
 
     /// /health/ready: every configured database accepts a connection (TCP or Unix socket) within

@@ -506,10 +506,7 @@ public final class Pooler: @unchecked Sendable {
         let elapsed = now - statsPeriodStart
         if elapsed >= config.global.statsPeriod {
             statsPeriodStart = now
-            let book = traffic.withLockedValue { t -> TrafficBook in
-                t.endPeriod(seconds: Double(elapsed.nanoseconds) / 1e9)
-                return t
-            }
+            let book = trafficBook(endingPeriodAfter: Double(elapsed.nanoseconds) / 1e9)
             for (index, loop) in loops.enumerated() {
                 let latency = loopLatency[index]
                 loop.execute { for recorder in latency.recorders.values { recorder.endPeriod() } }
@@ -518,8 +515,53 @@ public final class Pooler: @unchecked Sendable {
         }
     }
 
-    /// Traffic counters per database; clients hand theirs in once per transaction.
+    /// The stats periods of the traffic counters; the totals are summed from `trafficCells` when
+    /// read (`trafficBook()`).
     let traffic = NIOLockedValueBox(TrafficBook())
+
+    /// A database's traffic counters on one event loop. Clients of that loop hand theirs in once
+    /// per transaction under the cell's own lock, which only a reader ever contends for: no
+    /// pooler-wide lock and no lookup by database name per transaction.
+    final class TrafficCell: @unchecked Sendable {
+        let database: String
+        private let lock = NIOLock()
+        private var stats = TrafficStats()
+
+        init(database: String) { self.database = database }
+
+        func add(_ delta: TrafficStats) { lock.withLock { stats += delta } }
+        var value: TrafficStats { lock.withLock { stats } }
+    }
+
+    struct TrafficCellKey: Hashable {
+        var loop: Int
+        var database: String
+    }
+
+    let trafficCells = NIOLockedValueBox([TrafficCellKey: TrafficCell]())
+
+    /// The cell a client of loop `loop` counts its traffic to `database` in (made on first use).
+    func trafficCell(loop: Int, database: String) -> TrafficCell {
+        trafficCells.withLockedValue { cells in
+            let key = TrafficCellKey(loop: loop, database: database)
+            if let cell = cells[key] { return cell }
+            let cell = TrafficCell(database: database)
+            cells[key] = cell
+            return cell
+        }
+    }
+
+    /// The traffic totals summed over the loops, with the stats periods.
+    func trafficBook(endingPeriodAfter seconds: Double? = nil) -> TrafficBook {
+        let cells = trafficCells.withLockedValue { Array($0.values) }
+        var totals: [String: TrafficStats] = [:]
+        for cell in cells { totals[cell.database, default: TrafficStats()] += cell.value }
+        return traffic.withLockedValue { book in
+            book.setTotals(totals)
+            if let seconds { book.endPeriod(seconds: seconds) }
+            return book
+        }
+    }
     /// Touched by the janitor only.
     var statsPeriodStart = NIODeadline.now()
 
@@ -532,10 +574,6 @@ public final class Pooler: @unchecked Sendable {
                 + "out \(a[4]) B/s, xact \(a[5]) us, query \(a[6]) us, wait \(a[7]) us"
             logger.info("\(line)")
         }
-    }
-
-    func addTraffic(_ stats: TrafficStats, database: String) {
-        traffic.withLockedValue { $0.add(stats, database: database) }
     }
 
     /// A pool decision with the connections it names looked up (under the same lock).

@@ -136,6 +136,36 @@ def test_every_show_view_under_known_load(tidepool, pg):
         release()
 
 
+def test_stats_count_every_transaction_on_every_thread(tidepool):
+    """Each event loop counts its clients' traffic in cells of its own, one per database: SHOW
+    STATS and /metrics add them up exactly, and keep the databases apart."""
+    port = free_port()
+    t = tidepool(settings=f"threads = 4\nadmin_users = admin\nstats_listen_port = {port}\n"
+                          "instance_id = cells-test\n")
+    counts = {"postgres": (12, 7), "template1": (5, 3)}  # database: (clients, transactions each)
+
+    def work(dbname, n):
+        with t.connect(dbname=dbname) as c:
+            for i in range(n):
+                c.execute("SELECT %s::int", (i,))
+
+    threads = [threading.Thread(target=work, args=(db, n)) for db, (clients, n) in counts.items()
+               for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    with admin(t) as a:
+        stats = by(rows(a, "SHOW STATS"), "database")
+    for db, (clients_, n) in counts.items():
+        assert int(stats[db]["total_xact_count"]) == clients_ * n, db
+        assert int(stats[db]["total_query_count"]) == clients_ * n, db
+    status, text = http(port, "/metrics")
+    assert status == 200
+    for db, (clients_, n) in counts.items():
+        assert metric(text, "tidepool_transactions_total", database=db, instance_id="cells-test") == clients_ * n
+
+
 def test_health_endpoints(tidepool, pg):
     port = free_port()
     dead = free_port()

@@ -87,6 +87,11 @@ public struct TrafficBook: Sendable {
         totals[database, default: TrafficStats()] += stats  // one lookup, in place
     }
 
+    /// Replaces the totals with counts gathered elsewhere (the pooler's per-loop cells).
+    public mutating func setTotals(_ totals: [String: TrafficStats]) {
+        self.totals = totals
+    }
+
     /// Closes a stats period that lasted `seconds`.
     public mutating func endPeriod(seconds: Double) {
         lastPeriod = [:]
