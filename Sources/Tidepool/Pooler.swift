@@ -21,7 +21,7 @@ public final class Pooler: @unchecked Sendable {
     public let logger: Logger
     let group: MultiThreadedEventLoopGroup
     let loops: [EventLoop]
-    let shared = NIOLockedValueBox(Shared())
+    let shared: NIOLockedValueBox<Shared>
     /// HBA rules and TLS contexts; loaded by start() and RELOAD.
     let securityBox = NIOLockedValueBox(Security())
     var security: Security { securityBox.withLockedValue { $0 } }
@@ -140,7 +140,7 @@ public final class Pooler: @unchecked Sendable {
     }
 
     struct Shared {
-        var pools = PoolStateMachine()
+        var pools: PoolStateMachine
         var clients: [ClientID: ClientConnection] = [:]
         var servers: [ServerID: ServerConnection] = [:]
         var cancelKeys: [CancelKey: ClientConnection] = [:]
@@ -174,6 +174,7 @@ public final class Pooler: @unchecked Sendable {
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
         self.loops = Array(group.makeIterator())
+        self.shared = NIOLockedValueBox(Shared(pools: PoolStateMachine(loopCount: loops.count)))
         self.loopClients = loops.map { _ in LoopClients() }
         self.loopLatency = loops.map { _ in LoopLatency() }
         self.loopFlushers = loops.map { TurnFlusher(loop: $0) }

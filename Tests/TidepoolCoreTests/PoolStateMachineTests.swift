@@ -426,6 +426,45 @@ extension [PoolAction] {
         #expect(loopOf(onLoop1) == 1)
     }
 
+    @Test func newServersAreSpreadOverTheEventLoops() {
+        var pool = PoolStateMachine(loopCount: 2)
+        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 4), now: clock.now)
+        // A burst of requests handled by loop 1 alone: the pool still ends up on both loops.
+        var opened: [(ServerID, Int)] = []
+        for n in 1...4 {
+            for action in pool.clientWantsServer(c(UInt64(n)), pool: poolA, loop: 1, now: clock.now) {
+                if case .connect(let id, _, let loop) = action { opened.append((id, loop)) }
+            }
+        }
+        #expect(opened.map(\.1) == [1, 0, 1, 0])
+        #expect(opened.allSatisfy { pool.servers[$0.0]!.loop == $0.1 })
+        // A server that goes is replaced on its own loop, the one that now has fewer.
+        for (id, _) in opened { _ = pool.serverConnected(id, now: clock.now) }
+        let gone = opened[1].0
+        let actions = pool.serverReleased(gone, reusable: false, now: clock.now)
+        #expect(actions.closes == [gone])
+        let replacement = pool.clientWantsServer(c(5), pool: poolA, loop: 1, now: clock.now)
+        #expect(replacement.compactMap { if case .connect(_, _, let loop) = $0 { loop } else { nil } } == [0])
+    }
+
+    @Test func aFreedServerGoesToAWaiterOnItsLoopButNoWaiterIsPassedOverMoreThanFourTimes() {
+        var pool = PoolStateMachine(loopCount: 2)
+        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 1), now: clock.now)
+        let server = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        #expect(pool.serverConnected(server, now: clock.now) == [.lend(server, to: c(1))])
+        // c2 waits on loop 1 at the head of the queue, c3...c8 behind it on loop 0 (the server's).
+        _ = pool.clientWantsServer(c(2), pool: poolA, loop: 1, now: clock.now)
+        for n in 3...8 { _ = pool.clientWantsServer(c(UInt64(n)), pool: poolA, loop: 0, now: clock.now) }
+        var served: [ClientID] = []
+        for _ in 0..<7 { served += pool.serverReleased(server, reusable: true, now: clock.now).lends.map(\.1) }
+        #expect(served == [c(3), c(4), c(5), c(6), c(2), c(7), c(8)])
+
+        // A waiter on the server's loop further back than the look-ahead does not go first.
+        for n in 9...41 { _ = pool.clientWantsServer(c(UInt64(n)), pool: poolA, loop: 1, now: clock.now) }
+        _ = pool.clientWantsServer(c(42), pool: poolA, loop: 0, now: clock.now)
+        #expect(pool.serverReleased(server, reusable: true, now: clock.now).lends.map(\.1) == [c(9)])
+    }
+
     @Test func brokenServerIsReplacedForWaiters() {
         let s1 = lendNewServer(to: c(1))
         _ = lendNewServer(to: c(2))

@@ -12,7 +12,14 @@ public struct PoolStateMachine: Sendable {
         var client: ClientID
         var loop: Int
         var since: NIODeadline
+        /// Times a waiter behind it was served first because it ran on the free server's loop.
+        var passedOver = 0
     }
+
+    /// How far behind the head of the queue a waiter on the free server's event loop is looked
+    /// for, and how often the head may be passed over that way before it is served regardless.
+    static let sameLoopLookahead = 32
+    static let maxPassedOver = 4
 
     enum ServerState: Equatable, Sendable {
         case connecting
@@ -53,6 +60,8 @@ public struct PoolStateMachine: Sendable {
         var probeWanted = false
         /// PAUSE: no server is lent or opened; clients queue until RESUME.
         var paused = false
+        /// Servers (in any state) on each event loop.
+        var serversOnLoop: [Int] = []
 
         var total: Int { idle.count + connecting + lent }
 
@@ -105,8 +114,12 @@ public struct PoolStateMachine: Sendable {
     var databasesServed: Set<String> = []
     var userTotals: [String: Int] = [:]
     var nextServerID: UInt64 = 1
+    /// The driver's event loops (numbered from 0). New servers of a pool are spread over them.
+    let loopCount: Int
 
-    public init() {}
+    public init(loopCount: Int = 1) {
+        self.loopCount = max(loopCount, 1)
+    }
 
     /// The key of the pool a server belongs to.
     func key(of server: Server) -> PoolKey { pools[slot: server.slot].key }
@@ -427,22 +440,46 @@ public struct PoolStateMachine: Sendable {
         return idle.count - 1
     }
 
-    /// Gives a free server to the first waiter, or parks it as idle.
+    /// Gives a free server to the first waiter, or parks it as idle. When the head of the queue
+    /// runs on another event loop than the server, the first waiter within `sameLoopLookahead`
+    /// places behind it that runs on the server's loop goes first, unless the head was passed over
+    /// `maxPassedOver` times already: the transaction then stays on one thread (no hand-over
+    /// between loops for each of its messages), and the queue stays first come, first served per
+    /// loop, with a bounded delay for the head.
     mutating func makeAvailable(_ id: ServerID, now: NIODeadline, into actions: inout [PoolAction]) {
         let slot = servers[id]!.slot
-        while !pools[slot: slot].paused, pools[slot: slot].waitingCount > 0,
-            let waiter = pools[slot: slot].waiters.popFirst()
-        {
-            guard waitingClients[waiter.client] == slot else { continue }
-            waitingClients[waiter.client] = nil
-            pools[slot: slot].waitingCount -= 1
-            pools[slot: slot].lent += 1
-            servers[id]!.state = .lent(waiter.client)
-            actions.append(.lend(id, to: waiter.client))
+        guard !pools[slot: slot].paused, pools[slot: slot].waitingCount > 0 else {
+            servers[id]!.state = .idle(since: now)
+            pools[slot: slot].idle.append(id)
             return
         }
-        servers[id]!.state = .idle(since: now)
-        pools[slot: slot].idle.append(id)
+        // Entries of clients that left the queue some other way are dropped here.
+        while let head = pools[slot: slot].waiters.first, waitingClients[head.client] != slot {
+            pools[slot: slot].waiters.removeFirst()
+        }
+        var pick = 0
+        let loop = servers[id]!.loop
+        if pools[slot: slot].waiters[0].loop != loop,
+            pools[slot: slot].waiters[0].passedOver < Self.maxPassedOver
+        {
+            let end = min(pools[slot: slot].waiters.count, Self.sameLoopLookahead + 1)
+            var index = 1
+            while index < end {
+                let candidate = pools[slot: slot].waiters[index]
+                if candidate.loop == loop, waitingClients[candidate.client] == slot {
+                    pick = index
+                    pools[slot: slot].waiters[0].passedOver += 1
+                    break
+                }
+                index += 1
+            }
+        }
+        let waiter = pools[slot: slot].waiters.remove(at: pick)
+        waitingClients[waiter.client] = nil
+        pools[slot: slot].waitingCount -= 1
+        pools[slot: slot].lent += 1
+        servers[id]!.state = .lent(waiter.client)
+        actions.append(.lend(id, to: waiter.client))
     }
 
     func isOverSize(slot: Int) -> Bool {
@@ -506,7 +543,24 @@ public struct PoolStateMachine: Sendable {
         return true
     }
 
-    mutating func open(_ key: PoolKey, loop: Int, now: NIODeadline, into actions: inout [PoolAction]) {
+    /// Opens a server for the pool. It goes on the event loop `wanted` (the loop of the client it
+    /// is opened for) unless another loop has fewer of the pool's servers: clients spread evenly
+    /// over the loops, and a request that finds a server on its own loop keeps its transaction on
+    /// one thread. (Without this, a burst of requests handled by one loop put the whole pool on it
+    /// and half the transactions crossed between threads.)
+    mutating func open(_ key: PoolKey, loop wanted: Int, now: NIODeadline, into actions: inout [PoolAction]) {
+        let slot = pools.slot(of: key)!
+        let needed = max(loopCount, wanted + 1)
+        if pools[slot: slot].serversOnLoop.count < needed {
+            pools[slot: slot].serversOnLoop += Array(
+                repeating: 0, count: needed - pools[slot: slot].serversOnLoop.count)
+        }
+        var loop = wanted
+        for candidate in 0..<loopCount
+        where pools[slot: slot].serversOnLoop[candidate] < pools[slot: slot].serversOnLoop[loop] {
+            loop = candidate
+        }
+        pools[slot: slot].serversOnLoop[loop] += 1
         let id = ServerID(nextServerID)
         nextServerID += 1
         let settings = pools[key].settings
@@ -520,7 +574,7 @@ public struct PoolStateMachine: Sendable {
             retireAt = now + lifetime - .nanoseconds(jitter)
         }
         servers[id] = Server(
-            id: id, slot: pools.slot(of: key)!, loop: loop, state: .connecting, retireAt: retireAt,
+            id: id, slot: slot, loop: loop, state: .connecting, retireAt: retireAt,
             createdAt: now)
         pools[key].connecting += 1
         databaseTotals[key.database, default: 0] += 1
@@ -536,6 +590,7 @@ public struct PoolStateMachine: Sendable {
         case .lent, .checking: pools[slot: server.slot].lent -= 1
         case .idle: pools[slot: server.slot].idle.removeAll { $0 == id }
         }
+        pools[slot: server.slot].serversOnLoop[server.loop] -= 1
         let key = key(of: server)
         databaseTotals[key.database, default: 1] -= 1
         userTotals[key.user, default: 1] -= 1
