@@ -188,11 +188,15 @@ extension Pooler {
             let (servers, closing) = shared.withLockedValue { s in
                 (Array(s.servers.values), Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) }))
             }
-            let rows: [EventLoopFuture<ConnectionRow>] = servers.compactMap { server in
-                guard let serverLoop = server.channel?.eventLoop else { return nil }
-                return serverLoop.submit { server.describe(closeNeeded: closing.contains(server.id)) }
+            // Asked on each server's own loop; one still being connected (no channel yet) is left out.
+            let rows: [EventLoopFuture<ConnectionRow?>] = servers.map { server in
+                server.eventLoop.submit {
+                    server.channel == nil ? nil : server.describe(closeNeeded: closing.contains(server.id))
+                }
             }
-            return EventLoopFuture.whenAllSucceed(rows, on: loop).map { AdminViews.connections($0, type: "S") }
+            return EventLoopFuture.whenAllSucceed(rows, on: loop).map {
+                AdminViews.connections($0.compactMap { $0 }, type: "S")
+            }
         case "LATENCY":
             let books = loops.enumerated().map { index, l in l.submit { [self] in loopLatency[index].book } }
             return EventLoopFuture.whenAllSucceed(books, on: loop).map { books in

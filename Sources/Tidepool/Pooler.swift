@@ -251,7 +251,8 @@ public final class Pooler: @unchecked Sendable {
         }
         for server in servers {
             server.terminate()
-            if let channel = server.channel { closing.append(channel.closeFuture) }
+            let loop = server.eventLoop  // the channel is read on its own loop
+            closing.append(loop.flatSubmit { server.channel?.closeFuture ?? loop.makeSucceededVoidFuture() })
         }
         for future in closing { try? future.wait() }
         try? group.syncShutdownGracefully()

@@ -103,7 +103,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         ServerConnection(id: id, pool: pool, database: nil, pooler: pooler, loopIndex: 0)
     }
 
-    var eventLoop: EventLoop { channel!.eventLoop }
+    /// The server's event loop, known before its channel exists. Other threads use this, never
+    /// `channel`, which is set on that loop.
+    var eventLoop: EventLoop { pooler.loops[loopIndex] }
 
     // MARK: Login
 
@@ -313,7 +315,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Links the server to a client for lend number `lease`: from now on every byte read goes to it.
     func attach(_ client: ClientConnection, lease: UInt64) {
-        if channel?.eventLoop.inEventLoop == true {
+        if eventLoop.inEventLoop {
             attachOnLoop(client, lease: lease)
         } else {
             onLoop { self.attachOnLoop(client, lease: lease) }
@@ -333,7 +335,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// loop after a newer one must not cut the newer client off: the newer client may run on the
     /// server's loop and attach at once, while the older lend's tasks still wait in its queue.
     func detach(from client: ClientConnection, lease: UInt64) {
-        if channel?.eventLoop.inEventLoop == true {
+        if eventLoop.inEventLoop {
             if leases.detach(lease) { owner = nil }
         } else {
             onLoop { if self.leases.detach(lease) { self.owner = nil } }
@@ -343,21 +345,21 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Writes client bytes (whole or partial messages); they are flushed at the end of the loop's
     /// turn.
     func send(_ buffers: [ByteBuffer]) {
-        guard let channel else { return }
-        if channel.eventLoop.inEventLoop {
-            write(buffers, channel)
+        let loop = eventLoop
+        if loop.inEventLoop {
+            write(buffers)
         } else {
-            channel.eventLoop.execute { self.write(buffers, channel) }
+            loop.execute { self.write(buffers) }
         }
     }
 
     /// On the server's loop: from this handler's place in the pipeline while it is there (skips
     /// the pipeline's tail and its event-loop check), else through the channel.
-    private func write(_ buffers: [ByteBuffer], _ channel: Channel) {
+    private func write(_ buffers: [ByteBuffer]) {
         if let context {
             for b in buffers { context.write(NIOAny(b), promise: nil) }
             if !flushQueued { pooler.loopFlushers[loopIndex].add(self) }
-        } else {
+        } else if let channel {
             for b in buffers { channel.write(b, promise: nil) }
             channel.flush()
         }
@@ -375,8 +377,8 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Closes the connection politely (Terminate) because the pool no longer wants it.
     func terminate() {
-        guard let channel else { return }
         onLoop {
+            guard let channel = self.channel else { return }
             if case .closed = self.phase { return }
             if case .ready = self.phase {
                 var out = channel.allocator.buffer(capacity: 5)
@@ -392,7 +394,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func onLoop(_ body: @escaping @Sendable () -> Void) {
-        guard let loop = channel?.eventLoop else { return }
+        let loop = eventLoop
         if loop.inEventLoop { body() } else { loop.execute(body) }
     }
 }
