@@ -71,7 +71,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     var user = ""
     var databaseName = ""
-    var database: DatabaseEntry?
     var poolKey: PoolKey?
     var poolMode = PoolMode.transaction
     /// The values of the tracked parameters as the client should see them.
@@ -745,7 +744,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             sendFatal(.fatal(SQLState.cannotConnectNow, "database \"\(databaseName)\" does not allow connections"))
             return
         }
-        self.database = database
         timeouts = config.clientTimeouts(user: user)
         slowQueryThreshold = Int(config.global.logSlowQuery.nanoseconds / 1000)
         if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: databaseName) }
@@ -754,7 +752,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         poolKey = PoolKey(database: databaseName, user: serverUser)
         poolMode = config.poolMode(database: database, user: user)
         if config.global.maxPreparedStatements > 0, poolMode != .session { prepared = PreparedStatementTracker() }
-        pooler.joinPool(poolKey!)
+        pooler.joinPool(poolKey!, database: database)
         joinedPool = true
         if let welcome = pooler.welcomeParameters(for: poolKey!) {
             sendWelcome(welcome, fromPool: true)
@@ -1162,7 +1160,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             break
         }
         state = .closed
-        if database != nil { handInTraffic() }
+        if joinedPool { handInTraffic() }
         pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
         pooler.unregister(
             self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress)

@@ -356,8 +356,15 @@ public final class Pooler: @unchecked Sendable {
         }
     }
 
-    func joinPool(_ key: PoolKey) {
-        shared.withLockedValue { $0.poolClients[key, default: 0] += 1 }
+    /// A client of pool `key` logged in; the pool is made with the settings of `database` if it
+    /// does not exist yet (pools are never removed, so the client need not keep the entry).
+    func joinPool(_ key: PoolKey, database: DatabaseEntry) {
+        let now = NIODeadline.now()
+        withShared { s in
+            s.poolClients[key, default: 0] += 1
+            guard !s.pools.hasPool(key) else { return [] }
+            return s.pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+        }
     }
 
     func unregister(
@@ -424,9 +431,7 @@ public final class Pooler: @unchecked Sendable {
         shared.withLockedValue { $0.pools.clientGaveUp(id) }
     }
 
-    /// Makes sure the pool exists, then asks it for a server for `client`.
-    /// The client's database entry is read only when the pool has to be made: copying it costs
-    /// a retain per field, on every transaction.
+    /// Asks the client's pool (made at its login, `joinPool`) for a server for `client`.
     func requestServer(for client: ClientConnection) {
         let now = NIODeadline.now()
         let loop = client.loopIndex
@@ -434,8 +439,9 @@ public final class Pooler: @unchecked Sendable {
         let key = client.poolKey!
         withPool { pools in
             if pools.hasPool(key) { return pools.clientWantsServer(id, pool: key, loop: loop, now: now) }
-            let settings = poolSettings(database: client.database!, user: key.user)
-            var actions = pools.configure(key, settings: settings, now: now)
+            // Not reached (a client joins its pool at login); made from the current config if so.
+            let entry = config.database(named: key.database) ?? DatabaseEntry(name: key.database)
+            var actions = pools.configure(key, settings: poolSettings(database: entry, user: key.user), now: now)
             actions += pools.clientWantsServer(id, pool: key, loop: loop, now: now)
             return actions
         }
