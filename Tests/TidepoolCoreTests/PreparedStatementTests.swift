@@ -368,6 +368,11 @@ final class PreparedHarness {
         var sync2 = H.sync
         bind.writeBuffer(&sync2)
         #expect(t.answerWithoutServer(bind, isKnown: { _ in true }) == nil)
+        // Nor for the unnamed statement.
+        var unnamed = H.parse("", "select 1")
+        var sync3 = H.sync
+        unnamed.writeBuffer(&sync3)
+        #expect(t.answerWithoutServer(unnamed, isKnown: { _ in true }) == nil)
     }
 
     @Test func onlyNamedStatementsAndStatementCommandsAreInspected() {

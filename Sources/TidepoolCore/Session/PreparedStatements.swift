@@ -280,6 +280,9 @@ public struct PreparedStatementTracker: Sendable {
         guard let first = buffer.getInteger(at: cursor, as: UInt8.self),
             first == MessageType.parse || first == MessageType.close
         else { return nil }
+        // Nor those that start with a Parse of the unnamed statement (its name, the body's first
+        // string, is empty), as drivers using the extended protocol without prepared statements do.
+        if first == MessageType.parse, buffer.getInteger(at: cursor + 5, as: UInt8.self) == 0 { return nil }
         var view = statements
         var parses = 0
         var reply = ByteBufferAllocator().buffer(capacity: 32)
