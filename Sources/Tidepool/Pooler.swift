@@ -141,6 +141,8 @@ public final class Pooler: @unchecked Sendable {
 
     struct Shared {
         var pools: PoolStateMachine
+        /// The actions of the pool decision being made (see `decide`).
+        var actions: [PoolAction] = []
         var clients: [ClientID: ClientConnection] = [:]
         var servers: [ServerID: ServerConnection] = [:]
         var cancelKeys: [CancelKey: ClientConnection] = [:]
@@ -437,19 +439,19 @@ public final class Pooler: @unchecked Sendable {
         let loop = client.loopIndex
         let id = client.id!
         let key = client.poolKey!
-        withPool { pools in
-            if pools.hasPool(key) { return pools.clientWantsServer(id, pool: key, loop: loop, now: now) }
-            // Not reached (a client joins its pool at login); made from the current config if so.
-            let entry = config.database(named: key.database) ?? DatabaseEntry(name: key.database)
-            var actions = pools.configure(key, settings: poolSettings(database: entry, user: key.user), now: now)
-            actions += pools.clientWantsServer(id, pool: key, loop: loop, now: now)
-            return actions
+        withPoolBuffer { pools, actions in
+            if !pools.hasPool(key) {
+                // Not reached (a client joins its pool at login); made from the current config if so.
+                let entry = config.database(named: key.database) ?? DatabaseEntry(name: key.database)
+                actions += pools.configure(key, settings: poolSettings(database: entry, user: key.user), now: now)
+            }
+            pools.clientWantsServer(id, pool: key, loop: loop, now: now, into: &actions)
         }
     }
 
     func release(_ server: ServerConnection, reusable: Bool) {
         let now = NIODeadline.now()
-        withPool { $0.serverReleased(server.id, reusable: reusable, now: now) }
+        withPoolBuffer { $0.serverReleased(server.id, reusable: reusable, now: now, into: &$1) }
     }
 
     func welcomeParameters(for key: PoolKey) -> [String: String]? {
@@ -600,15 +602,30 @@ public final class Pooler: @unchecked Sendable {
 
     /// `withPool` for events that also update the registries kept beside the pools.
     func withShared(_ event: (inout Shared) -> [PoolAction]) {
+        decide { s in s.actions = event(&s) }
+    }
+
+    /// `withPool` for the events of every transaction: they append their actions to a buffer
+    /// kept beside the pools and reused, so no array is allocated per event.
+    func withPoolBuffer(_ event: (inout PoolStateMachine, inout [PoolAction]) -> Void) {
+        decide { s in event(&s.pools, &s.actions) }
+    }
+
+    /// Runs a pool decision under the lock, looks up the connections its actions name there too,
+    /// and carries the actions out after the lock is released.
+    private func decide(_ body: (inout Shared) -> Void) {
         // Most events decide one action: it is carried out without an array of its own.
         var single: Resolved?
         let resolved = shared.withLockedValue { s -> [Resolved] in
-            let actions = event(&s)
-            if actions.isEmpty || s.shuttingDown { return [] }
-            if actions.count == 1 {
-                single = Self.resolve(actions[0], in: &s)
+            s.actions.removeAll(keepingCapacity: true)
+            body(&s)
+            if s.actions.isEmpty || s.shuttingDown { return [] }
+            if s.actions.count == 1 {
+                let action = s.actions[0]
+                single = Self.resolve(action, in: &s)
                 return []
             }
+            let actions = s.actions
             return actions.map { Self.resolve($0, in: &s) }
         }
         if let single { carryOut(single) }

@@ -150,11 +150,19 @@ public struct PoolStateMachine: Sendable {
     public mutating func clientWantsServer(
         _ client: ClientID, pool key: PoolKey, loop: Int, now: NIODeadline
     ) -> [PoolAction] {
+        var actions: [PoolAction] = []
+        clientWantsServer(client, pool: key, loop: loop, now: now, into: &actions)
+        return actions
+    }
+
+    /// `clientWantsServer` appending to the caller's `actions` (a buffer it reuses: no array is
+    /// allocated per request).
+    public mutating func clientWantsServer(
+        _ client: ClientID, pool key: PoolKey, loop: Int, now: NIODeadline, into actions: inout [PoolAction]
+    ) {
         guard let slot = pools.slot(of: key) else {
             preconditionFailure("clientWantsServer for unconfigured pool \(key)")
         }
-        var actions: [PoolAction] = []
-        actions.reserveCapacity(1)
         if !pools[slot: slot].paused, pools[slot: slot].waitingCount == 0,
             let index = pickIdle(pools[slot: slot].idle, loop: loop)
         {
@@ -163,7 +171,7 @@ public struct PoolStateMachine: Sendable {
             let server = pools[slot: slot].idle.remove(at: index)
             pools[slot: slot].lent += 1
             lendIdle(server, to: client, now: now, into: &actions)
-            return actions
+            return
         }
         // Fast failure: while connecting keeps failing and no server is left, do not queue, unless
         // the database served before and is only restarting.
@@ -173,13 +181,12 @@ public struct PoolStateMachine: Sendable {
         {
             pools[key].probeWanted = true
             actions.append(.failClient(client, .connectFailed(failure.error)))
-            return actions
+            return
         }
         pools[slot: slot].waiters.append(Waiter(client: client, loop: loop, since: now))
         pools[slot: slot].waitingCount += 1
         waitingClients[client] = slot
         grow(key, now: now, into: &actions)
-        return actions
     }
 
     /// A waiting client disconnected or cancelled; it leaves the queue without taking a server.
@@ -224,8 +231,16 @@ public struct PoolStateMachine: Sendable {
     /// The client is done with the server. `reusable` is false when the server is not clean
     /// (open transaction, broken protocol state) and must be closed.
     public mutating func serverReleased(_ id: ServerID, reusable: Bool, now: NIODeadline) -> [PoolAction] {
-        guard let server = servers[id], case .lent = server.state else { return [] }
         var actions: [PoolAction] = []
+        serverReleased(id, reusable: reusable, now: now, into: &actions)
+        return actions
+    }
+
+    /// `serverReleased` appending to the caller's `actions`.
+    public mutating func serverReleased(
+        _ id: ServerID, reusable: Bool, now: NIODeadline, into actions: inout [PoolAction]
+    ) {
+        guard let server = servers[id], case .lent = server.state else { return }
         if !reusable || server.closeNeeded || now >= server.retireAt || isOverSize(slot: server.slot) {
             let key = key(of: server)
             remove(id)
@@ -236,7 +251,6 @@ public struct PoolStateMachine: Sendable {
             pools[slot: server.slot].lent -= 1
             makeAvailable(id, now: now, into: &actions)
         }
-        return actions
     }
 
     /// A server connection closed or failed on its own (idle or lent).
