@@ -122,9 +122,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var flushQueued = false
 
     /// Flushes at the end of the loop's turn, together with the turn's other answers.
-    func flushAtTurnEnd() {
-        if !flushQueued { pooler.loopFlushers[loopIndex].add(self) }
-    }
+    func flushAtTurnEnd() { pooler.loopFlushers[loopIndex].add(self) }
 
     var logger: Logger { pooler.logger }
     /// The client's event loop, found without touching its channel (a cold object when a server

@@ -83,19 +83,16 @@ public final class Pooler: @unchecked Sendable {
             runTask = { [unowned(unsafe) self] in self.run() }
         }
 
-        func add(_ client: ClientConnection) {
-            client.flushQueued = true
-            clients.append(client)
-            scheduleRun()
-        }
+        /// Flushes `client` at the end of this turn (once, however often it asks).
+        func add(_ client: ClientConnection) { queue(client, in: &clients) }
 
-        func add(_ server: ServerConnection) {
-            server.flushQueued = true
-            servers.append(server)
-            scheduleRun()
-        }
+        /// Flushes `server` at the end of this turn (once, however often it asks).
+        func add(_ server: ServerConnection) { queue(server, in: &servers) }
 
-        private func scheduleRun() {
+        private func queue<Connection: TurnFlushed>(_ connection: Connection, in list: inout [Connection]) {
+            guard !connection.flushQueued else { return }
+            connection.flushQueued = true
+            list.append(connection)
             guard !scheduled else { return }
             scheduled = true
             // Tasks run after the turn's I/O events.
@@ -104,20 +101,18 @@ public final class Pooler: @unchecked Sendable {
 
         private func run() {
             scheduled = false
+            Self.flush(&servers)
+            Self.flush(&clients)
+        }
+
+        private static func flush<Connection: TurnFlushed>(_ list: inout [Connection]) {
             var index = 0
-            while index < servers.count {
-                servers[index].flushQueued = false
-                servers[index].context?.flush()
+            while index < list.count {
+                list[index].flushQueued = false
+                list[index].flushNow()
                 index += 1
             }
-            servers.removeAll(keepingCapacity: true)
-            index = 0
-            while index < clients.count {
-                clients[index].flushQueued = false
-                clients[index].clientFlush()
-                index += 1
-            }
-            clients.removeAll(keepingCapacity: true)
+            list.removeAll(keepingCapacity: true)
         }
     }
 
@@ -364,9 +359,16 @@ public final class Pooler: @unchecked Sendable {
         let now = NIODeadline.now()
         withShared { s in
             s.poolClients[key, default: 0] += 1
-            guard !s.pools.hasPool(key) else { return [] }
-            return s.pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+            return makePoolIfNew(key, database: database, in: &s.pools, now: now)
         }
+    }
+
+    /// Makes the pool `key` with the settings of `database` unless it exists; its actions.
+    func makePoolIfNew(
+        _ key: PoolKey, database: DatabaseEntry, in pools: inout PoolStateMachine, now: NIODeadline
+    ) -> [PoolAction] {
+        guard !pools.hasPool(key) else { return [] }
+        return pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
     }
 
     func unregister(
@@ -443,7 +445,7 @@ public final class Pooler: @unchecked Sendable {
             if !pools.hasPool(key) {
                 // Not reached (a client joins its pool at login); made from the current config if so.
                 let entry = config.database(named: key.database) ?? DatabaseEntry(name: key.database)
-                actions += pools.configure(key, settings: poolSettings(database: entry, user: key.user), now: now)
+                actions += makePoolIfNew(key, database: entry, in: &pools, now: now)
             }
             pools.clientWantsServer(id, pool: key, loop: loop, now: now, into: &actions)
         }
@@ -872,3 +874,18 @@ extension String {
 #elseif canImport(Darwin)
     import Darwin
 #endif
+
+/// A connection whose flushes its loop's `TurnFlusher` gathers.
+protocol TurnFlushed: AnyObject {
+    /// Waiting in its loop's `TurnFlusher`.
+    var flushQueued: Bool { get set }
+    func flushNow()
+}
+
+extension ClientConnection: TurnFlushed {
+    func flushNow() { clientFlush() }
+}
+
+extension ServerConnection: TurnFlushed {
+    func flushNow() { context?.flush() }
+}

@@ -358,7 +358,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     private func write(_ buffers: [ByteBuffer]) {
         if let context {
             for b in buffers { context.write(NIOAny(b), promise: nil) }
-            if !flushQueued { pooler.loopFlushers[loopIndex].add(self) }
+            pooler.loopFlushers[loopIndex].add(self)
         } else if let channel {
             for b in buffers { channel.write(b, promise: nil) }
             channel.flush()
