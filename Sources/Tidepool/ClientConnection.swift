@@ -29,24 +29,30 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case closed
     }
 
+    // Stored properties are laid out in the order declared: a one-byte field placed after a
+    // nine-byte optional (or the ten-byte tracker) fills its padding instead of taking a word of
+    // its own. The object is allocated per client and stays while the client is idle.
+
     /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
     /// goes), and a checked unowned reference cost an atomic retain and release per use.
     unowned(unsafe) let pooler: Pooler
     let channel: Channel
     let loopIndex: Int
     var state = State.startup
+    var poolMode = PoolMode.transaction
     var id: ClientID?
+    var joinedPool = false
     var inbound: ByteBuffer?
     var scanner: MessageScanner
     var tracker = TransactionTracker()
+    /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
+    var swallowingUntilReady = false
     /// Client bytes waiting for a server.
     var pending: [ByteBuffer] = []
     /// Client bytes read in this burst for the linked server.
     var toServer: [ByteBuffer] = []
     var serverInbound: ByteBuffer?
     var serverScanner = MessageScanner()
-    /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
-    var swallowingUntilReady = false
     /// Named prepared statements kept working across servers (transaction and statement pooling
     /// with max_prepared_statements > 0). While it is on, client bytes stay in `inbound` until a
     /// server is linked, because how they are rewritten depends on what that server has prepared.
@@ -58,7 +64,11 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// The number of the lend that linked the current server.
     var lease: UInt64 = 0
     var waitStart: NIODeadline?
+    /// The client's connection is encrypted (it sent SSLRequest and the handshake was started).
+    var tls = false
     var statsQueryStart: NIODeadline?
+    /// Waiting in its loop's `TurnFlusher`.
+    var flushQueued = false
     var statsTransactionStart: NIODeadline?
     /// The first bytes of the request being timed, kept (as a slice) only with log_slow_query_ms.
     var slowQueryRequest: ByteBuffer?
@@ -72,7 +82,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var user = ""
     var databaseName = ""
     var poolKey: PoolKey?
-    var poolMode = PoolMode.transaction
     /// The values of the tracked parameters as the client should see them.
     @TrackedParameters var wanted: [String: String] = [:]
     var cancelKey: (Int32, Int32)?
@@ -80,20 +89,24 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     let connectedAt = NIODeadline.now()
     let connectedAtWallClock = Date().timeIntervalSince1970
     var closeReason = "client close request"
-    var joinedPool = false
-    /// The client's connection is encrypted (it sent SSLRequest and the handshake was started).
-    var tls = false
     /// The client address counted for max_client_conn_per_ip (nil for a Unix socket).
     var countedAddress: String?
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
     /// back until they have arrived.
     var cancelsInFlight = 0
-    var timeouts = ClientTimeoutSettings()
-    // Moments the client-side timeouts count from (kept only when a timeout is on).
-    var idleSince = NIODeadline.now()
-    var linkedAt = NIODeadline.now()
-    var queryStartedAt: NIODeadline?
-    var quietSince: NIODeadline?
+    /// The client-side timeouts and the moments they count from: nil while all of them are off
+    /// (the default), so that a client without them does not carry their 80 bytes.
+    var timeoutClock: TimeoutClock?
+
+    final class TimeoutClock {
+        let settings: ClientTimeoutSettings
+        var idleSince = NIODeadline.now()
+        var linkedAt = NIODeadline.now()
+        var queryStartedAt: NIODeadline?
+        var quietSince: NIODeadline?
+
+        init(settings: ClientTimeoutSettings) { self.settings = settings }
+    }
 
     init(pooler: Pooler, channel: Channel, loopIndex: Int) {
         self.pooler = pooler
@@ -117,9 +130,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func clientFlush() {
         if let context { context.flush() } else { channel.flush() }
     }
-
-    /// Waiting in its loop's `TurnFlusher`.
-    var flushQueued = false
 
     /// Flushes at the end of the loop's turn, together with the turn's other answers.
     func flushAtTurnEnd() { pooler.loopFlushers[loopIndex].add(self) }
@@ -172,7 +182,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             server.send(toServer)
             toServer.removeAll(keepingCapacity: true)
         }
-        if timeouts.anyEnabled { noteClientActivity() }
+        if let timeoutClock { noteClientActivity(timeoutClock) }
     }
 
     /// Runs `process`, turning a framing error into a FATAL for the client. False when it closed.
@@ -190,13 +200,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         return false
     }
 
-    func noteClientActivity() {
+    func noteClientActivity(_ clock: TimeoutClock) {
         let now = NIODeadline.now()
         switch state {
-        case .idle: idleSince = now
+        case .idle: clock.idleSince = now
         case .linked, .waiting:
-            quietSince = nil
-            if tracker.outstanding > 0, queryStartedAt == nil { queryStartedAt = now }
+            clock.quietSince = nil
+            if tracker.outstanding > 0, clock.queryStartedAt == nil { clock.queryStartedAt = now }
         default: break
         }
     }
@@ -204,16 +214,18 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Called by the loop's sweeper: applies query_timeout, idle_transaction_timeout,
     /// client_idle_timeout and transaction_timeout.
     func checkTimeouts(now: NIODeadline) {
+        guard let clock = timeoutClock else { return }
         let activity: ClientActivity
         switch state {
-        case .idle: activity = .idle(since: idleSince)
+        case .idle: activity = .idle(since: clock.idleSince)
         case .waiting: activity = .waiting
         case .linked:
-            activity = .linked(linkedAt: linkedAt, queryStartedAt: queryStartedAt, quietSince: quietSince)
+            activity = .linked(
+                linkedAt: clock.linkedAt, queryStartedAt: clock.queryStartedAt, quietSince: clock.quietSince)
         default: return
         }
         let error: PostgresError
-        switch ClientTimeouts.check(activity, settings: timeouts, now: now) {
+        switch ClientTimeouts.check(activity, settings: clock.settings, now: now) {
         case .none:
             return
         case .close(let e):
@@ -264,7 +276,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         for _ in 0..<answers { Wire.readyForQuery(.idle, into: &out) }
         tracker.reset()
         state = .idle
-        idleSince = NIODeadline.now()
+        timeoutClock?.idleSince = NIODeadline.now()
         channel.writeAndFlush(out, promise: nil)
         return true
     }
@@ -742,7 +754,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             sendFatal(.fatal(SQLState.cannotConnectNow, "database \"\(databaseName)\" does not allow connections"))
             return
         }
-        timeouts = config.clientTimeouts(user: user)
+        let timeouts = config.clientTimeouts(user: user)
+        timeoutClock = timeouts.anyEnabled ? TimeoutClock(settings: timeouts) : nil
         slowQueryThreshold = Int(config.global.logSlowQuery.nanoseconds / 1000)
         if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: databaseName) }
         latency = pooler.loopLatency[loopIndex].recorder(for: databaseName)
@@ -794,8 +807,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         Wire.readyForQuery(.idle, into: &out)
         channel.writeAndFlush(out, promise: nil)
         state = .idle
-        idleSince = NIODeadline.now()
-        if timeouts.anyEnabled { pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self }
+        if let timeoutClock {
+            timeoutClock.idleSince = NIODeadline.now()
+            pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
+        }
         if !pending.isEmpty {
             state = .waiting
             pooler.requestServer(for: self)
@@ -828,10 +843,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 timers?.wait.recordNanoseconds(waited * 1000)
                 waitStart = nil
             }
-            if timeouts.anyEnabled {
-                linkedAt = NIODeadline.now()
-                queryStartedAt = tracker.outstanding > 0 ? linkedAt : nil
-                quietSince = nil
+            if let timeoutClock {
+                timeoutClock.linkedAt = NIODeadline.now()
+                timeoutClock.queryStartedAt = tracker.outstanding > 0 ? timeoutClock.linkedAt : nil
+                timeoutClock.quietSince = nil
             }
             serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
             serverInbound = nil
@@ -1030,9 +1045,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     }
                     tracker.serverReady(status)
                     countReady(status)
-                    if timeouts.anyEnabled, tracker.isQuiet {
-                        queryStartedAt = nil
-                        quietSince = status == .idle ? nil : NIODeadline.now()
+                    if let timeoutClock, tracker.isQuiet {
+                        timeoutClock.queryStartedAt = nil
+                        timeoutClock.quietSince = status == .idle ? nil : NIODeadline.now()
                     }
                     if poolMode == .statement, status != .idle {
                         // The error takes the ReadyForQuery's place, so the statement that opened
@@ -1078,7 +1093,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         server.detach(from: self, lease: lease)
         state = .idle
         tracker.reset()
-        if timeouts.anyEnabled { idleSince = NIODeadline.now() }
+        timeoutClock?.idleSince = NIODeadline.now()
         pooler.release(server, reusable: reusable)
     }
 

@@ -288,12 +288,10 @@ public final class Pooler: @unchecked Sendable {
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.allowRemoteHalfClosure, value: false)
             // An idle client keeps its receive buffer between reads: start it small (it grows
-            // when a read fills it) so that thousands of idle clients cost little memory. 256
-            // bytes hold a startup packet or a pgbench transaction; 512 cost 260 B more per
-            // idle client (BENCHMARKS.md).
-            .childChannelOption(
-                .recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 256, maximum: 65536)
-            )
+            // when a read fills it) so that thousands of idle clients cost little memory. 128
+            // bytes hold a startup packet; 256 cost 128 B more per idle client and NIO's adaptive
+            // allocator another 49 B for its box (BENCHMARKS.md).
+            .childChannelOption(.recvAllocator, value: ReceiveBufferSizer(initial: 128))
             .childChannelInitializer { [self] channel in
                 let index = self.loopIndex(of: channel.eventLoop)
                 let client = ClientConnection(pooler: self, channel: channel, loopIndex: index)

@@ -196,3 +196,52 @@ extension MessageScanner.Chunk: Equatable {
         #expect(WireDecode.parameterStatus(p)! == ("TimeZone", "UTC"))
     }
 }
+
+@Suite struct ReceiveBufferSizerTests {
+    /// Records a read; true when the sizer says the next buffer may be larger.
+    func grow(_ sizer: inout ReceiveBufferSizer, _ bytes: Int) -> Bool { sizer.record(actualReadBytes: bytes) }
+
+    @Test func startsAtAPowerOfTwoWithinTheBounds() {
+        #expect(ReceiveBufferSizer(initial: 128).capacity == 128)
+        #expect(ReceiveBufferSizer(initial: 200).capacity == 128)
+        #expect(ReceiveBufferSizer(initial: 1).capacity == ReceiveBufferSizer.minimum)
+        #expect(ReceiveBufferSizer(initial: 1 << 20).capacity == ReceiveBufferSizer.maximum)
+        #expect(ReceiveBufferSizer(initial: 128).buffer(allocator: ByteBufferAllocator()).capacity >= 128)
+        #expect(ReceiveBufferSizer(initial: 128).nextBufferSize() == 128)
+    }
+
+    @Test func aFullReadDoublesTheBufferUpToTheMaximum() {
+        var sizer = ReceiveBufferSizer(initial: 128)
+        #expect(grow(&sizer, 128) == true)
+        #expect(sizer.capacity == 256)
+        while sizer.capacity < ReceiveBufferSizer.maximum {
+            #expect(grow(&sizer, sizer.capacity) == true)
+        }
+        #expect(grow(&sizer, ReceiveBufferSizer.maximum) == false)
+        #expect(sizer.capacity == ReceiveBufferSizer.maximum)
+    }
+
+    @Test func twoSmallReadsInARowHalveItDownToTheMinimum() {
+        var sizer = ReceiveBufferSizer(initial: 256)
+        #expect(grow(&sizer, 100) == false)
+        #expect(sizer.capacity == 256)
+        #expect(grow(&sizer, 100) == false)
+        #expect(sizer.capacity == 128)
+        // A read between half and full resets the count.
+        #expect(grow(&sizer, 10) == false)
+        #expect(grow(&sizer, 100) == false)
+        #expect(grow(&sizer, 10) == false)
+        #expect(sizer.capacity == 128)
+        #expect(grow(&sizer, 10) == false)
+        #expect(sizer.capacity == 64)
+        #expect(grow(&sizer, 0) == false)
+        #expect(grow(&sizer, 0) == false)
+        #expect(sizer.capacity == ReceiveBufferSizer.minimum)
+    }
+
+    @Test func itIsStoredInlineInAnExistential() {
+        // NIO keeps the allocator as `any RecvByteBufferAllocator`: up to three words are stored
+        // inline; anything larger costs every client a boxed copy.
+        #expect(MemoryLayout<ReceiveBufferSizer>.size <= 3 * MemoryLayout<Int>.size)
+    }
+}
