@@ -614,22 +614,28 @@ public final class Pooler: @unchecked Sendable {
     /// Runs a pool decision under the lock, looks up the connections its actions name there too,
     /// and carries the actions out after the lock is released.
     private func decide(_ body: (inout Shared) -> Void) {
-        // Most events decide one action: it is carried out without an array of its own.
-        var single: Resolved?
-        let resolved = shared.withLockedValue { s -> [Resolved] in
+        let decided = shared.withLockedValue { s -> Decided in
             s.actions.removeAll(keepingCapacity: true)
             body(&s)
-            if s.actions.isEmpty || s.shuttingDown { return [] }
-            if s.actions.count == 1 {
-                let action = s.actions[0]
-                single = Self.resolve(action, in: &s)
-                return []
-            }
+            if s.actions.isEmpty || s.shuttingDown { return .nothing }
+            // Most events decide one action: it is carried out without an array of its own.
+            if s.actions.count == 1 { return .one(Self.resolve(s.actions[0], in: &s)) }
             let actions = s.actions
-            return actions.map { Self.resolve($0, in: &s) }
+            return .many(actions.map { Self.resolve($0, in: &s) })
         }
-        if let single { carryOut(single) }
-        for item in resolved { carryOut(item) }
+        switch decided {
+        case .nothing: break
+        case .one(let item): carryOut(item)
+        case .many(let items): for item in items { carryOut(item) }
+        }
+    }
+
+    /// What a pool decision left to carry out. An enum rather than an optional captured by the
+    /// locked closure: that one was destroyed through the generic value witnesses on every event.
+    private enum Decided {
+        case nothing
+        case one(Resolved)
+        case many([Resolved])
     }
 
     /// Looks up the connections an action names; called under the lock.
