@@ -166,4 +166,19 @@ import Testing
         #expect(view.columns == ["database", "kind", "span", "count", "p50_us", "p95_us", "p99_us", "max_us"])
         #expect(view.rows.count == 6)
     }
+
+    @Test func aRecorderTotalCoversEndedPeriodsAndTheCurrentOne() {
+        let recorder = LatencyRecorder()
+        recorder.record(.transaction, microseconds: 50)
+        recorder.endPeriod()
+        recorder.record(.transaction, microseconds: 70)
+        recorder.endPeriod()
+        recorder.record(.transaction, microseconds: 9_000)
+        #expect(recorder.current.transaction.count == 1)
+        #expect(recorder.lastPeriod.transaction.count == 1)
+        #expect(recorder.lastPeriod.transaction.max == 70)
+        #expect(recorder.total.transaction.count == 3)
+        #expect(recorder.total.transaction.max == 9_000)
+        #expect(recorder.total.transaction.percentile(0.34) < 100)
+    }
 }

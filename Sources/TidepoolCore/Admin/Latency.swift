@@ -89,18 +89,27 @@ public struct LatencySet: Sendable {
 /// The histograms of one database on one event loop, recorded into without hashing: a client
 /// keeps a reference to its database's recorder. Touched only on its event loop.
 public final class LatencyRecorder: @unchecked Sendable {
-    public var total = LatencySet()
-    public var current = LatencySet()
-    public var lastPeriod = LatencySet()
+    /// The periods ended so far; `total` adds the current one. A value is recorded once, into
+    /// `current`, and joins the earlier periods when its period ends.
+    public private(set) var earlier = LatencySet()
+    public private(set) var current = LatencySet()
+    public private(set) var lastPeriod = LatencySet()
 
     public init() {}
 
+    /// Everything recorded since start.
+    public var total: LatencySet {
+        var all = earlier
+        all.merge(current)
+        return all
+    }
+
     public func record(_ kind: LatencySet.Kind, microseconds: UInt64) {
-        total.record(kind, microseconds: microseconds)
         current.record(kind, microseconds: microseconds)
     }
 
     public func endPeriod() {
+        earlier.merge(current)
         lastPeriod = current
         current = LatencySet()
     }
