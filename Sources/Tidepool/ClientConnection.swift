@@ -85,7 +85,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// The values of the tracked parameters as the client should see them.
     @TrackedParameters var wanted: [String: String] = [:]
     var cancelKey: (Int32, Int32)?
-    var loginTimeout: Scheduled<Void>?
     let connectedAt = NIODeadline.now()
     let connectedAtWallClock = Date().timeIntervalSince1970
     var closeReason = "client close request"
@@ -150,15 +149,26 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelActive(context: ChannelHandlerContext) {
         let timeout = pooler.config.global.clientLoginTimeout
         if timeout > .zero {
-            loginTimeout = context.eventLoop.scheduleTask(in: timeout) { [self] in
-                switch state {
-                case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
-                    closeReason = "client_login_timeout"
-                    sendFatal(.fatal(SQLState.protocolViolation, "client_login_timeout: login took too long"))
-                default: break
-                }
-            }
+            // Watched by the loop's sweeper: cheaper than a timer per connection, and nothing
+            // stays in the client once it is logged in.
+            pooler.loopClients[loopIndex].loggingIn[ObjectIdentifier(self)] = (self, .now() + timeout)
         }
+    }
+
+    /// Called by the loop's sweeper when client_login_timeout has passed since the connection.
+    func loginTimedOut() {
+        switch state {
+        case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
+            closeReason = "client_login_timeout"
+            sendFatal(.fatal(SQLState.protocolViolation, "client_login_timeout: login took too long"))
+        default:
+            endLoginTimer()
+        }
+    }
+
+    /// The login is over (done or given up): the sweeper stops watching it.
+    func endLoginTimer() {
+        pooler.loopClients[loopIndex].loggingIn.removeValue(forKey: ObjectIdentifier(self))
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -729,7 +739,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 return
             }
             state = .admin(readOnly: !isAdmin)
-            loginTimeout?.cancel()
+            endLoginTimer()
             var out = channel.allocator.buffer(capacity: 256)
             Wire.authenticationOk(into: &out)
             for (name, value) in [
@@ -778,8 +788,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// ReadyForQuery. `fromPool`: the parameters are the pool's (not a just-borrowed server's), so
     /// their encoding can be shared with the pool's other clients.
     func sendWelcome(_ serverParameters: [String: String], fromPool: Bool) {
-        loginTimeout?.cancel()
-        loginTimeout = nil  // its promise would otherwise stay allocated for the whole session
+        endLoginTimer()
         var out = channel.allocator.buffer(capacity: 512)
         Wire.authenticationOk(into: &out)
         let make = { [wanted] () -> Pooler.Welcome in
@@ -1155,7 +1164,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Gives back or closes the server and forgets the client. Safe to call more than once.
     func finish() {
-        loginTimeout?.cancel()
+        endLoginTimer()
         switch state {
         case .linked(let server):
             let clean = serverIsClean

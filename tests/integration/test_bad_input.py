@@ -133,6 +133,24 @@ def test_client_login_timeout(tidepool):
     still_serving(t)
 
 
+def test_client_login_timeout_spares_logged_in_clients(tidepool):
+    # The timeout is watched by a sweeper per event loop: a client leaves its watch when it has
+    # logged in (as a pool client or on the admin console) and is not closed later.
+    t = tidepool(settings="client_login_timeout = 1\nadmin_users = postgres\n")
+    with t.connect() as c, t.connect(dbname="pgbouncer") as admin:
+        admin.autocommit = True
+        time.sleep(2.5)
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+        assert admin.execute("SHOW VERSION").fetchone() is not None
+    # A client that stops half way is still closed in time after those.
+    s = connect_raw(t)
+    started = time.time()
+    s.sendall(b"\0")
+    data = read_all(s, timeout=5)
+    assert time.time() - started < 4
+    assert "client_login_timeout" in error_fields(data)["M"]
+
+
 def test_function_call_passes_through(tidepool):
     t = tidepool()
     s = connect_raw(t)
