@@ -220,5 +220,9 @@ import Testing
         #expect(parameters.projectedValue.compactMap { $0 } == ["UTC"])
         parameters.wrappedValue["TimeZone"] = "Europe/Paris"
         #expect(parameters.projectedValue[zone] == "Europe/Paris")
+        var several = TrackedParameters(wrappedValue: ["search_path": "a", "client_encoding": "UTF8", "x": "y"])
+        #expect(
+            several.projectedValue
+                == StartupParameters.tracked.map { ["search_path": "a", "client_encoding": "UTF8"][$0] })
     }
 }

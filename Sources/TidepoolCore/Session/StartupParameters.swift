@@ -11,7 +11,12 @@ public struct TrackedParameters: Sendable {
     public var projectedValue: [String?] {
         mutating get {
             if let cache { return cache }
-            let values = StartupParameters.tracked.map { wrappedValue[$0] }
+            // A client sets few parameters: matching each against the seven tracked names costs
+            // less than hashing all seven names for lookups (once per login).
+            var values = [String?](repeating: nil, count: StartupParameters.tracked.count)
+            for (name, value) in wrappedValue {
+                if let index = StartupParameters.tracked.firstIndex(of: name) { values[index] = value }
+            }
             cache = values
             return values
         }
