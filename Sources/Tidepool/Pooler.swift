@@ -337,15 +337,18 @@ public final class Pooler: @unchecked Sendable {
     /// Registers a client that passed the startup packet; fails when max_client_conn or a limit
     /// per client address is reached. `address` is nil for a Unix socket (no per-address limit).
     func register(_ client: ClientConnection, address: String?) -> Result<ClientID, PostgresError> {
-        let g = config.global
+        // Three values read through the lent configuration, not a copy of all the global settings.
+        let maxClientConn = config.global.maxClientConn
+        let maxPerAddress = config.global.maxClientConnPerIP
+        let perSecond = config.global.clientConnectRatePerIP
         let now = NIODeadline.now()
         return shared.withLockedValue { s in
-            guard s.clientCount < g.maxClientConn else {
+            guard s.clientCount < maxClientConn else {
                 return .failure(.fatal(SQLState.tooManyConnections, "no more connections allowed (max_client_conn)"))
             }
             if let address {
-                s.addresses.maxPerAddress = g.maxClientConnPerIP
-                s.addresses.perSecond = g.clientConnectRatePerIP
+                s.addresses.maxPerAddress = maxPerAddress
+                s.addresses.perSecond = perSecond
                 if let refusal = s.addresses.admit(address, now: now) {
                     var error = refusal.postgresError
                     error.severity = "FATAL"
