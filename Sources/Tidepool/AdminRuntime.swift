@@ -78,7 +78,7 @@ extension Pooler {
                         throw PostgresError(code: SQLState.invalidParameterValue, message: "\(error)")
                     }
                 }
-                settings.withLockedValue { $0.config = fresh }
+                settings.withLockedValue { $0.configBox = ConfigBox(value: fresh) }
                 applyPoolSettings(fresh)
                 logger.info("SET \(key) = \(value)")
                 return done("SET", on: loop)

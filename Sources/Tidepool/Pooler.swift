@@ -12,17 +12,12 @@ public final class Pooler: @unchecked Sendable {
     struct Settings {
         /// Boxed, so that a reader takes a reference out of the lock instead of a copy of the
         /// whole configuration (a login read it seven times: ~14,000 instructions of copying).
-        private(set) var configBox: ConfigBox
+        var configBox: ConfigBox
         var userlist: [String: PasswordSecret]
 
         init(config: Config, userlist: [String: PasswordSecret]) {
             configBox = ConfigBox(value: config)
             self.userlist = userlist
-        }
-
-        var config: Config {
-            get { configBox.value }
-            set { configBox = ConfigBox(value: newValue) }
         }
     }
 
