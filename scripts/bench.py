@@ -4,6 +4,7 @@ import datetime
 import glob
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import cpu_seconds, free_port, rss_kb, sh, wait_port  # noqa: E402
+from harness import command_cpu_seconds, cpu_split, free_port, rss_kb, sh, wait_port  # noqa: E402
 
 DURATION = int(os.environ.get("DURATION", "10"))
 CLIENTS = [int(c) for c in os.environ.get("CLIENTS", "20 200 1000 5000").split()]
@@ -121,11 +122,31 @@ def pgbench(port, clients, *args, duration=DURATION, logdir=None):
     return result
 
 
+def children_cpu():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# Where the machine's CPU goes during a run, per 100,000 transactions: the pooler's user and system
+# time, all PostgreSQL processes, and pgbench (the only child that ends during a run).
+CPU_PARTS = ("user", "system", "postgres", "pgbench")
+
+
 def measure(pooler, clients, mode):
     logdir = tempfile.mkdtemp(dir=WORK)
-    before = cpu_seconds(pooler.proc.pid)
+    user, system = cpu_split(pooler.proc.pid)
+    postgres, bench, started = command_cpu_seconds("postgres"), children_cpu(), time.monotonic()
     r = pgbench(pooler.port, clients, "-S", "-M", mode, logdir=logdir)
-    r["cpu_per_100k"] = (cpu_seconds(pooler.proc.pid) - before) / max(r["tx"], 1) * 100_000
+    wall = time.monotonic() - started
+    user_after, system_after = cpu_split(pooler.proc.pid)
+    per_100k = 100_000 / max(r["tx"], 1)
+    r["user"] = (user_after - user) * per_100k
+    r["system"] = (system_after - system) * per_100k
+    r["postgres"] = (command_cpu_seconds("postgres") - postgres) * per_100k
+    r["pgbench"] = (children_cpu() - bench) * per_100k
+    r["cpu_per_100k"] = r["user"] + r["system"]
+    r["all"] = sum(r[k] for k in CPU_PARTS)
+    r["busy"] = r["all"] / per_100k / wall  # cores kept busy by the three
     shutil.rmtree(logdir, ignore_errors=True)
     return r
 
@@ -175,10 +196,11 @@ def main():
                         commands.append(r["cmd"])
                         print(f"  {pooler.name:9} c={clients:5} {mode:8} tps={r['tps']:9.0f} "
                               f"p99={r['p99']:7.1f}ms failed={r['failed']}", file=sys.stderr, flush=True)
-                t = {k: mean([r[k] for r in results["tidepool"]]) for k in ("tps", "avg", "p99", "cpu_per_100k")}
+                keys = ("tps", "avg", "p99", "cpu_per_100k", "all", "busy", *CPU_PARTS)
+                t = {k: mean([r[k] for r in results["tidepool"]]) for k in keys}
                 p = None
                 if results["pgbouncer"]:
-                    p = {k: mean([r[k] for r in results["pgbouncer"]]) for k in ("tps", "avg", "p99", "cpu_per_100k")}
+                    p = {k: mean([r[k] for r in results["pgbouncer"]]) for k in keys}
                     p["failed"] = sum(r["failed"] for r in results["pgbouncer"])
                 t["failed"] = sum(r["failed"] for r in results["tidepool"])
                 rows.append(("pair", clients, mode, t, p))
@@ -221,6 +243,21 @@ def main():
         lines.append(f"| {clients} | {mode} | {t['tps']:.0f} | {p['tps']:.0f} | {t['tps'] / p['tps']:.2f} | "
                      f"{t['avg']:.2f} / {t['p99']:.2f} | {p['avg']:.2f} / {p['p99']:.2f} | "
                      f"{t['cpu_per_100k']:.2f} / {p['cpu_per_100k']:.2f} | {t['failed']} / {p['failed']} |")
+    lines.append("")
+    lines.append("Where the CPU goes, seconds per 100,000 transactions (Tidepool / PgBouncer): the pooler's "
+                 "user and system time, all PostgreSQL processes, pgbench, their sum, and how many cores "
+                 "they kept busy. With the cores saturated, tps is about cores / CPU per transaction, so a "
+                 "pooler that made PgBouncer's system calls with no user time at all would reach at most "
+                 "(PgBouncer's sum) / (its sum - its user time) times PgBouncer's tps: the last column.")
+    lines.append("")
+    lines.append("| clients | protocol | pooler user | pooler system | PostgreSQL | pgbench | sum | cores busy | "
+                 "ceiling |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, clients, mode, t, p in rows:
+        if label != "pair" or p is None:
+            continue
+        cells = " | ".join(f"{t[k]:.2f} / {p[k]:.2f}" for k in (*CPU_PARTS, "all", "busy"))
+        lines.append(f"| {clients} | {mode} | {cells} | {p['all'] / (p['all'] - p['user']):.2f}x |")
     lines.append("")
     lines.append(f"- New connection per transaction (`pgbench -C -S -c 20`): Tidepool {conn_t['tps']:.0f} tps, "
                  f"PgBouncer {conn_p['tps']:.0f} tps ({conn_t['tps'] / conn_p['tps']:.2f}x).")

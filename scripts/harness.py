@@ -1,5 +1,6 @@
 """Helpers shared by the benchmark and soak scripts."""
 
+import glob
 import os
 import socket
 import subprocess
@@ -29,9 +30,26 @@ def wait_port(port, proc):
     raise RuntimeError(f"port {port} never opened")
 
 
-def cpu_seconds(pid):
+def cpu_split(pid):
+    """User and system CPU seconds of a process so far."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def command_cpu_seconds(name):
+    """CPU seconds of every process called NAME, with what its ended children used (PostgreSQL:
+    the postmaster collects its ended backends' time)."""
+    total = 0
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            text = open(stat).read()
+        except OSError:
+            continue
+        comm, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 1:].split()
+        if comm == name:
+            total += sum(int(v) for v in rest[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid):
