@@ -202,6 +202,9 @@ def main():
                 if results["pgbouncer"]:
                     p = {k: mean([r[k] for r in results["pgbouncer"]]) for k in keys}
                     p["failed"] = sum(r["failed"] for r in results["pgbouncer"])
+                    # Each round's pair ran back to back, so its ratio is the fairer comparison on a
+                    # machine whose speed drifts; the table shows their range beside the ratio of means.
+                    p["ratios"] = [a["tps"] / b["tps"] for a, b in zip(results["tidepool"], results["pgbouncer"])]
                 t["failed"] = sum(r["failed"] for r in results["tidepool"])
                 rows.append(("pair", clients, mode, t, p))
         conn_t = pgbench(tidepool.port, 20, "-S", "-C", duration=DURATION)
@@ -227,7 +230,7 @@ def main():
                  f"{os.cpu_count()} cores, Tidepool threads={THREADS}, pool_size={POOL}, "
                  f"{DURATION} s per run, {ROUNDS} alternating rounds")
     lines.append("")
-    lines.append("| clients | protocol | Tidepool tps | PgBouncer tps | ratio | Tidepool avg / p99 ms | "
+    lines.append("| clients | protocol | Tidepool tps | PgBouncer tps | ratio (rounds) | Tidepool avg / p99 ms | "
                  "PgBouncer avg / p99 ms | CPU s per 100k tx (T / P) | failed (T / P) |")
     lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, clients, mode, t, p in rows:
@@ -240,7 +243,8 @@ def main():
             lines.append(f"| {clients} | {mode} | direct PostgreSQL: {t['tps']:.0f} | | | "
                          f"{t['avg']:.2f} / {t['p99']:.2f} | | | {t['failed']} |")
             continue
-        lines.append(f"| {clients} | {mode} | {t['tps']:.0f} | {p['tps']:.0f} | {t['tps'] / p['tps']:.2f} | "
+        spread = f"{min(p['ratios']):.2f}-{max(p['ratios']):.2f}"
+        lines.append(f"| {clients} | {mode} | {t['tps']:.0f} | {p['tps']:.0f} | {t['tps'] / p['tps']:.2f} ({spread}) | "
                      f"{t['avg']:.2f} / {t['p99']:.2f} | {p['avg']:.2f} / {p['p99']:.2f} | "
                      f"{t['cpu_per_100k']:.2f} / {p['cpu_per_100k']:.2f} | {t['failed']} / {p['failed']} |")
     lines.append("")

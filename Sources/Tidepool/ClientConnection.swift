@@ -189,7 +189,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         if !toServer.isEmpty, case .linked(let server) = state, !swallowingUntilReady {
             markSent()
-            server.send(toServer)
+            server.send(toServer, from: self)
             toServer.removeAll(keepingCapacity: true)
         }
         if let timeoutClock { noteClientActivity(timeoutClock) }
@@ -872,7 +872,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 var out = channel.allocator.buffer(capacity: sets.utf8.count + 8)
                 Wire.query(sets, into: &out)
                 swallowingUntilReady = true
-                server.send([out])
+                server.send([out], from: self)
             } else {
                 flushPending(to: server)
             }
@@ -897,7 +897,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         if !toServer.isEmpty {
             markSent()
-            server.send(toServer)
+            server.send(toServer, from: self)
             toServer.removeAll(keepingCapacity: true)
         }
     }

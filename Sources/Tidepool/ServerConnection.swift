@@ -163,11 +163,10 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         if case .ready = phase, let owner, inbound == nil {
             // The hot path: hand the bytes to the client as they are.
             let bytes = unwrapInboundIn(data)
-            let loop = owner.eventLoop
-            if loop.inEventLoop {
+            if owner.loopIndex == loopIndex {
                 owner.serverData(bytes, from: self)  // same loop: no task, no closure
             } else {
-                loop.execute { owner.serverData(bytes, from: self) }
+                owner.eventLoop.execute { owner.serverData(bytes, from: self) }
             }
             return
         }
@@ -342,14 +341,13 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    /// Writes client bytes (whole or partial messages); they are flushed at the end of the loop's
-    /// turn.
-    func send(_ buffers: [ByteBuffer]) {
-        let loop = eventLoop
-        if loop.inEventLoop {
+    /// Writes bytes of `client` (whole or partial messages), called on the client's loop; they are
+    /// flushed at the end of the server loop's turn.
+    func send(_ buffers: [ByteBuffer], from client: ClientConnection) {
+        if client.loopIndex == loopIndex {
             write(buffers)
         } else {
-            loop.execute { self.write(buffers) }
+            eventLoop.execute { self.write(buffers) }
         }
     }
 
