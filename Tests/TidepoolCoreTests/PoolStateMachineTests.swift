@@ -447,22 +447,37 @@ extension [PoolAction] {
         #expect(replacement.compactMap { if case .connect(_, _, let loop) = $0 { loop } else { nil } } == [0])
     }
 
-    @Test func aFreedServerGoesToAWaiterOnItsLoopButNoWaiterIsPassedOverMoreThanFourTimes() {
+    @Test func aFreedServerGoesToAWaiterOnItsLoopButNoWaiterIsPassedOverTooOften() {
+        let passes = PoolStateMachine.maxPassedOver
+        let lookahead = PoolStateMachine.sameLoopLookahead
         var pool = PoolStateMachine(loopCount: 2)
         _ = pool.configure(poolA, settings: PoolSettings(poolSize: 1), now: clock.now)
         let server = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
         #expect(pool.serverConnected(server, now: clock.now) == [.lend(server, to: c(1))])
-        // c2 waits on loop 1 at the head of the queue, c3...c8 behind it on loop 0 (the server's).
+        // c2 waits on loop 1 at the head of the queue, passes + 2 clients behind it on loop 0 (the
+        // server's): they go first until c2 was passed over `passes` times.
         _ = pool.clientWantsServer(c(2), pool: poolA, loop: 1, now: clock.now)
-        for n in 3...8 { _ = pool.clientWantsServer(c(UInt64(n)), pool: poolA, loop: 0, now: clock.now) }
+        let behind = (3..<(passes + 5)).map { c(UInt64($0)) }
+        for client in behind { _ = pool.clientWantsServer(client, pool: poolA, loop: 0, now: clock.now) }
         var served: [ClientID] = []
-        for _ in 0..<7 { served += pool.serverReleased(server, reusable: true, now: clock.now).lends.map(\.1) }
-        #expect(served == [c(3), c(4), c(5), c(6), c(2), c(7), c(8)])
+        for _ in 0...behind.count {
+            served += pool.serverReleased(server, reusable: true, now: clock.now).lends.map(\.1)
+        }
+        #expect(served == Array(behind.prefix(passes)) + [c(2)] + behind.dropFirst(passes))
 
-        // A waiter on the server's loop further back than the look-ahead does not go first.
-        for n in 9...41 { _ = pool.clientWantsServer(c(UInt64(n)), pool: poolA, loop: 1, now: clock.now) }
-        _ = pool.clientWantsServer(c(42), pool: poolA, loop: 0, now: clock.now)
-        #expect(pool.serverReleased(server, reusable: true, now: clock.now).lends.map(\.1) == [c(9)])
+        // A waiter on the server's loop more than `lookahead` places behind the head (another
+        // loop's run of waiters in between) does not go first; one `lookahead` places behind does.
+        let run = (1000...(1000 + lookahead)).map { c(UInt64($0)) }
+        for client in run { _ = pool.clientWantsServer(client, pool: poolA, loop: 1, now: clock.now) }
+        _ = pool.clientWantsServer(c(5000), pool: poolA, loop: 0, now: clock.now)
+        #expect(pool.serverReleased(server, reusable: true, now: clock.now).lends.map(\.1) == [run[0]])
+        var short = PoolStateMachine(loopCount: 2)
+        _ = short.configure(poolA, settings: PoolSettings(poolSize: 1), now: clock.now)
+        let other = short.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        _ = short.serverConnected(other, now: clock.now)
+        for client in run.dropLast() { _ = short.clientWantsServer(client, pool: poolA, loop: 1, now: clock.now) }
+        _ = short.clientWantsServer(c(5000), pool: poolA, loop: 0, now: clock.now)
+        #expect(short.serverReleased(other, reusable: true, now: clock.now).lends.map(\.1) == [c(5000)])
     }
 
     @Test func brokenServerIsReplacedForWaiters() {
