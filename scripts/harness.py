@@ -30,9 +30,16 @@ def wait_port(port, proc):
     raise RuntimeError(f"port {port} never opened")
 
 
+def proc_stat(path):
+    """A /proc stat file as (command name, the fields after it); the name may hold spaces or ')'."""
+    text = open(path).read()
+    end = text.rindex(")")
+    return text[text.index("(") + 1:end], text[end + 1:].split()
+
+
 def cpu_split(pid):
     """User and system CPU seconds of a process so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = proc_stat(f"/proc/{pid}/stat")[1]
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
 
@@ -41,14 +48,13 @@ def command_cpu_seconds(name):
     """CPU seconds of every process called NAME, with what its ended children used (PostgreSQL:
     the postmaster collects its ended backends' time)."""
     total = 0
-    for stat in glob.glob("/proc/[0-9]*/stat"):
+    for path in glob.glob("/proc/[0-9]*/stat"):
         try:
-            text = open(stat).read()
+            comm, fields = proc_stat(path)
         except OSError:
             continue
-        comm, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 1:].split()
         if comm == name:
-            total += sum(int(v) for v in rest[11:15])
+            total += sum(int(v) for v in fields[11:15])
     return total / os.sysconf("SC_CLK_TCK")
 
 

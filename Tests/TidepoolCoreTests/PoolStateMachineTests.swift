@@ -450,10 +450,15 @@ extension [PoolAction] {
     @Test func aFreedServerGoesToAWaiterOnItsLoopButNoWaiterIsPassedOverTooOften() {
         let passes = PoolStateMachine.maxPassedOver
         let lookahead = PoolStateMachine.sameLoopLookahead
-        var pool = PoolStateMachine(loopCount: 2)
-        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 1), now: clock.now)
-        let server = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
-        #expect(pool.serverConnected(server, now: clock.now) == [.lend(server, to: c(1))])
+        // Two loops, one server on loop 0, lent to c1.
+        func poolWithOneServer() -> (PoolStateMachine, ServerID) {
+            var pool = PoolStateMachine(loopCount: 2)
+            _ = pool.configure(poolA, settings: PoolSettings(poolSize: 1), now: clock.now)
+            let server = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+            #expect(pool.serverConnected(server, now: clock.now) == [.lend(server, to: c(1))])
+            return (pool, server)
+        }
+        var (pool, server) = poolWithOneServer()
         // c2 waits on loop 1 at the head of the queue, passes + 2 clients behind it on loop 0 (the
         // server's): they go first until c2 was passed over `passes` times.
         _ = pool.clientWantsServer(c(2), pool: poolA, loop: 1, now: clock.now)
@@ -471,10 +476,7 @@ extension [PoolAction] {
         for client in run { _ = pool.clientWantsServer(client, pool: poolA, loop: 1, now: clock.now) }
         _ = pool.clientWantsServer(c(5000), pool: poolA, loop: 0, now: clock.now)
         #expect(pool.serverReleased(server, reusable: true, now: clock.now).lends.map(\.1) == [run[0]])
-        var short = PoolStateMachine(loopCount: 2)
-        _ = short.configure(poolA, settings: PoolSettings(poolSize: 1), now: clock.now)
-        let other = short.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
-        _ = short.serverConnected(other, now: clock.now)
+        var (short, other) = poolWithOneServer()
         for client in run.dropLast() { _ = short.clientWantsServer(client, pool: poolA, loop: 1, now: clock.now) }
         _ = short.clientWantsServer(c(5000), pool: poolA, loop: 0, now: clock.now)
         #expect(short.serverReleased(other, reusable: true, now: clock.now).lends.map(\.1) == [c(5000)])
