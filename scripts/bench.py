@@ -50,9 +50,13 @@ class Pooler:
                 self.proc.kill()
 
 
-def start_tidepool(pg_port):
+def start_tidepool(pg_port, prepared=BOUNCER_PREPARED):
+    """Tidepool with the features PgBouncer has: named prepared statements are kept across
+    servers (max_prepared_statements) only where this PgBouncer does the same, unless `prepared`."""
+    settings = (f"default_pool_size = {POOL}\nmax_client_conn = 20000\nthreads = {THREADS}\n"
+                f"max_prepared_statements = {200 if prepared else 0}\n")
     proc, port = harness.start_tidepool(
-        WORK, pg_port, f"default_pool_size = {POOL}\nmax_client_conn = 20000\nthreads = {THREADS}\n",
+        WORK, pg_port, settings,
         database="postgres = host=127.0.0.1 port={pg_port} dbname=postgres")
     return Pooler("tidepool", port, proc)
 
@@ -181,14 +185,20 @@ def main():
         sh(f"pgbench -i -q -s 10 -h 127.0.0.1 -p {pg_port} -U postgres postgres")
         tidepool = start_tidepool(pg_port)
         bouncer = start_pgbouncer(pg_port)
+        tracking = None  # Tidepool with prepared statements kept, for -M prepared alone
         direct = pgbench(pg_port, 20, "-S", "-M", "simple", logdir=tempfile.mkdtemp(dir=WORK))
         commands.append(direct["cmd"])
         rows.append(("direct PostgreSQL", 20, "simple", direct, None))
         for clients in CLIENTS:
             for mode in MODES:
                 results = {"tidepool": [], "pgbouncer": []}
-                # An older PgBouncer cannot run -M prepared in transaction mode at all.
-                poolers = (tidepool, bouncer) if mode != "prepared" or BOUNCER_PREPARED else (tidepool,)
+                # An older PgBouncer cannot run -M prepared in transaction mode at all; Tidepool
+                # runs it alone then, with its prepared-statement tracking on.
+                poolers = (tidepool, bouncer)
+                if mode == "prepared" and not BOUNCER_PREPARED:
+                    if tracking is None:
+                        tracking = start_tidepool(pg_port, prepared=True)
+                    poolers = (tracking,)
                 for _ in range(ROUNDS):
                     for pooler in poolers:
                         r = measure(pooler, clients, mode)
@@ -212,6 +222,8 @@ def main():
         commands += [conn_t["cmd"], conn_p["cmd"]]
         tidepool.stop()
         bouncer.stop()
+        if tracking is not None:
+            tracking.stop()
         # Memory is measured on fresh processes: a process that served the load above has memory
         # its allocator kept, which would hide what idle clients cost.
         fresh = start_tidepool(pg_port)
@@ -229,6 +241,12 @@ def main():
     lines.append(f"### {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
                  f"{os.cpu_count()} cores, Tidepool threads={THREADS}, pool_size={POOL}, "
                  f"{DURATION} s per run, {ROUNDS} alternating rounds")
+    lines.append("")
+    version = ".".join(map(str, pgbouncer_version()))
+    lines.append(f"PgBouncer {version}; Tidepool with the same features: max_prepared_statements = "
+                 f"{200 if BOUNCER_PREPARED else 0}" + ("" if BOUNCER_PREPARED else
+                 " (this PgBouncer keeps no prepared statements; Tidepool's -M prepared row runs with 200)")
+                 + ".")
     lines.append("")
     lines.append("| clients | protocol | Tidepool tps | PgBouncer tps | ratio (rounds) | Tidepool avg / p99 ms | "
                  "PgBouncer avg / p99 ms | CPU s per 100k tx (T / P) | failed (T / P) |")
