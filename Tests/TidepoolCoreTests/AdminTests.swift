@@ -48,6 +48,103 @@ import Testing
         #expect(types == [UInt8(ascii: "T"), UInt8(ascii: "D"), UInt8(ascii: "D"), UInt8(ascii: "C")])
     }
 
+    @Test func rowDescriptionCarriesEachColumnsTypeAndWidth() {
+        var buffer = ByteBuffer()
+        AdminResult(columns: ["a", "b", "c", "d"], types: [.text, .int4, .int8, .numeric], rows: []).encode(
+            into: &buffer)
+        #expect(buffer.readInteger(as: UInt8.self) == UInt8(ascii: "T"))
+        _ = buffer.readInteger(as: Int32.self)
+        #expect(buffer.readInteger(as: Int16.self) == 4)
+        var described: [(String, Int32, Int16)] = []
+        while let name = buffer.readNullTerminatedString() {
+            _ = buffer.readInteger(as: Int32.self)  // table
+            _ = buffer.readInteger(as: Int16.self)  // column number
+            let oid = buffer.readInteger(as: Int32.self)!
+            let width = buffer.readInteger(as: Int16.self)!
+            #expect(buffer.readInteger(as: Int32.self) == -1)  // type modifier
+            #expect(buffer.readInteger(as: Int16.self) == 0)  // text format
+            described.append((name, oid, width))
+            if described.count == 4 { break }
+        }
+        #expect(described.map(\.0) == ["a", "b", "c", "d"])
+        #expect(described.map(\.1) == [25, 23, 20, 1700])
+        #expect(described.map(\.2) == [-1, 4, 8, -1])
+        // Without types every column is text, as before.
+        #expect(AdminResult(columns: ["x", "y"], rows: []).types == [.text, .text])
+    }
+
+    /// Every SHOW view, filled with sample data: one type per column, PgBouncer's types where it has
+    /// the column, and in every number column a number or NULL (a typed driver fails on anything else).
+    @Test func everyViewTypesItsColumnsAndItsNumberColumnsHoldNumbers() throws {
+        let config = try Config.parse(
+            "[databases]\na = host=h port=5433 pool_size=3\n[users]\nu = pool_mode=session\n[pooler]\n")
+        let key = PoolKey(database: "a", user: "u")
+        let snapshot = PoolSnapshot(
+            key: key, waiting: 2, lent: 1, idle: 1, connecting: 0, maxWait: .microseconds(1_500_000),
+            settings: PoolSettings(poolSize: 3))
+        var traffic = TrafficBook()
+        var stats = TrafficStats()
+        stats.transactions = 7
+        stats.queries = 9
+        stats.transactionTime = 700
+        traffic.add(stats, database: "a")
+        traffic.endPeriod(seconds: 3)
+        var latency = LatencyBook()
+        latency.total["a"] = LatencySet()
+        var client = ConnectionRow()
+        client.user = "u"
+        client.port = 40_000
+        client.id = "12"
+        var loggingIn = ConnectionRow()  // no id yet
+        loggingIn.port = 40_001
+        let views: [String: AdminResult] = [
+            "POOLS": AdminViews.pools([snapshot], clients: [:], modes: [:]),
+            "LISTS": AdminViews.lists(
+                databases: 1, users: 1, pools: 1, clients: 3, serversUsed: 1, serversIdle: 1, serversLogin: 0),
+            "DATABASES": AdminViews.databases(config, currentConnections: ["a": 2]),
+            "USERS": AdminViews.users(config, poolUsers: ["u", "v"], serverConnections: ["u": 2]),
+            "CLIENTS": AdminViews.connections([client, loggingIn], type: "C"),
+            "STATS": AdminViews.stats(traffic, databases: ["a"]),
+            "STATS_TOTALS": AdminViews.statsTotals(traffic, databases: ["a"]),
+            "STATS_AVERAGES": AdminViews.statsAverages(traffic, databases: ["a"]),
+            "TOTALS": AdminViews.totals(traffic),
+            "LATENCY": AdminViews.latency(latency),
+            "MEM": AdminViews.memory([("process_rss", 1 << 33, 1)]),
+            "STATE": AdminViews.state(paused: false, suspended: false, instanceID: "i", uptimeSeconds: 5),
+            "CONFIG": AdminViews.config(config.displaySettings),
+        ]
+        for (name, view) in views {
+            #expect(view.types.count == view.columns.count, "\(name)")
+            #expect(!view.rows.isEmpty, "\(name)")
+            for row in view.rows {
+                #expect(row.count == view.columns.count, "\(name)")
+                for (index, type) in view.types.enumerated() where type != .text {
+                    if let value = row[index] {
+                        #expect(Int64(value) != nil, "\(name).\(view.columns[index]) = '\(value)'")
+                    }
+                }
+            }
+        }
+        func type(_ view: String, _ column: String) -> AdminResult.ColumnType? {
+            let v = views[view]!
+            return v.columns.firstIndex(of: column).map { v.types[$0] }
+        }
+        // As PgBouncer sends them: counts int4, statistics numeric, names and times text.
+        #expect(type("POOLS", "cl_active") == .int4 && type("POOLS", "maxwait_us") == .int4)
+        #expect(type("POOLS", "pool_mode") == .text && type("POOLS", "database") == .text)
+        #expect(type("STATS", "total_xact_count") == .numeric && type("STATS", "avg_wait_time") == .numeric)
+        #expect(type("STATS_TOTALS", "bytes_sent") == .numeric && type("TOTALS", "value") == .numeric)
+        #expect(type("CLIENTS", "port") == .int4 && type("CLIENTS", "connect_time") == .text)
+        #expect(type("CLIENTS", "remote_pid") == .int4 && type("CLIENTS", "ptr") == .text)
+        #expect(type("DATABASES", "port") == .int4 && type("DATABASES", "disabled") == .int4)
+        #expect(type("DATABASES", "pool_mode") == .text && type("DATABASES", "force_user") == .text)
+        #expect(type("LISTS", "items") == .int4 && type("USERS", "pool_size") == .int4)
+        #expect(type("CONFIG", "value") == .text && type("STATE", "value") == .text)
+        // The client without an id has NULL there, the user without pool_size NULL in pool_size.
+        #expect(views["CLIENTS"]!.rows.contains { $0.last! == nil })
+        #expect(views["USERS"]!.rows.contains { $0[1] == nil })
+    }
+
     @Test func showConfigHasNoSecrets() throws {
         let config = try Config.parse("[databases]\na = host=h password=hunter2\n[pooler]\nauth_file = /x\n")
         let text = config.displaySettings.map { "\($0.0)=\($0.1)" }.joined(separator: " ")

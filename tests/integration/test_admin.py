@@ -37,10 +37,10 @@ def test_show_pools_under_known_load(tidepool, pg):
         [pool] = [p for p in pools if p["database"] == "postgres" and p["user"] == "postgres"]
         assert list(pools[0].keys())[:7] == ["database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
                                              "cl_waiting_cancel_req", "sv_active"]
-        assert pool["sv_active"] == "5"
-        assert pool["cl_waiting"] == "45"
-        assert pool["cl_active"] == "5"
-        assert pool["sv_idle"] == "0"
+        assert pool["sv_active"] == 5
+        assert pool["cl_waiting"] == 45
+        assert pool["cl_active"] == 5
+        assert pool["sv_idle"] == 0
         assert pool["pool_mode"] == "transaction"
         assert int(pool["maxwait"]) * 1_000_000 + int(pool["maxwait_us"]) >= 500_000
         lists = {r["list"]: int(r["items"]) for r in rows(a, "show lists;")}
@@ -55,7 +55,7 @@ def test_show_pools_under_known_load(tidepool, pg):
         th.join(10)
     with admin(t) as a:
         [pool] = [p for p in rows(a, "SHOW POOLS") if p["user"] == "postgres"]
-        assert pool["cl_waiting"] == "0" and pool["sv_active"] == "0" and pool["sv_idle"] == "5"
+        assert pool["cl_waiting"] == 0 and pool["sv_active"] == 0 and pool["sv_idle"] == 5
     for c in holders + waiters:
         c.close()
 
@@ -65,7 +65,7 @@ def test_show_databases_lists_configured_entries(tidepool, pg):
                  settings="admin_users = admin\n")
     with admin(t) as a:
         [db] = rows(a, "SHOW DATABASES")
-        assert (db["name"], db["database"], db["pool_size"], db["port"]) == ("main", "postgres", "7", str(pg.port))
+        assert (db["name"], db["database"], db["pool_size"], db["port"]) == ("main", "postgres", 7, pg.port)
 
 
 def test_console_permissions(tidepool):

@@ -1,6 +1,7 @@
 """Every SHOW view under a known load, the control commands against a real PostgreSQL, and the
 /metrics and /health endpoints checked against the console."""
 
+import decimal
 import json
 import re
 import threading
@@ -97,7 +98,7 @@ def test_every_show_view_under_known_load(tidepool, pg):
 
             users = by(rows(a, "SHOW USERS"), "name")
             assert users["postgres"]["pool_mode"] == "transaction"
-            assert users["postgres"]["current_connections"] == "5"
+            assert users["postgres"]["current_connections"] == 5
 
             state = {r["key"]: r["value"] for r in rows(a, "SHOW STATE")}
             assert state["active"] == "yes" and state["paused"] == "no" and state["instance_id"] == "views-test"
@@ -120,6 +121,24 @@ def test_every_show_view_under_known_load(tidepool, pg):
                            and r["span"] == "total"][0]
             assert int(query_total["count"]) >= 20
             assert 0 < int(query_total["p50_us"]) <= int(query_total["p99_us"]) <= int(query_total["max_us"])
+
+            # Typed as PgBouncer types them, so that a typed driver reads numbers: psycopg parses
+            # every value of a number column (and fails on one that is not a number).
+            types = {}
+            for what in ("POOLS", "CLIENTS", "SERVERS", "DATABASES", "USERS", "LISTS", "MEM", "STATS",
+                         "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "LATENCY", "STATE", "CONFIG"):
+                cur = a.execute(f"SHOW {what}")
+                assert cur.fetchall()
+                types[what] = {d.name: d.type_code for d in cur.description}
+            int4, int8, numeric, text = 23, 20, 1700, 25
+            assert types["POOLS"]["cl_active"] == int4 and types["POOLS"]["database"] == text
+            assert types["CLIENTS"]["port"] == int4 and types["SERVERS"]["remote_pid"] == int4
+            assert types["CLIENTS"]["id"] == int8 and types["CLIENTS"]["connect_time"] == text
+            assert types["STATS"]["total_xact_count"] == numeric and types["TOTALS"]["value"] == numeric
+            assert types["DATABASES"]["pool_size"] == int4 and types["LISTS"]["items"] == int4
+            assert types["MEM"]["size"] == int8 and types["LATENCY"]["p99_us"] == int8
+            assert types["CONFIG"]["value"] == text and types["STATE"]["value"] == text
+            assert isinstance(clients[0]["port"], int) and isinstance(stats["total_xact_count"], decimal.Decimal)
 
             # /metrics agrees with the console.
             status, text = http(port, "/metrics")
@@ -192,7 +211,7 @@ def test_control_commands(tidepool, pg):
         with pytest.raises(psycopg.OperationalError) as info:
             t.connect(dbname="other")
         assert "does not allow connections" in str(info.value)
-        assert by(rows(a, "SHOW DATABASES"), "name")["other"]["disabled"] == "1"
+        assert by(rows(a, "SHOW DATABASES"), "name")["other"]["disabled"] == 1
         with t.connect() as c:
             c.execute("SELECT 1")
         rows(a, "ENABLE other")
@@ -205,7 +224,7 @@ def test_control_commands(tidepool, pg):
             busy.execute("BEGIN")
             busy_pid = busy.execute("SELECT pg_backend_pid()").fetchone()[0]
             assert rows(a, "RECONNECT postgres") == "RECONNECT"
-            closing = [r for r in rows(a, "SHOW SERVERS") if r["close_needed"] == "1"]
+            closing = [r for r in rows(a, "SHOW SERVERS") if r["close_needed"] == 1]
             assert [int(r["remote_pid"]) for r in closing] == [busy_pid]
             waiter = threading.Thread(target=lambda: rows(admin(t), "WAIT_CLOSE postgres"))
             waiter.start()
@@ -231,7 +250,7 @@ def test_control_commands(tidepool, pg):
         assert rows(a, "KILL other") == "KILL"
         with pytest.raises(psycopg.OperationalError):
             doomed.execute("SELECT 1")
-        assert by(rows(a, "SHOW DATABASES"), "name")["other"]["paused"] == "1"
+        assert by(rows(a, "SHOW DATABASES"), "name")["other"]["paused"] == 1
         rows(a, "RESUME other")
         with t.connect(dbname="other") as c:
             assert c.execute("SELECT 1").fetchone() == (1,)

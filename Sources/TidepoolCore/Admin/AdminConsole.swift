@@ -88,14 +88,23 @@ public enum AdminCommand: Equatable, Sendable {
     }
 }
 
-/// A result set of the console: column names and text rows.
+/// A result set of the console: column names and types, and rows in text form.
 public struct AdminResult: Equatable, Sendable {
+    public typealias ColumnType = Wire.ColumnType
+
     public var columns: [String]
+    /// One per column, as PgBouncer types them (counts int4, statistics numeric, the rest text), so
+    /// that a typed driver reads numbers as numbers. Every value of a number column is a number or
+    /// NULL.
+    public var types: [ColumnType]
     public var rows: [[String?]]
     public var tag: String
 
-    public init(columns: [String], rows: [[String?]], tag: String = "SHOW") {
+    /// `types` defaults to text for every column.
+    public init(columns: [String], types: [ColumnType]? = nil, rows: [[String?]], tag: String = "SHOW") {
+        precondition(types == nil || types!.count == columns.count, "one type per column")
         self.columns = columns
+        self.types = types ?? Array(repeating: .text, count: columns.count)
         self.rows = rows
         self.tag = tag
     }
@@ -103,7 +112,7 @@ public struct AdminResult: Equatable, Sendable {
     /// RowDescription, DataRows and CommandComplete; a command without columns only CommandComplete.
     public func encode(into buffer: inout ByteBuffer) {
         // A command (SET, RECONNECT...) answers with its tag alone.
-        if !columns.isEmpty || !rows.isEmpty { Wire.rowDescription(columns, into: &buffer) }
+        if !columns.isEmpty || !rows.isEmpty { Wire.rowDescription(columns, types: types, into: &buffer) }
         for row in rows { Wire.dataRow(row, into: &buffer) }
         Wire.commandComplete(tag, into: &buffer)
     }
@@ -139,7 +148,8 @@ public enum AdminViews {
                     "\(waitUs / 1_000_000)", "\(waitUs % 1_000_000)", (modes[s.key] ?? .transaction).rawValue, nil,
                 ]
             }
-        return AdminResult(columns: columns, rows: rows)
+        let types = [.text, .text] + Array(repeating: .int4, count: 13) + [.text, .text] as [AdminResult.ColumnType]
+        return AdminResult(columns: columns, types: types, rows: rows)
     }
 
     public static func lists(
@@ -151,7 +161,7 @@ public enum AdminViews {
             ("used_servers", serversUsed + serversIdle + serversLogin), ("dns_names", 0), ("dns_zones", 0),
             ("dns_queries", 0), ("dns_pending", 0),
         ]
-        return AdminResult(columns: ["list", "items"], rows: items.map { [$0.0, "\($0.1)"] })
+        return AdminResult(columns: ["list", "items"], types: [.text, .int4], rows: items.map { [$0.0, "\($0.1)"] })
     }
 
     public static func databases(
@@ -173,7 +183,10 @@ public enum AdminViews {
                 "0", paused.contains(name) ? "1" : "0", disabled.contains(name) ? "1" : "0",
             ]
         }
-        return AdminResult(columns: columns, rows: rows)
+        let types: [AdminResult.ColumnType] =
+            [.text, .text, .int4, .text, .text, .int4, .int4, .int4, .int4, .text, .text]
+            + Array(repeating: .int4, count: 6)
+        return AdminResult(columns: columns, types: types, rows: rows)
     }
 
     public static func version(_ version: String) -> AdminResult {
@@ -254,6 +267,10 @@ extension AdminViews {
         "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link", "remote_pid", "tls",
         "application_name", "prepared_statements", "id",
     ]
+    static let connectionTypes: [AdminResult.ColumnType] = [
+        .text, .text, .text, .text, .text, .text, .int4, .text, .int4, .text, .text, .int4, .int4, .int4, .text,
+        .text, .int4, .text, .text, .int4, .int8,
+    ]
 
     static func timestamp(_ seconds: Double) -> String {
         guard seconds > 0 else { return "" }
@@ -269,14 +286,14 @@ extension AdminViews {
     public static func connections(_ rows: [ConnectionRow], type: String) -> AdminResult {
         let sorted = rows.sorted { ($0.database, $0.user, $0.id) < ($1.database, $1.user, $1.id) }
         return AdminResult(
-            columns: connectionColumns,
+            columns: connectionColumns, types: connectionTypes,
             rows: sorted.map { r in
                 [
                     type, r.user, r.database, "none", r.state, r.address, "\(r.port)", r.localAddress,
                     "\(r.localPort)", timestamp(r.connectTime), timestamp(r.requestTime),
                     "\(r.waitMicroseconds / 1_000_000)", "\(r.waitMicroseconds % 1_000_000)", r.closeNeeded ? "1" : "0",
                     "\(type)-\(r.id)", r.link.isEmpty ? nil : r.link, "\(r.remotePID)", nil, r.applicationName,
-                    "\(r.preparedStatements)", r.id,
+                    "\(r.preparedStatements)", r.id.isEmpty ? nil : r.id,
                 ]
             })
     }
@@ -291,12 +308,13 @@ extension AdminViews {
         let rows: [[String?]] = names.map { name in
             let u = config.users[name]
             return [
-                name, u?.poolSize.map { "\($0)" } ?? "", "", (u?.poolMode ?? config.global.poolMode).rawValue,
+                name, u?.poolSize.map { "\($0)" }, nil, (u?.poolMode ?? config.global.poolMode).rawValue,
                 "\(u?.maxUserConnections ?? config.global.maxUserConnections)", "\(serverConnections[name] ?? 0)",
                 "0", "0",
             ]
         }
-        return AdminResult(columns: columns, rows: rows)
+        let types: [AdminResult.ColumnType] = [.text, .int4, .int4, .text, .int4, .int4, .int4, .int4]
+        return AdminResult(columns: columns, types: types, rows: rows)
     }
 
     /// SHOW STATE: whether the pooler is active, paused or suspended, and which instance this is.
@@ -311,7 +329,7 @@ extension AdminViews {
     /// SHOW MEM: Tidepool's own figures in PgBouncer's columns (name, size, used, free, memtotal).
     public static func memory(_ items: [(name: String, size: Int, used: Int)]) -> AdminResult {
         AdminResult(
-            columns: ["name", "size", "used", "free", "memtotal"],
+            columns: ["name", "size", "used", "free", "memtotal"], types: [.text, .int8, .int8, .int8, .int8],
             rows: items.map { [$0.name, "\($0.size)", "\($0.used)", "0", "\($0.size * $0.used)"] })
     }
 }

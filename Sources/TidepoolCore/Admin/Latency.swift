@@ -153,6 +153,7 @@ extension AdminViews {
                 }
             }
         }
-        return AdminResult(columns: columns, rows: rows)
+        let types: [AdminResult.ColumnType] = [.text, .text, .text] + Array(repeating: .int8, count: 5)
+        return AdminResult(columns: columns, types: types, rows: rows)
     }
 }

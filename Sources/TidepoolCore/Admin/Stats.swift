@@ -116,7 +116,7 @@ extension AdminViews {
             let average = (book.lastPeriod[db] ?? TrafficStats()).averages(overSeconds: book.lastPeriodSeconds)
             return [db] + (total.fields + average).map { "\($0)" }
         }
-        return AdminResult(columns: columns, rows: rows)
+        return AdminResult(columns: columns, types: nameThenNumbers(columns.count), rows: rows)
     }
 
     static let totalsNames = statsNames.map {
@@ -128,7 +128,8 @@ extension AdminViews {
         let rows: [[String?]] = Set(databases).union(book.totals.keys).sorted().map { db in
             [db] + (book.totals[db] ?? TrafficStats()).fields.map { "\($0)" }
         }
-        return AdminResult(columns: ["database"] + totalsNames, rows: rows)
+        return AdminResult(
+            columns: ["database"] + totalsNames, types: nameThenNumbers(1 + totalsNames.count), rows: rows)
     }
 
     /// SHOW STATS_AVERAGES.
@@ -136,7 +137,8 @@ extension AdminViews {
         let rows: [[String?]] = Set(databases).union(book.totals.keys).sorted().map { db in
             [db] + (book.lastPeriod[db] ?? TrafficStats()).averages(overSeconds: book.lastPeriodSeconds).map { "\($0)" }
         }
-        return AdminResult(columns: ["database"] + totalsNames, rows: rows)
+        return AdminResult(
+            columns: ["database"] + totalsNames, types: nameThenNumbers(1 + totalsNames.count), rows: rows)
     }
 
     /// SHOW TOTALS: the sums over all databases, one (name, value) row each.
@@ -147,6 +149,11 @@ extension AdminViews {
         var rows: [[String?]] = []
         for (i, name) in totalsNames.enumerated() { rows.append(["total_\(name)", "\(total.fields[i])"]) }
         for (i, name) in totalsNames.enumerated() { rows.append(["avg_\(name)", "\(averages[i])"]) }
-        return AdminResult(columns: ["name", "value"], rows: rows)
+        return AdminResult(columns: ["name", "value"], types: [.text, .numeric], rows: rows)
+    }
+
+    /// The types of `count` columns: a name, then statistics, which PgBouncer sends as numeric.
+    static func nameThenNumbers(_ count: Int) -> [AdminResult.ColumnType] {
+        [.text] + Array(repeating: .numeric, count: count - 1)
     }
 }

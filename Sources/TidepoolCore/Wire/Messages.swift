@@ -147,17 +147,38 @@ public enum Wire {
         }
     }
 
-    public static func rowDescription(_ columns: [String], into buffer: inout ByteBuffer) {
+    /// Columns sent in text format; `types` gives each column's type (text when nil).
+    public static func rowDescription(
+        _ columns: [String], types: [ColumnType]? = nil, into buffer: inout ByteBuffer
+    ) {
         withMessage(MessageType.rowDescription, into: &buffer) {
             $0.writeInteger(Int16(columns.count))
-            for name in columns {
+            for (index, name) in columns.enumerated() {
+                let type = types?[index] ?? .text
                 $0.writeNullTerminatedString(name)
                 $0.writeInteger(Int32(0))  // table oid
                 $0.writeInteger(Int16(0))  // column number
-                $0.writeInteger(Int32(25))  // text
-                $0.writeInteger(Int16(-1))
-                $0.writeInteger(Int32(-1))
+                $0.writeInteger(type.rawValue)
+                $0.writeInteger(type.size)
+                $0.writeInteger(Int32(-1))  // type modifier
                 $0.writeInteger(Int16(0))  // text format
+            }
+        }
+    }
+
+    /// The column types of the results the pooler makes itself, by PostgreSQL type OID.
+    public enum ColumnType: Int32, Sendable {
+        case text = 25
+        case int4 = 23
+        case int8 = 20
+        case numeric = 1700
+
+        /// pg_type.typlen: the width of a fixed-size type, -1 for a variable one.
+        var size: Int16 {
+            switch self {
+            case .int4: 4
+            case .int8: 8
+            case .text, .numeric: -1
             }
         }
     }
