@@ -102,7 +102,7 @@ public struct AdminResult: Equatable, Sendable {
 
     /// `types` defaults to text for every column.
     public init(columns: [String], types: [ColumnType]? = nil, rows: [[String?]], tag: String = "SHOW") {
-        precondition(types == nil || types!.count == columns.count, "one type per column")
+        assert(types == nil || types!.count == columns.count, "one type per column")
         self.columns = columns
         self.types = types ?? Array(repeating: .text, count: columns.count)
         self.rows = rows

@@ -154,7 +154,7 @@ public enum Wire {
         withMessage(MessageType.rowDescription, into: &buffer) {
             $0.writeInteger(Int16(columns.count))
             for (index, name) in columns.enumerated() {
-                let type = types?[index] ?? .text
+                let type = types.flatMap { index < $0.count ? $0[index] : nil } ?? .text
                 $0.writeNullTerminatedString(name)
                 $0.writeInteger(Int32(0))  // table oid
                 $0.writeInteger(Int16(0))  // column number
