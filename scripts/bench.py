@@ -32,6 +32,8 @@ def pgbouncer_version():
 # PgBouncer keeps named prepared statements working in transaction mode from 1.21 on.
 BOUNCER_PREPARED = pgbouncer_version() >= (1, 21)
 POOL = 20
+# max_prepared_statements wherever named prepared statements are kept across servers.
+PREPARED_STATEMENTS = 200
 WORK = tempfile.mkdtemp(prefix="tidepool-bench-")
 os.chmod(WORK, 0o755)
 IS_ROOT = os.getuid() == 0
@@ -54,7 +56,7 @@ def start_tidepool(pg_port, prepared=BOUNCER_PREPARED):
     """Tidepool with the features PgBouncer has: named prepared statements are kept across
     servers (max_prepared_statements) only where this PgBouncer does the same, unless `prepared`."""
     settings = (f"default_pool_size = {POOL}\nmax_client_conn = 20000\nthreads = {THREADS}\n"
-                f"max_prepared_statements = {200 if prepared else 0}\n")
+                f"max_prepared_statements = {PREPARED_STATEMENTS if prepared else 0}\n")
     proc, port = harness.start_tidepool(
         WORK, pg_port, settings,
         database="postgres = host=127.0.0.1 port={pg_port} dbname=postgres")
@@ -82,7 +84,7 @@ max_client_conn = 20000
 log_connections = 0
 log_disconnections = 0
 logfile = {WORK}/pgbouncer.log
-""" + ("max_prepared_statements = 200\n" if BOUNCER_PREPARED else ""))
+""" + (f"max_prepared_statements = {PREPARED_STATEMENTS}\n" if BOUNCER_PREPARED else ""))
     os.chmod(ini, 0o644)
     os.chmod(users, 0o644)
     cmd = ["pgbouncer", ini]
@@ -244,8 +246,9 @@ def main():
     lines.append("")
     version = ".".join(map(str, pgbouncer_version()))
     lines.append(f"PgBouncer {version}; Tidepool with the same features: max_prepared_statements = "
-                 f"{200 if BOUNCER_PREPARED else 0}" + ("" if BOUNCER_PREPARED else
-                 " (this PgBouncer keeps no prepared statements; Tidepool's -M prepared row runs with 200)")
+                 f"{PREPARED_STATEMENTS if BOUNCER_PREPARED else 0}" + ("" if BOUNCER_PREPARED else
+                 " (this PgBouncer keeps no prepared statements; Tidepool's -M prepared row runs with "
+                 f"{PREPARED_STATEMENTS})")
                  + ".")
     lines.append("")
     lines.append("| clients | protocol | Tidepool tps | PgBouncer tps | ratio (rounds) | Tidepool avg / p99 ms | "

@@ -147,14 +147,12 @@ public enum Wire {
         }
     }
 
-    /// Columns sent in text format; `types` gives each column's type (text when nil).
-    public static func rowDescription(
-        _ columns: [String], types: [ColumnType]? = nil, into buffer: inout ByteBuffer
-    ) {
+    /// Columns sent in text format; `types` gives each column's type (text for a column past its end).
+    public static func rowDescription(_ columns: [String], types: [ColumnType], into buffer: inout ByteBuffer) {
         withMessage(MessageType.rowDescription, into: &buffer) {
             $0.writeInteger(Int16(columns.count))
             for (index, name) in columns.enumerated() {
-                let type = types.flatMap { index < $0.count ? $0[index] : nil } ?? .text
+                let type = index < types.count ? types[index] : .text
                 $0.writeNullTerminatedString(name)
                 $0.writeInteger(Int32(0))  // table oid
                 $0.writeInteger(Int16(0))  // column number
