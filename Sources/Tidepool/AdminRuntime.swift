@@ -228,7 +228,7 @@ extension ClientConnection {
         var row = ConnectionRow()
         row.user = user
         row.database = databaseName
-        switch state {
+        switch session.state {
         case .waiting: row.state = "waiting"
         case .startup, .authenticating, .awaitingWelcome: row.state = "login"
         case .closed: row.state = "closed"
@@ -244,21 +244,19 @@ extension ClientConnection {
         }
         row.connectTime = connectedAtWallClock
         row.requestTime = connectedAtWallClock
-        if case .waiting = state, let start = waitStart {
+        if session.state == .waiting, let start = session.waitStart {
             row.waitMicroseconds = Int((NIODeadline.now() - start).nanoseconds / 1000)
         }
         row.id = id.map { "\($0.raw)" } ?? ""
-        if case .linked(let server) = state { row.link = "\(server.id)" }
-        row.applicationName = wanted["application_name"] ?? ""
-        row.preparedStatements = prepared?.statements.count ?? 0
+        if let server { row.link = "\(server.id)" }
+        row.applicationName = session.wanted["application_name"] ?? ""
+        row.preparedStatements = session.prepared?.statements.count ?? 0
         return row
     }
 
     /// KILL and KILL_CLIENT: the client is told and disconnected.
     func kill(_ reason: String) {
-        if case .closed = state { return }
-        closeReason = reason
-        sendFatal(.fatal(SQLState.adminShutdown, "terminating connection due to administrator command"))
+        sendFatal(.fatal(SQLState.adminShutdown, "terminating connection due to administrator command"), reason: reason)
     }
 }
 
@@ -290,7 +288,7 @@ extension ServerConnection {
         if let owner, let ownerID = owner.id { row.link = "\(ownerID)" }
         row.remotePID = Int(processID)
         row.applicationName = parameters["application_name"] ?? ""
-        row.preparedStatements = statements.count
+        row.preparedStatements = sessionState.statements.count
         return row
     }
 }

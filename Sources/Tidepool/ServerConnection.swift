@@ -77,12 +77,16 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     let database: DatabaseEntry?
 
     let connectedAtWallClock = Date().timeIntervalSince1970
+    /// The parameters and prepared statements this backend has; the linked client's session
+    /// reads and updates them.
+    let sessionState: ServerSessionState
     /// ParameterStatus values as this backend last reported them.
-    @TrackedParameters var parameters: [String: String] = [:]
+    var parameters: [String: String] {
+        get { sessionState.parameters }
+        set { sessionState.parameters = newValue }
+    }
     var processID: Int32 = 0
     var secretKey: Int32 = 0
-    /// The pooler-wide prepared statements this backend holds; only the linked client touches it.
-    var statements: ServerStatementCache
 
     /// The index of the server's event loop in the pooler's table.
     let loopIndex: Int
@@ -95,7 +99,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         self.pool = pool
         self.pooler = pooler
         self.database = database
-        self.statements = ServerStatementCache(capacity: pooler.config.global.maxPreparedStatements)
+        self.sessionState = ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements)
         self.address = Address(database)
     }
 
@@ -368,7 +372,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         onLoop {
             guard case .ready = self.phase, let context = self.context else { return }
             self.owner = nil
-            self.statements.removeAll()  // DISCARD ALL and the like drop them
+            self.sessionState.statements.removeAll()  // DISCARD ALL and the like drop them
             self.runInternal(sql, purpose: .reset, context: context)
         }
     }

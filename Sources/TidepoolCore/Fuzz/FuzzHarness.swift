@@ -28,70 +28,80 @@ public enum FuzzHarness {
         }
     }
 
-    /// Client messages as the pooler reads them in transaction mode with prepared statements on.
+    /// Client messages as the pooler reads them in transaction mode with prepared statements on:
+    /// the real `ClientSession`, with the rest of the input as a conversation.
     static func clientMessages(_ buffer: inout ByteBuffer) {
-        var scanner = MessageScanner(maxMessageLength: 1 << 20)
-        var tracker = TransactionTracker()
-        var prepared = PreparedStatementTracker()
-        var server = ServerStatementCache(capacity: 4)
-        while true {
-            let chunk: MessageScanner.Chunk?
-            do {
-                chunk = try scanner.next(
-                    from: &buffer,
-                    peek: { type, bytes, start in
-                        if PreparedStatementTracker.inspects(type, bytes, bodyStart: start) { return .inspect }
-                        tracker.clientSent(type)
-                        prepared.clientForwarded(type)
-                        return .forward
-                    })
-            } catch {
-                return
-            }
-            guard let chunk else { return }
-            if case .message(let type, let body, let whole) = chunk {
-                tracker.clientSent(type)
-                var out: [ByteBuffer] = []
-                prepared.clientMessage(type: type, body: body, whole: whole, server: &server, into: &out)
-                _ = prepared.takeReplies()
-                if type == MessageType.query, let sql = WireDecode.queryText(body) {
-                    _ = try? AdminCommand.parse(sql)
-                    _ = SQLStatementCommand.parse(sql)
-                }
-            }
-            // Answer every request the way a server might, to drive the response queue too.
-            for type in [UInt8(ascii: "1"), UInt8(ascii: "2"), UInt8(ascii: "C"), MessageType.readyForQuery] {
-                _ = prepared.serverMessage(type, server: &server)
-            }
-            _ = prepared.takeReplies()
-        }
+        conversation(&buffer, poolMode: .transaction, tracksPrepared: true)
     }
 
-    /// Server messages as a linked client reads them.
+    /// Server messages as a linked client reads them, in a pool mode the input picks.
     static func serverMessages(_ buffer: inout ByteBuffer) {
-        var scanner = MessageScanner(maxMessageLength: 1 << 20)
-        var prepared = PreparedStatementTracker()
-        var server = ServerStatementCache(capacity: 2)
-        var tracker = TransactionTracker()
-        var out: [ByteBuffer] = []
-        var parse = ByteBuffer(bytes: [0x73, 0x31, 0] + Array("select 1".utf8) + [0, 0, 0])
-        prepared.clientMessage(
-            type: MessageType.parse, body: parse, whole: parse, server: &server, into: &out)
-        parse.moveReaderIndex(to: 0)
-        while let chunk = try? scanner.next(from: &buffer, classify: { _ in .inspect }) {
-            guard case .message(let type, let body, _) = chunk else { continue }
-            switch type {
-            case MessageType.errorResponse, MessageType.noticeResponse: _ = WireDecode.errorFields(body)
-            case MessageType.parameterStatus: _ = WireDecode.parameterStatus(body)
-            case MessageType.readyForQuery:
-                var b = body
-                let status = TransactionStatus(rawValue: b.readInteger(as: UInt8.self) ?? 0) ?? .failed
-                tracker.serverReady(status)
-            default: break
+        let mode = PoolMode.allCases[Int(buffer.readInteger(as: UInt8.self) ?? 0) % PoolMode.allCases.count]
+        conversation(&buffer, poolMode: mode, tracksPrepared: mode != .session)
+    }
+
+    /// Drives one logged-in `ClientSession` through a conversation read from the input: each step is
+    /// a kind byte, a length byte and that many bytes. Kinds: client bytes, server bytes, a lend,
+    /// a cancel request, a cancel's arrival, a timer tick, the server lost, the client gone. The
+    /// pool's side is played straight: a request for a server is answered at the next lend step,
+    /// a released server may be lent again. Checks that the session's state and its server agree.
+    static func conversation(_ buffer: inout ByteBuffer, poolMode: PoolMode, tracksPrepared: Bool) {
+        var session = ClientSession(maxMessageLength: 1 << 20)
+        session.poolMode = poolMode
+        if tracksPrepared { session.prepared = PreparedStatementTracker() }
+        var settings = ClientTimeoutSettings()
+        settings.queryTimeout = .milliseconds(5)
+        let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        session.timeoutClock = ClientSession.TimeoutClock(settings: settings, now: start)
+        var now = start
+        var actions: [ClientSession.Action] = []
+        session.loggedIn(now: now, into: &actions)
+        let server = ServerSessionState(maxPreparedStatements: 4)
+        var cancels = 0
+        let allocator = ByteBufferAllocator()
+        while session.state != .closed, let kind = buffer.readInteger(as: UInt8.self),
+            let length = buffer.readInteger(as: UInt8.self),
+            var bytes = buffer.readSlice(length: min(Int(length), buffer.readableBytes))
+        {
+            now = now + .microseconds(Int64(kind))
+            switch kind % 8 {
+            case 0:
+                do {
+                    try session.clientBytes(&bytes, now: now, isKnownStatement: { $0.count % 2 == 0 }, into: &actions)
+                } catch {
+                    session.close(error.postgresError, reason: "bad packet", into: &actions)
+                }
+                if bytes.readableBytes > 0, session.state != .closed { session.stash(&bytes) }
+                session.clientReadDone(now: now, into: &actions)
+            case 1:
+                session.serverBytes(bytes, now: now, allocator: allocator, into: &actions)
+            case 2:
+                _ = session.lent(
+                    server, now: now, allocator: allocator, isKnownStatement: { _ in false }, into: &actions)
+            case 3:
+                session.cancelRequested(now: now, allocator: allocator, into: &actions)
+            case 4:
+                if cancels > 0 {
+                    cancels -= 1
+                    session.cancelFinished(now: now, into: &actions)
+                }
+            case 5:
+                session.tick(now: now + .milliseconds(Int64(length)), into: &actions)
+            case 6:
+                session.serverLost(into: &actions)
+            default:
+                session.finish(serverResetQuery: "DISCARD ALL", resetAlways: false, into: &actions)
             }
-            _ = prepared.serverMessage(type, server: &server)
-            _ = prepared.takeReplies()
-            _ = prepared.takeAccepted()
+            for action in actions {
+                switch action {
+                case .sendToServer: session.toServer.removeAll()
+                case .cancelServerQuery(let reportBack): if reportBack { cancels += 1 }
+                case .handInTraffic: _ = session.takeTraffic()
+                default: break
+                }
+            }
+            actions.removeAll(keepingCapacity: true)
+            precondition((session.state == .linked) == (session.server != nil), "linked state and server disagree")
         }
     }
 

@@ -1,0 +1,233 @@
+import NIOCore
+
+extension ClientSession {
+    /// Bytes the client sent while logged in to a pool (idle, queued or linked). Consumes what it can;
+    /// returns when `buffer` is used up, when more bytes are needed, or when the state left those
+    /// three (the rest is for the caller: a closed client's bytes are dropped).
+    /// `isKnownStatement` says whether some server has accepted a pooler-wide statement name.
+    public mutating func clientBytes(
+        _ buffer: inout ByteBuffer, now: NIODeadline, isKnownStatement: (String) -> Bool,
+        into actions: inout [Action]
+    ) throws(WireError) {
+        while buffer.readableBytes > 0 {
+            switch state {
+            case .idle, .waiting, .linked:
+                if prepared != nil {
+                    guard try preparedStep(&buffer, now: now, isKnownStatement: isKnownStatement, into: &actions)
+                    else { return }
+                    continue
+                }
+                guard
+                    let chunk = try scanner.next(
+                        from: &buffer,
+                        classify: { type in
+                            if type == MessageType.terminate { return .inspect }
+                            tracker.clientSent(type)
+                            return .forward
+                        })
+                else { return }
+                switch chunk {
+                case .forward(let bytes):
+                    forward(bytes, now: now, into: &actions)
+                case .message:
+                    terminate(into: &actions)
+                    return
+                }
+            default:
+                return
+            }
+        }
+    }
+
+    /// The end of one read of client bytes: what was gathered for the linked server goes, and the
+    /// timeouts learn the client is active.
+    public mutating func clientReadDone(now: NIODeadline, into actions: inout [Action]) {
+        if !toServer.isEmpty, state == .linked, !swallowingUntilReady {
+            markSent(now: now)
+            actions.append(.sendToServer)
+        }
+        if let timeoutClock { noteClientActivity(timeoutClock, now: now) }
+    }
+
+    /// Counts a read for SHOW STATS and keeps its first bytes for log_slow_query_ms.
+    public mutating func clientRead(_ buffer: ByteBuffer) {
+        traffic.received += buffer.readableBytes
+        if queryStart == nil, slowQueryThreshold > 0 {
+            slowQueryRequest = buffer.getSlice(at: buffer.readerIndex, length: min(buffer.readableBytes, 160))
+        }
+    }
+
+    mutating func terminate(into actions: inout [Action]) {
+        actions.append(.terminate)
+    }
+
+    mutating func forward(_ bytes: ByteBuffer, now: NIODeadline, into actions: inout [Action]) {
+        switch state {
+        case .linked where !swallowingUntilReady:
+            toServer.append(bytes)
+        case .idle:
+            pending.append(bytes)
+            state = .waiting
+            waitStart = now
+            actions.append(.requestServer)
+        default:
+            pending.append(bytes)
+        }
+    }
+
+    /// One step for a client whose named prepared statements the pooler keeps. Returns false when
+    /// it needs more bytes or a server first.
+    mutating func preparedStep(
+        _ buffer: inout ByteBuffer, now: NIODeadline, isKnownStatement: (String) -> Bool,
+        into actions: inout [Action]
+    ) throws(WireError) -> Bool {
+        guard state == .linked, !swallowingUntilReady, let server else {
+            guard state == .idle else {
+                // Kept whole until a server is linked: how it is rewritten depends on that server.
+                stash(&buffer)
+                return false
+            }
+            if buffer.getInteger(at: buffer.readerIndex, as: UInt8.self) == MessageType.terminate {
+                terminate(into: &actions)
+                return false
+            }
+            if let answer = prepared!.answerWithoutServer(buffer, isKnown: isKnownStatement) {
+                buffer.moveReaderIndex(forwardBy: answer.consumed)
+                actions.append(.writeToClient(answer.reply))
+                actions.append(.flushClient)
+                return true
+            }
+            state = .waiting
+            waitStart = now
+            stash(&buffer)
+            actions.append(.requestServer)
+            return false
+        }
+        guard
+            let chunk = try scanner.next(
+                from: &buffer,
+                peek: { type, bytes, bodyStart in
+                    if type == MessageType.terminate
+                        || PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart)
+                    {
+                        return .inspect
+                    }
+                    tracker.clientSent(type)
+                    prepared!.clientForwarded(type)
+                    return .forward
+                })
+        else { return false }
+        switch chunk {
+        case .forward(let bytes):
+            toServer.append(bytes)
+        case .message(let type, let body, let whole):
+            if type == MessageType.terminate {
+                terminate(into: &actions)
+                return false
+            }
+            tracker.clientSent(type)
+            prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
+            if writeMadeUpReplies(now: now, into: &actions) {
+                actions.append(.flushClient)
+                if toServer.isEmpty, serverInbound == nil, mayGiveBack {
+                    unlink(now: now, reusable: true, into: &actions)
+                }
+            }
+        }
+        return true
+    }
+
+    /// Moves all of `buffer` to the end of `inbound`.
+    mutating func stash(_ buffer: inout ByteBuffer) {
+        if inbound == nil {
+            inbound = buffer
+        } else {
+            inbound!.writeBuffer(&buffer)
+        }
+        buffer.moveReaderIndex(to: buffer.writerIndex)
+    }
+
+    /// Writes the answers the prepared-statement tracker made up that are due. True if it wrote any.
+    mutating func writeMadeUpReplies(now: NIODeadline, into actions: inout [Action]) -> Bool {
+        guard prepared != nil else { return false }
+        let replies = prepared!.takeReplies()
+        for reply in replies {
+            if reply.getInteger(at: reply.readerIndex, as: UInt8.self) == MessageType.readyForQuery,
+                let raw = reply.getInteger(at: reply.readerIndex + 5, as: UInt8.self),
+                let status = TransactionStatus(rawValue: raw)
+            {
+                // Ends a client Query the pooler answered itself, like one from the server.
+                tracker.serverReady(status)
+                countReady(status, now: now, into: &actions)
+            }
+            actions.append(.writeToClient(reply))
+        }
+        return !replies.isEmpty
+    }
+
+    // MARK: Cancel
+
+    /// A CancelRequest with this client's key. A queued client leaves the queue and its requests
+    /// fail as if cancelled by the server; a client using a server keeps it until the cancel has
+    /// reached PostgreSQL, so that the cancel cannot land on a query another client runs on that
+    /// backend after a hand-over.
+    public mutating func cancelRequested(now: NIODeadline, allocator: ByteBufferAllocator, into actions: inout [Action])
+    {
+        if state == .waiting {
+            cancelWhileWaiting(now: now, allocator: allocator, into: &actions)
+            return
+        }
+        guard state == .linked, !tracker.isClean else { return }
+        cancelsInFlight += 1
+        actions.append(.cancelServerQuery(reportBack: true))
+    }
+
+    /// A cancel request sent for this client reached PostgreSQL (or gave up): the server may go back.
+    public mutating func cancelFinished(now: NIODeadline, into actions: inout [Action]) {
+        cancelsInFlight -= 1
+        guard state == .linked, serverInbound == nil, mayGiveBack else { return }
+        unlink(now: now, reusable: true, into: &actions)
+    }
+
+    /// Answers every request the queued client has sent with the cancel error, one ReadyForQuery each.
+    mutating func cancelWhileWaiting(now: NIODeadline, allocator: ByteBufferAllocator, into actions: inout [Action]) {
+        actions.append(.leaveQueue)
+        var answers = max(tracker.outstanding, 1)
+        var midMessage = !scanner.atMessageBoundary
+        if prepared != nil, var stash = inbound {
+            // Unread bytes kept for the server: count the requests among them, and drop them.
+            inbound = nil
+            var counter = MessageScanner()
+            var requests = 0
+            while let chunk = try? counter.next(
+                from: &stash,
+                classify: { type in
+                    if type == MessageType.query || type == MessageType.sync || type == MessageType.functionCall {
+                        requests += 1
+                    }
+                    return .forward
+                }), case .forward = chunk
+            {}
+            answers = max(tracker.outstanding + requests, 1)
+            midMessage = midMessage || !counter.atMessageBoundary || stash.readableBytes > 0
+        }
+        let cancelled = PostgresError(code: SQLState.queryCanceled, message: "canceling statement due to user request")
+        guard !midMessage else {
+            var fatal = cancelled
+            fatal.severity = "FATAL"
+            state = .idle  // nothing linked: nothing to give back
+            close(fatal, reason: "cancelled in the middle of a message", into: &actions)
+            return
+        }
+        pending.removeAll()
+        var out = allocator.buffer(capacity: 128)
+        Wire.errorResponse(cancelled, into: &out)
+        for _ in 0..<answers { Wire.readyForQuery(.idle, into: &out) }
+        tracker.reset()
+        state = .idle
+        waitStart = nil
+        timeoutClock?.idleSince = now
+        actions.append(.writeToClient(out))
+        actions.append(.flushClient)
+    }
+}

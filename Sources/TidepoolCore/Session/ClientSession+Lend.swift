@@ -1,0 +1,88 @@
+import NIOCore
+
+extension ClientSession {
+    /// The pool lent the queued client a server. Returns false when the client no longer wants one
+    /// (it left or was cancelled meanwhile): the caller gives the server straight back.
+    public mutating func lent(
+        _ server: ServerSessionState, now: NIODeadline, allocator: ByteBufferAllocator,
+        isKnownStatement: (String) -> Bool, into actions: inout [Action]
+    ) -> Bool {
+        guard state == .waiting else { return false }
+        state = .linked
+        self.server = server
+        traffic.serverAssignments += 1
+        if let start = waitStart {
+            let waited = Int((now - start).nanoseconds / 1000)
+            traffic.waitTime += waited
+            actions.append(.recordTiming(.wait, microseconds: waited))
+            waitStart = nil
+        }
+        if let timeoutClock {
+            timeoutClock.linkedAt = now
+            timeoutClock.queryStartedAt = tracker.outstanding > 0 ? now : nil
+            timeoutClock.quietSince = nil
+        }
+        serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
+        serverInbound = nil
+        if let sync = parameterSync(server) {
+            var out = allocator.buffer(capacity: sync.utf8.count + 8)
+            Wire.query(sync, into: &out)
+            swallowingUntilReady = true
+            // Ahead of anything the client sent: its bytes wait for the sync's ReadyForQuery.
+            toServer.insert(out, at: 0)
+            actions.append(.sendToServer)
+        } else {
+            flushPending(now: now, isKnownStatement: isKnownStatement, into: &actions)
+        }
+        return true
+    }
+
+    /// The SETs that make the server's tracked parameters the client's, in one Query; nil when they
+    /// already agree. The server is taken to hold the values from now on.
+    mutating func parameterSync(_ server: ServerSessionState) -> String? {
+        guard server.$parameters != $wanted else { return nil }
+        var sets = ""
+        for name in StartupParameters.tracked {
+            // Parameters the server does not report (search_path) are known only once set here.
+            guard let value = wanted[name], server.parameters[name] != value else { continue }
+            sets += "SET \(name) = \(value.sqlLiteral);"
+            server.parameters[name] = value
+        }
+        return sets.isEmpty ? nil : sets
+    }
+
+    /// What the client sent while it waited goes to the server, now that it is linked.
+    mutating func flushPending(
+        now: NIODeadline, isKnownStatement: (String) -> Bool = { _ in false }, into actions: inout [Action]
+    ) {
+        if prepared != nil, var kept = inbound {
+            // Rewritten now that the server's statements are known.
+            inbound = nil
+            do {
+                try clientBytes(&kept, now: now, isKnownStatement: isKnownStatement, into: &actions)
+            } catch {
+                close(error.postgresError, reason: "bad packet", into: &actions)
+                return
+            }
+            if kept.readableBytes > 0, state != .closed { stash(&kept) }
+            guard state == .linked else { return }
+        }
+        if !pending.isEmpty {
+            // Held back while waiting: goes first.
+            toServer.insert(contentsOf: pending, at: 0)
+            pending.removeAll(keepingCapacity: true)
+        }
+        if !toServer.isEmpty {
+            markSent(now: now)
+            actions.append(.sendToServer)
+        }
+    }
+
+    /// The pool could not lend a server (query_wait_timeout, pool closed, server login refused).
+    public mutating func waitFailed(_ error: PoolError, into actions: inout [Action]) {
+        guard state == .waiting || state == .awaitingWelcome else { return }
+        var e = error.postgresError
+        e.severity = "FATAL"
+        close(e, reason: e.message, into: &actions)
+    }
+}

@@ -1,0 +1,168 @@
+import NIOCore
+
+extension ClientSession {
+    /// Bytes from the linked server. What is passed on unchanged is written as one slice of the
+    /// server's bytes per run (a reply and its ReadyForQuery usually arrive in one read and leave
+    /// in one write); anything the pooler writes itself ends the run first, to keep the order.
+    public mutating func serverBytes(
+        _ data: ByteBuffer, now: NIODeadline, allocator: ByteBufferAllocator, into actions: inout [Action]
+    ) {
+        guard state == .linked, let server else { return }
+        traffic.sent += data.readableBytes
+        var buffer = data
+        if var stash = serverInbound {
+            serverInbound = nil
+            stash.writeBuffer(&buffer)
+            buffer = stash
+        }
+        var run = ServerBytesRun(of: buffer)
+        do {
+            while true {
+                let chunkStart = buffer.readerIndex
+                guard
+                    let chunk = try serverScanner.next(
+                        from: &buffer,
+                        classify: { type in
+                            if type == MessageType.readyForQuery || type == MessageType.parameterStatus {
+                                return .inspect
+                            }
+                            if prepared != nil {
+                                // Made-up or swallowed answers pending: look at each message.
+                                if prepared!.specials > 0 { return .inspect }
+                                _ = prepared!.serverMessage(type, server: &server.statements)
+                            }
+                            return .forward
+                        })
+                else { break }
+                let chunkLength = buffer.readerIndex - chunkStart
+                switch chunk {
+                case .forward:
+                    if !swallowingUntilReady { run.add(chunkStart, chunkLength, into: &actions) }
+                case .message(let type, let body, _):
+                    if type == MessageType.parameterStatus {
+                        run.write(into: &actions)
+                        parameterStatus(body, server: server, allocator: allocator, into: &actions)
+                        continue
+                    }
+                    if type != MessageType.readyForQuery {
+                        // Only while the prepared-statement tracker has answers of its own pending.
+                        if prepared!.serverMessage(type, server: &server.statements) {
+                            run.add(chunkStart, chunkLength, into: &actions)
+                        }
+                        run.write(into: &actions)
+                        _ = writeMadeUpReplies(now: now, into: &actions)
+                        continue
+                    }
+                    var b = body
+                    let status = TransactionStatus(rawValue: b.readInteger(as: UInt8.self) ?? 0) ?? .failed
+                    if swallowingUntilReady {
+                        // The end of the pooler's own parameter sync: the client's bytes may go now.
+                        swallowingUntilReady = false
+                        flushPending(now: now, into: &actions)
+                        guard state == .linked else { return }
+                        continue
+                    }
+                    if prepared != nil, !prepared!.serverMessage(type, status: status, server: &server.statements) {
+                        // The ReadyForQuery of the pooler's own Sync or Query.
+                        run.write(into: &actions)
+                        _ = writeMadeUpReplies(now: now, into: &actions)
+                        continue
+                    }
+                    tracker.serverReady(status)
+                    countReady(status, now: now, into: &actions)
+                    if let timeoutClock, tracker.isQuiet {
+                        timeoutClock.queryStartedAt = nil
+                        timeoutClock.quietSince = status == .idle ? nil : now
+                    }
+                    if poolMode == .statement, status != .idle {
+                        // The error takes the ReadyForQuery's place, so the statement that opened
+                        // the transaction is the one that fails.
+                        run.write(into: &actions)
+                        close(
+                            .fatal(
+                                SQLState.featureNotSupported,
+                                "transaction blocks are not allowed in statement pooling mode"),
+                            reason: "transaction in statement mode", into: &actions)
+                        return
+                    }
+                    run.add(chunkStart, chunkLength, into: &actions)  // the server's own bytes
+                    if prepared?.hasDueReplies ?? false {
+                        run.write(into: &actions)
+                        _ = writeMadeUpReplies(now: now, into: &actions)
+                    }
+                    if buffer.readableBytes == 0, mayGiveBack {
+                        // The answer is written before the server goes back to the pool.
+                        run.write(into: &actions)
+                        unlink(now: now, reusable: true, into: &actions)
+                    }
+                }
+            }
+        } catch {
+            run.write(into: &actions)
+            unlink(now: now, reusable: false, into: &actions)
+            close(
+                .fatal(SQLState.protocolViolation, "server sent an invalid message"), reason: "bad packet from server",
+                into: &actions)
+            return
+        }
+        run.write(into: &actions)
+        if buffer.readableBytes > 0 { serverInbound = buffer }
+        if prepared != nil {
+            let accepted = prepared!.takeAccepted()
+            if !accepted.isEmpty { actions.append(.statementsAccepted(accepted)) }
+        }
+        actions.append(.flushAtTurnEnd)
+    }
+
+    /// A ParameterStatus from the linked server: the server's value is remembered, and the client
+    /// is told unless it answers the pooler's own SET.
+    mutating func parameterStatus(
+        _ body: ByteBuffer, server: ServerSessionState, allocator: ByteBufferAllocator, into actions: inout [Action]
+    ) {
+        guard let (name, value) = WireDecode.parameterStatus(body) else { return }
+        server.parameters[name] = value
+        if swallowingUntilReady {
+            // Our own SET: remember the server's spelling of the value.
+            if wanted[name] != nil { wanted[name] = value }
+        } else {
+            wanted[name] = value
+            var out = allocator.buffer(capacity: body.readableBytes + 5)
+            Wire.parameterStatus(name, value, into: &out)
+            actions.append(.writeToClient(out))
+        }
+    }
+
+    /// The linked server closed or failed: the client cannot go on without knowing what it ran.
+    public mutating func serverLost(into actions: inout [Action]) {
+        guard state == .linked else { return }
+        server = nil
+        state = .idle
+        close(
+            .fatal(SQLState.adminShutdown, "server closed the connection unexpectedly"),
+            reason: "server connection lost", into: &actions)
+    }
+}
+
+/// A run of a server's bytes that the client gets unchanged, written as one slice.
+struct ServerBytesRun {
+    /// The bytes as read, before any chunk was taken from them.
+    let source: ByteBuffer
+    var start = 0
+    var length = 0
+
+    init(of source: ByteBuffer) { self.source = source }
+
+    /// Adds the chunk at `chunkStart`; a chunk that does not follow the run ends it first.
+    mutating func add(_ chunkStart: Int, _ chunkLength: Int, into actions: inout [ClientSession.Action]) {
+        if length > 0, start + length != chunkStart { write(into: &actions) }
+        if length == 0 { start = chunkStart }
+        length += chunkLength
+    }
+
+    /// Writes the run, if any (without flushing).
+    mutating func write(into actions: inout [ClientSession.Action]) {
+        guard length > 0 else { return }
+        actions.append(.writeToClient(source.getSlice(at: start, length: length)!))
+        length = 0
+    }
+}

@@ -1,0 +1,93 @@
+import NIOCore
+
+extension ClientSession {
+    /// Client bytes went to the server: a query (and maybe a transaction) starts, for SHOW STATS.
+    mutating func markSent(now: NIODeadline) {
+        guard queryStart == nil else { return }
+        queryStart = now
+        if transactionStart == nil { transactionStart = now }
+    }
+
+    /// A ReadyForQuery ends a query, and with status idle a transaction.
+    mutating func countReady(_ status: TransactionStatus, now: NIODeadline, into actions: inout [Action]) {
+        traffic.queries += 1
+        if tracker.isQuiet, let start = queryStart {
+            let took = Int((now - start).nanoseconds / 1000)
+            traffic.queryTime += took
+            actions.append(.recordTiming(.query, microseconds: took))
+            queryStart = nil
+            if slowQueryThreshold > 0, took >= slowQueryThreshold { actions.append(.logSlowQuery(microseconds: took)) }
+        }
+        if status == .idle, let start = transactionStart {
+            let took = Int((now - start).nanoseconds / 1000)
+            traffic.transactions += 1
+            traffic.transactionTime += took
+            actions.append(.recordTiming(.transaction, microseconds: took))
+            transactionStart = nil
+            if poolMode == .session { actions.append(.handInTraffic) }
+        }
+    }
+
+    /// The counters since the last call, zeroed (the prepared-statement counts included).
+    public mutating func takeTraffic() -> TrafficStats {
+        if prepared != nil {
+            let counts = prepared!.takeCounts()
+            traffic.clientParses += counts.clientParses
+            traffic.serverParses += counts.serverParses
+            traffic.binds += counts.binds
+        }
+        defer { traffic = TrafficStats() }
+        return traffic
+    }
+
+    /// The start of the request that log_slow_query_ms reports: a Query's or a Parse's SQL.
+    public var slowQueryText: String {
+        guard var request = slowQueryRequest, let type = request.readInteger(as: UInt8.self),
+            request.readInteger(as: Int32.self) != nil
+        else { return "" }
+        if type == MessageType.parse { _ = request.readNullTerminatedString() }
+        guard type == MessageType.query || type == MessageType.parse else { return "" }
+        let bytes = request.readBytes(length: min(request.readableBytes, 100)) ?? []
+        return String(decoding: bytes.prefix(while: { $0 != 0 }), as: UTF8.self)
+    }
+
+    // MARK: Timeouts
+
+    func noteClientActivity(_ clock: TimeoutClock, now: NIODeadline) {
+        switch state {
+        case .idle: clock.idleSince = now
+        case .linked, .waiting:
+            clock.quietSince = nil
+            if tracker.outstanding > 0, clock.queryStartedAt == nil { clock.queryStartedAt = now }
+        default: break
+        }
+    }
+
+    /// The sweeper's tick: applies query_timeout, idle_transaction_timeout, client_idle_timeout and
+    /// transaction_timeout. Returns the error the client is closed with, if any.
+    @discardableResult
+    public mutating func tick(now: NIODeadline, into actions: inout [Action]) -> PostgresError? {
+        guard let clock = timeoutClock else { return nil }
+        let activity: ClientActivity
+        switch state {
+        case .idle: activity = .idle(since: clock.idleSince)
+        case .waiting: activity = .waiting
+        case .linked:
+            activity = .linked(
+                linkedAt: clock.linkedAt, queryStartedAt: clock.queryStartedAt, quietSince: clock.quietSince)
+        default: return nil
+        }
+        let error: PostgresError
+        switch ClientTimeouts.check(activity, settings: clock.settings, now: now) {
+        case .none:
+            return nil
+        case .close(let e):
+            error = e
+        case .cancelAndClose(let e):
+            if state == .linked { actions.append(.cancelServerQuery(reportBack: false)) }
+            error = e
+        }
+        close(error, reason: error.message, into: &actions)
+        return error
+    }
+}

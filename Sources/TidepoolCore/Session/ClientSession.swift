@@ -1,0 +1,221 @@
+import NIOCore
+
+/// What a server connection carries from one client to the next: the parameters it last reported
+/// and the pooler-wide prepared statements it holds. Shared by the server's connection and the
+/// session it is lent to; only the linked session (on its event loop) or the server while it is in
+/// the pool touch it, and the hand-over through the event loops orders those accesses.
+public final class ServerSessionState: @unchecked Sendable {
+    /// ParameterStatus values as this backend last reported them (or as the pooler last set them).
+    @TrackedParameters public var parameters: [String: String] = [:]
+    public var statements: ServerStatementCache
+
+    public init(maxPreparedStatements: Int) {
+        statements = ServerStatementCache(capacity: maxPreparedStatements)
+    }
+}
+
+/// One client's protocol life once it is logged in to a pool: which bytes go to the server, which
+/// answers the pooler makes up, when the server goes back to the pool, what a cancel does, and
+/// what is counted for SHOW STATS. Events come in with the time; actions are appended to the
+/// caller's buffer, which the connection carries out in order. No sockets, no clock, no locks.
+///
+/// The connection frames nothing itself after login: it hands over the bytes it read and runs the
+/// actions. Login (startup packet, authentication, welcome) is driven by the connection with the
+/// decisions in `ClientSession+Login.swift`.
+public struct ClientSession {
+    public enum State: Equatable, Sendable {
+        case startup
+        /// Waiting for auth_query to find the user's secret.
+        case lookingUpSecret
+        case authenticating
+        /// Logged in as far as the client knows, but waiting for a server to learn its parameters.
+        case awaitingWelcome
+        case idle
+        /// Queued for a server.
+        case waiting
+        case linked
+        /// Connected to the admin console.
+        case admin(readOnly: Bool)
+        case closed
+    }
+
+    public enum Action {
+        /// Send and clear `toServer` (client bytes and the pooler's rewrites, in order).
+        case sendToServer
+        /// Write to the client, flushed by a later `flushClient`, `flushAtTurnEnd` or close.
+        case writeToClient(ByteBuffer)
+        case flushClient
+        /// Flush at the end of the event loop's turn, with the turn's other answers.
+        case flushAtTurnEnd
+        /// Join the pool's queue for a server.
+        case requestServer
+        /// Leave the pool's queue.
+        case leaveQueue
+        /// Unlink the server and give it back; `reusable` false closes it.
+        case releaseServer(reusable: Bool)
+        /// Unlink the server, run the reset query on it, then give it back.
+        case resetAndReleaseServer(String)
+        /// Send a CancelRequest for the linked server's backend; with `reportBack`, tell the session
+        /// (`cancelFinished`) when it has reached PostgreSQL.
+        case cancelServerQuery(reportBack: Bool)
+        /// Names of prepared statements a server accepted (so other clients' Parses of them can be
+        /// answered without a server).
+        case statementsAccepted([String])
+        /// Add `traffic` to the database's totals and zero it.
+        case handInTraffic
+        case recordTiming(LatencySet.Kind, microseconds: Int)
+        case logSlowQuery(microseconds: Int)
+        /// Send this error (FATAL) and close; `reason` is logged.
+        case closeWithError(PostgresError, reason: String)
+        /// The client said Terminate.
+        case terminate
+        /// The client was closed (by any of the above or the peer): forget it everywhere.
+        case forget
+    }
+
+    public internal(set) var state = State.startup
+    public var poolMode = PoolMode.transaction
+    /// Named prepared statements kept working across servers (transaction and statement pooling
+    /// with max_prepared_statements > 0). While it is on, client bytes stay in `inbound` until a
+    /// server is linked, because how they are rewritten depends on what that server has prepared.
+    public var prepared: PreparedStatementTracker?
+    public var scanner: MessageScanner
+    var serverScanner = MessageScanner()
+    public internal(set) var tracker = TransactionTracker()
+    /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
+    public internal(set) var swallowingUntilReady = false
+    /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
+    /// back until they have arrived (one still on its way could hit the next client's query).
+    public internal(set) var cancelsInFlight = 0
+    /// The server the client holds, while linked.
+    public internal(set) var server: ServerSessionState?
+    /// Client bytes kept for later: before login ends, or while prepared statements are tracked
+    /// and no server is linked.
+    public var inbound: ByteBuffer?
+    /// Client bytes waiting for a server.
+    var pending: [ByteBuffer] = []
+    /// What `sendToServer` sends; the connection clears it after sending.
+    public var toServer: [ByteBuffer] = []
+    var serverInbound: ByteBuffer?
+    /// The values of the tracked parameters as the client should see them.
+    @TrackedParameters public var wanted: [String: String] = [:]
+    /// `wanted` with its tracked values worked out, as a shared welcome has it.
+    public var wantedParameters: TrackedParameters {
+        get { _wanted }
+        set { _wanted = newValue }
+    }
+    /// Counters for SHOW STATS, handed to the pool's totals once per transaction.
+    public var traffic = TrafficStats()
+    public internal(set) var waitStart: NIODeadline?
+    var queryStart: NIODeadline?
+    var transactionStart: NIODeadline?
+    /// log_slow_query_ms in microseconds (0 = off).
+    public var slowQueryThreshold = 0
+    /// The first bytes of the request being timed, kept (as a slice) only with log_slow_query_ms.
+    var slowQueryRequest: ByteBuffer?
+    /// The client-side timeouts and the moments they count from: nil while all of them are off
+    /// (the default), so that a client without them does not carry their bytes.
+    public var timeoutClock: TimeoutClock?
+    /// server_reset_query and server_reset_query_always, for a client the pooler closes itself.
+    public var serverResetQuery = ""
+    public var serverResetQueryAlways = false
+
+    public final class TimeoutClock {
+        public let settings: ClientTimeoutSettings
+        var idleSince: NIODeadline
+        var linkedAt: NIODeadline
+        var queryStartedAt: NIODeadline?
+        var quietSince: NIODeadline?
+
+        public init(settings: ClientTimeoutSettings, now: NIODeadline) {
+            self.settings = settings
+            idleSince = now
+            linkedAt = now
+        }
+    }
+
+    public init(maxMessageLength: Int) {
+        scanner = MessageScanner(maxMessageLength: maxMessageLength)
+    }
+
+    /// Whether the linked server may go back to the pool now: not in session mode, and clean.
+    public var mayGiveBack: Bool { poolMode != .session && serverIsClean }
+
+    /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
+    /// no cancel under way. The one rule for handing a server to another client.
+    public var serverIsClean: Bool {
+        tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && (prepared?.isQuiet ?? true)
+    }
+
+    public var isLoggedIn: Bool {
+        switch state {
+        case .idle, .waiting, .linked: true
+        default: false
+        }
+    }
+
+    // MARK: Moving between states
+
+    mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout [Action]) {
+        actions.append(.handInTraffic)
+        actions.append(.releaseServer(reusable: reusable))
+        server = nil
+        state = .idle
+        tracker.reset()
+        timeoutClock?.idleSince = now
+    }
+
+    /// Closes the client with `error`: the server it holds goes back (closed unless clean).
+    public mutating func close(_ error: PostgresError, reason: String, into actions: inout [Action]) {
+        guard state != .closed else { return }
+        actions.append(.closeWithError(error, reason: reason))
+        finish(serverResetQuery: serverResetQuery, resetAlways: serverResetQueryAlways, into: &actions)
+    }
+
+    /// The client is gone (Terminate, closed socket, or closed by the pooler): the server it holds
+    /// is reset and given back, or closed if it may be dirty. Safe to call more than once.
+    public mutating func finish(serverResetQuery: String, resetAlways: Bool, into actions: inout [Action]) {
+        if state == .closed { return }
+        if state == .linked {
+            let clean = serverIsClean
+            if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {
+                actions.append(.resetAndReleaseServer(serverResetQuery))
+            } else {
+                actions.append(.releaseServer(reusable: clean))
+            }
+            server = nil
+        }
+        state = .closed
+        actions.append(.forget)
+    }
+
+    /// Login is over: the client is told it may send queries.
+    public mutating func loggedIn(now: NIODeadline, into actions: inout [Action]) {
+        state = .idle
+        timeoutClock?.idleSince = now
+        if !pending.isEmpty {
+            state = .waiting
+            waitStart = now
+            actions.append(.requestServer)
+        }
+    }
+
+    /// The login path moves through its states (startup, secret lookup, authentication, welcome,
+    /// admin console); the connection drives it.
+    public mutating func loginStep(_ next: State) {
+        precondition(!isLoggedIn || next == .closed, "login steps come before the pool")
+        state = next
+    }
+}
+
+extension String {
+    /// The text as a SQL string literal: quoted, with single quotes doubled.
+    public var sqlLiteral: String {
+        var s = "'"
+        for c in self {
+            if c == "'" { s.append("''") } else { s.append(c) }
+        }
+        s.append("'")
+        return s
+    }
+}

@@ -1,0 +1,632 @@
+import NIOCore
+import Testing
+
+@testable import TidepoolCore
+
+/// Plays the connection and the pool around one `ClientSession`: feeds it client and server bytes
+/// with a test clock, carries out its actions the way the runtime does (sends, writes, releases,
+/// requests), and records what happened.
+final class SessionDriver {
+    var session: ClientSession
+    var now = NIODeadline.uptimeNanoseconds(1_000_000_000)
+    let server = ServerSessionState(maxPreparedStatements: 10)
+    var actions: [ClientSession.Action] = []
+    /// Bytes that reached the server, and the client, in order.
+    var toServer = ByteBuffer()
+    var toClient = ByteBuffer()
+    var requests = 0
+    var releases: [Bool] = []
+    var resets: [String] = []
+    var cancels: [Bool] = []
+    var closedWith: PostgresError?
+    var terminated = false
+    var forgotten = 0
+    var leftQueue = 0
+    var timings: [LatencySet.Kind] = []
+    var traffic = TrafficStats()
+
+    init(mode: PoolMode = .transaction, prepared: Bool = false, timeouts: ClientTimeoutSettings? = nil) {
+        session = ClientSession(maxMessageLength: 1 << 20)
+        session.poolMode = mode
+        if prepared { session.prepared = PreparedStatementTracker() }
+        if let timeouts { session.timeoutClock = ClientSession.TimeoutClock(settings: timeouts, now: now) }
+        session.serverResetQuery = "DISCARD ALL"
+        session.loggedIn(now: now, into: &actions)
+        carryOut()
+    }
+
+    func advance(_ amount: TimeAmount) { now = now + amount }
+
+    func carryOut() {
+        for action in actions {
+            switch action {
+            case .sendToServer:
+                for var b in session.toServer { toServer.writeBuffer(&b) }
+                session.toServer.removeAll()
+            case .writeToClient(var b): toClient.writeBuffer(&b)
+            case .flushClient, .flushAtTurnEnd, .statementsAccepted, .logSlowQuery: break
+            case .requestServer: requests += 1
+            case .leaveQueue: leftQueue += 1
+            case .releaseServer(let reusable): releases.append(reusable)
+            case .resetAndReleaseServer(let sql): resets.append(sql)
+            case .cancelServerQuery(let reportBack): cancels.append(reportBack)
+            case .handInTraffic: traffic = traffic + session.takeTraffic()
+            case .recordTiming(let kind, _): timings.append(kind)
+            case .closeWithError(let error, _): closedWith = error
+            case .terminate: terminated = true
+            case .forget: forgotten += 1
+            }
+        }
+        actions.removeAll()
+    }
+
+    func client(_ messages: ByteBuffer...) {
+        var buffer = ByteBuffer()
+        for var m in messages { buffer.writeBuffer(&m) }
+        clientRaw(buffer)
+    }
+
+    func clientRaw(_ bytes: ByteBuffer) {
+        var buffer = bytes
+        if var stash = session.inbound {
+            session.inbound = nil
+            stash.writeBuffer(&buffer)
+            buffer = stash
+        }
+        do {
+            try session.clientBytes(&buffer, now: now, isKnownStatement: { _ in false }, into: &actions)
+        } catch {
+            session.close(error.postgresError, reason: "bad packet", into: &actions)
+        }
+        if buffer.readableBytes > 0, session.state != .closed { session.stash(&buffer) }
+        session.clientReadDone(now: now, into: &actions)
+        carryOut()
+    }
+
+    func lend() {
+        #expect(
+            session.lent(
+                server, now: now, allocator: ByteBufferAllocator(), isKnownStatement: { _ in false }, into: &actions))
+        carryOut()
+    }
+
+    func serverSends(_ messages: ByteBuffer...) {
+        var buffer = ByteBuffer()
+        for var m in messages { buffer.writeBuffer(&m) }
+        session.serverBytes(buffer, now: now, allocator: ByteBufferAllocator(), into: &actions)
+        carryOut()
+    }
+
+    /// The message types that reached the client, as letters.
+    var clientTypes: String { Self.types(toClient) }
+    var serverTypes: String { Self.types(toServer) }
+
+    static func types(_ buffer: ByteBuffer) -> String {
+        var b = buffer
+        var s = ""
+        while let type = b.readInteger(as: UInt8.self), let length = b.readInteger(as: Int32.self) {
+            s.append(Character(UnicodeScalar(type)))
+            b.moveReaderIndex(forwardBy: Int(length) - 4)
+        }
+        return s
+    }
+
+    // Messages.
+    static func query(_ sql: String) -> ByteBuffer { PreparedHarness.query(sql) }
+    static func m(_ type: Character, _ build: (inout ByteBuffer) -> Void = { _ in }) -> ByteBuffer {
+        PreparedHarness.message(UInt8(ascii: type.unicodeScalars.first!), build)
+    }
+    static func ready(_ status: Character) -> ByteBuffer {
+        m("Z") { $0.writeInteger(UInt8(ascii: status.unicodeScalars.first!)) }
+    }
+    static func complete(_ tag: String) -> ByteBuffer { m("C") { $0.writeNullTerminatedString(tag) } }
+    static func parameter(_ name: String, _ value: String) -> ByteBuffer {
+        m("S") {
+            $0.writeNullTerminatedString(name)
+            $0.writeNullTerminatedString(value)
+        }
+    }
+    static var sync: ByteBuffer { m("S") }
+    static var terminate: ByteBuffer { m("X") }
+}
+
+@Suite struct ClientSessionTests {
+    typealias D = SessionDriver
+
+    /// A simple query on a transaction-mode client: a server is requested, the query goes to it once
+    /// linked, and the server goes back with ReadyForQuery 'I' after the reply is written.
+    @Test func serverGoesBackAtReadyForQueryIdle() {
+        let d = D()
+        d.client(D.query("select 1"))
+        #expect(d.requests == 1)
+        #expect(d.session.state == .waiting)
+        #expect(d.serverTypes == "")
+        d.lend()
+        #expect(d.serverTypes == "Q")
+        d.serverSends(D.complete("SELECT 1"))
+        #expect(d.releases.isEmpty)
+        d.serverSends(D.ready("I"))
+        #expect(d.clientTypes == "CZ")
+        #expect(d.releases == [true])
+        #expect(d.session.state == .idle)
+        #expect(d.session.server == nil)
+        #expect(d.traffic.transactions == 1 && d.traffic.queries == 1 && d.traffic.serverAssignments == 1)
+    }
+
+    /// ReadyForQuery 'T' keeps the server (a transaction is open); 'I' later gives it back.
+    @Test func serverStaysForAnOpenTransaction() {
+        let d = D()
+        d.client(D.query("begin"))
+        d.lend()
+        d.serverSends(D.complete("BEGIN"), D.ready("T"))
+        #expect(d.releases.isEmpty)
+        #expect(d.session.state == .linked)
+        d.client(D.query("commit"))
+        #expect(d.requests == 1)
+        #expect(d.serverTypes == "QQ")
+        d.serverSends(D.complete("COMMIT"), D.ready("I"))
+        #expect(d.releases == [true])
+    }
+
+    /// A failed transaction ('E') holds the server until the client rolls back.
+    @Test func failedTransactionKeepsTheServer() {
+        let d = D()
+        d.client(D.query("begin; select 1/0"))
+        d.lend()
+        d.serverSends(D.m("E"), D.ready("E"))
+        #expect(d.releases.isEmpty)
+        d.client(D.query("rollback"))
+        d.serverSends(D.complete("ROLLBACK"), D.ready("I"))
+        #expect(d.releases == [true])
+    }
+
+    /// Pipelined extended-protocol requests: the server goes back only at the last Sync's answer.
+    @Test func pipelinedSyncsGiveBackAtTheLastReady() {
+        let d = D()
+        d.client(
+            PreparedHarness.parse("", "select 1"), PreparedHarness.bind(""), D.m("E") { $0.writeInteger(UInt32(0)) },
+            D.sync, PreparedHarness.bind(""), D.m("E") { $0.writeInteger(UInt32(0)) }, D.sync)
+        d.lend()
+        #expect(d.serverTypes == "PBESBES")
+        d.serverSends(D.m("1"), D.m("2"), D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases.isEmpty, "one Sync is still unanswered")
+        d.serverSends(D.m("2"), D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases == [true])
+    }
+
+    /// An unsynced Parse/Bind/Execute keeps the server even after a ReadyForQuery 'I'.
+    @Test func unsyncedMessagesKeepTheServer() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.lend()
+        d.client(PreparedHarness.parse("", "select 2"))
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases.isEmpty)
+        d.client(D.sync)
+        d.serverSends(D.m("1"), D.ready("I"))
+        #expect(d.releases == [true])
+    }
+
+    /// COPY FROM STDIN: CopyData and CopyDone go through without counting as requests; the server
+    /// goes back after the COPY's ReadyForQuery.
+    @Test func copyInGoesThroughAndEndsAtReady() {
+        let d = D()
+        d.client(D.query("copy t from stdin"))
+        d.lend()
+        d.serverSends(
+            D.m("G") {
+                $0.writeInteger(UInt8(0)); $0.writeInteger(Int16(0))
+            })
+        d.client(D.m("d") { $0.writeString("1\n") }, D.m("d") { $0.writeString("2\n") }, D.m("c"))
+        #expect(d.serverTypes == "Qddc")
+        #expect(d.releases.isEmpty)
+        d.serverSends(D.complete("COPY 2"), D.ready("I"))
+        #expect(d.releases == [true])
+    }
+
+    /// COPY TO STDOUT: the server's CopyData reaches the client unchanged, as one run.
+    @Test func copyOutReachesTheClient() {
+        let d = D()
+        d.client(D.query("copy t to stdout"))
+        d.lend()
+        d.serverSends(
+            D.m("H") {
+                $0.writeInteger(UInt8(0)); $0.writeInteger(Int16(0))
+            }, D.m("d") { $0.writeString("1\n") },
+            D.m("c"), D.complete("COPY 1"), D.ready("I"))
+        #expect(d.clientTypes == "HdcCZ")
+        #expect(d.releases == [true])
+    }
+
+    /// Statement mode refuses a transaction block: the ReadyForQuery 'T' becomes a FATAL, and the
+    /// server (inside a transaction) is closed, not reused.
+    @Test func statementModeRefusesTransactions() {
+        let d = D(mode: .statement)
+        d.client(D.query("begin"))
+        d.lend()
+        d.serverSends(D.complete("BEGIN"), D.ready("T"))
+        #expect(d.closedWith?.code == SQLState.featureNotSupported)
+        #expect(d.closedWith?.severity == "FATAL")
+        #expect(d.clientTypes == "C", "the ReadyForQuery is replaced by the error")
+        #expect(d.releases == [false])
+        #expect(d.session.state == .closed)
+        #expect(d.forgotten == 1)
+    }
+
+    /// Session mode keeps the server across transactions and resets it when the client leaves.
+    @Test func sessionModeKeepsTheServerAndResetsIt() {
+        let d = D(mode: .session)
+        d.client(D.query("select 1"))
+        d.lend()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases.isEmpty)
+        #expect(d.session.state == .linked)
+        d.client(D.terminate)
+        #expect(d.terminated)
+        d.session.finish(serverResetQuery: "DISCARD ALL", resetAlways: false, into: &d.actions)
+        d.carryOut()
+        #expect(d.resets == ["DISCARD ALL"])
+        #expect(d.releases.isEmpty)
+    }
+
+    /// The pooler's own SETs (tracked parameters) go first on a lend, their replies are swallowed,
+    /// and the client's query follows once they are done.
+    @Test func parameterSyncRepliesAreSwallowed() {
+        let d = D()
+        d.session.wanted = ["application_name": "app'1"]
+        d.server.parameters = ["application_name": "other"]
+        d.client(D.query("select 1"))
+        d.lend()
+        #expect(d.serverTypes == "Q", "only the SET so far")
+        var sent = d.toServer
+        sent.moveReaderIndex(forwardBy: 5)
+        #expect(sent.readNullTerminatedString() == "SET application_name = 'app''1';")
+        #expect(!d.session.mayGiveBack)
+        d.serverSends(D.parameter("application_name", "app'1"), D.complete("SET"), D.ready("I"))
+        #expect(d.clientTypes == "", "the client sees nothing of the SET")
+        #expect(d.releases.isEmpty)
+        #expect(d.serverTypes == "QQ", "the client's query went after the SET's ReadyForQuery")
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.clientTypes == "CZ")
+        #expect(d.releases == [true])
+        #expect(d.server.parameters["application_name"] == "app'1")
+    }
+
+    /// A ParameterStatus the server sends for the client's own SET reaches the client and becomes
+    /// what the client wants from then on.
+    @Test func clientSetBecomesWanted() {
+        let d = D()
+        d.client(D.query("set application_name = 'x'"))
+        d.lend()
+        d.serverSends(D.parameter("application_name", "x"), D.complete("SET"), D.ready("I"))
+        #expect(d.clientTypes == "SCZ")
+        #expect(d.session.wanted["application_name"] == "x")
+    }
+
+    /// A cancel for a queued client answers each of its requests with the cancel error and one
+    /// ReadyForQuery, and takes it out of the queue.
+    @Test func cancelWhileQueuedAnswersEachRequest() {
+        let d = D()
+        d.client(D.query("select 1"), D.query("select 2"))
+        #expect(d.session.state == .waiting)
+        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.carryOut()
+        #expect(d.leftQueue == 1)
+        #expect(d.clientTypes == "EZZ")
+        #expect(d.session.state == .idle)
+        #expect(d.closedWith == nil)
+    }
+
+    /// The same with prepared statements tracked: the requests are counted in the kept bytes.
+    @Test func cancelWhileQueuedCountsKeptRequests() {
+        let d = D(prepared: true)
+        d.client(PreparedHarness.parse("s1", "select 1"), D.sync, PreparedHarness.bind("s1"), D.sync, D.sync)
+        #expect(d.session.state == .waiting)
+        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "EZZZ")
+        #expect(d.session.inbound == nil)
+    }
+
+    /// A cancel in the middle of a message cannot be answered cleanly: the client is closed.
+    @Test func cancelMidMessageCloses() {
+        let d = D()
+        let q = D.query("select 1")
+        d.client(q)
+        d.clientRaw(q.getSlice(at: 0, length: 8)!)
+        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith?.code == SQLState.queryCanceled)
+        #expect(d.releases.isEmpty, "no server was held")
+    }
+
+    /// A cancel for a client using a server keeps the server until the cancel has reached
+    /// PostgreSQL, even if the query finished first.
+    @Test func cancelInFlightHoldsTheServer() {
+        let d = D()
+        d.client(D.query("select pg_sleep(10)"))
+        d.lend()
+        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.carryOut()
+        #expect(d.cancels == [true])
+        d.serverSends(D.m("E"), D.ready("I"))
+        #expect(d.releases.isEmpty, "the cancel is still on its way")
+        d.session.cancelFinished(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.releases == [true])
+    }
+
+    /// Prepared statements: a Parse is answered and replayed on whichever server is lent next.
+    @Test func preparedStatementsAreReplayedAfterALend() {
+        let d = D(prepared: true)
+        d.client(PreparedHarness.parse("s1", "select 1"), D.sync)
+        d.lend()
+        #expect(d.serverTypes == "PS")
+        d.serverSends(D.m("1"), D.ready("I"))
+        #expect(d.clientTypes == "1Z")
+        #expect(d.releases == [true])
+        // The next lend is of a server that has never seen the statement.
+        let fresh = ServerSessionState(maxPreparedStatements: 10)
+        d.toServer.clear()
+        d.client(PreparedHarness.bind("s1"), D.m("E") { $0.writeInteger(UInt32(0)) }, D.sync)
+        #expect(
+            d.session.lent(
+                fresh, now: d.now, allocator: ByteBufferAllocator(), isKnownStatement: { _ in false }, into: &d.actions)
+        )
+        d.carryOut()
+        #expect(d.serverTypes == "PBES", "the statement is parsed on the new server first")
+        d.serverSends(D.m("1"), D.m("2"), D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.clientTypes == "1Z2CZ", "the replayed Parse's answer is swallowed")
+        #expect(d.releases == [true, true])
+    }
+
+    /// A client that vanishes inside a transaction leaves a server that must not be reused.
+    @Test func clientVanishingInATransactionClosesTheServer() {
+        let d = D()
+        d.client(D.query("begin"))
+        d.lend()
+        d.serverSends(D.complete("BEGIN"), D.ready("T"))
+        d.session.finish(serverResetQuery: "DISCARD ALL", resetAlways: true, into: &d.actions)
+        d.carryOut()
+        #expect(d.releases == [false])
+        #expect(d.resets.isEmpty)
+        #expect(d.forgotten == 1)
+        d.session.finish(serverResetQuery: "DISCARD ALL", resetAlways: true, into: &d.actions)
+        d.carryOut()
+        #expect(d.forgotten == 1, "finish is idempotent")
+    }
+
+    /// The same inside COPY IN: the server waits for CopyDone, so it is closed.
+    @Test func clientVanishingInsideCopyClosesTheServer() {
+        let d = D()
+        d.client(D.query("copy t from stdin"))
+        d.lend()
+        d.serverSends(
+            D.m("G") {
+                $0.writeInteger(UInt8(0)); $0.writeInteger(Int16(0))
+            })
+        d.client(D.m("d") { $0.writeString("1\n") })
+        d.session.finish(serverResetQuery: "", resetAlways: false, into: &d.actions)
+        d.carryOut()
+        #expect(d.releases == [false])
+    }
+
+    /// A server that closes under a client ends the client with an error; nothing is released.
+    @Test func serverLostClosesTheClient() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.lend()
+        d.session.serverLost(into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith?.code == SQLState.adminShutdown)
+        #expect(d.releases.isEmpty)
+        #expect(d.session.server == nil)
+    }
+
+    /// A malformed server message closes the client and the server.
+    @Test func badServerBytesCloseBoth() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.lend()
+        var bad = ByteBuffer()
+        bad.writeInteger(UInt8(ascii: "C"))
+        bad.writeInteger(Int32(2))
+        d.serverSends(bad)
+        #expect(d.closedWith?.code == SQLState.protocolViolation)
+        #expect(d.releases == [false])
+    }
+
+    /// Terminate from an idle client: the session says so, and holds nothing.
+    @Test func terminateFromIdle() {
+        let d = D()
+        d.client(D.terminate)
+        #expect(d.terminated)
+        #expect(d.requests == 0)
+    }
+
+    /// query_timeout: the running query is cancelled and the client closed; the server, mid-query,
+    /// is closed too.
+    @Test func queryTimeoutCancelsAndCloses() {
+        var settings = ClientTimeoutSettings()
+        settings.queryTimeout = .seconds(2)
+        let d = D(timeouts: settings)
+        d.client(D.query("select pg_sleep(10)"))
+        d.lend()
+        d.advance(.seconds(1))
+        d.session.tick(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith == nil)
+        d.advance(.seconds(1))
+        d.session.tick(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.cancels == [false])
+        #expect(d.closedWith?.code == SQLState.queryCanceled)
+        #expect(d.releases == [false])
+    }
+
+    /// client_idle_timeout counts from the last byte the client sent while it held no server.
+    @Test func clientIdleTimeoutCountsFromTheLastRequest() {
+        var settings = ClientTimeoutSettings()
+        settings.clientIdleTimeout = .seconds(5)
+        let d = D(timeouts: settings)
+        d.advance(.seconds(4))
+        d.client(D.query("select 1"))
+        d.lend()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        d.advance(.seconds(4))
+        d.session.tick(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith == nil)
+        d.advance(.seconds(1))
+        d.session.tick(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith?.code == SQLState.adminShutdown)
+    }
+
+    /// Wait, query and transaction times are recorded, and counted for SHOW STATS.
+    @Test func timingsAreRecorded() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.advance(.milliseconds(3))
+        d.lend()
+        d.advance(.milliseconds(2))
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.timings == [.wait, .query, .transaction])
+        #expect(d.traffic.waitTime == 3000)
+        #expect(d.traffic.queryTime == 2000)
+        #expect(d.traffic.transactionTime == 2000)
+    }
+
+    /// A pool error while queued closes the client with it as a FATAL.
+    @Test func waitFailureClosesTheClient() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.session.waitFailed(.waitTimeout(waited: .seconds(1)), into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith?.severity == "FATAL")
+        #expect(d.session.state == .closed)
+    }
+}
+
+/// The login decisions: which method authenticates a client, where its secret comes from, and
+/// where it goes afterwards.
+@Suite struct LoginDecisionTests {
+    func request(
+        user: String = "alice", database: String = "app", ip: String? = "127.0.0.1", tls: Bool = false,
+        cn: String? = nil
+    ) -> LoginRequest {
+        LoginRequest(user: user, database: database, clientIP: ip, tls: tls, certificateCommonName: cn)
+    }
+
+    func config(_ authType: AuthType) -> Config {
+        var config = Config()
+        config.global.authType = authType
+        config.databases["app"] = DatabaseEntry(name: "app")
+        return config
+    }
+
+    @Test func configuredMethodsPassThrough() throws {
+        for type in [AuthType.trust, .md5, .scramSHA256, .plain] {
+            #expect(try ClientSession.authMethod(request(), config: config(type), hba: nil).get() == type)
+        }
+    }
+
+    @Test func hbaPicksTheLineAndRefusesOthers() throws {
+        let hba = try HBARules.parse(
+            """
+            host all bob 127.0.0.1/32 reject
+            host app all 127.0.0.1/32 scram-sha-256
+            local all all md5
+            """)
+        let c = config(.hba)
+        #expect(try ClientSession.authMethod(request(), config: c, hba: hba).get() == .scramSHA256)
+        #expect(try ClientSession.authMethod(request(ip: nil), config: c, hba: hba).get() == .md5)
+        guard case .failure(let rejected) = ClientSession.authMethod(request(user: "bob"), config: c, hba: hba),
+            case .failure(let unmatched) = ClientSession.authMethod(request(database: "other"), config: c, hba: hba)
+        else {
+            Issue.record("bob and the other database must be refused")
+            return
+        }
+        #expect(rejected.error.code == SQLState.invalidAuthorization)
+        #expect(rejected.error.message.contains("line 1"))
+        #expect(unmatched.error.message.contains("no auth_hba_file entry"))
+    }
+
+    @Test func certNeedsACertificateForTheUser() throws {
+        let c = config(.cert)
+        #expect(try ClientSession.authMethod(request(tls: true, cn: "alice"), config: c, hba: nil).get() == .trust)
+        guard
+            case .failure(let wrong) = ClientSession.authMethod(request(tls: true, cn: "mallory"), config: c, hba: nil),
+            case .failure = ClientSession.authMethod(request(tls: true), config: c, hba: nil)
+        else {
+            Issue.record("a certificate for another user, or none, must be refused")
+            return
+        }
+        #expect(wrong.error.message.contains("certificate authentication failed"))
+    }
+
+    @Test func tlsRequiredRefusesPlainTCPButNotUnixSockets() throws {
+        var c = config(.trust)
+        c.global.clientTLS.sslmode = .require
+        guard case .failure(let refusal) = ClientSession.authMethod(request(), config: c, hba: nil) else {
+            Issue.record("plain TCP must be refused")
+            return
+        }
+        #expect(refusal.reason == "TLS required")
+        #expect(try ClientSession.authMethod(request(tls: true), config: c, hba: nil).get() == .trust)
+        #expect(try ClientSession.authMethod(request(ip: nil), config: c, hba: nil).get() == .trust)
+    }
+
+    @Test func secretComesFromAuthFileThenAuthQuery() throws {
+        var c = config(.md5)
+        let known = PasswordSecret.plain("pw")
+        #expect(
+            try ClientSession.secretSource(request(), method: .md5, known: known, canLookUp: true, config: c).get()
+                == .known(known))
+        #expect(
+            try ClientSession.secretSource(request(), method: .md5, known: nil, canLookUp: true, config: c).get()
+                == .lookUp)
+        #expect(
+            try ClientSession.secretSource(request(), method: .md5, known: nil, canLookUp: false, config: c).get()
+                == .none)
+        // trust with an auth_file that does not list the user refuses, as PgBouncer does.
+        c.global.authFile = "users.txt"
+        guard
+            case .failure(let refusal) = ClientSession.secretSource(
+                request(), method: .trust, known: nil, canLookUp: false, config: c)
+        else {
+            Issue.record("a user missing from auth_file must be refused under trust")
+            return
+        }
+        #expect(refusal.error.message.contains("auth_file"))
+    }
+
+    @Test func destinationIsTheConsoleThePoolOrARefusal() throws {
+        var c = config(.trust)
+        c.global.adminUsers = ["admin"]
+        c.global.statsUsers = ["watcher"]
+        let never: (String) -> Bool = { _ in false }
+        #expect(
+            try ClientSession.destination(request(user: "admin", database: "pgbouncer"), config: c, isDisabled: never)
+                .get() == .adminConsole(readOnly: false))
+        #expect(
+            try ClientSession.destination(request(user: "watcher", database: "pooler"), config: c, isDisabled: never)
+                .get() == .adminConsole(readOnly: true))
+        #expect(
+            try ClientSession.destination(request(), config: c, isDisabled: never).get()
+                == .pool(DatabaseEntry(name: "app")))
+        guard
+            case .failure(let notAdmin) = ClientSession.destination(
+                request(database: "pgbouncer"), config: c, isDisabled: never),
+            case .failure(let unknown) = ClientSession.destination(
+                request(database: "nope"), config: c, isDisabled: never),
+            case .failure(let disabled) = ClientSession.destination(request(), config: c, isDisabled: { _ in true })
+        else {
+            Issue.record("each must be refused")
+            return
+        }
+        #expect(notAdmin.error.code == SQLState.insufficientPrivilege)
+        #expect(unknown.error.code == SQLState.invalidCatalogName)
+        #expect(disabled.error.code == SQLState.cannotConnectNow)
+    }
+}
