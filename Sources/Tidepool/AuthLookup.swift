@@ -33,11 +33,7 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
-        if var stash = inbound {
-            stash.writeBuffer(&buffer)
-            buffer = stash
-            inbound = nil
-        }
+        inbound.prependKept(to: &buffer)
         while !done, let chunk = try? scanner.next(from: &buffer, classify: { _ in .inspect }) {
             guard case .message(let type, let body, _) = chunk else { continue }
             if var running = exchange {
@@ -57,7 +53,7 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
                 context.writeAndFlush(wrapOutboundOut(out), promise: nil)
             }
         }
-        if buffer.readableBytes > 0 { inbound = buffer }
+        inbound.keep(&buffer)
     }
 
     func finish(_ context: ChannelHandlerContext, _ outcome: AuthQueryExchange.Outcome) {
@@ -74,8 +70,7 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
         done = true
         promise.succeed(
             .failed(
-                PostgresError(
-                    severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query connection closed")))
+                PostgresError.fatal(SQLState.connectionFailure, "auth_query connection closed")))
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -85,8 +80,7 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
             promise.succeed(
                 .failed(
                     e
-                        ?? PostgresError(
-                            severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query: \(error)")))
+                        ?? PostgresError.fatal(SQLState.connectionFailure, "auth_query: \(error)")))
         }
         context.close(promise: nil)
     }
@@ -167,16 +161,14 @@ extension Pooler {
                 let timer = channel.eventLoop.scheduleTask(in: config.global.serverConnectTimeout) {
                     promise.succeed(
                         .failed(
-                            PostgresError(
-                                severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query timed out")))
+                            PostgresError.fatal(SQLState.connectionFailure, "auth_query timed out")))
                     channel.close(promise: nil)
                 }
                 promise.futureResult.whenComplete { _ in timer.cancel() }
             case .failure(let error):
                 promise.succeed(
                     .failed(
-                        PostgresError(
-                            severity: "FATAL", code: SQLState.connectionFailure, message: "auth_query: \(error)")))
+                        PostgresError.fatal(SQLState.connectionFailure, "auth_query: \(error)")))
             }
         }
         return promise.futureResult.map { outcome in

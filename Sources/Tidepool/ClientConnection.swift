@@ -200,17 +200,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         session.clientRead(buffer)
-        if var stash = session.inbound {
-            // Taken out first, so appending to it does not copy it.
-            session.inbound = nil
-            stash.writeBuffer(&buffer)
-            buffer = stash
-        }
+        session.inbound.prependKept(to: &buffer)
         let now = NIODeadline.now()
         guard processCatching(&buffer, now: now) else { return }
-        if buffer.readableBytes > 0, session.state != .closed {
-            if session.inbound == nil { session.inbound = buffer } else { session.inbound!.writeBuffer(&buffer) }
-        }
+        if session.state != .closed { session.inbound.keep(&buffer) }
         session.clientReadDone(now: now, into: &actions)
         run()
     }
@@ -300,12 +293,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Feeds bytes the client sent before the connection could read them (during a lookup or the
     /// welcome) now that it can.
     func processStash() {
-        guard var stash = session.inbound, stash.readableBytes > 0 else { return }
-        session.inbound = nil
+        guard var stash = session.inbound.take(), stash.readableBytes > 0 else { return }
         let now = NIODeadline.now()
-        if processCatching(&stash, now: now), stash.readableBytes > 0, session.state != .closed {
-            if session.inbound == nil { session.inbound = stash } else { session.inbound!.writeBuffer(&stash) }
-        }
+        if processCatching(&stash, now: now), session.state != .closed { session.inbound.keep(&stash) }
         session.clientReadDone(now: now, into: &actions)
         run()
     }
@@ -368,7 +358,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// next bytes are its TLS handshake.
     func startTLS(_ context: NIOSSLContext) {
         var out = channel.allocator.buffer(capacity: 1)
-        out.writeInteger(UInt8(ascii: "S"))
+        out.writeInteger(MessageType.encryptionAccepted)
         channel.writeAndFlush(out, promise: nil)
         do {
             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context), position: .first)
@@ -397,7 +387,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         switch packet {
         case .sslRequest, .gssEncRequest:
             var out = channel.allocator.buffer(capacity: 1)
-            out.writeInteger(UInt8(ascii: "N"))
+            out.writeInteger(MessageType.encryptionRefused)
             channel.writeAndFlush(out, promise: nil)
         case .cancel(let pid, let key):
             pooler.cancel(processID: pid, secretKey: key)

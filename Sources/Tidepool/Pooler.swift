@@ -206,7 +206,7 @@ public final class Pooler: @unchecked Sendable {
         let g = config.global
         try loadSecurity(config)
         var addresses: [String] = []
-        for part in g.listenAddr.split(separator: ",").map({ String($0).trimmed(" ") }) where !part.isEmpty {
+        for part in g.listenAddr.split(separator: ",").map({ $0.trimmingWhitespace() }) where !part.isEmpty {
             if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
         }
         for address in addresses {
@@ -769,7 +769,7 @@ public final class Pooler: @unchecked Sendable {
         let connecting = server.address.connect(bootstrap)
         connecting.whenFailure { error in
             self.serverConnectFailed(
-                server, error: PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: "\(error)"))
+                server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
         }
     }
 
@@ -886,15 +886,6 @@ public final class Pooler: @unchecked Sendable {
             }
         }
         return promise.futureResult
-    }
-}
-
-extension String {
-    func trimmed(_ set: String) -> String {
-        var s = Substring(self)
-        while let c = s.first, set.contains(c) { s = s.dropFirst() }
-        while let c = s.last, set.contains(c) { s = s.dropLast() }
-        return String(s)
     }
 }
 

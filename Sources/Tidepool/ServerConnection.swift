@@ -149,8 +149,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         loginTimeout = context.eventLoop.scheduleTask(in: pooler.config.global.serverConnectTimeout) { [self] in
             if case .loggingIn = phase {
                 fail(
-                    PostgresError(
-                        severity: "FATAL", code: SQLState.connectionFailure, message: "server login timed out"))
+                    PostgresError.fatal(SQLState.connectionFailure, "server login timed out"))
             }
         }
     }
@@ -175,11 +174,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         var buffer = unwrapInboundIn(data)
-        if var pending = inbound {
-            pending.writeBuffer(&buffer)
-            buffer = pending
-            inbound = nil
-        }
+        inbound.prependKept(to: &buffer)
         do {
             while let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) {
                 guard case .message(let type, let body, _) = chunk else { continue }
@@ -196,7 +191,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             context.close(promise: nil)
             return
         }
-        if buffer.readableBytes > 0 { inbound = buffer }
+        inbound.keep(&buffer)
     }
 
     /// A whole message while logging in, resetting, or idle in the pool.
@@ -284,9 +279,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             let step = if case .internalQuery = wasPhase { "connect_query" } else { "login" }
             pooler.serverConnectFailed(
                 self,
-                error: PostgresError(
-                    severity: "FATAL", code: SQLState.connectionFailure,
-                    message: "server closed the connection during \(step)"))
+                error: PostgresError.fatal(SQLState.connectionFailure, "server closed the connection during \(step)"))
         case .internalQuery(.check):
             pooler.checkFinished(self, ok: false)
         case .ready, .internalQuery(.reset):
@@ -306,8 +299,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             // TLS negotiation or handshake failed: the pool learns why.
             fail(
                 error as? PostgresError
-                    ?? PostgresError(
-                        severity: "FATAL", code: SQLState.connectionFailure, message: "server TLS: \(error)"))
+                    ?? PostgresError.fatal(SQLState.connectionFailure, "server TLS: \(error)"))
         default:
             pooler.logger.debug("server \(id) error: \(error)")
             context.close(promise: nil)

@@ -115,9 +115,7 @@ final class ServerTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler 
         timer = context.eventLoop.assumeIsolated().scheduleTask(in: timeout) { [weak self] in
             guard let self, !self.answered else { return }
             context.fireErrorCaught(
-                PostgresError(
-                    severity: "FATAL", code: SQLState.connectionFailure,
-                    message: "server login timed out (no answer to SSLRequest)"))
+                PostgresError.fatal(SQLState.connectionFailure, "server login timed out (no answer to SSLRequest)"))
             context.close(promise: nil)
         }
     }
@@ -132,7 +130,7 @@ final class ServerTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler 
             return fail(context, "unexpected answer to SSLRequest")
         }
         switch answer {
-        case UInt8(ascii: "S"):
+        case MessageType.encryptionAccepted:
             guard let tls = self.context else { return fail(context, "no TLS context") }
             do {
                 let handler = try NIOSSLClientHandler(context: tls, serverHostname: sniName)
@@ -140,7 +138,7 @@ final class ServerTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler 
             } catch {
                 return fail(context, "TLS setup failed: \(error)")
             }
-        case UInt8(ascii: "N"):
+        case MessageType.encryptionRefused:
             if mode.requiresTLS {
                 return fail(context, "server does not support TLS, and server_tls_sslmode = \(mode.rawValue)")
             }
@@ -159,7 +157,7 @@ final class ServerTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler 
     }
 
     func fail(_ context: ChannelHandlerContext, _ message: String) {
-        context.fireErrorCaught(PostgresError(severity: "FATAL", code: SQLState.connectionFailure, message: message))
+        context.fireErrorCaught(PostgresError.fatal(SQLState.connectionFailure, message))
         context.close(promise: nil)
     }
 }

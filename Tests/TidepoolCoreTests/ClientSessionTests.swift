@@ -68,11 +68,7 @@ final class SessionDriver {
 
     func clientRaw(_ bytes: ByteBuffer) {
         var buffer = bytes
-        if var stash = session.inbound {
-            session.inbound = nil
-            stash.writeBuffer(&buffer)
-            buffer = stash
-        }
+        session.inbound.prependKept(to: &buffer)
         do {
             try session.clientBytes(&buffer, now: now, isKnownStatement: { _ in false }, into: &actions)
         } catch {

@@ -245,3 +245,22 @@ extension MessageScanner.Chunk: Equatable {
         #expect(MemoryLayout<ReceiveBufferSizer>.size <= 3 * MemoryLayout<Int>.size)
     }
 }
+
+@Suite struct KeptBytesTests {
+    @Test func keptBytesGoInFrontOfTheNextRead() {
+        var kept: ByteBuffer? = nil
+        var first = ByteBuffer(bytes: [1, 2, 3])
+        first.moveReaderIndex(forwardBy: 1)
+        kept.keep(&first)
+        #expect(first.readableBytes == 0)
+        var second = ByteBuffer(bytes: [4])
+        kept.keep(&second)
+        var next = ByteBuffer(bytes: [5, 6])
+        kept.prependKept(to: &next)
+        #expect(kept == nil)
+        #expect(next.readableBytesView.elementsEqual([2, 3, 4, 5, 6]))
+        var empty = ByteBuffer()
+        kept.keep(&empty)
+        #expect(kept == nil, "nothing left, nothing kept")
+    }
+}

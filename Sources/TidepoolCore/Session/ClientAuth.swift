@@ -50,9 +50,8 @@ public struct ClientAuthStateMachine: Sendable {
         case .cert:
             // Checked by the runtime against the TLS certificate before this machine is used.
             return .fail(
-                PostgresError(
-                    severity: "FATAL", code: SQLState.invalidAuthorization,
-                    message: "certificate authentication failed for user \"\(user)\""))
+                PostgresError.fatal(
+                    SQLState.invalidAuthorization, "certificate authentication failed for user \"\(user)\""))
         case .plain:
             state = .awaitingCleartext
             Wire.authenticationCleartextPassword(into: &out)

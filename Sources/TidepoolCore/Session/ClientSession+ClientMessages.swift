@@ -138,14 +138,7 @@ extension ClientSession {
     }
 
     /// Moves all of `buffer` to the end of `inbound`.
-    mutating func stash(_ buffer: inout ByteBuffer) {
-        if inbound == nil {
-            inbound = buffer
-        } else {
-            inbound!.writeBuffer(&buffer)
-        }
-        buffer.moveReaderIndex(to: buffer.writerIndex)
-    }
+    mutating func stash(_ buffer: inout ByteBuffer) { inbound.keep(&buffer) }
 
     /// Writes the answers the prepared-statement tracker made up that are due. True if it wrote any.
     mutating func writeMadeUpReplies(now: NIODeadline, into actions: inout [Action]) -> Bool {

@@ -10,11 +10,7 @@ extension ClientSession {
         guard state == .linked, let server else { return }
         traffic.sent += data.readableBytes
         var buffer = data
-        if var stash = serverInbound {
-            serverInbound = nil
-            stash.writeBuffer(&buffer)
-            buffer = stash
-        }
+        serverInbound.prependKept(to: &buffer)
         var run = ServerBytesRun(of: buffer)
         do {
             while true {
@@ -106,7 +102,7 @@ extension ClientSession {
             return
         }
         run.write(into: &actions)
-        if buffer.readableBytes > 0 { serverInbound = buffer }
+        serverInbound.keep(&buffer)
         if prepared != nil {
             let accepted = prepared!.takeAccepted()
             if !accepted.isEmpty { actions.append(.statementsAccepted(accepted)) }

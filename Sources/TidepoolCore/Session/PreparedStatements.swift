@@ -145,7 +145,7 @@ public struct PreparedStatementTracker: Sendable {
             return byte(bodyStart + 1) != 0
         case MessageType.describe, MessageType.close:
             guard let kind = byte(bodyStart) else { return true }
-            return kind != UInt8(ascii: "P") && byte(bodyStart + 1) != 0
+            return kind != MessageType.targetPortal && byte(bodyStart + 1) != 0
         case MessageType.query:
             var i = bodyStart
             while let c = byte(i), c == 32 || c == 9 || c == 10 || c == 13 { i += 1 }
@@ -198,7 +198,7 @@ public struct PreparedStatementTracker: Sendable {
             statements[name] = statement
             if server.contains(statement.serverName) {
                 server.touch(statement.serverName)
-                append(.reply(Self.simpleMessage(UInt8(ascii: "1")), undo: .forget(name)))
+                append(.reply(Self.simpleMessage(MessageType.parseComplete), undo: .forget(name)))
             } else {
                 prepareOnServer(
                     statement.serverName,
@@ -227,25 +227,25 @@ public struct PreparedStatementTracker: Sendable {
             append(.pass(type))
             return
         case MessageType.describe:
-            guard b.readInteger(as: UInt8.self) == UInt8(ascii: "S"), let name = b.readNullTerminatedString(),
+            guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString(),
                 let statement = statements[name]
             else { break }
             ensurePrepared(statement, on: &server, into: &out)
             var message = ByteBufferAllocator().buffer(capacity: statement.serverName.utf8.count + 7)
             Wire.withMessage(type, into: &message) { m in
-                m.writeInteger(UInt8(ascii: "S"))
+                m.writeInteger(MessageType.targetStatement)
                 m.writeNullTerminatedString(statement.serverName)
             }
             out.append(message)
             append(.pass(type))
             return
         case MessageType.close:
-            guard b.readInteger(as: UInt8.self) == UInt8(ascii: "S"), let name = b.readNullTerminatedString(),
+            guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString(),
                 let statement = statements[name]
             else { break }
             // Only the client's name goes; the server keeps the statement for others.
             statements[name] = nil
-            append(.reply(Self.simpleMessage(UInt8(ascii: "3")), undo: .restore(name, statement)))
+            append(.reply(Self.simpleMessage(MessageType.closeComplete), undo: .restore(name, statement)))
             return
         case MessageType.query:
             guard let sql = WireDecode.queryText(body) else { break }
@@ -300,12 +300,12 @@ public struct PreparedStatementTracker: Sendable {
                 definition.writeImmutableBuffer(body)
                 view[name] = Statement(serverName: serverName, definition: definition)
                 parses += 1
-                Wire.withMessage(UInt8(ascii: "1"), into: &reply) { _ in }
+                Wire.withMessage(MessageType.parseComplete, into: &reply) { _ in }
             case MessageType.close:
                 guard let kind = body.readInteger(as: UInt8.self), let name = body.readNullTerminatedString()
                 else { return nil }
-                if kind == UInt8(ascii: "S") { view[name] = nil }
-                Wire.withMessage(UInt8(ascii: "3"), into: &reply) { _ in }
+                if kind == MessageType.targetStatement { view[name] = nil }
+                Wire.withMessage(MessageType.closeComplete, into: &reply) { _ in }
             case MessageType.sync:
                 guard reply.readableBytes > 0 else { return nil }
                 statements = view
@@ -341,12 +341,11 @@ public struct PreparedStatementTracker: Sendable {
         case .prepare(let name, let text):
             if statements[name] != nil {
                 // PostgreSQL's own error, raised by the server so the transaction fails as it would.
-                let message = String(
-                    "prepared statement \"\(name)\" already exists".flatMap { $0 == "'" ? ["'", "'"] : [$0] })
+                let message = "prepared statement \"\(name)\" already exists".sqlLiteral
                 out.append(
                     Self.queryMessage(
                         "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '\(SQLState.duplicatePreparedStatement)', "
-                            + "MESSAGE = '\(message)'; END$tidepool$"))
+                            + "MESSAGE = \(message); END$tidepool$"))
                 append(.pass(MessageType.query))
                 return true
             }
@@ -435,7 +434,7 @@ public struct PreparedStatementTracker: Sendable {
             return type == MessageType.parameterStatus
         }
         switch type {
-        case MessageType.noticeResponse, MessageType.parameterStatus, UInt8(ascii: "A"):
+        case MessageType.noticeResponse, MessageType.parameterStatus, MessageType.notificationResponse:
             return true  // may come at any time
         case MessageType.readyForQuery:
             lastStatus = status
@@ -504,18 +503,18 @@ public struct PreparedStatementTracker: Sendable {
             case .pass(let t):
                 if Self.ends(t, with: type) { pop(server: &server) }
             case .parse(_, let name):
-                if type == UInt8(ascii: "1") {
+                if type == MessageType.parseComplete {
                     accepted.append(name)
                     pop(server: &server)
                 }
             case .injectedParse(let name):
-                if type == UInt8(ascii: "1") {
+                if type == MessageType.parseComplete {
                     forward = false
                     accepted.append(name)
                     pop(server: &server)
                 }
             case .injectedClose:
-                if type == UInt8(ascii: "3") {
+                if type == MessageType.closeComplete {
                     forward = false
                     pop(server: &server)
                 }
@@ -619,7 +618,7 @@ public struct PreparedStatementTracker: Sendable {
         guard let evicted = server.insert(name) else { return }
         var message = ByteBufferAllocator().buffer(capacity: evicted.utf8.count + 7)
         Wire.withMessage(MessageType.close, into: &message) { m in
-            m.writeInteger(UInt8(ascii: "S"))
+            m.writeInteger(MessageType.targetStatement)
             m.writeNullTerminatedString(evicted)
         }
         out.append(message)
@@ -637,13 +636,13 @@ public struct PreparedStatementTracker: Sendable {
     /// Whether `response` is the last message answering a client message of type `request`.
     static func ends(_ request: UInt8, with response: UInt8) -> Bool {
         switch request {
-        case MessageType.parse: return response == UInt8(ascii: "1")
-        case MessageType.bind: return response == UInt8(ascii: "2")
-        case MessageType.close: return response == UInt8(ascii: "3")
-        case MessageType.describe: return response == MessageType.rowDescription || response == UInt8(ascii: "n")
+        case MessageType.parse: return response == MessageType.parseComplete
+        case MessageType.bind: return response == MessageType.bindComplete
+        case MessageType.close: return response == MessageType.closeComplete
+        case MessageType.describe: return response == MessageType.rowDescription || response == MessageType.noData
         case MessageType.execute:
             return response == MessageType.commandComplete || response == MessageType.emptyQueryResponse
-                || response == UInt8(ascii: "s")
+                || response == MessageType.portalSuspended
         default: return false  // Sync, Query and FunctionCall end at ReadyForQuery
         }
     }

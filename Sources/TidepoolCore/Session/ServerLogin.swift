@@ -47,7 +47,7 @@ public struct ServerLoginStateMachine: Sendable {
     }
 
     static func authFailure(_ message: String) -> PostgresError {
-        PostgresError(severity: "FATAL", code: SQLState.invalidPassword, message: message)
+        PostgresError.fatal(SQLState.invalidPassword, message)
     }
 
     /// Takes one whole backend message.
@@ -78,14 +78,14 @@ public struct ServerLoginStateMachine: Sendable {
         default:
             state = .done
             return .fail(
-                PostgresError(
-                    severity: "FATAL", code: SQLState.protocolViolation,
-                    message: "unexpected message '\(Character(UnicodeScalar(type)))' from server during login"))
+                PostgresError.fatal(
+                    SQLState.protocolViolation,
+                    "unexpected message '\(Character(UnicodeScalar(type)))' from server during login"))
         }
     }
 
     var malformed: PostgresError {
-        PostgresError(severity: "FATAL", code: SQLState.protocolViolation, message: "malformed message from server")
+        PostgresError.fatal(SQLState.protocolViolation, "malformed message from server")
     }
 
     mutating func authenticate(code: Int32, body: ByteBuffer) -> Action {

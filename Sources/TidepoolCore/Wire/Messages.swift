@@ -17,6 +17,12 @@ public enum MessageType {
     public static let copyInResponse = UInt8(ascii: "G")
     public static let copyOutResponse = UInt8(ascii: "H")
     public static let copyBothResponse = UInt8(ascii: "W")
+    public static let notificationResponse = UInt8(ascii: "A")
+    public static let parseComplete = UInt8(ascii: "1")
+    public static let bindComplete = UInt8(ascii: "2")
+    public static let closeComplete = UInt8(ascii: "3")
+    public static let noData = UInt8(ascii: "n")
+    public static let portalSuspended = UInt8(ascii: "s")
     // Frontend
     public static let query = UInt8(ascii: "Q")
     public static let sync = UInt8(ascii: "S")
@@ -32,6 +38,12 @@ public enum MessageType {
     public static let copyData = UInt8(ascii: "d")
     public static let copyDone = UInt8(ascii: "c")
     public static let copyFail = UInt8(ascii: "f")
+    /// What Describe and Close name: a prepared statement or a portal.
+    public static let targetStatement = UInt8(ascii: "S")
+    public static let targetPortal = UInt8(ascii: "P")
+    /// The one-byte answers to SSLRequest and GSSENCRequest.
+    public static let encryptionAccepted = UInt8(ascii: "S")
+    public static let encryptionRefused = UInt8(ascii: "N")
 }
 
 /// Transaction status carried by ReadyForQuery.
