@@ -156,6 +156,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case .closeWithError(let error, let reason):
             closeReason = reason
             pooler.metrics.clientError(error.code)
+            if pooler.config.global.logPoolerErrors {
+                logger.warning("pooler error to client \(peer) db=\(databaseName) user=\(user): \(error.message)")
+            }
             var out = channel.allocator.buffer(capacity: 128)
             Wire.errorResponse(error, into: &out)
             channel.writeAndFlush(out).whenComplete { [channel] _ in channel.close(promise: nil) }
@@ -377,6 +380,14 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         return certificate.subjectName.first { $0.type == .commonName }?.value
     }
 
+    /// "address:port" of a TCP client; nil for a Unix socket.
+    var clientAddressAndPort: String? {
+        guard let address = channel.remoteAddress, address.protocol != .unix, let ip = address.ipAddress else {
+            return nil
+        }
+        return "\(ip):\(address.port ?? 0)"
+    }
+
     /// The client's IP address as text; nil for a Unix socket.
     var clientIP: String? {
         guard let address = channel.remoteAddress, address.protocol != .unix else { return nil }
@@ -435,6 +446,11 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
         do {
             session.wanted = try StartupParameters.resolve(parameters, ignored: config.global.ignoreStartupParameters)
+            if let name = ClientSession.applicationName(
+                session.wanted["application_name"], clientAddress: clientAddressAndPort, config: config)
+            {
+                session.wanted["application_name"] = name
+            }
         } catch {
             sendFatal(error, reason: "unsupported startup parameter")
             return

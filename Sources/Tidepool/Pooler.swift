@@ -450,6 +450,8 @@ public final class Pooler: @unchecked Sendable {
         s.serverIdleTimeout = g.serverIdleTimeout
         s.serverLoginRetry = g.serverLoginRetry
         s.serverCheckDelay = g.serverCheckDelay
+        s.serverCheckEnabled = !g.serverCheckQuery.isEmpty
+        s.serverRoundRobin = g.serverRoundRobin
         return s
     }
 

@@ -493,6 +493,32 @@ final class SessionDriver {
         #expect(d.traffic.transactionTime == 2000)
     }
 
+    /// disable_pqexec: a simple Query closes the client; the extended protocol still works.
+    @Test func disablePqexecRefusesSimpleQueries() {
+        let d = D()
+        d.session.refusesSimpleQuery = true
+        d.client(PreparedHarness.parse("", "select 1"), D.sync)
+        d.lend()
+        #expect(d.serverTypes == "PS")
+        d.serverSends(D.m("1"), D.ready("I"))
+        #expect(d.releases == [true])
+        d.client(D.query("select 1; drop table t"))
+        #expect(d.closedWith?.message == "PQexec disallowed")
+        #expect(d.serverTypes == "PS", "the Query never reached a server")
+        #expect(d.session.state == .closed)
+    }
+
+    /// The same with prepared statements tracked (the default in transaction mode).
+    @Test func disablePqexecRefusesSimpleQueriesWithPreparedTracking() {
+        let d = D(prepared: true)
+        d.session.refusesSimpleQuery = true
+        d.client(D.query("select 1"))
+        d.lend()
+        #expect(d.closedWith?.message == "PQexec disallowed")
+        #expect(d.serverTypes == "")
+        #expect(d.releases == [true], "the server never saw the Query")
+    }
+
     /// A pool error while queued closes the client with it as a FATAL.
     @Test func waitFailureClosesTheClient() {
         let d = D()
@@ -595,6 +621,16 @@ final class SessionDriver {
             return
         }
         #expect(refusal.error.message.contains("auth_file"))
+    }
+
+    @Test func applicationNameAddHost() {
+        var c = config(.trust)
+        #expect(ClientSession.applicationName("psql", clientAddress: "10.0.0.7:5123", config: c) == "psql")
+        #expect(ClientSession.applicationName(nil, clientAddress: "10.0.0.7:5123", config: c) == nil)
+        c.global.applicationNameAddHost = true
+        #expect(
+            ClientSession.applicationName("psql", clientAddress: "10.0.0.7:5123", config: c) == "psql - 10.0.0.7:5123")
+        #expect(ClientSession.applicationName(nil, clientAddress: nil, config: c) == " - unix")
     }
 
     @Test func destinationIsTheConsoleThePoolOrARefusal() throws {

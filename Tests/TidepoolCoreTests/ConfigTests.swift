@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 import Testing
 
@@ -124,5 +125,64 @@ import Testing
         let config = try Config.parse(text, file: "pooler.ini.example")
         #expect(config.warnings.filter { $0.contains("unknown") }.isEmpty)
         #expect(!config.databases.isEmpty)
+    }
+}
+
+/// The one table of settings: everything that reads or shows settings follows from it.
+@Suite struct SettingsTableTests {
+    static let example = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("pooler.ini.example")
+
+    @Test func everyPoolerSettingIsInTheExampleAndNothingElse() throws {
+        let text = try String(contentsOf: Self.example, encoding: .utf8)
+        var keys = Set<String>()
+        var section = ""
+        for raw in text.split(separator: "\n") {
+            var line = Substring(raw)
+            if line.hasPrefix("[") { section = String(line.dropFirst().dropLast()) }
+            guard section == "pooler", !line.hasPrefix(";;"), !line.hasPrefix("; ") else { continue }
+            if line.hasPrefix(";") { line = line.dropFirst() }
+            guard let eq = line.firstIndex(of: "=") else { continue }
+            let key = line[..<eq].trimmingWhitespace()
+            if !key.isEmpty, !key.contains(" ") { keys.insert(key) }
+        }
+        let table = Set(Settings.table.filter { $0.sections.contains(.pooler) && !$0.noEffect }.map(\.name))
+        #expect(table.subtracting(keys).sorted() == [], "settings missing from pooler.ini.example")
+        #expect(keys.subtracting(table).sorted() == [], "keys in pooler.ini.example that Tidepool does not know")
+    }
+
+    /// Each setting's shown default reads back as the same value, and SHOW CONFIG lists each once.
+    @Test func defaultsReadBackAsThemselves() throws {
+        var seen = Set<String>()
+        for (name, value, defaultValue, _) in Config().displaySettings {
+            #expect(seen.insert(name).inserted, "\(name) listed twice")
+            #expect(value == defaultValue)
+            guard !(Settings.named(name)?.noEffect ?? false) else { continue }
+            let config = try Config.parse("[pooler]\n\(name) = \(defaultValue)\n")
+            #expect(config.warnings == [], "\(name)")
+            #expect(config.displaySettings.first { $0.0 == name }?.1 == defaultValue, "\(name)")
+        }
+        #expect(seen.count > 80)
+    }
+
+    @Test func sectionsDecideWhereAKeyMayStand() throws {
+        for setting in Settings.table {
+            let value = setting.name.hasSuffix("mode") ? "session" : "1"
+            let inDatabase = Result { try Config.parse("[databases]\nd = host=h \(setting.name)=\(value)\n") }
+            let inUser = Result { try Config.parse("[users]\nu = \(setting.name)=\(value)\n") }
+            let merged = Settings.named(setting.name)!
+            #expect((try? inDatabase.get()) != nil || !merged.sections.contains(.databases), "\(setting.name)")
+            #expect((try? inUser.get()) != nil || !merged.sections.contains(.users), "\(setting.name)")
+            if !merged.sections.contains(.databases) {
+                #expect(throws: ConfigError.self) { try inDatabase.get() }
+            }
+            if !merged.sections.contains(.users) { #expect(throws: ConfigError.self) { try inUser.get() } }
+        }
+    }
+
+    @Test func inertSettingsWarnAndAreShown() throws {
+        let config = try Config.parse("[pooler]\npkt_buf = 8192\n")
+        #expect(config.warnings.count == 1 && config.warnings[0].contains("no effect"))
+        #expect(config.displaySettings.first { $0.0 == "pkt_buf" }?.1 == "8192")
     }
 }

@@ -54,6 +54,25 @@ extension [PoolAction] {
         #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now) == [.lend(s1, to: c(2))])
     }
 
+    /// Idle servers go out newest-released first; with server_round_robin oldest-released first.
+    @Test func roundRobinLendsTheServerReleasedFirst() {
+        for roundRobin in [false, true] {
+            var settings = PoolSettings(poolSize: 2)
+            settings.serverRoundRobin = roundRobin
+            _ = pool.configure(poolA, settings: settings, now: clock.now)
+            let s1 = lendNewServer(to: c(1))
+            let s2 = lendNewServer(to: c(2))
+            _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+            _ = pool.serverReleased(s2, reusable: true, now: clock.now)
+            let lent = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now).lends
+            #expect(lent.map(\.0) == [roundRobin ? s1 : s2])
+            _ = pool.serverReleased(lent[0].0, reusable: false, now: clock.now)
+            _ = pool.serverReleased(roundRobin ? s2 : s1, reusable: false, now: clock.now)
+            _ = pool.clientWantsServer(c(9), pool: poolA, loop: 0, now: clock.now)
+            pool = PoolStateMachine()
+        }
+    }
+
     @Test func neverOpensMoreThanPoolSizeAndQueuesInOrder() {
         var connects: [ServerID] = []
         for n in 1...5 {

@@ -202,12 +202,10 @@ public enum AdminViews {
     ]
 
     /// SHOW CONFIG: every setting with its value; secrets never appear.
-    public static func config(_ settings: [(String, String)]) -> AdminResult {
+    public static func config(_ settings: [(String, String, String, Bool)]) -> AdminResult {
         AdminResult(
             columns: ["key", "value", "default", "changeable"],
-            rows: settings.sorted { $0.0 < $1.0 }.map {
-                [$0.0, $0.1, nil, Config.fixedAtStart.contains($0.0) ? "no" : "yes"]
-            })
+            rows: settings.sorted { $0.0 < $1.0 }.map { [$0.0, $0.1, $0.2, $0.3 ? "yes" : "no"] })
     }
 }
 

@@ -71,7 +71,7 @@ public struct GlobalSettings: Equatable, Sendable {
     public var maxUserConnections = 0
     public var serverResetQuery = "DISCARD ALL"
     public var serverResetQueryAlways = false
-    public var serverCheckQuery = ""
+    public var serverCheckQuery = "select 1"
     public var serverCheckDelay = TimeAmount.seconds(30)
     public var serverLifetime = TimeAmount.seconds(3600)
     public var serverIdleTimeout = TimeAmount.seconds(600)
@@ -135,6 +135,8 @@ public struct GlobalSettings: Equatable, Sendable {
     /// Per client address: open connections and new connections per second (0 = no limit).
     public var maxClientConnPerIP = 0
     public var clientConnectRatePerIP = 0
+    /// PgBouncer settings accepted without effect (Setting.noEffect), kept for SHOW CONFIG.
+    public var inert: [String: String] = [:]
 
     public init() {}
 }
@@ -220,47 +222,8 @@ public struct Config: Equatable, Sendable {
         return t
     }
 
-    /// Settings as SHOW CONFIG lists them (no secrets).
-    public var displaySettings: [(String, String)] {
-        let g = global
-        func secs(_ t: TimeAmount) -> String {
-            let ms = t.nanoseconds / 1_000_000
-            return ms % 1000 == 0 ? "\(ms / 1000)" : "\(Double(ms) / 1000)"
-        }
-        return [
-            ("stats_period", secs(g.statsPeriod)), ("log_stats", g.logStats ? "1" : "0"),
-            ("log_slow_query_ms", "\(g.logSlowQuery.nanoseconds / 1_000_000)"),
-            ("stats_listen_addr", g.statsListenAddr), ("stats_listen_port", "\(g.statsListenPort)"),
-            ("instance_id", g.instanceID),
-            ("listen_addr", g.listenAddr), ("listen_port", "\(g.listenPort)"), ("unix_socket_dir", g.unixSocketDir),
-            ("auth_type", g.authType.rawValue), ("auth_file", g.authFile ?? ""), ("pool_mode", g.poolMode.rawValue),
-            ("default_pool_size", "\(g.defaultPoolSize)"), ("min_pool_size", "\(g.minPoolSize)"),
-            ("reserve_pool_size", "\(g.reservePoolSize)"), ("reserve_pool_timeout", secs(g.reservePoolTimeout)),
-            ("max_client_conn", "\(g.maxClientConn)"), ("max_db_connections", "\(g.maxDBConnections)"),
-            ("max_user_connections", "\(g.maxUserConnections)"), ("server_reset_query", g.serverResetQuery),
-            ("server_check_query", g.serverCheckQuery), ("server_check_delay", secs(g.serverCheckDelay)),
-            ("server_lifetime", secs(g.serverLifetime)), ("server_idle_timeout", secs(g.serverIdleTimeout)),
-            ("server_connect_timeout", secs(g.serverConnectTimeout)), ("server_login_retry", secs(g.serverLoginRetry)),
-            ("query_timeout", secs(g.queryTimeout)), ("query_wait_timeout", secs(g.queryWaitTimeout)),
-            ("client_idle_timeout", secs(g.clientIdleTimeout)), ("client_login_timeout", secs(g.clientLoginTimeout)),
-            ("idle_transaction_timeout", secs(g.idleTransactionTimeout)),
-            ("transaction_timeout", secs(g.transactionTimeout)), ("max_packet_size", "\(g.maxPacketSize)"),
-            ("max_prepared_statements", "\(g.maxPreparedStatements)"),
-            ("admin_users", g.adminUsers.joined(separator: ",")), ("stats_users", g.statsUsers.joined(separator: ",")),
-            ("threads", "\(g.threads)"), ("log_connections", g.logConnections ? "1" : "0"),
-            ("log_disconnections", g.logDisconnections ? "1" : "0"),
-            ("client_tls_sslmode", g.clientTLS.sslmode.rawValue), ("client_tls_key_file", g.clientTLS.keyFile),
-            ("client_tls_cert_file", g.clientTLS.certFile), ("client_tls_ca_file", g.clientTLS.caFile),
-            ("client_tls_protocols", g.clientTLS.protocols), ("client_tls_ciphers", g.clientTLS.ciphers),
-            ("server_tls_sslmode", g.serverTLS.sslmode.rawValue), ("server_tls_key_file", g.serverTLS.keyFile),
-            ("server_tls_cert_file", g.serverTLS.certFile), ("server_tls_ca_file", g.serverTLS.caFile),
-            ("server_tls_protocols", g.serverTLS.protocols), ("server_tls_ciphers", g.serverTLS.ciphers),
-            ("auth_user", g.authUser ?? ""), ("auth_query", g.authQuery), ("auth_dbname", g.authDBName ?? ""),
-            ("auth_query_cache_ttl", secs(g.authQueryCacheTTL)), ("auth_hba_file", g.authHBAFile ?? ""),
-            ("max_client_conn_per_ip", "\(g.maxClientConnPerIP)"),
-            ("client_connect_rate_per_ip", "\(g.clientConnectRatePerIP)"),
-        ]
-    }
+    /// Settings as SHOW CONFIG lists them (no secrets): (name, value, default, changeable).
+    public var displaySettings: [(String, String, String, Bool)] { Settings.show(global) }
 
     public func queryWaitTimeout(database: DatabaseEntry, user: String) -> TimeAmount {
         users[user]?.queryWaitTimeout ?? database.queryWaitTimeout ?? global.queryWaitTimeout
@@ -310,31 +273,12 @@ public struct Config: Equatable, Sendable {
 
     static func parseDatabase(_ entry: IniEntry) throws(ConfigError) -> DatabaseEntry {
         var db = DatabaseEntry(name: entry.key)
-        for (key, value, v) in try settings(of: entry) {
-            switch key {
-            case "host": db.host = value
-            case "port": db.port = try v.int(1...65535)
-            case "dbname": db.dbname = value
-            case "user": db.user = value
-            case "password": db.password = value
-            case "pool_size": db.poolSize = try v.int(0...100_000)
-            case "min_pool_size": db.minPoolSize = try v.int(0...100_000)
-            case "reserve_pool", "reserve_pool_size": db.reservePoolSize = try v.int(0...100_000)
-            case "pool_mode": db.poolMode = try v.enumValue(PoolMode.self)
-            case "max_db_connections": db.maxDBConnections = try v.int(0...1_000_000)
-            case "connect_query": db.connectQuery = value
-            case "client_encoding": db.clientEncoding = value
-            case "datestyle": db.datestyle = value
-            case "timezone": db.timezone = value
-            case "application_name": db.applicationName = value
-            case "auth_user": db.authUser = value
-            case "auth_query": db.authQuery = value
-            case "auth_dbname": db.authDBName = value
-            case "query_wait_timeout": db.queryWaitTimeout = try v.duration()
-            default:
+        for (key, _, v) in try settings(of: entry) {
+            guard let apply = Settings.named(key)?.applyDatabase else {
                 throw ConfigError(
                     file: entry.file, line: entry.line, key: entry.key, message: "unknown database parameter \(key)")
             }
+            try apply(&db, v)
         }
         return db
     }
@@ -342,120 +286,41 @@ public struct Config: Equatable, Sendable {
     static func parseUser(_ entry: IniEntry) throws(ConfigError) -> UserEntry {
         var user = UserEntry(name: entry.key)
         for (key, _, v) in try settings(of: entry) {
-            switch key {
-            case "pool_mode": user.poolMode = try v.enumValue(PoolMode.self)
-            case "pool_size": user.poolSize = try v.int(0...100_000)
-            case "max_user_connections": user.maxUserConnections = try v.int(0...1_000_000)
-            case "query_timeout": user.queryTimeout = try v.duration()
-            case "idle_transaction_timeout": user.idleTransactionTimeout = try v.duration()
-            case "client_idle_timeout": user.clientIdleTimeout = try v.duration()
-            case "transaction_timeout": user.transactionTimeout = try v.duration()
-            case "query_wait_timeout": user.queryWaitTimeout = try v.duration()
-            default:
+            guard let apply = Settings.named(key)?.applyUser else {
                 throw ConfigError(
                     file: entry.file, line: entry.line, key: entry.key, message: "unknown user parameter \(key)")
             }
+            try apply(&user, v)
         }
         return user
     }
 
     mutating func applyGlobal(_ entry: IniEntry) throws(ConfigError) {
-        let v = Value(entry: entry, key: entry.key, text: entry.value)
-        switch entry.key {
-        case "listen_addr": global.listenAddr = entry.value
-        case "listen_port": global.listenPort = try v.int(0...65535)
-        case "unix_socket_dir": global.unixSocketDir = entry.value
-        case "unix_socket_mode": global.unixSocketMode = try v.octal()
-        case "auth_type": global.authType = try v.enumValue(AuthType.self)
-        case "auth_file": global.authFile = entry.value.isEmpty ? nil : entry.value
-        case "admin_users": global.adminUsers = v.list()
-        case "stats_users": global.statsUsers = v.list()
-        case "pool_mode": global.poolMode = try v.enumValue(PoolMode.self)
-        case "default_pool_size": global.defaultPoolSize = try v.int(1...100_000)
-        case "min_pool_size": global.minPoolSize = try v.int(0...100_000)
-        case "reserve_pool_size": global.reservePoolSize = try v.int(0...100_000)
-        case "reserve_pool_timeout": global.reservePoolTimeout = try v.duration()
-        case "max_client_conn": global.maxClientConn = try v.int(1...10_000_000)
-        case "max_db_connections": global.maxDBConnections = try v.int(0...1_000_000)
-        case "max_user_connections": global.maxUserConnections = try v.int(0...1_000_000)
-        case "server_reset_query": global.serverResetQuery = entry.value
-        case "server_reset_query_always": global.serverResetQueryAlways = try v.bool()
-        case "server_check_query": global.serverCheckQuery = entry.value
-        case "server_check_delay": global.serverCheckDelay = try v.duration()
-        case "server_lifetime": global.serverLifetime = try v.duration()
-        case "server_idle_timeout": global.serverIdleTimeout = try v.duration()
-        case "server_connect_timeout": global.serverConnectTimeout = try v.duration()
-        case "server_login_retry": global.serverLoginRetry = try v.duration()
-        case "query_timeout": global.queryTimeout = try v.duration()
-        case "query_wait_timeout": global.queryWaitTimeout = try v.duration()
-        case "client_idle_timeout": global.clientIdleTimeout = try v.duration()
-        case "client_login_timeout": global.clientLoginTimeout = try v.duration()
-        case "idle_transaction_timeout": global.idleTransactionTimeout = try v.duration()
-        case "transaction_timeout": global.transactionTimeout = try v.duration()
-        case "shutdown_timeout": global.shutdownTimeout = try v.duration()
-        case "log_connections": global.logConnections = try v.bool()
-        case "log_disconnections": global.logDisconnections = try v.bool()
-        case "log_pooler_errors": global.logPoolerErrors = try v.bool()
-        case "verbose": global.verbose = try v.int(0...10)
-        case "logfile": global.logfile = entry.value.isEmpty ? nil : entry.value
-        case "pidfile": global.pidfile = entry.value.isEmpty ? nil : entry.value
-        case "max_packet_size": global.maxPacketSize = try v.int(9...2_147_483_647)
-        case "max_prepared_statements": global.maxPreparedStatements = try v.int(0...100_000)
-        case "listen_backlog": global.listenBacklog = try v.int(1...65535)
-        case "so_reuseport": global.soReuseport = try v.bool()
-        case "ignore_startup_parameters": global.ignoreStartupParameters = v.list()
-        case "application_name_add_host": global.applicationNameAddHost = try v.bool()
-        case "stats_period": global.statsPeriod = try v.duration()
-        case "log_stats": global.logStats = try v.bool()
-        case "log_slow_query_ms": global.logSlowQuery = .milliseconds(Int64(try v.int(0...86_400_000)))
-        case "stats_listen_addr": global.statsListenAddr = entry.value
-        case "stats_listen_port": global.statsListenPort = try v.int(0...65535)
-        case "instance_id": global.instanceID = entry.value
-        case "server_round_robin": global.serverRoundRobin = try v.bool()
-        case "disable_pqexec": global.disablePqexec = try v.bool()
-        case "tcp_keepalive": global.tcpKeepalive = try v.bool()
-        case "tcp_keepidle": global.tcpKeepidle = try v.int(0...86_400)
-        case "tcp_keepintvl": global.tcpKeepintvl = try v.int(0...86_400)
-        case "tcp_keepcnt": global.tcpKeepcnt = try v.int(0...1000)
-        case "tcp_user_timeout": global.tcpUserTimeout = try v.int(0...86_400_000)
-        case "threads": global.threads = try v.int(0...1024)
-        case let key where key.hasPrefix("client_tls_"):
-            try global.clientTLS.apply(String(key.dropFirst(11)), v)
-        case let key where key.hasPrefix("server_tls_"):
-            try global.serverTLS.apply(String(key.dropFirst(11)), v)
-        case "auth_user": global.authUser = entry.value.isEmpty ? nil : entry.value
-        case "auth_query": global.authQuery = entry.value
-        case "auth_dbname": global.authDBName = entry.value.isEmpty ? nil : entry.value
-        case "auth_query_cache_ttl": global.authQueryCacheTTL = try v.duration()
-        case "auth_hba_file": global.authHBAFile = entry.value.isEmpty ? nil : entry.value
-        case "max_client_conn_per_ip": global.maxClientConnPerIP = try v.int(0...10_000_000)
-        case "client_connect_rate_per_ip": global.clientConnectRatePerIP = try v.int(0...10_000_000)
-        case "user", "pkt_buf", "sbuf_loopcnt", "syslog", "syslog_ident", "syslog_facility",
-            "tcp_defer_accept",
-            "tcp_socket_buffer", "dns_max_ttl", "dns_nxdomain_ttl", "dns_zone_check_period", "resolv_conf",
-            "suspend_timeout", "server_fast_close", "track_extra_parameters", "stats_users_prefix",
-            "job_name", "service_name", "server_check_delay_ms":
-            // Accepted for compatibility; Tidepool has no use for them yet.
-            warnings.append("\(entry.file):\(entry.line): \(entry.key) is accepted but has no effect")
-        default:
+        guard let setting = Settings.named(entry.key), let apply = setting.applyGlobal else {
+            if entry.key.hasPrefix("client_tls_") || entry.key.hasPrefix("server_tls_") {
+                // A misspelt TLS key would leave TLS weaker than meant: refused, not ignored.
+                throw ConfigError(file: entry.file, line: entry.line, key: entry.key, message: "unknown setting")
+            }
             warnings.append("\(entry.file):\(entry.line): unknown setting \(entry.key); ignored")
+            return
+        }
+        try apply(&global, Value(entry: entry, key: entry.key, text: entry.value))
+        if setting.noEffect {
+            warnings.append("\(entry.file):\(entry.line): \(entry.key) is accepted but has no effect")
         }
     }
 }
 
 extension Config {
     /// Settings that take effect only at start: SET refuses them, RELOAD warns about them.
-    public static let fixedAtStart: Set<String> = [
-        "listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "logfile", "pidfile", "user",
-        "threads", "stats_listen_addr", "stats_listen_port", "instance_id", "auth_file",
-    ]
+    public static let fixedAtStart = Set(Settings.table.filter { !$0.changeable }.map(\.name))
 
     /// SET key = value from the admin console: a global setting changed at run time.
     public mutating func set(_ key: String, _ value: String) throws(PostgresError) {
         guard !Self.fixedAtStart.contains(key) else {
             throw PostgresError(code: SQLState.cantChangeRuntimeParam, message: "\(key) cannot be changed at run time")
         }
-        guard displaySettings.contains(where: { $0.0 == key }) else {
+        guard Settings.named(key)?.applyGlobal != nil else {
             throw PostgresError(code: SQLState.undefinedObject, message: "unknown setting \(key)")
         }
         do {
@@ -467,7 +332,7 @@ extension Config {
 }
 
 /// A value being parsed, for error messages naming file, line and key.
-struct Value {
+public struct Value {
     let entry: IniEntry
     let key: String
     let text: String

@@ -71,8 +71,10 @@ public struct PoolSettings: Equatable, Sendable {
     public var serverLoginRetry: TimeAmount = .seconds(15)
     /// An idle server unused for this long is checked before it is lent; zero checks every time.
     public var serverCheckDelay: TimeAmount = .seconds(30)
-    /// False switches the pre-lend check off.
+    /// False switches the pre-lend check off (an empty server_check_query).
     public var serverCheckEnabled = true
+    /// server_round_robin: idle servers are lent oldest-released first instead of newest.
+    public var serverRoundRobin = false
 
     public init(poolSize: Int) { self.poolSize = poolSize }
 }

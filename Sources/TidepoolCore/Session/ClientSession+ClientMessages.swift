@@ -21,7 +21,9 @@ extension ClientSession {
                     let chunk = try scanner.next(
                         from: &buffer,
                         classify: { type in
-                            if type == MessageType.terminate { return .inspect }
+                            if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery) {
+                                return .inspect
+                            }
                             tracker.clientSent(type)
                             return .forward
                         })
@@ -29,8 +31,12 @@ extension ClientSession {
                 switch chunk {
                 case .forward(let bytes):
                     forward(bytes, now: now, into: &actions)
-                case .message:
-                    terminate(into: &actions)
+                case .message(let type, _, _):
+                    if type == MessageType.query {
+                        refuseSimpleQuery(into: &actions)
+                    } else {
+                        terminate(into: &actions)
+                    }
                     return
                 }
             default:
@@ -59,6 +65,13 @@ extension ClientSession {
 
     mutating func terminate(into actions: inout [Action]) {
         actions.append(.terminate)
+    }
+
+    /// disable_pqexec: a simple Query (which may hold several statements) closes the client.
+    mutating func refuseSimpleQuery(into actions: inout [Action]) {
+        close(
+            .fatal(SQLState.protocolViolation, "PQexec disallowed"), reason: "simple query with disable_pqexec",
+            into: &actions)
     }
 
     mutating func forward(_ bytes: ByteBuffer, now: NIODeadline, into actions: inout [Action]) {
@@ -107,7 +120,7 @@ extension ClientSession {
             let chunk = try scanner.next(
                 from: &buffer,
                 peek: { type, bytes, bodyStart in
-                    if type == MessageType.terminate
+                    if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery)
                         || PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart)
                     {
                         return .inspect
@@ -123,6 +136,10 @@ extension ClientSession {
         case .message(let type, let body, let whole):
             if type == MessageType.terminate {
                 terminate(into: &actions)
+                return false
+            }
+            if type == MessageType.query, refusesSimpleQuery {
+                refuseSimpleQuery(into: &actions)
                 return false
             }
             tracker.clientSent(type)

@@ -168,6 +168,13 @@ extension ClientSession {
         return .success(.pool(database))
     }
 
+    /// The application_name a client logs in with: with application_name_add_host, the client's
+    /// address and port follow it (" - 10.0.0.7:51234"), as PgBouncer writes them.
+    public static func applicationName(_ given: String?, clientAddress: String?, config: Config) -> String? {
+        guard config.global.applicationNameAddHost else { return given }
+        return "\(given ?? "") - \(clientAddress ?? "unix")"
+    }
+
     /// Sets the session up for its pool once the client is authenticated.
     public mutating func joinPool(
         poolMode: PoolMode, config: Config, user: String, now: NIODeadline
@@ -178,6 +185,7 @@ extension ClientSession {
         slowQueryThreshold = Int(config.global.logSlowQuery.nanoseconds / 1000)
         serverResetQuery = config.global.serverResetQuery
         serverResetQueryAlways = config.global.serverResetQueryAlways
+        refusesSimpleQuery = config.global.disablePqexec
         if config.global.maxPreparedStatements > 0, poolMode != .session { prepared = PreparedStatementTracker() }
     }
 }

@@ -119,6 +119,8 @@ public struct ClientSession {
     /// server_reset_query and server_reset_query_always, for a client the pooler closes itself.
     public var serverResetQuery = ""
     public var serverResetQueryAlways = false
+    /// disable_pqexec: the simple query protocol is refused.
+    public var refusesSimpleQuery = false
 
     public final class TimeoutClock {
         public let settings: ClientTimeoutSettings

@@ -1,0 +1,381 @@
+import NIOCore
+
+/// The sections of the configuration file a setting may be written in.
+public struct SettingSections: OptionSet, Sendable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    /// `[pooler]` (or `[pgbouncer]`).
+    public static let pooler = SettingSections(rawValue: 1)
+    /// A `[databases]` entry's connection string.
+    public static let databases = SettingSections(rawValue: 2)
+    /// A `[users]` entry.
+    public static let users = SettingSections(rawValue: 4)
+}
+
+/// One setting: its name, where it may be written, how it is read and shown, whether SET and RELOAD
+/// can change it while running, and one line of help. `Settings.table` holds them all; parsing,
+/// SHOW CONFIG, SET, `--check` and the key list of pooler.ini.example follow from it.
+public struct Setting: Sendable {
+    typealias ApplyGlobal = @Sendable (inout GlobalSettings, Value) throws(ConfigError) -> Void
+    typealias ApplyDatabase = @Sendable (inout DatabaseEntry, Value) throws(ConfigError) -> Void
+    typealias ApplyUser = @Sendable (inout UserEntry, Value) throws(ConfigError) -> Void
+
+    public let name: String
+    public let sections: SettingSections
+    /// The kind of value, as the help shows it.
+    public let type: String
+    /// SET and RELOAD change it while running (otherwise only a restart does).
+    public let changeable: Bool
+    public let help: String
+    /// Accepted in `[pooler]` for compatibility with PgBouncer, but Tidepool does nothing with it:
+    /// using it warns.
+    public let noEffect: Bool
+    let applyGlobal: ApplyGlobal?
+    let showGlobal: (@Sendable (GlobalSettings) -> String)?
+    let applyDatabase: ApplyDatabase?
+    let applyUser: ApplyUser?
+
+    /// The value the `[pooler]` section has when it does not name the setting.
+    public var defaultValue: String { showGlobal?(GlobalSettings()) ?? "" }
+
+    /// The value in `settings`, as SHOW CONFIG lists it.
+    public func value(in settings: GlobalSettings) -> String { showGlobal?(settings) ?? "" }
+}
+
+extension Setting {
+    /// A global setting, optionally also allowed per database and per user.
+    static func global(
+        _ name: String, _ type: String, changeable: Bool = true, _ help: String,
+        also: SettingSections = [], database: ApplyDatabase? = nil, user: ApplyUser? = nil,
+        apply: @escaping ApplyGlobal, show: @escaping @Sendable (GlobalSettings) -> String
+    ) -> Setting {
+        Setting(
+            name: name, sections: also.union(.pooler), type: type, changeable: changeable, help: help,
+            noEffect: false, applyGlobal: apply, showGlobal: show, applyDatabase: database, applyUser: user)
+    }
+
+    static func int(
+        _ name: String, _ path: WritableKeyPath<GlobalSettings, Int> & Sendable, _ range: ClosedRange<Int>,
+        changeable: Bool = true, _ help: String,
+        also: SettingSections = [], database: ApplyDatabase? = nil, user: ApplyUser? = nil
+    ) -> Setting {
+        global(
+            name, "integer \(range.lowerBound)..\(range.upperBound)", changeable: changeable, help, also: also,
+            database: database, user: user, apply: { g, v throws(ConfigError) in g[keyPath: path] = try v.int(range) },
+            show: { "\($0[keyPath: path])" })
+    }
+
+    static func bool(
+        _ name: String, _ path: WritableKeyPath<GlobalSettings, Bool> & Sendable, changeable: Bool = true,
+        _ help: String
+    ) -> Setting {
+        global(
+            name, "boolean", changeable: changeable, help,
+            apply: { g, v throws(ConfigError) in g[keyPath: path] = try v.bool() },
+            show: { $0[keyPath: path] ? "1" : "0" })
+    }
+
+    static func text(
+        _ name: String, _ path: WritableKeyPath<GlobalSettings, String> & Sendable, changeable: Bool = true,
+        _ help: String
+    ) -> Setting {
+        global(
+            name, "text", changeable: changeable, help, apply: { g, v in g[keyPath: path] = v.text },
+            show: { $0[keyPath: path] })
+    }
+
+    /// Text where empty means unset.
+    static func optionalText(
+        _ name: String, _ path: WritableKeyPath<GlobalSettings, String?> & Sendable, changeable: Bool = true,
+        _ help: String
+    ) -> Setting {
+        global(
+            name, "text", changeable: changeable, help,
+            apply: { g, v in g[keyPath: path] = v.text.isEmpty ? nil : v.text }, show: { $0[keyPath: path] ?? "" })
+    }
+
+    static func list(
+        _ name: String, _ path: WritableKeyPath<GlobalSettings, [String]> & Sendable, _ help: String
+    ) -> Setting {
+        global(
+            name, "comma-separated list", help, apply: { g, v in g[keyPath: path] = v.list() },
+            show: { $0[keyPath: path].joined(separator: ",") })
+    }
+
+    static func duration(
+        _ name: String, _ path: WritableKeyPath<GlobalSettings, TimeAmount> & Sendable, _ help: String,
+        also: SettingSections = [], database: ApplyDatabase? = nil, user: ApplyUser? = nil
+    ) -> Setting {
+        global(
+            name, "seconds (fractions and us, ms, s, min, h, d allowed)", help, also: also, database: database,
+            user: user, apply: { g, v throws(ConfigError) in g[keyPath: path] = try v.duration() },
+            show: { Settings.seconds($0[keyPath: path]) })
+    }
+
+    static func choice<E: RawRepresentable & CaseIterable & Sendable>(
+        _ name: String, _ path: WritableKeyPath<GlobalSettings, E> & Sendable, _ help: String,
+        also: SettingSections = [], database: ApplyDatabase? = nil, user: ApplyUser? = nil
+    ) -> Setting where E.RawValue == String {
+        global(
+            name, E.allCases.map(\.rawValue).joined(separator: ", "), help, also: also, database: database,
+            user: user, apply: { g, v throws(ConfigError) in g[keyPath: path] = try v.enumValue(E.self) },
+            show: { $0[keyPath: path].rawValue })
+    }
+
+    /// A `[databases]` connection-string key only.
+    static func database(_ name: String, _ type: String, _ help: String, apply: @escaping ApplyDatabase) -> Setting {
+        Setting(
+            name: name, sections: .databases, type: type, changeable: true, help: help, noEffect: false,
+            applyGlobal: nil, showGlobal: nil, applyDatabase: apply, applyUser: nil)
+    }
+
+    /// A PgBouncer setting Tidepool accepts and ignores, with a warning.
+    static func inert(_ name: String, _ help: String) -> Setting {
+        Setting(
+            name: name, sections: .pooler, type: "text", changeable: true, help: help, noEffect: true,
+            applyGlobal: { g, v in g.inert[name] = v.text }, showGlobal: { $0.inert[name] ?? "" },
+            applyDatabase: nil, applyUser: nil)
+    }
+
+    static func tls(_ side: String, _ path: WritableKeyPath<GlobalSettings, TLSSettings> & Sendable) -> [Setting] {
+        let sslmodeHelp =
+            side == "client"
+            ? "TLS for clients: require refuses plaintext TCP; verify-ca and verify-full ask for a certificate"
+            : "TLS to servers: prefer falls back to plaintext; verify-full checks the host name"
+        func one(
+            _ key: String, _ type: String, _ help: String, show: @escaping @Sendable (TLSSettings) -> String
+        ) -> Setting {
+            global(
+                "\(side)_tls_\(key)", type, help,
+                apply: { g, v throws(ConfigError) in try g[keyPath: path].apply(key, v) },
+                show: { show($0[keyPath: path]) })
+        }
+        return [
+            one("sslmode", SSLMode.allCases.map(\.rawValue).joined(separator: ", "), sslmodeHelp) {
+                $0.sslmode.rawValue
+            },
+            one("key_file", "path", "private key (PEM), re-read on RELOAD") { $0.keyFile },
+            one("cert_file", "path", "certificate (PEM), re-read on RELOAD") { $0.certFile },
+            one("ca_file", "path", "CA certificates (PEM) to verify the other side") { $0.caFile },
+            one("protocols", "secure, all, legacy or tlsv1.2, tlsv1.3", "TLS versions allowed") { $0.protocols },
+            one("ciphers", "OpenSSL cipher list", "ciphers for TLS 1.2; default keeps the library's") { $0.ciphers },
+        ]
+    }
+}
+
+public enum Settings {
+    /// Every setting Tidepool reads, in the order pooler.ini.example explains them.
+    public static let table: [Setting] = {
+        var t: [Setting] = []
+        // Where clients connect.
+        t += [
+            .text("listen_addr", \.listenAddr, changeable: false, "comma-separated addresses; * for all"),
+            .int("listen_port", \.listenPort, 0...65535, changeable: false, "TCP port"),
+            .text("unix_socket_dir", \.unixSocketDir, changeable: false, "directory of the Unix socket; empty: none"),
+            .global(
+                "unix_socket_mode", "octal file mode", changeable: false, "permissions of the Unix socket",
+                apply: { g, v throws(ConfigError) in g.unixSocketMode = try v.octal() },
+                show: { "0" + String($0.unixSocketMode, radix: 8) }),
+            .int("listen_backlog", \.listenBacklog, 1...65535, changeable: false, "accept queue length"),
+            .bool("so_reuseport", \.soReuseport, changeable: false, "let other processes listen on the same port"),
+        ]
+        // Authentication.
+        t += [
+            .choice("auth_type", \.authType, "how clients prove who they are"),
+            .optionalText("auth_file", \.authFile, changeable: false, "\"user\" \"secret\" per line"),
+            .optionalText("auth_hba_file", \.authHBAFile, "pg_hba.conf-style rules for auth_type = hba"),
+            .optionalText("auth_user", \.authUser, "user that runs auth_query for users missing from auth_file"),
+            .text("auth_query", \.authQuery, "query that returns a user's name and secret"),
+            .optionalText("auth_dbname", \.authDBName, "database auth_query runs in"),
+            .duration("auth_query_cache_ttl", \.authQueryCacheTTL, "how long a looked-up secret is reused"),
+            .int("max_client_conn_per_ip", \.maxClientConnPerIP, 0...10_000_000, "connections per client address"),
+            .int(
+                "client_connect_rate_per_ip", \.clientConnectRatePerIP, 0...10_000_000,
+                "new connections per second per client address"),
+        ]
+        t += Setting.tls("client", \.clientTLS) + Setting.tls("server", \.serverTLS)
+        // Pooling.
+        t += [
+            .choice(
+                "pool_mode", \.poolMode, "when a server goes back to the pool", also: [.databases, .users],
+                database: { d, v throws(ConfigError) in d.poolMode = try v.enumValue(PoolMode.self) },
+                user: { u, v throws(ConfigError) in u.poolMode = try v.enumValue(PoolMode.self) }),
+            .int("default_pool_size", \.defaultPoolSize, 1...100_000, "servers per (database, user) pool"),
+            .int(
+                "min_pool_size", \.minPoolSize, 0...100_000, "servers kept open per pool", also: .databases,
+                database: { d, v throws(ConfigError) in d.minPoolSize = try v.int(0...100_000) }),
+            .int(
+                "reserve_pool_size", \.reservePoolSize, 0...100_000, "extra servers for a pool whose clients wait",
+                also: .databases, database: { d, v throws(ConfigError) in d.reservePoolSize = try v.int(0...100_000) }),
+            .duration("reserve_pool_timeout", \.reservePoolTimeout, "how long a client waits before the reserve opens"),
+            .int("max_client_conn", \.maxClientConn, 1...10_000_000, "clients held at once"),
+            .int(
+                "max_db_connections", \.maxDBConnections, 0...1_000_000, "servers per database (0: no limit)",
+                also: .databases,
+                database: { d, v throws(ConfigError) in d.maxDBConnections = try v.int(0...1_000_000) }),
+            .int(
+                "max_user_connections", \.maxUserConnections, 0...1_000_000, "servers per user (0: no limit)",
+                also: .users, user: { u, v throws(ConfigError) in u.maxUserConnections = try v.int(0...1_000_000) }),
+            .bool("server_round_robin", \.serverRoundRobin, "lend idle servers oldest-released first"),
+            .int("threads", \.threads, 0...1024, changeable: false, "event-loop threads; 0: one per core"),
+        ]
+        // Server connections.
+        t += [
+            .text("server_reset_query", \.serverResetQuery, "cleans a session-mode server before reuse"),
+            .bool("server_reset_query_always", \.serverResetQueryAlways, "run it in every pool mode"),
+            .text("server_check_query", \.serverCheckQuery, "checks a server idle for server_check_delay; empty: off"),
+            .duration("server_check_delay", \.serverCheckDelay, "idle time before a server is checked"),
+            .duration("server_lifetime", \.serverLifetime, "servers older than this are closed when released"),
+            .duration("server_idle_timeout", \.serverIdleTimeout, "idle servers are closed after this"),
+            .duration("server_connect_timeout", \.serverConnectTimeout, "connect and login time limit"),
+            .duration("server_login_retry", \.serverLoginRetry, "wait after a failed server login"),
+            .bool("tcp_keepalive", \.tcpKeepalive, "TCP keepalive on server connections"),
+            .int("tcp_keepidle", \.tcpKeepidle, 0...86_400, "idle seconds before keepalive probes"),
+            .int("tcp_keepintvl", \.tcpKeepintvl, 0...86_400, "seconds between keepalive probes"),
+            .int("tcp_keepcnt", \.tcpKeepcnt, 0...1000, "keepalive probes before giving up"),
+            .int("tcp_user_timeout", \.tcpUserTimeout, 0...86_400_000, "TCP_USER_TIMEOUT in milliseconds"),
+        ]
+        // Client timeouts.
+        t += [
+            .duration(
+                "query_timeout", \.queryTimeout, "cancel queries running longer", also: .users,
+                user: { u, v throws(ConfigError) in u.queryTimeout = try v.duration() }),
+            .duration(
+                "query_wait_timeout", \.queryWaitTimeout, "longest wait for a server", also: [.databases, .users],
+                database: { d, v throws(ConfigError) in d.queryWaitTimeout = try v.duration() },
+                user: { u, v throws(ConfigError) in u.queryWaitTimeout = try v.duration() }),
+            .duration(
+                "client_idle_timeout", \.clientIdleTimeout, "close clients idle longer", also: .users,
+                user: { u, v throws(ConfigError) in u.clientIdleTimeout = try v.duration() }),
+            .duration("client_login_timeout", \.clientLoginTimeout, "close clients that do not log in in time"),
+            .duration(
+                "idle_transaction_timeout", \.idleTransactionTimeout, "close clients idle in a transaction",
+                also: .users, user: { u, v throws(ConfigError) in u.idleTransactionTimeout = try v.duration() }),
+            .duration(
+                "transaction_timeout", \.transactionTimeout, "close clients whose transaction runs longer",
+                also: .users, user: { u, v throws(ConfigError) in u.transactionTimeout = try v.duration() }),
+            .duration("shutdown_timeout", \.shutdownTimeout, "how long SIGTERM and SIGINT wait before closing"),
+        ]
+        // Protocol.
+        t += [
+            .int("max_packet_size", \.maxPacketSize, 9...2_147_483_647, "largest message a client may send"),
+            .int(
+                "max_prepared_statements", \.maxPreparedStatements, 0...100_000,
+                "named prepared statements kept per server in transaction mode; 0: pass through"),
+            .list("ignore_startup_parameters", \.ignoreStartupParameters, "startup parameters dropped silently"),
+            .bool(
+                "application_name_add_host", \.applicationNameAddHost,
+                "append the client's address and port to its application_name at login"),
+            .bool("disable_pqexec", \.disablePqexec, "refuse the simple query protocol"),
+        ]
+        // Administration and logging.
+        t += [
+            .list("admin_users", \.adminUsers, "users allowed every admin command"),
+            .list("stats_users", \.statsUsers, "users allowed the read-only admin commands"),
+            .duration("stats_period", \.statsPeriod, "period of averages and log_stats"),
+            .bool("log_stats", \.logStats, "log rates and averages every stats_period"),
+            .global(
+                "log_slow_query_ms", "milliseconds", "log queries slower than this; 0: off",
+                apply: { g, v throws(ConfigError) in g.logSlowQuery = .milliseconds(Int64(try v.int(0...86_400_000))) },
+                show: { "\($0.logSlowQuery.nanoseconds / 1_000_000)" }),
+            .text("stats_listen_addr", \.statsListenAddr, changeable: false, "address of /metrics and /health"),
+            .int("stats_listen_port", \.statsListenPort, 0...65535, changeable: false, "port of /metrics; 0: off"),
+            .text("instance_id", \.instanceID, changeable: false, "name in logs, SHOW STATE and metrics"),
+            .bool("log_connections", \.logConnections, "log logins"),
+            .bool("log_disconnections", \.logDisconnections, "log disconnections with their reason"),
+            .bool("log_pooler_errors", \.logPoolerErrors, "log the errors the pooler sends to clients"),
+            .int("verbose", \.verbose, 0...10, "more log detail"),
+            .optionalText("logfile", \.logfile, changeable: false, "log file; default standard error"),
+            .optionalText("pidfile", \.pidfile, changeable: false, "file the process id is written to"),
+        ]
+        // [databases] connection-string keys.
+        t += [
+            .database("host", "host name or socket directory", "where the database is") { d, v in d.host = v.text },
+            .database("port", "integer 1..65535", "its port") { d, v throws(ConfigError) in
+                d.port = try v.int(1...65535)
+            },
+            .database("dbname", "text", "its name on the server") { d, v in d.dbname = v.text },
+            .database("user", "text", "log in to the server as this user") { d, v in d.user = v.text },
+            .database("password", "text", "that user's password") { d, v in d.password = v.text },
+            Setting(
+                name: "pool_size", sections: [.databases, .users], type: "integer 0..100000", changeable: true,
+                help: "servers of this database's or user's pools", noEffect: false, applyGlobal: nil,
+                showGlobal: nil, applyDatabase: { d, v throws(ConfigError) in d.poolSize = try v.int(0...100_000) },
+                applyUser: { u, v throws(ConfigError) in u.poolSize = try v.int(0...100_000) }),
+            .database("reserve_pool", "integer 0..100000", "PgBouncer's older name of reserve_pool_size") {
+                d, v throws(ConfigError) in d.reservePoolSize = try v.int(0...100_000)
+            },
+            .database("connect_query", "SQL", "run on each new server connection") { d, v in d.connectQuery = v.text },
+            .database("client_encoding", "text", "server connections start with it") { d, v in
+                d.clientEncoding = v.text
+            },
+            .database("datestyle", "text", "server connections start with it") { d, v in d.datestyle = v.text },
+            .database("timezone", "text", "server connections start with it") { d, v in d.timezone = v.text },
+            .database("application_name", "text", "server connections start with it") { d, v in
+                d.applicationName = v.text
+            },
+            .database("auth_user", "text", "auth_user for logins to this database") { d, v in d.authUser = v.text },
+            .database("auth_query", "SQL", "auth_query for logins to this database") { d, v in d.authQuery = v.text },
+            .database("auth_dbname", "text", "where auth_query runs for this database") { d, v in
+                d.authDBName = v.text
+            },
+        ]
+        // PgBouncer's settings Tidepool has no use for.
+        t += [
+            .inert("user", "Tidepool does not switch users; run it as the user it should be"),
+            .inert("pkt_buf", "NIO sizes its own buffers"),
+            .inert("sbuf_loopcnt", "NIO's event loops take turns by themselves"),
+            .inert("syslog", "logs go to logfile or standard error"),
+            .inert("syslog_ident", "logs go to logfile or standard error"),
+            .inert("syslog_facility", "logs go to logfile or standard error"),
+            .inert("tcp_defer_accept", "not used"),
+            .inert("tcp_socket_buffer", "the kernel's buffer sizes are kept"),
+            .inert("dns_max_ttl", "host names are resolved at each connect"),
+            .inert("dns_nxdomain_ttl", "host names are resolved at each connect"),
+            .inert("dns_zone_check_period", "host names are resolved at each connect"),
+            .inert("resolv_conf", "the system resolver is used"),
+            .inert("suspend_timeout", "SUSPEND is not needed for restarts"),
+            .inert("server_fast_close", "not used"),
+            .inert("track_extra_parameters", "not used"),
+            .inert("stats_users_prefix", "not used"),
+            .inert("job_name", "not used"),
+            .inert("service_name", "not used"),
+            .inert("server_check_delay_ms", "use server_check_delay"),
+        ]
+        return t
+    }()
+
+    /// A name may stand in the table twice (auth_user globally and per database): one entry for both.
+    static let byName: [String: Setting] = {
+        var names: [String: Setting] = [:]
+        for setting in table {
+            guard let other = names[setting.name] else {
+                names[setting.name] = setting
+                continue
+            }
+            names[setting.name] = Setting(
+                name: setting.name, sections: other.sections.union(setting.sections), type: other.type,
+                changeable: other.changeable && setting.changeable, help: other.help,
+                noEffect: other.noEffect || setting.noEffect, applyGlobal: other.applyGlobal ?? setting.applyGlobal,
+                showGlobal: other.showGlobal ?? setting.showGlobal,
+                applyDatabase: other.applyDatabase ?? setting.applyDatabase,
+                applyUser: other.applyUser ?? setting.applyUser)
+        }
+        return names
+    }()
+
+    /// The setting called `name`, whatever sections allow it.
+    public static func named(_ name: String) -> Setting? { byName[name] }
+
+    /// Settings of `[pooler]`, as SHOW CONFIG lists them: (name, value, default, changeable).
+    public static func show(_ settings: GlobalSettings) -> [(String, String, String, Bool)] {
+        table.filter { $0.sections.contains(.pooler) }.map {
+            ($0.name, $0.value(in: settings), $0.defaultValue, $0.changeable)
+        }
+    }
+
+    static func seconds(_ t: TimeAmount) -> String {
+        let ms = t.nanoseconds / 1_000_000
+        return ms % 1000 == 0 ? "\(ms / 1000)" : "\(Double(ms) / 1000)"
+    }
+}
