@@ -8,6 +8,7 @@
 #   SETTINGS="max_prepared_statements = 0"   extra pooler.ini lines for Tidepool
 #   PGBOUNCER=1                              also count PgBouncer's instructions for the same
 #                                            workload (simple and extended only)
+#   KEEP_PROFILE=DIR                         keep callgrind's output there (callgrind_annotate it)
 . "$(dirname "$0")/lib.sh"
 cd "$TIDEPOOL_ROOT"
 
@@ -21,8 +22,14 @@ chmod 755 "$work"  # PostgreSQL (and PgBouncer) run as their own OS user below i
 pg_port="$(free_port)"
 port="$(free_port)"
 cleanup() {
-    [ -n "${vpid:-}" ] && kill "$vpid" 2>/dev/null && wait "$vpid" 2>/dev/null
+    # Every step runs whatever the one before returned: a failed kill must not leave PostgreSQL up.
+    set +e
+    if [ -n "${vpid:-}" ]; then
+        kill "$vpid" 2>/dev/null
+        wait "$vpid" 2>/dev/null
+    fi
     pkill -f "pgbouncer $work/" 2>/dev/null
+    if [ -n "${KEEP_PROFILE:-}" ]; then mkdir -p "$KEEP_PROFILE" && cp "$work"/callgrind.out* "$KEEP_PROFILE"/; fi
     stop_postgres "$work/pg"
     rm -rf "$work"
 }

@@ -14,7 +14,7 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
     var login: ServerLoginStateMachine
     var exchange: AuthQueryExchange?
     var scanner = MessageScanner(maxMessageLength: 1 << 20)
-    var inbound: ByteBuffer?
+    var inbound = KeptBytes()
     var done = false
 
     init(
@@ -33,7 +33,7 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
-        inbound.prependKept(to: &buffer)
+        inbound.prepend(to: &buffer)
         while !done, let chunk = try? scanner.next(from: &buffer, classify: { _ in .inspect }) {
             guard case .message(let type, let body, _) = chunk else { continue }
             if var running = exchange {

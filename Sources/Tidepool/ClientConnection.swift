@@ -20,8 +20,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     let loopIndex: Int
     var session: ClientSession
     /// What the session decided and the connection has not carried out yet; reused.
-    var actions: [ClientSession.Action] = []
+    var actions = ClientSession.Actions()
     var runningActions = false
+    /// The next of `session.toClient` to write.
+    var nextClientWrite = 0
     /// The server the session is linked to, and the number of the lend that linked it.
     var server: ServerConnection?
     var lease: UInt64 = 0
@@ -32,8 +34,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var auth: ClientAuthStateMachine?
     /// Where `traffic` is handed in (this loop's cell for the client's database).
     var trafficCell: Pooler.TrafficCell?
-    /// This database's SHOW LATENCY histograms on this client's event loop.
-    var latency: LatencyRecorder?
     /// Histograms for /metrics (when stats_listen_port is set).
     var timers: PoolerMetrics.DatabaseTimers?
     var user = ""
@@ -95,7 +95,9 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             i += 1
             perform(action)
         }
-        actions.removeAll(keepingCapacity: true)
+        actions.removeAll()
+        session.actionsCarriedOut()
+        nextClientWrite = 0
         runningActions = false
     }
 
@@ -105,26 +107,30 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             guard !session.toServer.isEmpty else { return }
             server?.send(session.toServer, from: self)
             session.toServer.removeAll(keepingCapacity: true)
-        case .writeToClient(let bytes):
-            clientWrite(bytes)
+        case .writeServerBytes(let start, let length):
+            clientWrite(session.serverBuffer!.getSlice(at: start, length: length)!)
+            pooler.loopFlushers[loopIndex].add(self)
+        case .writeToClient:
+            clientWrite(session.toClient[nextClientWrite])
+            nextClientWrite += 1
+            pooler.loopFlushers[loopIndex].add(self)
         case .flushClient:
             clientFlush()
-        case .flushAtTurnEnd:
-            pooler.loopFlushers[loopIndex].add(self)
         case .requestServer:
             pooler.requestServer(for: self)
         case .leaveQueue:
             if let id { pooler.clientGaveUp(id) }
         case .releaseServer(let reusable):
+            handInTraffic()
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
             pooler.release(server, reusable: reusable)
-        case .resetAndReleaseServer(let sql):
+        case .resetAndReleaseServer:
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
-            server.resetAndRelease(sql)
+            server.resetAndRelease(session.serverResetQuery)
         case .cancelServerQuery(let reportBack):
             guard let server else { return }
             let sent = pooler.sendCancel(to: server.cancelTarget)
@@ -136,12 +142,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                     }
                 }
             }
-        case .statementsAccepted(let names):
-            pooler.statementsAccepted(names)
+        case .statementsAccepted:
+            pooler.statementsAccepted(session.accepted)
+            session.accepted.removeAll()
         case .handInTraffic:
             handInTraffic()
         case .recordTiming(let kind, let microseconds):
-            latency?.record(kind, microseconds: UInt64(microseconds))
             if let timers {
                 switch kind {
                 case .wait: timers.wait.recordNanoseconds(microseconds * 1000)
@@ -153,8 +159,10 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             logger.warning(
                 "slow query: db=\(databaseName) user=\(user) client=\(peer) duration=\(microseconds / 1000) ms: \(session.slowQueryText)"
             )
-        case .closeWithError(let error, let reason):
-            closeReason = reason
+        case .closeWithError:
+            guard let closing = session.closing else { return }
+            let error = closing.error
+            closeReason = closing.reason
             pooler.metrics.clientError(error.code)
             if pooler.config.global.logPoolerErrors {
                 logger.warning("pooler error to client \(peer) db=\(databaseName) user=\(user): \(error.message)")
@@ -203,7 +211,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         session.clientRead(buffer)
-        session.inbound.prependKept(to: &buffer)
+        session.inbound.prepend(to: &buffer)
         let now = NIODeadline.now()
         guard processCatching(&buffer, now: now) else { return }
         if session.state != .closed { session.inbound.keep(&buffer) }
@@ -277,15 +285,18 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
                 self.auth = auth
                 handleAuth(action, auth: auth)
             case .idle, .waiting, .linked:
+                // Its actions are carried out once the whole read is taken in.
                 try session.clientBytes(
                     &buffer, now: now, isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
-                run()
-                if session.isLoggedIn { return }
-            case .admin(let readOnly):
+                switch session.state {
+                case .idle, .waiting, .linked: return  // more bytes are needed first
+                default: continue
+                }
+            case .admin:
                 guard let chunk = try session.scanner.next(from: &buffer, classify: { _ in .inspect }),
                     case .message(let type, let body, _) = chunk
                 else { return }
-                handleAdmin(type: type, body: body, readOnly: readOnly)
+                handleAdmin(type: type, body: body, readOnly: session.adminReadOnly)
             case .closed:
                 buffer.moveReaderIndex(to: buffer.writerIndex)
                 return
@@ -495,7 +506,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    func refuse(_ refusal: LoginRefusal) {
+    func refuse(_ refusal: Refusal) {
         sendFatal(refusal.error, reason: refusal.reason)
     }
 
@@ -548,7 +559,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             sendFatal(refusal.error, reason: refusal.reason)
             return
         case .success(.adminConsole(let readOnly)):
-            session.loginStep(.admin(readOnly: readOnly))
+            session.adminReadOnly = readOnly
+            session.loginStep(.admin)
             endLoginTimer()
             var out = channel.allocator.buffer(capacity: 256)
             Wire.authenticationOk(into: &out)
@@ -570,7 +582,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         session.joinPool(
             poolMode: config.poolMode(database: database, user: user), config: config, user: user, now: now)
         if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: databaseName) }
-        latency = pooler.loopLatency[loopIndex].recorder(for: databaseName)
+        session.latency = pooler.loopLatency[loopIndex].recorder(for: databaseName)
+        session.reportsTimings = timers != nil
         let serverUser = database.user ?? user
         poolKey = PoolKey(database: databaseName, user: serverUser)
         pooler.joinPool(poolKey!, database: database)
@@ -635,8 +648,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         let linked = session.lent(
-            server.sessionState, now: .now(), allocator: channel.allocator,
-            isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
+            server.sessionState, now: .now(), isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
         if linked {
             self.server = server
             self.lease = lease
@@ -658,7 +670,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Bytes from the linked server.
     func serverData(_ data: ByteBuffer, from sender: ServerConnection) {
         guard sender === server else { return }
-        session.serverBytes(data, now: .now(), allocator: channel.allocator, into: &actions)
+        session.serverBytes(data, now: .now(), into: &actions)
         run()
     }
 
@@ -674,7 +686,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// A CancelRequest with this client's key.
     func cancelRequested() {
-        session.cancelRequested(now: .now(), allocator: channel.allocator, into: &actions)
+        session.cancelRequested(now: .now(), into: &actions)
         run()
     }
 
@@ -690,26 +702,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Sends a FATAL and closes: the session gives back what it holds.
     func sendFatal(_ error: PostgresError, reason: String) {
-        if session.isLoggedIn {
-            session.close(error, reason: reason, into: &actions)
-        } else if session.state != .closed {
-            actions.append(.closeWithError(error, reason: reason))
-            session.loginStep(.closed)
-            actions.append(.forget)
-        }
+        session.close(error, reason: reason, into: &actions)
         run()
     }
 
     /// The client is gone: the session gives back or closes its server. Safe to call more than once.
     func finish() {
         let global = pooler.config.global
-        if session.isLoggedIn {
-            session.finish(
-                serverResetQuery: global.serverResetQuery, resetAlways: global.serverResetQueryAlways, into: &actions)
-        } else if session.state != .closed {
-            session.loginStep(.closed)
-            actions.append(.forget)
-        }
+        session.finish(
+            serverResetQuery: global.serverResetQuery, resetAlways: global.serverResetQueryAlways, into: &actions)
         run()
     }
 

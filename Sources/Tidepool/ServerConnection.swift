@@ -65,7 +65,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     private(set) var channel: Channel?
     var context: ChannelHandlerContext?
     var phase = Phase.connecting
-    var inbound: ByteBuffer?
+    var inbound = KeptBytes()
     var scanner = MessageScanner()
     var owner: ClientConnection?
     /// Lends of this server are numbered under the pool lock (`leasesIssued`); the server follows
@@ -163,7 +163,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .ready = phase, let owner, inbound == nil {
+        if case .ready = phase, let owner, inbound.isEmpty {
             // The hot path: hand the bytes to the client as they are.
             let bytes = unwrapInboundIn(data)
             if owner.loopIndex == loopIndex {
@@ -174,7 +174,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             return
         }
         var buffer = unwrapInboundIn(data)
-        inbound.prependKept(to: &buffer)
+        inbound.prepend(to: &buffer)
         do {
             while let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) {
                 guard case .message(let type, let body, _) = chunk else { continue }

@@ -10,7 +10,7 @@ final class SessionDriver {
     var session: ClientSession
     var now = NIODeadline.uptimeNanoseconds(1_000_000_000)
     let server = ServerSessionState(maxPreparedStatements: 10)
-    var actions: [ClientSession.Action] = []
+    var actions = ClientSession.Actions()
     /// Bytes that reached the server, and the client, in order.
     var toServer = ByteBuffer()
     var toClient = ByteBuffer()
@@ -31,6 +31,7 @@ final class SessionDriver {
         if prepared { session.prepared = PreparedStatementTracker() }
         if let timeouts { session.timeoutClock = ClientSession.TimeoutClock(settings: timeouts, now: now) }
         session.serverResetQuery = "DISCARD ALL"
+        session.reportsTimings = true
         session.loggedIn(now: now, into: &actions)
         carryOut()
     }
@@ -38,26 +39,37 @@ final class SessionDriver {
     func advance(_ amount: TimeAmount) { now = now + amount }
 
     func carryOut() {
+        var writes = session.toClient.makeIterator()
         for action in actions {
             switch action {
             case .sendToServer:
                 for var b in session.toServer { toServer.writeBuffer(&b) }
                 session.toServer.removeAll()
-            case .writeToClient(var b): toClient.writeBuffer(&b)
-            case .flushClient, .flushAtTurnEnd, .statementsAccepted, .logSlowQuery: break
+            case .writeToClient:
+                var b = writes.next()!
+                toClient.writeBuffer(&b)
+            case .writeServerBytes(let start, let length):
+                var b = session.serverBuffer!.getSlice(at: start, length: length)!
+                toClient.writeBuffer(&b)
+            case .flushClient, .statementsAccepted, .logSlowQuery: break
             case .requestServer: requests += 1
             case .leaveQueue: leftQueue += 1
-            case .releaseServer(let reusable): releases.append(reusable)
-            case .resetAndReleaseServer(let sql): resets.append(sql)
+            case .releaseServer(let reusable):
+                traffic = traffic + session.takeTraffic()
+                releases.append(reusable)
+            case .resetAndReleaseServer: resets.append(session.serverResetQuery)
             case .cancelServerQuery(let reportBack): cancels.append(reportBack)
             case .handInTraffic: traffic = traffic + session.takeTraffic()
             case .recordTiming(let kind, _): timings.append(kind)
-            case .closeWithError(let error, _): closedWith = error
+            case .closeWithError: closedWith = session.closing?.error
             case .terminate: terminated = true
             case .forget: forgotten += 1
             }
         }
         actions.removeAll()
+        #expect(writes.next() == nil, "a write without its action")
+        session.actionsCarriedOut()
+        session.accepted.removeAll()
     }
 
     func client(_ messages: ByteBuffer...) {
@@ -68,7 +80,7 @@ final class SessionDriver {
 
     func clientRaw(_ bytes: ByteBuffer) {
         var buffer = bytes
-        session.inbound.prependKept(to: &buffer)
+        session.inbound.prepend(to: &buffer)
         do {
             try session.clientBytes(&buffer, now: now, isKnownStatement: { _ in false }, into: &actions)
         } catch {
@@ -82,14 +94,14 @@ final class SessionDriver {
     func lend() {
         #expect(
             session.lent(
-                server, now: now, allocator: ByteBufferAllocator(), isKnownStatement: { _ in false }, into: &actions))
+                server, now: now, isKnownStatement: { _ in false }, into: &actions))
         carryOut()
     }
 
     func serverSends(_ messages: ByteBuffer...) {
         var buffer = ByteBuffer()
         for var m in messages { buffer.writeBuffer(&m) }
-        session.serverBytes(buffer, now: now, allocator: ByteBufferAllocator(), into: &actions)
+        session.serverBytes(buffer, now: now, into: &actions)
         carryOut()
     }
 
@@ -305,7 +317,7 @@ final class SessionDriver {
         let d = D()
         d.client(D.query("select 1"), D.query("select 2"))
         #expect(d.session.state == .waiting)
-        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.session.cancelRequested(now: d.now, into: &d.actions)
         d.carryOut()
         #expect(d.leftQueue == 1)
         #expect(d.clientTypes == "EZZ")
@@ -318,10 +330,10 @@ final class SessionDriver {
         let d = D(prepared: true)
         d.client(PreparedHarness.parse("s1", "select 1"), D.sync, PreparedHarness.bind("s1"), D.sync, D.sync)
         #expect(d.session.state == .waiting)
-        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.session.cancelRequested(now: d.now, into: &d.actions)
         d.carryOut()
         #expect(d.clientTypes == "EZZZ")
-        #expect(d.session.inbound == nil)
+        #expect(d.session.inbound.isEmpty)
     }
 
     /// A cancel in the middle of a message cannot be answered cleanly: the client is closed.
@@ -330,7 +342,7 @@ final class SessionDriver {
         let q = D.query("select 1")
         d.client(q)
         d.clientRaw(q.getSlice(at: 0, length: 8)!)
-        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.session.cancelRequested(now: d.now, into: &d.actions)
         d.carryOut()
         #expect(d.closedWith?.code == SQLState.queryCanceled)
         #expect(d.releases.isEmpty, "no server was held")
@@ -342,7 +354,7 @@ final class SessionDriver {
         let d = D()
         d.client(D.query("select pg_sleep(10)"))
         d.lend()
-        d.session.cancelRequested(now: d.now, allocator: ByteBufferAllocator(), into: &d.actions)
+        d.session.cancelRequested(now: d.now, into: &d.actions)
         d.carryOut()
         #expect(d.cancels == [true])
         d.serverSends(D.m("E"), D.ready("I"))
@@ -367,7 +379,7 @@ final class SessionDriver {
         d.client(PreparedHarness.bind("s1"), D.m("E") { $0.writeInteger(UInt32(0)) }, D.sync)
         #expect(
             d.session.lent(
-                fresh, now: d.now, allocator: ByteBufferAllocator(), isKnownStatement: { _ in false }, into: &d.actions)
+                fresh, now: d.now, isKnownStatement: { _ in false }, into: &d.actions)
         )
         d.carryOut()
         #expect(d.serverTypes == "PBES", "the statement is parsed on the new server first")
@@ -442,10 +454,10 @@ final class SessionDriver {
 
     /// query_timeout: the running query is cancelled and the client closed; the server, mid-query,
     /// is closed too.
-    @Test func queryTimeoutCancelsAndCloses() {
+    @Test(arguments: [false, true]) func queryTimeoutCancelsAndCloses(prepared: Bool) {
         var settings = ClientTimeoutSettings()
         settings.queryTimeout = .seconds(2)
-        let d = D(timeouts: settings)
+        let d = D(prepared: prepared, timeouts: settings)
         d.client(D.query("select pg_sleep(10)"))
         d.lend()
         d.advance(.seconds(1))

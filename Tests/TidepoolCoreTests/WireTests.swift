@@ -248,7 +248,7 @@ extension MessageScanner.Chunk: Equatable {
 
 @Suite struct KeptBytesTests {
     @Test func keptBytesGoInFrontOfTheNextRead() {
-        var kept: ByteBuffer? = nil
+        var kept = KeptBytes()
         var first = ByteBuffer(bytes: [1, 2, 3])
         first.moveReaderIndex(forwardBy: 1)
         kept.keep(&first)
@@ -256,11 +256,11 @@ extension MessageScanner.Chunk: Equatable {
         var second = ByteBuffer(bytes: [4])
         kept.keep(&second)
         var next = ByteBuffer(bytes: [5, 6])
-        kept.prependKept(to: &next)
-        #expect(kept == nil)
+        kept.prepend(to: &next)
+        #expect(kept.isEmpty)
         #expect(next.readableBytesView.elementsEqual([2, 3, 4, 5, 6]))
         var empty = ByteBuffer()
         kept.keep(&empty)
-        #expect(kept == nil, "nothing left, nothing kept")
+        #expect(kept.isEmpty, "nothing left, nothing kept")
     }
 }

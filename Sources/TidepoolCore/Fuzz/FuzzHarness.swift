@@ -54,11 +54,10 @@ public enum FuzzHarness {
         let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
         session.timeoutClock = ClientSession.TimeoutClock(settings: settings, now: start)
         var now = start
-        var actions: [ClientSession.Action] = []
+        var actions = ClientSession.Actions()
         session.loggedIn(now: now, into: &actions)
         let server = ServerSessionState(maxPreparedStatements: 4)
         var cancels = 0
-        let allocator = ByteBufferAllocator()
         while session.state != .closed, let kind = buffer.readInteger(as: UInt8.self),
             let length = buffer.readInteger(as: UInt8.self),
             var bytes = buffer.readSlice(length: min(Int(length), buffer.readableBytes))
@@ -74,12 +73,12 @@ public enum FuzzHarness {
                 if bytes.readableBytes > 0, session.state != .closed { session.stash(&bytes) }
                 session.clientReadDone(now: now, into: &actions)
             case 1:
-                session.serverBytes(bytes, now: now, allocator: allocator, into: &actions)
+                session.serverBytes(bytes, now: now, into: &actions)
             case 2:
                 _ = session.lent(
-                    server, now: now, allocator: allocator, isKnownStatement: { _ in false }, into: &actions)
+                    server, now: now, isKnownStatement: { _ in false }, into: &actions)
             case 3:
-                session.cancelRequested(now: now, allocator: allocator, into: &actions)
+                session.cancelRequested(now: now, into: &actions)
             case 4:
                 if cancels > 0 {
                     cancels -= 1
@@ -100,7 +99,9 @@ public enum FuzzHarness {
                 default: break
                 }
             }
-            actions.removeAll(keepingCapacity: true)
+            actions.removeAll()
+            session.actionsCarriedOut()
+            session.accepted.removeAll()
             precondition((session.state == .linked) == (session.server != nil), "linked state and server disagree")
         }
     }

@@ -168,7 +168,8 @@ public struct PoolStateMachine: Sendable {
             preconditionFailure("clientWantsServer for unconfigured pool \(key)")
         }
         if !pools[slot: slot].paused, pools[slot: slot].waitingCount == 0,
-            let index = pickIdle(pools[slot: slot], loop: loop)
+            let index = pickIdle(
+                pools[slot: slot].idle, loop: loop, oldestFirst: pools[slot: slot].settings.serverRoundRobin)
         {
             // Mutate in place, with no copy of the pool alive: a copy would make removing from
             // the idle list copy the whole list on every lend.
@@ -287,7 +288,7 @@ public struct PoolStateMachine: Sendable {
         }
         // The client goes back to the head of the queue, keeping its place.
         if !pools[key].idle.isEmpty, pools[key].waitingCount == 0 {
-            let index = pickIdle(pools[key], loop: server.loop)!
+            let index = pickIdle(pools[key].idle, loop: server.loop, oldestFirst: pools[key].settings.serverRoundRobin)!
             let next = pools[key].idle.remove(at: index)
             pools[key].lent += 1
             lendIdle(next, to: client, now: now, into: &actions)
@@ -313,7 +314,9 @@ public struct PoolStateMachine: Sendable {
         var actions: [PoolAction] = []
         for key in pools.keys where (database == nil || key.database == database) && pools[key].paused {
             pools[key].paused = false
-            while pools[key].waitingCount > 0, let index = pickIdle(pools[key], loop: 0) {
+            while pools[key].waitingCount > 0,
+                let index = pickIdle(pools[key].idle, loop: 0, oldestFirst: pools[key].settings.serverRoundRobin)
+            {
                 let id = pools[key].idle.remove(at: index)
                 makeAvailable(id, now: now, into: &actions)
             }
@@ -451,10 +454,9 @@ public struct PoolStateMachine: Sendable {
     /// The idle server to lend next: the one released last (its connection is warm, and the
     /// others can reach server_idle_timeout), or with server_round_robin the one released first;
     /// one on the borrower's event loop if there is one.
-    func pickIdle(_ pool: Pool, loop: Int) -> Int? {
-        let idle = pool.idle
+    func pickIdle(_ idle: [ServerID], loop: Int, oldestFirst: Bool) -> Int? {
         guard !idle.isEmpty else { return nil }
-        if pool.settings.serverRoundRobin {
+        if oldestFirst {
             return idle.firstIndex { servers[$0]!.loop == loop } ?? 0
         }
         var i = idle.count - 1

@@ -7,7 +7,7 @@ extension ClientSession {
     /// `isKnownStatement` says whether some server has accepted a pooler-wide statement name.
     public mutating func clientBytes(
         _ buffer: inout ByteBuffer, now: NIODeadline, isKnownStatement: (String) -> Bool,
-        into actions: inout [Action]
+        into actions: inout Actions
     ) throws(WireError) {
         while buffer.readableBytes > 0 {
             switch state {
@@ -47,7 +47,7 @@ extension ClientSession {
 
     /// The end of one read of client bytes: what was gathered for the linked server goes, and the
     /// timeouts learn the client is active.
-    public mutating func clientReadDone(now: NIODeadline, into actions: inout [Action]) {
+    public mutating func clientReadDone(now: NIODeadline, into actions: inout Actions) {
         if !toServer.isEmpty, state == .linked, !swallowingUntilReady {
             markSent(now: now)
             actions.append(.sendToServer)
@@ -63,18 +63,18 @@ extension ClientSession {
         }
     }
 
-    mutating func terminate(into actions: inout [Action]) {
+    mutating func terminate(into actions: inout Actions) {
         actions.append(.terminate)
     }
 
     /// disable_pqexec: a simple Query (which may hold several statements) closes the client.
-    mutating func refuseSimpleQuery(into actions: inout [Action]) {
+    mutating func refuseSimpleQuery(into actions: inout Actions) {
         close(
             .fatal(SQLState.protocolViolation, "PQexec disallowed"), reason: "simple query with disable_pqexec",
             into: &actions)
     }
 
-    mutating func forward(_ bytes: ByteBuffer, now: NIODeadline, into actions: inout [Action]) {
+    mutating func forward(_ bytes: ByteBuffer, now: NIODeadline, into actions: inout Actions) {
         switch state {
         case .linked where !swallowingUntilReady:
             toServer.append(bytes)
@@ -92,7 +92,7 @@ extension ClientSession {
     /// it needs more bytes or a server first.
     mutating func preparedStep(
         _ buffer: inout ByteBuffer, now: NIODeadline, isKnownStatement: (String) -> Bool,
-        into actions: inout [Action]
+        into actions: inout Actions
     ) throws(WireError) -> Bool {
         guard state == .linked, !swallowingUntilReady, let server else {
             guard state == .idle else {
@@ -106,7 +106,7 @@ extension ClientSession {
             }
             if let answer = prepared!.answerWithoutServer(buffer, isKnown: isKnownStatement) {
                 buffer.moveReaderIndex(forwardBy: answer.consumed)
-                actions.append(.writeToClient(answer.reply))
+                write(answer.reply, into: &actions)
                 actions.append(.flushClient)
                 return true
             }
@@ -146,7 +146,7 @@ extension ClientSession {
             prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
             if writeMadeUpReplies(now: now, into: &actions) {
                 actions.append(.flushClient)
-                if toServer.isEmpty, serverInbound == nil, mayGiveBack {
+                if toServer.isEmpty, serverInbound.isEmpty, mayGiveBack {
                     unlink(now: now, reusable: true, into: &actions)
                 }
             }
@@ -158,7 +158,7 @@ extension ClientSession {
     mutating func stash(_ buffer: inout ByteBuffer) { inbound.keep(&buffer) }
 
     /// Writes the answers the prepared-statement tracker made up that are due. True if it wrote any.
-    mutating func writeMadeUpReplies(now: NIODeadline, into actions: inout [Action]) -> Bool {
+    mutating func writeMadeUpReplies(now: NIODeadline, into actions: inout Actions) -> Bool {
         guard prepared != nil else { return false }
         let replies = prepared!.takeReplies()
         for reply in replies {
@@ -170,7 +170,7 @@ extension ClientSession {
                 tracker.serverReady(status)
                 countReady(status, now: now, into: &actions)
             }
-            actions.append(.writeToClient(reply))
+            write(reply, into: &actions)
         }
         return !replies.isEmpty
     }
@@ -181,10 +181,9 @@ extension ClientSession {
     /// fail as if cancelled by the server; a client using a server keeps it until the cancel has
     /// reached PostgreSQL, so that the cancel cannot land on a query another client runs on that
     /// backend after a hand-over.
-    public mutating func cancelRequested(now: NIODeadline, allocator: ByteBufferAllocator, into actions: inout [Action])
-    {
+    public mutating func cancelRequested(now: NIODeadline, into actions: inout Actions) {
         if state == .waiting {
-            cancelWhileWaiting(now: now, allocator: allocator, into: &actions)
+            cancelWhileWaiting(now: now, into: &actions)
             return
         }
         guard state == .linked, !tracker.isClean else { return }
@@ -193,20 +192,19 @@ extension ClientSession {
     }
 
     /// A cancel request sent for this client reached PostgreSQL (or gave up): the server may go back.
-    public mutating func cancelFinished(now: NIODeadline, into actions: inout [Action]) {
+    public mutating func cancelFinished(now: NIODeadline, into actions: inout Actions) {
         cancelsInFlight -= 1
-        guard state == .linked, serverInbound == nil, mayGiveBack else { return }
+        guard state == .linked, serverInbound.isEmpty, mayGiveBack else { return }
         unlink(now: now, reusable: true, into: &actions)
     }
 
     /// Answers every request the queued client has sent with the cancel error, one ReadyForQuery each.
-    mutating func cancelWhileWaiting(now: NIODeadline, allocator: ByteBufferAllocator, into actions: inout [Action]) {
+    mutating func cancelWhileWaiting(now: NIODeadline, into actions: inout Actions) {
         actions.append(.leaveQueue)
         var answers = max(tracker.outstanding, 1)
         var midMessage = !scanner.atMessageBoundary
-        if prepared != nil, var stash = inbound {
+        if prepared != nil, var stash = inbound.take() {
             // Unread bytes kept for the server: count the requests among them, and drop them.
-            inbound = nil
             var counter = MessageScanner()
             var requests = 0
             while let chunk = try? counter.next(
@@ -230,14 +228,14 @@ extension ClientSession {
             return
         }
         pending.removeAll()
-        var out = allocator.buffer(capacity: 128)
+        var out = ByteBufferAllocator().buffer(capacity: 128)
         Wire.errorResponse(cancelled, into: &out)
         for _ in 0..<answers { Wire.readyForQuery(.idle, into: &out) }
         tracker.reset()
         state = .idle
         waitStart = nil
         timeoutClock?.idleSince = now
-        actions.append(.writeToClient(out))
+        write(out, into: &actions)
         actions.append(.flushClient)
     }
 }

@@ -4,8 +4,8 @@ extension ClientSession {
     /// The pool lent the queued client a server. Returns false when the client no longer wants one
     /// (it left or was cancelled meanwhile): the caller gives the server straight back.
     public mutating func lent(
-        _ server: ServerSessionState, now: NIODeadline, allocator: ByteBufferAllocator,
-        isKnownStatement: (String) -> Bool, into actions: inout [Action]
+        _ server: ServerSessionState, now: NIODeadline,
+        isKnownStatement: (String) -> Bool, into actions: inout Actions
     ) -> Bool {
         guard state == .waiting else { return false }
         state = .linked
@@ -14,7 +14,7 @@ extension ClientSession {
         if let start = waitStart {
             let waited = Int((now - start).nanoseconds / 1000)
             traffic.waitTime += waited
-            actions.append(.recordTiming(.wait, microseconds: waited))
+            recordTiming(.wait, waited, into: &actions)
             waitStart = nil
         }
         if let timeoutClock {
@@ -23,9 +23,9 @@ extension ClientSession {
             timeoutClock.quietSince = nil
         }
         serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
-        serverInbound = nil
+        serverInbound = KeptBytes()
         if let sync = parameterSync(server) {
-            var out = allocator.buffer(capacity: sync.utf8.count + 8)
+            var out = ByteBufferAllocator().buffer(capacity: sync.utf8.count + 8)
             Wire.query(sync, into: &out)
             swallowingUntilReady = true
             // Ahead of anything the client sent: its bytes wait for the sync's ReadyForQuery.
@@ -53,11 +53,10 @@ extension ClientSession {
 
     /// What the client sent while it waited goes to the server, now that it is linked.
     mutating func flushPending(
-        now: NIODeadline, isKnownStatement: (String) -> Bool = { _ in false }, into actions: inout [Action]
+        now: NIODeadline, isKnownStatement: (String) -> Bool = { _ in false }, into actions: inout Actions
     ) {
-        if prepared != nil, var kept = inbound {
+        if prepared != nil, var kept = inbound.take() {
             // Rewritten now that the server's statements are known.
-            inbound = nil
             do {
                 try clientBytes(&kept, now: now, isKnownStatement: isKnownStatement, into: &actions)
             } catch {
@@ -76,10 +75,12 @@ extension ClientSession {
             markSent(now: now)
             actions.append(.sendToServer)
         }
+        // Requests kept until now (prepared statements tracked) start query_timeout's count here.
+        if let clock = timeoutClock, tracker.outstanding > 0, clock.queryStartedAt == nil { clock.queryStartedAt = now }
     }
 
     /// The pool could not lend a server (query_wait_timeout, pool closed, server login refused).
-    public mutating func waitFailed(_ error: PoolError, into actions: inout [Action]) {
+    public mutating func waitFailed(_ error: PoolError, into actions: inout Actions) {
         guard state == .waiting || state == .awaitingWelcome else { return }
         var e = error.postgresError
         e.severity = "FATAL"

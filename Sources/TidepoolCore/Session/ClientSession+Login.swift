@@ -1,7 +1,7 @@
 import NIOCore
 
-/// A refusal during login: the FATAL the client gets and the reason that is logged.
-public struct LoginRefusal: Error, Equatable, Sendable {
+/// Why a client is refused or closed: the FATAL it gets and the reason that is logged.
+public struct Refusal: Error, Equatable, Sendable {
     public var error: PostgresError
     public var reason: String
 
@@ -57,11 +57,11 @@ extension ClientSession {
     /// auth_hba_file and cert checked against the certificate (then trusted); or the refusal.
     public static func authMethod(
         _ request: LoginRequest, config: Config, hba: HBARules?
-    ) -> Result<AuthType, LoginRefusal> {
+    ) -> Result<AuthType, Refusal> {
         let sslmode = config.global.clientTLS.sslmode
         if sslmode.requiresTLS, !request.tls, request.clientIP != nil {
             return .failure(
-                LoginRefusal(
+                Refusal(
                     .fatal(SQLState.invalidAuthorization, "SSL required (client_tls_sslmode = \(sslmode.rawValue))"),
                     reason: "TLS required"))
         }
@@ -75,7 +75,7 @@ extension ClientSession {
         if authType == .cert {
             guard let name = request.certificateCommonName, name == request.user else {
                 return .failure(
-                    LoginRefusal(
+                    Refusal(
                         .fatal(
                             SQLState.invalidAuthorization,
                             "certificate authentication failed for user \"\(request.user)\""
@@ -87,14 +87,14 @@ extension ClientSession {
     }
 
     /// auth_type = hba: the method of the first auth_hba_file line matching the connection.
-    static func hbaMethod(_ request: LoginRequest, rules: HBARules?) -> Result<AuthType, LoginRefusal> {
+    static func hbaMethod(_ request: LoginRequest, rules: HBARules?) -> Result<AuthType, Refusal> {
         let address = request.clientIP.flatMap(HBARules.parseIP)
         guard let rules,
             let rule = rules.method(database: request.database, user: request.user, address: address, tls: request.tls)
         else {
             let host = request.clientIP ?? "local"
             return .failure(
-                LoginRefusal(
+                Refusal(
                     .fatal(
                         SQLState.invalidAuthorization,
                         "no auth_hba_file entry for host \"\(host)\", user \"\(request.user)\", database \"\(request.database)\", \(request.tls ? "SSL on" : "SSL off")"
@@ -108,7 +108,7 @@ extension ClientSession {
         case .cert: return .success(.cert)
         case .reject:
             return .failure(
-                LoginRefusal(
+                Refusal(
                     .fatal(
                         SQLState.invalidAuthorization,
                         "connection rejected by auth_hba_file line \(rule.line) for user \"\(request.user)\", database \"\(request.database)\""
@@ -121,13 +121,13 @@ extension ClientSession {
     /// admin console looks secrets up only through an explicit auth_dbname).
     public static func secretSource(
         _ request: LoginRequest, method: AuthType, known: PasswordSecret?, canLookUp: Bool, config: Config
-    ) -> Result<SecretSource, LoginRefusal> {
+    ) -> Result<SecretSource, Refusal> {
         if let known { return .success(.known(known)) }
         let lookUp = isAdminConsole(request.database, config: config) ? config.global.authDBName != nil : canLookUp
         guard method != .trust, lookUp else {
             if method == .trust, config.global.authFile != nil, config.global.authType != .hba {
                 return .failure(
-                    LoginRefusal(
+                    Refusal(
                         .fatal(SQLState.invalidAuthorization, "user \"\(request.user)\" is not in auth_file"),
                         reason: "not in auth_file"))
             }
@@ -140,12 +140,12 @@ extension ClientSession {
     /// its database's pool, if the database exists and is not disabled.
     public static func destination(
         _ request: LoginRequest, config: Config, isDisabled: (String) -> Bool
-    ) -> Result<Destination, LoginRefusal> {
+    ) -> Result<Destination, Refusal> {
         if isAdminConsole(request.database, config: config) {
             let isAdmin = config.global.adminUsers.contains(request.user)
             guard isAdmin || config.global.statsUsers.contains(request.user) else {
                 return .failure(
-                    LoginRefusal(
+                    Refusal(
                         .fatal(
                             SQLState.insufficientPrivilege,
                             "not allowed: \(request.user) is not in admin_users or stats_users"),
@@ -155,13 +155,13 @@ extension ClientSession {
         }
         guard let database = config.database(named: request.database) else {
             return .failure(
-                LoginRefusal(
+                Refusal(
                     .fatal(SQLState.invalidCatalogName, "database \"\(request.database)\" does not exist"),
                     reason: "unknown database"))
         }
         if isDisabled(request.database) {
             return .failure(
-                LoginRefusal(
+                Refusal(
                     .fatal(SQLState.cannotConnectNow, "database \"\(request.database)\" does not allow connections"),
                     reason: "database disabled"))
         }

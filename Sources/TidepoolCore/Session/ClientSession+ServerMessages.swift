@@ -5,13 +5,14 @@ extension ClientSession {
     /// server's bytes per run (a reply and its ReadyForQuery usually arrive in one read and leave
     /// in one write); anything the pooler writes itself ends the run first, to keep the order.
     public mutating func serverBytes(
-        _ data: ByteBuffer, now: NIODeadline, allocator: ByteBufferAllocator, into actions: inout [Action]
+        _ data: ByteBuffer, now: NIODeadline, into actions: inout Actions
     ) {
         guard state == .linked, let server else { return }
         traffic.sent += data.readableBytes
         var buffer = data
-        serverInbound.prependKept(to: &buffer)
-        var run = ServerBytesRun(of: buffer)
+        serverInbound.prepend(to: &buffer)
+        serverBuffer = buffer
+        var run = ServerBytesRun()
         do {
             while true {
                 let chunkStart = buffer.readerIndex
@@ -33,19 +34,19 @@ extension ClientSession {
                 let chunkLength = buffer.readerIndex - chunkStart
                 switch chunk {
                 case .forward:
-                    if !swallowingUntilReady { run.add(chunkStart, chunkLength, into: &actions) }
+                    if !swallowingUntilReady { run.add(chunkStart, chunkLength, to: &self, into: &actions) }
                 case .message(let type, let body, _):
                     if type == MessageType.parameterStatus {
-                        run.write(into: &actions)
-                        parameterStatus(body, server: server, allocator: allocator, into: &actions)
+                        run.write(to: &self, into: &actions)
+                        parameterStatus(body, server: server, into: &actions)
                         continue
                     }
                     if type != MessageType.readyForQuery {
                         // Only while the prepared-statement tracker has answers of its own pending.
                         if prepared!.serverMessage(type, server: &server.statements) {
-                            run.add(chunkStart, chunkLength, into: &actions)
+                            run.add(chunkStart, chunkLength, to: &self, into: &actions)
                         }
-                        run.write(into: &actions)
+                        run.write(to: &self, into: &actions)
                         _ = writeMadeUpReplies(now: now, into: &actions)
                         continue
                     }
@@ -60,7 +61,7 @@ extension ClientSession {
                     }
                     if prepared != nil, !prepared!.serverMessage(type, status: status, server: &server.statements) {
                         // The ReadyForQuery of the pooler's own Sync or Query.
-                        run.write(into: &actions)
+                        run.write(to: &self, into: &actions)
                         _ = writeMadeUpReplies(now: now, into: &actions)
                         continue
                     }
@@ -73,7 +74,7 @@ extension ClientSession {
                     if poolMode == .statement, status != .idle {
                         // The error takes the ReadyForQuery's place, so the statement that opened
                         // the transaction is the one that fails.
-                        run.write(into: &actions)
+                        run.write(to: &self, into: &actions)
                         close(
                             .fatal(
                                 SQLState.featureNotSupported,
@@ -81,39 +82,41 @@ extension ClientSession {
                             reason: "transaction in statement mode", into: &actions)
                         return
                     }
-                    run.add(chunkStart, chunkLength, into: &actions)  // the server's own bytes
+                    run.add(chunkStart, chunkLength, to: &self, into: &actions)  // the server's own bytes
                     if prepared?.hasDueReplies ?? false {
-                        run.write(into: &actions)
+                        run.write(to: &self, into: &actions)
                         _ = writeMadeUpReplies(now: now, into: &actions)
                     }
                     if buffer.readableBytes == 0, mayGiveBack {
                         // The answer is written before the server goes back to the pool.
-                        run.write(into: &actions)
+                        run.write(to: &self, into: &actions)
                         unlink(now: now, reusable: true, into: &actions)
                     }
                 }
             }
         } catch {
-            run.write(into: &actions)
+            run.write(to: &self, into: &actions)
             unlink(now: now, reusable: false, into: &actions)
             close(
                 .fatal(SQLState.protocolViolation, "server sent an invalid message"), reason: "bad packet from server",
                 into: &actions)
             return
         }
-        run.write(into: &actions)
+        run.write(to: &self, into: &actions)
         serverInbound.keep(&buffer)
         if prepared != nil {
-            let accepted = prepared!.takeAccepted()
-            if !accepted.isEmpty { actions.append(.statementsAccepted(accepted)) }
+            let names = prepared!.takeAccepted()
+            if !names.isEmpty {
+                accepted += names
+                actions.append(.statementsAccepted)
+            }
         }
-        actions.append(.flushAtTurnEnd)
     }
 
     /// A ParameterStatus from the linked server: the server's value is remembered, and the client
     /// is told unless it answers the pooler's own SET.
     mutating func parameterStatus(
-        _ body: ByteBuffer, server: ServerSessionState, allocator: ByteBufferAllocator, into actions: inout [Action]
+        _ body: ByteBuffer, server: ServerSessionState, into actions: inout Actions
     ) {
         guard let (name, value) = WireDecode.parameterStatus(body) else { return }
         server.parameters[name] = value
@@ -122,14 +125,14 @@ extension ClientSession {
             if wanted[name] != nil { wanted[name] = value }
         } else {
             wanted[name] = value
-            var out = allocator.buffer(capacity: body.readableBytes + 5)
+            var out = ByteBufferAllocator().buffer(capacity: body.readableBytes + 5)
             Wire.parameterStatus(name, value, into: &out)
-            actions.append(.writeToClient(out))
+            write(out, into: &actions)
         }
     }
 
     /// The linked server closed or failed: the client cannot go on without knowing what it ran.
-    public mutating func serverLost(into actions: inout [Action]) {
+    public mutating func serverLost(into actions: inout Actions) {
         guard state == .linked else { return }
         server = nil
         state = .idle
@@ -139,26 +142,26 @@ extension ClientSession {
     }
 }
 
-/// A run of a server's bytes that the client gets unchanged, written as one slice.
+/// A run of the server's bytes (in `serverBuffer`) that the client gets unchanged, written as one
+/// slice.
 struct ServerBytesRun {
-    /// The bytes as read, before any chunk was taken from them.
-    let source: ByteBuffer
     var start = 0
     var length = 0
 
-    init(of source: ByteBuffer) { self.source = source }
-
     /// Adds the chunk at `chunkStart`; a chunk that does not follow the run ends it first.
-    mutating func add(_ chunkStart: Int, _ chunkLength: Int, into actions: inout [ClientSession.Action]) {
-        if length > 0, start + length != chunkStart { write(into: &actions) }
+    mutating func add(
+        _ chunkStart: Int, _ chunkLength: Int, to session: inout ClientSession,
+        into actions: inout ClientSession.Actions
+    ) {
+        if length > 0, start + length != chunkStart { write(to: &session, into: &actions) }
         if length == 0 { start = chunkStart }
         length += chunkLength
     }
 
     /// Writes the run, if any (without flushing).
-    mutating func write(into actions: inout [ClientSession.Action]) {
+    mutating func write(to session: inout ClientSession, into actions: inout ClientSession.Actions) {
         guard length > 0 else { return }
-        actions.append(.writeToClient(source.getSlice(at: start, length: length)!))
+        actions.append(.writeServerBytes(start: start, length: length))
         length = 0
     }
 }

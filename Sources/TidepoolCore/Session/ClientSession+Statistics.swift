@@ -9,12 +9,12 @@ extension ClientSession {
     }
 
     /// A ReadyForQuery ends a query, and with status idle a transaction.
-    mutating func countReady(_ status: TransactionStatus, now: NIODeadline, into actions: inout [Action]) {
+    mutating func countReady(_ status: TransactionStatus, now: NIODeadline, into actions: inout Actions) {
         traffic.queries += 1
         if tracker.isQuiet, let start = queryStart {
             let took = Int((now - start).nanoseconds / 1000)
             traffic.queryTime += took
-            actions.append(.recordTiming(.query, microseconds: took))
+            recordTiming(.query, took, into: &actions)
             queryStart = nil
             if slowQueryThreshold > 0, took >= slowQueryThreshold { actions.append(.logSlowQuery(microseconds: took)) }
         }
@@ -22,10 +22,15 @@ extension ClientSession {
             let took = Int((now - start).nanoseconds / 1000)
             traffic.transactions += 1
             traffic.transactionTime += took
-            actions.append(.recordTiming(.transaction, microseconds: took))
+            recordTiming(.transaction, took, into: &actions)
             transactionStart = nil
             if poolMode == .session { actions.append(.handInTraffic) }
         }
+    }
+
+    mutating func recordTiming(_ kind: LatencySet.Kind, _ microseconds: Int, into actions: inout Actions) {
+        latency?.record(kind, microseconds: UInt64(microseconds))
+        if reportsTimings { actions.append(.recordTiming(kind, microseconds: microseconds)) }
     }
 
     /// The counters since the last call, zeroed (the prepared-statement counts included).
@@ -66,7 +71,7 @@ extension ClientSession {
     /// The sweeper's tick: applies query_timeout, idle_transaction_timeout, client_idle_timeout and
     /// transaction_timeout. Returns the error the client is closed with, if any.
     @discardableResult
-    public mutating func tick(now: NIODeadline, into actions: inout [Action]) -> PostgresError? {
+    public mutating func tick(now: NIODeadline, into actions: inout Actions) -> PostgresError? {
         guard let clock = timeoutClock else { return nil }
         let activity: ClientActivity
         switch state {

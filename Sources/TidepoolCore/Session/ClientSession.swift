@@ -34,39 +34,46 @@ public struct ClientSession {
         /// Queued for a server.
         case waiting
         case linked
-        /// Connected to the admin console.
-        case admin(readOnly: Bool)
+        /// Connected to the admin console (`adminReadOnly`: as a stats_users user).
+        case admin
         case closed
     }
 
-    public enum Action {
+    /// What the connection is to do. Plain values, so that appending and carrying them out copies
+    /// nothing that is reference counted: the bytes and errors they refer to wait in the session
+    /// (`toServer`, `toClient`, `closing`, `accepted`).
+    public enum Action: Equatable, Sendable {
         /// Send and clear `toServer` (client bytes and the pooler's rewrites, in order).
         case sendToServer
-        /// Write to the client, flushed by a later `flushClient`, `flushAtTurnEnd` or close.
-        case writeToClient(ByteBuffer)
+        /// Write the next of `toClient` (they are written in order). Writes are flushed at the end
+        /// of the event loop's turn at the latest, with the turn's other answers.
+        case writeToClient
+        /// Write these bytes of `serverBuffer` (the server's bytes as read, passed on unchanged).
+        case writeServerBytes(start: Int, length: Int)
+        /// Flush the writes now.
         case flushClient
-        /// Flush at the end of the event loop's turn, with the turn's other answers.
-        case flushAtTurnEnd
         /// Join the pool's queue for a server.
         case requestServer
         /// Leave the pool's queue.
         case leaveQueue
-        /// Unlink the server and give it back; `reusable` false closes it.
+        /// Hand in `traffic`, unlink the server and give it back; `reusable` false closes it.
         case releaseServer(reusable: Bool)
-        /// Unlink the server, run the reset query on it, then give it back.
-        case resetAndReleaseServer(String)
+        /// Unlink the server, run `serverResetQuery` on it, then give it back.
+        case resetAndReleaseServer
         /// Send a CancelRequest for the linked server's backend; with `reportBack`, tell the session
         /// (`cancelFinished`) when it has reached PostgreSQL.
         case cancelServerQuery(reportBack: Bool)
-        /// Names of prepared statements a server accepted (so other clients' Parses of them can be
-        /// answered without a server).
-        case statementsAccepted([String])
-        /// Add `traffic` to the database's totals and zero it.
+        /// `accepted` holds names of prepared statements a server accepted (so other clients'
+        /// Parses of them can be answered without a server).
+        case statementsAccepted
+        /// Add `traffic` to the database's totals and zero it (also done before `releaseServer`).
         case handInTraffic
+        /// A wait, query or transaction time for /metrics, when `reportsTimings` (SHOW LATENCY's
+        /// histograms in `latency` are recorded by the session itself).
         case recordTiming(LatencySet.Kind, microseconds: Int)
         case logSlowQuery(microseconds: Int)
-        /// Send this error (FATAL) and close; `reason` is logged.
-        case closeWithError(PostgresError, reason: String)
+        /// Send `closing`'s error (FATAL) and close; its reason is logged.
+        case closeWithError
         /// The client said Terminate.
         case terminate
         /// The client was closed (by any of the above or the peer): forget it everywhere.
@@ -74,6 +81,8 @@ public struct ClientSession {
     }
 
     public internal(set) var state = State.startup
+    /// On the admin console with the read-only commands only.
+    public var adminReadOnly = false
     public var poolMode = PoolMode.transaction
     /// Named prepared statements kept working across servers (transaction and statement pooling
     /// with max_prepared_statements > 0). While it is on, client bytes stay in `inbound` until a
@@ -91,12 +100,22 @@ public struct ClientSession {
     public internal(set) var server: ServerSessionState?
     /// Client bytes kept for later: before login ends, or while prepared statements are tracked
     /// and no server is linked.
-    public var inbound: ByteBuffer?
+    public var inbound = KeptBytes()
     /// Client bytes waiting for a server.
     var pending: [ByteBuffer] = []
     /// What `sendToServer` sends; the connection clears it after sending.
     public var toServer: [ByteBuffer] = []
-    var serverInbound: ByteBuffer?
+    /// What `writeToClient` writes, one buffer per action; the connection clears it once it has
+    /// carried out all actions.
+    public var toClient: [ByteBuffer] = []
+    /// The server's bytes of the last `serverBytes` event, for `writeServerBytes`; dropped once the
+    /// actions are carried out, so that an idle client holds no read buffer.
+    public var serverBuffer: ByteBuffer?
+    /// Why the session closed, for `closeWithError`.
+    public internal(set) var closing: Refusal?
+    /// For `statementsAccepted`; the connection takes them.
+    public var accepted: [String] = []
+    var serverInbound = KeptBytes()
     /// The values of the tracked parameters as the client should see them.
     @TrackedParameters public var wanted: [String: String] = [:]
     /// `wanted` with its tracked values worked out, as a shared welcome has it.
@@ -106,6 +125,10 @@ public struct ClientSession {
     }
     /// Counters for SHOW STATS, handed to the pool's totals once per transaction.
     public var traffic = TrafficStats()
+    /// This database's SHOW LATENCY histograms on the client's event loop.
+    public var latency: LatencyRecorder?
+    /// Wait, query and transaction times also go out as `recordTiming` (for /metrics).
+    public var reportsTimings = false
     public internal(set) var waitStart: NIODeadline?
     var queryStart: NIODeadline?
     var transactionStart: NIODeadline?
@@ -156,10 +179,22 @@ public struct ClientSession {
         }
     }
 
+    /// The connection carried out every action: the bytes they referred to are let go.
+    @inlinable
+    public mutating func actionsCarriedOut() {
+        if serverBuffer != nil { serverBuffer = nil }
+        if !toClient.isEmpty { toClient.removeAll(keepingCapacity: true) }
+    }
+
+    /// Queues `bytes` for the client.
+    mutating func write(_ bytes: ByteBuffer, into actions: inout Actions) {
+        toClient.append(bytes)
+        actions.append(.writeToClient)
+    }
+
     // MARK: Moving between states
 
-    mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout [Action]) {
-        actions.append(.handInTraffic)
+    mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout Actions) {
         actions.append(.releaseServer(reusable: reusable))
         server = nil
         state = .idle
@@ -168,20 +203,23 @@ public struct ClientSession {
     }
 
     /// Closes the client with `error`: the server it holds goes back (closed unless clean).
-    public mutating func close(_ error: PostgresError, reason: String, into actions: inout [Action]) {
+    public mutating func close(_ error: PostgresError, reason: String, into actions: inout Actions) {
         guard state != .closed else { return }
-        actions.append(.closeWithError(error, reason: reason))
+        closing = Refusal(error, reason: reason)
+        actions.append(.closeWithError)
         finish(serverResetQuery: serverResetQuery, resetAlways: serverResetQueryAlways, into: &actions)
     }
 
     /// The client is gone (Terminate, closed socket, or closed by the pooler): the server it holds
     /// is reset and given back, or closed if it may be dirty. Safe to call more than once.
-    public mutating func finish(serverResetQuery: String, resetAlways: Bool, into actions: inout [Action]) {
+    public mutating func finish(serverResetQuery: String, resetAlways: Bool, into actions: inout Actions) {
         if state == .closed { return }
+        self.serverResetQuery = serverResetQuery
+        serverResetQueryAlways = resetAlways
         if state == .linked {
             let clean = serverIsClean
             if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {
-                actions.append(.resetAndReleaseServer(serverResetQuery))
+                actions.append(.resetAndReleaseServer)
             } else {
                 actions.append(.releaseServer(reusable: clean))
             }
@@ -192,7 +230,7 @@ public struct ClientSession {
     }
 
     /// Login is over: the client is told it may send queries.
-    public mutating func loggedIn(now: NIODeadline, into actions: inout [Action]) {
+    public mutating func loggedIn(now: NIODeadline, into actions: inout Actions) {
         state = .idle
         timeoutClock?.idleSince = now
         if !pending.isEmpty {
