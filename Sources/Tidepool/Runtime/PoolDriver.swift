@@ -1,0 +1,270 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// The pool driver: runs the shared `PoolStateMachine` under one lock, looks up the connections its
+/// actions name, and carries them out (lends, connects, closes, checks); PAUSE, RESUME and RELOAD
+/// of pool settings.
+extension Pooler {
+    /// The pool settings for a client's (database, user), from the config.
+    func poolSettings(database: DatabaseEntry, user: String) -> PoolSettings {
+        let config = self.config
+        let g = config.global
+        var s = PoolSettings(poolSize: config.poolSize(database: database, user: user))
+        s.minPoolSize = database.minPoolSize ?? g.minPoolSize
+        s.reservePoolSize = database.reservePoolSize ?? g.reservePoolSize
+        s.reservePoolTimeout = g.reservePoolTimeout
+        s.maxDBConnections = database.maxDBConnections ?? g.maxDBConnections
+        s.maxUserConnections = config.users[user]?.maxUserConnections ?? g.maxUserConnections
+        s.queryWaitTimeout = config.queryWaitTimeout(database: database, user: user)
+        s.serverLifetime = g.serverLifetime
+        s.serverIdleTimeout = g.serverIdleTimeout
+        s.serverLoginRetry = g.serverLoginRetry
+        s.serverCheckDelay = g.serverCheckDelay
+        s.serverCheckEnabled = !g.serverCheckQuery.isEmpty
+        s.serverRoundRobin = g.serverRoundRobin
+        return s
+    }
+
+    /// A waiting client cancelled: it leaves the queue without a server.
+    func clientGaveUp(_ id: ClientID) {
+        shared.withLockedValue { $0.pools.clientGaveUp(id) }
+    }
+
+    /// Asks the client's pool (made at its login, `joinPool`) for a server for `client`.
+    func requestServer(for client: ClientConnection) {
+        let now = NIODeadline.now()
+        let loop = client.loopIndex
+        let id = client.id!
+        let key = client.poolKey!
+        withPoolBuffer { pools, actions in
+            if !pools.hasPool(key) {
+                // Not reached (a client joins its pool at login); made from the current config if so.
+                let entry = config.database(named: key.database) ?? DatabaseEntry(name: key.database)
+                actions += makePoolIfNew(key, database: entry, in: &pools, now: now)
+            }
+            pools.clientWantsServer(id, pool: key, loop: loop, now: now, into: &actions)
+        }
+    }
+
+    func release(_ server: ServerConnection, reusable: Bool) {
+        let now = NIODeadline.now()
+        withPoolBuffer { $0.serverReleased(server.id, reusable: reusable, now: now, into: &$1) }
+    }
+
+    func welcomeParameters(for key: PoolKey) -> [String: String]? {
+        shared.withLockedValue { $0.welcome[key] }
+    }
+
+    /// A client's welcome: the ParameterStatus messages, and the tracked parameters it then has
+    /// (its own values, the server's for the rest).
+    struct Welcome: Sendable {
+        var messages: ByteBuffer
+        var wanted: TrackedParameters
+    }
+
+    /// The pool's welcome for a client wanting `values`, made by `make` the first time. At most 64
+    /// sets of values are kept per pool (application_name can differ per client).
+    func welcome(for key: PoolKey, values: [String?], make: () -> Welcome) -> Welcome {
+        if let welcome = shared.withLockedValue({ $0.welcomes[key]?[values] }) { return welcome }
+        let welcome = make()
+        shared.withLockedValue { s in
+            if s.welcomes[key, default: [:]].count < 64 { s.welcomes[key, default: [:]][values] = welcome }
+        }
+        return welcome
+    }
+
+    func serverLoggedIn(_ server: ServerConnection) {
+        let now = NIODeadline.now()
+        withShared { s in
+            if s.welcome[server.pool] == nil { s.welcome[server.pool] = server.parameters }
+            return s.pools.serverConnected(server.id, now: now)
+        }
+    }
+
+    func serverConnectFailed(_ server: ServerConnection, error: PostgresError) {
+        logger.warning("server connection to \(server.pool) failed: \(error.message)")
+        let now = NIODeadline.now()
+        withShared { s in
+            s.servers[server.id] = nil
+            return s.pools.serverConnectFailed(server.id, error: error, now: now)
+        }
+    }
+
+    func serverClosed(_ server: ServerConnection) {
+        let now = NIODeadline.now()
+        withShared { s in
+            s.servers[server.id] = nil
+            return s.pools.serverClosed(server.id, now: now)
+        }
+    }
+
+    func checkFinished(_ server: ServerConnection, ok: Bool) {
+        let now = NIODeadline.now()
+        withShared { s in
+            if ok { return s.pools.serverCheckSucceeded(server.id, now: now) }
+            s.servers[server.id] = nil
+            return s.pools.serverCheckFailed(server.id, now: now)
+        }
+    }
+
+    func timerFired() {
+        let now = NIODeadline.now()
+        withPool { $0.timerFired(now: now) }
+        let elapsed = now - statsPeriodStart
+        if elapsed >= config.global.statsPeriod {
+            statsPeriodStart = now
+            let book = trafficBook(endingPeriodAfter: Double(elapsed.nanoseconds) / 1e9)
+            for (index, loop) in loops.enumerated() {
+                let latency = loopLatency[index]
+                loop.execute { for recorder in latency.recorders.values { recorder.endPeriod() } }
+            }
+            if config.global.logStats { logStats(book) }
+        }
+    }
+
+    /// A pool decision with the connections it names looked up (under the same lock).
+    struct Resolved {
+        var action: PoolAction
+        var client: ClientConnection?
+        var server: ServerConnection?
+        var lease: UInt64 = 0
+    }
+
+    /// Runs a pool event and looks up what its actions name in one lock acquisition, then carries
+    /// the actions out outside the lock.
+    func withPool(_ event: (inout PoolStateMachine) -> [PoolAction]) {
+        withShared { event(&$0.pools) }
+    }
+
+    /// `withPool` for events that also update the registries kept beside the pools.
+    func withShared(_ event: (inout Shared) -> [PoolAction]) {
+        decide { s in s.actions = event(&s) }
+    }
+
+    /// `withPool` for the events of every transaction: they append their actions to a buffer
+    /// kept beside the pools and reused, so no array is allocated per event.
+    func withPoolBuffer(_ event: (inout PoolStateMachine, inout [PoolAction]) -> Void) {
+        decide { s in event(&s.pools, &s.actions) }
+    }
+
+    /// Runs a pool decision under the lock, looks up the connections its actions name there too,
+    /// and carries the actions out after the lock is released.
+    private func decide(_ body: (inout Shared) -> Void) {
+        let decided = shared.withLockedValue { s -> Decided in
+            s.actions.removeAll(keepingCapacity: true)
+            body(&s)
+            if s.actions.isEmpty || s.shuttingDown { return .nothing }
+            // Most events decide one action: it is carried out without an array of its own.
+            if s.actions.count == 1 { return .one(Self.resolve(s.actions[0], in: &s)) }
+            let actions = s.actions
+            return .many(actions.map { Self.resolve($0, in: &s) })
+        }
+        switch decided {
+        case .nothing: break
+        case .one(let item): carryOut(item)
+        case .many(let items): for item in items { carryOut(item) }
+        }
+    }
+
+    /// What a pool decision left to carry out. An enum rather than an optional captured by the
+    /// locked closure: that one was destroyed through the generic value witnesses on every event.
+    private enum Decided {
+        case nothing
+        case one(Resolved)
+        case many([Resolved])
+    }
+
+    /// Looks up the connections an action names; called under the lock.
+    static func resolve(_ action: PoolAction, in s: inout Shared) -> Resolved {
+        switch action {
+        case .lend(let serverID, let clientID):
+            let server = s.servers[serverID]
+            server?.leasesIssued += 1  // under the lock: lends of a server are numbered in order
+            return Resolved(
+                action: action, client: s.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
+        case .failClient(let clientID, _):
+            return Resolved(action: action, client: s.clients[clientID], server: nil)
+        case .check(let serverID, _):
+            return Resolved(action: action, client: nil, server: s.servers[serverID])
+        case .close(let serverID):
+            return Resolved(action: action, client: nil, server: s.servers.removeValue(forKey: serverID))
+        case .connect, .note:
+            return Resolved(action: action, client: nil, server: nil)
+        }
+    }
+
+    func carryOut(_ item: Resolved) {
+        switch item.action {
+        case .lend:
+            let client = item.client
+            guard let server = item.server else { return }
+            guard let client else {
+                release(server, reusable: true)
+                return
+            }
+            let lease = item.lease
+            let loop = client.eventLoop
+            if loop.inEventLoop {
+                client.lent(server, lease: lease)
+            } else {
+                loop.execute { client.lent(server, lease: lease) }
+            }
+        case .connect(let serverID, let key, let loop):
+            connect(serverID, pool: key, loop: loop)
+        case .close:
+            item.server?.terminate()
+        case .failClient(_, let error):
+            let client = item.client
+            client?.onLoop { client?.waitFailed(error) }
+        case .check(let serverID, _):
+            if let server = item.server {
+                server.check(config.global.serverCheckQuery)
+            } else {
+                let now = NIODeadline.now()
+                withPool { $0.serverCheckFailed(serverID, now: now) }
+            }
+        case .note(let key, let event):
+            metrics.note(event, pool: key)
+            switch event {
+            case .reserveOpened(let waited):
+                logger.info("pool \(key): opening a reserve server, a client waited \(waited.secondsText) s")
+            case .checkFailed:
+                logger.warning("pool \(key): server failed server_check_query; checking older idle servers")
+            case .recycledForAge:
+                logger.debug("pool \(key): closed a server that reached server_lifetime")
+            case .closedIdle:
+                logger.debug("pool \(key): closed a server idle for server_idle_timeout")
+            case .waitTimedOut:
+                logger.debug("pool \(key): a client reached query_wait_timeout")
+            case .probe:
+                logger.info("pool \(key): trying to connect again")
+            }
+        }
+    }
+
+    /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server
+    /// of those pools is lent any more.
+    public func pause(database: String?) -> EventLoopFuture<Void> {
+        shared.withLockedValue { $0.pools.pause(database: database) }
+        logger.info("PAUSE \(database ?? "all databases"): waiting for lent servers to come back")
+        return waitUntil(on: loops[0]) { [self] in lentServers(database: database) == 0 }
+    }
+
+    /// Servers lent to clients right now in the pools of `database` (all when nil).
+    public func lentServers(database: String?) -> Int {
+        shared.withLockedValue { $0.pools.lentCount(database: database) }
+    }
+
+    public func resume(database: String?) {
+        let now = NIODeadline.now()
+        withPool { $0.resume(database: database, now: now) }
+        shared.withLockedValue { s in
+            if database == nil { s.suspended = false }
+        }
+        logger.info("RESUME \(database ?? "all databases")")
+    }
+}

@@ -1,0 +1,114 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// The registries of live clients: admission (max_client_conn, per-address limits), cancel keys,
+/// pools joined, the welcome each pool's clients share.
+extension Pooler {
+    /// Registers a client that passed the startup packet; fails when max_client_conn or a limit
+    /// per client address is reached. `address` is nil for a Unix socket (no per-address limit).
+    func register(_ client: ClientConnection, address: String?) -> Result<ClientID, PostgresError> {
+        // Three values read through the lent configuration, not a copy of all the global settings.
+        let maxClientConn = config.global.maxClientConn
+        let maxPerAddress = config.global.maxClientConnPerIP
+        let perSecond = config.global.clientConnectRatePerIP
+        let now = NIODeadline.now()
+        return shared.withLockedValue { s in
+            guard s.clientCount < maxClientConn else {
+                return .failure(.fatal(SQLState.tooManyConnections, "no more connections allowed (max_client_conn)"))
+            }
+            if let address {
+                s.addresses.maxPerAddress = maxPerAddress
+                s.addresses.perSecond = perSecond
+                if let refusal = s.addresses.admit(address, now: now) {
+                    var error = refusal.postgresError
+                    error.severity = "FATAL"
+                    return .failure(error)
+                }
+            }
+            s.clientCount += 1
+            let id = ClientID(s.nextClientID)
+            s.nextClientID += 1
+            s.clients[id] = client
+            return .success(id)
+        }
+    }
+
+    /// Gives a logged-in client a cancel key of its own.
+    func issueCancelKey(for client: ClientConnection) -> (Int32, Int32) {
+        var g = SystemRandomNumberGenerator()
+        return shared.withLockedValue { s in
+            while true {
+                // One draw (a getrandom system call) gives both halves; process IDs are positive.
+                let bits = g.next()
+                let key = CancelKey(
+                    processID: Int32(truncatingIfNeeded: bits & 0x7FFF_FFFF),
+                    secretKey: Int32(truncatingIfNeeded: bits >> 32))
+                if key.processID != 0, s.cancelKeys[key] == nil {
+                    s.cancelKeys[key] = client
+                    return (key.processID, key.secretKey)
+                }
+            }
+        }
+    }
+
+    /// A client of pool `key` logged in; the pool is made with the settings of `database` if it
+    /// does not exist yet (pools are never removed, so the client need not keep the entry).
+    func joinPool(_ key: PoolKey, database: DatabaseEntry) {
+        let now = NIODeadline.now()
+        withShared { s in
+            s.poolClients[key, default: 0] += 1
+            return makePoolIfNew(key, database: database, in: &s.pools, now: now)
+        }
+    }
+
+    /// Makes the pool `key` with the settings of `database` unless it exists; its actions.
+    func makePoolIfNew(
+        _ key: PoolKey, database: DatabaseEntry, in pools: inout PoolStateMachine, now: NIODeadline
+    ) -> [PoolAction] {
+        guard !pools.hasPool(key) else { return [] }
+        return pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+    }
+
+    func unregister(
+        _ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?, address: String?
+    ) {
+        shared.withLockedValue { s in
+            if let pool { s.poolClients[pool, default: 1] -= 1 }
+            if let id, s.clients.removeValue(forKey: id) != nil {
+                s.clientCount -= 1
+                if let address { s.addresses.release(address) }
+                s.pools.clientGaveUp(id)
+            }
+            if let cancelKey { s.cancelKeys[CancelKey(processID: cancelKey.0, secretKey: cancelKey.1)] = nil }
+        }
+    }
+
+    /// Passes a CancelRequest on to the backend the client is using right now, if any.
+    func cancel(processID: Int32, secretKey: Int32) {
+        let client = shared.withLockedValue { $0.cancelKeys[CancelKey(processID: processID, secretKey: secretKey)] }
+        guard let client else {
+            logger.debug("cancel request with an unknown key ignored")
+            return
+        }
+        client.onLoop { client.cancelRequested() }
+    }
+
+    /// Sends a CancelRequest on a new connection; completes when PostgreSQL has closed that
+    /// connection (it has then acted on the request) or after server_connect_timeout.
+    @discardableResult
+    func sendCancel(to target: ServerConnection.CancelTarget) -> EventLoopFuture<Void> {
+        var buffer = ByteBufferAllocator().buffer(capacity: 16)
+        Wire.cancelRequest(processID: target.processID, secretKey: target.secretKey, into: &buffer)
+        let packet = buffer
+        let timeout = config.global.serverConnectTimeout
+        let connecting = target.address.connect(ClientBootstrap(group: group).connectTimeout(timeout))
+        return connecting.flatMap { channel in
+            channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+            return channel.writeAndFlush(packet).flatMap { channel.closeFuture }
+        }
+    }
+}

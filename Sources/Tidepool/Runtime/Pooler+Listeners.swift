@@ -1,0 +1,61 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// Where clients connect: one TCP listener per event loop (SO_REUSEPORT), the Unix socket.
+extension Pooler {
+    func listenTCP(host: String, port: Int, shared: Bool) throws {
+        if loops.count == 1 {
+            listeners.append(try makeServerBootstrap().bind(host: host, port: port).wait())
+            return
+        }
+        if !shared {
+            try makeServerBootstrap(on: loops[0], reusePort: false).bind(host: host, port: port).wait().close().wait()
+        }
+        var bound = port
+        for loop in loops {
+            let channel = try makeServerBootstrap(on: loop, reusePort: true).bind(host: host, port: bound).wait()
+            bound = channel.localAddress?.port ?? bound  // port 0: the others join the first one's
+            listeners.append(channel)
+        }
+    }
+
+    func makeServerBootstrap(on loop: EventLoop? = nil, reusePort: Bool = false) -> ServerBootstrap {
+        let bootstrap = loop.map { ServerBootstrap(group: $0) } ?? ServerBootstrap(group: group)
+        return
+            bootstrap
+            .serverChannelOption(
+                ChannelOptions.Types.SocketOption(level: .socket, name: NIOBSDSocket.Option(rawValue: SO_REUSEPORT)),
+                value: reusePort ? 1 : 0
+            )
+            .serverChannelOption(.backlog, value: Int32(config.global.listenBacklog))
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.allowRemoteHalfClosure, value: false)
+            // An idle client keeps its receive buffer between reads: start it small (it grows
+            // when a read fills it) so that thousands of idle clients cost little memory. 128
+            // bytes hold a startup packet; 256 cost 128 B more per idle client and NIO's adaptive
+            // allocator another 49 B for its box (BENCHMARKS.md).
+            .childChannelOption(.recvAllocator, value: ReceiveBufferSizer(initial: 128))
+            .childChannelInitializer { [self] channel in
+                let index = self.loopIndex(of: channel.eventLoop)
+                let client = ClientConnection(pooler: self, channel: channel, loopIndex: index)
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(client)
+                }
+            }
+    }
+
+    func loopIndex(of loop: EventLoop) -> Int {
+        loops.firstIndex { $0 === loop } ?? 0
+    }
+
+    /// Stops accepting new clients.
+    public func stopListening() {
+        for listener in listeners { try? listener.close().wait() }
+        listeners.removeAll()
+    }
+}

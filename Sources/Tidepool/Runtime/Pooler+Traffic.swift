@@ -1,0 +1,75 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// SHOW STATS counters and SHOW LATENCY histograms per event loop, the stats periods and log_stats.
+extension Pooler {
+    final class LoopLatency: @unchecked Sendable {
+        var recorders: [String: LatencyRecorder] = [:]
+
+        func recorder(for database: String) -> LatencyRecorder {
+            if let r = recorders[database] { return r }
+            let r = LatencyRecorder()
+            recorders[database] = r
+            return r
+        }
+
+        var book: LatencyBook { LatencyBook(recorders) }
+    }
+
+    /// A database's traffic counters on one event loop. Clients of that loop hand theirs in once
+    /// per transaction under the cell's own lock, which only a reader ever contends for: no
+    /// pooler-wide lock and no lookup by database name per transaction.
+    final class TrafficCell: @unchecked Sendable {
+        let database: String
+        private let lock = NIOLock()
+        private var stats = TrafficStats()
+
+        init(database: String) { self.database = database }
+
+        func add(_ delta: TrafficStats) { lock.withLock { stats += delta } }
+        var value: TrafficStats { lock.withLock { stats } }
+    }
+
+    struct TrafficCellKey: Hashable {
+        var loop: Int
+        var database: String
+    }
+
+    /// The cell a client of loop `loop` counts its traffic to `database` in (made on first use).
+    func trafficCell(loop: Int, database: String) -> TrafficCell {
+        trafficCells.withLockedValue { cells in
+            let key = TrafficCellKey(loop: loop, database: database)
+            if let cell = cells[key] { return cell }
+            let cell = TrafficCell(database: database)
+            cells[key] = cell
+            return cell
+        }
+    }
+
+    /// The traffic totals summed over the loops, with the stats periods.
+    func trafficBook(endingPeriodAfter seconds: Double? = nil) -> TrafficBook {
+        let cells = trafficCells.withLockedValue { Array($0.values) }
+        var totals: [String: TrafficStats] = [:]
+        for cell in cells { totals[cell.database, default: TrafficStats()] += cell.value }
+        return traffic.withLockedValue { book in
+            book.setTotals(totals)
+            if let seconds { book.endPeriod(seconds: seconds) }
+            return book
+        }
+    }
+
+    /// log_stats: one line per database with the last period's rates and averages.
+    func logStats(_ book: TrafficBook) {
+        for (database, delta) in book.lastPeriod.sorted(by: { $0.key < $1.key }) {
+            let a = delta.averages(overSeconds: book.lastPeriodSeconds)
+            let line =
+                "stats: instance=\(instanceID) db=\(database) \(a[1]) xacts/s, \(a[2]) queries/s, in \(a[3]) B/s, "
+                + "out \(a[4]) B/s, xact \(a[5]) us, query \(a[6]) us, wait \(a[7]) us"
+            logger.info("\(line)")
+        }
+    }
+}

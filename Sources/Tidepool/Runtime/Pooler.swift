@@ -1,0 +1,231 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// The running pooler: listeners, the shared pool state machine, and the registry of live
+/// connections. Decisions are made by `PoolStateMachine`; this class only carries out its actions.
+public final class Pooler: @unchecked Sendable {
+    let settings: NIOLockedValueBox<Settings>
+    /// Reads the configuration and the auth file again (for RELOAD and SIGHUP).
+    let reloader: (@Sendable () throws -> (Config, [String: PasswordSecret]))?
+    /// The configuration in force, lent to the reader (`pooler.config.global.x` copies nothing).
+    public var config: Config {
+        _read { yield settings.withLockedValue { $0.configBox }.value }
+    }
+    var userlist: [String: PasswordSecret] { settings.withLockedValue { $0.userlist } }
+    public let logger: Logger
+    let group: MultiThreadedEventLoopGroup
+    let loops: [EventLoop]
+    let shared: NIOLockedValueBox<Shared>
+    /// HBA rules and TLS contexts; loaded by start() and RELOAD.
+    let securityBox = NIOLockedValueBox(Security())
+    var security: Security { securityBox.withLockedValue { $0 } }
+    /// Secrets found by auth_query, and what a client's login taught about logging in to servers
+    /// as that user (SCRAM keys recovered from the client's proof, or its cleartext password).
+    let credentials = NIOLockedValueBox(Credentials())
+
+    struct Credentials {
+        var authQuery = AuthQueryCache(ttl: .seconds(10))
+        var serverSecrets: [String: ServerLoginStateMachine.Secret] = [:]
+    }
+    /// Pooler-wide names of prepared statements some server has accepted: a client preparing one of
+    /// these with Parse+Sync is answered without borrowing a server.
+    let knownStatements = NIOLockedValueBox(Set<String>())
+
+    func isKnownStatement(_ name: String) -> Bool {
+        knownStatements.withLockedValue { $0.contains(name) }
+    }
+
+    func statementsAccepted(_ names: [String]) {
+        knownStatements.withLockedValue { known in
+            if known.count < 100_000 { known.formUnion(names) }
+        }
+    }
+    var listeners: [Channel] = []
+    /// The HTTP listener for /metrics and /health (stats_listen_port).
+    var statsListener: Channel?
+    let metrics: PoolerMetrics
+    var janitor: RepeatedTask?
+    var sweepers: [RepeatedTask] = []
+    /// The logged-in clients of each event loop, touched only on that loop.
+    let loopClients: [LoopClients]
+
+    final class LoopClients: @unchecked Sendable {
+        /// Clients with a client-side timeout on.
+        var clients: [ObjectIdentifier: ClientConnection] = [:]
+        /// Clients not logged in yet, with the moment client_login_timeout closes them.
+        var loggingIn: [ObjectIdentifier: (client: ClientConnection, deadline: NIODeadline)] = [:]
+    }
+
+    /// SHOW LATENCY's histograms of each event loop, touched only on that loop.
+    let loopLatency: [LoopLatency]
+    let loopFlushers: [TurnFlusher]
+
+    struct CancelKey: Hashable {
+        var processID: Int32
+        var secretKey: Int32
+    }
+
+    struct Shared {
+        var pools: PoolStateMachine
+        /// The actions of the pool decision being made (see `decide`).
+        var actions: [PoolAction] = []
+        var clients: [ClientID: ClientConnection] = [:]
+        var servers: [ServerID: ServerConnection] = [:]
+        var cancelKeys: [CancelKey: ClientConnection] = [:]
+        /// ParameterStatus values a server of each pool reported at login.
+        var welcome: [PoolKey: [String: String]] = [:]
+        /// What a client of a pool gets at login, by the tracked values it asked for
+        /// (`StartupParameters.tracked` order): working it out per login was a fifth of what a
+        /// connection cost.
+        var welcomes: [PoolKey: [[String?]: Welcome]] = [:]
+        var nextClientID: UInt64 = 1
+        var clientCount = 0
+        /// Once set, pool decisions are no longer carried out.
+        var shuttingDown = false
+        /// Logged-in clients per pool, for SHOW POOLS.
+        var poolClients: [PoolKey: Int] = [:]
+        /// DISABLE: databases that refuse new clients.
+        var disabled: Set<String> = []
+        /// max_client_conn_per_ip and client_connect_rate_per_ip.
+        var addresses = ClientAddressLimiter()
+        /// SUSPEND: set until RESUME.
+        var suspended = false
+    }
+
+    public init(
+        config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil,
+        reloader: (@Sendable () throws -> (Config, [String: PasswordSecret]))? = nil
+    ) {
+        self.settings = NIOLockedValueBox(Settings(config: config, userlist: userlist))
+        self.reloader = reloader
+        self.logger = logger
+        let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
+        self.loops = Array(group.makeIterator())
+        self.shared = NIOLockedValueBox(Shared(pools: PoolStateMachine(loopCount: loops.count)))
+        self.loopClients = loops.map { _ in LoopClients() }
+        self.loopLatency = loops.map { _ in LoopLatency() }
+        self.loopFlushers = loops.map { TurnFlusher(loop: $0) }
+        let configured = config.global.instanceID
+        self.metrics = PoolerMetrics(
+            instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
+    }
+
+    /// The stats periods of the traffic counters; the totals are summed from `trafficCells` when
+    /// read (`trafficBook()`).
+    let traffic = NIOLockedValueBox(TrafficBook())
+    let trafficCells = NIOLockedValueBox([TrafficCellKey: TrafficCell]())
+    /// Touched by the janitor only.
+    var statsPeriodStart = NIODeadline.now()
+
+    // MARK: Start and stop
+
+    /// Binds the TCP and Unix listeners and starts the periodic janitor. Blocks until bound.
+    public func start() throws {
+        let g = config.global
+        try loadSecurity(config)
+        var addresses: [String] = []
+        for part in g.listenAddr.split(separator: ",").map({ $0.trimmingWhitespace() }) where !part.isEmpty {
+            if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
+        }
+        for address in addresses {
+            try listenTCP(host: address, port: g.listenPort, shared: g.soReuseport)
+            logger.info("listening on \(address):\(g.listenPort)")
+        }
+        if !g.unixSocketDir.isEmpty {
+            let path = "\(g.unixSocketDir)/.s.PGSQL.\(g.listenPort)"
+            let channel = try makeServerBootstrap().bind(
+                unixDomainSocketPath: path, cleanupExistingSocketFile: true
+            ).wait()
+            chmod(path, mode_t(g.unixSocketMode))
+            listeners.append(channel)
+            logger.info("listening on unix:\(path)")
+        }
+        let period = TimeAmount.milliseconds(100)
+        janitor = loops[0].scheduleRepeatedTask(initialDelay: period, delay: period) { [weak self] _ in
+            self?.timerFired()
+        }
+        warmStart()
+        try startStatsListener()
+        // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
+        for (index, loop) in loops.enumerated() {
+            let registry = loopClients[index]
+            sweepers.append(
+                loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
+                    let now = NIODeadline.now()
+                    for client in registry.clients.values { client.checkTimeouts(now: now) }
+                    for (client, deadline) in registry.loggingIn.values where deadline <= now {
+                        client.loginTimedOut()
+                    }
+                })
+        }
+    }
+
+    /// Opens min_pool_size servers for the pools known before any client arrives: databases whose
+    /// entry names the server user.
+    func warmStart() {
+        let now = NIODeadline.now()
+        for (name, database) in config.databases where name != "*" {
+            guard let user = database.user else { continue }
+            let settings = poolSettings(database: database, user: user)
+            guard settings.minPoolSize > 0 else { continue }
+            let key = PoolKey(database: name, user: user)
+            withPool { $0.configure(key, settings: settings, now: now) }
+        }
+    }
+
+    /// Stops listening, closes every connection and stops the event loops. Blocks until done.
+    public func shutdown() {
+        shared.withLockedValue { $0.shuttingDown = true }
+        janitor?.cancel()
+        try? statsListener?.close().wait()
+        for sweeper in sweepers { sweeper.cancel() }
+        for listener in listeners { try? listener.close().wait() }
+        let (clients, servers) = shared.withLockedValue { ($0.clients.values, $0.servers.values) }
+        var closing: [EventLoopFuture<Void>] = []
+        for client in clients {
+            client.channel.close(promise: nil)
+            closing.append(client.channel.closeFuture)
+        }
+        for server in servers {
+            server.terminate()
+            let loop = server.eventLoop  // the channel is read on its own loop
+            closing.append(loop.flatSubmit { server.channel?.closeFuture ?? loop.makeSucceededVoidFuture() })
+        }
+        for future in closing { try? future.wait() }
+        try? group.syncShutdownGracefully()
+    }
+
+    /// One listening socket per event loop (SO_REUSEPORT), each accepting onto its own loop: a
+    /// new client then never waits for a hand-over from the accepting thread to its own. Unless
+    /// `shared` (so_reuseport), a plain bind first makes sure no other process holds the port, so
+    /// a second pooler on the same port fails as it would with one socket.
+
+    public var connectedClients: Int { shared.withLockedValue { $0.clientCount } }
+
+    /// Completes once `condition` holds, checking every 50 ms.
+    public func waitUntil(on loop: EventLoop, _ condition: @escaping @Sendable () -> Bool) -> EventLoopFuture<Void> {
+        let promise = loop.makePromise(of: Void.self)
+        if condition() {
+            promise.succeed(())
+            return promise.futureResult
+        }
+        loop.scheduleRepeatedTask(initialDelay: .milliseconds(50), delay: .milliseconds(50)) { task in
+            if condition() {
+                task.cancel()
+                promise.succeed(())
+            }
+        }
+        return promise.futureResult
+    }
+}
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif

@@ -1,0 +1,61 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// Opens server connections: bootstrap, keepalive, TLS negotiation, then the connection's login.
+extension Pooler {
+    func connect(_ id: ServerID, pool key: PoolKey, loop: Int) {
+        guard let database = config.database(named: key.database) else {
+            serverConnectFailed(
+                ServerConnection.placeholder(id: id, pool: key, pooler: self),
+                error: .fatal(SQLState.invalidCatalogName, "database \"\(key.database)\" is not configured"))
+            return
+        }
+        let server = ServerConnection(
+            id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count)
+        shared.withLockedValue { $0.servers[id] = server }
+        let g = config.global
+        var bootstrap = ClientBootstrap(group: loops[loop % loops.count])
+            .connectTimeout(g.serverConnectTimeout)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelOption(.socketOption(.so_keepalive), value: g.tcpKeepalive ? 1 : 0)
+        if case .tcp = server.address {
+            // tcp_keepidle, tcp_keepintvl, tcp_keepcnt and tcp_user_timeout, as PgBouncer applies them.
+            for (option, value) in [
+                (TCP_KEEPIDLE, g.tcpKeepidle), (TCP_KEEPINTVL, g.tcpKeepintvl), (TCP_KEEPCNT, g.tcpKeepcnt),
+                (TCP_USER_TIMEOUT, g.tcpUserTimeout),
+            ] where value > 0 && (g.tcpKeepalive || option == TCP_USER_TIMEOUT) {
+                bootstrap = bootstrap.channelOption(
+                    ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: option)),
+                    value: SocketOptionValue(value))
+            }
+        }
+        let negotiator = serverTLSNegotiator(for: server.address)
+        bootstrap =
+            bootstrap
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if let negotiator { try channel.pipeline.syncOperations.addHandler(negotiator) }
+                    try channel.pipeline.syncOperations.addHandler(server)
+                }
+            }
+        let connecting = server.address.connect(bootstrap)
+        connecting.whenFailure { error in
+            self.serverConnectFailed(
+                server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
+        }
+    }
+
+    /// The SSLRequest step for a new server connection, per server_tls_sslmode; none over a Unix
+    /// socket (PostgreSQL does not offer TLS there) or when TLS is off.
+    func serverTLSNegotiator(for address: ServerConnection.Address) -> ServerTLSNegotiator? {
+        let g = config.global
+        guard case .tcp(let host, _) = address, g.serverTLS.sslmode != .disable, g.serverTLS.sslmode != .allow
+        else { return nil }
+        return ServerTLSNegotiator(
+            mode: g.serverTLS.sslmode, context: security.serverTLS, hostname: host, timeout: g.serverConnectTimeout)
+    }
+}
