@@ -279,3 +279,46 @@ import Testing
         #expect(recorder.total.transaction.percentile(0.34) < 100)
     }
 }
+
+@Suite struct AdminConsoleSessionTests {
+    func query(_ sql: String) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeNullTerminatedString(sql)
+        return b
+    }
+
+    func types(_ buffer: ByteBuffer) -> String { SessionDriver.types(buffer) }
+
+    @Test func commandsRunAndReadOnlyUsersGetTheReadOnlyOnes() {
+        #expect(
+            AdminConsoleSession.receive(type: MessageType.query, body: query("SHOW POOLS"), readOnly: true)
+                == .run(.show("POOLS")))
+        guard
+            case .reply(let refused) = AdminConsoleSession.receive(
+                type: MessageType.query, body: query("PAUSE"), readOnly: true)
+        else {
+            Issue.record("PAUSE must be refused to a stats user")
+            return
+        }
+        #expect(types(refused) == "EZ")
+        #expect(
+            AdminConsoleSession.receive(type: MessageType.query, body: query("PAUSE"), readOnly: false)
+                == .run(.pause(nil)))
+    }
+
+    @Test func badCommandsAndTheExtendedProtocolGetAnErrorAndReady() {
+        guard
+            case .reply(let bad) = AdminConsoleSession.receive(
+                type: MessageType.query, body: query("FROB"), readOnly: false),
+            case .reply(let sync) = AdminConsoleSession.receive(
+                type: MessageType.sync, body: ByteBuffer(), readOnly: false)
+        else {
+            Issue.record("expected replies")
+            return
+        }
+        #expect(types(bad) == "EZ" && types(sync) == "EZ")
+        #expect(AdminConsoleSession.receive(type: MessageType.parse, body: query("x"), readOnly: false) == .none)
+        #expect(
+            AdminConsoleSession.receive(type: MessageType.terminate, body: ByteBuffer(), readOnly: false) == .terminate)
+    }
+}

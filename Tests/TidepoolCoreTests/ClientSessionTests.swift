@@ -635,6 +635,23 @@ final class SessionDriver {
         #expect(refusal.error.message.contains("auth_file"))
     }
 
+    /// The welcome: the client's own values over the server's, and every tracked parameter known.
+    @Test func welcomeShowsTheClientsValuesOverTheServers() {
+        let welcome = ClientSession.Welcome(
+            serverParameters: ["TimeZone": "UTC", "server_version": "15.0", "application_name": ""],
+            wanted: ["application_name": "app"])
+        var messages = welcome.messages
+        var shown: [String: String] = [:]
+        while messages.readableBytes > 0 {
+            #expect(messages.readInteger(as: UInt8.self) == MessageType.parameterStatus)
+            let length = Int(messages.readInteger(as: Int32.self)!)
+            let (name, value) = WireDecode.parameterStatus(messages.readSlice(length: length - 4)!)!
+            shown[name] = value
+        }
+        #expect(shown == ["TimeZone": "UTC", "server_version": "15.0", "application_name": "app"])
+        #expect(welcome.wanted.wrappedValue == ["TimeZone": "UTC", "application_name": "app"])
+    }
+
     @Test func applicationNameAddHost() {
         var c = config(.trust)
         #expect(ClientSession.applicationName("psql", clientAddress: "10.0.0.7:5123", config: c) == "psql")

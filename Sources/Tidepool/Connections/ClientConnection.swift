@@ -317,53 +317,20 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     // MARK: Admin console
 
     func handleAdmin(type: UInt8, body: ByteBuffer, readOnly: Bool) {
-        var out = channel.allocator.buffer(capacity: 1024)
-        switch type {
-        case MessageType.terminate:
+        switch AdminConsoleSession.receive(type: type, body: body, readOnly: readOnly) {
+        case .terminate:
             actions.append(.terminate)
             run()
-            return
-        case MessageType.query:
-            let sql = WireDecode.queryText(body) ?? ""
-            let command: AdminCommand
-            do throws(PostgresError) {
-                command = try AdminCommand.parse(sql)
-                if readOnly, !command.isReadOnly {
-                    throw PostgresError(
-                        code: SQLState.insufficientPrivilege, message: "admin command requires an admin_users user")
-                }
-            } catch {
-                Wire.errorResponse(error, into: &out)
-                Wire.readyForQuery(.idle, into: &out)
-                channel.writeAndFlush(out, promise: nil)
-                return
-            }
+        case .reply(let reply):
+            channel.writeAndFlush(reply, promise: nil)
+        case .run(let command):
             let channel = self.channel
             pooler.admin(command, on: channel.eventLoop).whenComplete { result in
-                var reply = channel.allocator.buffer(capacity: 1024)
-                switch result {
-                case .success(let table):
-                    if table.tag.isEmpty { Wire.emptyQueryResponse(into: &reply) } else { table.encode(into: &reply) }
-                case .failure(let error):
-                    Wire.errorResponse(
-                        error as? PostgresError ?? PostgresError(code: SQLState.internalError, message: "\(error)"),
-                        into: &reply)
-                }
-                Wire.readyForQuery(.idle, into: &reply)
-                channel.writeAndFlush(reply, promise: nil)
+                channel.writeAndFlush(AdminConsoleSession.answer(result.mapError { $0 }), promise: nil)
             }
-            return
-        case MessageType.sync:
-            Wire.errorResponse(
-                PostgresError(
-                    code: SQLState.featureNotSupported,
-                    message: "the admin console speaks the simple query protocol only"),
-                into: &out)
-            Wire.readyForQuery(.idle, into: &out)
-        default:
-            return  // extended-protocol messages are answered at their Sync
+        case .none:
+            break
         }
-        channel.writeAndFlush(out, promise: nil)
     }
 
     // MARK: Login
@@ -605,22 +572,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         var out = channel.allocator.buffer(capacity: 512)
         Wire.authenticationOk(into: &out)
         let wanted = session.wanted
-        let make = { () -> Pooler.Welcome in
-            var messages = ByteBufferAllocator().buffer(capacity: 512)
-            var parameters = serverParameters
-            for (name, value) in wanted { parameters[name] = value }
-            for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {
-                Wire.parameterStatus(name, value, into: &messages)
-            }
-            // Make the client's view explicit so a server with other values is brought in line.
-            var complete = wanted
-            for name in StartupParameters.tracked where complete[name] == nil {
-                if let value = serverParameters[name] { complete[name] = value }
-            }
-            var tracked = TrackedParameters(wrappedValue: complete)
-            _ = tracked.projectedValue  // worked out once for every client that shares this welcome
-            return Pooler.Welcome(messages: messages, wanted: tracked)
-        }
+        let make = { ClientSession.Welcome(serverParameters: serverParameters, wanted: wanted) }
         var welcome = fromPool ? pooler.welcome(for: poolKey!, values: session.$wanted, make: make) : make()
         out.writeBuffer(&welcome.messages)
         session.wantedParameters = welcome.wanted

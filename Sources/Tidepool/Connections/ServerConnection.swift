@@ -38,24 +38,6 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         var secretKey: Int32
     }
 
-    enum InternalQuery {
-        /// connect_query, right after login.
-        case afterLogin
-        /// server_reset_query after a session-mode client left; then back to the pool.
-        case reset
-        /// server_check_query before the server is lent.
-        case check
-    }
-
-    enum Phase {
-        case connecting
-        case loggingIn(ServerLoginStateMachine)
-        case ready
-        /// Running a query of the pooler's own; its results are not shown to anybody.
-        case internalQuery(InternalQuery)
-        case closed
-    }
-
     let id: ServerID
     let pool: PoolKey
     let address: Address
@@ -64,7 +46,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     unowned(unsafe) let pooler: Pooler
     private(set) var channel: Channel?
     var context: ChannelHandlerContext?
-    var phase = Phase.connecting
+    /// The connection's life outside a lend: login, the pooler's own queries, idle time.
+    var session: ServerSession
+    var phase: ServerSession.Phase { session.phase }
     var inbound = KeptBytes()
     var scanner = MessageScanner()
     var owner: ClientConnection?
@@ -73,20 +57,18 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// (queued from another loop behind a newer lend) changes nothing.
     var leasesIssued: UInt64 = 0
     var leases = LeaseTracker()
-    var loginTimeout: Scheduled<Void>?
+    /// server_connect_timeout for the login or a query of the pooler's own.
+    var timeout: Scheduled<Void>?
     let database: DatabaseEntry?
 
     let connectedAtWallClock = Date().timeIntervalSince1970
     /// The parameters and prepared statements this backend has; the linked client's session
     /// reads and updates them.
-    let sessionState: ServerSessionState
+    var sessionState: ServerSessionState { session.state }
     /// ParameterStatus values as this backend last reported them.
-    var parameters: [String: String] {
-        get { sessionState.parameters }
-        set { sessionState.parameters = newValue }
-    }
-    var processID: Int32 = 0
-    var secretKey: Int32 = 0
+    var parameters: [String: String] { sessionState.parameters }
+    var processID: Int32 { session.processID }
+    var secretKey: Int32 { session.secretKey }
 
     /// The index of the server's event loop in the pooler's table.
     let loopIndex: Int
@@ -99,7 +81,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         self.pool = pool
         self.pooler = pooler
         self.database = database
-        self.sessionState = ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements)
+        self.session = ServerSession(
+            state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
+            connectQuery: database?.connectQuery)
         self.address = Address(database)
     }
 
@@ -122,48 +106,64 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         self.context = nil
     }
 
+    /// Carries out what the session decided (on the server's loop).
+    func run(_ actions: [ServerSession.Action]) {
+        for action in actions {
+            switch action {
+            case .send(let bytes):
+                if let context { context.writeAndFlush(wrapOutboundOut(bytes), promise: nil) }
+            case .armTimeout:
+                timeout?.cancel()
+                timeout = eventLoop.scheduleTask(in: pooler.config.global.serverConnectTimeout) { [self] in
+                    run(session.timedOut())
+                }
+            case .disarmTimeout:
+                timeout?.cancel()
+                timeout = nil
+            case .loggedIn: pooler.serverLoggedIn(self)
+            case .connectFailed(let error): pooler.serverConnectFailed(self, error: error)
+            case .released(let reusable): pooler.release(self, reusable: reusable)
+            case .checkFinished(let ok): pooler.checkFinished(self, ok: ok)
+            case .lost:
+                if let owner {
+                    self.owner = nil
+                    owner.onLoop { owner.serverLost(self) }
+                }
+                pooler.serverClosed(self)
+            case .close: channel?.close(promise: nil)
+            case .logWarning(let text): pooler.logger.warning("server \(id) of \(pool): \(text)")
+            case .logInfo(let text): pooler.logger.info("server \(id) of \(pool): \(text)")
+            }
+        }
+    }
+
     /// Runs server_check_query before the server is lent (pre-ping).
     func check(_ sql: String) {
         onLoop {
-            guard case .ready = self.phase, let context = self.context else {
+            guard self.context != nil else {
                 self.pooler.checkFinished(self, ok: false)
                 return
             }
-            self.runInternal(sql, purpose: .check, context: context)
+            self.run(self.session.check(sql))
         }
     }
 
     func channelActive(context: ChannelHandlerContext) {
         guard let database else { return }
         let user = database.user ?? pool.user
-        let secret = pooler.serverSecret(user: user, database: database)
         var extra: [(String, String)] = []
         if let v = database.clientEncoding { extra.append(("client_encoding", v)) }
         if let v = database.datestyle { extra.append(("DateStyle", v)) }
         if let v = database.timezone { extra.append(("TimeZone", v)) }
         if let v = database.applicationName { extra.append(("application_name", v)) }
         let login = ServerLoginStateMachine(
-            user: user, database: database.dbname ?? database.name, secret: secret, extraParameters: extra)
-        phase = .loggingIn(login)
-        context.writeAndFlush(wrapOutboundOut(login.startupMessage(allocator: context.channel.allocator)), promise: nil)
-        loginTimeout = context.eventLoop.scheduleTask(in: pooler.config.global.serverConnectTimeout) { [self] in
-            if case .loggingIn = phase {
-                fail(
-                    PostgresError.fatal(SQLState.connectionFailure, "server login timed out"))
-            }
-        }
-    }
-
-    func fail(_ error: PostgresError) {
-        if case .closed = phase { return }
-        phase = .closed
-        loginTimeout?.cancel()
-        pooler.serverConnectFailed(self, error: error)
-        channel?.close(promise: nil)
+            user: user, database: database.dbname ?? database.name,
+            secret: pooler.serverSecret(user: user, database: database), extraParameters: extra)
+        run(session.connected(login))
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        if case .ready = phase, let owner, inbound.isEmpty {
+        if case .ready = session.phase, let owner, inbound.isEmpty {
             // The hot path: hand the bytes to the client as they are.
             let bytes = unwrapInboundIn(data)
             if owner.loopIndex == loopIndex {
@@ -178,132 +178,30 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         do {
             while let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) {
                 guard case .message(let type, let body, _) = chunk else { continue }
-                handleUnlinked(type: type, body: body, context: context)
-                if case .closed = phase { return }
-                if case .ready = phase, let owner, buffer.readableBytes > 0 {
+                run(session.message(type: type, body: body))
+                if case .closed = session.phase { return }
+                if case .ready = session.phase, let owner, buffer.readableBytes > 0 {
+                    // Lent while these bytes were read: the rest is the client's.
                     let rest = buffer
                     owner.onLoop { owner.serverData(rest, from: self) }
                     return
                 }
             }
         } catch {
-            phase = .closed
-            context.close(promise: nil)
+            run(session.badMessage())
             return
         }
         inbound.keep(&buffer)
     }
 
-    /// A whole message while logging in, resetting, or idle in the pool.
-    func handleUnlinked(type: UInt8, body: ByteBuffer, context: ChannelHandlerContext) {
-        switch phase {
-        case .loggingIn(var login):
-            let action = login.receive(type: type, body: body)
-            phase = .loggingIn(login)
-            switch action {
-            case .none: break
-            case .send(let out): context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-            case .fail(let error): fail(error)
-            case .loggedIn(let parameters, let pid, let key):
-                loginTimeout?.cancel()
-                self.parameters = parameters
-                processID = pid
-                secretKey = key
-                phase = .ready
-                if let query = database?.connectQuery, !query.isEmpty {
-                    runInternal(query, purpose: .afterLogin, context: context)
-                } else {
-                    pooler.serverLoggedIn(self)
-                }
-            }
-        case .internalQuery(let purpose):
-            if type == MessageType.errorResponse {
-                pooler.logger.warning("\(purpose) query failed on \(pool): \(WireDecode.errorFields(body).message)")
-                internalFailed = true
-            } else if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
-                parameters[name] = value
-            } else if type == MessageType.readyForQuery {
-                var b = body
-                let status = b.readInteger(as: UInt8.self)
-                phase = .ready
-                internalTimeout?.cancel()
-                let clean = !internalFailed && status == TransactionStatus.idle.rawValue
-                internalFailed = false
-                switch purpose {
-                case .afterLogin: pooler.serverLoggedIn(self)
-                case .reset: pooler.release(self, reusable: clean)
-                case .check:
-                    if clean {
-                        pooler.checkFinished(self, ok: true)
-                    } else {
-                        phase = .closed
-                        pooler.checkFinished(self, ok: false)
-                        context.close(promise: nil)
-                    }
-                }
-            }
-        case .ready:
-            // Idle in the pool: only a ParameterStatus or a FATAL error may come.
-            if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
-                parameters[name] = value
-            } else if type == MessageType.errorResponse {
-                pooler.logger.info("idle server \(pool) reported: \(WireDecode.errorFields(body).message)")
-            }
-        case .connecting, .closed:
-            break
-        }
-    }
-
-    var internalFailed = false
-    var internalTimeout: Scheduled<Void>?
-
-    /// Runs a query whose results nobody sees (connect_query, server_reset_query, server_check_query).
-    func runInternal(_ sql: String, purpose: InternalQuery, context: ChannelHandlerContext) {
-        phase = .internalQuery(purpose)
-        var out = context.channel.allocator.buffer(capacity: sql.utf8.count + 6)
-        Wire.query(sql, into: &out)
-        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-        let channel = context.channel
-        internalTimeout = context.eventLoop.scheduleTask(in: pooler.config.global.serverConnectTimeout) {
-            // No answer in time: the server is unusable.
-            channel.close(promise: nil)
-        }
-    }
-
     func channelInactive(context: ChannelHandlerContext) {
-        let wasPhase = phase
-        phase = .closed
-        loginTimeout?.cancel()
-        switch wasPhase {
-        case .connecting, .loggingIn, .internalQuery(.afterLogin):
-            let step = if case .internalQuery = wasPhase { "connect_query" } else { "login" }
-            pooler.serverConnectFailed(
-                self,
-                error: PostgresError.fatal(SQLState.connectionFailure, "server closed the connection during \(step)"))
-        case .internalQuery(.check):
-            pooler.checkFinished(self, ok: false)
-        case .ready, .internalQuery(.reset):
-            if let owner {
-                self.owner = nil
-                owner.onLoop { owner.serverLost(self) }
-            }
-            pooler.serverClosed(self)
-        case .closed:
-            break
-        }
+        run(session.closed())
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        switch phase {
-        case .connecting, .loggingIn:
-            // TLS negotiation or handshake failed: the pool learns why.
-            fail(
-                error as? PostgresError
-                    ?? PostgresError.fatal(SQLState.connectionFailure, "server TLS: \(error)"))
-        default:
-            pooler.logger.debug("server \(id) error: \(error)")
-            context.close(promise: nil)
-        }
+        pooler.logger.debug("server \(id) error: \(error)")
+        // TLS negotiation or handshake failed while connecting: the pool learns why.
+        run(session.fail(error as? PostgresError ?? .fatal(SQLState.connectionFailure, "server TLS: \(error)")))
     }
 
     // MARK: Used by the linked client (from any event loop)
@@ -362,10 +260,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// Session mode: clean the server with the reset query before it goes back to the pool.
     func resetAndRelease(_ sql: String) {
         onLoop {
-            guard case .ready = self.phase, let context = self.context else { return }
+            guard self.context != nil else { return }
             self.owner = nil
-            self.sessionState.statements.removeAll()  // DISCARD ALL and the like drop them
-            self.runInternal(sql, purpose: .reset, context: context)
+            self.run(self.session.reset(sql))
         }
     }
 

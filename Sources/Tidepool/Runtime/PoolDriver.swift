@@ -59,16 +59,11 @@ extension Pooler {
         shared.withLockedValue { $0.welcome[key] }
     }
 
-    /// A client's welcome: the ParameterStatus messages, and the tracked parameters it then has
-    /// (its own values, the server's for the rest).
-    struct Welcome: Sendable {
-        var messages: ByteBuffer
-        var wanted: TrackedParameters
-    }
-
     /// The pool's welcome for a client wanting `values`, made by `make` the first time. At most 64
     /// sets of values are kept per pool (application_name can differ per client).
-    func welcome(for key: PoolKey, values: [String?], make: () -> Welcome) -> Welcome {
+    func welcome(
+        for key: PoolKey, values: [String?], make: () -> ClientSession.Welcome
+    ) -> ClientSession.Welcome {
         if let welcome = shared.withLockedValue({ $0.welcomes[key]?[values] }) { return welcome }
         let welcome = make()
         shared.withLockedValue { s in

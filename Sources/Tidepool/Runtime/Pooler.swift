@@ -81,7 +81,7 @@ public final class Pooler: @unchecked Sendable {
         /// What a client of a pool gets at login, by the tracked values it asked for
         /// (`StartupParameters.tracked` order): working it out per login was a fifth of what a
         /// connection cost.
-        var welcomes: [PoolKey: [[String?]: Welcome]] = [:]
+        var welcomes: [PoolKey: [[String?]: ClientSession.Welcome]] = [:]
         var nextClientID: UInt64 = 1
         var clientCount = 0
         /// Once set, pool decisions are no longer carried out.

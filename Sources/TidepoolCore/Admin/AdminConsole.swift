@@ -331,3 +331,59 @@ extension AdminViews {
             rows: items.map { [$0.name, "\($0.size)", "\($0.used)", "0", "\($0.size * $0.used)"] })
     }
 }
+
+/// A client of the admin console: what each message it sends leads to. The console speaks the
+/// simple query protocol; a stats_users user gets the read-only commands only.
+public enum AdminConsoleSession {
+    public enum Step: Equatable {
+        /// Run the command and send `answer(_:)` of its result.
+        case run(AdminCommand)
+        /// Send this at once.
+        case reply(ByteBuffer)
+        case terminate
+        /// Nothing yet (extended-protocol messages are answered at their Sync).
+        case none
+    }
+
+    public static func receive(type: UInt8, body: ByteBuffer, readOnly: Bool) -> Step {
+        switch type {
+        case MessageType.terminate:
+            return .terminate
+        case MessageType.query:
+            do throws(PostgresError) {
+                let command = try AdminCommand.parse(WireDecode.queryText(body) ?? "")
+                if readOnly, !command.isReadOnly {
+                    throw PostgresError(
+                        code: SQLState.insufficientPrivilege, message: "admin command requires an admin_users user")
+                }
+                return .run(command)
+            } catch {
+                return .reply(answer(.failure(error)))
+            }
+        case MessageType.sync:
+            return .reply(
+                answer(
+                    .failure(
+                        PostgresError(
+                            code: SQLState.featureNotSupported,
+                            message: "the admin console speaks the simple query protocol only"))))
+        default:
+            return .none
+        }
+    }
+
+    /// A command's result (or its error) and ReadyForQuery.
+    public static func answer(_ result: Result<AdminResult, Error>) -> ByteBuffer {
+        var reply = ByteBufferAllocator().buffer(capacity: 1024)
+        switch result {
+        case .success(let table):
+            if table.tag.isEmpty { Wire.emptyQueryResponse(into: &reply) } else { table.encode(into: &reply) }
+        case .failure(let error):
+            Wire.errorResponse(
+                error as? PostgresError ?? PostgresError(code: SQLState.internalError, message: "\(error)"),
+                into: &reply)
+        }
+        Wire.readyForQuery(.idle, into: &reply)
+        return reply
+    }
+}

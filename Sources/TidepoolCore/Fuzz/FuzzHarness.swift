@@ -121,23 +121,34 @@ public enum FuzzHarness {
         }
     }
 
-    /// Backend messages as the pooler's login to a server reads them, with each kind of secret.
+    /// Backend messages as a server connection reads them outside a lend (`ServerSession`): its
+    /// login with each kind of secret, connect_query, then checks and resets while idle.
     static func serverLogin(_ buffer: inout ByteBuffer) {
         let secrets: [ServerLoginStateMachine.Secret] = [
             .none, .password("secret"), .md5("md5" + String(repeating: "0", count: 32)),
             .scramKeys(clientKey: Array(repeating: 1, count: 32), serverKey: Array(repeating: 2, count: 32)),
         ]
-        for secret in secrets {
-            var login = ServerLoginStateMachine(user: "u", database: "d", secret: secret)
+        for (index, secret) in secrets.enumerated() {
+            var session = ServerSession(
+                state: ServerSessionState(maxPreparedStatements: 2), connectQuery: index % 2 == 0 ? nil : "select 1")
+            _ = session.connected(ServerLoginStateMachine(user: "u", database: "d", secret: secret))
             var copy = buffer
             var scanner = MessageScanner(maxMessageLength: 1 << 16)
-            messages: while let chunk = try? scanner.next(from: &copy, classify: { _ in .inspect }) {
-                guard case .message(let type, let body, _) = chunk else { continue }
-                switch login.receive(type: type, body: body) {
-                case .fail, .loggedIn: break messages
-                case .send, .none: continue
+            var count = 0
+            while session.phase != .closed {
+                guard let chunk = try? scanner.next(from: &copy, classify: { _ in .inspect }) else {
+                    _ = session.badMessage()
+                    break
                 }
+                guard case .message(let type, let body, _) = chunk else { continue }
+                _ = session.message(type: type, body: body)
+                count += 1
+                if session.phase == .ready {
+                    _ = count % 3 == 0 ? session.check("select 1") : count % 3 == 1 ? session.reset("DISCARD ALL") : []
+                }
+                if count % 7 == 0 { _ = session.timedOut() }
             }
+            _ = session.closed()
         }
     }
 

@@ -175,6 +175,30 @@ extension ClientSession {
         return "\(given ?? "") - \(clientAddress ?? "unix")"
     }
 
+    /// What a client is told at login after AuthenticationOk: the ParameterStatus messages (the
+    /// server's values with the client's own over them), and the tracked parameters it then has
+    /// (its own values, the server's for the rest), so that a server with other values is brought
+    /// in line when lent. Shared by the clients of a pool that want the same values.
+    public struct Welcome: Sendable {
+        public var messages: ByteBuffer
+        public var wanted: TrackedParameters
+
+        public init(serverParameters: [String: String], wanted: [String: String]) {
+            messages = ByteBufferAllocator().buffer(capacity: 512)
+            var parameters = serverParameters
+            for (name, value) in wanted { parameters[name] = value }
+            for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {
+                Wire.parameterStatus(name, value, into: &messages)
+            }
+            var complete = wanted
+            for name in StartupParameters.tracked where complete[name] == nil {
+                if let value = serverParameters[name] { complete[name] = value }
+            }
+            self.wanted = TrackedParameters(wrappedValue: complete)
+            _ = self.wanted.projectedValue  // worked out once for every client that shares this welcome
+        }
+    }
+
     /// Sets the session up for its pool once the client is authenticated.
     public mutating func joinPool(
         poolMode: PoolMode, config: Config, user: String, now: NIODeadline

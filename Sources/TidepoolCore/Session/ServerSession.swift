@@ -1,0 +1,195 @@
+import NIOCore
+
+/// One server connection's life outside a lend: its login, the queries the pooler runs on it
+/// (connect_query, server_check_query, server_reset_query), idle time in the pool, and what its
+/// closing means to the pool. While it is lent, its bytes belong to the client's `ClientSession`.
+/// Events in, actions out; timers are armed and disarmed by action, and their firing is an event.
+public struct ServerSession: Sendable {
+    public enum InternalQuery: Sendable, Equatable {
+        /// connect_query, right after login.
+        case afterLogin
+        /// server_reset_query after a session-mode client left; then back to the pool.
+        case reset
+        /// server_check_query before the server is lent.
+        case check
+    }
+
+    public enum Phase: Sendable, Equatable {
+        case connecting
+        case loggingIn
+        /// Idle in the pool, or lent.
+        case ready
+        /// Running a query of the pooler's own; its results are not shown to anybody.
+        case internalQuery(InternalQuery)
+        case closed
+    }
+
+    public enum Action: Sendable, Equatable {
+        case send(ByteBuffer)
+        /// Start the server_connect_timeout timer (login, or a query of the pooler's own).
+        case armTimeout
+        case disarmTimeout
+        /// Logged in (and connect_query done): the pool may lend it.
+        case loggedIn
+        /// The connection could not be made ready; the pool learns why.
+        case connectFailed(PostgresError)
+        /// server_reset_query finished: back to the pool, closed unless `reusable`.
+        case released(reusable: Bool)
+        case checkFinished(ok: Bool)
+        /// A usable server closed: its client (if lent) and the pool are told.
+        case lost
+        case close
+        case logWarning(String)
+        case logInfo(String)
+    }
+
+    public private(set) var phase = Phase.connecting
+    var login: ServerLoginStateMachine?
+    var internalFailed = false
+    /// The parameters and prepared statements this backend has.
+    public let state: ServerSessionState
+    let connectQuery: String?
+    public private(set) var processID: Int32 = 0
+    public private(set) var secretKey: Int32 = 0
+
+    public init(state: ServerSessionState, connectQuery: String?) {
+        self.state = state
+        self.connectQuery = connectQuery.flatMap { $0.isEmpty ? nil : $0 }
+    }
+
+    /// The connection is open: the login starts.
+    public mutating func connected(_ login: ServerLoginStateMachine) -> [Action] {
+        self.login = login
+        phase = .loggingIn
+        return [.send(login.startupMessage(allocator: ByteBufferAllocator())), .armTimeout]
+    }
+
+    /// One whole message while logging in, running a query of the pooler's own, or idle in the pool.
+    public mutating func message(type: UInt8, body: ByteBuffer) -> [Action] {
+        switch phase {
+        case .loggingIn:
+            switch login!.receive(type: type, body: body) {
+            case .none: return []
+            case .send(let out): return [.send(out)]
+            case .fail(let error): return fail(error)
+            case .loggedIn(let parameters, let pid, let key):
+                login = nil
+                state.parameters = parameters
+                processID = pid
+                secretKey = key
+                phase = .ready
+                guard let connectQuery else { return [.disarmTimeout, .loggedIn] }
+                return [.disarmTimeout] + runInternal(connectQuery, purpose: .afterLogin)
+            }
+        case .internalQuery(let purpose):
+            return internalQueryMessage(type: type, body: body, purpose: purpose)
+        case .ready:
+            // Idle in the pool: only a ParameterStatus or a FATAL error may come.
+            if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
+                state.parameters[name] = value
+            } else if type == MessageType.errorResponse {
+                return [.logInfo("idle server reported: \(WireDecode.errorFields(body).message)")]
+            }
+            return []
+        case .connecting, .closed:
+            return []
+        }
+    }
+
+    mutating func internalQueryMessage(type: UInt8, body: ByteBuffer, purpose: InternalQuery) -> [Action] {
+        switch type {
+        case MessageType.errorResponse:
+            internalFailed = true
+            return [.logWarning("\(purpose) query failed: \(WireDecode.errorFields(body).message)")]
+        case MessageType.parameterStatus:
+            if let (name, value) = WireDecode.parameterStatus(body) { state.parameters[name] = value }
+            return []
+        case MessageType.readyForQuery:
+            let clean =
+                !internalFailed
+                && body.getInteger(at: body.readerIndex, as: UInt8.self) == TransactionStatus.idle.rawValue
+            internalFailed = false
+            phase = .ready
+            switch purpose {
+            case .afterLogin: return [.disarmTimeout, .loggedIn]
+            case .reset: return [.disarmTimeout, .released(reusable: clean)]
+            case .check:
+                guard clean else {
+                    phase = .closed
+                    return [.disarmTimeout, .checkFinished(ok: false), .close]
+                }
+                return [.disarmTimeout, .checkFinished(ok: true)]
+            }
+        default:
+            return []
+        }
+    }
+
+    /// Runs a query whose results nobody sees.
+    mutating func runInternal(_ sql: String, purpose: InternalQuery) -> [Action] {
+        phase = .internalQuery(purpose)
+        var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 6)
+        Wire.query(sql, into: &out)
+        return [.send(out), .armTimeout]
+    }
+
+    /// server_check_query before the server is lent (pre-ping).
+    public mutating func check(_ sql: String) -> [Action] {
+        guard phase == .ready else { return [.checkFinished(ok: false)] }
+        return runInternal(sql, purpose: .check)
+    }
+
+    /// Session mode: the server is cleaned with the reset query before it goes back to the pool.
+    public mutating func reset(_ sql: String) -> [Action] {
+        guard phase == .ready else { return [] }
+        state.statements.removeAll()  // DISCARD ALL and the like drop them
+        return runInternal(sql, purpose: .reset)
+    }
+
+    /// server_connect_timeout passed during the login or a query of the pooler's own.
+    public mutating func timedOut() -> [Action] {
+        switch phase {
+        case .loggingIn: return fail(.fatal(SQLState.connectionFailure, "server login timed out"))
+        case .internalQuery: return [.close]  // no answer in time: the server is unusable
+        default: return []
+        }
+    }
+
+    /// Login failed (or TLS did): the pool learns why, the connection closes.
+    public mutating func fail(_ error: PostgresError) -> [Action] {
+        switch phase {
+        case .connecting, .loggingIn:
+            phase = .closed
+            return [.disarmTimeout, .connectFailed(error), .close]
+        case .closed:
+            return []
+        default:
+            return [.close]
+        }
+    }
+
+    /// The server sent bytes that are not PostgreSQL messages: it is closed as if it had gone.
+    public mutating func badMessage() -> [Action] {
+        closed() + [.close]
+    }
+
+    /// The connection closed: what that means depends on what it was doing.
+    public mutating func closed() -> [Action] {
+        let was = phase
+        phase = .closed
+        switch was {
+        case .connecting, .loggingIn, .internalQuery(.afterLogin):
+            let step = if case .internalQuery = was { "connect_query" } else { "login" }
+            return [
+                .disarmTimeout,
+                .connectFailed(.fatal(SQLState.connectionFailure, "server closed the connection during \(step)")),
+            ]
+        case .internalQuery(.check):
+            return [.disarmTimeout, .checkFinished(ok: false)]
+        case .ready, .internalQuery(.reset):
+            return [.disarmTimeout, .lost]
+        case .closed:
+            return []
+        }
+    }
+}
