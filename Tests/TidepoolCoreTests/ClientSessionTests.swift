@@ -23,15 +23,21 @@ final class SessionDriver {
     var forgotten = 0
     var leftQueue = 0
     var timings: [LatencySet.Kind] = []
+    /// The login actions, in order.
+    var login: [ClientSession.Action] = []
     var traffic = TrafficStats()
 
-    init(mode: PoolMode = .transaction, prepared: Bool = false, timeouts: ClientTimeoutSettings? = nil) {
+    init(
+        mode: PoolMode = .transaction, prepared: Bool = false, timeouts: ClientTimeoutSettings? = nil,
+        loggedIn: Bool = true
+    ) {
         session = ClientSession(maxMessageLength: 1 << 20)
         session.poolMode = mode
         if prepared { session.prepared = PreparedStatementTracker() }
         if let timeouts { session.timeoutClock = ClientSession.TimeoutClock(settings: timeouts, now: now) }
         session.serverResetQuery = "DISCARD ALL"
         session.reportsTimings = true
+        guard loggedIn else { return }
         session.loggedIn(now: now, into: &actions)
         carryOut()
     }
@@ -64,6 +70,9 @@ final class SessionDriver {
             case .closeWithError: closedWith = session.closing?.error
             case .terminate: terminated = true
             case .forget: forgotten += 1
+            case .startTLS, .forwardCancel, .closeQuietly, .register, .lookUpSecret, .authenticated, .joinPool,
+                .loginDone:
+                login.append(action)
             }
         }
         actions.removeAll()
@@ -689,5 +698,164 @@ final class SessionDriver {
         #expect(notAdmin.error.code == SQLState.insufficientPrivilege)
         #expect(unknown.error.code == SQLState.invalidCatalogName)
         #expect(disabled.error.code == SQLState.cannotConnectNow)
+    }
+}
+
+/// The login as a flow of events: startup packets, registration, authentication, destination and
+/// welcome, driven the way the connection drives them.
+@Suite struct ClientLoginFlowTests {
+    typealias D = SessionDriver
+
+    func startup(_ parameters: [String: String], minor: Int = 0, unrecognized: [String] = []) -> StartupPacket {
+        .startup(minorVersion: minor, parameters: parameters, unrecognizedOptions: unrecognized)
+    }
+
+    func facts(_ authType: AuthType, known: PasswordSecret? = nil, canLookUp: Bool = false) -> LoginFacts {
+        var config = Config()
+        config.global.authType = authType
+        config.databases["app"] = DatabaseEntry(name: "app")
+        return LoginFacts(
+            config: config, hba: nil, clientAddress: "127.0.0.1:5000", clientIP: "127.0.0.1",
+            certificateCommonName: nil, knownSecret: known, canLookUp: canLookUp)
+    }
+
+    func password(_ text: String) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeNullTerminatedString(text)
+        return b
+    }
+
+    @Test func sslRequestIsAcceptedOnlyWhenTLSIsOfferedAndNothingFollows() {
+        let offered = D(loggedIn: false)
+        offered.session.startupPacket(.sslRequest, tlsOffered: true, bytesFollow: false, into: &offered.actions)
+        offered.carryOut()
+        #expect(offered.login == [.startTLS] && offered.session.tls)
+        let refused = D(loggedIn: false)
+        refused.session.startupPacket(.sslRequest, tlsOffered: false, bytesFollow: false, into: &refused.actions)
+        refused.carryOut()
+        #expect(refused.toClient.readableBytesView.elementsEqual([MessageType.encryptionRefused]))
+        #expect(refused.session.state == .startup)
+        let early = D(loggedIn: false)
+        early.session.startupPacket(.sslRequest, tlsOffered: true, bytesFollow: true, into: &early.actions)
+        early.carryOut()
+        #expect(early.closedWith?.code == SQLState.protocolViolation)
+        #expect(early.login.isEmpty)
+    }
+
+    @Test func cancelRequestIsPassedOnAndTheConnectionClosedQuietly() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(
+            .cancel(processID: 5, secretKey: 6), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.carryOut()
+        #expect(d.login == [.forwardCancel(processID: 5, secretKey: 6), .closeQuietly])
+        #expect(d.session.state == .closed && d.forgotten == 0)
+    }
+
+    @Test func startupWithoutAUserIsRefused() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(startup(["database": "app"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith?.code == SQLState.invalidAuthorization)
+    }
+
+    /// trust: registered, authenticated at once, the pool joined, welcomed, logged in.
+    @Test func trustLoginGoesStraightToThePool() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(
+            startup(
+                ["user": "alice", "database": "app", "application_name": "x"], minor: 2,
+                unrecognized: ["_pq_.y"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.carryOut()
+        #expect(d.login == [.register])
+        d.session.registered(facts(.trust), into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "v", "NegotiateProtocolVersion for the minor version and _pq_ option")
+        #expect(d.login == [.register, .authenticated])
+        d.session.enter(.success(.pool(DatabaseEntry(name: "app"))), into: &d.actions)
+        d.carryOut()
+        #expect(d.login.last == .joinPool)
+        let welcome = ClientSession.Welcome(serverParameters: ["TimeZone": "UTC"], wanted: d.session.wanted)
+        d.session.welcome(welcome, cancelKey: (1, 2), now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "vRSSKZ")
+        #expect(d.login.last == .loginDone)
+        #expect(d.session.state == .idle)
+        #expect(d.session.wanted["application_name"] == "x")
+    }
+
+    /// md5 with a known secret: the challenge, then a wrong and a right password on two clients.
+    @Test func md5LoginChecksThePassword() {
+        let secret = PasswordSecret.plain("pw")
+        for (given, succeeds) in [("wrong", false), ("pw", true)] {
+            let d = D(loggedIn: false)
+            d.session.startupPacket(
+                startup(["user": "alice", "database": "app"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+            d.carryOut()
+            d.session.registered(facts(.plain, known: secret), into: &d.actions)
+            d.carryOut()
+            #expect(d.session.state == .authenticating)
+            #expect(d.clientTypes == "R")
+            d.session.passwordMessage(type: MessageType.password, body: password(given), into: &d.actions)
+            d.carryOut()
+            #expect(d.login.contains(.authenticated) == succeeds)
+            #expect((d.closedWith?.code == SQLState.invalidPassword) == !succeeds)
+            if succeeds {
+                #expect(d.session.learnedServerSecret == .password("pw"))
+            }
+        }
+    }
+
+    @Test func aMessageOtherThanAPasswordDuringLoginCloses() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(startup(["user": "alice"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.session.registered(facts(.md5, known: .plain("pw")), into: &d.actions)
+        d.session.passwordMessage(type: MessageType.query, body: password("select 1"), into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith?.code == SQLState.protocolViolation)
+    }
+
+    /// auth_query: the secret is looked up; not found fails like a wrong password; a failed lookup
+    /// closes with 08006.
+    @Test func authQueryLookups() {
+        for outcome in [AuthQueryExchange.Outcome.found(.plain("pw")), .notFound, .failed(.fatal("XX000", "x"))] {
+            let d = D(loggedIn: false)
+            d.session.startupPacket(
+                startup(["user": "bob", "database": "app"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+            d.session.registered(facts(.plain, canLookUp: true), into: &d.actions)
+            d.carryOut()
+            #expect(d.login == [.register, .lookUpSecret])
+            #expect(d.session.state == .lookingUpSecret)
+            d.session.secretLookedUp(outcome, into: &d.actions)
+            d.carryOut()
+            switch outcome {
+            case .failed: #expect(d.closedWith?.code == SQLState.connectionFailure)
+            default: #expect(d.session.state == .authenticating)
+            }
+        }
+    }
+
+    @Test func adminConsoleIsWelcomedByTheSession() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(
+            startup(["user": "admin", "database": "pgbouncer"]), tlsOffered: false, bytesFollow: false, into: &d.actions
+        )
+        d.session.registered(facts(.trust), into: &d.actions)
+        d.session.enter(.success(.adminConsole(readOnly: true)), into: &d.actions)
+        d.carryOut()
+        #expect(d.session.state == .admin && d.session.adminReadOnly)
+        #expect(d.clientTypes == "RSSSSSSSKZ")
+        #expect(d.login.last == .loginDone)
+    }
+
+    @Test func refusedDestinationCloses() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(
+            startup(["user": "alice", "database": "nope"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.session.registered(facts(.trust), into: &d.actions)
+        d.session.enter(
+            .failure(Refusal(.fatal(SQLState.invalidCatalogName, "no"), reason: "unknown database")), into: &d.actions)
+        d.carryOut()
+        #expect(d.closedWith?.code == SQLState.invalidCatalogName)
+        #expect(d.forgotten == 1)
     }
 }

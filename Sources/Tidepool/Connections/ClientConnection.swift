@@ -31,13 +31,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var joinedPool = false
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
-    var auth: ClientAuthStateMachine?
     /// Where `traffic` is handed in (this loop's cell for the client's database).
     var trafficCell: Pooler.TrafficCell?
     /// Histograms for /metrics (when stats_listen_port is set).
     var timers: PoolerMetrics.DatabaseTimers?
-    var user = ""
-    var databaseName = ""
+    var user: String { session.user }
+    var databaseName: String { session.database }
     var poolKey: PoolKey?
     var cancelKey: (Int32, Int32)?
     let connectedAt = NIODeadline.now()
@@ -45,8 +44,6 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var closeReason = "client close request"
     /// The client address counted for max_client_conn_per_ip (nil for a Unix socket).
     var countedAddress: String?
-    /// The client's connection is encrypted (it sent SSLRequest and the handshake was started).
-    var tls = false
 
     init(pooler: Pooler, channel: Channel, loopIndex: Int) {
         self.pooler = pooler
@@ -177,6 +174,23 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             channel.close(promise: nil)
         case .forget:
             forget()
+        case .startTLS:
+            startTLS()
+        case .forwardCancel(let processID, let secretKey):
+            pooler.cancel(processID: processID, secretKey: secretKey)
+            closeReason = "cancel request"
+        case .closeQuietly:
+            channel.close(promise: nil)
+        case .register:
+            register()
+        case .lookUpSecret:
+            lookUpSecret()
+        case .authenticated:
+            authenticated()
+        case .joinPool:
+            joinPool()
+        case .loginDone:
+            endLoginTimer()
         }
     }
 
@@ -258,32 +272,18 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             switch session.state {
             case .startup:
                 guard let packet = try StartupPacket.parse(from: &buffer) else { return }
-                if packet == .sslRequest, !tls, let context = pooler.security.clientTLS {
-                    // Bytes after SSLRequest came before encryption: refuse them rather than
-                    // read them as if the handshake had covered them.
-                    guard buffer.readableBytes == 0 else {
-                        sendFatal(
-                            .fatal(SQLState.protocolViolation, "unexpected data after SSLRequest"),
-                            reason: "data after SSLRequest")
-                        return
-                    }
-                    startTLS(context)
-                    return
-                }
-                handleStartup(packet)
+                session.startupPacket(
+                    packet, tlsOffered: pooler.security.clientTLS != nil, bytesFollow: buffer.readableBytes > 0,
+                    into: &actions)
+                run()
             case .lookingUpSecret, .awaitingWelcome:
                 return  // kept until the secret is known, or the client is welcomed
             case .authenticating:
-                guard let chunk = try session.scanner.next(from: &buffer, classify: { _ in .inspect }) else { return }
-                guard case .message(let type, let body, _) = chunk, type == MessageType.password, var auth else {
-                    sendFatal(
-                        .fatal(SQLState.protocolViolation, "expected a password message"),
-                        reason: "unexpected message during login")
-                    return
-                }
-                let action = auth.receivePasswordMessage(body)
-                self.auth = auth
-                handleAuth(action, auth: auth)
+                guard let chunk = try session.scanner.next(from: &buffer, classify: { _ in .inspect }),
+                    case .message(let type, let body, _) = chunk
+                else { return }
+                session.passwordMessage(type: type, body: body, into: &actions)
+                run()
             case .idle, .waiting, .linked:
                 // Its actions are carried out once the whole read is taken in.
                 try session.clientBytes(
@@ -337,13 +337,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Answers SSLRequest with 'S' and puts the TLS handler in front of this one; the client's
     /// next bytes are its TLS handshake.
-    func startTLS(_ context: NIOSSLContext) {
+    func startTLS() {
         var out = channel.allocator.buffer(capacity: 1)
         out.writeInteger(MessageType.encryptionAccepted)
         channel.writeAndFlush(out, promise: nil)
         do {
+            guard let context = pooler.security.clientTLS else { throw ChannelError.operationUnsupported }
             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context), position: .first)
-            tls = true
         } catch {
             closeReason = "TLS setup failed"
             channel.close(promise: nil)
@@ -352,241 +352,112 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// The common name of the client's verified certificate, for the cert method.
     var certificateCommonName: String? {
-        guard tls, let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
+        guard session.tls, let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
             let certificate = handler.peerCertificate
         else { return nil }
         return certificate.subjectName.first { $0.type == .commonName }?.value
     }
 
-    /// "address:port" of a TCP client; nil for a Unix socket.
-    var clientAddressAndPort: String? {
-        guard let address = channel.remoteAddress, address.protocol != .unix, let ip = address.ipAddress else {
-            return nil
-        }
-        return "\(ip):\(address.port ?? 0)"
-    }
-
-    /// The client's IP address as text; nil for a Unix socket.
+    /// The client's IP address as text, and "address:port"; nil for a Unix socket.
     var clientIP: String? {
         guard let address = channel.remoteAddress, address.protocol != .unix else { return nil }
         return address.ipAddress
     }
 
-    func handleStartup(_ packet: StartupPacket) {
-        switch packet {
-        case .sslRequest, .gssEncRequest:
-            var out = channel.allocator.buffer(capacity: 1)
-            out.writeInteger(MessageType.encryptionRefused)
-            channel.writeAndFlush(out, promise: nil)
-        case .cancel(let pid, let key):
-            pooler.cancel(processID: pid, secretKey: key)
-            closeReason = "cancel request"
-            session.loginStep(.closed)
-            channel.close(promise: nil)
-        case .startup(let minor, let parameters, let unrecognized):
-            login(minor: minor, parameters: parameters, unrecognized: unrecognized)
-        }
+    var clientAddressAndPort: String? {
+        guard let ip = clientIP else { return nil }
+        return "\(ip):\(channel.remoteAddress?.port ?? 0)"
     }
 
-    var loginRequest: LoginRequest {
-        LoginRequest(
-            user: user, database: databaseName, clientIP: clientIP, tls: tls,
-            certificateCommonName: certificateCommonName)
-    }
-
-    func login(minor: Int, parameters: [String: String], unrecognized: [String]) {
-        guard let user = parameters["user"], !user.isEmpty else {
-            sendFatal(
-                .fatal(SQLState.invalidAuthorization, "no PostgreSQL user name specified in startup packet"),
-                reason: "no user name")
-            return
-        }
-        self.user = user
-        databaseName = parameters["database"].flatMap { $0.isEmpty ? nil : $0 } ?? user
+    /// Counts the client against max_client_conn and its address's limits, then hands the session
+    /// what the login needs.
+    func register() {
         let ip = clientIP
         switch pooler.register(self, address: ip) {
         case .success(let id):
             self.id = id
             countedAddress = ip
         case .failure(let error):
-            logger.warning("client \(peer) user=\(user) refused: \(error.message)")
+            logger.warning("client \(peer) user=\(session.user) refused: \(error.message)")
             sendFatal(error, reason: error.message)
             return
         }
         let config = pooler.config
         if config.global.logConnections {
-            logger.info("login attempt: db=\(databaseName) user=\(user) client=\(peer)\(tls ? " tls" : "")")
+            logger.info(
+                "login attempt: db=\(session.database) user=\(session.user) client=\(peer)\(session.tls ? " tls" : "")")
         }
-        if minor > 0 || !unrecognized.isEmpty {
-            var out = channel.allocator.buffer(capacity: 32)
-            Wire.negotiateProtocolVersion(minor: 0, unrecognized: unrecognized, into: &out)
-            channel.write(out, promise: nil)
-        }
-        do {
-            session.wanted = try StartupParameters.resolve(parameters, ignored: config.global.ignoreStartupParameters)
-            if let name = ClientSession.applicationName(
-                session.wanted["application_name"], clientAddress: clientAddressAndPort, config: config)
-            {
-                session.wanted["application_name"] = name
+        session.registered(
+            LoginFacts(
+                config: config, hba: pooler.security.hba, clientAddress: clientAddressAndPort, clientIP: ip,
+                certificateCommonName: certificateCommonName, knownSecret: pooler.userlist[session.user],
+                canLookUp: pooler.authUser(for: databaseEntry(config)) != nil),
+            into: &actions)
+    }
+
+    /// The client's database entry; nil for the admin console, which looks secrets up only in
+    /// auth_file, or through an explicit auth_dbname.
+    func databaseEntry(_ config: Config) -> DatabaseEntry? {
+        ClientSession.isAdminConsole(session.database, config: config) ? nil : config.database(named: session.database)
+    }
+
+    func lookUpSecret() {
+        let user = session.user
+        pooler.lookUpSecret(user: user, database: databaseEntry(pooler.config), on: channel.eventLoop).whenSuccess {
+            [self] outcome in
+            if case .failed(let error) = outcome {
+                logger.warning("auth_query for user=\(user) failed: \(error.message)")
             }
-        } catch {
-            sendFatal(error, reason: "unsupported startup parameter")
-            return
+            session.secretLookedUp(outcome, into: &actions)
+            run()
+            if session.state == .authenticating { processStash() }
         }
-        let request = loginRequest
-        let method: AuthType
-        switch ClientSession.authMethod(request, config: config, hba: pooler.security.hba) {
-        case .success(let m): method = m
-        case .failure(let refusal):
-            refuse(refusal)
-            return
-        }
-        let isConsole = ClientSession.isAdminConsole(databaseName, config: config)
-        let entry = isConsole ? nil : config.database(named: databaseName)
-        let source = ClientSession.secretSource(
-            request, method: method, known: pooler.userlist[user], canLookUp: pooler.authUser(for: entry) != nil,
-            config: config)
-        switch source {
-        case .failure(let refusal):
-            refuse(refusal)
-        case .success(.known(let secret)):
-            startAuth(method, secret: secret)
-        case .success(.none):
-            startAuth(method, secret: nil)
-        case .success(.lookUp):
-            session.loginStep(.lookingUpSecret)
-            pooler.lookUpSecret(user: user, database: entry, on: channel.eventLoop).whenSuccess { [self] outcome in
-                guard session.state == .lookingUpSecret else { return }
-                switch outcome {
-                case .found(let secret):
-                    startAuth(method, secret: secret)
-                case .notFound:
-                    startAuth(method, secret: nil)  // fails like a wrong password, as PostgreSQL does
-                case .failed(let error):
-                    logger.warning("auth_query for user=\(user) failed: \(error.message)")
-                    sendFatal(
-                        .fatal(SQLState.connectionFailure, "authentication lookup failed (auth_query)"),
-                        reason: "auth_query failed")
-                }
-                if session.state == .authenticating { processStash() }
-            }
-        }
-    }
-
-    func refuse(_ refusal: Refusal) {
-        sendFatal(refusal.error, reason: refusal.reason)
-    }
-
-    func startAuth(_ authType: AuthType, secret: PasswordSecret?) {
-        var auth = ClientAuthStateMachine(authType: authType, user: user, secret: secret)
-        let action = auth.start()
-        self.auth = auth
-        session.loginStep(.authenticating)
-        handleAuth(action, auth: auth)
-    }
-
-    func handleAuth(_ action: ClientAuthStateMachine.Action, auth: ClientAuthStateMachine) {
-        switch action {
-        case .send(let out):
-            channel.writeAndFlush(out, promise: nil)
-            if auth.isAuthenticated {
-                rememberServerSecret(auth)
-                authenticated()
-            }
-        case .authenticated:
-            rememberServerSecret(auth)
-            authenticated()
-        case .fail(let error):
-            logger.info("client \(peer) user=\(user): \(error.message)")
-            sendFatal(error, reason: "authentication failed")
-        }
-    }
-
-    /// What a successful login teaches about logging in to servers as this user, when the stored
-    /// secret alone cannot (a SCRAM verifier): the keys recovered from the client's SCRAM proof, or
-    /// the cleartext password it sent.
-    func rememberServerSecret(_ auth: ClientAuthStateMachine) {
-        let secret: ServerLoginStateMachine.Secret
-        if let clientKey = auth.scramClientKey, let serverKey = auth.scramServerKey {
-            secret = .scramKeys(clientKey: clientKey, serverKey: serverKey)
-        } else if let password = auth.cleartextPassword {
-            secret = .password(password)
-        } else {
-            return
-        }
-        pooler.credentials.withLockedValue { $0.serverSecrets[user] = secret }
     }
 
     func authenticated() {
-        auth = nil
-        let config = pooler.config
-        let database: DatabaseEntry
-        switch ClientSession.destination(loginRequest, config: config, isDisabled: { pooler.isDisabled($0) }) {
-        case .failure(let refusal):
-            sendFatal(refusal.error, reason: refusal.reason)
-            return
-        case .success(.adminConsole(let readOnly)):
-            session.adminReadOnly = readOnly
-            session.loginStep(.admin)
-            endLoginTimer()
-            var out = channel.allocator.buffer(capacity: 256)
-            Wire.authenticationOk(into: &out)
-            for (name, value) in [
-                ("server_version", "15.0 (Tidepool \(TidepoolCoreVersion.string))"), ("client_encoding", "UTF8"),
-                ("server_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("standard_conforming_strings", "on"),
-                ("integer_datetimes", "on"), ("application_name", session.wanted["application_name"] ?? ""),
-            ] {
-                Wire.parameterStatus(name, value, into: &out)
-            }
-            Wire.backendKeyData(processID: 0, secretKey: 0, into: &out)
-            Wire.readyForQuery(.idle, into: &out)
-            channel.writeAndFlush(out, promise: nil)
-            return
-        case .success(.pool(let entry)):
-            database = entry
+        if let secret = session.learnedServerSecret {
+            pooler.credentials.withLockedValue { $0.serverSecrets[session.user] = secret }
         }
+        let request = LoginRequest(user: session.user, database: session.database, clientIP: clientIP, tls: session.tls)
+        session.enter(
+            ClientSession.destination(request, config: pooler.config, isDisabled: { pooler.isDisabled($0) }),
+            into: &actions)
+    }
+
+    /// Joins the pool of the client's (database, user) and welcomes the client with the pool's
+    /// parameters, or borrows a server to learn them first.
+    func joinPool() {
+        let config = pooler.config
+        guard let database = config.database(named: session.database) else { return }
         let now = NIODeadline.now()
         session.joinPool(
-            poolMode: config.poolMode(database: database, user: user), config: config, user: user, now: now)
-        if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: databaseName) }
-        session.latency = pooler.loopLatency[loopIndex].recorder(for: databaseName)
+            poolMode: config.poolMode(database: database, user: session.user), config: config, user: session.user,
+            now: now)
+        if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: session.database) }
+        session.latency = pooler.loopLatency[loopIndex].recorder(for: session.database)
         session.reportsTimings = timers != nil
-        let serverUser = database.user ?? user
-        poolKey = PoolKey(database: databaseName, user: serverUser)
+        poolKey = PoolKey(database: session.database, user: database.user ?? session.user)
         pooler.joinPool(poolKey!, database: database)
         joinedPool = true
-        if let welcome = pooler.welcomeParameters(for: poolKey!) {
-            sendWelcome(welcome, fromPool: true)
+        if let parameters = pooler.welcomeParameters(for: poolKey!) {
+            welcome(parameters, fromPool: true)
         } else {
-            // No server of this pool has logged in yet: borrow one to learn its parameters.
-            session.loginStep(.awaitingWelcome)
-            pooler.requestServer(for: self)
+            session.awaitWelcome(into: &actions)
         }
     }
 
-    /// AuthenticationOk, the server's parameters with the client's own values, BackendKeyData and
-    /// ReadyForQuery. `fromPool`: the parameters are the pool's (not a just-borrowed server's), so
-    /// their encoding can be shared with the pool's other clients.
-    func sendWelcome(_ serverParameters: [String: String], fromPool: Bool) {
-        endLoginTimer()
-        var out = channel.allocator.buffer(capacity: 512)
-        Wire.authenticationOk(into: &out)
+    /// The welcome for the server parameters given. `fromPool`: they are the pool's (not a
+    /// just-borrowed server's), so the welcome can be shared with the pool's other clients.
+    func welcome(_ serverParameters: [String: String], fromPool: Bool) {
         let wanted = session.wanted
         let make = { ClientSession.Welcome(serverParameters: serverParameters, wanted: wanted) }
-        var welcome = fromPool ? pooler.welcome(for: poolKey!, values: session.$wanted, make: make) : make()
-        out.writeBuffer(&welcome.messages)
-        session.wantedParameters = welcome.wanted
+        let welcome = fromPool ? pooler.welcome(for: poolKey!, values: session.$wanted, make: make) : make()
         let key = pooler.issueCancelKey(for: self)
         cancelKey = key
-        Wire.backendKeyData(processID: key.0, secretKey: key.1, into: &out)
-        Wire.readyForQuery(.idle, into: &out)
-        channel.writeAndFlush(out, promise: nil)
-        let now = NIODeadline.now()
         if session.timeoutClock != nil {
             pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
         }
-        session.loggedIn(now: now, into: &actions)
-        run()
+        session.welcome(welcome, cancelKey: key, now: .now(), into: &actions)
     }
 
     // MARK: Pool events (called on this event loop)
@@ -595,7 +466,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         if session.state == .awaitingWelcome {
             // The server was only needed for its parameters.
             pooler.release(server, reusable: true)
-            sendWelcome(server.parameters, fromPool: false)
+            welcome(server.parameters, fromPool: false)
+            run()
             processStash()
             return
         }

@@ -11,7 +11,8 @@ public struct Refusal: Error, Equatable, Sendable {
     }
 }
 
-/// Who is logging in, from where: what the login decisions read besides the configuration.
+/// What the login decisions read besides the configuration: who is logging in, from where, and
+/// what the pooler knows about them.
 public struct LoginRequest: Sendable {
     public var user: String
     public var database: String
@@ -30,7 +31,234 @@ public struct LoginRequest: Sendable {
     }
 }
 
+/// What the runtime knows about a registered client that the login needs.
+public struct LoginFacts: Sendable {
+    public var config: Config
+    public var hba: HBARules?
+    /// "address:port" of a TCP client, nil for a Unix socket (application_name_add_host).
+    public var clientAddress: String?
+    public var clientIP: String?
+    public var certificateCommonName: String?
+    /// What auth_file (or an earlier login) holds for the user.
+    public var knownSecret: PasswordSecret?
+    /// An auth_user is set for the database, so auth_query can look the user up.
+    public var canLookUp: Bool
+
+    public init(
+        config: Config, hba: HBARules?, clientAddress: String?, clientIP: String?, certificateCommonName: String?,
+        knownSecret: PasswordSecret?, canLookUp: Bool
+    ) {
+        self.config = config
+        self.hba = hba
+        self.clientAddress = clientAddress
+        self.clientIP = clientIP
+        self.certificateCommonName = certificateCommonName
+        self.knownSecret = knownSecret
+        self.canLookUp = canLookUp
+    }
+}
+
 extension ClientSession {
+    /// The login's events, in order: a startup packet; once the client is registered, its facts;
+    /// a looked-up secret if auth_query was needed; password messages; where the authenticated
+    /// client goes; its welcome.
+
+    /// A startup packet (SSLRequest, GSSENCRequest, CancelRequest or StartupMessage).
+    /// `tlsOffered`: client TLS is configured; `bytesFollow`: more bytes came with it.
+    public mutating func startupPacket(
+        _ packet: StartupPacket, tlsOffered: Bool, bytesFollow: Bool, into actions: inout Actions
+    ) {
+        switch packet {
+        case .sslRequest where !tls && tlsOffered:
+            // Bytes after SSLRequest came before encryption: refused rather than read as if the
+            // handshake had covered them.
+            guard !bytesFollow else {
+                close(
+                    .fatal(SQLState.protocolViolation, "unexpected data after SSLRequest"),
+                    reason: "data after SSLRequest", into: &actions)
+                return
+            }
+            tls = true
+            actions.append(.startTLS)
+        case .sslRequest, .gssEncRequest:
+            var no = ByteBufferAllocator().buffer(capacity: 1)
+            no.writeInteger(MessageType.encryptionRefused)
+            write(no, into: &actions)
+            actions.append(.flushClient)
+        case .cancel(let processID, let secretKey):
+            state = .closed
+            actions.append(.forwardCancel(processID: processID, secretKey: secretKey))
+            actions.append(.closeQuietly)
+        case .startup(let minor, let parameters, let unrecognized):
+            guard let user = parameters["user"], !user.isEmpty else {
+                close(
+                    .fatal(SQLState.invalidAuthorization, "no PostgreSQL user name specified in startup packet"),
+                    reason: "no user name", into: &actions)
+                return
+            }
+            self.user = user
+            database = parameters["database"].flatMap { $0.isEmpty ? nil : $0 } ?? user
+            startup = Startup(minor: minor, parameters: parameters, unrecognized: unrecognized)
+            actions.append(.register)
+        }
+    }
+
+    /// The client was registered (within max_client_conn and the per-address limits): the
+    /// startup parameters are checked and the method and secret chosen.
+    public mutating func registered(_ facts: LoginFacts, into actions: inout Actions) {
+        guard let startup = startup.take() else { return }
+        let config = facts.config
+        if startup.minor > 0 || !startup.unrecognized.isEmpty {
+            var out = ByteBufferAllocator().buffer(capacity: 32)
+            Wire.negotiateProtocolVersion(minor: 0, unrecognized: startup.unrecognized, into: &out)
+            write(out, into: &actions)
+        }
+        do {
+            wanted = try StartupParameters.resolve(
+                startup.parameters, ignored: config.global.ignoreStartupParameters)
+        } catch {
+            close(error, reason: "unsupported startup parameter", into: &actions)
+            return
+        }
+        if let name = Self.applicationName(
+            wanted["application_name"], clientAddress: facts.clientAddress, config: config)
+        {
+            wanted["application_name"] = name
+        }
+        let request = LoginRequest(
+            user: user, database: database, clientIP: facts.clientIP, tls: tls,
+            certificateCommonName: facts.certificateCommonName)
+        switch Self.authMethod(request, config: config, hba: facts.hba)
+            .flatMap({ method in
+                Self.secretSource(
+                    request, method: method, known: facts.knownSecret, canLookUp: facts.canLookUp, config: config
+                ).map { (method, $0) }
+            })
+        {
+        case .failure(let refusal):
+            close(refusal.error, reason: refusal.reason, into: &actions)
+        case .success((let method, .known(let secret))):
+            startAuthentication(method, secret: secret, into: &actions)
+        case .success((let method, .none)):
+            startAuthentication(method, secret: nil, into: &actions)
+        case .success((let method, .lookUp)):
+            authMethod = method
+            state = .lookingUpSecret
+            actions.append(.lookUpSecret)
+        }
+    }
+
+    /// auth_query answered.
+    public mutating func secretLookedUp(_ outcome: AuthQueryExchange.Outcome, into actions: inout Actions) {
+        guard state == .lookingUpSecret else { return }
+        switch outcome {
+        case .found(let secret):
+            startAuthentication(authMethod, secret: secret, into: &actions)
+        case .notFound:
+            startAuthentication(authMethod, secret: nil, into: &actions)  // fails like a wrong password
+        case .failed:
+            close(
+                .fatal(SQLState.connectionFailure, "authentication lookup failed (auth_query)"),
+                reason: "auth_query failed", into: &actions)
+        }
+    }
+
+    mutating func startAuthentication(_ method: AuthType, secret: PasswordSecret?, into actions: inout Actions) {
+        var machine = ClientAuthStateMachine(authType: method, user: user, secret: secret)
+        let step = machine.start()
+        auth = machine
+        state = .authenticating
+        authenticationStep(step, into: &actions)
+    }
+
+    /// A message while authenticating: it must be a password message.
+    public mutating func passwordMessage(type: UInt8, body: ByteBuffer, into actions: inout Actions) {
+        guard state == .authenticating, type == MessageType.password else {
+            close(
+                .fatal(SQLState.protocolViolation, "expected a password message"),
+                reason: "unexpected message during login", into: &actions)
+            return
+        }
+        let step = auth!.receivePasswordMessage(body)
+        authenticationStep(step, into: &actions)
+    }
+
+    mutating func authenticationStep(_ step: ClientAuthStateMachine.Action, into actions: inout Actions) {
+        switch step {
+        case .send(let out):
+            write(out, into: &actions)
+            actions.append(.flushClient)
+            if auth!.isAuthenticated { actions.append(.authenticated) }
+        case .authenticated:
+            actions.append(.authenticated)
+        case .fail(let error):
+            close(error, reason: "authentication failed", into: &actions)
+        }
+    }
+
+    /// What a successful login teaches about logging in to servers as this user, when the stored
+    /// secret alone cannot (a SCRAM verifier): the keys recovered from the client's SCRAM proof, or
+    /// the cleartext password it sent.
+    public var learnedServerSecret: ServerLoginStateMachine.Secret? {
+        guard let auth else { return nil }
+        if let clientKey = auth.scramClientKey, let serverKey = auth.scramServerKey {
+            return .scramKeys(clientKey: clientKey, serverKey: serverKey)
+        }
+        return auth.cleartextPassword.map { .password($0) }
+    }
+
+    /// Where the authenticated client goes (from `destination`): the admin console is welcomed
+    /// here; a pool is joined by the connection (`joinPool`), which then gives the welcome.
+    public mutating func enter(_ destination: Result<Destination, Refusal>, into actions: inout Actions) {
+        auth = nil
+        switch destination {
+        case .failure(let refusal):
+            close(refusal.error, reason: refusal.reason, into: &actions)
+        case .success(.adminConsole(let readOnly)):
+            adminReadOnly = readOnly
+            state = .admin
+            var out = ByteBufferAllocator().buffer(capacity: 256)
+            Wire.authenticationOk(into: &out)
+            for (name, value) in [
+                ("server_version", "15.0 (Tidepool \(TidepoolCoreVersion.string))"), ("client_encoding", "UTF8"),
+                ("server_encoding", "UTF8"), ("DateStyle", "ISO, MDY"), ("standard_conforming_strings", "on"),
+                ("integer_datetimes", "on"), ("application_name", wanted["application_name"] ?? ""),
+            ] {
+                Wire.parameterStatus(name, value, into: &out)
+            }
+            Wire.backendKeyData(processID: 0, secretKey: 0, into: &out)
+            Wire.readyForQuery(.idle, into: &out)
+            write(out, into: &actions)
+            actions.append(.flushClient)
+            actions.append(.loginDone)
+        case .success(.pool):
+            actions.append(.joinPool)
+        }
+    }
+
+    /// The pool knows no server parameters yet: a server is borrowed to learn them.
+    public mutating func awaitWelcome(into actions: inout Actions) {
+        state = .awaitingWelcome
+        actions.append(.requestServer)
+    }
+
+    /// AuthenticationOk, the welcome's parameters, BackendKeyData with the client's cancel key and
+    /// ReadyForQuery: the client is logged in to its pool.
+    public mutating func welcome(
+        _ welcome: Welcome, cancelKey: (Int32, Int32), now: NIODeadline, into actions: inout Actions
+    ) {
+        var out = ByteBufferAllocator().buffer(capacity: 64 + welcome.messages.readableBytes)
+        Wire.authenticationOk(into: &out)
+        out.writeImmutableBuffer(welcome.messages)
+        wantedParameters = welcome.wanted
+        Wire.backendKeyData(processID: cancelKey.0, secretKey: cancelKey.1, into: &out)
+        Wire.readyForQuery(.idle, into: &out)
+        write(out, into: &actions)
+        actions.append(.flushClient)
+        actions.append(.loginDone)
+        loggedIn(now: now, into: &actions)
+    }
+
     /// Where the secret to check the client's password against comes from.
     public enum SecretSource: Equatable, Sendable {
         /// auth_file (or the credentials learned from an earlier login) has it.

@@ -78,9 +78,42 @@ public struct ClientSession {
         case terminate
         /// The client was closed (by any of the above or the peer): forget it everywhere.
         case forget
+
+        // Login.
+        /// Answer SSLRequest with 'S' and start the TLS handshake.
+        case startTLS
+        /// A CancelRequest: pass it on to the backend of the client with this key.
+        case forwardCancel(processID: Int32, secretKey: Int32)
+        /// Close without a word (after a CancelRequest).
+        case closeQuietly
+        /// Register the client (max_client_conn, per-address limits), then call `registered`.
+        case register
+        /// Look the user's secret up with auth_query, then call `secretLookedUp`.
+        case lookUpSecret
+        /// The client proved who it is: remember `learnedServerSecret`, then call `enter`.
+        case authenticated
+        /// Join the pool, then call `welcome` (or `awaitWelcome`).
+        case joinPool
+        /// The client is logged in: client_login_timeout no longer applies.
+        case loginDone
     }
 
     public internal(set) var state = State.startup
+    /// Who logged in, to which database.
+    public internal(set) var user = ""
+    public internal(set) var database = ""
+    /// The client's connection is encrypted (it sent SSLRequest and the handshake was started).
+    public var tls = false
+    /// The StartupMessage, until the client is registered.
+    var startup: Startup?
+    var authMethod = AuthType.trust
+    var auth: ClientAuthStateMachine?
+
+    struct Startup {
+        var minor: Int
+        var parameters: [String: String]
+        var unrecognized: [String]
+    }
     /// On the admin console with the read-only commands only.
     public var adminReadOnly = false
     public var poolMode = PoolMode.transaction
@@ -172,13 +205,6 @@ public struct ClientSession {
         tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && (prepared?.isQuiet ?? true)
     }
 
-    public var isLoggedIn: Bool {
-        switch state {
-        case .idle, .waiting, .linked: true
-        default: false
-        }
-    }
-
     /// The connection carried out every action: the bytes they referred to are let go.
     @inlinable
     public mutating func actionsCarriedOut() {
@@ -238,13 +264,6 @@ public struct ClientSession {
             waitStart = now
             actions.append(.requestServer)
         }
-    }
-
-    /// The login path moves through its states (startup, secret lookup, authentication, welcome,
-    /// admin console); the connection drives it.
-    public mutating func loginStep(_ next: State) {
-        precondition(!isLoggedIn || next == .closed, "login steps come before the pool")
-        state = next
     }
 }
 
