@@ -28,6 +28,7 @@ extension ClientSession {
         }
     }
 
+    @inline(__always)
     mutating func recordTiming(_ kind: LatencySet.Kind, _ microseconds: Int, into actions: inout Actions) {
         latency?.record(kind, microseconds: UInt64(microseconds))
         if reportsTimings { actions.append(.recordTiming(kind, microseconds: microseconds)) }

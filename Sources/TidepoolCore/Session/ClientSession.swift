@@ -206,7 +206,7 @@ public struct ClientSession {
     }
 
     /// The connection carried out every action: the bytes they referred to are let go.
-    @inlinable
+    @inlinable @inline(__always)
     public mutating func actionsCarriedOut() {
         if serverBuffer != nil { serverBuffer = nil }
         if !toClient.isEmpty { toClient.removeAll(keepingCapacity: true) }

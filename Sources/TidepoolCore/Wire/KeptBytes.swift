@@ -12,7 +12,7 @@ public struct KeptBytes: Sendable {
     public var isEmpty: Bool { bytes == nil }
 
     /// Puts the kept bytes in front of `buffer`, and keeps nothing.
-    @inlinable
+    @inlinable @inline(__always)
     public mutating func prepend(to buffer: inout ByteBuffer) {
         guard var kept = bytes.take() else { return }
         kept.writeBuffer(&buffer)
@@ -20,9 +20,13 @@ public struct KeptBytes: Sendable {
     }
 
     /// Keeps what is left of `buffer` after the bytes kept already.
-    @inlinable
+    @inlinable @inline(__always)
     public mutating func keep(_ buffer: inout ByteBuffer) {
-        guard buffer.readableBytes > 0 else { return }
+        if buffer.readableBytes > 0 { keepSome(&buffer) }
+    }
+
+    @inlinable
+    mutating func keepSome(_ buffer: inout ByteBuffer) {
         if var kept = bytes.take() {
             kept.writeBuffer(&buffer)
             bytes = kept
