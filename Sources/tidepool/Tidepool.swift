@@ -93,25 +93,26 @@ struct TidepoolCommand: ParsableCommand {
             throw ExitCode(1)
         }
         logger.info("tidepool \(TidepoolCoreVersion.string) started, instance_id=\(pooler.instanceID)")
-        let stop = waitForTerminationSignal(
+        let signals = SignalWatcher(
             pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) },
             reload: { try? pooler.reload() })
         let limit = config.global.shutdownTimeout
-        switch stop {
-        case SIGTERM:
+        switch signals.waitForFirst() {
+        case .waitForClients:
             // Graceful: no new clients; the connected ones finish and leave.
             logger.info("SIGTERM: waiting for \(pooler.connectedClients) client(s) to disconnect")
             pooler.stopListening()
-            drain(pooler, limit: limit) { pooler.connectedClients == 0 }
-        case SIGINT:
+            drain(limit: limit, stopNow: signals.stopNow) { pooler.connectedClients == 0 }
+        case .waitForServers:
             // Like SHUTDOWN WAIT_FOR_SERVERS: transactions in flight finish, then everything closes.
             logger.info("SIGINT: waiting for servers in use to be released")
             pooler.stopListening()
             _ = pooler.pause(database: nil)
-            drain(pooler, limit: limit) { pooler.lentServers(database: nil) == 0 }
-        default:
+            drain(limit: limit, stopNow: signals.stopNow) { pooler.lentServers(database: nil) == 0 }
+        case .now:
             break
         }
+        if signals.stopNow() { logger.info("second termination signal: stopping now") }
         logger.info("shutting down")
         pooler.shutdown()
         if let pidfile = config.global.pidfile { unlink(pidfile) }
@@ -145,10 +146,10 @@ struct TidepoolCommand: ParsableCommand {
     }
 }
 
-/// Waits (polling) until `done` holds or `limit` passes (zero: no limit).
-func drain(_ pooler: Pooler, limit: TimeAmount, until done: () -> Bool) {
+/// Waits (polling) until `done` holds, `limit` passes (zero: no limit) or `stopNow` says so.
+func drain(limit: TimeAmount, stopNow: () -> Bool, until done: () -> Bool) {
     let deadline = limit > .zero ? NIODeadline.now() + limit : NIODeadline.distantFuture
-    while !done() && NIODeadline.now() < deadline {
+    while !done() && !stopNow() && NIODeadline.now() < deadline {
         usleep(50_000)
     }
 }
@@ -166,37 +167,57 @@ func loadConfiguration(_ path: String) throws -> (Config, [String: PasswordSecre
     return (config, userlist)
 }
 
-/// Blocks until SIGINT, SIGTERM or SIGQUIT and returns which. As in PgBouncer, SIGHUP reloads the
-/// configuration, SIGUSR1 pauses and SIGUSR2 resumes all pools.
-func waitForTerminationSignal(
-    pause: @escaping @Sendable () -> Void, resume: @escaping @Sendable () -> Void,
-    reload: @escaping @Sendable () -> Void
-) -> Int32 {
-    let done = DispatchSemaphore(value: 0)
-    let received = SignalBox()
-    let queue = DispatchQueue(label: "tidepool.signals")
-    var sources: [DispatchSourceSignal] = []
-    for sig in [SIGINT, SIGTERM, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2] {
-        signal(sig, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
-        switch sig {
-        case SIGUSR1: source.setEventHandler { pause() }
-        case SIGUSR2: source.setEventHandler { resume() }
-        case SIGHUP: source.setEventHandler { reload() }
-        default:
-            source.setEventHandler {
-                received.value = sig
-                done.signal()
-            }
-        }
-        source.resume()
-        sources.append(source)
-    }
-    done.wait()
-    return received.value
-}
+/// The process's signals, watched for its whole life. As in PgBouncer, SIGHUP reloads the
+/// configuration, SIGUSR1 pauses and SIGUSR2 resumes all pools; SIGTERM, SIGINT and SIGQUIT mean
+/// what `ShutdownSignals` says, a second one included.
+final class SignalWatcher: @unchecked Sendable {
+    private let lock = NSLock()
+    private var shutdown = ShutdownSignals()
+    private var verdicts: [ShutdownSignals.Verdict] = []
+    private let first = DispatchSemaphore(value: 0)
+    private let queue = DispatchQueue(label: "tidepool.signals")
+    private var sources: [DispatchSourceSignal] = []
 
-/// Written on the signal queue before the semaphore is signalled, read after the wait.
-final class SignalBox: @unchecked Sendable {
-    var value: Int32 = 0
+    init(
+        pause: @escaping @Sendable () -> Void, resume: @escaping @Sendable () -> Void,
+        reload: @escaping @Sendable () -> Void
+    ) {
+        for sig in [SIGINT, SIGTERM, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+            switch sig {
+            case SIGUSR1: source.setEventHandler { pause() }
+            case SIGUSR2: source.setEventHandler { resume() }
+            case SIGHUP: source.setEventHandler { reload() }
+            default:
+                let kind: ShutdownSignals.Signal = sig == SIGTERM ? .terminate : sig == SIGINT ? .interrupt : .quit
+                source.setEventHandler { [unowned self] in self.received(kind) }
+            }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    private func received(_ signal: ShutdownSignals.Signal) {
+        lock.lock()
+        let isFirst = verdicts.isEmpty
+        verdicts.append(shutdown.received(signal))
+        lock.unlock()
+        if isFirst { first.signal() }
+    }
+
+    /// Blocks until the first termination signal and says what it asks for.
+    func waitForFirst() -> ShutdownSignals.Verdict {
+        first.wait()
+        lock.lock()
+        defer { lock.unlock() }
+        return verdicts[0]
+    }
+
+    /// A later signal asked to stop at once.
+    func stopNow() -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return verdicts.dropFirst().contains(.now)
+    }
 }

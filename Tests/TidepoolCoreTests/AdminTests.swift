@@ -322,3 +322,19 @@ import Testing
             AdminConsoleSession.receive(type: MessageType.terminate, body: ByteBuffer(), readOnly: false) == .terminate)
     }
 }
+
+@Suite struct ShutdownSignalsTests {
+    @Test func firstSignalPicksTheShutdownAndASecondOneStopsAtOnce() {
+        var term = ShutdownSignals()
+        #expect(term.received(.terminate) == .waitForClients)
+        #expect(term.received(.terminate) == .now)
+        var int = ShutdownSignals()
+        #expect(int.received(.interrupt) == .waitForServers)
+        #expect(int.received(.terminate) == .now)
+        var quit = ShutdownSignals()
+        #expect(quit.received(.quit) == .now)
+        var late = ShutdownSignals()
+        _ = late.received(.terminate)
+        #expect(late.received(.quit) == .now)
+    }
+}

@@ -264,3 +264,16 @@ extension MessageScanner.Chunk: Equatable {
         #expect(kept.isEmpty, "nothing left, nothing kept")
     }
 }
+
+@Suite struct NegotiateProtocolVersionTests {
+    /// The version is the whole number (3.0 is 0x30000), then the options not understood.
+    @Test func carriesTheWholeVersionAndTheUnknownOptions() {
+        var out = ByteBuffer()
+        Wire.negotiateProtocolVersion(minor: 0, unrecognized: ["_pq_.x"], into: &out)
+        #expect(out.readInteger(as: UInt8.self) == MessageType.negotiateProtocolVersion)
+        #expect(out.readInteger(as: Int32.self) == Int32(out.readableBytes + 4))
+        #expect(out.readInteger(as: Int32.self) == 0x3_0000)
+        #expect(out.readInteger(as: Int32.self) == 1)
+        #expect(out.readNullTerminatedString() == "_pq_.x")
+    }
+}

@@ -104,6 +104,26 @@ def test_sigquit_exits_at_once(tidepool):
     c.close()
 
 
+@pytest.mark.parametrize("first,second", [(signal.SIGTERM, signal.SIGQUIT), (signal.SIGTERM, signal.SIGTERM),
+                                          (signal.SIGINT, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)])
+def test_a_second_signal_while_draining_stops_at_once(tidepool, first, second):
+    """A client idle in a session keeps SIGTERM (and one in a transaction keeps SIGINT) waiting;
+    SIGQUIT, or a second SIGTERM or SIGINT, then stops the pooler at once, as in PgBouncer."""
+    t = tidepool()
+    c = t.connect()
+    c.execute("BEGIN")
+    c.execute("SELECT 1")
+    t.proc.send_signal(first)
+    time.sleep(0.5)
+    assert t.proc.poll() is None, "the first signal waits for the client"
+    started = time.time()
+    t.proc.send_signal(second)
+    t.proc.wait(timeout=5)
+    assert time.time() - started < 3
+    assert t.proc.returncode == 0
+    c.close()
+
+
 def backends(pg):
     return pg.backends(user="postgres")
 

@@ -72,3 +72,22 @@ def test_server_round_robin_spreads_transactions_over_the_servers(tidepool, pg):
             pids = {warm.execute("SELECT pg_backend_pid()").fetchone()[0] for _ in range(6)}
         assert (len(pids) == 3) == expect_spread, (round_robin, pids)
         t.stop()
+
+
+def test_protocol_3_2_clients_are_answered_with_3_0(tidepool):
+    """libpq 18 asking for protocol 3.2 gets NegotiateProtocolVersion with 3.0 and goes on."""
+    assert psycopg.pq.version() >= 180000, "psycopg's bundled libpq 18 is needed"
+    t = tidepool()
+    with t.connect(max_protocol_version="3.2") as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+        assert c.pgconn.protocol_version == 3
+
+
+def test_show_state_uptime_counts_from_start(tidepool):
+    """Uptime counts from the start of the process, not from the first SHOW STATE."""
+    import time
+    t = tidepool(settings="admin_users = admin\n")
+    time.sleep(2.2)
+    with admin(t) as a:
+        state = {r[0]: r[1] for r in a.execute("SHOW STATE").fetchall()}
+    assert int(state["uptime"]) >= 2, state

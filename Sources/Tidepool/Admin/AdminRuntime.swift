@@ -5,8 +5,6 @@ import TidepoolCore
 /// The admin console's commands carried out: SHOW views gathered from the pools and from every
 /// connection (each asked on its own event loop), and the control commands.
 extension Pooler {
-    static let startedAt = Date()
-
     /// The instance id: `instance_id`, or host-pid.
     public var instanceID: String { metrics.instance }
 
@@ -167,7 +165,7 @@ extension Pooler {
             return loop.makeSucceededFuture(
                 AdminViews.state(
                     paused: allPaused, suspended: suspended, instanceID: instanceID,
-                    uptimeSeconds: Int(Date().timeIntervalSince(Self.startedAt))))
+                    uptimeSeconds: Int(Date().timeIntervalSince(startedAt))))
         case "MEM":
             let servers = shared.withLockedValue { $0.servers.count }
             let known = knownStatements.withLockedValue { $0.count }

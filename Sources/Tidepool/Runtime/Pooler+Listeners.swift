@@ -7,6 +7,10 @@ import TidepoolCore
 
 /// Where clients connect: one TCP listener per event loop (SO_REUSEPORT), the Unix socket.
 extension Pooler {
+    /// One listening socket per event loop (SO_REUSEPORT), each accepting onto its own loop: a
+    /// new client then never waits for a hand-over from the accepting thread to its own. Unless
+    /// `shared` (so_reuseport), a plain bind first makes sure no other process holds the port, so
+    /// a second pooler on the same port fails as it would with one socket.
     func listenTCP(host: String, port: Int, shared: Bool) throws {
         if loops.count == 1 {
             listeners.append(try makeServerBootstrap().bind(host: host, port: port).wait())

@@ -17,6 +17,10 @@ public final class Pooler: @unchecked Sendable {
     }
     var userlist: [String: PasswordSecret] { settings.withLockedValue { $0.userlist } }
     public let logger: Logger
+    /// For SHOW STATE's uptime: when the pooler was made (at process start).
+    let startedAt = Date()
+    /// What `waitUntil` waits for, failed by `shutdown` if still pending.
+    let waits = NIOLockedValueBox([ObjectIdentifier: (RepeatedTask, EventLoopPromise<Void>)]())
     let group: MultiThreadedEventLoopGroup
     let loops: [EventLoop]
     let shared: NIOLockedValueBox<Shared>
@@ -197,30 +201,38 @@ public final class Pooler: @unchecked Sendable {
             closing.append(loop.flatSubmit { server.channel?.closeFuture ?? loop.makeSucceededVoidFuture() })
         }
         for future in closing { try? future.wait() }
+        endWaits()
         try? group.syncShutdownGracefully()
     }
 
-    /// One listening socket per event loop (SO_REUSEPORT), each accepting onto its own loop: a
-    /// new client then never waits for a hand-over from the accepting thread to its own. Unless
-    /// `shared` (so_reuseport), a plain bind first makes sure no other process holds the port, so
-    /// a second pooler on the same port fails as it would with one socket.
-
     public var connectedClients: Int { shared.withLockedValue { $0.clientCount } }
 
-    /// Completes once `condition` holds, checking every 50 ms.
+    /// Completes once `condition` holds, checking every 50 ms; fails if the pooler shuts down first
+    /// (PAUSE or WAIT_CLOSE still waiting when a second signal stops it).
     public func waitUntil(on loop: EventLoop, _ condition: @escaping @Sendable () -> Bool) -> EventLoopFuture<Void> {
+        if condition() { return loop.makeSucceededVoidFuture() }
         let promise = loop.makePromise(of: Void.self)
-        if condition() {
+        let key = ObjectIdentifier(promise.futureResult)
+        let task = loop.scheduleRepeatedTask(initialDelay: .milliseconds(50), delay: .milliseconds(50)) {
+            [self] task in
+            guard condition(), waits.withLockedValue({ $0.removeValue(forKey: key) }) != nil else { return }
+            task.cancel()
             promise.succeed(())
-            return promise.futureResult
         }
-        loop.scheduleRepeatedTask(initialDelay: .milliseconds(50), delay: .milliseconds(50)) { task in
-            if condition() {
-                task.cancel()
-                promise.succeed(())
-            }
-        }
+        waits.withLockedValue { $0[key] = (task, promise) }
         return promise.futureResult
+    }
+
+    /// Fails what `waitUntil` still waits for.
+    func endWaits() {
+        let pending = waits.withLockedValue { waits in
+            defer { waits.removeAll() }
+            return Array(waits.values)
+        }
+        for (task, promise) in pending {
+            task.cancel()
+            promise.fail(PostgresError(code: SQLState.adminShutdown, message: "the pooler is shutting down"))
+        }
     }
 }
 

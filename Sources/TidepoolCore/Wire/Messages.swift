@@ -121,9 +121,12 @@ public enum Wire {
         withMessage(MessageType.readyForQuery, into: &buffer) { $0.writeInteger(status.rawValue) }
     }
 
+    /// The newest protocol version the pooler speaks for the client's major version (the whole
+    /// version, major in the high 16 bits, as PostgreSQL sends it: libpq 18 refuses a bare minor
+    /// number as a "downgrade to pre-3.0"), and the `_pq_.` options it does not know.
     public static func negotiateProtocolVersion(minor: Int, unrecognized: [String], into buffer: inout ByteBuffer) {
         withMessage(MessageType.negotiateProtocolVersion, into: &buffer) {
-            $0.writeInteger(Int32(minor))
+            $0.writeInteger(Int32(3 << 16 | minor))
             $0.writeInteger(Int32(unrecognized.count))
             for option in unrecognized { $0.writeNullTerminatedString(option) }
         }
