@@ -397,6 +397,33 @@ final class SessionDriver {
         #expect(d.releases == [true, true])
     }
 
+    /// A second Parse of a name the client has fails with PostgreSQL's error, naming the client's
+    /// statement, not the pooler-wide one the server knows.
+    @Test func duplicatePrepareNamesTheClientsStatement() {
+        let d = D(prepared: true)
+        d.client(PreparedHarness.parse("s1", "select 1"), D.sync)
+        d.lend()
+        d.serverSends(D.m("1"), D.ready("I"))
+        d.toClient.clear()
+        d.client(PreparedHarness.parse("s1", "select 1"), D.sync)
+        d.lend()
+        let serverName = PreparedHarness.serverName(of: "select 1")
+        var error = ByteBuffer()
+        Wire.errorResponse(
+            PostgresError(
+                code: SQLState.duplicatePreparedStatement,
+                message: "prepared statement \"\(serverName)\" already exists"),
+            into: &error)
+        d.serverSends(error, D.ready("I"))
+        #expect(d.clientTypes == "EZ")
+        var reply = d.toClient
+        reply.moveReaderIndex(forwardBy: 5)
+        let fields = WireDecode.errorFields(reply)
+        #expect(fields.message == "prepared statement \"s1\" already exists")
+        #expect(fields.code == SQLState.duplicatePreparedStatement)
+        #expect(d.releases == [true, true])
+    }
+
     /// A client that vanishes inside a transaction leaves a server that must not be reused.
     @Test func clientVanishingInATransactionClosesTheServer() {
         let d = D()

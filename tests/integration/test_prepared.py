@@ -262,3 +262,19 @@ def test_sql_prepare_execute_deallocate_are_per_client(pg, tidepool):
     assert pooled == direct
     assert ("ok", (4,)) in direct and ("ok", (5,)) in direct
     assert ("error", "42P05") in direct and ("error", "26000") in direct
+
+
+def test_preparing_a_name_twice_names_the_clients_statement(tidepool):
+    """The error for a duplicate Parse names the client's statement, as PostgreSQL does, never
+    the pooler-wide name the server knows it by."""
+    t = tidepool(settings="default_pool_size = 1\n")
+    with t.connect() as c:
+        first = c.pgconn.prepare(b"s1", b"select 1")
+        assert first.status == psycopg.pq.ExecStatus.COMMAND_OK
+        again = c.pgconn.prepare(b"s1", b"select 1")
+        assert again.status == psycopg.pq.ExecStatus.FATAL_ERROR
+        message = again.error_message.decode()
+        assert 'prepared statement "s1" already exists' in message, message
+        assert "tidepool" not in message
+        assert again.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42P05"
+        assert c.execute("SELECT 2").fetchone()[0] == 2

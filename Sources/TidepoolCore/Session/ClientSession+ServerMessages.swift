@@ -43,7 +43,7 @@ extension ClientSession {
                     }
                     if type != MessageType.readyForQuery {
                         // Only while the prepared-statement tracker has answers of its own pending.
-                        if prepared!.serverMessage(type, server: &server.statements) {
+                        if prepared!.serverMessage(type, body: body, server: &server.statements) {
                             run.add(chunkStart, chunkLength, to: &self, into: &actions)
                         }
                         run.write(to: &self, into: &actions)

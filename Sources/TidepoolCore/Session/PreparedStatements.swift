@@ -92,6 +92,10 @@ public struct PreparedStatementTracker: Sendable {
         indirect case injectedQuery(server: String, failed: Bool)
         /// The pooler's own Sync after an injected Parse; its ReadyForQuery is swallowed.
         case injectedSync
+        /// A client Parse of a name it already has, sent as a Parse of the statement's pooler-wide
+        /// name so that the server raises PostgreSQL's own error; that error reaches the client
+        /// with the client's name in it.
+        indirect case duplicateParse(client: String, server: String)
 
         var isPlain: Bool {
             if case .pass = self { return true }
@@ -188,7 +192,7 @@ public struct PreparedStatementTracker: Sendable {
                 ensurePrepared(existing, on: &server, into: &out)
                 out.append(Self.parseMessage(existing.serverName, existing.definition))
                 serverParseCount += 1
-                append(.pass(type))
+                append(.duplicateParse(client: name, server: existing.serverName))
                 return
             }
             // A copy: a slice would keep the client's whole read buffer alive.
@@ -417,10 +421,11 @@ public struct PreparedStatementTracker: Sendable {
 
     // MARK: Server messages
 
-    /// One message from the server, by type. Returns whether it goes on to the client; afterwards,
-    /// `takeReplies` gives the made-up answers that follow it.
+    /// One message from the server, by type (and `body`, when the caller holds it whole). Returns
+    /// whether it goes on to the client; afterwards, `takeReplies` gives the made-up answers that
+    /// follow it.
     public mutating func serverMessage(
-        _ type: UInt8, status: TransactionStatus = .idle, server: inout ServerStatementCache
+        _ type: UInt8, status: TransactionStatus = .idle, body: ByteBuffer? = nil, server: inout ServerStatementCache
     ) -> Bool {
         if specials > 0, case .injectedQuery(let name, let failed) = queue.first {
             // Everything the pooler's own Query answers is swallowed; its ReadyForQuery ends it.
@@ -471,6 +476,7 @@ public struct PreparedStatementTracker: Sendable {
             return forward
         case MessageType.errorResponse:
             guard let entry = queue.first else { return true }
+            var forward = true
             switch entry {
             case .sqlPrepare(let client, let name, _):
                 queue[queue.startIndex] = .sqlPrepare(client: client, server: name, failed: true)
@@ -481,6 +487,19 @@ public struct PreparedStatementTracker: Sendable {
                 queue[queue.startIndex] = .clearingQuery(failed: true)
                 return true
             default:
+                if case .duplicateParse(let client, let serverName) = entry {
+                    // PostgreSQL's error, but with the name the client knows.
+                    var error =
+                        body.map(WireDecode.errorFields)
+                        ?? PostgresError(
+                            code: SQLState.duplicatePreparedStatement,
+                            message: "prepared statement \"\(serverName)\" already exists")
+                    error.message = error.message.replacing(serverName, with: client)
+                    var reply = ByteBufferAllocator().buffer(capacity: 96)
+                    Wire.errorResponse(error, into: &reply)
+                    dueReplies.append(reply)
+                    forward = false
+                }
                 // An extended-protocol message failed: the server skips everything up to the next Sync.
                 pop(server: &server, failed: true)
                 while let next = queue.first {
@@ -489,7 +508,7 @@ public struct PreparedStatementTracker: Sendable {
                     pop(server: &server, skipped: true)
                 }
                 releaseDueReplies()
-                return true
+                return forward
             }
         default:
             if specials == 0 {
@@ -518,6 +537,8 @@ public struct PreparedStatementTracker: Sendable {
                     forward = false
                     pop(server: &server)
                 }
+            case .duplicateParse:
+                if type == MessageType.parseComplete { pop(server: &server) }
             case .reply, .clearingQuery, .sqlPrepare, .injectedQuery, .injectedSync:
                 break
             }
@@ -575,7 +596,7 @@ public struct PreparedStatementTracker: Sendable {
             if statements[client]?.serverName == serverName { statements[client] = nil }
         case .injectedQuery(let serverName, _):
             server.remove(serverName)
-        case .pass, .clearingQuery, .injectedSync:
+        case .pass, .clearingQuery, .injectedSync, .duplicateParse:
             break
         }
     }
