@@ -157,6 +157,25 @@ def test_reload_shrinks_the_pool_and_adds_databases_without_dropping_clients(tid
     keep.close()
 
 
+def test_reload_warms_pools_of_added_databases_and_raised_minimums(tidepool, pg):
+    """min_pool_size is kept all the time: a database added by RELOAD, or whose minimum RELOAD
+    raises, is warmed without waiting for a client."""
+    t = tidepool(databases=f"cold = host=127.0.0.1 port={pg.port} dbname=appdb user=postgres")
+    time.sleep(1.5)
+    assert pg.backends("appdb") == 0 and pg.backends("postgres") == 0
+    text = t.ini.read_text().replace(
+        "dbname=appdb user=postgres",
+        f"dbname=appdb user=postgres min_pool_size=2\nadded = host=127.0.0.1 port={pg.port} "
+        "dbname=postgres user=postgres min_pool_size=1")
+    t.ini.write_text(text)
+    t.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 5
+    while (pg.backends("appdb") < 2 or pg.backends("postgres") < 1) and time.time() < deadline:
+        time.sleep(0.1)
+    assert pg.backends("appdb") == 2
+    assert pg.backends("postgres") == 1
+
+
 def test_invalid_config_on_reload_is_rejected_and_the_old_one_stays(tidepool):
     t = tidepool(settings="default_pool_size = 3\nadmin_users = admin\n")
     good = t.ini.read_text()

@@ -83,5 +83,8 @@ extension Pooler {
             }
             return actions
         }
+        // Pools of databases added or given a min_pool_size are made and warmed now, not when a
+        // client first comes.
+        warmStart()
     }
 }

@@ -171,6 +171,8 @@ public final class Pooler: @unchecked Sendable {
 
     /// Opens min_pool_size servers for the pools known before any client arrives: databases whose
     /// entry names the server user.
+    /// Makes the pool of every database entry with a user and a min_pool_size, so that the
+    /// janitor keeps it at its minimum (at start, and after RELOAD or SET).
     func warmStart() {
         let now = NIODeadline.now()
         for (name, database) in config.databases where name != "*" {
