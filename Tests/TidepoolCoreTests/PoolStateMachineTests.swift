@@ -73,6 +73,24 @@ extension [PoolAction] {
         }
     }
 
+    /// A refused server login fails the clients already waiting at once, even while other servers
+    /// (logged in earlier) are lent, and new clients until the retry succeeds.
+    @Test func refusedLoginFailsWaitersAtOnceEvenWithServersLent() {
+        let s1 = lendNewServer(to: c(1))
+        let connect = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).connects
+        #expect(connect.count == 1)
+        let failed = pool.serverConnectFailed(connect[0], error: loginError, now: clock.now)
+        #expect(failed.failures.map(\.0) == [c(2)])
+        #expect(failed.failures.first?.1 == .connectFailed(loginError))
+        #expect(pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now).failures.map(\.0) == [c(3)])
+        // The server lent before still serves its client, and goes back to the pool.
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).isEmpty)
+        #expect(pool.clientWantsServer(c(4), pool: poolA, loop: 0, now: clock.now) == [.lend(s1, to: c(4))])
+        // A transient failure with a server lent keeps the queue.
+        let connect2 = pool.clientWantsServer(c(5), pool: poolA, loop: 0, now: clock.now + .seconds(16)).connects
+        #expect(pool.serverConnectFailed(connect2[0], error: dbError, now: clock.now + .seconds(16)).failures.isEmpty)
+    }
+
     @Test func neverOpensMoreThanPoolSizeAndQueuesInOrder() {
         var connects: [ServerID] = []
         for n in 1...5 {
@@ -127,12 +145,11 @@ extension [PoolAction] {
         let actions = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now)
         _ = pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now)
         let failed = actions.connects.first!
-        var result = pool.serverConnectFailed(failed, error: loginError, now: clock.now)
-        // The second connect is still under way; nobody fails yet.
-        #expect(result.failures.isEmpty)
-        let other = ServerID(failed.raw + 1)
-        result = pool.serverConnectFailed(other, error: loginError, now: clock.now)
+        // A refused login fails every waiter at once, though the second connect is under way.
+        let result = pool.serverConnectFailed(failed, error: loginError, now: clock.now)
         #expect(result.failures.map(\.0) == [c(1), c(2)])
+        let other = ServerID(failed.raw + 1)
+        #expect(pool.serverConnectFailed(other, error: loginError, now: clock.now).failures.isEmpty)
         // A new client fails at once while the breaker is open, without a new connect.
         clock.advance(.seconds(1))
         let fast = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
@@ -335,12 +352,15 @@ extension [PoolAction] {
         let reserve = pool.timerFired(now: clock.now)
         #expect(reserve.connects.count == 1)
         #expect(reserve.contains(.note(poolA, .reserveOpened(waited: .seconds(1)))))
-        // The reserve connect fails; with a server still lent the client keeps waiting and no
-        // new attempt is made during the back-off.
-        #expect(pool.serverConnectFailed(reserve.connects[0], error: loginError, now: clock.now).isEmpty)
+        // The reserve connect is refused: the waiting client gets the server's error at once (a
+        // server still lent does not keep it waiting), and no new attempt is made during the
+        // back-off.
+        #expect(
+            pool.serverConnectFailed(reserve.connects[0], error: loginError, now: clock.now)
+                == [.failClient(c(2), .connectFailed(loginError))])
         clock.advance(.seconds(2))
         #expect(pool.timerFired(now: clock.now).connects.isEmpty)
-        #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.lend(s1, to: c(2))])
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).isEmpty)
     }
 
     @Test func serverLifetimeRetiresOnRelease() {

@@ -236,3 +236,31 @@ def test_per_database_pool_size_and_server_parameters(tidepool, pg):
         assert a.execute("SHOW TimeZone").fetchone()[0] == "Asia/Tokyo"
         assert a.execute("SELECT current_setting('application_name')").fetchone()[0] == "from_config"
         assert a.execute("SELECT pg_backend_pid()").fetchone() == b.execute("SELECT pg_backend_pid()").fetchone()
+
+
+def test_refused_server_login_fails_waiting_clients_at_once(tidepool, pg):
+    """When the server starts refusing the pooler's login (the password changed), clients waiting
+    for a server get the server's error at once, not at query_wait_timeout, though a server
+    logged in earlier is still lent; new clients too, until a retry succeeds."""
+    t = tidepool(databases=f"appdb = host=127.0.0.1 port={pg.port} user=app password=app-secret pool_size=2",
+                 settings="query_wait_timeout = 30\n")
+    holder = t.connect(dbname="appdb", user="app")
+    holder.execute("BEGIN")
+    holder.execute("SELECT 1")
+    try:
+        with pg.connect() as admin:
+            admin.execute("ALTER ROLE app PASSWORD 'changed-secret'")
+        started = time.time()
+        with t.connect(dbname="appdb", user="app") as waiter:
+            with pytest.raises(psycopg.OperationalError) as info:
+                waiter.execute("SELECT 1")
+        assert time.time() - started < 5
+        assert "28P01" in str(info.value) or "password authentication failed" in str(info.value)
+        with t.connect(dbname="appdb", user="app") as late:
+            with pytest.raises(psycopg.OperationalError):
+                late.execute("SELECT 1")
+        assert holder.execute("SELECT 'still served'").fetchone()[0] == "still served"
+    finally:
+        with pg.connect() as admin:
+            admin.execute("ALTER ROLE app PASSWORD 'app-secret'")
+        holder.close()

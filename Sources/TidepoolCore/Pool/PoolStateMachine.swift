@@ -179,9 +179,10 @@ public struct PoolStateMachine: Sendable {
             return
         }
         // Fast failure: while connecting keeps failing and no server is left, do not queue, unless
-        // the database served before and is only restarting.
-        if pools[slot: slot].total == 0, let failure = pools[slot: slot].lastConnectFailure,
-            !ridesOut(key, failure.error),
+        // the database served before and is only restarting; while the server refuses the login
+        // (a changed password), not even when servers logged in earlier are busy.
+        if let failure = pools[slot: slot].lastConnectFailure,
+            pools[slot: slot].total == 0 || !Self.isTransient(failure.error), !ridesOut(key, failure.error),
             now < failure.at + retryDelay(key)
         {
             pools[key].probeWanted = true
@@ -225,9 +226,10 @@ public struct PoolStateMachine: Sendable {
         remove(id)
         pools[key].lastConnectFailure = (now, error)
         var actions: [PoolAction] = []
-        if pools[key].total == 0, !ridesOut(key, error) {
-            // Nothing will free up for the queue: tell the waiters now rather than at their timeout.
-            // A database that served before and is now unreachable or restarting is waited for.
+        if (pools[key].total == 0 && !ridesOut(key, error)) || !Self.isTransient(error) {
+            // Nothing will free up for the queue, or the server refuses the login (its password
+            // changed): tell the waiters now rather than at their timeout. A database that served
+            // before and is now unreachable or restarting is waited for.
             failAllWaiters(key, error: .connectFailed(error), into: &actions)
         }
         return actions
