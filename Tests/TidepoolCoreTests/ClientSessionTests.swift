@@ -144,6 +144,15 @@ final class SessionDriver {
         }
     }
     static var sync: ByteBuffer { m("S") }
+    /// CopyInResponse / CopyOutResponse of a text COPY with no columns.
+    static var copyInResponse: ByteBuffer { copyResponse("G") }
+    static var copyOutResponse: ByteBuffer { copyResponse("H") }
+    static func copyResponse(_ type: Character) -> ByteBuffer {
+        m(type) {
+            $0.writeInteger(UInt8(0))
+            $0.writeInteger(Int16(0))
+        }
+    }
     static var terminate: ByteBuffer { m("X") }
 }
 
@@ -231,9 +240,7 @@ final class SessionDriver {
         d.client(D.query("copy t from stdin"))
         d.lend()
         d.serverSends(
-            D.m("G") {
-                $0.writeInteger(UInt8(0)); $0.writeInteger(Int16(0))
-            })
+            D.copyInResponse)
         d.client(D.m("d") { $0.writeString("1\n") }, D.m("d") { $0.writeString("2\n") }, D.m("c"))
         #expect(d.serverTypes == "Qddc")
         #expect(d.releases.isEmpty)
@@ -247,9 +254,7 @@ final class SessionDriver {
         d.client(D.query("copy t to stdout"))
         d.lend()
         d.serverSends(
-            D.m("H") {
-                $0.writeInteger(UInt8(0)); $0.writeInteger(Int16(0))
-            }, D.m("d") { $0.writeString("1\n") },
+            D.copyOutResponse, D.m("d") { $0.writeString("1\n") },
             D.m("c"), D.complete("COPY 1"), D.ready("I"))
         #expect(d.clientTypes == "HdcCZ")
         #expect(d.releases == [true])
@@ -446,9 +451,7 @@ final class SessionDriver {
         d.client(D.query("copy t from stdin"))
         d.lend()
         d.serverSends(
-            D.m("G") {
-                $0.writeInteger(UInt8(0)); $0.writeInteger(Int16(0))
-            })
+            D.copyInResponse)
         d.client(D.m("d") { $0.writeString("1\n") })
         d.session.finish(serverResetQuery: "", resetAlways: false, into: &d.actions)
         d.carryOut()

@@ -8,16 +8,8 @@ import Testing
 @Suite struct ServerSessionTests {
     typealias A = ServerSession.Action
 
-    func message(_ build: (inout ByteBuffer) -> Void) -> (UInt8, ByteBuffer) {
-        var b = ByteBuffer()
-        build(&b)
-        let type = b.readInteger(as: UInt8.self)!
-        b.moveReaderIndex(forwardBy: 4)
-        return (type, b)
-    }
-
     func feed(_ s: inout ServerSession, _ build: (inout ByteBuffer) -> Void) -> [A] {
-        let (type, body) = message(build)
+        let (type, body) = ServerLoginTests().message(build)
         return s.message(type: type, body: body)
     }
 
