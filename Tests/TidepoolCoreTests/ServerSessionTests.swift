@@ -120,6 +120,18 @@ import Testing
         var (s, _) = loggedIn()
         #expect(feed(&s) { Wire.parameterStatus("TimeZone", "Europe/Paris", into: &$0) } == [])
         #expect(s.state.parameters["TimeZone"] == "Europe/Paris")
-        #expect(feed(&s) { Wire.errorResponse(.fatal("57P01", "terminating"), into: &$0) }.count == 1)
+        #expect(
+            feed(&s) { Wire.errorResponse(PostgresError(code: "01000", message: "just saying"), into: &$0) }.count == 1)
+        #expect(s.phase == .ready)
+    }
+
+    /// A FATAL from an idle server (pg_terminate_backend) retires it at once: the pool hears of it
+    /// before it can lend it, and its closing later says nothing more.
+    @Test func fatalFromAnIdleServerRetiresItAtOnce() {
+        var (s, _) = loggedIn()
+        let actions = feed(&s) { Wire.errorResponse(.fatal("57P01", "terminating connection"), into: &$0) }
+        #expect(Array(actions.dropFirst()) == [.disarmTimeout, .lost, .close])
+        #expect(s.phase == .closed)
+        #expect(s.closed() == [])
     }
 }

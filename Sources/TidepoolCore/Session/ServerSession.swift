@@ -88,7 +88,14 @@ public struct ServerSession: Sendable {
             if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
                 state.parameters[name] = value
             } else if type == MessageType.errorResponse {
-                return [.logInfo("idle server reported: \(WireDecode.errorFields(body).message)")]
+                let error = WireDecode.errorFields(body)
+                guard error.severity == "FATAL" || error.severity == "PANIC" else {
+                    return [.logInfo("idle server reported: \(error.message)")]
+                }
+                // The backend is going (pg_terminate_backend, a shutdown): retired now, before the
+                // pool can lend it, rather than when its socket closes.
+                phase = .closed
+                return [.logInfo("idle server is going: \(error.message)"), .disarmTimeout, .lost, .close]
             }
             return []
         case .connecting, .closed:
