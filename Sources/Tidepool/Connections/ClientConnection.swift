@@ -16,6 +16,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
     /// goes), and a checked unowned reference cost an atomic retain and release per use.
     unowned(unsafe) let pooler: Pooler
+    /// The pools, reached only through what `PoolDriving` offers.
+    unowned(unsafe) let pools: any PoolDriving
     let channel: Channel
     let loopIndex: Int
     var session: ClientSession
@@ -47,6 +49,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     init(pooler: Pooler, channel: Channel, loopIndex: Int) {
         self.pooler = pooler
+        self.pools = pooler
         self.channel = channel
         self.loopIndex = loopIndex
         self.session = ClientSession(maxMessageLength: pooler.config.global.maxPacketSize)
@@ -114,15 +117,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         case .flushClient:
             clientFlush()
         case .requestServer:
-            pooler.requestServer(for: self)
+            pools.requestServer(for: self)
         case .leaveQueue:
-            if let id { pooler.clientGaveUp(id) }
+            if let id { pools.clientGaveUp(id) }
         case .releaseServer(let reusable):
             handInTraffic()
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
-            pooler.release(server, reusable: reusable)
+            pools.release(server, reusable: reusable)
         case .resetAndReleaseServer:
             guard let server else { return }
             self.server = nil
@@ -465,7 +468,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     func lent(_ server: ServerConnection, lease: UInt64) {
         if session.state == .awaitingWelcome {
             // The server was only needed for its parameters.
-            pooler.release(server, reusable: true)
+            pools.release(server, reusable: true)
             welcome(server.parameters, fromPool: false)
             run()
             processStash()
@@ -479,7 +482,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             server.attach(self, lease: lease)
         } else {
             // The client left while waiting; the server was never used.
-            pooler.release(server, reusable: true)
+            pools.release(server, reusable: true)
         }
         run()
     }

@@ -44,6 +44,8 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
     /// goes), and a checked unowned reference cost an atomic retain and release per use.
     unowned(unsafe) let pooler: Pooler
+    /// The pools, told what became of this connection only through `PoolDriving`.
+    unowned(unsafe) let pools: any PoolDriving
     private(set) var channel: Channel?
     var context: ChannelHandlerContext?
     /// The connection's life outside a lend: login, the pooler's own queries, idle time.
@@ -80,6 +82,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         self.loopIndex = loopIndex
         self.pool = pool
         self.pooler = pooler
+        self.pools = pooler
         self.database = database
         self.session = ServerSession(
             state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
@@ -120,16 +123,16 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             case .disarmTimeout:
                 timeout?.cancel()
                 timeout = nil
-            case .loggedIn: pooler.serverLoggedIn(self)
-            case .connectFailed(let error): pooler.serverConnectFailed(self, error: error)
-            case .released(let reusable): pooler.release(self, reusable: reusable)
-            case .checkFinished(let ok): pooler.checkFinished(self, ok: ok)
+            case .loggedIn: pools.serverLoggedIn(self)
+            case .connectFailed(let error): pools.serverConnectFailed(self, error: error)
+            case .released(let reusable): pools.release(self, reusable: reusable)
+            case .checkFinished(let ok): pools.checkFinished(self, ok: ok)
             case .lost:
                 if let owner {
                     self.owner = nil
                     owner.onLoop { owner.serverLost(self) }
                 }
-                pooler.serverClosed(self)
+                pools.serverClosed(self)
             case .close: channel?.close(promise: nil)
             case .logWarning(let text): pooler.logger.warning("server \(id) of \(pool): \(text)")
             case .logInfo(let text): pooler.logger.info("server \(id) of \(pool): \(text)")
@@ -141,7 +144,7 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     func check(_ sql: String) {
         onLoop {
             guard self.context != nil else {
-                self.pooler.checkFinished(self, ok: false)
+                self.pools.checkFinished(self, ok: false)
                 return
             }
             self.run(self.session.check(sql))

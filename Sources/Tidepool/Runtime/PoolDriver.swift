@@ -5,6 +5,20 @@ import NIOCore
 import NIOPosix
 import TidepoolCore
 
+/// What connections ask of the pool driver, and tell it: the only way they reach the pools.
+/// Client side: a server wanted, given up, given back. Server side: what became of a connection.
+protocol PoolDriving: AnyObject, Sendable {
+    func requestServer(for client: ClientConnection)
+    func clientGaveUp(_ id: ClientID)
+    func release(_ server: ServerConnection, reusable: Bool)
+    func serverLoggedIn(_ server: ServerConnection)
+    func serverConnectFailed(_ server: ServerConnection, error: PostgresError)
+    func serverClosed(_ server: ServerConnection)
+    func checkFinished(_ server: ServerConnection, ok: Bool)
+}
+
+extension Pooler: PoolDriving {}
+
 /// The pool driver: runs the shared `PoolStateMachine` under one lock, looks up the connections its
 /// actions name, and carries them out (lends, connects, closes, checks); PAUSE, RESUME and RELOAD
 /// of pool settings.
