@@ -103,7 +103,7 @@ final class SessionDriver {
     func lend() {
         #expect(
             session.lent(
-                server, now: now, isKnownStatement: { _ in false }, into: &actions))
+                server, now: now, isKnownStatement: { _ in false }, into: &actions) == .linked)
         carryOut()
     }
 
@@ -393,7 +393,7 @@ final class SessionDriver {
         d.client(PreparedHarness.bind("s1"), D.m("E") { $0.writeInteger(UInt32(0)) }, D.sync)
         #expect(
             d.session.lent(
-                fresh, now: d.now, isKnownStatement: { _ in false }, into: &d.actions)
+                fresh, now: d.now, isKnownStatement: { _ in false }, into: &d.actions) == .linked
         )
         d.carryOut()
         #expect(d.serverTypes == "PBES", "the statement is parsed on the new server first")
@@ -875,6 +875,26 @@ final class SessionDriver {
         #expect(d.session.state == .admin && d.session.adminReadOnly)
         #expect(d.clientTypes == "RSSSSSSSKZ")
         #expect(d.login.last == .loginDone)
+    }
+
+    /// A client waiting for its pool's first server only learns the parameters from the lend.
+    @Test func aLendWhileAwaitingTheWelcomeIsForTheParametersOnly() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(
+            startup(["user": "alice", "database": "app"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.session.registered(facts(.trust), into: &d.actions)
+        d.session.enter(.success(.pool(DatabaseEntry(name: "app"))), into: &d.actions)
+        d.session.awaitWelcome(into: &d.actions)
+        d.carryOut()
+        #expect(d.requests == 1)
+        #expect(
+            d.session.lent(d.server, now: d.now, isKnownStatement: { _ in false }, into: &d.actions)
+                == .parametersOnly)
+        #expect(d.session.state == .awaitingWelcome)
+        let idle = D()
+        #expect(
+            idle.session.lent(idle.server, now: idle.now, isKnownStatement: { _ in false }, into: &idle.actions)
+                == .unwanted)
     }
 
     @Test func refusedDestinationCloses() {

@@ -466,25 +466,23 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     // MARK: Pool events (called on this event loop)
 
     func lent(_ server: ServerConnection, lease: UInt64) {
-        if session.state == .awaitingWelcome {
-            // The server was only needed for its parameters.
+        switch session.lent(
+            server.sessionState, now: .now(), isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
+        {
+        case .linked:
+            self.server = server
+            self.lease = lease
+            server.attach(self, lease: lease)
+            run()
+        case .parametersOnly:
             pools.release(server, reusable: true)
             welcome(server.parameters, fromPool: false)
             run()
             processStash()
-            return
-        }
-        let linked = session.lent(
-            server.sessionState, now: .now(), isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
-        if linked {
-            self.server = server
-            self.lease = lease
-            server.attach(self, lease: lease)
-        } else {
-            // The client left while waiting; the server was never used.
+        case .unwanted:
             pools.release(server, reusable: true)
+            run()
         }
-        run()
     }
 
     func waitFailed(_ error: PoolError) {

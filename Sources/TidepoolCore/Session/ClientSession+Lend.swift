@@ -1,13 +1,24 @@
 import NIOCore
 
 extension ClientSession {
-    /// The pool lent the queued client a server. Returns false when the client no longer wants one
-    /// (it left or was cancelled meanwhile): the caller gives the server straight back.
+    /// What a lend is for.
+    public enum Lend: Equatable, Sendable {
+        /// The client uses the server: link them.
+        case linked
+        /// The client was waiting only to learn the pool's parameters (its welcome): give the
+        /// server back and welcome the client with them (`welcome`).
+        case parametersOnly
+        /// The client no longer wants a server (it left or was cancelled meanwhile): give it back.
+        case unwanted
+    }
+
+    /// The pool lent the queued client a server.
     public mutating func lent(
         _ server: ServerSessionState, now: NIODeadline,
         isKnownStatement: (String) -> Bool, into actions: inout Actions
-    ) -> Bool {
-        guard state == .waiting else { return false }
+    ) -> Lend {
+        if state == .awaitingWelcome { return .parametersOnly }
+        guard state == .waiting else { return .unwanted }
         state = .linked
         self.server = server
         traffic.serverAssignments += 1
@@ -34,7 +45,7 @@ extension ClientSession {
         } else {
             flushPending(now: now, isKnownStatement: isKnownStatement, into: &actions)
         }
-        return true
+        return .linked
     }
 
     /// The SETs that make the server's tracked parameters the client's, in one Query; nil when they
