@@ -24,7 +24,12 @@ extension ClientSession {
             count_ += 1
         }
 
+        /// Empties the buffer. Its storage is kept for the next event, unless a long batch (a login)
+        /// made it larger than a transaction needs: an idle client does not carry that.
         @inlinable
-        public mutating func removeAll() { count_ = 0 }
+        public mutating func removeAll() {
+            count_ = 0
+            if storage.count > 4 { storage = [] }
+        }
     }
 }

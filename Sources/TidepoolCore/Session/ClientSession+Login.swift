@@ -106,7 +106,8 @@ extension ClientSession {
     /// The client was registered (within max_client_conn and the per-address limits): the
     /// startup parameters are checked and the method and secret chosen.
     public mutating func registered(_ facts: LoginFacts, into actions: inout Actions) {
-        guard let startup = startup.take() else { return }
+        guard let startup else { return }
+        self.startup = nil
         let config = facts.config
         if startup.minor > 0 || !startup.unrecognized.isEmpty {
             var out = ByteBufferAllocator().buffer(capacity: 32)
@@ -210,7 +211,7 @@ extension ClientSession {
     /// Where the authenticated client goes (from `destination`): the admin console is welcomed
     /// here; a pool is joined by the connection (`joinPool`), which then gives the welcome.
     public mutating func enter(_ destination: Result<Destination, Refusal>, into actions: inout Actions) {
-        auth = nil
+        scratch = nil  // the login is over
         switch destination {
         case .failure(let refusal):
             close(refusal.error, reason: refusal.reason, into: &actions)

@@ -104,10 +104,39 @@ public struct ClientSession {
     public internal(set) var database = ""
     /// The client's connection is encrypted (it sent SSLRequest and the handshake was started).
     public var tls = false
-    /// The StartupMessage, until the client is registered.
-    var startup: Startup?
-    var authMethod = AuthType.trust
-    var auth: ClientAuthStateMachine?
+    /// What only the login and the closing need, kept out of line (a few hundred bytes an idle
+    /// client need not carry): made when first written, dropped when the login is over.
+    var scratch: Scratch?
+
+    final class Scratch {
+        /// The StartupMessage, until the client is registered.
+        var startup: Startup?
+        var authMethod = AuthType.trust
+        var auth: ClientAuthStateMachine?
+        var closing: Refusal?
+    }
+
+    var writableScratch: Scratch {
+        mutating get {
+            if let scratch { return scratch }
+            let made = Scratch()
+            scratch = made
+            return made
+        }
+    }
+
+    var startup: Startup? {
+        get { scratch?.startup }
+        set { writableScratch.startup = newValue }
+    }
+    var authMethod: AuthType {
+        get { scratch?.authMethod ?? .trust }
+        set { writableScratch.authMethod = newValue }
+    }
+    var auth: ClientAuthStateMachine? {
+        get { scratch?.auth }
+        set { writableScratch.auth = newValue }
+    }
 
     struct Startup {
         var minor: Int
@@ -145,7 +174,10 @@ public struct ClientSession {
     /// actions are carried out, so that an idle client holds no read buffer.
     public var serverBuffer: ByteBuffer?
     /// Why the session closed, for `closeWithError`.
-    public internal(set) var closing: Refusal?
+    public internal(set) var closing: Refusal? {
+        get { scratch?.closing }
+        set { writableScratch.closing = newValue }
+    }
     /// For `statementsAccepted`; the connection takes them.
     public var accepted: [String] = []
     var serverInbound = KeptBytes()
@@ -209,7 +241,8 @@ public struct ClientSession {
     @inlinable @inline(__always)
     public mutating func actionsCarriedOut() {
         if serverBuffer != nil { serverBuffer = nil }
-        if !toClient.isEmpty { toClient.removeAll(keepingCapacity: true) }
+        // Rarely used after login: its storage is not kept by an idle client.
+        if !toClient.isEmpty { toClient.removeAll() }
     }
 
     /// Queues `bytes` for the client.
