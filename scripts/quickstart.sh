@@ -12,7 +12,13 @@ chmod 755 "$work"  # the postgres OS user must reach its data directory inside
 pg_port="$(free_port)"
 
 cleanup() {
-    [ -n "${tidepool_pid:-}" ] && kill "$tidepool_pid" 2>/dev/null && wait "$tidepool_pid" 2>/dev/null
+    # Every step runs whatever the one before returned: a pooler already gone must not leave
+    # PostgreSQL running.
+    set +e
+    if [ -n "${tidepool_pid:-}" ]; then
+        kill "$tidepool_pid" 2>/dev/null
+        wait "$tidepool_pid" 2>/dev/null
+    fi
     stop_postgres "$work/pg"
     rm -rf "$work"
 }
