@@ -897,6 +897,20 @@ final class SessionDriver {
                 == .unwanted)
     }
 
+    /// client_login_timeout closes a client still logging in, and only stops watching one logged in.
+    @Test func loginTimeoutClosesOnlyClientsStillLoggingIn() {
+        let waiting = D(loggedIn: false)
+        waiting.session.startupPacket(
+            startup(["user": "alice"]), tlsOffered: false, bytesFollow: false, into: &waiting.actions)
+        waiting.session.loginTimedOut(into: &waiting.actions)
+        waiting.carryOut()
+        #expect(waiting.closedWith?.message == "client_login_timeout: login took too long")
+        let done = D()
+        done.session.loginTimedOut(into: &done.actions)
+        done.carryOut()
+        #expect(done.closedWith == nil && done.login == [.loginDone])
+    }
+
     @Test func refusedDestinationCloses() {
         let d = D(loggedIn: false)
         d.session.startupPacket(

@@ -210,14 +210,8 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     /// Called by the loop's sweeper when client_login_timeout has passed since the connection.
     func loginTimedOut() {
-        switch session.state {
-        case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
-            sendFatal(
-                .fatal(SQLState.protocolViolation, "client_login_timeout: login took too long"),
-                reason: "client_login_timeout")
-        default:
-            endLoginTimer()
-        }
+        session.loginTimedOut(into: &actions)
+        run()
     }
 
     /// The login is over (done or given up): the sweeper stops watching it.

@@ -237,6 +237,19 @@ extension ClientSession {
         }
     }
 
+    /// client_login_timeout passed since the connection: a client still logging in is closed; one
+    /// already logged in only stops being watched.
+    public mutating func loginTimedOut(into actions: inout Actions) {
+        switch state {
+        case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
+            close(
+                .fatal(SQLState.protocolViolation, "client_login_timeout: login took too long"),
+                reason: "client_login_timeout", into: &actions)
+        default:
+            actions.append(.loginDone)
+        }
+    }
+
     /// The pool knows no server parameters yet: a server is borrowed to learn them.
     public mutating func awaitWelcome(into actions: inout Actions) {
         state = .awaitingWelcome
