@@ -24,6 +24,10 @@ fi
 log "style lint"
 swift format lint --strict -r Sources Tests Package.swift
 
+log "building (release, for the tests whose bounds are about speed)"
+release_build
+export TIDEPOOL_RELEASE_BIN="$TIDEPOOL_ROOT/.build/release/tidepool"
+
 log "integration tests"
 export TIDEPOOL_BIN="$TIDEPOOL_ROOT/.build/debug/tidepool"
 python3 -m pytest tests/integration -q -p no:cacheprovider "$@"

@@ -109,10 +109,12 @@ import Testing
             "STATS_AVERAGES": AdminViews.statsAverages(traffic, databases: ["a"]),
             "TOTALS": AdminViews.totals(traffic),
             "LATENCY": AdminViews.latency(latency),
-            "MEM": AdminViews.memory([("process_rss", 1 << 33, 1)]),
+            "MEM": AdminViews.memory([("process_rss", 1 << 33, 1, nil), ("client_buffers", 65536, 3, 100_000)]),
             "STATE": AdminViews.state(paused: false, suspended: false, instanceID: "i", uptimeSeconds: 5),
             "CONFIG": AdminViews.config(config.displaySettings),
         ]
+        // A buffer row's total is their sum, not size × used.
+        #expect(views["MEM"]!.rows[1] == ["client_buffers", "65536", "3", "0", "100000"])
         for (name, view) in views {
             #expect(view.types.count == view.columns.count, "\(name)")
             #expect(!view.rows.isEmpty, "\(name)")

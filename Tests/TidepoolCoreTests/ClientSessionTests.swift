@@ -25,6 +25,8 @@ final class SessionDriver {
     var timings: [LatencySet.Kind] = []
     /// The login actions, in order.
     var login: [ClientSession.Action] = []
+    /// The flow-control actions, in order.
+    var flow: [ClientSession.Action] = []
     var traffic = TrafficStats()
 
     init(
@@ -73,8 +75,14 @@ final class SessionDriver {
             case .startTLS, .forwardCancel, .closeQuietly, .register, .lookUpSecret, .authenticated, .joinPool,
                 .loginDone:
                 login.append(action)
+            case .pauseClientReads, .resumeClientReads, .pauseServerReads, .resumeServerReads:
+                flow.append(action)
             }
         }
+        // As the connection does once it has carried out an event's actions.
+        let done = actions.count
+        session.settleReads(into: &actions)
+        flow += actions[done...]
         actions.removeAll()
         #expect(writes.next() == nil, "a write without its action")
         session.actionsCarriedOut()
@@ -921,5 +929,121 @@ final class SessionDriver {
         d.carryOut()
         #expect(d.closedWith?.code == SQLState.invalidCatalogName)
         #expect(d.forgotten == 1)
+    }
+}
+
+/// Flow control: which side is read, so that what the pooler holds per connection stays bounded.
+@Suite struct FlowControlTests {
+    typealias D = SessionDriver
+
+    /// A client that stops reading its result stops the server being read (and itself, since it
+    /// is not taking its replies); both resume when it drains.
+    @Test func unwritableClientPausesItsServer() {
+        let d = D()
+        d.client(D.query("select big"))
+        d.lend()
+        #expect(d.flow.isEmpty)
+        d.session.clientWritabilityChanged(false, into: &d.actions)
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads, .pauseServerReads])
+        d.session.clientWritabilityChanged(true, into: &d.actions)
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads, .pauseServerReads, .resumeClientReads, .resumeServerReads])
+    }
+
+    /// A server that cannot take more stops the client being read; the server is still read.
+    @Test func unwritableServerPausesItsClient() {
+        let d = D()
+        d.client(D.query("copy t from stdin"))
+        d.lend()
+        d.session.serverWritabilityChanged(false, into: &d.actions)
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads])
+        d.session.serverWritabilityChanged(true, into: &d.actions)
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads, .resumeClientReads])
+    }
+
+    /// A queued client is read only up to the limit; the lend takes its bytes and reads resume.
+    @Test(arguments: [false, true]) func queuedClientIsReadUpToTheLimit(prepared: Bool) {
+        let d = D(prepared: prepared)
+        d.session.bufferLimit = 100
+        d.client(D.query(String(repeating: "x", count: 60)))
+        #expect(d.session.state == .waiting)
+        #expect(d.flow.isEmpty)
+        d.client(D.query(String(repeating: "y", count: 60)))
+        #expect(d.flow == [.pauseClientReads])
+        d.lend()
+        #expect(d.serverTypes == "QQ")
+        #expect(d.flow == [.pauseClientReads, .resumeClientReads])
+    }
+
+    /// A message the session must see whole is read to its end once linked, however long
+    /// (max_packet_size bounds it): only the wait for a server pauses it.
+    @Test func aLongMessageHeldWholeIsReadToItsEnd() {
+        let d = D(prepared: true)
+        d.session.bufferLimit = 100
+        d.client(D.query("select 1"))
+        d.lend()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.session.state == .idle)
+        let parse = PreparedHarness.parse("s1", "select '" + String(repeating: "z", count: 500) + "'")
+        d.clientRaw(parse.getSlice(at: 0, length: 300)!)
+        #expect(d.session.state == .waiting)
+        #expect(d.flow == [.pauseClientReads])
+        d.lend()
+        #expect(d.flow == [.pauseClientReads, .resumeClientReads])
+        d.clientRaw(parse.getSlice(at: 300, length: 200)!)
+        #expect(d.flow == [.pauseClientReads, .resumeClientReads], "a partial message while linked is not held back")
+        d.clientRaw(parse.getSlice(at: 500, length: parse.readableBytes - 500)!)
+        d.client(D.sync)
+        #expect(d.serverTypes == "QPS")
+    }
+
+    /// The unlink reads the server again by itself: no resume is asked of a server given back,
+    /// and the next lend starts with both sides read.
+    @Test func unlinkForgetsTheServersPause() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.lend()
+        d.session.clientWritabilityChanged(false, into: &d.actions)
+        d.carryOut()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases == [true])
+        #expect(!d.session.flow.serverPaused)
+        #expect(d.flow == [.pauseClientReads, .pauseServerReads])
+        d.session.clientWritabilityChanged(true, into: &d.actions)
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads, .pauseServerReads, .resumeClientReads])
+    }
+
+    /// Before login only short messages are taken (a password, a SCRAM message); max_packet_size,
+    /// capped at what PostgreSQL accepts, applies once logged in.
+    @Test func messagesAreShortUntilLoggedIn() {
+        let d = D(loggedIn: false)
+        #expect(d.session.scanner.maxMessageLength == ClientSession.loginMessageLimit)
+        d.session.loggedIn(now: d.now, into: &d.actions)
+        #expect(d.session.scanner.maxMessageLength == 1 << 20)
+        let big = ClientSession(maxMessageLength: Int(Int32.max))
+        var session = big
+        var actions = ClientSession.Actions()
+        session.loggedIn(now: d.now, into: &actions)
+        #expect(session.scanner.maxMessageLength == ClientSession.largestMessage)
+    }
+}
+
+/// The bytes handed between event loops: the reader stops past the limit and is told to go on
+/// exactly when the taker brings them down to half.
+@Suite struct HandOffTests {
+    @Test func readerStopsPastTheLimitAndGoesOnAtHalf() {
+        let handOff = HandOff(limit: 100)
+        #expect(!handOff.handed(60))
+        #expect(handOff.handed(60), "120 handed off: stop")
+        #expect(!handOff.mayGoOn)
+        #expect(!handOff.taken(60), "60 left: more than half")
+        #expect(handOff.taken(30), "30 left: the reader may go on")
+        #expect(handOff.mayGoOn)
+        #expect(!handOff.taken(30), "already under half: told once")
+        #expect(handOff.pending == 0)
     }
 }

@@ -87,12 +87,15 @@ def pg():
 
 
 BINARY = os.environ.get("TIDEPOOL_BIN", str(ROOT / ".build" / "debug" / "tidepool"))
+# The production build, for the tests whose bounds are about speed (scripts/test.sh builds it);
+# without it they check what they can with BINARY.
+RELEASE_BINARY = os.environ.get("TIDEPOOL_RELEASE_BIN")
 
 
 class Tidepool:
     """A running tidepool process with its own config."""
 
-    def __init__(self, pg, settings="", databases=None, users="", userlist=None, extra_args=()):
+    def __init__(self, pg, settings="", databases=None, users="", userlist=None, extra_args=(), binary=None):
         self.dir = Path(tempfile.mkdtemp(prefix="tidepool-"))
         self.port = free_port()
         self.pg = pg
@@ -118,7 +121,7 @@ class Tidepool:
             """).format(databases=databases, users=users, port=self.port, dir=self.dir, settings=settings)
         self.ini = self.dir / "pooler.ini"
         self.ini.write_text(ini)
-        self.proc = subprocess.Popen([BINARY, *extra_args, str(self.ini)], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([binary or BINARY, *extra_args, str(self.ini)], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.port, proc=self.proc)

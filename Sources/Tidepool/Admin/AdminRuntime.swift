@@ -172,12 +172,17 @@ extension Pooler {
             let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
             let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
             let rss = (statm.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0) * pageSize
-            return loop.makeSucceededFuture(
+            let histograms = latencyHistogramCount()
+            return bufferFigures(on: loop).map { buffers in
                 AdminViews.memory([
-                    ("process_rss", rss, 1), ("clients", 0, clientCount), ("servers", 0, servers),
-                    ("prepared_statement_names", 0, known),
-                    ("latency_histograms", LatencyHistogram.byteSize, latencyHistogramCount()),
-                ]))
+                    ("process_rss", rss, 1, nil), ("clients", 0, clientCount, nil), ("servers", 0, servers, nil),
+                    ("prepared_statement_names", 0, known, nil),
+                    ("latency_histograms", LatencyHistogram.byteSize, histograms, nil),
+                    // Per connection: the largest, how many hold any, all of them together.
+                    ("client_buffers", buffers.clients.largest, buffers.clients.holding, buffers.clients.total),
+                    ("server_buffers", buffers.servers.largest, buffers.servers.holding, buffers.servers.total),
+                ])
+            }
         case "CLIENTS":
             let clients = shared.withLockedValue { Array($0.clients.values) }
             let rows = clients.map { client in client.channel.eventLoop.submit { client.describe() } }

@@ -9,8 +9,9 @@ import TidepoolCore
 /// decisions, because it waits on the pooler's registries and lookups.
 ///
 /// Threading: all mutable state is touched on the channel's event loop only.
-final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
+final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
@@ -46,6 +47,12 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     var closeReason = "client close request"
     /// The client address counted for max_client_conn_per_ip (nil for a Unix socket).
     var countedAddress: String?
+    /// The session paused reading the client; a read the channel asked for meanwhile waits.
+    var readsPaused = false
+    var readWanted = false
+    /// Bytes handed to a server on another loop are past max_buffered_bytes: reads wait until
+    /// that loop has written them.
+    var pausedForHandOff = false
 
     init(pooler: Pooler, channel: Channel, loopIndex: Int) {
         self.pooler = pooler
@@ -53,6 +60,7 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         self.channel = channel
         self.loopIndex = loopIndex
         self.session = ClientSession(maxMessageLength: pooler.config.global.maxPacketSize)
+        session.bufferLimit = pooler.config.global.maxBufferedBytes
     }
 
     /// This handler's place in the client's pipeline, while it is there.
@@ -90,10 +98,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
         guard !runningActions else { return }
         runningActions = true
         var i = 0
-        while i < actions.count {
-            let action = actions[i]
-            i += 1
-            perform(action)
+        while true {
+            while i < actions.count {
+                let action = actions[i]
+                i += 1
+                perform(action)
+            }
+            // What was done may change which side can be read.
+            session.settleReads(into: &actions)
+            if i == actions.count { break }
         }
         actions.removeAll()
         session.actionsCarriedOut()
@@ -194,6 +207,15 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
             joinPool()
         case .loginDone:
             endLoginTimer()
+        case .pauseClientReads:
+            readsPaused = true
+        case .resumeClientReads:
+            readsPaused = false
+            readIfWanted()
+        case .pauseServerReads:
+            server?.setReadsPaused(true, lease: lease)
+        case .resumeServerReads:
+            server?.setReadsPaused(false, lease: lease)
         }
     }
 
@@ -255,6 +277,31 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelInactive(context: ChannelHandlerContext) {
         finish()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        session.clientWritabilityChanged(context.channel.isWritable, into: &actions)
+        run()
+    }
+
+    /// Reads wait while the session has paused them (flow control), or while too much is on its
+    /// way to a server on another loop.
+    func read(context: ChannelHandlerContext) {
+        if readsPaused || pausedForHandOff { readWanted = true } else { context.read() }
+    }
+
+    func readIfWanted() {
+        if readWanted, !readsPaused, !pausedForHandOff, let context {
+            readWanted = false
+            context.read()
+        }
+    }
+
+    /// A server on another loop wrote enough of what this client handed it.
+    func handOffDrained(_ server: ServerConnection) {
+        guard pausedForHandOff, server.fromClient.mayGoOn else { return }
+        pausedForHandOff = false
+        readIfWanted()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -506,6 +553,13 @@ final class ClientConnection: ChannelInboundHandler, @unchecked Sendable {
     /// A CancelRequest with this client's key.
     func cancelRequested() {
         session.cancelRequested(now: .now(), into: &actions)
+        run()
+    }
+
+    /// The linked server's socket became writable or stopped being writable.
+    func serverWritabilityChanged(_ writable: Bool, from sender: ServerConnection, lease: UInt64) {
+        guard sender === server, lease == self.lease else { return }
+        session.serverWritabilityChanged(writable, into: &actions)
         run()
     }
 

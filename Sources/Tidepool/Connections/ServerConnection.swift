@@ -9,8 +9,9 @@ import TidepoolCore
 ///
 /// Threading: all mutable state is touched on `eventLoop` only, except `parameters`, which only the
 /// linked client touches (the hand-over through the event loops orders those accesses).
-final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
+final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     enum Address: Sendable {
@@ -76,6 +77,16 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     let loopIndex: Int
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
+    /// The linked client's session paused reading this server; a read the channel asked for
+    /// meanwhile waits.
+    var readsPaused = false
+    var readWanted = false
+    /// Bytes read here and handed to a client on another loop that it has not taken in yet; past
+    /// max_buffered_bytes of them, reads wait too (`pausedForHandOff`).
+    let toClient: HandOff
+    var pausedForHandOff = false
+    /// Bytes a client on another loop handed here to be written, not written yet.
+    let fromClient: HandOff
 
     init(id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int) {
         self.id = id
@@ -88,6 +99,9 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
             connectQuery: database?.connectQuery)
         self.address = Address(database)
+        let limit = pooler.config.global.maxBufferedBytes
+        toClient = HandOff(limit: limit)
+        fromClient = HandOff(limit: limit)
     }
 
     static func placeholder(id: ServerID, pool: PoolKey, pooler: Pooler) -> ServerConnection {
@@ -172,7 +186,12 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
             if owner.loopIndex == loopIndex {
                 owner.serverData(bytes, from: self)  // same loop: no task, no closure
             } else {
-                owner.eventLoop.execute { owner.serverData(bytes, from: self) }
+                let count = bytes.readableBytes
+                if toClient.handed(count) { pausedForHandOff = true }
+                owner.eventLoop.execute {
+                    owner.serverData(bytes, from: self)
+                    if self.toClient.taken(count) { self.onLoop { self.handOffDrained() } }
+                }
             }
             return
         }
@@ -199,6 +218,52 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
 
     func channelInactive(context: ChannelHandlerContext) {
         run(session.closed())
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        guard let owner else { return }
+        let writable = context.channel.isWritable
+        let lease = leases.current
+        if owner.loopIndex == loopIndex {
+            owner.serverWritabilityChanged(writable, from: self, lease: lease)
+        } else {
+            owner.eventLoop.execute { owner.serverWritabilityChanged(writable, from: self, lease: lease) }
+        }
+    }
+
+    /// Reads wait while the linked client cannot take more.
+    func read(context: ChannelHandlerContext) {
+        if readsPaused || pausedForHandOff { readWanted = true } else { context.read() }
+    }
+
+    /// The client on another loop took in enough of what was handed to it.
+    private func handOffDrained() {
+        guard pausedForHandOff, toClient.mayGoOn else { return }
+        pausedForHandOff = false
+        readIfWanted()
+    }
+
+    /// The linked client (lend number `lease`) can take no more, or can again.
+    func setReadsPaused(_ paused: Bool, lease: UInt64) {
+        if eventLoop.inEventLoop {
+            setReadsPausedOnLoop(paused, lease: lease)
+        } else {
+            onLoop { self.setReadsPausedOnLoop(paused, lease: lease) }
+        }
+    }
+
+    private func setReadsPausedOnLoop(_ paused: Bool, lease: UInt64) {
+        guard leases.current == lease, leases.attached else { return }
+        readsPaused = paused
+        readIfWanted()
+    }
+
+    /// A read the channel asked for while reads waited, once nothing holds them.
+    private func readIfWanted() {
+        if readWanted, !readsPaused, !pausedForHandOff, let context {
+            readWanted = false
+            context.read()
+        }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -232,10 +297,17 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
     /// server's loop and attach at once, while the older lend's tasks still wait in its queue.
     func detach(from client: ClientConnection, lease: UInt64) {
         if eventLoop.inEventLoop {
-            if leases.detach(lease) { owner = nil }
+            detachOnLoop(lease)
         } else {
-            onLoop { if self.leases.detach(lease) { self.owner = nil } }
+            onLoop { self.detachOnLoop(lease) }
         }
+    }
+
+    private func detachOnLoop(_ lease: UInt64) {
+        guard leases.detach(lease) else { return }
+        owner = nil
+        readsPaused = false
+        readIfWanted()
     }
 
     /// Writes bytes of `client` (whole or partial messages), called on the client's loop; they are
@@ -244,7 +316,13 @@ final class ServerConnection: ChannelInboundHandler, @unchecked Sendable {
         if client.loopIndex == loopIndex {
             write(buffers)
         } else {
-            eventLoop.execute { self.write(buffers) }
+            var count = 0
+            for b in buffers { count += b.readableBytes }
+            if fromClient.handed(count) { client.pausedForHandOff = true }
+            eventLoop.execute {
+                self.write(buffers)
+                if self.fromClient.taken(count) { client.onLoop { client.handOffDrained(self) } }
+            }
         }
     }
 

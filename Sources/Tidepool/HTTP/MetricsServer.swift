@@ -77,7 +77,16 @@ final class PoolerMetrics: @unchecked Sendable {
     }
 
     /// Brings gauges and counters up to date and renders the registry in the text format.
-    func render(snapshots: [PoolSnapshot], clients: [PoolKey: Int], traffic: TrafficBook) -> String {
+    func render(
+        snapshots: [PoolSnapshot], clients: [PoolKey: Int], traffic: TrafficBook, buffers: BufferFigures
+    ) -> String {
+        for (side, figures) in [("client", buffers.clients), ("server", buffers.servers)] {
+            let dimensions = [("side", side), ("instance_id", instance)]
+            Gauge(label: "tidepool_buffered_bytes", dimensions: dimensions, factory: factory)
+                .record(Double(figures.total))
+            Gauge(label: "tidepool_buffered_bytes_largest", dimensions: dimensions, factory: factory)
+                .record(Double(figures.largest))
+        }
         for s in snapshots {
             let dimensions = [("database", s.key.database), ("user", s.key.user), ("instance_id", instance)]
             func gauge(_ name: String, _ value: Double) {
@@ -140,10 +149,12 @@ extension Pooler {
         logger.info("metrics and health on http://\(g.statsListenAddr):\(g.statsListenPort)/metrics")
     }
 
-    func renderMetrics() -> String {
-        let now = NIODeadline.now()
-        let (snapshots, clients) = shared.withLockedValue { ($0.pools.snapshot(now: now), $0.poolClients) }
-        return metrics.render(snapshots: snapshots, clients: clients, traffic: trafficBook())
+    func renderMetrics(on loop: EventLoop) -> EventLoopFuture<String> {
+        bufferFigures(on: loop).map { [self] buffers in
+            let now = NIODeadline.now()
+            let (snapshots, clients) = shared.withLockedValue { ($0.pools.snapshot(now: now), $0.poolClients) }
+            return metrics.render(snapshots: snapshots, clients: clients, traffic: trafficBook(), buffers: buffers)
+        }
     }
 
     /// /health/ready: every configured database accepts a connection (TCP or Unix socket) within
@@ -184,7 +195,9 @@ final class StatsHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
             switch path {
             case "/metrics":
-                respond(context, .ok, "text/plain; version=0.0.4", pooler.renderMetrics())
+                pooler.renderMetrics(on: context.eventLoop).whenSuccess { [self] text in
+                    respond(loopBound.value, .ok, "text/plain; version=0.0.4", text)
+                }
             case "/health/live":
                 respond(context, .ok, "application/json", #"{"status":"live"}"#)
             case "/health/ready":

@@ -48,6 +48,16 @@ extension Pooler {
                 let index = self.loopIndex(of: channel.eventLoop)
                 let client = ClientConnection(pooler: self, channel: channel, loopIndex: index)
                 return channel.eventLoop.makeCompletedFuture {
+                    let g = config.global
+                    if let options = channel.syncOptions {
+                        try options.setOption(.writeBufferWaterMark, value: Self.waterMark(g))
+                        if channel.localAddress?.protocol != .unix {
+                            // A client gone without a word is noticed as a server would be.
+                            for (option, value) in Self.tcpKeepaliveOptions(g) {
+                                try options.setOption(option, value: value)
+                            }
+                        }
+                    }
                     try channel.pipeline.syncOperations.addHandler(client)
                 }
             }

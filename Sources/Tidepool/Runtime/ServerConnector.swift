@@ -21,16 +21,10 @@ extension Pooler {
         var bootstrap = ClientBootstrap(group: loops[loop % loops.count])
             .connectTimeout(g.serverConnectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .channelOption(.socketOption(.so_keepalive), value: g.tcpKeepalive ? 1 : 0)
+            .channelOption(.writeBufferWaterMark, value: Self.waterMark(g))
         if case .tcp = server.address {
-            // tcp_keepidle, tcp_keepintvl, tcp_keepcnt and tcp_user_timeout, as PgBouncer applies them.
-            for (option, value) in [
-                (TCP_KEEPIDLE, g.tcpKeepidle), (TCP_KEEPINTVL, g.tcpKeepintvl), (TCP_KEEPCNT, g.tcpKeepcnt),
-                (TCP_USER_TIMEOUT, g.tcpUserTimeout),
-            ] where value > 0 && (g.tcpKeepalive || option == TCP_USER_TIMEOUT) {
-                bootstrap = bootstrap.channelOption(
-                    ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: option)),
-                    value: SocketOptionValue(value))
+            for (option, value) in Self.tcpKeepaliveOptions(g) {
+                bootstrap = bootstrap.channelOption(option, value: value)
             }
         }
         let negotiator = serverTLSNegotiator(for: server.address)
@@ -47,6 +41,33 @@ extension Pooler {
             self.serverConnectFailed(
                 server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
         }
+    }
+
+    /// SO_KEEPALIVE, then tcp_keepidle, tcp_keepintvl, tcp_keepcnt and tcp_user_timeout, as
+    /// PgBouncer applies them to TCP sockets on both sides.
+    static func tcpKeepaliveOptions(_ g: GlobalSettings) -> [(ChannelOptions.Types.SocketOption, SocketOptionValue)] {
+        var options = [
+            (
+                ChannelOptions.Types.SocketOption(level: .socket, name: .so_keepalive),
+                SocketOptionValue(g.tcpKeepalive ? 1 : 0)
+            )
+        ]
+        for (option, value) in [
+            (TCP_KEEPIDLE, g.tcpKeepidle), (TCP_KEEPINTVL, g.tcpKeepintvl), (TCP_KEEPCNT, g.tcpKeepcnt),
+            (TCP_USER_TIMEOUT, g.tcpUserTimeout),
+        ] where value > 0 && (g.tcpKeepalive || option == TCP_USER_TIMEOUT) {
+            options.append(
+                (
+                    ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: option)),
+                    SocketOptionValue(value)
+                ))
+        }
+        return options
+    }
+
+    /// Past max_buffered_bytes queued, a channel is not writable; below half, it is again.
+    static func waterMark(_ g: GlobalSettings) -> ChannelOptions.Types.WriteBufferWaterMark {
+        ChannelOptions.Types.WriteBufferWaterMark(low: g.maxBufferedBytes / 2, high: g.maxBufferedBytes)
     }
 
     /// The SSLRequest step for a new server connection, per server_tls_sslmode; none over a Unix

@@ -325,10 +325,11 @@ extension AdminViews {
     }
 
     /// SHOW MEM: Tidepool's own figures in PgBouncer's columns (name, size, used, free, memtotal).
-    public static func memory(_ items: [(name: String, size: Int, used: Int)]) -> AdminResult {
+    /// `total` is size × used unless given (buffers: size is the largest one, total their sum).
+    public static func memory(_ items: [(name: String, size: Int, used: Int, total: Int?)]) -> AdminResult {
         AdminResult(
             columns: ["name", "size", "used", "free", "memtotal"], types: [.text, .int8, .int8, .int8, .int8],
-            rows: items.map { [$0.name, "\($0.size)", "\($0.used)", "0", "\($0.size * $0.used)"] })
+            rows: items.map { [$0.name, "\($0.size)", "\($0.used)", "0", "\($0.total ?? $0.size * $0.used)"] })
     }
 }
 

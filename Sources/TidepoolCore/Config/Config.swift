@@ -92,6 +92,9 @@ public struct GlobalSettings: Equatable, Sendable {
     public var logfile: String?
     public var pidfile: String?
     public var maxPacketSize = 2_147_483_647
+    /// Flow control: past this many bytes queued toward a connection (or held for a queued
+    /// client), the other side is not read until they drain.
+    public var maxBufferedBytes = 65536
     /// Named prepared statements kept per server connection in transaction and statement pooling;
     /// 0 passes prepared statements through untouched.
     public var maxPreparedStatements = 200

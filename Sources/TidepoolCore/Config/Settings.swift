@@ -260,6 +260,9 @@ public enum Settings {
         t += [
             .int("max_packet_size", \.maxPacketSize, 9...2_147_483_647, "largest message a client may send"),
             .int(
+                "max_buffered_bytes", \.maxBufferedBytes, 4096...67_108_864,
+                "bytes queued for one connection before the pooler stops reading its peer"),
+            .int(
                 "max_prepared_statements", \.maxPreparedStatements, 0...100_000,
                 "named prepared statements kept per server in transaction mode; 0: pass through"),
             .list("ignore_startup_parameters", \.ignoreStartupParameters, "startup parameters dropped silently"),

@@ -79,13 +79,19 @@ extension ClientSession {
         case .linked where !swallowingUntilReady:
             toServer.append(bytes)
         case .idle:
-            pending.append(bytes)
+            hold(bytes)
             state = .waiting
             waitStart = now
             actions.append(.requestServer)
         default:
-            pending.append(bytes)
+            hold(bytes)
         }
+    }
+
+    /// Keeps client bytes until a server can take them.
+    mutating func hold(_ bytes: ByteBuffer) {
+        pending.append(bytes)
+        flow.pendingBytes += bytes.readableBytes
     }
 
     /// One step for a client whose named prepared statements the pooler keeps. Returns false when
@@ -228,6 +234,7 @@ extension ClientSession {
             return
         }
         pending.removeAll()
+        flow.pendingBytes = 0
         var out = ByteBufferAllocator().buffer(capacity: 128)
         Wire.errorResponse(cancelled, into: &out)
         for _ in 0..<answers { Wire.readyForQuery(.idle, into: &out) }

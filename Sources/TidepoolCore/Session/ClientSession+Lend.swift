@@ -33,6 +33,7 @@ extension ClientSession {
             timeoutClock.queryStartedAt = tracker.outstanding > 0 ? now : nil
             timeoutClock.quietSince = nil
         }
+        resetServerFlow()
         serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
         serverInbound = KeptBytes()
         if let sync = parameterSync(server) {
@@ -81,6 +82,7 @@ extension ClientSession {
             // Held back while waiting: goes first.
             toServer.insert(contentsOf: pending, at: 0)
             pending.removeAll(keepingCapacity: true)
+            flow.pendingBytes = 0
         }
         if !toServer.isEmpty {
             markSent(now: now)

@@ -211,7 +211,7 @@ extension ClientSession {
     /// Where the authenticated client goes (from `destination`): the admin console is welcomed
     /// here; a pool is joined by the connection (`joinPool`), which then gives the welcome.
     public mutating func enter(_ destination: Result<Destination, Refusal>, into actions: inout Actions) {
-        scratch = nil  // the login is over
+        endLogin()
         switch destination {
         case .failure(let refusal):
             close(refusal.error, reason: refusal.reason, into: &actions)

@@ -96,6 +96,14 @@ public struct ClientSession {
         case joinPool
         /// The client is logged in: client_login_timeout no longer applies.
         case loginDone
+
+        // Flow control (`ClientSession+FlowControl.swift`).
+        /// Stop reading the client until `resumeClientReads`.
+        case pauseClientReads
+        case resumeClientReads
+        /// Stop reading the linked server until `resumeServerReads` or the unlink.
+        case pauseServerReads
+        case resumeServerReads
     }
 
     public internal(set) var state = State.startup
@@ -114,6 +122,7 @@ public struct ClientSession {
         var authMethod = AuthType.trust
         var auth: ClientAuthStateMachine?
         var closing: Refusal?
+        var messageLimitAfterLogin = Int(Int32.max)
     }
 
     var writableScratch: Scratch {
@@ -165,6 +174,10 @@ public struct ClientSession {
     public var inbound = KeptBytes()
     /// Client bytes waiting for a server.
     var pending: [ByteBuffer] = []
+    /// Which sides are read, and why not.
+    public internal(set) var flow = FlowControl()
+    /// max_buffered_bytes: client bytes held for a server beyond this stop the client's reads.
+    public var bufferLimit = 65536
     /// What `sendToServer` sends; the connection clears it after sending.
     public var toServer: [ByteBuffer] = []
     /// What `writeToClient` writes, one buffer per action; the connection clears it once it has
@@ -224,8 +237,25 @@ public struct ClientSession {
         }
     }
 
+    /// The longest message a client may send before it is logged in (a password, a SCRAM
+    /// message), as PostgreSQL bounds authentication tokens: more is refused at its header, not
+    /// read into memory.
+    public static let loginMessageLimit = 65_535
+
+    /// The longest message PostgreSQL takes (its length field at most 1 GB - 2): a longer one is
+    /// refused at its header instead of being passed on (or held whole) only to be refused there.
+    public static let largestMessage = 0x3FFF_FFFE
+
+    /// `maxMessageLength` applies once the client is logged in (max_packet_size).
     public init(maxMessageLength: Int) {
-        scanner = MessageScanner(maxMessageLength: maxMessageLength)
+        scanner = MessageScanner(maxMessageLength: min(maxMessageLength, Self.loginMessageLimit))
+        writableScratch.messageLimitAfterLogin = min(maxMessageLength, Self.largestMessage)
+    }
+
+    /// The login is over: messages up to max_packet_size are taken from now on.
+    mutating func endLogin() {
+        if let scratch { scanner.maxMessageLength = scratch.messageLimitAfterLogin }
+        scratch = nil
     }
 
     /// Whether the linked server may go back to the pool now: not in session mode, and clean.
@@ -290,6 +320,7 @@ public struct ClientSession {
 
     /// Login is over: the client is told it may send queries.
     public mutating func loggedIn(now: NIODeadline, into actions: inout Actions) {
+        if scratch != nil { endLogin() }
         state = .idle
         timeoutClock?.idleSince = now
         if !pending.isEmpty {

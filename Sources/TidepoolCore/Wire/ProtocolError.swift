@@ -60,7 +60,8 @@ public enum WireError: Error, Equatable, Sendable {
             return .fatal(SQLState.protocolViolation, "invalid message length \(n)")
         case .messageTooLarge(let n, let limit):
             return .fatal(
-                SQLState.programLimitExceeded, "message of \(n) bytes exceeds max_packet_size (\(limit))")
+                SQLState.programLimitExceeded,
+                "message of \(n) bytes is longer than the \(limit) allowed here (max_packet_size; before login, 65535)")
         case .malformed(let what):
             return .fatal(SQLState.protocolViolation, "malformed packet: \(what)")
         case .unsupportedProtocol(let major, let minor):
