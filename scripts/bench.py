@@ -64,36 +64,8 @@ def start_tidepool(pg_port, prepared=BOUNCER_PREPARED):
 
 
 def start_pgbouncer(pg_port):
-    port = free_port()
-    ini = os.path.join(WORK, "pgbouncer.ini")
-    users = os.path.join(WORK, "userlist.txt")
-    with open(users, "w") as f:
-        f.write('"postgres" ""\n')
-    with open(ini, "w") as f:
-        f.write(f"""[databases]
-postgres = host=127.0.0.1 port={pg_port} dbname=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {users}
-pool_mode = transaction
-default_pool_size = {POOL}
-max_client_conn = 20000
-log_connections = 0
-log_disconnections = 0
-logfile = {WORK}/pgbouncer.log
-""" + (f"max_prepared_statements = {PREPARED_STATEMENTS}\n" if BOUNCER_PREPARED else ""))
-    os.chmod(ini, 0o644)
-    os.chmod(users, 0o644)
-    cmd = ["pgbouncer", ini]
-    if IS_ROOT:
-        cmd = ["pgbouncer", "-u", "postgres", ini]
-        open(f"{WORK}/pgbouncer.log", "a").close()
-        shutil.chown(f"{WORK}/pgbouncer.log", "postgres")
-    proc = subprocess.Popen(cmd)
-    wait_port(port, proc)
+    extra = f"max_prepared_statements = {PREPARED_STATEMENTS}\n" if BOUNCER_PREPARED else ""
+    proc, port = harness.start_pgbouncer(WORK, pg_port, f"default_pool_size = {POOL}\n{extra}")
     return Pooler("pgbouncer", port, proc)
 
 

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -75,6 +76,33 @@ def start_tidepool(work, pg_port, settings, database="* = host=127.0.0.1 port={p
                 f"listen_port = {port}\nunix_socket_dir =\nauth_type = trust\npool_mode = transaction\n"
                 f"log_connections = 0\nlog_disconnections = 0\nlogfile = {work}/tidepool.log\n{settings}")
     proc = subprocess.Popen([os.path.join(ROOT, ".build", "release", "tidepool"), ini])
+    wait_port(port, proc)
+    return proc, port
+
+
+def start_pgbouncer(work, pg_port, settings):
+    """Starts PgBouncer on a free port in front of `pg_port`'s postgres database, transaction mode,
+    trust auth, with extra `settings` lines (as the postgres OS user when run as root); returns
+    (process, port)."""
+    port = free_port()
+    ini = os.path.join(work, "pgbouncer.ini")
+    users = os.path.join(work, "userlist.txt")
+    log = os.path.join(work, "pgbouncer.log")
+    with open(users, "w") as f:
+        f.write('"postgres" ""\n')
+    with open(ini, "w") as f:
+        f.write(f"[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n[pgbouncer]\n"
+                f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n"
+                f"auth_file = {users}\npool_mode = transaction\nmax_client_conn = 20000\n"
+                f"log_connections = 0\nlog_disconnections = 0\nlogfile = {log}\n{settings}")
+    os.chmod(ini, 0o644)
+    os.chmod(users, 0o644)
+    cmd = ["pgbouncer", ini]
+    if os.getuid() == 0:
+        cmd = ["pgbouncer", "-u", "postgres", ini]
+        open(log, "a").close()
+        shutil.chown(log, "postgres")
+    proc = subprocess.Popen(cmd)
     wait_port(port, proc)
     return proc, port
 
