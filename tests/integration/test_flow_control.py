@@ -4,6 +4,7 @@ or announce huge messages cost the pooler a bounded amount of memory, and nobody
 import hashlib
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -329,3 +330,32 @@ def test_a_pipelined_close_after_a_big_value_costs_nothing_more(tidepool):
     plain = min(big_bind(t, 50 << 20, False) for _ in range(2))
     with_close = min(big_bind(t, 50 << 20, True) for _ in range(2))
     assert with_close < 2 * plain + 0.3, f"{plain:.2f} s without the Close, {with_close:.2f} s with it"
+
+
+def pooler_side_open(port):
+    """Whether the pooler's end of the client connection from `port` is still open."""
+    out = subprocess.run(["ss", "-tnH", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return bool(out.strip())
+
+
+def test_a_client_that_stops_reading_is_still_timed_out(tidepool, pg):
+    """A client that stops reading its result holds its server (the server is not read), but
+    query_timeout still applies: the query is cancelled, the client's socket closed although it
+    cannot take the error (its buffers are full), and the server closed rather than handed on."""
+    t = tidepool(settings="query_timeout = 2\n")
+    s = hog(t, "select repeat('x', 1000), 'wedged' from generate_series(1, 3000000)")
+    port = s.getsockname()[1]
+    time.sleep(0.5)
+    sql = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()"
+    assert pg.scalar(sql, "%'wedged'%") == 1
+    assert pooler_side_open(port)
+    started = time.time()
+    while time.time() - started < 10:
+        if not pooler_side_open(port) and not pg.scalar(sql, "%'wedged'%"):
+            break
+        time.sleep(0.2)
+    elapsed = time.time() - started
+    assert 1.0 < elapsed < 5, f"client socket or server still open after {elapsed:.1f} s"
+    assert "query_timeout" in t.log()
+    s.close()

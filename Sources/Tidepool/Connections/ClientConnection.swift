@@ -182,7 +182,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             }
             var out = channel.allocator.buffer(capacity: 128)
             Wire.errorResponse(error, into: &out)
-            channel.writeAndFlush(out).whenComplete { [channel] _ in channel.close(promise: nil) }
+            closeAfterWriting(out)
         case .terminate:
             closeReason = "client close request"
             finish()
@@ -577,6 +577,21 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     func sendFatal(_ error: PostgresError, reason: String) {
         session.close(error, reason: reason, into: &actions)
         run()
+    }
+
+    /// Writes a last message and closes. A client that is not reading (its socket is full) would
+    /// never let the message through: it is closed at once, and any client after a few seconds.
+    func closeAfterWriting(_ last: ByteBuffer) {
+        let channel = self.channel
+        guard channel.isWritable else {
+            channel.close(promise: nil)
+            return
+        }
+        let cap = channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+        channel.writeAndFlush(last).whenComplete { _ in
+            cap.cancel()
+            channel.close(promise: nil)
+        }
     }
 
     /// The client is gone: the session gives back or closes its server. Safe to call more than once.
