@@ -61,11 +61,11 @@ for _ in range(200):
 PY
 }
 
-# start_postgres DIR PORT [fsync on|off]: a throwaway cluster owned by the postgres OS user,
-# listening on 127.0.0.1:PORT and a Unix socket in DIR. Users: postgres (trust), app (SCRAM,
-# password "app-secret"), md5user (md5, password "md5-secret").
+# start_postgres DIR PORT [fsync on|off] [ADDRESS]: a throwaway cluster owned by the postgres OS
+# user, listening on 127.0.0.1:PORT (and ADDRESS, trusting its subnet) and a Unix socket in DIR.
+# Users: postgres (trust), app (SCRAM, password "app-secret"), md5user (md5, password "md5-secret").
 start_postgres() {
-    local dir="$1" port="$2" fsync="${3:-off}"
+    local dir="$1" port="$2" fsync="${3:-off}" address="${4:-}"
     local bin; bin="$(pg_bindir)"
     mkdir -p "$dir"
     chmod 755 "$dir"
@@ -73,7 +73,7 @@ start_postgres() {
     run_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$*"; else sh -c "$*"; fi; }
     run_pg "'$bin/initdb' -D '$dir/data' -U postgres -A trust --no-sync >'$dir/initdb.log' 2>&1"
     cat >>"$dir/data/postgresql.conf" <<CONF
-listen_addresses = '127.0.0.1'
+listen_addresses = '127.0.0.1${address:+,$address}'
 port = $port
 unix_socket_directories = '$dir'
 max_connections = 300
@@ -89,6 +89,7 @@ host all app 127.0.0.1/32 scram-sha-256
 host all md5user 127.0.0.1/32 md5
 host all all 127.0.0.1/32 trust
 HBA
+    if [ -n "$address" ]; then echo "host all all samenet trust" >>"$dir/data/pg_hba.conf"; fi
     run_pg "'$bin/pg_ctl' -D '$dir/data' -l '$dir/postgres.log' -w -t 60 start >/dev/null"
     "$bin/psql" -h "$dir" -p "$port" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 <<SQL >/dev/null
 CREATE ROLE app LOGIN PASSWORD 'app-secret';

@@ -83,3 +83,82 @@ def test_vanished_client_inside_a_transaction_frees_its_server(tidepool, pg, net
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+@pytest.fixture
+def pg_in_netns(netns):
+    """A PostgreSQL inside the namespace, reached over the veth pair: (namespace, its address, port,
+    the link's name there)."""
+    import shutil
+    import tempfile
+
+    from conftest import LIB, free_port
+    name, _, there, there_link = netns
+    directory = tempfile.mkdtemp(prefix="tidepool-pgns-")
+    port = free_port()
+    subprocess.run(["ip", "netns", "exec", name, "bash", "-c",
+                    f". '{LIB}'; start_postgres '{directory}' {port} off {there}"], check=True)
+    try:
+        yield name, there, port, there_link
+    finally:
+        subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_server_path_dropped_ends_in_errors_and_heals(tidepool, pg_in_netns):
+    """The path to PostgreSQL drops packets (link cut, no RST): a client whose query is in flight
+    gets an error once keepalive gives the server up, a new client gets one at
+    server_connect_timeout, and once the path is back the pool serves again at once."""
+    import threading
+
+    import psycopg
+    name, there, port, there_link = pg_in_netns
+    idle, interval, count = 2, 1, 2
+    t = tidepool(databases=f"* = host={there} port={port}",
+                 settings=f"tcp_keepalive = 1\ntcp_keepidle = {idle}\ntcp_keepintvl = {interval}\n"
+                          f"tcp_keepcnt = {count}\nserver_connect_timeout = 2\nquery_wait_timeout = 3\n"
+                          "server_login_retry = 1\n")
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    outcome = {}
+
+    def in_flight():
+        try:
+            with t.connect() as c:
+                ready.set()
+                c.execute("SELECT pg_sleep(30)")
+        except psycopg.Error as e:
+            outcome["error"] = str(e)
+        outcome["at"] = time.time()
+
+    ready = threading.Event()
+    runner = threading.Thread(target=in_flight)
+    runner.start()
+    assert ready.wait(10)
+    time.sleep(0.5)  # the query reached the server and was acknowledged
+    ip("netns", "exec", name, "ip", "link", "set", there_link, "down")
+    cut = time.time()
+    try:
+        # A new client, while the path is down: its server cannot be reached.
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError):
+            with t.connect() as c:
+                c.execute("SELECT 1")
+        new_client = time.time() - started
+        runner.join(idle + interval * count + 10)
+        assert "error" in outcome, outcome
+    finally:
+        ip("netns", "exec", name, "ip", "link", "set", there_link, "up")
+    healed = time.time()
+    assert new_client < 3 + 2, f"new client waited {new_client:.1f} s"
+    # Keepalive probes start after `idle` seconds without traffic (the query was sent 0.5 s
+    # before the cut) and give up after `count` unanswered ones.
+    assert outcome["at"] - cut < idle + interval * count + 2, outcome
+    while True:
+        try:
+            with t.connect() as c:
+                assert c.execute("SELECT 1").fetchone()[0] == 1
+            break
+        except psycopg.OperationalError:
+            assert time.time() - healed < 3, "the pool did not serve again after the path came back"
+            time.sleep(0.1)

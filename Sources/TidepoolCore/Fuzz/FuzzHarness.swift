@@ -4,19 +4,38 @@ import NIOCore
 /// can replay the committed corpus and crash inputs without a fuzzing build. The first byte picks
 /// the way in; the rest goes to the startup decoder, or through the message scanner to the
 /// decoders and state machines a client's and a server's bytes reach: the client's login (startup
-/// packet, then password messages), the pooler's login to a server, and the traffic after them.
+/// packet, then password messages), the pooler's login to a server, and the traffic after them;
+/// and the readers of what operators write (the configuration, HBA rules, auth file, console).
 public enum FuzzHarness {
     public static func run(_ input: [UInt8]) {
         guard let mode = input.first else { return }
         var buffer = ByteBuffer(bytes: input.dropFirst())
-        switch mode % 6 {
+        switch mode % 7 {
         case 0: startup(&buffer)
         case 1: clientMessages(&buffer)
         case 2: serverMessages(&buffer)
         case 3: authentication(&buffer)
         case 4: serverLogin(&buffer)
-        default: clientLogin(&buffer)
+        case 5: clientLogin(&buffer)
+        default: operatorText(buffer)
         }
+    }
+
+    /// Text as an operator writes it: the configuration (with an %include answered from the same
+    /// text), HBA rules, the auth file and admin console commands. Errors are fine; crashes are not.
+    static func operatorText(_ buffer: ByteBuffer) {
+        let text = String(decoding: buffer.readableBytesView, as: UTF8.self)
+        if let config = try? Config.parse(text, readFile: { _ in "[pooler]\nlisten_port = 1\n" }) {
+            _ = config.displaySettings
+            for database in config.databases.values {
+                _ = config.poolMode(database: database, user: "u")
+                _ = config.queryWaitTimeout(database: database, user: "u")
+            }
+            _ = config.clientTimeouts(user: "u")
+        }
+        _ = try? HBARules.parse(text)
+        _ = Userlist.parse(text)
+        for line in text.split(separator: "\n") { _ = try? AdminCommand.parse(String(line)) }
     }
 
     static func startup(_ buffer: inout ByteBuffer) {
@@ -42,11 +61,14 @@ public enum FuzzHarness {
 
     /// Drives one logged-in `ClientSession` through a conversation read from the input: each step is
     /// a kind byte, a length byte and that many bytes. Kinds: client bytes, server bytes, a lend,
-    /// a cancel request, a cancel's arrival, a timer tick, the server lost, the client gone. The
+    /// a cancel request, a cancel's arrival, a timer tick, the server lost, the client gone, and
+    /// (with the kind's high bit) the client's or the server's socket filling up or draining. The
     /// pool's side is played straight: a request for a server is answered at the next lend step,
-    /// a released server may be lent again. Checks that the session's state and its server agree.
+    /// a released server may be lent again. Checks that the session's state and its server agree,
+    /// and that reads are paused exactly when the flow-control rules say.
     static func conversation(_ buffer: inout ByteBuffer, poolMode: PoolMode, tracksPrepared: Bool) {
         var session = ClientSession(maxMessageLength: 1 << 20)
+        session.bufferLimit = 64
         session.poolMode = poolMode
         if tracksPrepared { session.prepared = PreparedStatementTracker() }
         var settings = ClientTimeoutSettings()
@@ -63,8 +85,17 @@ public enum FuzzHarness {
             var bytes = buffer.readSlice(length: min(Int(length), buffer.readableBytes))
         {
             now = now + .microseconds(Int64(kind))
+            if kind & 0x80 != 0 {
+                // The sockets: which one, and whether it can take more, from the length byte.
+                if length & 1 == 0 {
+                    session.clientWritabilityChanged(length & 2 != 0, into: &actions)
+                } else {
+                    session.serverWritabilityChanged(length & 2 != 0, into: &actions)
+                }
+            }
             switch kind % 8 {
             case 0:
+                guard !session.flow.clientPaused else { break }  // the connection does not read it
                 do {
                     try session.clientBytes(&bytes, now: now, isKnownStatement: { $0.count % 2 == 0 }, into: &actions)
                 } catch {
@@ -73,6 +104,7 @@ public enum FuzzHarness {
                 if bytes.readableBytes > 0, session.state != .closed { session.stash(&bytes) }
                 session.clientReadDone(now: now, into: &actions)
             case 1:
+                guard !session.flow.serverPaused else { break }
                 session.serverBytes(bytes, now: now, into: &actions)
             case 2:
                 _ = session.lent(
@@ -99,10 +131,18 @@ public enum FuzzHarness {
                 default: break
                 }
             }
+            // As the connection does: a Terminate ends the session.
+            if actions.contains(.terminate) {
+                session.finish(serverResetQuery: "DISCARD ALL", resetAlways: false, into: &actions)
+            }
+            session.settleReads(into: &actions)
             actions.removeAll()
             session.actionsCarriedOut()
             session.accepted.removeAll()
             precondition((session.state == .linked) == (session.server != nil), "linked state and server disagree")
+            precondition(!session.flow.serverPaused || session.state == .linked, "an unlinked server left paused")
+            // Reads stop in time: what waits is bounded by the limit and one read.
+            precondition(session.heldBytes <= session.bufferLimit + 255, "held bytes past the limit")
         }
     }
 
