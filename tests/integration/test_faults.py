@@ -65,10 +65,28 @@ def test_terminating_random_servers_under_load(tidepool, pg):
     assert settle_fds(t, baseline) <= baseline + 4 + 10  # at most the pool's servers came back
 
 
-@pytest.mark.parametrize("clients,mode", [(200, "immediate"), (1000, "immediate"), (1000, "fast")])
+def kill_postgres(pg):
+    """SIGKILL to the postmaster and every backend, as the OOM killer or a crash would."""
+    with open(f"{pg.dir}/data/postmaster.pid") as f:
+        postmaster = int(f.readline())
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+    os.kill(postmaster, signal.SIGKILL)
+    for pid in children:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # Gone before the test goes on (a new postmaster refuses shared memory still attached).
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in [postmaster, *children]) and time.time() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("clients,mode", [(200, "immediate"), (1000, "immediate"), (1000, "fast"), (200, "kill")])
 def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
     """Clients inside a transaction get an error, clients outside one wait through the restart, and
-    the pool serves within a second of PostgreSQL being back."""
+    the pool serves within a second of PostgreSQL being back. With SIGKILL (no goodbye from any
+    backend) a client inside a transaction gets its error within a second."""
     t = tidepool(databases=f"* = host=127.0.0.1 port={second_pg.port}",
                  settings="default_pool_size = 10\nmax_client_conn = 2000\nserver_connect_timeout = 2\n")
     wait_serving(t, 5)
@@ -82,7 +100,14 @@ def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
     idle = [t.connect() for _ in range(20)]
     bench = start_pgbench(t.port, clients, 6, "-S")
     time.sleep(2.5 if clients > 200 else 1.5)
-    pg_ctl(second_pg, "stop", mode=mode)
+    if mode == "kill":
+        kill_postgres(second_pg)
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError):
+            in_transaction.pop().execute("SELECT 1")
+        assert time.time() - started < 1.0
+    else:
+        pg_ctl(second_pg, "stop", mode=mode)
     results = []
 
     def query(c):
