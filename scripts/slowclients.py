@@ -77,17 +77,14 @@ def main():
     pg_port = free_port()
     sh(f"start_postgres '{WORK}/pg' {pg_port} off")
     rows = []
+    poolers = [("Tidepool", harness.start_tidepool)]
+    if shutil.which("pgbouncer"):
+        poolers.append(("PgBouncer", harness.start_pgbouncer))
     try:
-        proc, port = harness.start_tidepool(WORK, pg_port, "default_pool_size = 8\n")
-        try:
-            rows.append(probe("Tidepool", proc.pid, port))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        if shutil.which("pgbouncer"):
-            proc, port = harness.start_pgbouncer(WORK, pg_port, "default_pool_size = 8\n")
+        for name, start in poolers:
+            proc, port = start(WORK, pg_port, "default_pool_size = 8\n")
             try:
-                rows.append(probe("PgBouncer", proc.pid, port))
+                rows.append(probe(name, proc.pid, port))
             finally:
                 proc.terminate()
                 proc.wait(30)

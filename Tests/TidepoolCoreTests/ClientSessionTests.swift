@@ -27,6 +27,7 @@ final class SessionDriver {
     var login: [ClientSession.Action] = []
     /// The flow-control actions, in order.
     var flow: [ClientSession.Action] = []
+    var staleReports = 0
     var traffic = TrafficStats()
 
     init(
@@ -60,6 +61,7 @@ final class SessionDriver {
                 var b = session.serverBuffer!.getSlice(at: start, length: length)!
                 toClient.writeBuffer(&b)
             case .flushClient, .statementsAccepted, .logSlowQuery: break
+            case .statementsStale: staleReports += 1
             case .requestServer: requests += 1
             case .leaveQueue: leftQueue += 1
             case .releaseServer(let reusable):
@@ -1045,5 +1047,70 @@ final class SessionDriver {
         #expect(handOff.mayGoOn)
         #expect(!handOff.taken(30), "already under half: told once")
         #expect(handOff.pending == 0)
+    }
+}
+
+/// Prepared statements after a schema change: a server's "cached plan must not change result type"
+/// starts a new epoch, and the statements get new pooler-wide names, so servers parse them again.
+@Suite struct StalePlanTests {
+    typealias D = SessionDriver
+
+    static func error(code: String, message: String, routine: String?) -> ByteBuffer {
+        D.m("E") { b in
+            for (field, value) in [("S", "ERROR"), ("C", code), ("M", message)] + (routine.map { [("R", $0)] } ?? []) {
+                b.writeInteger(UInt8(ascii: field.unicodeScalars.first!))
+                b.writeNullTerminatedString(value)
+            }
+            b.writeInteger(UInt8(0))
+        }
+    }
+
+    @Test func theStalePlanErrorIsRecognizedByCodeAndRoutineOrMessage() {
+        func body(_ m: ByteBuffer) -> ByteBuffer { m.getSlice(at: 5, length: m.readableBytes - 5)! }
+        let stale = "cached plan must not change result type"
+        #expect(
+            PreparedStatementTracker.isStalePlanError(body(Self.error(code: "0A000", message: stale, routine: nil))))
+        #expect(
+            PreparedStatementTracker.isStalePlanError(
+                body(Self.error(code: "0A000", message: "translated", routine: "RevalidateCachedQuery"))))
+        #expect(
+            !PreparedStatementTracker.isStalePlanError(body(Self.error(code: "0A000", message: "other", routine: nil))))
+        #expect(
+            !PreparedStatementTracker.isStalePlanError(body(Self.error(code: "42P01", message: stale, routine: nil))))
+    }
+
+    /// The session reports the stale plan; once the epoch moves, the client's next Bind of the same
+    /// statement goes with a Parse under a new name.
+    @Test func aStalePlanRenamesTheStatementForEveryServer() {
+        let d = D(prepared: true)
+        let execute = D.m("E") { $0.writeInteger(UInt32(0)) }
+        d.client(PreparedHarness.parse("s1", "select * from t"), PreparedHarness.bind("s1"), execute, D.sync)
+        d.lend()
+        d.serverSends(D.m("1"), D.m("2"), D.complete("SELECT 1"), D.ready("I"))
+        let first = d.toServer
+        d.toServer.clear()
+        d.client(PreparedHarness.bind("s1"), execute, D.sync)
+        d.lend()
+        d.serverSends(
+            Self.error(code: "0A000", message: "cached plan must not change result type", routine: nil), D.ready("I"))
+        #expect(d.staleReports == 1)
+        #expect(d.clientTypes.hasSuffix("EZ"), "the error still reaches the client")
+        d.toServer.clear()
+        d.session.statementEpoch = 1
+        d.client(PreparedHarness.bind("s1"), execute, D.sync)
+        d.lend()
+        #expect(D.types(d.toServer) == "PBES", "a Parse under the new name comes first")
+        let oldName = PreparedStatementTracker.serverName(for: Self.definition("select * from t"))
+        let newName = PreparedStatementTracker.serverName(for: Self.definition("select * from t"), epoch: 1)
+        #expect(oldName != newName)
+        #expect(String(buffer: first).contains(oldName))
+        #expect(String(buffer: d.toServer).contains(newName))
+    }
+
+    static func definition(_ sql: String) -> ByteBuffer {
+        var b = ByteBuffer()
+        b.writeNullTerminatedString(sql)
+        b.writeInteger(Int16(0))
+        return b
     }
 }

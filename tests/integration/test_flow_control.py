@@ -24,6 +24,27 @@ def rss_mb(t):
     raise AssertionError("no VmRSS")
 
 
+class PeakRSS:
+    """The pooler's largest RSS while the `with` block runs, sampled every 0.1 s."""
+
+    def __init__(self, t, before):
+        self.t, self.peak = t, before
+        self.done = threading.Event()
+        self.watcher = threading.Thread(target=self.watch)
+
+    def watch(self):
+        while not self.done.wait(0.1):
+            self.peak = max(self.peak, rss_mb(self.t))
+
+    def __enter__(self):
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.watcher.join()
+
+
 def query(sql):
     return message(b"Q", sql.encode() + b"\0")
 
@@ -147,24 +168,12 @@ def test_slow_reader_gets_the_whole_result_with_memory_bounded(tidepool, pg):
     s = raw_startup(t.port)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     s.sendall(query(sql))
-    peak = [before]
-    done = threading.Event()
-
-    def watch():
-        while not done.wait(0.1):
-            peak[0] = max(peak[0], rss_mb(t))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with PeakRSS(t, before) as rss:
         values = read_result(s, rate=1_000_000)
-    finally:
-        done.set()
-        watcher.join()
     assert len(values) == rows
     assert hashlib.md5(b"".join(values)).hexdigest() == expected
     # Unbounded, the pooler would hold most of the 10 MB result at once.
-    assert peak[0] - before < 4, f"RSS grew from {before:.1f} MB to {peak[0]:.1f} MB"
+    assert rss.peak - before < 4, f"RSS grew from {before:.1f} MB to {rss.peak:.1f} MB"
     s.close()
 
 
@@ -189,26 +198,14 @@ def test_copy_in_faster_than_the_server_takes_is_bounded(tidepool, pg):
     line = b"y" * 4095 + b"\n"
     chunk = line * 256  # 1 MB
     chunks = 2048
-    peak = [before]
-    done = threading.Event()
-
-    def watch():
-        while not done.wait(0.1):
-            peak[0] = max(peak[0], rss_mb(t))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with PeakRSS(t, before) as rss:
         with t.connect() as c:
             with c.cursor().copy("COPY slow_sink FROM STDIN") as copy:
                 for _ in range(chunks):
                     copy.write(chunk)
-    finally:
-        done.set()
-        watcher.join()
     arrived = pg.scalar("SELECT last_value FROM slow_sink_rows")
     assert arrived == chunks * 256
-    assert peak[0] - before < 100, f"RSS grew from {before:.0f} MB to {peak[0]:.0f} MB"
+    assert rss.peak - before < 100, f"RSS grew from {before:.0f} MB to {rss.peak:.0f} MB"
     with pg.connect() as c:
         c.execute("DROP TABLE slow_sink")
         c.execute("DROP FUNCTION slow_sink_count()")

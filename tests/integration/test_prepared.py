@@ -5,7 +5,9 @@ servers shared by several connections, and the two transcripts must be identical
 """
 
 import asyncio
+import os
 import re
+import shutil
 import subprocess
 import threading
 
@@ -278,3 +280,83 @@ def test_preparing_a_name_twice_names_the_clients_statement(tidepool):
         assert "tidepool" not in message
         assert again.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42P05"
         assert c.execute("SELECT 2").fetchone()[0] == 2
+
+
+def test_prepared_statements_recover_after_a_schema_change(pg, tidepool):
+    """After ALTER TABLE changes a prepared query's result type, PostgreSQL answers the next
+    Bind with 0A000 "cached plan must not change result type" once; a driver then prepares again.
+    Through the pooler that new Parse must really reach the servers (every one of them), so the
+    drivers recover as they do against PostgreSQL directly: asyncpg (which retries by itself)
+    without an error, psycopg (prepare_threshold=0) after at most one per connection."""
+    import asyncio
+
+    with pg.connect() as c:
+        c.execute("DROP TABLE IF EXISTS stale_plan")
+        c.execute("CREATE TABLE stale_plan (a int)")
+        c.execute("INSERT INTO stale_plan VALUES (1)")
+    t = tidepool(settings="default_pool_size = 3\n")
+
+    async def asyncpg_side(step):
+        conn = await asyncpg.connect(host="127.0.0.1", port=t.port, user="postgres", database="postgres",
+                                     ssl=False)
+        try:
+            rows = await conn.fetch("SELECT * FROM stale_plan")
+            await step()
+            for _ in range(6):  # across the pool's servers
+                rows = await conn.fetch("SELECT * FROM stale_plan")
+            return [tuple(r) for r in rows]
+        finally:
+            await conn.close()
+
+    # Every server of the pool prepares the statement before the change.
+    warmers = [t.connect(prepare_threshold=0) for _ in range(3)]
+    try:
+        for c in warmers:
+            c.execute("BEGIN")
+            c.execute("SELECT * FROM stale_plan").fetchall()
+        for c in warmers:
+            c.execute("COMMIT")
+    finally:
+        for c in warmers:
+            c.close()
+
+    async def alter():
+        with pg.connect() as c:
+            c.execute("ALTER TABLE stale_plan ADD COLUMN b int DEFAULT 7")
+
+    assert asyncio.run(asyncpg_side(alter)) == [(1, 7)]
+    with pg.connect() as c:
+        c.execute("ALTER TABLE stale_plan ADD COLUMN c int DEFAULT 8")
+    errors = 0
+    with t.connect(prepare_threshold=0) as c:
+        for _ in range(6):
+            try:
+                assert c.execute("SELECT * FROM stale_plan").fetchall() == [(1, 7, 8)]
+            except psycopg.errors.FeatureNotSupported:
+                errors += 1
+    assert errors <= 1
+
+
+def test_pgjdbc_recovers_from_a_schema_change(pg, tidepool, tmp_path):
+    """pgjdbc (Debian's libpostgresql-jdbc-java) with prepareThreshold=1: after ALTER TABLE the same
+    PreparedStatement keeps working, as it does directly against PostgreSQL (before, it failed 10
+    times in 10 with "cached plan must not change result type" until RECONNECT)."""
+    jar = "/usr/share/java/postgresql.jar"
+    assert shutil.which("javac") and os.path.exists(jar), "scripts/test.sh installs a JDK and pgjdbc"
+    source = os.path.join(os.path.dirname(__file__), "java", "StalePlan.java")
+    subprocess.run(["javac", "-d", str(tmp_path), source], check=True)
+    t = tidepool(settings="default_pool_size = 2\nignore_startup_parameters = extra_float_digits\n")
+
+    def run(port):
+        out = subprocess.run(
+            ["java", "-cp", f"{tmp_path}:{jar}", "StalePlan",
+             f"jdbc:postgresql://127.0.0.1:{port}/postgres?prepareThreshold=1",
+             f"jdbc:postgresql://127.0.0.1:{pg.port}/postgres"],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        errors, ok = map(int, out.stdout.split())
+        return errors, ok, out.stderr
+
+    assert run(pg.port)[:2] == (0, 10)  # directly: pgjdbc recovers by itself
+    errors, ok, stderr = run(t.port)
+    assert (errors, ok) == (0, 10), stderr

@@ -158,6 +158,11 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         case .statementsAccepted:
             pooler.statementsAccepted(session.accepted)
             session.accepted.removeAll()
+        case .statementsStale:
+            let epoch = pooler.statementEpoch.add(1, ordering: .relaxed).newValue
+            session.statementEpoch = epoch
+            logger.info(
+                "a server found a prepared statement's plan stale: statements are parsed again (epoch \(epoch))")
         case .handInTraffic:
             handInTraffic()
         case .recordTiming(let kind, let microseconds):
@@ -243,6 +248,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
+        let epoch = pooler.statementEpoch.load(ordering: .relaxed)
+        if session.statementEpoch != epoch { session.statementEpoch = epoch }
         session.clientRead(buffer)
         session.inbound.prepend(to: &buffer)
         let now = NIODeadline.now()

@@ -245,17 +245,11 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// The linked client (lend number `lease`) can take no more, or can again.
     func setReadsPaused(_ paused: Bool, lease: UInt64) {
-        if eventLoop.inEventLoop {
-            setReadsPausedOnLoop(paused, lease: lease)
-        } else {
-            onLoop { self.setReadsPausedOnLoop(paused, lease: lease) }
+        onLoop {
+            guard self.leases.current == lease, self.leases.attached else { return }
+            self.readsPaused = paused
+            self.readIfWanted()
         }
-    }
-
-    private func setReadsPausedOnLoop(_ paused: Bool, lease: UInt64) {
-        guard leases.current == lease, leases.attached else { return }
-        readsPaused = paused
-        readIfWanted()
     }
 
     /// A read the channel asked for while reads waited, once nothing holds them.

@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import Synchronization
 import TidepoolCore
 
 /// The running pooler: listeners, the shared pool state machine, and the registry of live
@@ -37,6 +38,9 @@ public final class Pooler: @unchecked Sendable {
     }
     /// Pooler-wide names of prepared statements some server has accepted: a client preparing one of
     /// these with Parse+Sync is answered without borrowing a server.
+    /// The stale-plan epoch of prepared statements (`PreparedStatementTracker.epoch`): raised when
+    /// a server reports a cached plan gone stale, read by every client before it sends statements.
+    let statementEpoch = Atomic<Int>(0)
     let knownStatements = NIOLockedValueBox(Set<String>())
 
     func isKnownStatement(_ name: String) -> Bool {

@@ -110,6 +110,7 @@ extension ClientSession {
                 terminate(into: &actions)
                 return false
             }
+            if prepared!.epoch != statementEpoch { prepared!.epoch = statementEpoch }
             if let answer = prepared!.answerWithoutServer(buffer, isKnown: isKnownStatement) {
                 buffer.moveReaderIndex(forwardBy: answer.consumed)
                 write(answer.reply, into: &actions)
@@ -149,6 +150,7 @@ extension ClientSession {
                 return false
             }
             tracker.clientSent(type)
+            if prepared!.epoch != statementEpoch { prepared!.epoch = statementEpoch }
             prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
             if writeMadeUpReplies(now: now, into: &actions) {
                 actions.append(.flushClient)

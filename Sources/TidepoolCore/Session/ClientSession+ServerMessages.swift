@@ -24,8 +24,9 @@ extension ClientSession {
                                 return .inspect
                             }
                             if prepared != nil {
-                                // Made-up or swallowed answers pending: look at each message.
-                                if prepared!.specials > 0 { return .inspect }
+                                // Made-up or swallowed answers pending: look at each message. An
+                                // error may say a statement's plan went stale.
+                                if prepared!.specials > 0 || type == MessageType.errorResponse { return .inspect }
                                 _ = prepared!.serverMessage(type, server: &server.statements)
                             }
                             return .forward
@@ -42,7 +43,11 @@ extension ClientSession {
                         continue
                     }
                     if type != MessageType.readyForQuery {
-                        // Only while the prepared-statement tracker has answers of its own pending.
+                        // Only while prepared statements are tracked: an error, or any message
+                        // while the tracker has answers of its own pending.
+                        if type == MessageType.errorResponse, PreparedStatementTracker.isStalePlanError(body) {
+                            actions.append(.statementsStale)
+                        }
                         if prepared!.serverMessage(type, body: body, server: &server.statements) {
                             run.add(chunkStart, chunkLength, to: &self, into: &actions)
                         }

@@ -66,6 +66,9 @@ public struct ClientSession {
         /// `accepted` holds names of prepared statements a server accepted (so other clients'
         /// Parses of them can be answered without a server).
         case statementsAccepted
+        /// A server found a prepared statement's cached plan stale (the schema changed): the
+        /// pooler starts a new stale-plan epoch (`PreparedStatementTracker.epoch`).
+        case statementsStale
         /// Add `traffic` to the database's totals and zero it (also done before `releaseServer`).
         case handInTraffic
         /// A wait, query or transaction time for /metrics, when `reportsTimings` (SHOW LATENCY's
@@ -193,6 +196,9 @@ public struct ClientSession {
     }
     /// For `statementsAccepted`; the connection takes them.
     public var accepted: [String] = []
+    /// The pooler's stale-plan epoch as the connection last read it; the tracker takes it before it
+    /// names statements (`PreparedStatementTracker.epoch`).
+    public var statementEpoch = 0
     var serverInbound = KeptBytes()
     /// The values of the tracked parameters as the client should see them.
     @TrackedParameters public var wanted: [String: String] = [:]

@@ -62,6 +62,8 @@ public struct PreparedStatementTracker: Sendable {
         public var definition: ByteBuffer
         /// For a statement made with SQL PREPARE: what followed its name ("(types) AS query").
         public var sqlText: String? = nil
+        /// The stale-plan epoch `serverName` was made in (see `epoch`).
+        public var epoch = 0
     }
 
     enum Undo: Sendable {
@@ -105,6 +107,11 @@ public struct PreparedStatementTracker: Sendable {
 
     /// The client's statements by the client's names.
     public private(set) var statements: [String: Statement] = [:]
+    /// The pooler's stale-plan epoch as this client last heard it. A server that finds a cached
+    /// plan no longer valid after a schema change (0A000 "cached plan must not change result
+    /// type") makes the pooler start a new epoch; statements then get new pooler-wide names, so
+    /// every server really parses them again, as the drivers' own recovery expects.
+    public var epoch = 0
     private var queue = Deque<Entry>()
     /// Entries in the queue other than plain `.pass`: while there are any, every server message
     /// must be looked at one by one.
@@ -186,7 +193,7 @@ public struct PreparedStatementTracker: Sendable {
         case MessageType.parse:
             guard let name = b.readNullTerminatedString(), !name.isEmpty else { break }
             clientParseCount += 1
-            if let existing = statements[name] {
+            if let existing = current(name) {
                 // PostgreSQL refuses a second statement of the same name: let the server say so,
                 // by parsing under a name it is known to hold.
                 ensurePrepared(existing, on: &server, into: &out)
@@ -198,7 +205,8 @@ public struct PreparedStatementTracker: Sendable {
             // A copy: a slice would keep the client's whole read buffer alive.
             var definition = ByteBufferAllocator().buffer(capacity: b.readableBytes)
             definition.writeImmutableBuffer(b)
-            let statement = Statement(serverName: Self.serverName(for: b), definition: definition)
+            let statement = Statement(
+                serverName: Self.serverName(for: b, epoch: epoch), definition: definition, epoch: epoch)
             statements[name] = statement
             if server.contains(statement.serverName) {
                 server.touch(statement.serverName)
@@ -217,7 +225,7 @@ public struct PreparedStatementTracker: Sendable {
             return
         case MessageType.bind:
             guard let portal = b.readNullTerminatedString(), let name = b.readNullTerminatedString(),
-                let statement = statements[name]
+                let statement = current(name)
             else { break }
             bindCount += 1
             ensurePrepared(statement, on: &server, into: &out)
@@ -232,7 +240,7 @@ public struct PreparedStatementTracker: Sendable {
             return
         case MessageType.describe:
             guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString(),
-                let statement = statements[name]
+                let statement = current(name)
             else { break }
             ensurePrepared(statement, on: &server, into: &out)
             var message = ByteBufferAllocator().buffer(capacity: statement.serverName.utf8.count + 7)
@@ -298,11 +306,11 @@ public struct PreparedStatementTracker: Sendable {
             switch type {
             case MessageType.parse:
                 guard let name = body.readNullTerminatedString(), !name.isEmpty, view[name] == nil else { return nil }
-                let serverName = Self.serverName(for: body)
+                let serverName = Self.serverName(for: body, epoch: epoch)
                 guard isKnown(serverName) else { return nil }
                 var definition = ByteBufferAllocator().buffer(capacity: body.readableBytes)
                 definition.writeImmutableBuffer(body)
-                view[name] = Statement(serverName: serverName, definition: definition)
+                view[name] = Statement(serverName: serverName, definition: definition, epoch: epoch)
                 parses += 1
                 Wire.withMessage(MessageType.parseComplete, into: &reply) { _ in }
             case MessageType.close:
@@ -669,8 +677,9 @@ public struct PreparedStatementTracker: Sendable {
     }
 
     /// The pooler-wide name of a statement: a digest of its text and parameter types, so every
-    /// client and server agrees on it without asking anybody.
-    public static func serverName(for definition: ByteBuffer) -> String {
+    /// client and server agrees on it without asking anybody, and the stale-plan epoch after the
+    /// first.
+    public static func serverName(for definition: ByteBuffer, epoch: Int = 0) -> String {
         var hasher = SHA256()
         definition.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) }
         let digest = hasher.finalize()
@@ -678,7 +687,43 @@ public struct PreparedStatementTracker: Sendable {
         for byte in digest.prefix(12) {
             name += String(byte >> 4, radix: 16) + String(byte & 0xF, radix: 16)
         }
+        if epoch > 0 { name += "_\(epoch)" }
         return name
+    }
+
+    /// The client's statement `name`, renamed first if it was named in an earlier stale-plan epoch.
+    @inline(__always)
+    private mutating func current(_ name: String) -> Statement? {
+        guard let statement = statements[name] else { return nil }
+        if statement.epoch == epoch || statement.sqlText != nil { return statement }
+        return renamed(name, statement)
+    }
+
+    @inline(never)
+    private mutating func renamed(_ name: String, _ old: Statement) -> Statement {
+        var statement = old
+        statement.serverName = Self.serverName(for: statement.definition, epoch: epoch)
+        statement.epoch = epoch
+        statements[name] = statement
+        return statement
+    }
+
+    /// Whether a server's ErrorResponse says a prepared statement's cached plan went stale (its
+    /// result type changed with the schema). The routine name is checked as well as the message,
+    /// which the server may translate.
+    public static func isStalePlanError(_ body: ByteBuffer) -> Bool {
+        var b = body
+        var code = false
+        var stale = false
+        while let field = b.readInteger(as: UInt8.self), field != 0, let value = b.readNullTerminatedString() {
+            switch field {
+            case UInt8(ascii: "C"): code = value == SQLState.featureNotSupported
+            case UInt8(ascii: "R"): stale = stale || value == "RevalidateCachedQuery"
+            case UInt8(ascii: "M"): stale = stale || value == "cached plan must not change result type"
+            default: break
+            }
+        }
+        return code && stale
     }
 
     /// The pooler-wide name of a statement made with SQL PREPARE, from what followed its name.
