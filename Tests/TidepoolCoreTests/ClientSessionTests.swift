@@ -475,7 +475,8 @@ final class SessionDriver {
         d.lend()
         d.session.serverLost(into: &d.actions)
         d.carryOut()
-        #expect(d.closedWith?.code == SQLState.adminShutdown)
+        #expect(d.closedWith?.code == SQLState.protocolViolation)
+        #expect(d.closedWith?.message == "server conn crashed?")
         #expect(d.releases.isEmpty)
         #expect(d.session.server == nil)
     }

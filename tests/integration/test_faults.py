@@ -70,12 +70,12 @@ def kill_postgres(pg):
     with open(f"{pg.dir}/data/postmaster.pid") as f:
         postmaster = int(f.readline())
     children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
-    os.kill(postmaster, signal.SIGKILL)
     for pid in children:
         try:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
+    os.kill(postmaster, signal.SIGKILL)
     # Gone before the test goes on (a new postmaster refuses shared memory still attached).
     deadline = time.time() + 10
     while any(os.path.exists(f"/proc/{pid}") for pid in [postmaster, *children]) and time.time() < deadline:
@@ -103,9 +103,13 @@ def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
     if mode == "kill":
         kill_postgres(second_pg)
         started = time.time()
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(psycopg.OperationalError) as info:
             in_transaction.pop().execute("SELECT 1")
         assert time.time() - started < 1.0
+        # An error with words, not libpq's own for a silent close: PgBouncer's (which applications
+        # match to retry) when the backend died without one, or the backend's own last words.
+        message = str(info.value)
+        assert "server conn crashed?" in message or "terminating connection" in message, message
     else:
         pg_ctl(second_pg, "stop", mode=mode)
     results = []

@@ -137,13 +137,15 @@ extension ClientSession {
     }
 
     /// The linked server closed or failed: the client cannot go on without knowing what it ran.
+    /// PgBouncer's words and SQLSTATE, which applications match to retry (libpq's own "server
+    /// closed the connection unexpectedly" would hide whether the pooler said anything).
     public mutating func serverLost(into actions: inout Actions) {
         guard state == .linked else { return }
         server = nil
         state = .idle
         close(
-            .fatal(SQLState.adminShutdown, "server closed the connection unexpectedly"),
-            reason: "server connection lost", into: &actions)
+            .fatal(SQLState.protocolViolation, "server conn crashed?"), reason: "server connection lost",
+            into: &actions)
     }
 }
 
