@@ -192,3 +192,27 @@ def test_invalid_config_on_reload_is_rejected_and_the_old_one_stays(tidepool):
         a.execute("RELOAD")
     with t.connect() as c:
         assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_console_commands_name_only_configured_databases_and_kill_spares_the_console(tidepool, pg):
+    """PAUSE, RESUME, KILL, RECONNECT and WAIT_CLOSE of a database the configuration lacks are
+    refused with PgBouncer's "no such database"; KILL of every database closes the pools' clients
+    but not the console sessions, the one asking included."""
+    t = tidepool(settings="admin_users = admin\n",
+                 databases=f"postgres = host=127.0.0.1 port={pg.port}")
+    with admin(t) as a, admin(t) as other, t.connect() as client:
+        client.execute("SELECT 1")
+        for command in ["PAUSE nosuchdb", "RESUME nosuchdb", "KILL nosuchdb", "RECONNECT nosuchdb",
+                        "WAIT_CLOSE nosuchdb"]:
+            with pytest.raises(psycopg.Error) as info:
+                a.execute(command)
+            assert "no such database: nosuchdb" in str(info.value), command
+        a.execute("KILL")
+        time.sleep(0.3)
+        with pytest.raises(psycopg.OperationalError):
+            client.execute("SELECT 1")
+        assert a.execute("SHOW VERSION").fetchone()
+        assert other.execute("SHOW STATE").fetchall()
+        a.execute("RESUME")
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1

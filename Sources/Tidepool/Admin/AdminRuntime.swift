@@ -24,8 +24,10 @@ extension Pooler {
                 try reload()
                 return done("RELOAD", on: loop)
             case .pause(let database):
+                try requireDatabase(database)
                 return pause(database: database).map { AdminResult(columns: [], rows: [], tag: "PAUSE") }
             case .resume(let database):
+                try requireDatabase(database)
                 resume(database: database)
                 return done("RESUME", on: loop)
             case .suspend:
@@ -42,20 +44,26 @@ extension Pooler {
                 logger.info("ENABLE \(database)")
                 return done("ENABLE", on: loop)
             case .reconnect(let database):
+                try requireDatabase(database)
                 let now = NIODeadline.now()
                 withPool { $0.reconnect(database: database, now: now) }
                 logger.info("RECONNECT \(database ?? "all databases")")
                 return done("RECONNECT", on: loop)
             case .waitClose(let database):
+                try requireDatabase(database)
                 return waitUntil(on: loop) { [self] in
                     shared.withLockedValue { $0.pools.closeNeededCount(database: database) } == 0
                 }.map { AdminResult(columns: [], rows: [], tag: "WAIT_CLOSE") }
             case .kill(let database):
+                try requireDatabase(database)
                 shared.withLockedValue { $0.pools.pause(database: database) }
                 let now = NIODeadline.now()
                 withPool { $0.reconnect(database: database, now: now) }
+                // Clients of pools only: the console sessions (the one asking included) stay.
                 let victims = shared.withLockedValue { s in
-                    s.clients.values.filter { database == nil || $0.poolKey?.database == database }
+                    s.clients.values.filter { client in
+                        client.poolKey.map { database == nil || $0.database == database } ?? false
+                    }
                 }
                 for client in victims { client.onLoop { client.kill("KILL \(database ?? "")") } }
                 logger.info("KILL \(database ?? "all databases"): \(victims.count) client(s) closed")
@@ -97,7 +105,10 @@ extension Pooler {
         }
     }
 
-    func requireDatabase(_ name: String) throws(PostgresError) {
+    /// A command naming a database (none: all of them) is refused for one the configuration lacks,
+    /// with PgBouncer's words.
+    func requireDatabase(_ name: String?) throws(PostgresError) {
+        guard let name else { return }
         guard config.database(named: name) != nil else {
             throw PostgresError(code: SQLState.invalidCatalogName, message: "no such database: \(name)")
         }
