@@ -14,6 +14,7 @@ from test_admin_views import http, metric
 from test_auth_limits import userlist  # noqa: F401  (fixture)
 from test_bad_input import error_fields, read_all
 from test_faults import message, raw_startup
+from test_lifecycle import hold_servers
 
 
 def rss_mb(t):
@@ -60,13 +61,7 @@ def hog(t, sql):
 def warm(t, clients=8):
     """Opens the pool's servers and lets the pooler's memory settle, so growth is measured from a
     steady state."""
-    conns = [t.connect() for _ in range(clients)]
-    for c in conns:
-        c.execute("BEGIN")
-        c.execute("SELECT 1")
-    for c in conns:
-        c.execute("COMMIT")
-        c.close()
+    hold_servers(t, clients)
     time.sleep(0.5)
     return rss_mb(t)
 
