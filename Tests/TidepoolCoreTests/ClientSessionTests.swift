@@ -9,7 +9,7 @@ import Testing
 final class SessionDriver {
     var session: ClientSession
     var now = NIODeadline.uptimeNanoseconds(1_000_000_000)
-    let server = ServerSessionState(maxPreparedStatements: 10)
+    let server: ServerSessionState
     var actions = ClientSession.Actions()
     /// Bytes that reached the server, and the client, in order.
     var toServer = ByteBuffer()
@@ -32,10 +32,12 @@ final class SessionDriver {
 
     init(
         mode: PoolMode = .transaction, prepared: Bool = false, timeouts: ClientTimeoutSettings? = nil,
-        loggedIn: Bool = true
+        loggedIn: Bool = true, server: ServerSessionState = ServerSessionState(maxPreparedStatements: 10)
     ) {
+        self.server = server
         session = ClientSession(maxMessageLength: 1 << 20)
         session.poolMode = mode
+        session.tracksSessionState = mode != .session
         if prepared { session.prepared = PreparedStatementTracker() }
         if let timeouts { session.timeoutClock = ClientSession.TimeoutClock(settings: timeouts, now: now) }
         session.serverResetQuery = "DISCARD ALL"
@@ -67,7 +69,8 @@ final class SessionDriver {
             case .releaseServer(let reusable):
                 traffic = traffic + session.takeTraffic()
                 releases.append(reusable)
-            case .resetAndReleaseServer: resets.append(session.serverResetQuery)
+            case .resetAndReleaseServer(let discardAll):
+                resets.append(discardAll ? "DISCARD ALL" : session.serverResetQuery)
             case .cancelServerQuery(let reportBack): cancels.append(reportBack)
             case .handInTraffic: traffic = traffic + session.takeTraffic()
             case .recordTiming(let kind, _): timings.append(kind)

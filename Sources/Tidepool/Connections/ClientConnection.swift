@@ -139,11 +139,11 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             self.server = nil
             server.detach(from: self, lease: lease)
             pools.release(server, reusable: reusable)
-        case .resetAndReleaseServer:
+        case .resetAndReleaseServer(let discardAll):
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
-            server.resetAndRelease(session.serverResetQuery)
+            server.resetAndRelease(discardAll ? "DISCARD ALL" : session.serverResetQuery)
         case .cancelServerQuery(let reportBack):
             guard let server else { return }
             let sent = pooler.sendCancel(to: server.cancelTarget)
@@ -482,8 +482,9 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         guard let database = config.database(named: session.database) else { return }
         let now = NIODeadline.now()
         session.joinPool(
-            poolMode: config.poolMode(database: database, user: session.user), config: config, user: session.user,
-            now: now)
+            poolMode: config.poolMode(database: database, user: session.user),
+            sessionStateMode: config.sessionState(database: database, user: session.user), config: config,
+            user: session.user, now: now)
         if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: session.database) }
         session.latency = pooler.loopLatency[loopIndex].recorder(for: session.database)
         session.reportsTimings = timers != nil

@@ -4,6 +4,14 @@ public enum PoolMode: String, Sendable, CaseIterable {
     case session, transaction, statement
 }
 
+/// What transaction and statement pooling do with session state (SET, advisory locks, temp tables).
+public enum SessionStateMode: String, Sendable, CaseIterable {
+    /// Settings kept per client and replayed; what cannot be replayed pins the client to its server.
+    case track
+    /// Nothing is followed (PgBouncer's behaviour): state stays on whichever server ran it.
+    case ignore
+}
+
 public enum AuthType: String, Sendable, CaseIterable {
     case trust, plain, md5
     case scramSHA256 = "scram-sha-256"
@@ -62,6 +70,7 @@ public struct GlobalSettings: Equatable, Sendable {
     public var adminUsers: [String] = []
     public var statsUsers: [String] = []
     public var poolMode = PoolMode.transaction
+    public var sessionState = SessionStateMode.track
     public var defaultPoolSize = 20
     public var minPoolSize = 0
     public var reservePoolSize = 0
@@ -156,6 +165,7 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var minPoolSize: Int?
     public var reservePoolSize: Int?
     public var poolMode: PoolMode?
+    public var sessionState: SessionStateMode?
     public var maxDBConnections: Int?
     public var connectQuery: String?
     public var clientEncoding: String?
@@ -174,6 +184,7 @@ public struct DatabaseEntry: Equatable, Sendable {
 public struct UserEntry: Equatable, Sendable {
     public var name: String
     public var poolMode: PoolMode?
+    public var sessionState: SessionStateMode?
     public var poolSize: Int?
     public var maxUserConnections: Int?
     public var queryTimeout: TimeAmount?
@@ -208,6 +219,10 @@ public struct Config: Equatable, Sendable {
 
     public func poolMode(database: DatabaseEntry, user: String) -> PoolMode {
         users[user]?.poolMode ?? database.poolMode ?? global.poolMode
+    }
+
+    public func sessionState(database: DatabaseEntry, user: String) -> SessionStateMode {
+        users[user]?.sessionState ?? database.sessionState ?? global.sessionState
     }
 
     public func poolSize(database: DatabaseEntry, user: String) -> Int {

@@ -200,6 +200,11 @@ public enum Settings {
                 "pool_mode", \.poolMode, "when a server goes back to the pool", also: [.databases, .users],
                 database: { d, v throws(ConfigError) in d.poolMode = try v.enumValue(PoolMode.self) },
                 user: { u, v throws(ConfigError) in u.poolMode = try v.enumValue(PoolMode.self) }),
+            .choice(
+                "session_state", \.sessionState, "track: settings replayed per client, pinned otherwise; ignore",
+                also: [.databases, .users],
+                database: { d, v throws(ConfigError) in d.sessionState = try v.enumValue(SessionStateMode.self) },
+                user: { u, v throws(ConfigError) in u.sessionState = try v.enumValue(SessionStateMode.self) }),
             .int("default_pool_size", \.defaultPoolSize, 1...100_000, "servers per (database, user) pool"),
             .int(
                 "min_pool_size", \.minPoolSize, 0...100_000, "servers kept open per pool", also: .databases,
@@ -339,7 +344,7 @@ public enum Settings {
             .inert("resolv_conf", "the system resolver is used"),
             .inert("suspend_timeout", "SUSPEND is not needed for restarts"),
             .inert("server_fast_close", "not used"),
-            .inert("track_extra_parameters", "not used"),
+            .inert("track_extra_parameters", "every setting is kept (session_state)"),
             .inert("stats_users_prefix", "not used"),
             .inert("job_name", "not used"),
             .inert("service_name", "not used"),

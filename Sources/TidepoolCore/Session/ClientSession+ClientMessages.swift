@@ -18,13 +18,16 @@ extension ClientSession {
                     continue
                 }
                 guard
-                    let chunk = try scanner.next(
+                    let chunk = try nextMessage(
                         from: &buffer,
-                        classify: { type in
-                            if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery) {
+                        peek: { s, type, bytes, bodyStart in
+                            if type == MessageType.terminate || (type == MessageType.query && s.refusesSimpleQuery) {
                                 return .inspect
                             }
-                            tracker.clientSent(type)
+                            if s.tracksSessionState, !s.sessionStatement(type, bytes, bodyStart: bodyStart) {
+                                return .inspect
+                            }
+                            s.clientSent(type)
                             return .forward
                         })
                 else { return }
@@ -43,6 +46,16 @@ extension ClientSession {
                 return
             }
         }
+    }
+
+    /// `scanner.next`, with the scanner moved out meanwhile so that `peek` may change the session.
+    @inline(__always)
+    mutating func nextMessage(
+        from buffer: inout ByteBuffer, peek: (inout ClientSession, UInt8, ByteBuffer, Int) -> MessageDisposition
+    ) throws(WireError) -> MessageScanner.Chunk? {
+        var scan = scanner
+        defer { scanner = scan }
+        return try scan.next(from: &buffer, peek: { type, bytes, start in peek(&self, type, bytes, start) })
     }
 
     /// The end of one read of client bytes: what was gathered for the linked server goes, and the
@@ -124,16 +137,19 @@ extension ClientSession {
             return false
         }
         guard
-            let chunk = try scanner.next(
+            let chunk = try nextMessage(
                 from: &buffer,
-                peek: { type, bytes, bodyStart in
-                    if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery)
+                peek: { s, type, bytes, bodyStart in
+                    if type == MessageType.terminate || (type == MessageType.query && s.refusesSimpleQuery)
                         || PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart)
                     {
                         return .inspect
                     }
-                    tracker.clientSent(type)
-                    prepared!.clientForwarded(type)
+                    if s.tracksSessionState, !s.sessionStatement(type, bytes, bodyStart: bodyStart) {
+                        return .inspect
+                    }
+                    s.clientSent(type)
+                    s.prepared!.clientForwarded(type)
                     return .forward
                 })
         else { return false }
@@ -149,7 +165,8 @@ extension ClientSession {
                 refuseSimpleQuery(into: &actions)
                 return false
             }
-            tracker.clientSent(type)
+            if tracksSessionState { sessionMessage(type, body: body, whole: true) }
+            clientSent(type)
             if prepared!.epoch != statementEpoch { prepared!.epoch = statementEpoch }
             prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
             if writeMadeUpReplies(now: now, into: &actions) {
@@ -175,7 +192,7 @@ extension ClientSession {
                 let status = TransactionStatus(rawValue: raw)
             {
                 // Ends a client Query the pooler answered itself, like one from the server.
-                tracker.serverReady(status)
+                readyForQuery(status)
                 countReady(status, now: now, into: &actions)
             }
             write(reply, into: &actions)
@@ -211,8 +228,8 @@ extension ClientSession {
         actions.append(.leaveQueue)
         var answers = max(tracker.outstanding, 1)
         var midMessage = !scanner.atMessageBoundary
-        if prepared != nil, var stash = inbound.take() {
-            // Unread bytes kept for the server: count the requests among them, and drop them.
+        if var stash = inbound.take() {
+            // Unread bytes kept for the server (or a message waited for whole): count the requests among them, and drop them.
             var counter = MessageScanner()
             var requests = 0
             while let chunk = try? counter.next(
@@ -237,6 +254,7 @@ extension ClientSession {
         }
         pending.removeAll()
         flow.pendingBytes = 0
+        sessionState?.requestsDropped()
         var out = ByteBufferAllocator().buffer(capacity: 128)
         Wire.errorResponse(cancelled, into: &out)
         for _ in 0..<answers { Wire.readyForQuery(.idle, into: &out) }

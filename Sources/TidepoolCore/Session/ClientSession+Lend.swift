@@ -36,7 +36,10 @@ extension ClientSession {
         resetServerFlow()
         serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
         serverInbound = KeptBytes()
-        if let sync = parameterSync(server) {
+        let settings = settingsSync(server)
+        let parameters = parameterSync(server) ?? ""
+        if !settings.resets.isEmpty || !parameters.isEmpty || !settings.sets.isEmpty {
+            let sync = settings.resets + parameters + settings.sets
             var out = ByteBufferAllocator().buffer(capacity: sync.utf8.count + 8)
             Wire.query(sync, into: &out)
             swallowingUntilReady = true
@@ -56,7 +59,15 @@ extension ClientSession {
         var sets = ""
         for name in StartupParameters.tracked {
             // Parameters the server does not report (search_path) are known only once set here.
-            guard let value = wanted[name], server.parameters[name] != value else { continue }
+            guard let value = wanted[name] else {
+                // Set by the client before (search_path is not reported): the server's default again.
+                if server.parameters[name] != nil {
+                    sets += "RESET \(name);"
+                    server.parameters[name] = nil
+                }
+                continue
+            }
+            guard server.parameters[name] != value else { continue }
             sets += "SET \(name) = \(value.sqlLiteral);"
             server.parameters[name] = value
         }

@@ -443,7 +443,8 @@ extension ClientSession {
 
     /// Sets the session up for its pool once the client is authenticated.
     public mutating func joinPool(
-        poolMode: PoolMode, config: Config, user: String, now: NIODeadline
+        poolMode: PoolMode, sessionStateMode: SessionStateMode = .track, config: Config, user: String,
+        now: NIODeadline
     ) {
         self.poolMode = poolMode
         let timeouts = config.clientTimeouts(user: user)
@@ -453,5 +454,6 @@ extension ClientSession {
         serverResetQueryAlways = config.global.serverResetQueryAlways
         refusesSimpleQuery = config.global.disablePqexec
         if config.global.maxPreparedStatements > 0, poolMode != .session { prepared = PreparedStatementTracker() }
+        tracksSessionState = poolMode != .session && sessionStateMode == .track
     }
 }

@@ -23,6 +23,11 @@ extension ClientSession {
                             if type == MessageType.readyForQuery || type == MessageType.parameterStatus {
                                 return .inspect
                             }
+                            if type == MessageType.errorResponse {
+                                // The pooler's own SETs failed: seen whole, to tell the client why.
+                                if swallowingUntilReady { return .inspect }
+                                if let sessionState, sessionState.awaitsReplies { sessionState.errorReceived() }
+                            }
                             if prepared != nil {
                                 // Made-up or swallowed answers pending: look at each message. An
                                 // error may say a statement's plan went stale.
@@ -40,6 +45,10 @@ extension ClientSession {
                     if type == MessageType.parameterStatus {
                         run.write(to: &self, into: &actions)
                         parameterStatus(body, server: server, into: &actions)
+                        continue
+                    }
+                    if type == MessageType.errorResponse, swallowingUntilReady {
+                        syncError = WireDecode.errorFields(body)
                         continue
                     }
                     if type != MessageType.readyForQuery {
@@ -60,6 +69,15 @@ extension ClientSession {
                     if swallowingUntilReady {
                         // The end of the pooler's own parameter sync: the client's bytes may go now.
                         swallowingUntilReady = false
+                        if let error = syncError {
+                            // The client's settings could not be made: it cannot go on as if they were.
+                            syncError = nil
+                            unlink(now: now, reusable: false, into: &actions)
+                            close(
+                                .fatal(error.code, "could not restore session state: \(error.message)"),
+                                reason: "session state replay failed", into: &actions)
+                            return
+                        }
                         flushPending(now: now, into: &actions)
                         guard state == .linked else { return }
                         continue
@@ -70,7 +88,7 @@ extension ClientSession {
                         _ = writeMadeUpReplies(now: now, into: &actions)
                         continue
                     }
-                    tracker.serverReady(status)
+                    readyForQuery(status)
                     countReady(status, now: now, into: &actions)
                     if let timeoutClock, tracker.isQuiet {
                         timeoutClock.queryStartedAt = nil

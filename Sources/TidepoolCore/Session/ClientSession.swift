@@ -8,6 +8,8 @@ public final class ServerSessionState: @unchecked Sendable {
     /// ParameterStatus values as this backend last reported them (or as the pooler last set them).
     @TrackedParameters public var parameters: [String: String] = [:]
     public var statements: ServerStatementCache
+    /// Session settings the pooler replayed or saw committed here, by name (`SessionState`).
+    public var settings: [String: String] = [:]
 
     public init(maxPreparedStatements: Int) {
         statements = ServerStatementCache(capacity: maxPreparedStatements)
@@ -58,8 +60,9 @@ public struct ClientSession {
         case leaveQueue
         /// Hand in `traffic`, unlink the server and give it back; `reusable` false closes it.
         case releaseServer(reusable: Bool)
-        /// Unlink the server, run `serverResetQuery` on it, then give it back.
-        case resetAndReleaseServer
+        /// Unlink the server, run `serverResetQuery` (or DISCARD ALL, after state of the client's
+        /// own that cannot be undone otherwise) on it, then give it back.
+        case resetAndReleaseServer(discardAll: Bool)
         /// Send a CancelRequest for the linked server's backend; with `reportBack`, tell the session
         /// (`cancelFinished`) when it has reached PostgreSQL.
         case cancelServerQuery(reportBack: Bool)
@@ -126,6 +129,7 @@ public struct ClientSession {
         var auth: ClientAuthStateMachine?
         var closing: Refusal?
         var messageLimitAfterLogin = Int(Int32.max)
+        var syncError: PostgresError?
     }
 
     var writableScratch: Scratch {
@@ -165,6 +169,10 @@ public struct ClientSession {
     public var scanner: MessageScanner
     var serverScanner = MessageScanner()
     public internal(set) var tracker = TransactionTracker()
+    /// session_state = track in transaction or statement pooling: statements are read for state.
+    public var tracksSessionState = false
+    /// The client's settings and pins; made when its first statement with an effect is sent.
+    public internal(set) var sessionState: SessionState?
     /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
     public internal(set) var swallowingUntilReady = false
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
@@ -200,6 +208,11 @@ public struct ClientSession {
     /// names statements (`PreparedStatementTracker.epoch`).
     public var statementEpoch = 0
     var serverInbound = KeptBytes()
+    /// An error the server answered the pooler's own SETs with.
+    var syncError: PostgresError? {
+        get { scratch?.syncError }
+        set { if newValue != nil || scratch != nil { writableScratch.syncError = newValue } }
+    }
     /// The values of the tracked parameters as the client should see them.
     @TrackedParameters public var wanted: [String: String] = [:]
     /// `wanted` with its tracked values worked out, as a shared welcome has it.
@@ -265,7 +278,7 @@ public struct ClientSession {
     }
 
     /// Whether the linked server may go back to the pool now: not in session mode, and clean.
-    public var mayGiveBack: Bool { poolMode != .session && serverIsClean }
+    public var mayGiveBack: Bool { poolMode != .session && serverIsClean && !isPinned }
 
     /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
     /// no cancel under way. The one rule for handing a server to another client.
@@ -290,7 +303,13 @@ public struct ClientSession {
     // MARK: Moving between states
 
     mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout Actions) {
-        actions.append(.releaseServer(reusable: reusable))
+        if reusable, let sessionState, sessionState.serverNeedsReset {
+            // It held state of this client's that cannot be undone statement by statement.
+            sessionState.serverWasReset()
+            actions.append(.resetAndReleaseServer(discardAll: true))
+        } else {
+            actions.append(.releaseServer(reusable: reusable))
+        }
         server = nil
         state = .idle
         tracker.reset()
@@ -313,8 +332,10 @@ public struct ClientSession {
         serverResetQueryAlways = resetAlways
         if state == .linked {
             let clean = serverIsClean
-            if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {
-                actions.append(.resetAndReleaseServer)
+            if clean, let sessionState, sessionState.serverNeedsReset {
+                actions.append(.resetAndReleaseServer(discardAll: true))
+            } else if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {
+                actions.append(.resetAndReleaseServer(discardAll: false))
             } else {
                 actions.append(.releaseServer(reusable: clean))
             }

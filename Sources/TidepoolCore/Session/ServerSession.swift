@@ -150,6 +150,9 @@ public struct ServerSession: Sendable {
     public mutating func reset(_ sql: String) -> [Action] {
         guard phase == .ready else { return [] }
         state.statements.removeAll()  // DISCARD ALL and the like drop them
+        // Settings are known gone only after a reset that resets them all.
+        let upper = sql.uppercased()
+        if upper.contains("DISCARD ALL") || upper.contains("RESET ALL") { state.settings.removeAll() }
         return runInternal(sql, purpose: .reset)
     }
 

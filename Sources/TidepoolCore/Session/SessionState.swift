@@ -1,0 +1,262 @@
+import DequeModule
+
+/// What state a client's session holds beyond its transactions, with PostgreSQL's rules for when
+/// a statement's effect becomes the session's: at its transaction's commit, never for one that
+/// rolls back or fails, undone by ROLLBACK TO SAVEPOINT. Settings are replayed on whichever server
+/// the client is lent; what cannot be replayed pins the client to its server.
+///
+/// Effects are collected per request (a Query, or the extended messages up to a Sync) and settled
+/// by that request's ReadyForQuery, whose transaction status and whether an error came before it
+/// say what happened. Where the rules cannot tell (an error in a request that also commits, say),
+/// the client is pinned for good: its server then holds the truth.
+public final class SessionState {
+    /// A setting and the statement that sets it again.
+    public struct Setting: Equatable, Sendable {
+        public var name: String
+        public var statement: String
+    }
+
+    /// The client's settings, in the order they were made: what a server it is lent must have.
+    public internal(set) var settings: [Setting] = []
+    /// Session state that keeps the client on its server, by reason and key (a count per key:
+    /// advisory locks nest).
+    public internal(set) var pins: [PinReason: [String: Int]] = [:]
+    /// The server has had state of this client's that no other client may see: it is reset before
+    /// it goes back to the pool.
+    public internal(set) var serverNeedsReset = false
+    /// DISCARD ALL ran: the server no longer has the pooler's prepared statements.
+    public internal(set) var statementsDiscarded = false
+
+    /// Effects of the open transaction block, applied at its commit.
+    var open: [Entry] = []
+    /// The open transaction failed: its COMMIT is a rollback.
+    var openFailed = false
+    /// Requests sent with effects, waiting for their ReadyForQuery.
+    var batches: Deque<Batch> = []
+    /// Effects of extended-protocol messages not yet ended by a Sync.
+    var collecting: [SessionEffect] = []
+    /// An ErrorResponse came since the last ReadyForQuery.
+    var errorSeen = false
+    /// Effects of named prepared statements, sent again with each Bind of them.
+    var namedEffects: [String: [SessionEffect]] = [:]
+
+    struct Entry {
+        var effect: SessionEffect
+        /// From a request that failed part way: it may not have run.
+        var uncertain = false
+    }
+
+    struct Batch {
+        /// ReadyForQuery messages due before this request's own.
+        var ahead: Int
+        var effects: [SessionEffect]
+    }
+
+    public init() {}
+
+    /// Whether the client must keep its server.
+    public var isPinned: Bool { !pins.isEmpty }
+
+    /// The first reason it is pinned, for SHOW CLIENTS.
+    public var pinReason: PinReason? { pins.keys.min() }
+
+    /// Whether ReadyForQuery and ErrorResponse messages matter now.
+    public var awaitsReplies: Bool { !batches.isEmpty }
+
+    // MARK: Events
+
+    /// Effects of a statement about to be sent (Query, or Parse/Bind of the extended protocol).
+    func statementSent(_ effects: [SessionEffect]) {
+        collecting += effects
+    }
+
+    /// A request (Query, Sync, FunctionCall) goes to the server; `outstanding` requests were sent
+    /// before it and are not answered yet.
+    func requestSent(outstanding: Int) {
+        guard !collecting.isEmpty else { return }
+        // BEGIN, COMMIT and ROLLBACK alone matter only while something waits for them (savepoints
+        // are kept: a ROLLBACK TO must find them).
+        if batches.isEmpty, open.isEmpty, collecting.allSatisfy({ $0 == .begin || $0 == .commit || $0 == .rollback }) {
+            collecting.removeAll()
+            return
+        }
+        batches.append(Batch(ahead: outstanding, effects: collecting))
+        collecting.removeAll()
+    }
+
+    func errorReceived() {
+        errorSeen = true
+    }
+
+    /// A ReadyForQuery: the request it answers is settled. `before` is the transaction status
+    /// before it. `server` is the linked server's settings, kept equal to what was applied.
+    func ready(before: TransactionStatus, after: TransactionStatus, server: inout [String: String]) {
+        for index in batches.indices { batches[index].ahead -= 1 }
+        guard let first = batches.first, first.ahead < 0 else {
+            errorSeen = false
+            return
+        }
+        batches.removeFirst()
+        settle(first.effects, before: before, after: after, failed: errorSeen, server: &server)
+        errorSeen = false
+    }
+
+    /// The client left the queue or its link before answers came: what it sent did not run.
+    func requestsDropped() {
+        batches.removeAll()
+        collecting.removeAll()
+        errorSeen = false
+    }
+
+    // MARK: The rules
+
+    func settle(
+        _ effects: [SessionEffect], before: TransactionStatus, after: TransactionStatus, failed: Bool,
+        server: inout [String: String]
+    ) {
+        var inTransaction = before != .idle || !open.isEmpty
+        // Failed by a request that had no effects of its own.
+        if before == .failed { openFailed = true }
+        // Session advisory locks stay even when their transaction rolls back, and a pin too many
+        // only costs a server for a while: pins count whatever happens.
+        for case .pin(let reason, let key) in effects { pin(reason, key) }
+        if !failed {
+            for effect in effects { step(effect, &inTransaction, server: &server) }
+        } else if after == .idle {
+            // The request's implicit transaction, or the block it was in, rolled back; unless it
+            // also committed part of itself, and which part is unknown.
+            if effects.contains(.commit) {
+                unknown()
+                return
+            }
+            discardOpen()
+            inTransaction = false
+        } else {
+            // Still in a transaction block, now failed: what ran before the error waits for the
+            // block's end with the rest, marked as perhaps not having run.
+            if effects.contains(where: { $0.isTransactionControl && $0 != .begin }) {
+                unknown()
+                return
+            }
+            for effect in effects where !effect.isTransactionControl && !effect.isPin {
+                open.append(Entry(effect: effect, uncertain: true))
+            }
+            inTransaction = true
+            openFailed = after == .failed
+        }
+        if inTransaction != (after != .idle) {
+            // Something this model does not follow happened to the transaction.
+            unknown()
+        }
+    }
+
+    func step(_ effect: SessionEffect, _ inTransaction: inout Bool, server: inout [String: String]) {
+        switch effect {
+        case .begin:
+            inTransaction = true
+        case .commit:
+            if inTransaction, !openFailed {
+                if open.contains(where: \.uncertain) {
+                    unknown()
+                    return
+                }
+                for entry in open { apply(entry.effect, server: &server) }
+            }
+            discardOpen()
+            inTransaction = false
+        case .rollback:
+            discardOpen()
+            inTransaction = false
+        case .savepoint:
+            if inTransaction { open.append(Entry(effect: effect)) }
+        case .release(let name):
+            if let index = open.lastIndex(where: { $0.effect == .savepoint(name) }) {
+                // It and every savepoint after it go; the effects stay in the transaction.
+                var kept: [Entry] = Array(open[..<index])
+                for entry in open[(index + 1)...] {
+                    if case .savepoint = entry.effect { continue }
+                    kept.append(entry)
+                }
+                open = kept
+            }
+        case .rollbackTo(let name):
+            if let index = open.lastIndex(where: { $0.effect == .savepoint(name) }) {
+                open.removeSubrange((index + 1)...)
+                openFailed = false
+                if open.contains(where: \.uncertain) { unknown() }
+            }
+        case .pin:
+            break  // counted already
+        default:
+            if inTransaction { open.append(Entry(effect: effect)) } else { apply(effect, server: &server) }
+        }
+    }
+
+    func discardOpen() {
+        open.removeAll()
+        openFailed = false
+    }
+
+    /// A committed effect becomes the session's (and the linked server's).
+    func apply(_ effect: SessionEffect, server: inout [String: String]) {
+        switch effect {
+        case .set(let name, let statement):
+            settings.removeAll { $0.name == name }
+            settings.append(Setting(name: name, statement: statement))
+            server[name] = statement
+        case .reset(let name):
+            settings.removeAll { $0.name == name }
+            server[name] = nil
+        case .resetAll:
+            // RESET ALL leaves the role and the session authorization.
+            settings.removeAll { !Self.notResetByResetAll.contains($0.name) }
+            server = server.filter { Self.notResetByResetAll.contains($0.key) }
+        case .discardAll:
+            settings.removeAll()
+            server.removeAll()
+            statementsDiscarded = true
+            let loaded = pins[.load]
+            pins.removeAll()
+            pins[.load] = loaded
+        case .unpin(let reason, let key):
+            guard var keys = pins[reason], let count = keys[key] else { return }
+            keys[key] = count > 1 ? count - 1 : nil
+            pins[reason] = keys.isEmpty ? nil : keys
+        case .unpinAll(let reason):
+            pins[reason] = nil
+        default:
+            break
+        }
+    }
+
+    static let notResetByResetAll: Set<String> = ["role", "session_authorization"]
+
+    func pin(_ reason: PinReason, _ key: String) {
+        serverNeedsReset = true
+        var keys = pins[reason] ?? [:]
+        // Locks nest; a table, cursor, channel or statement is there or not.
+        keys[key] = reason == .advisoryLock ? (keys[key] ?? 0) + 1 : 1
+        pins[reason] = keys
+    }
+
+    /// The rules cannot tell what the session holds: the client keeps its server for good.
+    func unknown() {
+        discardOpen()
+        pin(.unknown, "")
+    }
+
+    /// The server was reset (DISCARD ALL) after the client left it.
+    func serverWasReset() {
+        serverNeedsReset = false
+        statementsDiscarded = false
+    }
+
+    func statementsForgotten() { statementsDiscarded = false }
+}
+
+extension SessionEffect {
+    var isPin: Bool {
+        if case .pin = self { return true }
+        return false
+    }
+}

@@ -1,0 +1,520 @@
+/// Why a client keeps its server: session state the pooler cannot replay on another server.
+public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
+    case advisoryLock
+    case tempTable
+    case holdCursor
+    case listen
+    case preparedStatement
+    case load
+    case setConfig
+    /// The classifier or the state rules could not tell what the session holds.
+    case unknown
+
+    public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+
+    /// For SHOW CLIENTS' pin_reason and the metrics label.
+    public var name: String {
+        switch self {
+        case .advisoryLock: "advisory_lock"
+        case .tempTable: "temp_table"
+        case .holdCursor: "hold_cursor"
+        case .listen: "listen"
+        case .preparedStatement: "prepare"
+        case .load: "load"
+        case .setConfig: "set_config"
+        case .unknown: "unknown"
+        }
+    }
+}
+
+/// What one client statement does beyond its own transaction, as far as the pooler cares.
+public enum SessionEffect: Equatable, Sendable {
+    case begin
+    case commit
+    case rollback
+    case savepoint(String)
+    case release(String)
+    case rollbackTo(String)
+    /// A session-level setting; `statement` sets it again on another server.
+    case set(name: String, statement: String)
+    case reset(name: String)
+    case resetAll
+    /// DISCARD ALL: settings, pins and prepared statements are gone.
+    case discardAll
+    /// Session state the pooler cannot replay appears under `key` (a lock's arguments, a table,
+    /// a cursor or channel name; "" when only the end of the session removes it).
+    case pin(PinReason, key: String)
+    case unpin(PinReason, key: String)
+    /// Every key of that reason goes (pg_advisory_unlock_all, DISCARD TEMP, CLOSE ALL, UNLISTEN *).
+    case unpinAll(PinReason)
+
+    var isTransactionControl: Bool {
+        switch self {
+        case .begin, .commit, .rollback, .savepoint, .release, .rollbackTo: true
+        default: false
+        }
+    }
+}
+
+/// Reads client SQL just far enough to find statements that change session state: each
+/// statement's leading keywords, and calls of the few functions that matter. Comments, quoted
+/// identifiers, string, `E''` and dollar quoting and several statements per Query are honoured;
+/// nothing of a server's replies is read.
+public enum SessionStatements {
+    /// Parameters PostgreSQL reports with ParameterStatus: the pooler follows those from the
+    /// server's reports (`ClientSession.wanted`), not from the statements.
+    static let reported: Set<String> = [
+        "client_encoding", "datestyle", "timezone", "intervalstyle", "standard_conforming_strings",
+        "application_name",
+    ]
+
+    /// The effects of `sql` (a Query's text or a Parse's statement), in order. Empty for most SQL.
+    public static func effects(_ bytes: UnsafeRawBufferPointer) -> [SessionEffect] {
+        var lexer = SQLLexer(bytes)
+        var effects: [SessionEffect] = []
+        while lexer.hasMore {
+            classifyStatement(&lexer, into: &effects)
+        }
+        return effects
+    }
+
+    public static func effects(_ sql: String) -> [SessionEffect] {
+        var text = sql
+        return text.withUTF8 { effects(UnsafeRawBufferPointer($0)) }
+    }
+
+    /// One statement, up to and including its `;`.
+    static func classifyStatement(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        let first = lexer.next()
+        guard first.kind == .word else {
+            if !first.isSymbol(";") { scanForFunctions(&lexer, into: &effects) }
+            return
+        }
+        switch lexer.lowercased(first) {
+        case "set":
+            setStatement(&lexer, into: &effects)
+        case "reset":
+            resetStatement(&lexer, into: &effects)
+        case "begin", "start":
+            effects.append(.begin)
+            lexer.skipStatement()
+        case "commit", "end":
+            // COMMIT PREPARED ends another transaction; COMMIT AND CHAIN keeps one open.
+            let rest = lexer.next()
+            if rest.isWord("prepared", in: lexer) {
+                lexer.skipStatement()
+                return
+            }
+            effects.append(.commit)
+            if chains(rest, &lexer) { effects.append(.begin) }
+        case "rollback", "abort":
+            let rest = lexer.next()
+            if rest.isWord("prepared", in: lexer) {
+                lexer.skipStatement()
+                return
+            }
+            var t = rest
+            if t.isWord("work", in: lexer) || t.isWord("transaction", in: lexer) { t = lexer.next() }
+            if t.isWord("to", in: lexer) {
+                var name = lexer.next()
+                if name.isWord("savepoint", in: lexer) { name = lexer.next() }
+                effects.append(.rollbackTo(lexer.identifier(name)))
+                lexer.skipStatement()
+                return
+            }
+            effects.append(.rollback)
+            if chains(t, &lexer) { effects.append(.begin) }
+        case "savepoint":
+            effects.append(.savepoint(lexer.identifier(lexer.next())))
+            lexer.skipStatement()
+        case "release":
+            var name = lexer.next()
+            if name.isWord("savepoint", in: lexer) { name = lexer.next() }
+            effects.append(.release(lexer.identifier(name)))
+            lexer.skipStatement()
+        case "discard":
+            let what = lexer.next()
+            if what.isWord("all", in: lexer) {
+                effects.append(.discardAll)
+            } else if what.isWord("temp", in: lexer) || what.isWord("temporary", in: lexer) {
+                effects.append(.unpinAll(.tempTable))
+            }
+            lexer.skipStatement()
+        case "create":
+            createStatement(&lexer, into: &effects)
+        case "drop":
+            dropStatement(&lexer, into: &effects)
+        case "declare":
+            // DECLARE name [BINARY] [ASENSITIVE|INSENSITIVE] [[NO] SCROLL] CURSOR [WITH|WITHOUT HOLD] FOR
+            let name = lexer.identifier(lexer.next())
+            var t = lexer.next()
+            while t.kind != .end, !t.isSymbol(";"), !t.isWord("for", in: lexer) {
+                if t.isWord("with", in: lexer), lexer.next().isWord("hold", in: lexer) {
+                    effects.append(.pin(.holdCursor, key: name))
+                }
+                t = lexer.next()
+            }
+            if t.isWord("for", in: lexer) { scanForFunctions(&lexer, into: &effects) }
+        case "close":
+            let name = lexer.next()
+            effects.append(
+                name.isWord("all", in: lexer) ? .unpinAll(.holdCursor) : .unpin(.holdCursor, key: lexer.identifier(name)))
+            lexer.skipStatement()
+        case "listen":
+            effects.append(.pin(.listen, key: lexer.identifier(lexer.next())))
+            lexer.skipStatement()
+        case "unlisten":
+            let name = lexer.next()
+            effects.append(
+                name.isSymbol("*") ? .unpinAll(.listen) : .unpin(.listen, key: lexer.identifier(name)))
+            lexer.skipStatement()
+        case "prepare":
+            let name = lexer.next()
+            if name.isWord("transaction", in: lexer) {
+                // The transaction leaves the session: its settings are not the session's.
+                effects.append(.rollback)
+                lexer.skipStatement()
+                return
+            }
+            effects.append(.pin(.preparedStatement, key: lexer.identifier(name)))
+            lexer.skipStatement()
+        case "deallocate":
+            var name = lexer.next()
+            if name.isWord("prepare", in: lexer) { name = lexer.next() }
+            effects.append(
+                name.isWord("all", in: lexer)
+                    ? .unpinAll(.preparedStatement) : .unpin(.preparedStatement, key: lexer.identifier(name)))
+            lexer.skipStatement()
+        case "load":
+            effects.append(.pin(.load, key: ""))
+            lexer.skipStatement()
+        case "do":
+            doStatement(&lexer, into: &effects)
+        default:
+            scanForFunctions(&lexer, into: &effects)
+        }
+    }
+
+    /// `AND CHAIN` after COMMIT or ROLLBACK (`t` is the token after the keyword, or after WORK).
+    static func chains(_ first: SQLLexer.Token, _ lexer: inout SQLLexer) -> Bool {
+        var t = first
+        if t.isWord("work", in: lexer) || t.isWord("transaction", in: lexer) { t = lexer.next() }
+        var chained = false
+        if t.isWord("and", in: lexer) {
+            let next = lexer.next()
+            chained = next.isWord("chain", in: lexer)
+            t = next
+        }
+        if !t.isSymbol(";"), t.kind != .end { lexer.skipStatement() }
+        return chained
+    }
+
+    static func setStatement(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        var t = lexer.next()
+        if t.isWord("local", in: lexer) {
+            lexer.skipStatement()
+            return
+        }
+        if t.isWord("session", in: lexer) {
+            let after = lexer.next()
+            if after.isWord("authorization", in: lexer) {
+                let value = lexer.valueText(until: nil)
+                if value.lowercased() == "default" {
+                    effects.append(.reset(name: "session_authorization"))
+                } else {
+                    effects.append(.set(name: "session_authorization", statement: "SET SESSION AUTHORIZATION \(value)"))
+                }
+                return
+            }
+            if after.isWord("characteristics", in: lexer) {
+                sessionCharacteristics(&lexer, into: &effects)
+                return
+            }
+            t = after
+        }
+        switch t.kind {
+        case .word where lexer.lowercased(t) == "transaction" || lexer.lowercased(t) == "constraints":
+            lexer.skipStatement()
+            return
+        case .word where lexer.lowercased(t) == "time":
+            guard lexer.next().isWord("zone", in: lexer) else { break }
+            lexer.skipStatement()  // TimeZone is reported by the server
+            return
+        case .word where lexer.lowercased(t) == "names":
+            lexer.skipStatement()  // client_encoding is reported
+            return
+        case .word where lexer.lowercased(t) == "role":
+            let value = lexer.valueText(until: nil)
+            if value.lowercased() == "none" {
+                effects.append(.reset(name: "role"))
+            } else {
+                effects.append(.set(name: "role", statement: "SET ROLE \(value)"))
+            }
+            return
+        case .word, .quotedWord:
+            var name = lexer.identifier(t)
+            // A custom parameter: prefix.name.
+            while lexer.peekSymbol(".") {
+                _ = lexer.next()
+                name += "." + lexer.identifier(lexer.next())
+            }
+            let op = lexer.next()
+            guard op.isSymbol("=") || op.isWord("to", in: lexer) else {
+                // SET name FROM CURRENT keeps the value it has; anything else is not a SET we know.
+                if !op.isWord("from", in: lexer) { effects.append(.pin(.unknown, key: "")) }
+                lexer.skipStatement()
+                return
+            }
+            let value = lexer.valueText(until: nil)
+            if reported.contains(name) { return }
+            if value.lowercased() == "default" {
+                effects.append(.reset(name: name))
+            } else {
+                effects.append(.set(name: name, statement: "SET \(quotedName(name)) = \(value)"))
+            }
+            return
+        default:
+            break
+        }
+        effects.append(.pin(.unknown, key: ""))
+        lexer.skipStatement()
+    }
+
+    /// SET SESSION CHARACTERISTICS AS TRANSACTION mode [, ...]: the three default_transaction_ settings.
+    static func sessionCharacteristics(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        guard lexer.next().isWord("as", in: lexer), lexer.next().isWord("transaction", in: lexer) else {
+            effects.append(.pin(.unknown, key: ""))
+            lexer.skipStatement()
+            return
+        }
+        var t = lexer.next()
+        while t.kind != .end, !t.isSymbol(";") {
+            if t.isWord("isolation", in: lexer) {
+                _ = lexer.next()  // LEVEL
+                var level = lexer.lowercased(lexer.next())
+                if level == "read" || level == "repeatable" { level += " " + lexer.lowercased(lexer.next()) }
+                effects.append(
+                    .set(
+                        name: "default_transaction_isolation",
+                        statement: "SET default_transaction_isolation = \(level.sqlLiteral)"))
+            } else if t.isWord("read", in: lexer) {
+                let only = lexer.next().isWord("only", in: lexer)
+                effects.append(
+                    .set(
+                        name: "default_transaction_read_only",
+                        statement: "SET default_transaction_read_only = \(only ? "on" : "off")"))
+            } else if t.isWord("deferrable", in: lexer) || t.isWord("not", in: lexer) {
+                let deferrable = t.isWord("deferrable", in: lexer)
+                if !deferrable { _ = lexer.next() }
+                effects.append(
+                    .set(
+                        name: "default_transaction_deferrable",
+                        statement: "SET default_transaction_deferrable = \(deferrable ? "on" : "off")"))
+            }
+            t = lexer.next()
+        }
+    }
+
+    static func resetStatement(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        let t = lexer.next()
+        if t.isWord("all", in: lexer) {
+            effects.append(.resetAll)
+        } else if t.isWord("session", in: lexer) {
+            effects.append(.reset(name: "session_authorization"))
+        } else if t.isWord("time", in: lexer) {
+            // TIME ZONE: reported.
+        } else if t.kind == .word || t.kind == .quotedWord {
+            var name = lexer.identifier(t)
+            while lexer.peekSymbol(".") {
+                _ = lexer.next()
+                name += "." + lexer.identifier(lexer.next())
+            }
+            if !reported.contains(name) { effects.append(.reset(name: name)) }
+        }
+        lexer.skipStatement()
+    }
+
+    /// CREATE [GLOBAL|LOCAL] TEMP|TEMPORARY [UNLOGGED] TABLE|VIEW|SEQUENCE [IF NOT EXISTS] name,
+    /// or CREATE ... pg_temp.name: a temporary object, unless ON COMMIT DROP removes it.
+    static func createStatement(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        var temporary = false
+        var t = lexer.next()
+        while t.kind == .word {
+            let word = lexer.lowercased(t)
+            if word == "temp" || word == "temporary" {
+                temporary = true
+            } else if word == "or" || word == "replace" || word == "global" || word == "local" || word == "unlogged"
+                || word == "recursive"
+            {
+                // modifiers
+            } else {
+                break
+            }
+            t = lexer.next()
+        }
+        guard t.kind == .word else {
+            scanForFunctions(&lexer, into: &effects)
+            return
+        }
+        let kind = lexer.lowercased(t)
+        guard kind == "table" || kind == "view" || kind == "sequence" else {
+            if kind == "function" || kind == "procedure" {
+                lexer.skipStatement()  // its body runs later, when called
+            } else {
+                scanForFunctions(&lexer, into: &effects)
+            }
+            return
+        }
+        var nameToken = lexer.next()
+        if nameToken.isWord("if", in: lexer) {
+            _ = lexer.next()  // NOT
+            _ = lexer.next()  // EXISTS
+            nameToken = lexer.next()
+        }
+        var name = lexer.identifier(nameToken)
+        if lexer.peekSymbol(".") {
+            _ = lexer.next()
+            if name == "pg_temp" { temporary = true }
+            name = lexer.identifier(lexer.next())
+        }
+        // ON COMMIT DROP: gone with the transaction.
+        var dropsAtCommit = false
+        var previous = ""
+        var tok = lexer.next()
+        while tok.kind != .end, !tok.isSymbol(";") {
+            if tok.kind == .word {
+                let word = lexer.lowercased(tok)
+                if previous == "commit", word == "drop" { dropsAtCommit = true }
+                previous = word
+            } else {
+                previous = ""
+            }
+            tok = lexer.next()
+        }
+        if temporary, !dropsAtCommit { effects.append(.pin(.tempTable, key: name)) }
+    }
+
+    /// DROP TABLE|VIEW|SEQUENCE [IF EXISTS] a, b: any of them may be a temporary object.
+    static func dropStatement(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        let kind = lexer.next()
+        guard kind.isWord("table", in: lexer) || kind.isWord("view", in: lexer) || kind.isWord("sequence", in: lexer)
+        else {
+            lexer.skipStatement()
+            return
+        }
+        var t = lexer.next()
+        if t.isWord("if", in: lexer) {
+            _ = lexer.next()
+            t = lexer.next()
+        }
+        while t.kind == .word || t.kind == .quotedWord {
+            var name = lexer.identifier(t)
+            if lexer.peekSymbol(".") {
+                _ = lexer.next()
+                name = lexer.identifier(lexer.next())
+            }
+            effects.append(.unpin(.tempTable, key: name))
+            guard lexer.peekSymbol(",") else { break }
+            _ = lexer.next()
+            t = lexer.next()
+        }
+        lexer.skipStatement()
+    }
+
+    /// DO: the body is code the pooler does not follow; what could leave session state behind pins.
+    static func doStatement(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        var t = lexer.next()
+        while t.kind != .end, !t.isSymbol(";") {
+            if t.kind == .string {
+                let body = lexer.stringValue(t).lowercased()
+                for word in ["set_config", "advisory_lock", "temp", "set ", "set\n", "listen", "prepare ", "load "]
+                where body.contains(word) {
+                    effects.append(.pin(.unknown, key: ""))
+                    break
+                }
+            }
+            t = lexer.next()
+        }
+    }
+
+    /// The rest of a statement that is not itself about the session: calls of set_config and of
+    /// the session advisory lock functions, and SELECT ... INTO TEMP.
+    static func scanForFunctions(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        var previousWord: SQLLexer.Token? = nil
+        var previousIsInto = false
+        while true {
+            let t = lexer.next()
+            switch t.kind {
+            case .end:
+                return
+            case .symbol:
+                if t.isSymbol(";") { return }
+                if t.isSymbol("("), let word = previousWord { functionCall(word, &lexer, into: &effects) }
+                previousWord = nil
+                previousIsInto = false
+            case .word:
+                let length = t.end - t.start
+                if previousIsInto, length == 4 || length == 9, lexer.lowercased(t).hasPrefix("temp") {
+                    // SELECT ... INTO TEMP [TABLE] name
+                    var name = lexer.next()
+                    if name.isWord("table", in: lexer) { name = lexer.next() }
+                    effects.append(.pin(.tempTable, key: lexer.identifier(name)))
+                }
+                previousIsInto = length == 4 && lexer.lowercased(t) == "into"
+                // Only names as long as the functions' are looked at.
+                previousWord = length >= 10 && length <= 27 ? t : nil
+            default:
+                previousWord = nil
+                previousIsInto = false
+            }
+        }
+    }
+
+    /// After `name(`: the function's effect, its arguments read up to the closing parenthesis.
+    static func functionCall(
+        _ nameToken: SQLLexer.Token, _ lexer: inout SQLLexer, into effects: inout [SessionEffect]
+    ) {
+        let name = lexer.lowercased(nameToken)
+        switch name {
+        case "set_config":
+            let arguments = lexer.arguments()
+            guard arguments.count == 3, arguments.allSatisfy({ $0.literal != nil }) else {
+                effects.append(.pin(.setConfig, key: ""))
+                return
+            }
+            let isLocal = ["t", "true", "on", "yes", "1"].contains(arguments[2].literal!.lowercased())
+            if isLocal { return }
+            let setting = arguments[0].literal!.lowercased()
+            guard !reported.contains(setting) else { return }
+            let value = arguments[1].literal!
+            effects.append(
+                .set(
+                    name: setting,
+                    statement: "SELECT pg_catalog.set_config(\(setting.sqlLiteral), \(value.sqlLiteral), false)"))
+        case "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared":
+            effects.append(.pin(.advisoryLock, key: lockKey(lexer.arguments(), shared: name.hasSuffix("shared"))))
+        case "pg_advisory_unlock", "pg_advisory_unlock_shared":
+            let key = lockKey(lexer.arguments(), shared: name.hasSuffix("shared"))
+            if key != "*" { effects.append(.unpin(.advisoryLock, key: key)) }
+        case "pg_advisory_unlock_all":
+            effects.append(.unpinAll(.advisoryLock))
+        default:
+            break
+        }
+    }
+
+    /// A lock's identity from literal arguments; "*" when they are not literals (only
+    /// pg_advisory_unlock_all is then known to free it).
+    static func lockKey(_ arguments: [SQLLexer.Argument], shared: Bool) -> String {
+        guard !arguments.isEmpty, arguments.allSatisfy({ $0.literal != nil }) else { return "*" }
+        return (shared ? "s:" : "x:") + arguments.map { $0.literal! }.joined(separator: ",")
+    }
+
+    /// A setting's name as SET takes it.
+    static func quotedName(_ name: String) -> String {
+        name.split(separator: ".", omittingEmptySubsequences: false).map { part in
+            part.allSatisfy({ $0.isLowercase || $0.isNumber || $0 == "_" }) && !part.isEmpty
+                ? String(part) : "\"" + part.split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\"\"") + "\""
+        }.joined(separator: ".")
+    }
+}

@@ -1,0 +1,410 @@
+import NIOCore
+import Testing
+
+@testable import TidepoolCore
+
+/// The classifier: which statements leave state in the session, read through PostgreSQL's
+/// lexical rules.
+@Suite struct SessionStatementsTests {
+    func effects(_ sql: String) -> [SessionEffect] { SessionStatements.effects(sql) }
+
+    @Test func settingsInEveryForm() {
+        #expect(effects("SET search_path = a, \"B\"") == [.set(name: "search_path", statement: "SET search_path = a , \"B\"")])
+        #expect(
+            effects("set Statement_Timeout to '5s'")
+                == [.set(name: "statement_timeout", statement: "SET statement_timeout = '5s'")])
+        #expect(effects("SET SESSION work_mem = 65536") == [.set(name: "work_mem", statement: "SET work_mem = 65536")])
+        #expect(
+            effects("SET app.tenant_id = '42'") == [.set(name: "app.tenant_id", statement: "SET app.tenant_id = '42'")])
+        #expect(
+            effects("set \"My\".Setting = -5")
+                == [.set(name: "My.setting", statement: "SET \"My\".setting = - 5")])
+        #expect(effects("sEt SeArCh_PaTh = x")[0] == .set(name: "search_path", statement: "SET search_path = x"))
+        #expect(effects("SET work_mem TO DEFAULT") == [.reset(name: "work_mem")])
+        #expect(effects("RESET work_mem") == [.reset(name: "work_mem")])
+        #expect(effects("RESET ALL") == [.resetAll])
+        #expect(effects("SET ROLE alice") == [.set(name: "role", statement: "SET ROLE alice")])
+        #expect(effects("SET ROLE NONE") == [.reset(name: "role")])
+        #expect(effects("RESET ROLE") == [.reset(name: "role")])
+        #expect(
+            effects("SET SESSION AUTHORIZATION 'bob'")
+                == [.set(name: "session_authorization", statement: "SET SESSION AUTHORIZATION 'bob'")])
+        #expect(effects("SET SESSION AUTHORIZATION DEFAULT") == [.reset(name: "session_authorization")])
+        #expect(effects("RESET SESSION AUTHORIZATION") == [.reset(name: "session_authorization")])
+        #expect(
+            effects("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY") == [
+                .set(
+                    name: "default_transaction_isolation",
+                    statement: "SET default_transaction_isolation = 'repeatable read'"),
+                .set(name: "default_transaction_read_only", statement: "SET default_transaction_read_only = on"),
+            ])
+        #expect(
+            effects("select set_config('App.X', 'it''s', false)")
+                == [
+                    .set(name: "app.x", statement: "SELECT pg_catalog.set_config('app.x', 'it''s', false)")
+                ])
+    }
+
+    @Test func whatLastsOnlyATransactionOrIsReportedIsNotState() {
+        #expect(effects("SET LOCAL search_path = x") == [])
+        #expect(effects("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE") == [])
+        #expect(effects("SET CONSTRAINTS ALL DEFERRED") == [])
+        #expect(effects("select set_config('a.b', 'v', true)") == [])
+        #expect(effects("select pg_advisory_xact_lock(1)") == [])
+        // Reported by the server with ParameterStatus: followed from there.
+        #expect(effects("SET TIME ZONE 'UTC'") == [])
+        #expect(effects("SET NAMES 'UTF8'") == [])
+        #expect(effects("SET application_name = 'x'") == [])
+        #expect(effects("set DateStyle to ISO") == [])
+    }
+
+    @Test func quotesAndCommentsHideStatements() {
+        #expect(effects("select 'set role x'") == [])
+        #expect(effects("/* set role x */ select 1") == [])
+        #expect(effects("-- set role x\nselect 1") == [])
+        #expect(effects("/* a /* nested */ set role x; */ select 1") == [])
+        #expect(effects("select $$ ; set role x; $$") == [])
+        #expect(effects("select $q$ $$; set role x; $q$") == [])
+        #expect(effects("select E'\\'; set role x; '") == [])
+        #expect(effects("select 'a'';set role x;'") == [])
+        #expect(effects("select \"set role x\" from t") == [])
+        #expect(effects("select 'pg_advisory_lock(1)'") == [])
+        // Outside them, a statement counts wherever it stands.
+        #expect(
+            effects("select 1; /* c */ SET search_path = x; select 2")
+                == [.set(name: "search_path", statement: "SET search_path = x")])
+        #expect(effects("select 'a' -- ;\n; set role x") == [.set(name: "role", statement: "SET ROLE x")])
+        // A comment after a value is not replayed (it would swallow what follows).
+        #expect(effects("SET work_mem = 64 -- note") == [.set(name: "work_mem", statement: "SET work_mem = 64")])
+    }
+
+    @Test func transactionControl() {
+        #expect(effects("BEGIN") == [.begin])
+        #expect(effects("start transaction isolation level serializable") == [.begin])
+        #expect(effects("COMMIT") == [.commit])
+        #expect(effects("end") == [.commit])
+        #expect(effects("ROLLBACK") == [.rollback])
+        #expect(effects("abort work") == [.rollback])
+        #expect(effects("COMMIT AND CHAIN") == [.commit, .begin])
+        #expect(effects("ROLLBACK AND NO CHAIN") == [.rollback])
+        #expect(effects("SAVEPOINT s1") == [.savepoint("s1")])
+        #expect(effects("RELEASE SAVEPOINT s1") == [.release("s1")])
+        #expect(effects("release s1") == [.release("s1")])
+        #expect(effects("ROLLBACK TO SAVEPOINT s1") == [.rollbackTo("s1")])
+        #expect(effects("rollback work to \"S1\"") == [.rollbackTo("S1")])
+        #expect(effects("COMMIT PREPARED 'x'") == [])
+        #expect(effects("PREPARE TRANSACTION 'x'") == [.rollback])
+    }
+
+    @Test func stateThatPins() {
+        #expect(effects("SELECT pg_advisory_lock(42)") == [.pin(.advisoryLock, key: "x:42")])
+        #expect(effects("select pg_try_advisory_lock(1, -2)") == [.pin(.advisoryLock, key: "x:1,-2")])
+        #expect(effects("select pg_advisory_lock_shared('7'::bigint)") == [.pin(.advisoryLock, key: "s:7")])
+        #expect(effects("select pg_advisory_lock(id) from t") == [.pin(.advisoryLock, key: "*")])
+        #expect(effects("SELECT pg_catalog.pg_advisory_unlock(42)") == [.unpin(.advisoryLock, key: "x:42")])
+        #expect(effects("select pg_advisory_unlock_all()") == [.unpinAll(.advisoryLock)])
+        #expect(effects("select set_config('a.b', $1, false)") == [.pin(.setConfig, key: "")])
+        #expect(effects("CREATE TEMP TABLE t (a int)") == [.pin(.tempTable, key: "t")])
+        #expect(effects("create global temporary table if not exists \"T\"(a int)") == [.pin(.tempTable, key: "T")])
+        #expect(effects("CREATE TABLE pg_temp.x (a int)") == [.pin(.tempTable, key: "x")])
+        #expect(effects("create temp view v as select 1") == [.pin(.tempTable, key: "v")])
+        #expect(effects("CREATE TEMP TABLE t (a int) ON COMMIT DROP") == [])
+        #expect(effects("CREATE TABLE t (a int)") == [])
+        #expect(effects("select 1 as a into temp table t") == [.pin(.tempTable, key: "t")])
+        #expect(effects("DROP TABLE IF EXISTS t, pg_temp.u") == [.unpin(.tempTable, key: "t"), .unpin(.tempTable, key: "u")])
+        #expect(effects("DISCARD TEMP") == [.unpinAll(.tempTable)])
+        #expect(effects("DECLARE c CURSOR WITH HOLD FOR SELECT 1") == [.pin(.holdCursor, key: "c")])
+        #expect(effects("declare c no scroll cursor without hold for select 1") == [])
+        #expect(effects("CLOSE c") == [.unpin(.holdCursor, key: "c")])
+        #expect(effects("CLOSE ALL") == [.unpinAll(.holdCursor)])
+        #expect(effects("LISTEN \"Chan\"") == [.pin(.listen, key: "Chan")])
+        #expect(effects("unlisten chan") == [.unpin(.listen, key: "chan")])
+        #expect(effects("UNLISTEN *") == [.unpinAll(.listen)])
+        #expect(effects("PREPARE p (int) AS select $1") == [.pin(.preparedStatement, key: "p")])
+        #expect(effects("DEALLOCATE PREPARE p") == [.unpin(.preparedStatement, key: "p")])
+        #expect(effects("deallocate all") == [.unpinAll(.preparedStatement)])
+        #expect(effects("LOAD 'auto_explain'") == [.pin(.load, key: "")])
+        #expect(effects("DISCARD ALL") == [.discardAll])
+        #expect(effects("DO $$ BEGIN PERFORM set_config('a.b', 'c', false); END $$") == [.pin(.unknown, key: "")])
+        #expect(effects("DO $$ BEGIN RAISE NOTICE 'hello'; END $$") == [])
+        #expect(effects("SET search_path FROM CURRENT") == [])
+        #expect(effects("SET x") == [.pin(.unknown, key: "")])
+    }
+
+    @Test func ordinarySQLHasNoEffects() {
+        for sql in [
+            "UPDATE pgbench_accounts SET abalance = abalance + -3 WHERE aid = 1;",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 2, 3, 4, CURRENT_TIMESTAMP);",
+            "select count(*) from t where set_configuration = 1", "with x as (select 1) select * from x",
+            "", ";;", "select", "set", "'unterminated", "$$ unterminated", "/* unterminated",
+        ] {
+            #expect(effects(sql).allSatisfy { $0 == .pin(.unknown, key: "") || $0.isTransactionControl }, "\(sql)")
+        }
+    }
+}
+
+/// The rules that make a statement's effect the session's.
+@Suite struct SessionStateRulesTests {
+    final class Run {
+        let state = SessionState()
+        var server: [String: String] = [:]
+        var status = TransactionStatus.idle
+        var outstanding = 0
+
+        /// One request with `sql`, answered with `after` (and an error first if `failed`).
+        func request(_ sql: String, _ after: TransactionStatus, failed: Bool = false) {
+            send(sql)
+            answer(after, failed: failed)
+        }
+
+        func send(_ sql: String) {
+            state.statementSent(SessionStatements.effects(sql))
+            state.requestSent(outstanding: outstanding)
+            outstanding += 1
+        }
+
+        func answer(_ after: TransactionStatus, failed: Bool = false) {
+            if failed, state.awaitsReplies { state.errorReceived() }
+            state.ready(before: status, after: after, server: &server)
+            status = after
+            outstanding -= 1
+        }
+
+        var names: [String] { state.settings.map(\.name) }
+    }
+
+    @Test func aSetOutsideATransactionIsKeptAtOnce() {
+        let r = Run()
+        r.request("SET search_path = x", .idle)
+        #expect(r.names == ["search_path"])
+        #expect(r.server == ["search_path": "SET search_path = x"])
+        r.request("SET work_mem = '8MB'; SET search_path = y", .idle)
+        #expect(r.names == ["work_mem", "search_path"])
+        #expect(r.state.settings.last?.statement == "SET search_path = y")
+        r.request("RESET search_path", .idle)
+        #expect(r.names == ["work_mem"])
+        #expect(r.server == ["work_mem": "SET work_mem = '8MB'"])
+    }
+
+    @Test func aSetInATransactionCountsAtCommitOnly() {
+        let r = Run()
+        r.request("BEGIN", .inTransaction)
+        r.request("SET a.b = 1", .inTransaction)
+        #expect(r.names == [])
+        r.request("COMMIT", .idle)
+        #expect(r.names == ["a.b"])
+        r.request("BEGIN; SET a.c = 1", .inTransaction)
+        r.request("ROLLBACK", .idle)
+        #expect(r.names == ["a.b"])
+        r.request("BEGIN; SET a.c = 1; COMMIT", .idle)
+        #expect(r.names == ["a.b", "a.c"])
+        #expect(!r.state.isPinned)
+    }
+
+    @Test func aFailedTransactionKeepsNothing() {
+        let r = Run()
+        r.request("BEGIN", .inTransaction)
+        r.request("SET a.b = 1", .inTransaction)
+        r.request("select 1/0", .failed, failed: true)
+        r.request("COMMIT", .idle)  // answered ROLLBACK
+        #expect(r.names == [])
+        // Implicit transaction: the SET and the failing statement in one Query roll back together.
+        r.request("SET a.b = 1; select 1/0", .idle, failed: true)
+        #expect(r.names == [])
+        r.request("BEGIN; SET a.b = 1; select 1/0", .failed, failed: true)
+        r.request("ROLLBACK", .idle)
+        #expect(r.names == [])
+        #expect(!r.state.isPinned)
+    }
+
+    @Test func savepointsUndoAndRelease() {
+        let r = Run()
+        r.request("BEGIN; SET a.a = 1; SAVEPOINT s", .inTransaction)
+        r.request("SET a.b = 2", .inTransaction)
+        r.request("ROLLBACK TO SAVEPOINT s", .inTransaction)
+        r.request("SAVEPOINT t; SET a.c = 3; RELEASE t", .inTransaction)
+        r.request("COMMIT", .idle)
+        #expect(r.names == ["a.a", "a.c"])
+        // An error after a savepoint, undone by rolling back to it: the transaction goes on.
+        r.request("BEGIN; SAVEPOINT s", .inTransaction)
+        r.request("SET a.d = 4; select 1/0", .failed, failed: true)
+        r.request("ROLLBACK TO s", .inTransaction)
+        r.request("SET a.e = 5; COMMIT", .idle)
+        #expect(r.names == ["a.a", "a.c", "a.e"])
+        #expect(!r.state.isPinned)
+    }
+
+    @Test func whatTheRulesCannotTellPinsForGood() {
+        let r = Run()
+        // Part of the Query committed before the error: which part is not known.
+        r.request("BEGIN; SET a.b = 1; COMMIT; select 1/0", .idle, failed: true)
+        #expect(r.state.pinReason == .unknown)
+        r.request("RESET ALL", .idle)
+        #expect(r.state.isPinned)
+    }
+
+    @Test func pinsCountUntilTheStateIsGone() {
+        let r = Run()
+        r.request("select pg_advisory_lock(1)", .idle)
+        r.request("select pg_advisory_lock(1)", .idle)
+        #expect(r.state.pinReason == .advisoryLock)
+        r.request("select pg_advisory_unlock(1)", .idle)
+        #expect(r.state.isPinned, "locks nest")
+        r.request("select pg_advisory_unlock(2)", .idle)
+        #expect(r.state.isPinned, "not the lock held")
+        r.request("select pg_advisory_unlock(1)", .idle)
+        #expect(!r.state.isPinned)
+        #expect(r.state.serverNeedsReset)
+
+        r.request("BEGIN; CREATE TEMP TABLE t (a int)", .inTransaction)
+        #expect(r.state.pinReason == .tempTable)
+        r.request("DROP TABLE t", .inTransaction)
+        r.request("ROLLBACK", .idle)
+        #expect(r.state.isPinned, "the drop rolled back")
+        r.request("DROP TABLE t", .idle)
+        #expect(!r.state.isPinned)
+
+        r.request("select pg_advisory_lock(k) from t", .idle)
+        r.request("select pg_advisory_unlock(k) from t", .idle)
+        #expect(r.state.isPinned, "a lock of unknown key stays until unlock_all")
+        r.request("select pg_advisory_unlock_all()", .idle)
+        #expect(!r.state.isPinned)
+
+        r.request("LISTEN a; LISTEN b", .idle)
+        r.request("UNLISTEN a", .idle)
+        #expect(r.state.pinReason == .listen)
+        r.request("UNLISTEN *", .idle)
+        #expect(!r.state.isPinned)
+
+        r.request("LOAD 'x'; SET a.b = 1; PREPARE p AS select 1", .idle)
+        r.request("DISCARD ALL", .idle)
+        #expect(r.state.pinReason == .load, "a loaded library stays")
+        #expect(r.names == [] && r.server == [:])
+        #expect(r.state.statementsDiscarded)
+    }
+
+    @Test func pipelinedRequestsAreSettledByTheirOwnReadyForQuery() {
+        let r = Run()
+        r.send("select 1")
+        r.send("BEGIN; SET a.b = 1")
+        r.send("select 2")
+        r.send("COMMIT")
+        r.answer(.idle)
+        #expect(r.names == [])
+        r.answer(.inTransaction)
+        #expect(r.names == [])
+        r.answer(.inTransaction)
+        r.answer(.idle)
+        #expect(r.names == ["a.b"])
+        #expect(!r.state.awaitsReplies)
+    }
+
+    @Test func resetAllKeepsTheRole() {
+        let r = Run()
+        r.request("SET ROLE alice; SET a.b = 1", .idle)
+        r.request("RESET ALL", .idle)
+        #expect(r.names == ["role"])
+    }
+}
+
+/// The SQL of the Query messages in `buffer`.
+func queries(_ buffer: ByteBuffer) -> [String] {
+    var b = buffer
+    var out: [String] = []
+    while let type = b.readInteger(as: UInt8.self), let length = b.readInteger(as: Int32.self) {
+        var body = b.readSlice(length: Int(length) - 4)!
+        if type == UInt8(ascii: "Q") { out.append(body.readNullTerminatedString() ?? "") }
+    }
+    return out
+}
+
+/// Settings replayed across servers, pins that keep a server, and resets before reuse, through
+/// `ClientSession`.
+@Suite struct SessionStateLendTests {
+    typealias D = SessionDriver
+
+    @Test func aClientsSettingsFollowItAndLeaveWithIt() {
+        let shared = ServerSessionState(maxPreparedStatements: 10)
+        let a = D(server: shared)
+        a.client(D.query("SET search_path = a_schema"))
+        a.lend()
+        a.serverSends(D.complete("SET"), D.ready("I"))
+        #expect(a.releases == [true])
+        #expect(shared.settings["search_path"] == "SET search_path = a_schema")
+
+        // Another client gets that server: the setting is undone first, replies unseen.
+        let b = D(server: shared)
+        b.client(D.query("show search_path"))
+        b.lend()
+        #expect(queries(b.toServer) == ["RESET search_path;"])
+        b.serverSends(D.complete("RESET"), D.ready("I"))
+        #expect(b.clientTypes == "")
+        #expect(queries(b.toServer) == ["RESET search_path;", "show search_path"])
+        b.serverSends(D.complete("SHOW"), D.ready("I"))
+        #expect(b.clientTypes == "CZ")
+        #expect(shared.settings.isEmpty)
+
+        // The first client, on a server without its setting, gets it made first.
+        let other = ServerSessionState(maxPreparedStatements: 10)
+        a.client(D.query("show search_path"))
+        #expect(a.session.lent(other, now: a.now, isKnownStatement: { _ in false }, into: &a.actions) == .linked)
+        a.carryOut()
+        a.serverSends(D.complete("SET"), D.ready("I"))
+        #expect(queries(a.toServer).suffix(2) == ["SET search_path = a_schema;", "show search_path"])
+    }
+
+    @Test func aPinnedClientKeepsItsServerAndLeavesItReset() {
+        let d = D()
+        d.client(D.query("select pg_advisory_lock(7)"))
+        d.lend()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases.isEmpty && d.resets.isEmpty)
+        #expect(d.session.state == .linked)
+        d.client(D.query("select pg_advisory_unlock(7)"))
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.resets == ["DISCARD ALL"], "the server goes back reset")
+        #expect(d.session.state == .idle)
+
+        // Leaving while pinned: reset as well.
+        let e = D()
+        e.client(D.query("create temp table t (a int)"))
+        e.lend()
+        e.serverSends(D.complete("CREATE TABLE"), D.ready("I"))
+        #expect(e.session.state == .linked)
+        e.session.finish(serverResetQuery: "", resetAlways: false, into: &e.actions)
+        e.carryOut()
+        #expect(e.resets == ["DISCARD ALL"])
+    }
+
+    @Test func aFailedReplayClosesTheClient() {
+        let shared = ServerSessionState(maxPreparedStatements: 10)
+        let d = D(server: shared)
+        d.client(D.query("SET ROLE gone"))
+        d.lend()
+        d.serverSends(D.complete("SET"), D.ready("I"))
+        shared.settings.removeAll()
+        d.client(D.query("select 1"))
+        d.lend()
+        d.serverSends(
+            D.m("E") {
+                $0.writeInteger(UInt8(ascii: "S"))
+                $0.writeNullTerminatedString("ERROR")
+                $0.writeInteger(UInt8(ascii: "C"))
+                $0.writeNullTerminatedString("22023")
+                $0.writeInteger(UInt8(ascii: "M"))
+                $0.writeNullTerminatedString("role \"gone\" does not exist")
+                $0.writeInteger(UInt8(0))
+            }, D.ready("I"))
+        #expect(d.closedWith?.message == "could not restore session state: role \"gone\" does not exist")
+        #expect(d.releases.last == false, "the server's state is not known")
+    }
+
+    @Test func ignoreModeFollowsNothing() {
+        let d = D()
+        d.session.tracksSessionState = false
+        d.client(D.query("select pg_advisory_lock(7)"))
+        d.lend()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases == [true])
+    }
+}
