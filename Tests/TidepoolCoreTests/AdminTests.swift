@@ -143,7 +143,8 @@ import Testing
         #expect(type("LISTS", "items") == .int4 && type("USERS", "pool_size") == .int4)
         #expect(type("CONFIG", "value") == .text && type("STATE", "value") == .text)
         // The client without an id has NULL there, the user without pool_size NULL in pool_size.
-        #expect(views["CLIENTS"]!.rows.contains { $0.last! == nil })
+        let id = views["CLIENTS"]!.columns.firstIndex(of: "id")!
+        #expect(views["CLIENTS"]!.rows.contains { $0[id] == nil })
         #expect(views["USERS"]!.rows.contains { $0[1] == nil })
     }
 

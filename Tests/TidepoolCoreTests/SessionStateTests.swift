@@ -9,7 +9,10 @@ import Testing
     func effects(_ sql: String) -> [SessionEffect] { SessionStatements.effects(sql) }
 
     @Test func settingsInEveryForm() {
-        #expect(effects("SET search_path = a, \"B\"") == [.set(name: "search_path", statement: "SET search_path = a , \"B\"")])
+        #expect(
+            effects("SET search_path = a, \"B\"") == [
+                .set(name: "search_path", statement: "SET search_path = a , \"B\"")
+            ])
         #expect(
             effects("set Statement_Timeout to '5s'")
                 == [.set(name: "statement_timeout", statement: "SET statement_timeout = '5s'")])
@@ -111,7 +114,10 @@ import Testing
         #expect(effects("CREATE TEMP TABLE t (a int) ON COMMIT DROP") == [])
         #expect(effects("CREATE TABLE t (a int)") == [])
         #expect(effects("select 1 as a into temp table t") == [.pin(.tempTable, key: "t")])
-        #expect(effects("DROP TABLE IF EXISTS t, pg_temp.u") == [.unpin(.tempTable, key: "t"), .unpin(.tempTable, key: "u")])
+        #expect(
+            effects("DROP TABLE IF EXISTS t, pg_temp.u") == [
+                .unpin(.tempTable, key: "t"), .unpin(.tempTable, key: "u"),
+            ])
         #expect(effects("DISCARD TEMP") == [.unpinAll(.tempTable)])
         #expect(effects("DECLARE c CURSOR WITH HOLD FOR SELECT 1") == [.pin(.holdCursor, key: "c")])
         #expect(effects("declare c no scroll cursor without hold for select 1") == [])

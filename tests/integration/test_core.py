@@ -308,24 +308,26 @@ def test_terminate_releases_the_client(tidepool):
         time.sleep(0.05)
 
 
-def test_unsupported_startup_parameters_are_refused_unless_ignored(tidepool):
+def test_startup_parameters_are_kept_refused_with_session_state_ignore_or_dropped_if_ignored(tidepool):
     import asyncio
     import asyncpg
 
     async def attempt(port, **settings):
         conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="postgres",
                                      ssl=False, server_settings=settings)
-        value = await conn.fetchval("SELECT 1")
+        value = await conn.fetchval("SHOW extra_float_digits")
         await conn.close()
         return value
 
     t = tidepool()
+    assert asyncio.run(attempt(t.port, extra_float_digits="2")) == "2"
+    t1 = tidepool(settings="session_state = ignore\n")
     with pytest.raises(asyncpg.PostgresError) as info:
-        asyncio.run(attempt(t.port, extra_float_digits="2"))
+        asyncio.run(attempt(t1.port, extra_float_digits="2"))
     assert info.value.sqlstate == "0A000"
     assert "unsupported startup parameter: extra_float_digits" in str(info.value)
     t2 = tidepool(settings="ignore_startup_parameters = extra_float_digits\n")
-    assert asyncio.run(attempt(t2.port, extra_float_digits="2")) == 1
+    assert asyncio.run(attempt(t2.port, extra_float_digits="2")) == "1"
 
 
 def test_cancels_never_hit_another_clients_query(tidepool):

@@ -265,6 +265,10 @@ extension ClientConnection {
         if let server { row.link = "\(server.id)" }
         row.applicationName = session.wanted["application_name"] ?? ""
         row.preparedStatements = session.prepared?.statements.count ?? 0
+        if let reason = session.sessionState?.pinReason {
+            row.pinned = true
+            row.pinReason = reason.name
+        }
         return row
     }
 

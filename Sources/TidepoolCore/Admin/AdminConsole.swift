@@ -255,6 +255,9 @@ public struct ConnectionRow: Sendable, Equatable {
     public var remotePID = 0
     public var applicationName = ""
     public var preparedStatements = 0
+    /// The client keeps its server for session state (`SessionState`), and why.
+    public var pinned = false
+    public var pinReason = ""
 
     public init() {}
 }
@@ -263,11 +266,11 @@ extension AdminViews {
     static let connectionColumns = [
         "type", "user", "database", "replication", "state", "addr", "port", "local_addr", "local_port",
         "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link", "remote_pid", "tls",
-        "application_name", "prepared_statements", "id",
+        "application_name", "prepared_statements", "id", "pinned", "pin_reason",
     ]
     static let connectionTypes: [AdminResult.ColumnType] = [
         .text, .text, .text, .text, .text, .text, .int4, .text, .int4, .text, .text, .int4, .int4, .int4, .text,
-        .text, .int4, .text, .text, .int4, .int8,
+        .text, .int4, .text, .text, .int4, .int8, .int4, .text,
     ]
 
     static func timestamp(_ seconds: Double) -> String {
@@ -291,7 +294,7 @@ extension AdminViews {
                     "\(r.localPort)", timestamp(r.connectTime), timestamp(r.requestTime),
                     "\(r.waitMicroseconds / 1_000_000)", "\(r.waitMicroseconds % 1_000_000)", r.closeNeeded ? "1" : "0",
                     "\(type)-\(r.id)", r.link.isEmpty ? nil : r.link, "\(r.remotePID)", nil, r.applicationName,
-                    "\(r.preparedStatements)", r.id.isEmpty ? nil : r.id,
+                    "\(r.preparedStatements)", r.id.isEmpty ? nil : r.id, r.pinned ? "1" : "0", r.pinReason,
                 ]
             })
     }

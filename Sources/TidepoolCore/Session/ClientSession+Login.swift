@@ -115,8 +115,12 @@ extension ClientSession {
             write(out, into: &actions)
         }
         do {
-            wanted = try StartupParameters.resolve(
-                startup.parameters, ignored: config.global.ignoreStartupParameters)
+            // With session_state = track, any parameter is kept as a setting and replayed.
+            let keeps = config.database(named: database).map { config.sessionState(database: $0, user: user) } == .track
+            let resolved = try StartupParameters.resolve(
+                startup.parameters, ignored: config.global.ignoreStartupParameters, keepingOthers: keeps)
+            wanted = resolved.wanted
+            if !resolved.others.isEmpty { stateOfSession.startWith(resolved.others) }
         } catch {
             close(error, reason: "unsupported startup parameter", into: &actions)
             return

@@ -45,6 +45,15 @@ extension ClientSession {
             }
             effects = SessionStatements.effects(sql)
         }
+        if prepared != nil, !effects.isEmpty {
+            // SQL PREPARE is kept per client by the prepared-statement tracker: nothing to pin.
+            effects.removeAll { effect in
+                switch effect {
+                case .pin(.preparedStatement, _), .unpin(.preparedStatement, _), .unpinAll(.preparedStatement): true
+                default: false
+                }
+            }
+        }
         if !whole, type == MessageType.query, effects.isEmpty == false || body.readableBytes > 0 {
             // What follows the part read is not known: a long Query with more statements pins.
             if effects.contains(where: { !$0.isTransactionControl }) { effects.append(.pin(.unknown, key: "")) }

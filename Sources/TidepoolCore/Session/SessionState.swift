@@ -54,6 +54,17 @@ public final class SessionState {
 
     public init() {}
 
+    /// Startup parameters the pooler does not follow otherwise: the first settings.
+    func startWith(_ parameters: [(String, String)]) {
+        for (name, value) in parameters {
+            settings.removeAll { $0.name == name }
+            settings.append(
+                Setting(
+                    name: name,
+                    statement: "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), false)"))
+        }
+    }
+
     /// Whether the client must keep its server.
     public var isPinned: Bool { !pins.isEmpty }
 

@@ -158,7 +158,8 @@ public enum SessionStatements {
         case "close":
             let name = lexer.next()
             effects.append(
-                name.isWord("all", in: lexer) ? .unpinAll(.holdCursor) : .unpin(.holdCursor, key: lexer.identifier(name)))
+                name.isWord("all", in: lexer)
+                    ? .unpinAll(.holdCursor) : .unpin(.holdCursor, key: lexer.identifier(name)))
             lexer.skipStatement()
         case "listen":
             effects.append(.pin(.listen, key: lexer.identifier(lexer.next())))
@@ -514,7 +515,8 @@ public enum SessionStatements {
     static func quotedName(_ name: String) -> String {
         name.split(separator: ".", omittingEmptySubsequences: false).map { part in
             part.allSatisfy({ $0.isLowercase || $0.isNumber || $0 == "_" }) && !part.isEmpty
-                ? String(part) : "\"" + part.split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\"\"") + "\""
+                ? String(part)
+                : "\"" + part.split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\"\"") + "\""
         }.joined(separator: ".")
     }
 }

@@ -42,12 +42,25 @@ public enum StartupParameters {
     public static func resolve(_ parameters: [String: String], ignored: [String]) throws(PostgresError) -> [String:
         String]
     {
+        try resolve(parameters, ignored: ignored, keepingOthers: false).wanted
+    }
+
+    /// As `resolve(_:ignored:)`; with `keepingOthers`, any other parameter is not refused but
+    /// returned in `others` (name in lower case, value), to be kept as a session setting.
+    public static func resolve(
+        _ parameters: [String: String], ignored: [String], keepingOthers: Bool
+    ) throws(PostgresError) -> (wanted: [String: String], others: [(String, String)]) {
         let ignoredSet = Set(ignored.map { $0.lowercased() })
         var wanted: [String: String] = [:]
+        var others: [(String, String)] = []
         func accept(_ name: String, _ value: String, from what: String) throws(PostgresError) {
             if let key = canonical(name) {
                 wanted[key] = value
-            } else if !ignoredSet.contains(name.lowercased()) {
+            } else if ignoredSet.contains(name.lowercased()) {
+                return
+            } else if keepingOthers {
+                others.append((name.lowercased(), value))
+            } else {
                 throw PostgresError.fatal(SQLState.featureNotSupported, "unsupported \(what): \(name)")
             }
         }
@@ -66,7 +79,7 @@ public enum StartupParameters {
                 try accept(name, value, from: "startup parameter")
             }
         }
-        return wanted
+        return (wanted, others)
     }
 
     /// Splits libpq's `options` string: `-c a=b -c c=d`, `-ca=b`, `--a=b`; backslash escapes a space.
