@@ -22,10 +22,13 @@ import Testing
             maxWait: .microseconds(2_500_000), settings: PoolSettings(poolSize: 5))
         snap.checking = 1
         let result = AdminViews.pools(
-            [snap], clients: [snap.key: PoolClientCounts(active: 5, waiting: 45)], modes: [snap.key: .session])
-        #expect(result.columns.count == 17)
+            [snap], clients: [snap.key: PoolClientCounts(active: 5, waiting: 45, pinned: 2)],
+            modes: [snap.key: .session])
+        // PgBouncer's 17 columns in its order, then Tidepool's own.
+        #expect(result.columns.count == 18)
         #expect(result.columns.first == "database")
-        #expect(result.columns.last == "load_balance_hosts")
+        #expect(result.columns[16] == "load_balance_hosts")
+        #expect(result.columns.last == "cl_pinned")
         let row = Dictionary(uniqueKeysWithValues: zip(result.columns, result.rows[0]))
         #expect(row["cl_active"] == "5")
         #expect(row["cl_waiting"] == "45")
@@ -35,6 +38,7 @@ import Testing
         #expect(row["maxwait"] == "2")
         #expect(row["maxwait_us"] == "500000")
         #expect(row["pool_mode"] == "session")
+        #expect(row["cl_pinned"] == "2")
     }
 
     @Test func resultEncodesRowDescriptionRowsAndTag() {

@@ -28,6 +28,8 @@ final class SessionDriver {
     /// The flow-control actions, in order.
     var flow: [ClientSession.Action] = []
     var staleReports = 0
+    var pinChanges: [Bool] = []
+    var replayed = 0
     var traffic = TrafficStats()
 
     init(
@@ -64,6 +66,8 @@ final class SessionDriver {
                 toClient.writeBuffer(&b)
             case .flushClient, .statementsAccepted, .logSlowQuery: break
             case .statementsStale: staleReports += 1
+            case .pinChanged(let pinned): pinChanges.append(pinned)
+            case .settingsReplayed(let count): replayed += count
             case .requestServer: requests += 1
             case .leaveQueue: leftQueue += 1
             case .releaseServer(let reusable):

@@ -357,6 +357,7 @@ func queries(_ buffer: ByteBuffer) -> [String] {
         a.carryOut()
         a.serverSends(D.complete("SET"), D.ready("I"))
         #expect(queries(a.toServer).suffix(2) == ["SET search_path = a_schema;", "show search_path"])
+        #expect(a.replayed == 1)
     }
 
     @Test func aPinnedClientKeepsItsServerAndLeavesItReset() {
@@ -370,6 +371,7 @@ func queries(_ buffer: ByteBuffer) -> [String] {
         d.serverSends(D.complete("SELECT 1"), D.ready("I"))
         #expect(d.resets == ["DISCARD ALL"], "the server goes back reset")
         #expect(d.session.state == .idle)
+        #expect(d.pinChanges == [true, false])
 
         // Leaving while pinned: reset as well.
         let e = D()

@@ -122,10 +122,17 @@ def test_pinning_state_keeps_the_client_on_its_server(pg, tidepool):
         # Advisory lock: another client cannot take it, its owner can release it.
         assert value(a, "SELECT pg_advisory_lock(42) IS NOT NULL")
         pid = value(a, "SELECT pg_backend_pid()")
+        assert [r["cl_pinned"] for r in show(t, "POOLS") if r["database"] == "postgres"] == [1]
+        assert sorted(r["pin_reason"] for r in show(t, "CLIENTS") if r["database"] == "postgres") == [
+            "", "advisory_lock"]
         for _ in range(5):
             assert value(b, "SELECT pg_try_advisory_lock(42)") is False
             assert value(a, "SELECT pg_backend_pid()") == pid
         assert value(a, "SELECT pg_advisory_unlock(42)") is True
+        # b's failed pg_try_advisory_lock pins it too: whether it got the lock is not read.
+        assert [r["cl_pinned"] for r in show(t, "POOLS") if r["database"] == "postgres"] == [1]
+        b.execute("SELECT pg_advisory_unlock_all()")
+        assert [r["cl_pinned"] for r in show(t, "POOLS") if r["database"] == "postgres"] == [0]
         # Temp table: each client has its own.
         a.execute("CREATE TEMP TABLE tt (v int)")
         a.execute("INSERT INTO tt VALUES (1)")
@@ -144,10 +151,11 @@ def test_pinning_state_keeps_the_client_on_its_server(pg, tidepool):
         assert value(a, "FETCH 2 FROM c") == 1
         assert value(a, "FETCH 1 FROM c") == 3
         a.execute("CLOSE c")
-        # SQL PREPARE.
+        # SQL PREPARE (kept per client by the prepared-statement tracker).
         a.execute("PREPARE p AS SELECT 7")
         assert value(a, "EXECUTE p") == 7
-        assert value(b, "SELECT count(*) FROM pg_prepared_statements") == 0
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            b.execute("EXECUTE p")
         a.execute("DEALLOCATE p")
 
 
@@ -184,6 +192,8 @@ def test_a_client_leaving_while_pinned_leaves_a_clean_server(tidepool):
         assert value(b, "SELECT count(*) FROM pg_prepared_statements") == 0
         assert value(b, "SELECT count(*) FROM pg_cursors") == 0
         assert value(b, "SELECT count(*) FROM pg_listening_channels()") == 0
+    # Pinned clients held the pool's only server: said once, not per pin.
+    assert t.log().count("pinned clients hold all its servers") == 1
 
 
 def test_ignore_mode_is_pgbouncers_behaviour(tidepool):

@@ -120,10 +120,10 @@ extension Pooler {
 
     func show(_ what: String, on loop: EventLoop) throws(PostgresError) -> EventLoopFuture<AdminResult> {
         let now = NIODeadline.now()
-        let (snapshots, poolClients, clientCount, disabled, suspended, allPaused) = shared.withLockedValue {
+        let (snapshots, poolClients, clientCount, disabled, suspended, allPaused, pinned) = shared.withLockedValue {
             (
                 $0.pools.snapshot(now: now), $0.poolClients, $0.clientCount, $0.disabled, $0.suspended,
-                $0.pools.isPaused(database: nil)
+                $0.pools.isPaused(database: nil), $0.pinnedClients
             )
         }
         let config = self.config
@@ -133,7 +133,8 @@ extension Pooler {
             var modes: [PoolKey: PoolMode] = [:]
             for snap in snapshots {
                 let total = poolClients[snap.key] ?? 0
-                counts[snap.key] = PoolClientCounts(active: max(total - snap.waiting, 0), waiting: snap.waiting)
+                counts[snap.key] = PoolClientCounts(
+                    active: max(total - snap.waiting, 0), waiting: snap.waiting, pinned: pinned[snap.key] ?? 0)
                 if let db = config.database(named: snap.key.database) {
                     modes[snap.key] = config.poolMode(database: db, user: snap.key.user)
                 }

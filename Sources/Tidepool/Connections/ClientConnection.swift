@@ -32,6 +32,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var lease: UInt64 = 0
     var id: ClientID?
     var joinedPool = false
+    /// Counted among its pool's pinned clients (SHOW POOLS cl_pinned).
+    var countedPinned = false
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
     /// Where `traffic` is handed in (this loop's cell for the client's database).
@@ -163,6 +165,12 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             session.statementEpoch = epoch
             logger.info(
                 "a server found a prepared statement's plan stale: statements are parsed again (epoch \(epoch))")
+        case .pinChanged(let pinned):
+            guard joinedPool, let poolKey, pinned != countedPinned else { return }
+            countedPinned = pinned
+            pooler.pinChanged(poolKey, pinned: pinned, reason: session.sessionState?.pinReason)
+        case .settingsReplayed(let count):
+            pooler.metrics.count("tidepool_replayed_settings_total", [("database", databaseName)], by: count)
         case .handInTraffic:
             handInTraffic()
         case .recordTiming(let kind, let microseconds):
@@ -615,6 +623,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         endLoginTimer()
         if joinedPool { handInTraffic() }
         pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
+        if countedPinned, let poolKey {
+            countedPinned = false
+            pooler.pinChanged(poolKey, pinned: false, reason: nil)
+        }
         pooler.unregister(
             self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress)
         if id != nil, pooler.config.global.logDisconnections {

@@ -78,7 +78,8 @@ final class PoolerMetrics: @unchecked Sendable {
 
     /// Brings gauges and counters up to date and renders the registry in the text format.
     func render(
-        snapshots: [PoolSnapshot], clients: [PoolKey: Int], traffic: TrafficBook, buffers: BufferFigures
+        snapshots: [PoolSnapshot], clients: [PoolKey: Int], pinned: [PoolKey: Int], traffic: TrafficBook,
+        buffers: BufferFigures
     ) -> String {
         for (side, figures) in [("client", buffers.clients), ("server", buffers.servers)] {
             let dimensions = [("side", side), ("instance_id", instance)]
@@ -94,6 +95,7 @@ final class PoolerMetrics: @unchecked Sendable {
             }
             gauge("tidepool_clients_active", Double(max((clients[s.key] ?? 0) - s.waiting, 0)))
             gauge("tidepool_clients_waiting", Double(s.waiting))
+            gauge("tidepool_clients_pinned", Double(pinned[s.key] ?? 0))
             gauge("tidepool_servers_active", Double(s.lent - s.checking))
             gauge("tidepool_servers_idle", Double(s.idle))
             gauge("tidepool_servers_used", 0)
@@ -152,8 +154,11 @@ extension Pooler {
     func renderMetrics(on loop: EventLoop) -> EventLoopFuture<String> {
         bufferFigures(on: loop).map { [self] buffers in
             let now = NIODeadline.now()
-            let (snapshots, clients) = shared.withLockedValue { ($0.pools.snapshot(now: now), $0.poolClients) }
-            return metrics.render(snapshots: snapshots, clients: clients, traffic: trafficBook(), buffers: buffers)
+            let (snapshots, clients, pinned) = shared.withLockedValue {
+                ($0.pools.snapshot(now: now), $0.poolClients, $0.pinnedClients)
+            }
+            return metrics.render(
+                snapshots: snapshots, clients: clients, pinned: pinned, traffic: trafficBook(), buffers: buffers)
         }
     }
 

@@ -73,6 +73,30 @@ extension Pooler {
         return pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
     }
 
+    /// A client of pool `key` started (or stopped) keeping its server for session state. While
+    /// pinned clients hold every server of the pool, a warning is logged once a minute.
+    func pinChanged(_ key: PoolKey, pinned: Bool, reason: PinReason?) {
+        let now = NIODeadline.now()
+        let poolSize = config.database(named: key.database).map { config.poolSize(database: $0, user: key.user) }
+        let warn = shared.withLockedValue { s -> Int? in
+            s.pinnedClients[key, default: 0] += pinned ? 1 : -1
+            let count = s.pinnedClients[key]!
+            guard pinned, let poolSize, count >= poolSize else { return nil }
+            if let last = s.pinWarnings[key], now - last < .seconds(60) { return nil }
+            s.pinWarnings[key] = now
+            return count
+        }
+        if pinned, let reason {
+            metrics.count(
+                "tidepool_pins_total", [("database", key.database), ("user", key.user), ("reason", reason.name)])
+        }
+        if let warn {
+            logger.warning(
+                "pool \(key): \(warn) pinned clients hold all its servers (session state: advisory locks, temp tables, WITH HOLD cursors, LISTEN...); other clients wait"
+            )
+        }
+    }
+
     func unregister(
         _ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?, address: String?
     ) {

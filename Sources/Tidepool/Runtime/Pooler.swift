@@ -96,6 +96,10 @@ public final class Pooler: @unchecked Sendable {
         var shuttingDown = false
         /// Logged-in clients per pool, for SHOW POOLS.
         var poolClients: [PoolKey: Int] = [:]
+        /// Clients keeping their server for session state, per pool; when the last warning that
+        /// they held all of a pool's servers was logged.
+        var pinnedClients: [PoolKey: Int] = [:]
+        var pinWarnings: [PoolKey: NIODeadline] = [:]
         /// DISABLE: databases that refuse new clients.
         var disabled: Set<String> = []
         /// max_client_conn_per_ip and client_connect_rate_per_ip.

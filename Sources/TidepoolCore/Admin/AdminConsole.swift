@@ -122,9 +122,12 @@ public struct AdminResult: Equatable, Sendable {
 public struct PoolClientCounts: Equatable, Sendable {
     public var active = 0
     public var waiting = 0
-    public init(active: Int = 0, waiting: Int = 0) {
+    /// Keeping their server for session state.
+    public var pinned = 0
+    public init(active: Int = 0, waiting: Int = 0, pinned: Int = 0) {
         self.active = active
         self.waiting = waiting
+        self.pinned = pinned
     }
 }
 
@@ -136,7 +139,7 @@ public enum AdminViews {
         let columns = [
             "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_cancel_req",
             "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login",
-            "maxwait", "maxwait_us", "pool_mode", "load_balance_hosts",
+            "maxwait", "maxwait_us", "pool_mode", "load_balance_hosts", "cl_pinned",
         ]
         let rows: [[String?]] = snapshots.sorted { ($0.key.database, $0.key.user) < ($1.key.database, $1.key.user) }
             .map { s in
@@ -146,9 +149,11 @@ public enum AdminViews {
                     s.key.database, s.key.user, "\(c.active)", "\(s.waiting)", "0", "0",
                     "\(s.lent - s.checking)", "0", "0", "\(s.idle)", "0", "\(s.checking)", "\(s.connecting)",
                     "\(waitUs / 1_000_000)", "\(waitUs % 1_000_000)", (modes[s.key] ?? .transaction).rawValue, nil,
+                    "\(c.pinned)",
                 ]
             }
-        let types = [.text, .text] + Array(repeating: .int4, count: 13) + [.text, .text] as [AdminResult.ColumnType]
+        let types =
+            [.text, .text] + Array(repeating: .int4, count: 13) + [.text, .text, .int4] as [AdminResult.ColumnType]
         return AdminResult(columns: columns, types: types, rows: rows)
     }
 

@@ -192,7 +192,7 @@ extension ClientSession {
                 let status = TransactionStatus(rawValue: raw)
             {
                 // Ends a client Query the pooler answered itself, like one from the server.
-                readyForQuery(status)
+                readyForQuery(status, into: &actions)
                 countReady(status, now: now, into: &actions)
             }
             write(reply, into: &actions)

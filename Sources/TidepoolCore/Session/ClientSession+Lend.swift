@@ -36,7 +36,7 @@ extension ClientSession {
         resetServerFlow()
         serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
         serverInbound = KeptBytes()
-        let settings = settingsSync(server)
+        let settings = settingsSync(server, into: &actions)
         let parameters = parameterSync(server) ?? ""
         if !settings.resets.isEmpty || !parameters.isEmpty || !settings.sets.isEmpty {
             let sync = settings.resets + parameters + settings.sets

@@ -88,7 +88,7 @@ extension ClientSession {
                         _ = writeMadeUpReplies(now: now, into: &actions)
                         continue
                     }
-                    readyForQuery(status)
+                    readyForQuery(status, into: &actions)
                     countReady(status, now: now, into: &actions)
                     if let timeoutClock, tracker.isQuiet {
                         timeoutClock.queryStartedAt = nil

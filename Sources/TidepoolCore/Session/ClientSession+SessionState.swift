@@ -93,12 +93,14 @@ extension ClientSession {
     }
 
     /// A ReadyForQuery for one of the client's requests.
-    mutating func readyForQuery(_ status: TransactionStatus) {
+    mutating func readyForQuery(_ status: TransactionStatus, into actions: inout Actions) {
         let before = tracker.status
         tracker.serverReady(status)
         guard let sessionState, sessionState.awaitsReplies else { return }
         var serverSettings = server?.settings ?? [:]
+        let wasPinned = sessionState.isPinned
         sessionState.ready(before: before, after: status, server: &serverSettings)
+        if sessionState.isPinned != wasPinned { actions.append(.pinChanged(pinned: !wasPinned)) }
         if let server {
             server.settings = serverSettings
             if sessionState.statementsDiscarded {
@@ -113,7 +115,9 @@ extension ClientSession {
 
     /// The statements that make `server`'s settings the client's, after its tracked parameters:
     /// RESETs first (a RESET of a tracked parameter lets `parameterSync` set the client's value).
-    mutating func settingsSync(_ server: ServerSessionState) -> (resets: String, sets: String) {
+    mutating func settingsSync(
+        _ server: ServerSessionState, into actions: inout Actions
+    ) -> (resets: String, sets: String) {
         let settings = sessionState?.settings ?? []
         guard !settings.isEmpty || !server.settings.isEmpty else { return ("", "") }
         var resets = ""
@@ -123,10 +127,13 @@ extension ClientSession {
             server.settings[name] = nil
             if server.parameters[name] != nil { server.parameters[name] = nil }
         }
+        var count = 0
         for setting in settings where server.settings[setting.name] != setting.statement {
             sets += setting.statement + ";"
             server.settings[setting.name] = setting.statement
+            count += 1
         }
+        if count > 0 { actions.append(.settingsReplayed(count)) }
         return (resets, sets)
     }
 }

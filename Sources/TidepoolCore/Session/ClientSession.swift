@@ -72,6 +72,11 @@ public struct ClientSession {
         /// A server found a prepared statement's cached plan stale (the schema changed): the
         /// pooler starts a new stale-plan epoch (`PreparedStatementTracker.epoch`).
         case statementsStale
+        /// The client started or stopped keeping its server for its session state (`sessionState`
+        /// says why).
+        case pinChanged(pinned: Bool)
+        /// This many settings of the client's were made on the server it was lent.
+        case settingsReplayed(Int)
         /// Add `traffic` to the database's totals and zero it (also done before `releaseServer`).
         case handInTraffic
         /// A wait, query or transaction time for /metrics, when `reportsTimings` (SHOW LATENCY's
