@@ -34,8 +34,13 @@ public enum FuzzHarness {
             _ = config.clientTimeouts(user: "u")
         }
         _ = try? HBARules.parse(text)
+        // SQL as the session-state classifier reads it: the whole text, and each line alone.
+        _ = SessionStatements.effects(text)
         _ = Userlist.parse(text)
-        for line in text.split(separator: "\n") { _ = try? AdminCommand.parse(String(line)) }
+        for line in text.split(separator: "\n") {
+            _ = try? AdminCommand.parse(String(line))
+            _ = SessionStatements.effects(String(line))
+        }
     }
 
     static func startup(_ buffer: inout ByteBuffer) {
@@ -70,6 +75,7 @@ public enum FuzzHarness {
         var session = ClientSession(maxMessageLength: 1 << 20)
         session.bufferLimit = 64
         session.poolMode = poolMode
+        session.tracksSessionState = poolMode != .session
         if tracksPrepared { session.prepared = PreparedStatementTracker() }
         var settings = ClientTimeoutSettings()
         settings.queryTimeout = .milliseconds(5)
