@@ -18,16 +18,20 @@ extension ClientSession {
                     continue
                 }
                 guard
-                    let chunk = try nextMessage(
+                    let chunk = try scanner.next(
                         from: &buffer,
-                        peek: { s, type, bytes, bodyStart in
-                            if type == MessageType.terminate || (type == MessageType.query && s.refusesSimpleQuery) {
+                        peek: { type, bytes, bodyStart in
+                            if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery) {
                                 return .inspect
                             }
-                            if s.tracksSessionState, !s.sessionStatement(type, bytes, bodyStart: bodyStart) {
+                            if tracksSessionState,
+                                !Self.statementRead(
+                                    type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: false,
+                                    state: &sessionState)
+                            {
                                 return .inspect
                             }
-                            s.clientSent(type)
+                            Self.clientSent(type, tracker: &tracker, state: sessionState)
                             return .forward
                         })
                 else { return }
@@ -46,16 +50,6 @@ extension ClientSession {
                 return
             }
         }
-    }
-
-    /// `scanner.next`, with the scanner moved out meanwhile so that `peek` may change the session.
-    @inline(__always)
-    mutating func nextMessage(
-        from buffer: inout ByteBuffer, peek: (inout ClientSession, UInt8, ByteBuffer, Int) -> MessageDisposition
-    ) throws(WireError) -> MessageScanner.Chunk? {
-        var scan = scanner
-        defer { scanner = scan }
-        return try scan.next(from: &buffer, peek: { type, bytes, start in peek(&self, type, bytes, start) })
     }
 
     /// The end of one read of client bytes: what was gathered for the linked server goes, and the
@@ -137,19 +131,23 @@ extension ClientSession {
             return false
         }
         guard
-            let chunk = try nextMessage(
+            let chunk = try scanner.next(
                 from: &buffer,
-                peek: { s, type, bytes, bodyStart in
-                    if type == MessageType.terminate || (type == MessageType.query && s.refusesSimpleQuery)
+                peek: { type, bytes, bodyStart in
+                    if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery)
                         || PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart)
                     {
                         return .inspect
                     }
-                    if s.tracksSessionState, !s.sessionStatement(type, bytes, bodyStart: bodyStart) {
+                    if tracksSessionState,
+                        !Self.statementRead(
+                            type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: true,
+                            state: &sessionState)
+                    {
                         return .inspect
                     }
-                    s.clientSent(type)
-                    s.prepared!.clientForwarded(type)
+                    Self.clientSent(type, tracker: &tracker, state: sessionState)
+                    prepared!.clientForwarded(type)
                     return .forward
                 })
         else { return false }
@@ -166,7 +164,7 @@ extension ClientSession {
                 return false
             }
             if tracksSessionState { sessionMessage(type, body: body, whole: true) }
-            clientSent(type)
+            Self.clientSent(type, tracker: &tracker, state: sessionState)
             if prepared!.epoch != statementEpoch { prepared!.epoch = statementEpoch }
             prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
             if writeMadeUpReplies(now: now, into: &actions) {

@@ -1,51 +1,87 @@
 import NIOCore
 
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// Session state in transaction and statement pooling (`SessionState`): the client's statements
 /// are read for what they leave behind, settings are replayed on each lend, and what cannot be
 /// replayed keeps the client on its server.
 extension ClientSession {
     /// A client message's header was read (`bytes` from `bodyStart` holds what has arrived of its
     /// body). Reads a Query's or Parse's SQL, or the statement a Bind names, for session-state
-    /// effects. False when the message must be waited for whole first.
+    /// effects into `state`. False when the message must be waited for whole first (up to `limit`
+    /// bytes). Static, on the stored properties it needs, so that the message scanner's closure
+    /// can call it while the scanner runs.
     @inline(__always)
-    mutating func sessionStatement(_ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int) -> Bool {
+    static func statementRead(
+        _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
+        state: inout SessionState?
+    ) -> Bool {
         guard type == MessageType.query || type == MessageType.parse || type == MessageType.bind else { return true }
-        if type == MessageType.bind, sessionState?.namedEffects.isEmpty ?? true { return true }
-        return sessionStatementSlow(type, bytes, bodyStart: bodyStart)
+        if type == MessageType.bind, state?.namedEffects.isEmpty ?? true { return true }
+        return statementReadSlow(type, bytes, bodyStart: bodyStart, limit: limit, preparedOn: preparedOn, state: &state)
     }
 
-    mutating func sessionStatementSlow(_ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int) -> Bool {
+    @inline(never)
+    static func statementReadSlow(
+        _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
+        state: inout SessionState?
+    ) -> Bool {
         let length = Int(bytes.getInteger(at: bodyStart - 4, as: Int32.self) ?? 4) - 4
         let available = min(length, bytes.writerIndex - bodyStart)
         // A message too long to hold is read from what has come (its leading statements).
-        if available < length, length <= bufferLimit { return false }
-        guard let body = bytes.getSlice(at: bodyStart, length: available) else { return true }
-        sessionMessage(type, body: body, whole: available == length)
+        if available < length, length <= limit { return false }
+        let offset = bodyStart - bytes.readerIndex
+        guard offset >= 0, available >= 0 else { return true }
+        bytes.withUnsafeReadableBytes { raw in
+            readMessage(
+                type, body: UnsafeRawBufferPointer(rebasing: raw[offset..<offset + available]),
+                whole: available == length, preparedOn: preparedOn, state: &state)
+        }
         return true
     }
 
-    /// The body (or its start, when not `whole`) of a Query, Parse or Bind.
+    /// A whole message the session inspects itself: a Query's or Parse's effects, a Bind's of the
+    /// named statement it runs.
     mutating func sessionMessage(_ type: UInt8, body: ByteBuffer, whole: Bool) {
+        switch type {
+        case MessageType.query, MessageType.parse: break
+        case MessageType.bind where !(sessionState?.namedEffects.isEmpty ?? true): break
+        default: return
+        }
+        let preparedOn = prepared != nil
+        body.withUnsafeReadableBytes {
+            Self.readMessage(type, body: $0, whole: whole, preparedOn: preparedOn, state: &sessionState)
+        }
+    }
+
+    /// The body (or its start, when not `whole`) of a Query, Parse or Bind: its effects go to
+    /// `state` (made when first needed).
+    static func readMessage(
+        _ type: UInt8, body raw: UnsafeRawBufferPointer, whole: Bool, preparedOn: Bool, state: inout SessionState?
+    ) {
         var effects: [SessionEffect] = []
         var statement: String? = nil
-        body.withUnsafeReadableBytes { raw in
+        ({ () in
             var sql = raw
             if type != MessageType.query {
                 // Parse: statement name, then the SQL. Bind: portal name, then statement name.
-                guard let nul = raw.firstIndex(of: 0) else { return }
+                guard let nul = Self.nul(in: raw, from: 0) else { return }
                 if type == MessageType.bind {
-                    let rest = UnsafeRawBufferPointer(rebasing: raw[(nul + 1)...])
-                    guard let end = rest.firstIndex(of: 0) else { return }
-                    statement = String(decoding: UnsafeRawBufferPointer(rebasing: rest[..<end]), as: UTF8.self)
+                    guard let end = Self.nul(in: raw, from: nul + 1) else { return }
+                    statement = Self.text(raw, nul + 1, end)
                     return
                 }
-                statement = String(decoding: UnsafeRawBufferPointer(rebasing: raw[..<nul]), as: UTF8.self)
-                sql = UnsafeRawBufferPointer(rebasing: raw[(nul + 1)...])
-                if let end = sql.firstIndex(of: 0) { sql = UnsafeRawBufferPointer(rebasing: sql[..<end]) }
+                if nul > 0 { statement = Self.text(raw, 0, nul) }
+                let end = Self.nul(in: raw, from: nul + 1) ?? raw.count
+                sql = UnsafeRawBufferPointer(rebasing: raw[(nul + 1)..<end])
             }
-            effects = SessionStatements.effects(sql)
-        }
-        if prepared != nil, !effects.isEmpty {
+            effects = SessionStatements.effects(sql, oneStatement: type == MessageType.parse)
+        })()
+        if preparedOn, !effects.isEmpty {
             // SQL PREPARE is kept per client by the prepared-statement tracker: nothing to pin.
             effects.removeAll { effect in
                 switch effect {
@@ -54,41 +90,56 @@ extension ClientSession {
                 }
             }
         }
-        if !whole, type == MessageType.query, effects.isEmpty == false || body.readableBytes > 0 {
+        if !whole, type == MessageType.query {
             // What follows the part read is not known: a long Query with more statements pins.
             if effects.contains(where: { !$0.isTransactionControl }) { effects.append(.pin(.unknown, key: "")) }
         }
         switch type {
         case MessageType.bind:
-            if let statement, let named = sessionState?.namedEffects[statement] { sessionState!.statementSent(named) }
+            if let statement, let named = state?.namedEffects[statement] { state!.statementSent(named) }
         case MessageType.parse where statement?.isEmpty == false:
             // A named statement's effects come with each Bind of it.
             if effects.isEmpty {
-                if sessionState?.namedEffects[statement!] != nil { sessionState!.namedEffects[statement!] = nil }
+                if state?.namedEffects[statement!] != nil { state!.namedEffects[statement!] = nil }
             } else {
-                stateOfSession.namedEffects[statement!] = effects
+                made(&state).namedEffects[statement!] = effects
             }
         default:
-            if !effects.isEmpty { stateOfSession.statementSent(effects) }
+            if !effects.isEmpty { made(&state).statementSent(effects) }
         }
+    }
+
+    /// The index of the first NUL in `raw` from `from`.
+    static func nul(in raw: UnsafeRawBufferPointer, from: Int) -> Int? {
+        guard let base = raw.baseAddress, from < raw.count, let hit = memchr(base + from, 0, raw.count - from) else {
+            return nil
+        }
+        return base.distance(to: UnsafeRawPointer(hit))
+    }
+
+    static func text(_ raw: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> String {
+        String(decoding: UnsafeRawBufferPointer(rebasing: raw[from..<to]), as: UTF8.self)
+    }
+
+    /// `state`, made when first needed.
+    static func made(_ state: inout SessionState?) -> SessionState {
+        if let state { return state }
+        let made = SessionState()
+        state = made
+        return made
     }
 
     /// `sessionState`, made when first needed.
     var stateOfSession: SessionState {
-        mutating get {
-            if let sessionState { return sessionState }
-            let made = SessionState()
-            sessionState = made
-            return made
-        }
+        mutating get { Self.made(&sessionState) }
     }
 
     /// Counts a client message for the transaction tracker, and ends a request's session effects.
     @inline(__always)
-    mutating func clientSent(_ type: UInt8) {
+    static func clientSent(_ type: UInt8, tracker: inout TransactionTracker, state: SessionState?) {
         tracker.clientSent(type)
-        if let sessionState, type == MessageType.query || type == MessageType.sync || type == MessageType.functionCall {
-            sessionState.requestSent(outstanding: tracker.outstanding - 1)
+        if let state, type == MessageType.query || type == MessageType.sync || type == MessageType.functionCall {
+            state.requestSent(outstanding: tracker.outstanding - 1)
         }
     }
 

@@ -25,6 +25,7 @@ struct SQLLexer {
         var symbolByte: UInt8 = 0
 
         /// A keyword, compared without regard to case (`keyword` in lower case).
+        @inline(__always)
         func isWord(_ keyword: StaticString, in lexer: SQLLexer) -> Bool {
             guard kind == .word, end - start == keyword.utf8CodeUnitCount else { return false }
             let k = keyword.utf8Start
@@ -42,6 +43,8 @@ struct SQLLexer {
 
     let bytes: UnsafeRawBufferPointer
     var position = 0
+    /// The text is one statement (a Parse's): no `;` needs looking for.
+    var oneStatement = false
 
     init(_ bytes: UnsafeRawBufferPointer) {
         self.bytes = bytes

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// Why a client keeps its server: session state the pooler cannot replay on another server.
 public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
     case advisoryLock
@@ -69,8 +75,10 @@ public enum SessionStatements {
     ]
 
     /// The effects of `sql` (a Query's text or a Parse's statement), in order. Empty for most SQL.
-    public static func effects(_ bytes: UnsafeRawBufferPointer) -> [SessionEffect] {
+    /// `oneStatement`: a Parse's SQL, which PostgreSQL takes only as one statement.
+    public static func effects(_ bytes: UnsafeRawBufferPointer, oneStatement: Bool = false) -> [SessionEffect] {
         var lexer = SQLLexer(bytes)
+        lexer.oneStatement = oneStatement
         var effects: [SessionEffect] = []
         while lexer.hasMore {
             classifyStatement(&lexer, into: &effects)
@@ -90,15 +98,15 @@ public enum SessionStatements {
             if !first.isSymbol(";") { scanForFunctions(&lexer, into: &effects) }
             return
         }
-        switch lexer.lowercased(first) {
-        case "set":
+        switch keyword(first, in: lexer) {
+        case .set:
             setStatement(&lexer, into: &effects)
-        case "reset":
+        case .reset:
             resetStatement(&lexer, into: &effects)
-        case "begin", "start":
+        case .begin, .start:
             effects.append(.begin)
             lexer.skipStatement()
-        case "commit", "end":
+        case .commit, .end:
             // COMMIT PREPARED ends another transaction; COMMIT AND CHAIN keeps one open.
             let rest = lexer.next()
             if rest.isWord("prepared", in: lexer) {
@@ -107,7 +115,7 @@ public enum SessionStatements {
             }
             effects.append(.commit)
             if chains(rest, &lexer) { effects.append(.begin) }
-        case "rollback", "abort":
+        case .rollback, .abort:
             let rest = lexer.next()
             if rest.isWord("prepared", in: lexer) {
                 lexer.skipStatement()
@@ -124,15 +132,15 @@ public enum SessionStatements {
             }
             effects.append(.rollback)
             if chains(t, &lexer) { effects.append(.begin) }
-        case "savepoint":
+        case .savepoint:
             effects.append(.savepoint(lexer.identifier(lexer.next())))
             lexer.skipStatement()
-        case "release":
+        case .release:
             var name = lexer.next()
             if name.isWord("savepoint", in: lexer) { name = lexer.next() }
             effects.append(.release(lexer.identifier(name)))
             lexer.skipStatement()
-        case "discard":
+        case .discard:
             let what = lexer.next()
             if what.isWord("all", in: lexer) {
                 effects.append(.discardAll)
@@ -140,11 +148,11 @@ public enum SessionStatements {
                 effects.append(.unpinAll(.tempTable))
             }
             lexer.skipStatement()
-        case "create":
+        case .create:
             createStatement(&lexer, into: &effects)
-        case "drop":
+        case .drop:
             dropStatement(&lexer, into: &effects)
-        case "declare":
+        case .declare:
             // DECLARE name [BINARY] [ASENSITIVE|INSENSITIVE] [[NO] SCROLL] CURSOR [WITH|WITHOUT HOLD] FOR
             let name = lexer.identifier(lexer.next())
             var t = lexer.next()
@@ -155,21 +163,21 @@ public enum SessionStatements {
                 t = lexer.next()
             }
             if t.isWord("for", in: lexer) { scanForFunctions(&lexer, into: &effects) }
-        case "close":
+        case .close:
             let name = lexer.next()
             effects.append(
                 name.isWord("all", in: lexer)
                     ? .unpinAll(.holdCursor) : .unpin(.holdCursor, key: lexer.identifier(name)))
             lexer.skipStatement()
-        case "listen":
+        case .listen:
             effects.append(.pin(.listen, key: lexer.identifier(lexer.next())))
             lexer.skipStatement()
-        case "unlisten":
+        case .unlisten:
             let name = lexer.next()
             effects.append(
                 name.isSymbol("*") ? .unpinAll(.listen) : .unpin(.listen, key: lexer.identifier(name)))
             lexer.skipStatement()
-        case "prepare":
+        case .prepare:
             let name = lexer.next()
             if name.isWord("transaction", in: lexer) {
                 // The transaction leaves the session: its settings are not the session's.
@@ -179,21 +187,74 @@ public enum SessionStatements {
             }
             effects.append(.pin(.preparedStatement, key: lexer.identifier(name)))
             lexer.skipStatement()
-        case "deallocate":
+        case .deallocate:
             var name = lexer.next()
             if name.isWord("prepare", in: lexer) { name = lexer.next() }
             effects.append(
                 name.isWord("all", in: lexer)
                     ? .unpinAll(.preparedStatement) : .unpin(.preparedStatement, key: lexer.identifier(name)))
             lexer.skipStatement()
-        case "load":
+        case .load:
             effects.append(.pin(.load, key: ""))
             lexer.skipStatement()
-        case "do":
+        case .do:
             doStatement(&lexer, into: &effects)
         default:
-            scanForFunctions(&lexer, into: &effects)
+            // Most SQL: looked at closely only if something in it could matter.
+            if mayHaveEffects(lexer) {
+                scanForFunctions(&lexer, into: &effects)
+            } else {
+                lexer.position = lexer.count
+            }
         }
+    }
+
+    /// The first words the classifier acts on.
+    enum Keyword {
+        case set, reset, begin, start, commit, end, rollback, abort, savepoint, release, discard, create
+        case drop, declare, close, listen, unlisten, prepare, deallocate, load, `do`, other
+    }
+
+    /// The statement's first word as a `Keyword`: compared byte by byte, by length first, so that
+    /// the usual SELECT, INSERT, UPDATE... cost a few comparisons.
+    static func keyword(_ t: SQLLexer.Token, in lexer: SQLLexer) -> Keyword {
+        func word(_ keyword: StaticString) -> Bool { t.isWord(keyword, in: lexer) }
+        // No keyword starts with the letters SELECT, INSERT, UPDATE, WITH... start with but s, d, u.
+        switch lexer.bytes[t.start] | 0x20 {
+        case 0x61...0x65, 0x6C, 0x70, 0x72, 0x73, 0x75: break  // a b c d e l p r s u
+        default: return .other
+        }
+        switch t.end - t.start {
+        case 2: if word("do") { return .do }
+        case 3:
+            if word("set") { return .set }
+            if word("end") { return .end }
+        case 4:
+            if word("drop") { return .drop }
+            if word("load") { return .load }
+        case 5:
+            if word("reset") { return .reset }
+            if word("begin") { return .begin }
+            if word("start") { return .start }
+            if word("abort") { return .abort }
+            if word("close") { return .close }
+        case 6:
+            if word("commit") { return .commit }
+            if word("create") { return .create }
+            if word("listen") { return .listen }
+        case 7:
+            if word("release") { return .release }
+            if word("discard") { return .discard }
+            if word("declare") { return .declare }
+            if word("prepare") { return .prepare }
+        case 8:
+            if word("rollback") { return .rollback }
+            if word("unlisten") { return .unlisten }
+        case 9: if word("savepoint") { return .savepoint }
+        case 10: if word("deallocate") { return .deallocate }
+        default: break
+        }
+        return .other
     }
 
     /// `AND CHAIN` after COMMIT or ROLLBACK (`t` is the token after the keyword, or after WORK).
@@ -438,37 +499,112 @@ public enum SessionStatements {
         }
     }
 
-    /// The rest of a statement that is not itself about the session: calls of set_config and of
-    /// the session advisory lock functions, and SELECT ... INTO TEMP.
-    static func scanForFunctions(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
-        var previousWord: SQLLexer.Token? = nil
-        var previousIsInto = false
-        while true {
-            let t = lexer.next()
-            switch t.kind {
-            case .end:
-                return
-            case .symbol:
-                if t.isSymbol(";") { return }
-                if t.isSymbol("("), let word = previousWord { functionCall(word, &lexer, into: &effects) }
-                previousWord = nil
-                previousIsInto = false
-            case .word:
-                let length = t.end - t.start
-                if previousIsInto, length == 4 || length == 9, lexer.lowercased(t).hasPrefix("temp") {
-                    // SELECT ... INTO TEMP [TABLE] name
-                    var name = lexer.next()
-                    if name.isWord("table", in: lexer) { name = lexer.next() }
-                    effects.append(.pin(.tempTable, key: lexer.identifier(name)))
+    /// Whether the rest of the text (the statement and any after it) could hold what
+    /// `scanForFunctions` looks for: another statement (a `;` with more after it), a call of a
+    /// function that matters (a `(` after a name it could be), or INTO TEMP (`temp` in any case).
+    /// A fast over-estimate with memchr, so that ordinary SQL is not read byte by byte.
+    static func mayHaveEffects(_ lexer: SQLLexer) -> Bool {
+        guard let base = lexer.bytes.baseAddress, lexer.position < lexer.count else { return false }
+        let start = lexer.position
+        let count = lexer.count
+        func find(_ byte: UInt8, from: Int) -> Int? {
+            guard from < count, let hit = memchr(base + from, Int32(byte), count - from) else { return nil }
+            return base.distance(to: UnsafeRawPointer(hit))
+        }
+        if !lexer.oneStatement, let semicolon = find(0x3B, from: start) {
+            var rest = semicolon + 1
+            while rest < count, lexer.bytes[rest] == 0x20 || lexer.bytes[rest] &- 0x09 < 5 { rest += 1 }
+            if rest < count { return true }
+        }
+        var from = start
+        while let paren = find(0x28, from: from) {
+            if wordBefore(paren, in: lexer) != nil { return true }
+            from = paren + 1
+        }
+        func hasTemp(_ t: UInt8) -> Bool {
+            var from = start
+            while let hit = find(t, from: from) {
+                if hit + 4 <= count, lexer.bytes[hit + 1] | 0x20 == 0x65, lexer.bytes[hit + 2] | 0x20 == 0x6D,
+                    lexer.bytes[hit + 3] | 0x20 == 0x70
+                {
+                    return true
                 }
-                previousIsInto = length == 4 && lexer.lowercased(t) == "into"
-                // Only names as long as the functions' are looked at.
-                previousWord = length >= 10 && length <= 27 ? t : nil
+                from = hit + 1
+            }
+            return false
+        }
+        return hasTemp(0x74) || hasTemp(0x54)  // t, T
+    }
+
+    /// The rest of a statement that is not itself about the session: calls of set_config and of
+    /// the session advisory lock functions, and SELECT ... INTO TEMP. Most SQL goes through here,
+    /// so it walks bytes and makes tokens only for quotes, comments, `into` and `name(`.
+    static func scanForFunctions(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
+        let bytes = lexer.bytes
+        let count = lexer.count
+        var i = lexer.position
+        while i < count {
+            let b = bytes[i]
+            // Letters (but i), `_` and the like: nothing to look at.
+            if b > 0x3B, b | 0x20 != 0x69 {
+                i += 1
+                continue
+            }
+            switch b {
+            case 0x3B:  // ;
+                lexer.position = i + 1
+                return
+            case 0x28:  // (
+                lexer.position = i + 1
+                if let name = wordBefore(i, in: lexer) { functionCall(name, &lexer, into: &effects) }
+                i = lexer.position
+            case 0x27, 0x22, 0x24:  // ' " $: a string, quoted name, dollar quote or parameter
+                // E'' takes backslash escapes: its prefix letter starts the token.
+                let prefixed =
+                    b == 0x27 && i > 0 && bytes[i - 1] | 0x20 == 0x65 && (i < 2 || !SQLLexer.isWordPart(bytes[i - 2]))
+                lexer.position = prefixed ? i - 1 : i
+                _ = lexer.next()
+                i = lexer.position
+            case 0x2D, 0x2F:  // - /: perhaps a comment
+                lexer.position = i
+                lexer.skipSpace()
+                i = lexer.position == i ? i + 1 : lexer.position
+            case 0x49, 0x69:  // i: perhaps INTO TEMP
+                if i + 4 <= count, i == 0 || !SQLLexer.isWordPart(bytes[i - 1]),
+                    bytes[i + 1] | 0x20 == 0x6E, bytes[i + 2] | 0x20 == 0x74, bytes[i + 3] | 0x20 == 0x6F,
+                    i + 4 == count || !SQLLexer.isWordPart(bytes[i + 4])
+                {
+                    lexer.position = i + 4
+                    let t = lexer.next()
+                    if t.isWord("temp", in: lexer) || t.isWord("temporary", in: lexer) {
+                        var name = lexer.next()
+                        if name.isWord("table", in: lexer) { name = lexer.next() }
+                        effects.append(.pin(.tempTable, key: lexer.identifier(name)))
+                    }
+                    i = t.kind == .end || t.isSymbol(";") ? t.start : lexer.position
+                } else {
+                    i += 1
+                }
             default:
-                previousWord = nil
-                previousIsInto = false
+                i += 1
             }
         }
+        lexer.position = count
+    }
+
+    /// The name before a `(` at `index`, when it may be one of the functions that matter (they
+    /// start with p or s and are 10 to 27 letters long).
+    static func wordBefore(_ index: Int, in lexer: SQLLexer) -> SQLLexer.Token? {
+        let bytes = lexer.bytes
+        var end = index
+        while end > 0, bytes[end - 1] == 0x20 || bytes[end - 1] == 0x0A || bytes[end - 1] == 0x09 { end -= 1 }
+        var start = end
+        while start > 0, SQLLexer.isWordPart(bytes[start - 1]), end - start <= 27 { start -= 1 }
+        let length = end - start
+        guard length >= 10, length <= 27, bytes[start] | 0x20 == 0x70 || bytes[start] | 0x20 == 0x73,
+            start == 0 || !SQLLexer.isWordPart(bytes[start - 1])
+        else { return nil }
+        return SQLLexer.Token(kind: .word, start: start, end: end)
     }
 
     /// After `name(`: the function's effect, its arguments read up to the closing parenthesis.
