@@ -338,3 +338,33 @@ def test_randomized_clients_only_ever_see_their_own_state(pg, tidepool):
     assert errors == [], "\n".join(map(repr, errors))
     assert done[0] == clients * steps, f"only {done[0]} steps ran"
     assert mismatches == [], mismatches[:5]
+
+
+def test_pgjdbc_logs_in_and_keeps_its_settings(tidepool, tmp_path):
+    """pgjdbc (Debian's libpostgresql-jdbc-java) logs in with no ignore_startup_parameters (it sends
+    extra_float_digits) and two connections on one server each keep their own settings, through
+    plain and named prepared statements."""
+    import os
+    import shutil
+    import subprocess
+
+    jar = "/usr/share/java/postgresql.jar"
+    assert shutil.which("javac") and os.path.exists(jar), "scripts/test.sh installs a JDK and pgjdbc"
+    source = os.path.join(os.path.dirname(__file__), "java", "SessionSettings.java")
+    subprocess.run(["javac", "-d", str(tmp_path), source], check=True)
+    t = pooled(tidepool, 1)
+    out = subprocess.run(
+        ["java", "-cp", f"{tmp_path}:{jar}", "SessionSettings",
+         f"jdbc:postgresql://127.0.0.1:{t.port}/postgres?prepareThreshold=1"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    seen = {}
+    for line in filter(None, lines):
+        who, name, *value = line.split(" ")
+        seen.setdefault((who, name), set()).add(" ".join(value))
+    assert seen == {
+        ("a", "statement_timeout"): {"4321ms"}, ("b", "statement_timeout"): {"0"},
+        ("a", "app.jdbc"): {"mine"}, ("b", "app.jdbc"): {""},
+        ("a", "extra_float_digits"): {"3"}, ("b", "extra_float_digits"): {"3"},
+    }, out.stdout
