@@ -407,6 +407,31 @@ func queries(_ buffer: ByteBuffer) -> [String] {
         #expect(d.releases.last == false, "the server's state is not known")
     }
 
+    /// The last effect-free Parse is remembered and not read again; any other text is.
+    @Test func aRepeatedParseIsNotReadAgainButAnotherIs() {
+        func parse(_ sql: String) -> ByteBuffer {
+            D.m("P") {
+                $0.writeNullTerminatedString("")
+                $0.writeNullTerminatedString(sql)
+                $0.writeInteger(Int16(0))
+            }
+        }
+        let sync = D.m("S")
+        let d = D()
+        d.client(parse("select abalance from t where aid = $1"), sync)
+        #expect(d.session.lastPlainParse == Array("select abalance from t where aid = $1".utf8))
+        d.lend()
+        d.serverSends(D.m("1"), D.ready("I"))
+        d.client(parse("select abalance from t where aid = $1"), sync)
+        d.lend()
+        d.serverSends(D.m("1"), D.ready("I"))
+        d.client(parse("select pg_advisory_lock($1)"), sync)
+        d.lend()
+        d.serverSends(D.m("1"), D.ready("I"))
+        #expect(d.session.sessionState?.pinReason == .advisoryLock)
+        #expect(d.session.lastPlainParse == Array("select abalance from t where aid = $1".utf8))
+    }
+
     @Test func ignoreModeFollowsNothing() {
         let d = D()
         d.session.tracksSessionState = false

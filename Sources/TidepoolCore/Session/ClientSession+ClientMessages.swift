@@ -27,7 +27,7 @@ extension ClientSession {
                             if tracksSessionState,
                                 !Self.statementRead(
                                     type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: false,
-                                    state: &sessionState)
+                                    state: &sessionState, lastParse: &lastPlainParse)
                             {
                                 return .inspect
                             }
@@ -142,7 +142,7 @@ extension ClientSession {
                     if tracksSessionState,
                         !Self.statementRead(
                             type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: true,
-                            state: &sessionState)
+                            state: &sessionState, lastParse: &lastPlainParse)
                     {
                         return .inspect
                     }

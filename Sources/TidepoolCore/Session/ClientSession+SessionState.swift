@@ -18,17 +18,19 @@ extension ClientSession {
     @inline(__always)
     static func statementRead(
         _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
-        state: inout SessionState?
+        state: inout SessionState?, lastParse: inout [UInt8]
     ) -> Bool {
         guard type == MessageType.query || type == MessageType.parse || type == MessageType.bind else { return true }
         if type == MessageType.bind, state?.namedEffects.isEmpty ?? true { return true }
-        return statementReadSlow(type, bytes, bodyStart: bodyStart, limit: limit, preparedOn: preparedOn, state: &state)
+        return statementReadSlow(
+            type, bytes, bodyStart: bodyStart, limit: limit, preparedOn: preparedOn, state: &state,
+            lastParse: &lastParse)
     }
 
     @inline(never)
     static func statementReadSlow(
         _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
-        state: inout SessionState?
+        state: inout SessionState?, lastParse: inout [UInt8]
     ) -> Bool {
         let length = Int(bytes.getInteger(at: bodyStart - 4, as: Int32.self) ?? 4) - 4
         let available = min(length, bytes.writerIndex - bodyStart)
@@ -39,7 +41,7 @@ extension ClientSession {
         bytes.withUnsafeReadableBytes { raw in
             readMessage(
                 type, body: UnsafeRawBufferPointer(rebasing: raw[offset..<offset + available]),
-                whole: available == length, preparedOn: preparedOn, state: &state)
+                whole: available == length, preparedOn: preparedOn, state: &state, lastParse: &lastParse)
         }
         return true
     }
@@ -54,14 +56,18 @@ extension ClientSession {
         }
         let preparedOn = prepared != nil
         body.withUnsafeReadableBytes {
-            Self.readMessage(type, body: $0, whole: whole, preparedOn: preparedOn, state: &sessionState)
+            Self.readMessage(
+                type, body: $0, whole: whole, preparedOn: preparedOn, state: &sessionState, lastParse: &lastPlainParse)
         }
     }
 
     /// The body (or its start, when not `whole`) of a Query, Parse or Bind: its effects go to
-    /// `state` (made when first needed).
+    /// `state` (made when first needed). `lastParse` is the SQL of the last Parse found to have
+    /// none: drivers send the same unnamed statement again and again, and a byte comparison is
+    /// cheaper than reading it again.
     static func readMessage(
-        _ type: UInt8, body raw: UnsafeRawBufferPointer, whole: Bool, preparedOn: Bool, state: inout SessionState?
+        _ type: UInt8, body raw: UnsafeRawBufferPointer, whole: Bool, preparedOn: Bool, state: inout SessionState?,
+        lastParse: inout [UInt8]
     ) {
         var effects: [SessionEffect] = []
         var statement: String? = nil
@@ -78,8 +84,17 @@ extension ClientSession {
                 if nul > 0 { statement = Self.text(raw, 0, nul) }
                 let end = Self.nul(in: raw, from: nul + 1) ?? raw.count
                 sql = UnsafeRawBufferPointer(rebasing: raw[(nul + 1)..<end])
+                if sql.count == lastParse.count, sql.count > 0,
+                    lastParse.withUnsafeBytes({ memcmp($0.baseAddress!, sql.baseAddress!, sql.count) == 0 })
+                {
+                    return
+                }
             }
             effects = SessionStatements.effects(sql, oneStatement: type == MessageType.parse)
+            if type == MessageType.parse, whole, effects.isEmpty, sql.count <= Self.lastParseLimit {
+                lastParse.removeAll(keepingCapacity: true)
+                lastParse.append(contentsOf: sql)
+            }
         })()
         if preparedOn, !effects.isEmpty {
             // SQL PREPARE is kept per client by the prepared-statement tracker: nothing to pin.
@@ -108,6 +123,9 @@ extension ClientSession {
             if !effects.isEmpty { made(&state).statementSent(effects) }
         }
     }
+
+    /// The longest Parse SQL kept for the comparison (`readMessage`).
+    static let lastParseLimit = 512
 
     /// The index of the first NUL in `raw` from `from`.
     static func nul(in raw: UnsafeRawBufferPointer, from: Int) -> Int? {

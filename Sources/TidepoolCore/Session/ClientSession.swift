@@ -178,6 +178,8 @@ public struct ClientSession {
     public var tracksSessionState = false
     /// The client's settings and pins; made when its first statement with an effect is sent.
     public internal(set) var sessionState: SessionState?
+    /// The SQL of the client's last Parse without effects (`readMessage`).
+    var lastPlainParse: [UInt8] = []
     /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
     public internal(set) var swallowingUntilReady = false
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
