@@ -133,7 +133,7 @@ import Testing
         #expect(effects("DISCARD ALL") == [.discardAll])
         #expect(effects("DO $$ BEGIN PERFORM set_config('a.b', 'c', false); END $$") == [.pin(.unknown, key: "")])
         #expect(effects("DO $$ BEGIN RAISE NOTICE 'hello'; END $$") == [])
-        #expect(effects("SET search_path FROM CURRENT") == [])
+        #expect(effects("SET search_path FROM CURRENT") == [.pin(.unknown, key: "")])
         #expect(effects("SET x") == [.pin(.unknown, key: "")])
     }
 
@@ -430,6 +430,28 @@ func queries(_ buffer: ByteBuffer) -> [String] {
         d.serverSends(D.m("1"), D.ready("I"))
         #expect(d.session.sessionState?.pinReason == .advisoryLock)
         #expect(d.session.lastPlainParse == Array("select abalance from t where aid = $1".utf8))
+    }
+
+    /// session_state = refuse: a pinning statement goes to the server as one that fails with 0A000
+    /// in its place (in order, failing its transaction); settings are still kept.
+    @Test func refuseModeSendsAFailingStatementInstead() {
+        for prepared in [false, true] {
+            let d = D(prepared: prepared)
+            d.session.refusesPins = true
+            d.client(D.query("SET app.x = '1'; select pg_advisory_lock(7)"))
+            d.lend()
+            let sent = queries(d.toServer)
+            #expect(sent.count == 1 && sent[0].hasPrefix("DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000'"))
+            #expect(sent[0].contains("a session advisory lock keeps session state"))
+            d.serverSends(D.m("E"), D.ready("I"))
+            #expect(d.session.sessionState?.isPinned != true)
+            #expect(d.session.sessionState?.settings ?? [] == [], "the refused Query ran nothing")
+            #expect(d.releases == [true])
+            d.client(D.query("SET app.x = '2'"))
+            d.lend()
+            d.serverSends(D.complete("SET"), D.ready("I"))
+            #expect(d.session.sessionState?.settings.map(\.name) == ["app.x"])
+        }
     }
 
     @Test func ignoreModeFollowsNothing() {

@@ -368,3 +368,24 @@ def test_pgjdbc_logs_in_and_keeps_its_settings(tidepool, tmp_path):
         ("a", "app.jdbc"): {"mine"}, ("b", "app.jdbc"): {""},
         ("a", "extra_float_digits"): {"3"}, ("b", "extra_float_digits"): {"3"},
     }, out.stdout
+
+
+def test_refuse_mode_fails_pinning_statements_and_keeps_settings(tidepool):
+    t = pooled(tidepool, 1, "session_state = refuse\n")
+    with t.connect() as a, t.connect() as b:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+            a.execute("SELECT pg_advisory_lock(1)")
+        assert "a session advisory lock keeps session state, which session_state = refuse" in str(info.value)
+        with pytest.raises(psycopg.Error, match="CREATE TEMP TABLE keeps session state"):
+            extended(a, "CREATE TEMP TABLE t (v int)")
+        # In a transaction block it fails the transaction, as a failing statement does.
+        a.execute("BEGIN")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            a.execute("LISTEN ch")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            a.execute("SELECT 1")
+        a.execute("ROLLBACK")
+        a.execute("SET app.x = 'a'")
+        assert value(b, "SELECT current_setting('app.x', true)") == ""
+        assert value(a, "SELECT current_setting('app.x', true)") == "a"
+        assert [r["cl_pinned"] for r in show(t, "POOLS") if r["database"] == "postgres"] == [0]

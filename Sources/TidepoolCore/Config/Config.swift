@@ -8,6 +8,8 @@ public enum PoolMode: String, Sendable, CaseIterable {
 public enum SessionStateMode: String, Sendable, CaseIterable {
     /// Settings kept per client and replayed; what cannot be replayed pins the client to its server.
     case track
+    /// As `track`, but statements that would pin are refused with SQLSTATE 0A000.
+    case refuse
     /// Nothing is followed (PgBouncer's behaviour): state stays on whichever server ran it.
     case ignore
 }

@@ -201,7 +201,8 @@ public enum Settings {
                 database: { d, v throws(ConfigError) in d.poolMode = try v.enumValue(PoolMode.self) },
                 user: { u, v throws(ConfigError) in u.poolMode = try v.enumValue(PoolMode.self) }),
             .choice(
-                "session_state", \.sessionState, "track: settings replayed per client, pinned otherwise; ignore",
+                "session_state", \.sessionState,
+                "track: settings replayed per client, pinned otherwise; refuse; ignore",
                 also: [.databases, .users],
                 database: { d, v throws(ConfigError) in d.sessionState = try v.enumValue(SessionStateMode.self) },
                 user: { u, v throws(ConfigError) in u.sessionState = try v.enumValue(SessionStateMode.self) }),

@@ -27,7 +27,9 @@ extension ClientSession {
                             if tracksSessionState,
                                 !Self.statementRead(
                                     type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: false,
-                                    state: &sessionState, lastParse: &lastPlainParse)
+                                    state: &sessionState, lastParse: &lastPlainParse,
+                                    refuses: refusesPins, refusal: &refusal)
+                                    || refusal != nil
                             {
                                 return .inspect
                             }
@@ -38,7 +40,15 @@ extension ClientSession {
                 switch chunk {
                 case .forward(let bytes):
                     forward(bytes, now: now, into: &actions)
-                case .message(let type, _, _):
+                case .message(let type, let body, _):
+                    if let reason = refusal, type != MessageType.terminate,
+                        !(type == MessageType.query && refusesSimpleQuery)
+                    {
+                        refusal = nil
+                        Self.clientSent(type, tracker: &tracker, state: sessionState)
+                        forward(Self.refusedMessage(type, body: body, reason: reason), now: now, into: &actions)
+                        continue
+                    }
                     if type == MessageType.query {
                         refuseSimpleQuery(into: &actions)
                     } else {
@@ -142,7 +152,9 @@ extension ClientSession {
                     if tracksSessionState,
                         !Self.statementRead(
                             type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: true,
-                            state: &sessionState, lastParse: &lastPlainParse)
+                            state: &sessionState, lastParse: &lastPlainParse,
+                            refuses: refusesPins, refusal: &refusal)
+                            || refusal != nil
                     {
                         return .inspect
                     }
@@ -163,7 +175,17 @@ extension ClientSession {
                 refuseSimpleQuery(into: &actions)
                 return false
             }
-            if tracksSessionState { sessionMessage(type, body: body, whole: true) }
+            var body = body
+            var whole = whole
+            if tracksSessionState {
+                refusal = nil
+                sessionMessage(type, body: body, whole: true)
+                if let reason = refusal {
+                    refusal = nil
+                    whole = Self.refusedMessage(type, body: body, reason: reason)
+                    body = whole.getSlice(at: whole.readerIndex + 5, length: whole.readableBytes - 5)!
+                }
+            }
             Self.clientSent(type, tracker: &tracker, state: sessionState)
             if prepared!.epoch != statementEpoch { prepared!.epoch = statementEpoch }
             prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)

@@ -116,7 +116,8 @@ extension ClientSession {
         }
         do {
             // With session_state = track, any parameter is kept as a setting and replayed.
-            let keeps = config.database(named: database).map { config.sessionState(database: $0, user: user) } == .track
+            let keeps =
+                config.database(named: database).map { config.sessionState(database: $0, user: user) } != .ignore
             let resolved = try StartupParameters.resolve(
                 startup.parameters, ignored: config.global.ignoreStartupParameters, keepingOthers: keeps)
             wanted = resolved.wanted
@@ -458,6 +459,7 @@ extension ClientSession {
         serverResetQueryAlways = config.global.serverResetQueryAlways
         refusesSimpleQuery = config.global.disablePqexec
         if config.global.maxPreparedStatements > 0, poolMode != .session { prepared = PreparedStatementTracker() }
-        tracksSessionState = poolMode != .session && sessionStateMode == .track
+        tracksSessionState = poolMode != .session && sessionStateMode != .ignore
+        refusesPins = poolMode != .session && sessionStateMode == .refuse
     }
 }

@@ -18,19 +18,19 @@ extension ClientSession {
     @inline(__always)
     static func statementRead(
         _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
-        state: inout SessionState?, lastParse: inout [UInt8]
+        state: inout SessionState?, lastParse: inout [UInt8], refuses: Bool, refusal: inout PinReason?
     ) -> Bool {
         guard type == MessageType.query || type == MessageType.parse || type == MessageType.bind else { return true }
         if type == MessageType.bind, state?.namedEffects.isEmpty ?? true { return true }
         return statementReadSlow(
             type, bytes, bodyStart: bodyStart, limit: limit, preparedOn: preparedOn, state: &state,
-            lastParse: &lastParse)
+            lastParse: &lastParse, refuses: refuses, refusal: &refusal)
     }
 
     @inline(never)
     static func statementReadSlow(
         _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
-        state: inout SessionState?, lastParse: inout [UInt8]
+        state: inout SessionState?, lastParse: inout [UInt8], refuses: Bool, refusal: inout PinReason?
     ) -> Bool {
         let length = Int(bytes.getInteger(at: bodyStart - 4, as: Int32.self) ?? 4) - 4
         let available = min(length, bytes.writerIndex - bodyStart)
@@ -41,7 +41,8 @@ extension ClientSession {
         bytes.withUnsafeReadableBytes { raw in
             readMessage(
                 type, body: UnsafeRawBufferPointer(rebasing: raw[offset..<offset + available]),
-                whole: available == length, preparedOn: preparedOn, state: &state, lastParse: &lastParse)
+                whole: available == length, preparedOn: preparedOn, state: &state, lastParse: &lastParse,
+                refuses: refuses, refusal: &refusal)
         }
         return true
     }
@@ -57,7 +58,8 @@ extension ClientSession {
         let preparedOn = prepared != nil
         body.withUnsafeReadableBytes {
             Self.readMessage(
-                type, body: $0, whole: whole, preparedOn: preparedOn, state: &sessionState, lastParse: &lastPlainParse)
+                type, body: $0, whole: whole, preparedOn: preparedOn, state: &sessionState, lastParse: &lastPlainParse,
+                refuses: refusesPins, refusal: &refusal)
         }
     }
 
@@ -67,7 +69,7 @@ extension ClientSession {
     /// cheaper than reading it again.
     static func readMessage(
         _ type: UInt8, body raw: UnsafeRawBufferPointer, whole: Bool, preparedOn: Bool, state: inout SessionState?,
-        lastParse: inout [UInt8]
+        lastParse: inout [UInt8], refuses: Bool, refusal: inout PinReason?
     ) {
         var effects: [SessionEffect] = []
         var statement: String? = nil
@@ -109,6 +111,16 @@ extension ClientSession {
             // What follows the part read is not known: a long Query with more statements pins.
             if effects.contains(where: { !$0.isTransactionControl }) { effects.append(.pin(.unknown, key: "")) }
         }
+        if refuses, whole,
+            let refused = effects.lazy.compactMap({ effect -> PinReason? in
+                if case .pin(let reason, _) = effect { return reason }
+                return nil
+            }).first
+        {
+            // session_state = refuse: it is not run, so none of its effects count.
+            refusal = refused
+            return
+        }
         switch type {
         case MessageType.bind:
             if let statement, let named = state?.namedEffects[statement] { state!.statementSent(named) }
@@ -137,6 +149,32 @@ extension ClientSession {
 
     static func text(_ raw: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> String {
         String(decoding: UnsafeRawBufferPointer(rebasing: raw[from..<to]), as: UTF8.self)
+    }
+
+    /// A refused statement (session_state = refuse) as one that fails on the server with 0A000 in
+    /// its place, so that the error comes in order among the replies and fails the transaction
+    /// as the statement would have. A Parse keeps its statement name (and loses its parameter
+    /// types: a Bind with parameters then fails on the count instead).
+    static func refusedMessage(_ type: UInt8, body: ByteBuffer, reason: PinReason) -> ByteBuffer {
+        let message = "\(reason.statement) keeps session state, which session_state = refuse does not allow"
+        let sql =
+            "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = \(message.sqlLiteral), "
+            + "HINT = 'pool this client in session mode, or set session_state = track'; END$tidepool$"
+        var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 64)
+        if type == MessageType.parse {
+            var b = body
+            let name = b.readNullTerminatedString() ?? ""
+            out.writeInteger(MessageType.parse)
+            let start = out.writerIndex
+            out.writeInteger(Int32(0))
+            out.writeNullTerminatedString(name)
+            out.writeNullTerminatedString(sql)
+            out.writeInteger(Int16(0))
+            out.setInteger(Int32(out.writerIndex - start), at: start)
+        } else {
+            Wire.query(sql, into: &out)
+        }
+        return out
     }
 
     /// `state`, made when first needed.

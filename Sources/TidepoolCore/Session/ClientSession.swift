@@ -180,6 +180,10 @@ public struct ClientSession {
     public internal(set) var sessionState: SessionState?
     /// The SQL of the client's last Parse without effects (`readMessage`).
     var lastPlainParse: [UInt8] = []
+    /// session_state = refuse: a statement that would pin is sent as one that fails instead.
+    public var refusesPins = false
+    /// Why the message being read is refused (session_state = refuse), until it is rewritten.
+    var refusal: PinReason?
     /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
     public internal(set) var swallowingUntilReady = false
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given

@@ -18,6 +18,20 @@ public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
 
     public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
 
+    /// The statement, as a refusal names it.
+    public var statement: String {
+        switch self {
+        case .advisoryLock: "a session advisory lock"
+        case .tempTable: "CREATE TEMP TABLE"
+        case .holdCursor: "DECLARE ... WITH HOLD"
+        case .listen: "LISTEN"
+        case .preparedStatement: "PREPARE"
+        case .load: "LOAD"
+        case .setConfig: "set_config with arguments that are not literals"
+        case .unknown: "a statement whose effect on the session the pooler cannot follow"
+        }
+    }
+
     /// For SHOW CLIENTS' pin_reason and the metrics label.
     public var name: String {
         switch self {
@@ -322,8 +336,9 @@ public enum SessionStatements {
             }
             let op = lexer.next()
             guard op.isSymbol("=") || op.isWord("to", in: lexer) else {
-                // SET name FROM CURRENT keeps the value it has; anything else is not a SET we know.
-                if !op.isWord("from", in: lexer) { effects.append(.pin(.unknown, key: "")) }
+                // SET name FROM CURRENT (the value it has now, which the pooler does not know)
+                // or a SET it cannot read.
+                effects.append(.pin(.unknown, key: ""))
                 lexer.skipStatement()
                 return
             }
