@@ -134,6 +134,52 @@ def test_max_client_conn_refuses_at_once(tidepool):
         assert c.execute("SELECT 1").fetchone()[0] == 1
 
 
+def test_client_limits_per_database_and_per_user(tidepool, pg):
+    """max_db_client_connections and max_user_client_connections (PgBouncer 1.24+), globally, per
+    database and per user, with PgBouncer's words; SET changes them at run time; SHOW DATABASES and
+    SHOW USERS count the clients; the admin console is not counted."""
+    t = tidepool(
+        settings="max_db_client_connections = 2\nadmin_users = postgres\n",
+        databases=f"postgres = host=127.0.0.1 port={pg.port}\n"
+                  f"other = host=127.0.0.1 port={pg.port} dbname=postgres max_db_client_connections=1",
+        users="app = max_user_client_connections=1", userlist='"postgres" ""\n"app" "app-secret"\n')
+
+    def show(what):
+        with psycopg.connect(host="127.0.0.1", port=t.port, dbname="pgbouncer", user="postgres",
+                             autocommit=True) as admin:
+            cur = admin.execute(f"SHOW {what}")
+            names = [c.name for c in cur.description]
+            return {row[0]: dict(zip(names, row)) for row in cur.fetchall()}
+
+    with t.connect() as a, t.connect() as b:
+        state, message = login_error(t)
+        assert (state, "client connections exceeded (max_db_client_connections)" in message) == ("53300", True)
+        databases = show("DATABASES")
+        assert (databases["postgres"]["current_client_connections"],
+                databases["postgres"]["max_client_connections"]) == (2, 2)
+        # The database's own limit, and the user's.
+        with t.connect(dbname="other") as c:
+            assert c.execute("SELECT 1").fetchone()[0] == 1
+            state, message = login_error(t, dbname="other")
+            assert "max_db_client_connections" in message
+            assert show("DATABASES")["other"]["current_client_connections"] == 1
+        # Raised at run time.
+        with psycopg.connect(host="127.0.0.1", port=t.port, dbname="pgbouncer", user="postgres",
+                             autocommit=True) as admin:
+            admin.execute("SET max_db_client_connections = 3")
+        with t.connect() as d:
+            assert d.execute("SELECT 1").fetchone()[0] == 1
+        assert a.execute("SELECT 1").fetchone()[0] == b.execute("SELECT 1").fetchone()[0]
+    with t.connect(dbname="other", user="app", password="app-secret") as e:
+        state, message = login_error(t, dbname="postgres", user="app", password="app-secret")
+        assert (state, "client connections exceeded (max_user_client_connections)" in message) == ("53300", True)
+        users = show("USERS")
+        assert (users["app"]["current_client_connections"], users["app"]["max_user_client_connections"]) == (1, 1)
+        assert e.execute("SELECT 1").fetchone()[0] == 1
+    time.sleep(0.2)
+    assert show("DATABASES")["postgres"]["current_client_connections"] == 0
+
+
 def test_query_wait_timeout_says_it_waited(tidepool):
     t = tidepool(settings="default_pool_size = 1\nquery_wait_timeout = 1\n")
     with t.connect() as holder, t.connect() as waiter:

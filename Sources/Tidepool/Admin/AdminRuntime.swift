@@ -153,16 +153,20 @@ extension Pooler {
             for snap in snapshots {
                 current[snap.key.database, default: 0] += snap.lent + snap.idle + snap.connecting
             }
-            shared.withLockedValue { s in
+            let clients = shared.withLockedValue { s in
                 for name in config.databases.keys where s.pools.isPaused(database: name) { paused.insert(name) }
+                return s.databaseClients
             }
             return loop.makeSucceededFuture(
-                AdminViews.databases(config, currentConnections: current, paused: paused, disabled: disabled))
+                AdminViews.databases(
+                    config, currentConnections: current, clients: clients, paused: paused, disabled: disabled))
         case "USERS":
             var connections: [String: Int] = [:]
             for snap in snapshots { connections[snap.key.user, default: 0] += snap.lent + snap.idle + snap.connecting }
+            let clients = shared.withLockedValue { $0.userClients }
             return loop.makeSucceededFuture(
-                AdminViews.users(config, poolUsers: snapshots.map(\.key.user), serverConnections: connections))
+                AdminViews.users(
+                    config, poolUsers: snapshots.map(\.key.user), serverConnections: connections, clients: clients))
         case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
             let book = trafficBook()
             let databases = Array(Set(snapshots.map(\.key.database)))

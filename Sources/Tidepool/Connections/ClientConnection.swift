@@ -32,6 +32,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var lease: UInt64 = 0
     var id: ClientID?
     var joinedPool = false
+    /// The database and user it is counted under (max_db_client_connections and the user's).
+    var countedLimits: (database: String, user: String)?
     /// Counted among its pool's pinned clients (SHOW POOLS cl_pinned).
     var countedPinned = false
     /// Waiting in its loop's `TurnFlusher`.
@@ -432,10 +434,14 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// what the login needs.
     func register() {
         let ip = clientIP
-        switch pooler.register(self, address: ip) {
+        let limited =
+            ClientSession.isAdminConsole(session.database, config: pooler.config)
+            ? nil : (database: session.database, user: session.user)
+        switch pooler.register(self, address: ip, limited: limited) {
         case .success(let id):
             self.id = id
             countedAddress = ip
+            countedLimits = limited
         case .failure(let error):
             logger.warning("client \(peer) user=\(session.user) refused: \(error.message)")
             sendFatal(error, reason: error.message)
@@ -628,7 +634,9 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             pooler.pinChanged(poolKey, pinned: false, reason: nil)
         }
         pooler.unregister(
-            self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress)
+            self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress,
+            limited: countedLimits)
+        countedLimits = nil
         if id != nil, pooler.config.global.logDisconnections {
             let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9
             logger.info(

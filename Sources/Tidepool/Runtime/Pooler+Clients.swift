@@ -10,15 +10,33 @@ import TidepoolCore
 extension Pooler {
     /// Registers a client that passed the startup packet; fails when max_client_conn or a limit
     /// per client address is reached. `address` is nil for a Unix socket (no per-address limit).
-    func register(_ client: ClientConnection, address: String?) -> Result<ClientID, PostgresError> {
-        // Three values read through the lent configuration, not a copy of all the global settings.
+    /// `limited`: the client's database and user, counted against max_db_client_connections and
+    /// max_user_client_connections (nil for the admin console).
+    func register(
+        _ client: ClientConnection, address: String?, limited: (database: String, user: String)?
+    ) -> Result<ClientID, PostgresError> {
+        // Values read through the lent configuration, not a copy of all the global settings.
+        let config = self.config
         let maxClientConn = config.global.maxClientConn
         let maxPerAddress = config.global.maxClientConnPerIP
         let perSecond = config.global.clientConnectRatePerIP
+        let maxPerDatabase = limited.map { config.maxDBClientConnections(database: $0.database) } ?? 0
+        let maxPerUser = limited.map { config.maxUserClientConnections(user: $0.user) } ?? 0
         let now = NIODeadline.now()
         return shared.withLockedValue { s in
             guard s.clientCount < maxClientConn else {
                 return .failure(.fatal(SQLState.tooManyConnections, "no more connections allowed (max_client_conn)"))
+            }
+            if let limited {
+                if maxPerDatabase > 0, s.databaseClients[limited.database, default: 0] >= maxPerDatabase {
+                    return .failure(
+                        .fatal(SQLState.tooManyConnections, "client connections exceeded (max_db_client_connections)"))
+                }
+                if maxPerUser > 0, s.userClients[limited.user, default: 0] >= maxPerUser {
+                    return .failure(
+                        .fatal(SQLState.tooManyConnections, "client connections exceeded (max_user_client_connections)")
+                    )
+                }
             }
             if let address {
                 s.addresses.maxPerAddress = maxPerAddress
@@ -30,6 +48,10 @@ extension Pooler {
                 }
             }
             s.clientCount += 1
+            if let limited {
+                s.databaseClients[limited.database, default: 0] += 1
+                s.userClients[limited.user, default: 0] += 1
+            }
             let id = ClientID(s.nextClientID)
             s.nextClientID += 1
             s.clients[id] = client
@@ -98,9 +120,14 @@ extension Pooler {
     }
 
     func unregister(
-        _ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?, address: String?
+        _ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?, address: String?,
+        limited: (database: String, user: String)?
     ) {
         shared.withLockedValue { s in
+            if let limited {
+                s.databaseClients[limited.database, default: 1] -= 1
+                s.userClients[limited.user, default: 1] -= 1
+            }
             if let pool { s.poolClients[pool, default: 1] -= 1 }
             if let id, s.clients.removeValue(forKey: id) != nil {
                 s.clientCount -= 1

@@ -96,6 +96,10 @@ public final class Pooler: @unchecked Sendable {
         var shuttingDown = false
         /// Logged-in clients per pool, for SHOW POOLS.
         var poolClients: [PoolKey: Int] = [:]
+        /// Registered clients per database and per login user (the admin console's not counted),
+        /// for max_db_client_connections, max_user_client_connections and SHOW DATABASES / USERS.
+        var databaseClients: [String: Int] = [:]
+        var userClients: [String: Int] = [:]
         /// Clients keeping their server for session state, per pool; when the last warning that
         /// they held all of a pool's servers was logged.
         var pinnedClients: [PoolKey: Int] = [:]

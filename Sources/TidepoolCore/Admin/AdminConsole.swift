@@ -170,7 +170,8 @@ public enum AdminViews {
     }
 
     public static func databases(
-        _ config: Config, currentConnections: [String: Int], paused: Set<String> = [], disabled: Set<String> = []
+        _ config: Config, currentConnections: [String: Int], clients: [String: Int] = [:], paused: Set<String> = [],
+        disabled: Set<String> = []
     ) -> AdminResult {
         let columns = [
             "name", "host", "port", "database", "force_user", "pool_size", "min_pool_size", "reserve_pool_size",
@@ -184,8 +185,9 @@ public enum AdminViews {
                 "\(d.minPoolSize ?? config.global.minPoolSize)",
                 "\(d.reservePoolSize ?? config.global.reservePoolSize)",
                 "\(config.global.serverLifetime.nanoseconds / 1_000_000_000)", d.poolMode?.rawValue, nil,
-                "\(d.maxDBConnections ?? config.global.maxDBConnections)", "\(currentConnections[name] ?? 0)", "0",
-                "0", paused.contains(name) ? "1" : "0", disabled.contains(name) ? "1" : "0",
+                "\(d.maxDBConnections ?? config.global.maxDBConnections)", "\(currentConnections[name] ?? 0)",
+                "\(d.maxDBClientConnections ?? config.global.maxDBClientConnections)", "\(clients[name] ?? 0)",
+                paused.contains(name) ? "1" : "0", disabled.contains(name) ? "1" : "0",
             ]
         }
         let types: [AdminResult.ColumnType] =
@@ -305,18 +307,20 @@ extension AdminViews {
     }
 
     /// SHOW USERS: the [users] entries and every user with a pool.
-    public static func users(_ config: Config, poolUsers: [String], serverConnections: [String: Int]) -> AdminResult {
+    public static func users(
+        _ config: Config, poolUsers: [String], serverConnections: [String: Int], clients: [String: Int] = [:]
+    ) -> AdminResult {
         let columns = [
             "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections", "current_connections",
             "max_user_client_connections", "current_client_connections",
         ]
-        let names = Set(config.users.keys).union(poolUsers).sorted()
+        let names = Set(config.users.keys).union(poolUsers).union(clients.filter { $0.value > 0 }.keys).sorted()
         let rows: [[String?]] = names.map { name in
             let u = config.users[name]
             return [
                 name, u?.poolSize.map { "\($0)" }, nil, (u?.poolMode ?? config.global.poolMode).rawValue,
                 "\(u?.maxUserConnections ?? config.global.maxUserConnections)", "\(serverConnections[name] ?? 0)",
-                "0", "0",
+                "\(config.maxUserClientConnections(user: name))", "\(clients[name] ?? 0)",
             ]
         }
         let types: [AdminResult.ColumnType] = [.text, .int4, .int4, .text, .int4, .int4, .int4, .int4]

@@ -79,6 +79,9 @@ public struct GlobalSettings: Equatable, Sendable {
     public var reservePoolTimeout = TimeAmount.seconds(5)
     public var maxClientConn = 100
     public var maxDBConnections = 0
+    /// Clients per database, per user (0: no limit), as PgBouncer 1.24+.
+    public var maxDBClientConnections = 0
+    public var maxUserClientConnections = 0
     public var maxUserConnections = 0
     public var serverResetQuery = "DISCARD ALL"
     public var serverResetQueryAlways = false
@@ -169,6 +172,7 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var poolMode: PoolMode?
     public var sessionState: SessionStateMode?
     public var maxDBConnections: Int?
+    public var maxDBClientConnections: Int?
     public var connectQuery: String?
     public var clientEncoding: String?
     public var datestyle: String?
@@ -189,6 +193,7 @@ public struct UserEntry: Equatable, Sendable {
     public var sessionState: SessionStateMode?
     public var poolSize: Int?
     public var maxUserConnections: Int?
+    public var maxUserClientConnections: Int?
     public var queryTimeout: TimeAmount?
     public var idleTransactionTimeout: TimeAmount?
     public var clientIdleTimeout: TimeAmount?
@@ -221,6 +226,16 @@ public struct Config: Equatable, Sendable {
 
     public func poolMode(database: DatabaseEntry, user: String) -> PoolMode {
         users[user]?.poolMode ?? database.poolMode ?? global.poolMode
+    }
+
+    /// max_db_client_connections for the database a client names (0: no limit).
+    public func maxDBClientConnections(database name: String) -> Int {
+        database(named: name)?.maxDBClientConnections ?? global.maxDBClientConnections
+    }
+
+    /// max_user_client_connections for a login user (0: no limit).
+    public func maxUserClientConnections(user: String) -> Int {
+        users[user]?.maxUserClientConnections ?? global.maxUserClientConnections
     }
 
     public func sessionState(database: DatabaseEntry, user: String) -> SessionStateMode {

@@ -222,6 +222,14 @@ public enum Settings {
             .int(
                 "max_user_connections", \.maxUserConnections, 0...1_000_000, "servers per user (0: no limit)",
                 also: .users, user: { u, v throws(ConfigError) in u.maxUserConnections = try v.int(0...1_000_000) }),
+            .int(
+                "max_db_client_connections", \.maxDBClientConnections, 0...10_000_000,
+                "clients per database (0: no limit)", also: .databases,
+                database: { d, v throws(ConfigError) in d.maxDBClientConnections = try v.int(0...10_000_000) }),
+            .int(
+                "max_user_client_connections", \.maxUserClientConnections, 0...10_000_000,
+                "clients per user (0: no limit)", also: .users,
+                user: { u, v throws(ConfigError) in u.maxUserClientConnections = try v.int(0...10_000_000) }),
             .bool("server_round_robin", \.serverRoundRobin, "lend idle servers oldest-released first"),
             .int("threads", \.threads, 0...1024, changeable: false, "event-loop threads; 0: one per core"),
         ]
