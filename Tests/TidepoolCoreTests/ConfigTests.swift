@@ -66,6 +66,35 @@ import Testing
         #expect(config.queryWaitTimeout(database: slow, user: "impatient") == .seconds(2))
     }
 
+    /// PgBouncer 1.24+ keys in the sections it allows them: client limits, per-database
+    /// server_lifetime, per-user reserve_pool_size; SHOW DATABASES and SHOW USERS show them.
+    @Test func pgBouncer124KeysPerDatabaseAndPerUser() throws {
+        let config = try Config.parse(
+            """
+            [databases]
+            d = host=h server_lifetime=60 max_db_client_connections=7
+            [users]
+            u = reserve_pool_size=3 max_user_client_connections=4
+            [pooler]
+            max_db_client_connections = 9
+            max_user_client_connections = 11
+            """)
+        #expect(config.databases["d"]?.serverLifetime == .seconds(60))
+        #expect(config.maxDBClientConnections(database: "d") == 7)
+        #expect(config.maxDBClientConnections(database: "other") == 9)
+        #expect(config.users["u"]?.reservePoolSize == 3)
+        #expect(config.maxUserClientConnections(user: "u") == 4)
+        #expect(config.maxUserClientConnections(user: "v") == 11)
+        let databases = AdminViews.databases(config, currentConnections: [:], clients: ["d": 2])
+        let d = Dictionary(uniqueKeysWithValues: zip(databases.columns, databases.rows[0]))
+        #expect(d["server_lifetime"] == "60" && d["max_client_connections"] == "7")
+        #expect(d["current_client_connections"] == "2")
+        let users = AdminViews.users(config, poolUsers: [], serverConnections: [:], clients: ["u": 1])
+        let u = Dictionary(uniqueKeysWithValues: zip(users.columns, users.rows[0]))
+        #expect(u["reserve_pool_size"] == "3" && u["max_user_client_connections"] == "4")
+        #expect(u["current_client_connections"] == "1")
+    }
+
     @Test func poolerSectionIsTheGlobalSection() throws {
         let config = try Config.parse("[pooler]\npool_mode = statement\n")
         #expect(config.global.poolMode == .statement)

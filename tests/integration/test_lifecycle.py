@@ -90,6 +90,22 @@ def test_server_lifetime_replaces_servers(tidepool, pg):
     assert first not in backend_pids(pg)
 
 
+def test_server_lifetime_per_database(tidepool, pg):
+    """PgBouncer 1.24+'s per-database server_lifetime: only that database's servers are replaced."""
+    t = tidepool(
+        settings="default_pool_size = 1\nserver_lifetime = 3600\n",
+        databases=f"short = host=127.0.0.1 port={pg.port} dbname=postgres server_lifetime=1\n"
+                  f"long = host=127.0.0.1 port={pg.port} dbname=postgres")
+    with t.connect(dbname="short") as s, t.connect(dbname="long") as l:
+        pids = [(s.execute("SELECT pg_backend_pid()").fetchone()[0], l.execute("SELECT pg_backend_pid()").fetchone()[0])]
+        time.sleep(1.3)
+        s.execute("SELECT 1")
+        l.execute("SELECT 1")
+        pids.append((s.execute("SELECT pg_backend_pid()").fetchone()[0], l.execute("SELECT pg_backend_pid()").fetchone()[0]))
+    assert pids[0][0] != pids[1][0], "short's server was replaced"
+    assert pids[0][1] == pids[1][1], "long's server was kept"
+
+
 def test_server_idle_timeout_closes_down_to_min_pool_size(tidepool, pg):
     t = tidepool(
         databases=f"warm = host=127.0.0.1 port={pg.port} dbname=postgres user=postgres min_pool_size=1",

@@ -29,12 +29,12 @@ extension Pooler {
         let g = config.global
         var s = PoolSettings(poolSize: config.poolSize(database: database, user: user))
         s.minPoolSize = database.minPoolSize ?? g.minPoolSize
-        s.reservePoolSize = database.reservePoolSize ?? g.reservePoolSize
+        s.reservePoolSize = config.users[user]?.reservePoolSize ?? database.reservePoolSize ?? g.reservePoolSize
         s.reservePoolTimeout = g.reservePoolTimeout
         s.maxDBConnections = database.maxDBConnections ?? g.maxDBConnections
         s.maxUserConnections = config.users[user]?.maxUserConnections ?? g.maxUserConnections
         s.queryWaitTimeout = config.queryWaitTimeout(database: database, user: user)
-        s.serverLifetime = g.serverLifetime
+        s.serverLifetime = database.serverLifetime ?? g.serverLifetime
         s.serverIdleTimeout = g.serverIdleTimeout
         s.serverLoginRetry = g.serverLoginRetry
         s.serverCheckDelay = g.serverCheckDelay

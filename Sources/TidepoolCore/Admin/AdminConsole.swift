@@ -184,7 +184,9 @@ public enum AdminViews {
                 name, d.host, "\(d.port)", d.dbname ?? name, d.user, "\(d.poolSize ?? config.global.defaultPoolSize)",
                 "\(d.minPoolSize ?? config.global.minPoolSize)",
                 "\(d.reservePoolSize ?? config.global.reservePoolSize)",
-                "\(config.global.serverLifetime.nanoseconds / 1_000_000_000)", d.poolMode?.rawValue, nil,
+                "\((d.serverLifetime ?? config.global.serverLifetime).nanoseconds / 1_000_000_000)",
+                d.poolMode?.rawValue,
+                nil,
                 "\(d.maxDBConnections ?? config.global.maxDBConnections)", "\(currentConnections[name] ?? 0)",
                 "\(d.maxDBClientConnections ?? config.global.maxDBClientConnections)", "\(clients[name] ?? 0)",
                 paused.contains(name) ? "1" : "0", disabled.contains(name) ? "1" : "0",
@@ -318,7 +320,8 @@ extension AdminViews {
         let rows: [[String?]] = names.map { name in
             let u = config.users[name]
             return [
-                name, u?.poolSize.map { "\($0)" }, nil, (u?.poolMode ?? config.global.poolMode).rawValue,
+                name, u?.poolSize.map { "\($0)" }, u?.reservePoolSize.map { "\($0)" },
+                (u?.poolMode ?? config.global.poolMode).rawValue,
                 "\(u?.maxUserConnections ?? config.global.maxUserConnections)", "\(serverConnections[name] ?? 0)",
                 "\(config.maxUserClientConnections(user: name))", "\(clients[name] ?? 0)",
             ]

@@ -173,6 +173,7 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var sessionState: SessionStateMode?
     public var maxDBConnections: Int?
     public var maxDBClientConnections: Int?
+    public var serverLifetime: TimeAmount?
     public var connectQuery: String?
     public var clientEncoding: String?
     public var datestyle: String?
@@ -194,6 +195,7 @@ public struct UserEntry: Equatable, Sendable {
     public var poolSize: Int?
     public var maxUserConnections: Int?
     public var maxUserClientConnections: Int?
+    public var reservePoolSize: Int?
     public var queryTimeout: TimeAmount?
     public var idleTransactionTimeout: TimeAmount?
     public var clientIdleTimeout: TimeAmount?

@@ -212,7 +212,9 @@ public enum Settings {
                 database: { d, v throws(ConfigError) in d.minPoolSize = try v.int(0...100_000) }),
             .int(
                 "reserve_pool_size", \.reservePoolSize, 0...100_000, "extra servers for a pool whose clients wait",
-                also: .databases, database: { d, v throws(ConfigError) in d.reservePoolSize = try v.int(0...100_000) }),
+                also: [.databases, .users],
+                database: { d, v throws(ConfigError) in d.reservePoolSize = try v.int(0...100_000) },
+                user: { u, v throws(ConfigError) in u.reservePoolSize = try v.int(0...100_000) }),
             .duration("reserve_pool_timeout", \.reservePoolTimeout, "how long a client waits before the reserve opens"),
             .int("max_client_conn", \.maxClientConn, 1...10_000_000, "clients held at once"),
             .int(
@@ -239,7 +241,9 @@ public enum Settings {
             .bool("server_reset_query_always", \.serverResetQueryAlways, "run it in every pool mode"),
             .text("server_check_query", \.serverCheckQuery, "checks a server idle for server_check_delay; empty: off"),
             .duration("server_check_delay", \.serverCheckDelay, "idle time before a server is checked"),
-            .duration("server_lifetime", \.serverLifetime, "servers older than this are closed when released"),
+            .duration(
+                "server_lifetime", \.serverLifetime, "servers older than this are closed when released",
+                also: .databases, database: { d, v throws(ConfigError) in d.serverLifetime = try v.duration() }),
             .duration("server_idle_timeout", \.serverIdleTimeout, "idle servers are closed after this"),
             .duration("server_connect_timeout", \.serverConnectTimeout, "connect and login time limit"),
             .duration("server_login_retry", \.serverLoginRetry, "wait after a failed server login"),
