@@ -196,7 +196,12 @@ import Testing
 
     @Test func sectionsDecideWhereAKeyMayStand() throws {
         for setting in Settings.table {
-            let value = setting.name.hasSuffix("mode") ? "session" : setting.name == "session_state" ? "ignore" : "1"
+            let value =
+                switch setting.name {
+                case "session_state": "ignore"
+                case "load_balance_hosts": "disable"
+                default: setting.name.hasSuffix("mode") ? "session" : "1"
+                }
             let inDatabase = Result { try Config.parse("[databases]\nd = host=h \(setting.name)=\(value)\n") }
             let inUser = Result { try Config.parse("[users]\nu = \(setting.name)=\(value)\n") }
             let merged = Settings.named(setting.name)!
@@ -213,5 +218,32 @@ import Testing
         let config = try Config.parse("[pooler]\npkt_buf = 8192\n")
         #expect(config.warnings.count == 1 && config.warnings[0].contains("no effect"))
         #expect(config.displaySettings.first { $0.0 == "pkt_buf" }?.1 == "8192")
+    }
+}
+
+/// load_balance_hosts: which host of `host=a,b` each new server connection goes to.
+@Suite struct HostChoiceTests {
+    @Test func roundRobinTakesTheNextHostEachTime() throws {
+        let config = try Config.parse("[databases]\nd = host='a, b ,c'\n")
+        #expect(config.databases["d"]!.hosts == ["a", "b", "c"])
+        var choice = HostChoice(hosts: config.databases["d"]!.hosts, mode: .roundRobin)
+        #expect((0..<5).map { _ in choice.pick() } == ["a", "b", "c", "a", "b"])
+        choice.failed("c")
+        #expect(choice.pick() == "c", "a failure changes nothing")
+    }
+
+    @Test func disableStaysOnAHostUntilItFails() throws {
+        let config = try Config.parse("[databases]\nd = host=a,b load_balance_hosts=disable\n")
+        let entry = config.databases["d"]!
+        #expect(entry.loadBalanceHosts == .disable)
+        var choice = HostChoice(hosts: entry.hosts, mode: .disable)
+        #expect([choice.pick(), choice.pick()] == ["a", "a"])
+        choice.failed("b")
+        #expect(choice.pick() == "a", "a failure of another host changes nothing")
+        choice.failed("a")
+        #expect([choice.pick(), choice.pick()] == ["b", "b"])
+        choice.failed("b")
+        #expect(choice.pick() == "a")
+        #expect(throws: ConfigError.self) { try Config.parse("[databases]\nd = host=a load_balance_hosts=x\n") }
     }
 }

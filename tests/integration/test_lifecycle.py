@@ -317,3 +317,39 @@ def test_server_connect_timeout_covers_a_server_that_never_answers(tidepool):
         assert "timed out" in str(info.value)
     finally:
         silent.close()
+
+
+def test_host_lists_round_robin_and_disable(tidepool, pg):
+    """host=a,b as PgBouncer: round-robin (the default) spreads new servers over the hosts;
+    load_balance_hosts=disable stays on the first host that works."""
+    t = tidepool(
+        settings="default_pool_size = 4\n",
+        databases=f"rr = host=127.0.0.1,{pg.dir} port={pg.port} dbname=postgres\n"
+                  f"first = host=127.0.0.9,127.0.0.1 port={pg.port} dbname=postgres load_balance_hosts=disable")
+    conns = [t.connect(dbname="rr") for _ in range(4)]
+    try:
+        for c in conns:
+            c.execute("BEGIN")
+        seen = [c.execute("SELECT inet_server_addr()::text").fetchone()[0] for c in conns]
+        assert sorted(map(str, seen)) == sorted(["127.0.0.1/32", "127.0.0.1/32", "None", "None"]), seen
+    finally:
+        for c in conns:
+            c.close()
+    # 127.0.0.9 refuses: after that, every new server goes to 127.0.0.1.
+    deadline = time.time() + 10
+    while True:
+        try:
+            with t.connect(dbname="first") as c:
+                c.execute("SELECT 1")
+            break
+        except psycopg.Error:
+            assert time.time() < deadline
+            time.sleep(0.2)
+    conns = [t.connect(dbname="first") for _ in range(3)]
+    try:
+        for c in conns:
+            c.execute("BEGIN")
+            assert c.execute("SELECT inet_server_addr()::text").fetchone()[0] == "127.0.0.1/32"
+    finally:
+        for c in conns:
+            c.close()

@@ -18,9 +18,10 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         case tcp(host: String, port: Int)
         case unix(path: String)
 
-        /// Where a database entry points: a host, or a directory holding PostgreSQL's socket.
-        init(_ database: DatabaseEntry?) {
-            let host = database?.host ?? "/var/run/postgresql"
+        /// Where a database entry points: a host (`host`, else the entry's first), or a directory
+        /// holding PostgreSQL's socket.
+        init(_ database: DatabaseEntry?, host chosen: String? = nil) {
+            let host = chosen ?? database?.hosts.first ?? "/var/run/postgresql"
             let port = database?.port ?? 5432
             self = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
         }
@@ -88,7 +89,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Bytes a client on another loop handed here to be written, not written yet.
     let fromClient: HandOff
 
-    init(id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int) {
+    init(
+        id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int, host: String? = nil
+    ) {
         self.id = id
         self.loopIndex = loopIndex
         self.pool = pool
@@ -98,7 +101,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         self.session = ServerSession(
             state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
             connectQuery: database?.connectQuery)
-        self.address = Address(database)
+        self.address = Address(database, host: host)
         let limit = pooler.config.global.maxBufferedBytes
         toClient = HandOff(limit: limit)
         fromClient = HandOff(limit: limit)

@@ -104,6 +104,8 @@ public final class Pooler: @unchecked Sendable {
         /// they held all of a pool's servers was logged.
         var pinnedClients: [PoolKey: Int] = [:]
         var pinWarnings: [PoolKey: NIODeadline] = [:]
+        /// Where the next server of each database with a host list goes (load_balance_hosts).
+        var hostChoices: [String: HostChoice] = [:]
         /// DISABLE: databases that refuse new clients.
         var disabled: Set<String> = []
         /// max_client_conn_per_ip and client_connect_rate_per_ip.

@@ -14,8 +14,21 @@ extension Pooler {
                 error: .fatal(SQLState.invalidCatalogName, "database \"\(key.database)\" is not configured"))
             return
         }
+        // host=a,b: which one, as load_balance_hosts says.
+        let hosts = database.hosts
+        let host: String? =
+            hosts.count > 1
+            ? shared.withLockedValue { s in
+                var choice = s.hostChoices[key.database] ?? HostChoice(hosts: hosts, mode: .roundRobin)
+                if choice.hosts != hosts || choice.mode != (database.loadBalanceHosts ?? .roundRobin) {
+                    choice = HostChoice(hosts: hosts, mode: database.loadBalanceHosts ?? .roundRobin)
+                }
+                let host = choice.pick()
+                s.hostChoices[key.database] = choice
+                return host
+            } : nil
         let server = ServerConnection(
-            id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count)
+            id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count, host: host)
         shared.withLockedValue { $0.servers[id] = server }
         let g = config.global
         var bootstrap = ClientBootstrap(group: loops[loop % loops.count])
@@ -38,6 +51,7 @@ extension Pooler {
             }
         let connecting = server.address.connect(bootstrap)
         connecting.whenFailure { error in
+            if let host { self.shared.withLockedValue { $0.hostChoices[key.database]?.failed(host) } }
             self.serverConnectFailed(
                 server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
         }

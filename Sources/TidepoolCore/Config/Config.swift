@@ -174,6 +174,7 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var maxDBConnections: Int?
     public var maxDBClientConnections: Int?
     public var serverLifetime: TimeAmount?
+    public var loadBalanceHosts: LoadBalanceHosts?
     public var connectQuery: String?
     public var clientEncoding: String?
     public var datestyle: String?

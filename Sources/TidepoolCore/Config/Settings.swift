@@ -311,7 +311,12 @@ public enum Settings {
         ]
         // [databases] connection-string keys.
         t += [
-            .database("host", "host name or socket directory", "where the database is") { d, v in d.host = v.text },
+            .database("host", "host names or socket directories", "where the database is (a,b: several)") { d, v in
+                d.host = v.text
+            },
+            .database("load_balance_hosts", "round-robin or disable", "which host of a list new servers go to") {
+                d, v throws(ConfigError) in d.loadBalanceHosts = try v.enumValue(LoadBalanceHosts.self)
+            },
             .database("port", "integer 1..65535", "its port") { d, v throws(ConfigError) in
                 d.port = try v.int(1...65535)
             },
