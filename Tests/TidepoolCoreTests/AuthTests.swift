@@ -169,6 +169,23 @@ import Testing
         #expect(auth.scramClientKey != nil)
     }
 
+    /// scram_iterations applies to the verifier made from a plain-text secret, and to the stand-in
+    /// used when there is no usable secret (so that the two cannot be told apart).
+    @Test func scramIterationsApplyToVerifiersThePoolerMakes() throws {
+        for secret in [PasswordSecret.plain("pw"), nil] {
+            var auth = ClientAuthStateMachine(authType: .scramSHA256, user: "u", secret: secret)
+            auth.scramIterations = 5000
+            _ = auth.start()
+            guard case .awaitingSASLInitial(let exchange) = auth.state else {
+                Issue.record("expected SCRAM")
+                return
+            }
+            #expect(exchange.secret.iterations == 5000)
+        }
+        let config = try Config.parse("[pooler]\nscram_iterations = 5000\n")
+        #expect(config.global.scramIterations == 5000)
+    }
+
     @Test func clientAuthCleartextChecksEverySecretKind() {
         let secrets: [PasswordSecret] = [
             .plain("pw"), .md5(MD5Auth.storedSecret(password: "pw", user: "u")),

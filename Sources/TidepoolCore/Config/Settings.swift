@@ -187,6 +187,9 @@ public enum Settings {
             .optionalText("auth_user", \.authUser, "user that runs auth_query for users missing from auth_file"),
             .text("auth_query", \.authQuery, "query that returns a user's name and secret"),
             .optionalText("auth_dbname", \.authDBName, "database auth_query runs in"),
+            .int(
+                "scram_iterations", \.scramIterations, 1...100_000_000,
+                "SCRAM iterations when the pooler makes a verifier from a plain-text password"),
             .duration("auth_query_cache_ttl", \.authQueryCacheTTL, "how long a looked-up secret is reused"),
             .int("max_client_conn_per_ip", \.maxClientConnPerIP, 0...10_000_000, "connections per client address"),
             .int(

@@ -3,6 +3,9 @@ import NIOCore
 /// Authenticating a client that logs in to the pooler, after its StartupMessage.
 /// Follows PgBouncer's rules: `md5` uses SCRAM when the stored secret is a SCRAM verifier.
 public struct ClientAuthStateMachine: Sendable {
+    /// scram_iterations: for the verifier made from a plain-text secret (and the stand-in one).
+    public var scramIterations = 4096
+
     public enum Action: Sendable {
         case send(ByteBuffer)
         case authenticated
@@ -67,11 +70,12 @@ public struct ClientAuthStateMachine: Sendable {
                 return startSCRAM(verifier, nonce: nonce, into: &out)
             case .plain(let password):
                 return startSCRAM(
-                    ScramSecret(password: password, salt: Array(salt + salt + salt + salt)), nonce: nonce, into: &out)
+                    ScramSecret(password: password, salt: Array(salt + salt + salt + salt), iterations: scramIterations),
+                    nonce: nonce, into: &out)
             case .md5, nil:
                 // No usable verifier: run the exchange against a random one so the answer is the same.
                 let fake = ScramSecret(
-                    iterations: 4096, salt: salt, storedKey: Array(repeating: 0, count: 32),
+                    iterations: scramIterations, salt: salt, storedKey: Array(repeating: 0, count: 32),
                     serverKey: Array(repeating: 0, count: 32))
                 return startSCRAM(fake, nonce: nonce, into: &out)
             }

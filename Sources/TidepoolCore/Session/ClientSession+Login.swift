@@ -109,6 +109,7 @@ extension ClientSession {
         guard let startup else { return }
         self.startup = nil
         let config = facts.config
+        writableScratch.scramIterations = config.global.scramIterations
         if startup.minor > 0 || !startup.unrecognized.isEmpty {
             var out = ByteBufferAllocator().buffer(capacity: 32)
             Wire.negotiateProtocolVersion(minor: 0, unrecognized: startup.unrecognized, into: &out)
@@ -171,6 +172,7 @@ extension ClientSession {
 
     mutating func startAuthentication(_ method: AuthType, secret: PasswordSecret?, into actions: inout Actions) {
         var machine = ClientAuthStateMachine(authType: method, user: user, secret: secret)
+        machine.scramIterations = scratch?.scramIterations ?? 4096
         let step = machine.start()
         auth = machine
         state = .authenticating

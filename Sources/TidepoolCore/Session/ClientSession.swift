@@ -135,6 +135,7 @@ public struct ClientSession {
         var closing: Refusal?
         var messageLimitAfterLogin = Int(Int32.max)
         var syncError: PostgresError?
+        var scramIterations = 4096
     }
 
     var writableScratch: Scratch {
