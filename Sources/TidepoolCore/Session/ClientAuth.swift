@@ -70,7 +70,8 @@ public struct ClientAuthStateMachine: Sendable {
                 return startSCRAM(verifier, nonce: nonce, into: &out)
             case .plain(let password):
                 return startSCRAM(
-                    ScramSecret(password: password, salt: Array(salt + salt + salt + salt), iterations: scramIterations),
+                    ScramSecret(
+                        password: password, salt: Array(salt + salt + salt + salt), iterations: scramIterations),
                     nonce: nonce, into: &out)
             case .md5, nil:
                 // No usable verifier: run the exchange against a random one so the answer is the same.
