@@ -49,7 +49,9 @@ import Testing
     }
 
     @Test func whatLastsOnlyATransactionOrIsReportedIsNotState() {
-        #expect(effects("SET LOCAL search_path = x") == [])
+        #expect(
+            effects("SET LOCAL search_path = x") == [.setLocal(name: "search_path", statement: "SET search_path = x")])
+        #expect(effects("SET LOCAL ROLE alice") == [])
         #expect(effects("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE") == [])
         #expect(effects("SET CONSTRAINTS ALL DEFERRED") == [])
         #expect(effects("select set_config('a.b', 'v', true)") == [])
@@ -133,7 +135,7 @@ import Testing
         #expect(effects("DISCARD ALL") == [.discardAll])
         #expect(effects("DO $$ BEGIN PERFORM set_config('a.b', 'c', false); END $$") == [.pin(.unknown, key: "")])
         #expect(effects("DO $$ BEGIN RAISE NOTICE 'hello'; END $$") == [])
-        #expect(effects("SET search_path FROM CURRENT") == [.pin(.unknown, key: "")])
+        #expect(effects("SET search_path FROM CURRENT") == [.setFromCurrent(name: "search_path")])
         #expect(effects("SET x") == [.pin(.unknown, key: "")])
     }
 
@@ -238,6 +240,21 @@ import Testing
         r.request("SET a.e = 5; COMMIT", .idle)
         #expect(r.names == ["a.a", "a.c", "a.e"])
         #expect(!r.state.isPinned)
+    }
+
+    @Test func setFromCurrentKeepsTheTransactionsLocalValue() {
+        let r = Run()
+        r.request("SET a.b FROM CURRENT", .idle)
+        #expect(r.names == [], "outside a transaction the session's value stays")
+        r.request("BEGIN; SET LOCAL a.b = 'x'; SET a.b FROM CURRENT", .inTransaction)
+        #expect(r.names == [])
+        r.request("COMMIT", .idle)
+        #expect(r.state.settings == [.init(name: "a.b", statement: "SET a.b = 'x'")])
+        r.request("BEGIN; SET LOCAL a.c = 'y'; SET a.c FROM CURRENT", .inTransaction)
+        r.request("ROLLBACK", .idle)
+        r.request("BEGIN; SET LOCAL a.d = 'z'", .inTransaction)
+        r.request("COMMIT", .idle)
+        #expect(r.names == ["a.b"], "a rollback, or no FROM CURRENT, keeps nothing")
     }
 
     @Test func whatTheRulesCannotTellPinsForGood() {

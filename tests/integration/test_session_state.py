@@ -114,6 +114,14 @@ def test_savepoints_and_commit_decide_what_stays(tidepool):
         a.execute("COMMIT")
         assert value(b, "SELECT current_setting('app.d', true)") == ""
         assert value(a, "SELECT current_setting('app.c', true) || current_setting('app.d', true)") == "4"
+        # SET ... FROM CURRENT makes the transaction's SET LOCAL value the session's.
+        a.execute("BEGIN")
+        a.execute("SET LOCAL app.fc = 'from current'")
+        a.execute("SET app.fc FROM CURRENT")
+        a.execute("COMMIT")
+        for _ in range(2):
+            assert value(b, "SELECT current_setting('app.fc', true)") == ""
+            assert value(a, "SELECT current_setting('app.fc', true)") == "from current"
 
 
 def test_pinning_state_keeps_the_client_on_its_server(pg, tidepool):

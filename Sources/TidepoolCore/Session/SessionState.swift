@@ -198,6 +198,23 @@ public final class SessionState {
             }
         case .pin:
             break  // counted already
+        case .setLocal:
+            if inTransaction { open.append(Entry(effect: effect)) }
+        case .setFromCurrent(let name):
+            // The value in effect: a SET LOCAL of this transaction makes it the session's; else the
+            // session's own value stays.
+            guard inTransaction else { return }
+            for entry in open.reversed() {
+                switch entry.effect {
+                case .setLocal(name, let statement):
+                    open.append(Entry(effect: .set(name: name, statement: statement), uncertain: entry.uncertain))
+                    return
+                case .set(name, _), .reset(name), .resetAll, .discardAll:
+                    return
+                default:
+                    continue
+                }
+            }
         default:
             if inTransaction { open.append(Entry(effect: effect)) } else { apply(effect, server: &server) }
         }

@@ -57,6 +57,10 @@ public enum SessionEffect: Equatable, Sendable {
     case rollbackTo(String)
     /// A session-level setting; `statement` sets it again on another server.
     case set(name: String, statement: String)
+    /// SET LOCAL: only for the transaction, unless SET ... FROM CURRENT makes it the session's.
+    case setLocal(name: String, statement: String)
+    /// SET name FROM CURRENT: the value in effect becomes the session's.
+    case setFromCurrent(name: String)
     case reset(name: String)
     case resetAll
     /// DISCARD ALL: settings, pins and prepared statements are gone.
@@ -288,7 +292,30 @@ public enum SessionStatements {
     static func setStatement(_ lexer: inout SQLLexer, into effects: inout [SessionEffect]) {
         var t = lexer.next()
         if t.isWord("local", in: lexer) {
-            lexer.skipStatement()
+            // Only a plain name's value matters (SET ... FROM CURRENT may keep it); the rest of
+            // SET LOCAL lasts the transaction.
+            let name = lexer.next()
+            guard name.kind == .word || name.kind == .quotedWord,
+                !(["role", "time", "names", "session", "transaction", "constraints"].contains(lexer.lowercased(name)))
+            else {
+                lexer.skipStatement()
+                return
+            }
+            t = name
+            var setting = lexer.identifier(t)
+            while lexer.peekSymbol(".") {
+                _ = lexer.next()
+                setting += "." + lexer.identifier(lexer.next())
+            }
+            let op = lexer.next()
+            guard op.isSymbol("=") || op.isWord("to", in: lexer) else {
+                lexer.skipStatement()
+                return
+            }
+            let value = lexer.valueText(until: nil)
+            if !reported.contains(setting), value.lowercased() != "default" {
+                effects.append(.setLocal(name: setting, statement: "SET \(quotedName(setting)) = \(value)"))
+            }
             return
         }
         if t.isWord("session", in: lexer) {
@@ -336,9 +363,11 @@ public enum SessionStatements {
             }
             let op = lexer.next()
             guard op.isSymbol("=") || op.isWord("to", in: lexer) else {
-                // SET name FROM CURRENT (the value it has now, which the pooler does not know)
-                // or a SET it cannot read.
-                effects.append(.pin(.unknown, key: ""))
+                if op.isWord("from", in: lexer), lexer.next().isWord("current", in: lexer) {
+                    if !reported.contains(name) { effects.append(.setFromCurrent(name: name)) }
+                } else {
+                    effects.append(.pin(.unknown, key: ""))  // a SET the classifier cannot read
+                }
                 lexer.skipStatement()
                 return
             }
