@@ -132,7 +132,12 @@ extension [PoolAction] {
         _ = lendNewServer(to: c(1))
         _ = lendNewServer(to: c(2))
         _ = pool.clientWantsServer(c(3), pool: poolA, loop: 0, now: clock.now)
-        clock.advance(.seconds(119))
+        clock.advance(.seconds(4))
+        #expect(pool.timerFired(now: clock.now).isEmpty)
+        // query_wait_notify (5 s): told once that it is queued.
+        clock.advance(.seconds(1))
+        #expect(pool.timerFired(now: clock.now) == [.notifyWaiting(c(3))])
+        clock.advance(.seconds(114))
         #expect(pool.timerFired(now: clock.now).isEmpty)
         clock.advance(.seconds(1))
         let actions = pool.timerFired(now: clock.now)

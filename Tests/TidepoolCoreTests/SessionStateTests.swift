@@ -471,6 +471,20 @@ func queries(_ buffer: ByteBuffer) -> [String] {
         }
     }
 
+    /// query_wait_notify: a queued client gets PgBouncer's NOTICE; a linked one nothing.
+    @Test func aQueuedClientIsToldItWaits() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.session.waitNotice(into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "N")
+        #expect(d.toClient.readableBytesView.contains(Array("client being queued".utf8)))
+        d.lend()
+        d.session.waitNotice(into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "N")
+    }
+
     @Test func ignoreModeFollowsNothing() {
         let d = D()
         d.session.tracksSessionState = false

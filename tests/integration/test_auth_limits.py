@@ -310,3 +310,27 @@ def test_refused_server_login_fails_waiting_clients_at_once(tidepool, pg):
         with pg.connect() as admin:
             admin.execute("ALTER ROLE app PASSWORD 'app-secret'")
         holder.close()
+
+
+def test_query_wait_notify_tells_a_queued_client(tidepool):
+    """PgBouncer 1.25's query_wait_notify: a client queued that long gets a NOTICE, once."""
+    t = tidepool(settings="default_pool_size = 1\nquery_wait_notify = 1\n")
+    notices = []
+    with t.connect() as a, t.connect() as b:
+        b.add_notice_handler(lambda n: notices.append(n.message_primary))
+        a.execute("BEGIN")
+        a.execute("SELECT 1")
+        done = threading.Event()
+
+        def query():
+            b.execute("SELECT 1")
+            done.set()
+
+        worker = threading.Thread(target=query)
+        worker.start()
+        time.sleep(2.5)
+        assert not done.is_set()
+        a.execute("COMMIT")
+        worker.join(timeout=10)
+        assert done.is_set()
+    assert notices == ["No server connection available in postgres backend, client being queued"]

@@ -548,6 +548,12 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
+    /// query_wait_notify passed while queued.
+    func waitNotice() {
+        session.waitNotice(into: &actions)
+        run()
+    }
+
     func waitFailed(_ error: PoolError) {
         guard session.state == .waiting || session.state == .awaitingWelcome else { return }
         logger.warning("client \(peer) db=\(databaseName) user=\(user): \(error.postgresError.message)")

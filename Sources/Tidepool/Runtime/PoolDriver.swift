@@ -34,6 +34,7 @@ extension Pooler {
         s.maxDBConnections = database.maxDBConnections ?? g.maxDBConnections
         s.maxUserConnections = config.users[user]?.maxUserConnections ?? g.maxUserConnections
         s.queryWaitTimeout = config.queryWaitTimeout(database: database, user: user)
+        s.queryWaitNotify = g.queryWaitNotify
         s.serverLifetime = database.serverLifetime ?? g.serverLifetime
         s.serverIdleTimeout = g.serverIdleTimeout
         s.serverLoginRetry = g.serverLoginRetry
@@ -195,7 +196,7 @@ extension Pooler {
             server?.leasesIssued += 1  // under the lock: lends of a server are numbered in order
             return Resolved(
                 action: action, client: s.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
-        case .failClient(let clientID, _):
+        case .failClient(let clientID, _), .notifyWaiting(let clientID):
             return Resolved(action: action, client: s.clients[clientID], server: nil)
         case .check(let serverID, _):
             return Resolved(action: action, client: nil, server: s.servers[serverID])
@@ -229,6 +230,9 @@ extension Pooler {
         case .failClient(_, let error):
             let client = item.client
             client?.onLoop { client?.waitFailed(error) }
+        case .notifyWaiting:
+            let client = item.client
+            client?.onLoop { client?.waitNotice() }
         case .check(let serverID, _):
             if let server = item.server {
                 server.check(config.global.serverCheckQuery)

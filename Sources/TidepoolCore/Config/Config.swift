@@ -81,6 +81,8 @@ public struct GlobalSettings: Equatable, Sendable {
     public var maxDBConnections = 0
     /// Clients per database, per user (0: no limit), as PgBouncer 1.24+.
     public var maxDBClientConnections = 0
+    /// A client queued this long gets a NOTICE that it is (0: never), as PgBouncer 1.25.
+    public var queryWaitNotify = TimeAmount.seconds(5)
     /// Iterations of the SCRAM verifiers the pooler makes from plain-text secrets.
     public var scramIterations = 4096
     public var maxUserClientConnections = 0

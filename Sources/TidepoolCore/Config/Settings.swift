@@ -218,6 +218,8 @@ public enum Settings {
                 also: [.databases, .users],
                 database: { d, v throws(ConfigError) in d.reservePoolSize = try v.int(0...100_000) },
                 user: { u, v throws(ConfigError) in u.reservePoolSize = try v.int(0...100_000) }),
+            .duration(
+                "query_wait_notify", \.queryWaitNotify, "a client queued this long is told so with a NOTICE (0: never)"),
             .duration("reserve_pool_timeout", \.reservePoolTimeout, "how long a client waits before the reserve opens"),
             .int("max_client_conn", \.maxClientConn, 1...10_000_000, "clients held at once"),
             .int(

@@ -14,6 +14,8 @@ public struct PoolStateMachine: Sendable {
         var since: NIODeadline
         /// Times a waiter behind it was served first because it ran on the free server's loop.
         var passedOver = 0
+        /// Told it is queued (query_wait_notify).
+        var notified = false
     }
 
     /// How far behind the head of the queue a waiter on the free server's event loop is looked
@@ -372,6 +374,7 @@ public struct PoolStateMachine: Sendable {
         var actions: [PoolAction] = []
         for key in pools.keys {
             expireWaiters(key, now: now, into: &actions)
+            notifyWaiters(key, now: now, into: &actions)
             trimIdle(key, now: now, into: &actions)
             grow(key, now: now, into: &actions)
             probe(key, now: now, into: &actions)
@@ -654,6 +657,21 @@ public struct PoolStateMachine: Sendable {
             actions.append(
                 .failClient(waiter.client, failure.map { .connectFailed($0.error) } ?? .waitTimeout(waited: waited)))
             actions.append(.note(key, .waitTimedOut))
+        }
+    }
+
+    /// Waiters queued for query_wait_notify are told so, once each. The queue is in arrival order,
+    /// so the look stops at the first that has not waited that long.
+    mutating func notifyWaiters(_ key: PoolKey, now: NIODeadline, into actions: inout [PoolAction]) {
+        let after = pools[key].settings.queryWaitNotify
+        guard after > .zero else { return }
+        let slot = pools.slot(of: key)!
+        for index in pools[key].waiters.indices {
+            let waiter = pools[key].waiters[index]
+            guard now - waiter.since >= after else { break }
+            guard !waiter.notified, waitingClients[waiter.client] == slot else { continue }
+            pools[key].waiters[index].notified = true
+            actions.append(.notifyWaiting(waiter.client))
         }
     }
 

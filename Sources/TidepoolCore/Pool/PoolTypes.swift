@@ -66,6 +66,8 @@ public struct PoolSettings: Equatable, Sendable {
     /// Across all pools of the user; 0 means no limit.
     public var maxUserConnections: Int = 0
     public var queryWaitTimeout: TimeAmount = .seconds(120)
+    /// query_wait_notify: a client waiting this long is told it is queued (0: never).
+    public var queryWaitNotify: TimeAmount = .seconds(5)
     public var serverLifetime: TimeAmount = .seconds(3600)
     public var serverIdleTimeout: TimeAmount = .seconds(600)
     public var serverLoginRetry: TimeAmount = .seconds(15)
@@ -121,6 +123,8 @@ public enum PoolAction: Equatable, Sendable {
     case close(ServerID)
     /// Tell a waiting client it will get no server.
     case failClient(ClientID, PoolError)
+    /// Tell a client that has waited query_wait_notify that it is queued (a NOTICE).
+    case notifyWaiting(ClientID)
     /// Run `server_check_query` on this idle server; answer with `serverCheckSucceeded` or
     /// `serverCheckFailed`. The server is meant for the client.
     case check(ServerID, for: ClientID)

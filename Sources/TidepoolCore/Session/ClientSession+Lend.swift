@@ -103,6 +103,19 @@ extension ClientSession {
         if let clock = timeoutClock, tracker.outstanding > 0, clock.queryStartedAt == nil { clock.queryStartedAt = now }
     }
 
+    /// The client has waited query_wait_notify: it is told it is queued, in PgBouncer's words.
+    public mutating func waitNotice(into actions: inout Actions) {
+        guard state == .waiting else { return }
+        var out = ByteBufferAllocator().buffer(capacity: 128)
+        Wire.noticeResponse(
+            PostgresError(
+                severity: "NOTICE", code: SQLState.successfulCompletion,
+                message: "No server connection available in postgres backend, client being queued"),
+            into: &out)
+        write(out, into: &actions)
+        actions.append(.flushClient)
+    }
+
     /// The pool could not lend a server (query_wait_timeout, pool closed, server login refused).
     public mutating func waitFailed(_ error: PoolError, into actions: inout Actions) {
         guard state == .waiting || state == .awaitingWelcome else { return }

@@ -25,6 +25,7 @@ public struct PostgresError: Error, Equatable, Sendable, CustomStringConvertible
 
 /// SQLSTATE codes used by the pooler, with PostgreSQL's names.
 public enum SQLState {
+    public static let successfulCompletion = "00000"
     public static let protocolViolation = "08P01"
     public static let connectionFailure = "08006"
     public static let cannotConnectNow = "57P03"
