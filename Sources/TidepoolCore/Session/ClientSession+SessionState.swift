@@ -77,14 +77,14 @@ extension ClientSession {
             var sql = raw
             if type != MessageType.query {
                 // Parse: statement name, then the SQL. Bind: portal name, then statement name.
-                guard let nul = Self.nul(in: raw, from: 0) else { return }
+                guard let nul = raw.index(of: 0, from: 0) else { return }
                 if type == MessageType.bind {
-                    guard let end = Self.nul(in: raw, from: nul + 1) else { return }
+                    guard let end = raw.index(of: 0, from: nul + 1) else { return }
                     statement = Self.text(raw, nul + 1, end)
                     return
                 }
                 if nul > 0 { statement = Self.text(raw, 0, nul) }
-                let end = Self.nul(in: raw, from: nul + 1) ?? raw.count
+                let end = raw.index(of: 0, from: nul + 1) ?? raw.count
                 sql = UnsafeRawBufferPointer(rebasing: raw[(nul + 1)..<end])
                 if sql.count == lastParse.count, sql.count > 0,
                     lastParse.withUnsafeBytes({ memcmp($0.baseAddress!, sql.baseAddress!, sql.count) == 0 })
@@ -138,14 +138,6 @@ extension ClientSession {
 
     /// The longest Parse SQL kept for the comparison (`readMessage`).
     static let lastParseLimit = 512
-
-    /// The index of the first NUL in `raw` from `from`.
-    static func nul(in raw: UnsafeRawBufferPointer, from: Int) -> Int? {
-        guard let base = raw.baseAddress, from < raw.count, let hit = memchr(base + from, 0, raw.count - from) else {
-            return nil
-        }
-        return base.distance(to: UnsafeRawPointer(hit))
-    }
 
     static func text(_ raw: UnsafeRawBufferPointer, _ from: Int, _ to: Int) -> String {
         String(decoding: UnsafeRawBufferPointer(rebasing: raw[from..<to]), as: UTF8.self)

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Darwin)
+    import Darwin
+#endif
+
 /// PostgreSQL's lexical rules, as far as the session-state classifier needs them: tokens are
 /// positions in the bytes, and text is made only for the few tokens a decision reads.
 struct SQLLexer {
@@ -275,7 +281,7 @@ struct SQLLexer {
 
     /// The tokens up to the statement's end, as SQL text with single spaces between them (so that
     /// comments are dropped and the text can be sent again among other statements).
-    mutating func valueText(until: Unicode.Scalar?) -> String {
+    mutating func valueText() -> String {
         var parts: [String] = []
         var t = next()
         while t.kind != .end, !t.isSymbol(";") {
@@ -283,6 +289,17 @@ struct SQLLexer {
             t = next()
         }
         return parts.joined(separator: " ")
+    }
+
+    /// A setting's name from its first token: folded or as quoted, with a custom parameter's
+    /// `prefix.name` parts joined.
+    mutating func settingName(_ first: Token) -> String {
+        var name = identifier(first)
+        while peekSymbol(".") {
+            _ = next()
+            name += "." + identifier(next())
+        }
+        return name
     }
 
     /// After a function's `(`: its arguments, to the matching `)`.
@@ -334,5 +351,16 @@ struct SQLLexer {
             }
             tokens.append(t)
         }
+    }
+}
+
+extension UnsafeRawBufferPointer {
+    /// The index of the first `byte` in `from..<to` (to the end by default), found with memchr.
+    func index(of byte: UInt8, from: Int, to: Int? = nil) -> Int? {
+        let end = to ?? count
+        guard let base = baseAddress, from < end, let hit = memchr(base + from, Int32(byte), end - from) else {
+            return nil
+        }
+        return base.distance(to: UnsafeRawPointer(hit))
     }
 }

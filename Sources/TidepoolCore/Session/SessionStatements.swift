@@ -1,9 +1,3 @@
-#if canImport(Glibc)
-    import Glibc
-#elseif canImport(Darwin)
-    import Darwin
-#endif
-
 /// Why a client keeps its server: session state the pooler cannot replay on another server.
 public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
     case advisoryLock
@@ -301,27 +295,13 @@ public enum SessionStatements {
                 lexer.skipStatement()
                 return
             }
-            t = name
-            var setting = lexer.identifier(t)
-            while lexer.peekSymbol(".") {
-                _ = lexer.next()
-                setting += "." + lexer.identifier(lexer.next())
-            }
-            let op = lexer.next()
-            guard op.isSymbol("=") || op.isWord("to", in: lexer) else {
-                lexer.skipStatement()
-                return
-            }
-            let value = lexer.valueText(until: nil)
-            if !reported.contains(setting), value.lowercased() != "default" {
-                effects.append(.setLocal(name: setting, statement: "SET \(quotedName(setting)) = \(value)"))
-            }
+            assignment(name, local: true, &lexer, into: &effects)
             return
         }
         if t.isWord("session", in: lexer) {
             let after = lexer.next()
             if after.isWord("authorization", in: lexer) {
-                let value = lexer.valueText(until: nil)
+                let value = lexer.valueText()
                 if value.lowercased() == "default" {
                     effects.append(.reset(name: "session_authorization"))
                 } else {
@@ -347,7 +327,7 @@ public enum SessionStatements {
             lexer.skipStatement()  // client_encoding is reported
             return
         case .word where lexer.lowercased(t) == "role":
-            let value = lexer.valueText(until: nil)
+            let value = lexer.valueText()
             if value.lowercased() == "none" {
                 effects.append(.reset(name: "role"))
             } else {
@@ -355,35 +335,40 @@ public enum SessionStatements {
             }
             return
         case .word, .quotedWord:
-            var name = lexer.identifier(t)
-            // A custom parameter: prefix.name.
-            while lexer.peekSymbol(".") {
-                _ = lexer.next()
-                name += "." + lexer.identifier(lexer.next())
-            }
-            let op = lexer.next()
-            guard op.isSymbol("=") || op.isWord("to", in: lexer) else {
-                if op.isWord("from", in: lexer), lexer.next().isWord("current", in: lexer) {
-                    if !reported.contains(name) { effects.append(.setFromCurrent(name: name)) }
-                } else {
-                    effects.append(.pin(.unknown, key: ""))  // a SET the classifier cannot read
-                }
-                lexer.skipStatement()
-                return
-            }
-            let value = lexer.valueText(until: nil)
-            if reported.contains(name) { return }
-            if value.lowercased() == "default" {
-                effects.append(.reset(name: name))
-            } else {
-                effects.append(.set(name: name, statement: "SET \(quotedName(name)) = \(value)"))
-            }
+            assignment(t, local: false, &lexer, into: &effects)
             return
         default:
             break
         }
         effects.append(.pin(.unknown, key: ""))
         lexer.skipStatement()
+    }
+
+    /// `SET [LOCAL] name {=|TO} value`, `SET name FROM CURRENT`, after the name's first token.
+    static func assignment(
+        _ first: SQLLexer.Token, local: Bool, _ lexer: inout SQLLexer, into effects: inout [SessionEffect]
+    ) {
+        let name = lexer.settingName(first)
+        let op = lexer.next()
+        guard op.isSymbol("=") || op.isWord("to", in: lexer) else {
+            if !local {
+                if op.isWord("from", in: lexer), lexer.next().isWord("current", in: lexer) {
+                    if !reported.contains(name) { effects.append(.setFromCurrent(name: name)) }
+                } else {
+                    effects.append(.pin(.unknown, key: ""))  // a SET the classifier cannot read
+                }
+            }
+            lexer.skipStatement()
+            return
+        }
+        let value = lexer.valueText()
+        guard !reported.contains(name) else { return }
+        let statement = "SET \(quotedName(name)) = \(value)"
+        if value.lowercased() == "default" {
+            if !local { effects.append(.reset(name: name)) }
+        } else {
+            effects.append(local ? .setLocal(name: name, statement: statement) : .set(name: name, statement: statement))
+        }
     }
 
     /// SET SESSION CHARACTERISTICS AS TRANSACTION mode [, ...]: the three default_transaction_ settings.
@@ -430,11 +415,7 @@ public enum SessionStatements {
         } else if t.isWord("time", in: lexer) {
             // TIME ZONE: reported.
         } else if t.kind == .word || t.kind == .quotedWord {
-            var name = lexer.identifier(t)
-            while lexer.peekSymbol(".") {
-                _ = lexer.next()
-                name += "." + lexer.identifier(lexer.next())
-            }
+            let name = lexer.settingName(t)
             if !reported.contains(name) { effects.append(.reset(name: name)) }
         }
         lexer.skipStatement()
@@ -548,13 +529,10 @@ public enum SessionStatements {
     /// function that matters (a `(` after a name it could be), or INTO TEMP (`temp` in any case).
     /// A fast over-estimate with memchr, so that ordinary SQL is not read byte by byte.
     static func mayHaveEffects(_ lexer: SQLLexer) -> Bool {
-        guard let base = lexer.bytes.baseAddress, lexer.position < lexer.count else { return false }
+        guard lexer.position < lexer.count else { return false }
         let start = lexer.position
         let count = lexer.count
-        func find(_ byte: UInt8, from: Int) -> Int? {
-            guard from < count, let hit = memchr(base + from, Int32(byte), count - from) else { return nil }
-            return base.distance(to: UnsafeRawPointer(hit))
-        }
+        func find(_ byte: UInt8, from: Int) -> Int? { lexer.bytes.index(of: byte, from: from, to: count) }
         if !lexer.oneStatement, let semicolon = find(0x3B, from: start) {
             var rest = semicolon + 1
             while rest < count, lexer.bytes[rest] == 0x20 || lexer.bytes[rest] &- 0x09 < 5 { rest += 1 }
