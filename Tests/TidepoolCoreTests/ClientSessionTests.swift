@@ -31,6 +31,7 @@ final class SessionDriver {
     var pinChanges: [Bool] = []
     var replayed = 0
     var traffic = TrafficStats()
+    var listenChanges: [ChannelChanges] = []
 
     init(
         mode: PoolMode = .transaction, prepared: Bool = false, timeouts: ClientTimeoutSettings? = nil,
@@ -73,8 +74,15 @@ final class SessionDriver {
             case .releaseServer(let reusable):
                 traffic = traffic + session.takeTraffic()
                 releases.append(reusable)
-            case .resetAndReleaseServer(let discardAll):
-                resets.append(discardAll ? "DISCARD ALL" : session.serverResetQuery)
+            case .resetAndReleaseServer(let reset):
+                switch reset {
+                case .resetQuery: resets.append(session.serverResetQuery)
+                case .discardAll: resets.append("DISCARD ALL")
+                case .unlisten: resets.append("UNLISTEN *")
+                }
+            case .listenChanged:
+                listenChanges.append(session.listenChanges)
+                session.listenChanges = ChannelChanges()
             case .cancelServerQuery(let reportBack): cancels.append(reportBack)
             case .handInTraffic: traffic = traffic + session.takeTraffic()
             case .recordTiming(let kind, _): timings.append(kind)

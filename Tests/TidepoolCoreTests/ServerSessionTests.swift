@@ -43,6 +43,26 @@ import Testing
         #expect(s.processID == 7 && s.secretKey == 8)
     }
 
+    @Test func aListenerConnectionHandsWhatItReadsToTheListener() {
+        var (s, _) = loggedIn()
+        s.listens = true
+        let notification = feed(&s) {
+            $0.writeInteger(MessageType.notificationResponse)
+            $0.writeInteger(Int32(4 + 4 + 2 + 2))
+            $0.writeInteger(Int32(9))
+            $0.writeNullTerminatedString("c")
+            $0.writeNullTerminatedString("p")
+        }
+        guard case .forListener(let type, _) = notification.first else {
+            Issue.record("expected forListener, got \(notification)")
+            return
+        }
+        #expect(type == MessageType.notificationResponse)
+        #expect(feed(&s) { Wire.readyForQuery(.idle, into: &$0) }.count == 1)
+        let fatal = feed(&s) { Wire.errorResponse(.fatal(SQLState.adminShutdown, "terminating"), into: &$0) }
+        #expect(fatal.contains(.lost) && s.phase == .closed)
+    }
+
     @Test func connectQueryRunsBeforeThePoolHearsOfIt() {
         var (s, last) = loggedIn(connectQuery: "set search_path = app")
         #expect(sentQuery(last) == "set search_path = app")

@@ -167,10 +167,11 @@ def test_pinning_state_keeps_the_client_on_its_server(pg, tidepool):
         a.execute("DEALLOCATE p")
 
 
-def test_listen_pins_and_notifications_reach_the_listener(tidepool):
+def test_listen_does_not_pin_and_notifications_reach_the_listener(tidepool):
     t = pooled(tidepool, 2)
     with t.connect() as a, t.connect() as b, t.connect() as c:
         a.execute("LISTEN news")
+        assert [r["cl_pinned"] for r in show(t, "POOLS") if r["database"] == "postgres"] == [0]
         c.execute("SELECT 1")
         b.execute("NOTIFY news, 'hello'")
         got = [n.payload for n in a.notifies(timeout=5, stop_after=1)]
@@ -389,7 +390,7 @@ def test_refuse_mode_fails_pinning_statements_and_keeps_settings(tidepool):
         # In a transaction block it fails the transaction, as a failing statement does.
         a.execute("BEGIN")
         with pytest.raises(psycopg.errors.FeatureNotSupported):
-            a.execute("LISTEN ch")
+            a.execute("DECLARE c CURSOR WITH HOLD FOR SELECT 1")
         with pytest.raises(psycopg.errors.InFailedSqlTransaction):
             a.execute("SELECT 1")
         a.execute("ROLLBACK")

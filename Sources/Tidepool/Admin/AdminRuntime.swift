@@ -223,6 +223,12 @@ extension Pooler {
                 for book in books { merged.merge(book) }
                 return AdminViews.latency(merged)
             }
+        case "LISTENS":
+            let listeners = shared.withLockedValue { Array($0.listeners.values) }
+            let lists = listeners.map { listener in
+                listener.channels().map { channels in channels.map { (listener.key, $0.channel, $0.clients) } }
+            }
+            return EventLoopFuture.whenAllSucceed(lists, on: loop).map { AdminViews.listens($0.flatMap { $0 }) }
         case "VERSION":
             return loop.makeSucceededFuture(AdminViews.version(TidepoolCoreVersion.string))
         case "HELP":

@@ -36,6 +36,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var countedLimits: (database: String, user: String)?
     /// Counted among its pool's pinned clients (SHOW POOLS cl_pinned).
     var countedPinned = false
+    /// Subscribed to its pool's listener: it is told when the client goes.
+    var listens = false
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
     /// Where `traffic` is handed in (this loop's cell for the client's database).
@@ -143,11 +145,25 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             self.server = nil
             server.detach(from: self, lease: lease)
             pools.release(server, reusable: reusable)
-        case .resetAndReleaseServer(let discardAll):
+        case .resetAndReleaseServer(let reset):
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
-            server.resetAndRelease(discardAll ? "DISCARD ALL" : session.serverResetQuery)
+            switch reset {
+            case .resetQuery: server.resetAndRelease(session.serverResetQuery)
+            case .discardAll: server.resetAndRelease("DISCARD ALL")
+            case .unlisten: server.resetAndRelease("UNLISTEN *")
+            }
+        case .listenChanged:
+            let changes = session.listenChanges
+            session.listenChanges = ChannelChanges()
+            guard let id, let poolKey else { return }
+            let listener = pooler.listener(for: poolKey, loop: loopIndex)
+            if !changes.removed.isEmpty { listener.unsubscribe(id, channels: changes.removed) }
+            if !changes.added.isEmpty {
+                listens = true
+                listener.subscribe(id, channels: changes.added)
+            }
         case .cancelServerQuery(let reportBack):
             guard let server else { return }
             let sent = pooler.sendCancel(to: server.cancelTarget)
@@ -197,7 +213,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             }
             var out = channel.allocator.buffer(capacity: 128)
             Wire.errorResponse(error, into: &out)
-            closeAfterWriting(out)
+            closeAfterWriting(out, waitsForReader: closing.waitsForReader)
         case .terminate:
             closeReason = "client close request"
             finish()
@@ -549,6 +565,24 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     /// query_wait_notify passed while queued.
+    /// A notification from the pool's listener.
+    func notification(_ message: ByteBuffer, channel: String) {
+        let dropped = session.notification(message, channel: channel, into: &actions)
+        if dropped > 0 {
+            logger.warning(
+                "client \(peer) db=\(databaseName) user=\(user): closed, \(dropped) notifications left unread")
+            pooler.metrics.count(
+                "tidepool_notifications_dropped_total", [("database", databaseName), ("user", user)], by: dropped)
+        }
+        run()
+    }
+
+    /// The pool's listener listens on the client's new channels.
+    func listenConfirmed() {
+        session.listenConfirmed(now: .now(), into: &actions)
+        run()
+    }
+
     func waitNotice() {
         session.waitNotice(into: &actions)
         run()
@@ -609,13 +643,13 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// Writes a last message and closes. A client that is not reading (its socket is full) would
     /// never let the message through: it is closed at once, and any client after a few seconds.
-    func closeAfterWriting(_ last: ByteBuffer) {
+    func closeAfterWriting(_ last: ByteBuffer, waitsForReader: Bool = false) {
         let channel = self.channel
-        guard channel.isWritable else {
+        guard channel.isWritable || waitsForReader else {
             channel.close(promise: nil)
             return
         }
-        let cap = channel.eventLoop.scheduleTask(in: .seconds(5)) { channel.close(promise: nil) }
+        let cap = channel.eventLoop.scheduleTask(in: .seconds(waitsForReader ? 15 : 5)) { channel.close(promise: nil) }
         channel.writeAndFlush(last).whenComplete { _ in
             cap.cancel()
             channel.close(promise: nil)
@@ -633,6 +667,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Forgets the client everywhere, once, when the session closes.
     func forget() {
         endLoginTimer()
+        if listens, let id, let poolKey {
+            listens = false
+            pooler.listener(for: poolKey, loop: loopIndex).clientGone(id)
+        }
         if joinedPool { handInTraffic() }
         pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
         if countedPinned, let poolKey {

@@ -90,13 +90,14 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     let fromClient: HandOff
 
     init(
-        id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int, host: String? = nil
+        id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int, host: String? = nil,
+        driver: (any PoolDriving)? = nil
     ) {
         self.id = id
         self.loopIndex = loopIndex
         self.pool = pool
         self.pooler = pooler
-        self.pools = pooler
+        self.pools = driver ?? pooler
         self.database = database
         self.session = ServerSession(
             state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
@@ -107,8 +108,10 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         fromClient = HandOff(limit: limit)
     }
 
-    static func placeholder(id: ServerID, pool: PoolKey, pooler: Pooler) -> ServerConnection {
-        ServerConnection(id: id, pool: pool, database: nil, pooler: pooler, loopIndex: 0)
+    static func placeholder(
+        id: ServerID, pool: PoolKey, pooler: Pooler, driver: (any PoolDriving)? = nil
+    ) -> ServerConnection {
+        ServerConnection(id: id, pool: pool, database: nil, pooler: pooler, loopIndex: 0, driver: driver)
     }
 
     /// The server's event loop, known before its channel exists. Other threads use this, never
@@ -153,6 +156,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             case .close: channel?.close(promise: nil)
             case .logWarning(let text): pooler.logger.warning("server \(id) of \(pool): \(text)")
             case .logInfo(let text): pooler.logger.info("server \(id) of \(pool): \(text)")
+            case .forListener(let type, let body): pools.listenerMessage(self, type: type, body: body)
             }
         }
     }
@@ -332,6 +336,16 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         } else if let channel {
             for b in buffers { channel.write(b, promise: nil) }
             channel.flush()
+        }
+    }
+
+    /// A pool's listener: runs `sql` (its answers go to the listener, `ServerSession.listens`).
+    func sendQuery(_ sql: String) {
+        onLoop {
+            guard let context = self.context, case .ready = self.phase else { return }
+            var out = context.channel.allocator.buffer(capacity: sql.utf8.count + 6)
+            Wire.query(sql, into: &out)
+            context.writeAndFlush(self.wrapOutboundOut(out), promise: nil)
         }
     }
 

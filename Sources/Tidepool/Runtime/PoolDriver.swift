@@ -15,9 +15,13 @@ protocol PoolDriving: AnyObject, Sendable {
     func serverConnectFailed(_ server: ServerConnection, error: PostgresError)
     func serverClosed(_ server: ServerConnection)
     func checkFinished(_ server: ServerConnection, ok: Bool)
+    /// A message read by a pool's listener connection (`ListenerDriver`).
+    func listenerMessage(_ server: ServerConnection, type: UInt8, body: ByteBuffer)
 }
 
-extension Pooler: PoolDriving {}
+extension Pooler: PoolDriving {
+    func listenerMessage(_ server: ServerConnection, type: UInt8, body: ByteBuffer) {}
+}
 
 /// The pool driver: runs the shared `PoolStateMachine` under one lock, looks up the connections its
 /// actions name, and carries them out (lends, connects, closes, checks); PAUSE, RESUME and RELOAD

@@ -112,6 +112,9 @@ public final class Pooler: @unchecked Sendable {
         var addresses = ClientAddressLimiter()
         /// SUSPEND: set until RESUME.
         var suspended = false
+        /// Each pool's listener (LISTEN in transaction and statement pooling), made when a client
+        /// of the pool first listens.
+        var listeners: [PoolKey: ListenerDriver] = [:]
     }
 
     public init(

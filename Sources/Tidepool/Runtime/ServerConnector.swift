@@ -8,11 +8,20 @@ import TidepoolCore
 /// Opens server connections: bootstrap, keepalive, TLS negotiation, then the connection's login.
 extension Pooler {
     func connect(_ id: ServerID, pool key: PoolKey, loop: Int) {
+        _ = openServer(id, pool: key, loop: loop, driver: self, listens: false)
+    }
+
+    /// Opens a server connection whose life `driver` is told about: the pool's, or a pool's
+    /// listener (`listens`). Returns the connection (a placeholder when the database is gone).
+    func openServer(
+        _ id: ServerID, pool key: PoolKey, loop: Int, driver: any PoolDriving, listens: Bool
+    ) -> ServerConnection {
         guard let database = config.database(named: key.database) else {
-            serverConnectFailed(
-                ServerConnection.placeholder(id: id, pool: key, pooler: self),
+            let placeholder = ServerConnection.placeholder(id: id, pool: key, pooler: self, driver: driver)
+            driver.serverConnectFailed(
+                placeholder,
                 error: .fatal(SQLState.invalidCatalogName, "database \"\(key.database)\" is not configured"))
-            return
+            return placeholder
         }
         // host=a,b: which one, as load_balance_hosts says.
         let hosts = database.hosts
@@ -28,8 +37,10 @@ extension Pooler {
                 return host
             } : nil
         let server = ServerConnection(
-            id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count, host: host)
-        shared.withLockedValue { $0.servers[id] = server }
+            id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count, host: host,
+            driver: driver)
+        server.session.listens = listens
+        if !listens { shared.withLockedValue { $0.servers[id] = server } }
         let g = config.global
         var bootstrap = ClientBootstrap(group: loops[loop % loops.count])
             .connectTimeout(g.serverConnectTimeout)
@@ -52,9 +63,10 @@ extension Pooler {
         let connecting = server.address.connect(bootstrap)
         connecting.whenFailure { error in
             if let host { self.shared.withLockedValue { $0.hostChoices[key.database]?.failed(host) } }
-            self.serverConnectFailed(
+            driver.serverConnectFailed(
                 server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
         }
+        return server
     }
 
     /// SO_KEEPALIVE, then tcp_keepidle, tcp_keepintvl, tcp_keepcnt and tcp_user_timeout, as

@@ -197,6 +197,14 @@ public enum AdminViews {
         return AdminResult(columns: columns, types: types, rows: rows)
     }
 
+    /// SHOW LISTENS: each channel a pool's listener listens on for its clients.
+    public static func listens(_ rows: [(PoolKey, String, Int)]) -> AdminResult {
+        let sorted = rows.sorted { ($0.0.database, $0.0.user, $0.1) < ($1.0.database, $1.0.user, $1.1) }
+        return AdminResult(
+            columns: ["database", "user", "channel", "clients"], types: [.text, .text, .text, .int4],
+            rows: sorted.map { [$0.0.database, $0.0.user, $0.1, String($0.2)] })
+    }
+
     public static func version(_ version: String) -> AdminResult {
         AdminResult(columns: ["version"], rows: [["Tidepool \(version)"]])
     }
@@ -204,7 +212,8 @@ public enum AdminViews {
     public static let helpText = [
         "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION",
         "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
-        "SHOW LATENCY|LISTS|STATE|MEM", "SET key = arg", "RELOAD", "PAUSE [<db>]", "RESUME [<db>]", "DISABLE <db>",
+        "SHOW LATENCY|LISTS|LISTENS|STATE|MEM", "SET key = arg", "RELOAD", "PAUSE [<db>]", "RESUME [<db>]",
+        "DISABLE <db>",
         "ENABLE <db>", "RECONNECT [<db>]", "KILL [<db>]", "KILL_CLIENT <id>", "SUSPEND", "SHUTDOWN",
         "SHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS", "WAIT_CLOSE [<db>]",
     ]

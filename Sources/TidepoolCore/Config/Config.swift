@@ -73,6 +73,8 @@ public struct GlobalSettings: Equatable, Sendable {
     public var statsUsers: [String] = []
     public var poolMode = PoolMode.transaction
     public var sessionState = SessionStateMode.track
+    /// Notifications a client may leave unread before it is closed (LISTEN in transaction mode).
+    public var notifyQueueSize = 4096
     public var defaultPoolSize = 20
     public var minPoolSize = 0
     public var reservePoolSize = 0

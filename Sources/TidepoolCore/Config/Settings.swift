@@ -205,10 +205,13 @@ public enum Settings {
                 user: { u, v throws(ConfigError) in u.poolMode = try v.enumValue(PoolMode.self) }),
             .choice(
                 "session_state", \.sessionState,
-                "track: settings replayed per client, pinned otherwise; refuse; ignore",
+                "track: settings replayed per client, LISTEN served by the pooler, pinned otherwise; refuse; ignore",
                 also: [.databases, .users],
                 database: { d, v throws(ConfigError) in d.sessionState = try v.enumValue(SessionStateMode.self) },
                 user: { u, v throws(ConfigError) in u.sessionState = try v.enumValue(SessionStateMode.self) }),
+            .int(
+                "notify_queue_size", \.notifyQueueSize, 1...10_000_000,
+                "notifications a client may leave unread before it is closed"),
             .int("default_pool_size", \.defaultPoolSize, 1...100_000, "servers per (database, user) pool"),
             .int(
                 "min_pool_size", \.minPoolSize, 0...100_000, "servers kept open per pool", also: .databases,

@@ -575,6 +575,22 @@ public struct PoolStateMachine: Sendable {
         return true
     }
 
+    /// A pool's listener connection (`ChannelListener`) is to be opened: it is outside pool_size
+    /// but counts against max_db_connections and max_user_connections, and may close an idle
+    /// server of another pool to make room. False when there is no room.
+    public mutating func listenerOpening(_ key: PoolKey, into actions: inout [PoolAction]) -> Bool {
+        guard pools.contains(key), makeRoom(for: key, into: &actions) else { return false }
+        databaseTotals[key.database, default: 0] += 1
+        userTotals[key.user, default: 0] += 1
+        return true
+    }
+
+    /// A listener connection opened with `listenerOpening` closed (or never opened).
+    public mutating func listenerClosed(_ key: PoolKey) {
+        databaseTotals[key.database, default: 1] -= 1
+        userTotals[key.user, default: 1] -= 1
+    }
+
     /// Opens a server for the pool. It goes on the event loop `wanted` (the loop of the client it
     /// is opened for) unless another loop has fewer of the pool's servers: clients spread evenly
     /// over the loops, and a request that finds a server on its own loop keeps its transaction on

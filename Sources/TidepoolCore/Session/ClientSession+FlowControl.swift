@@ -5,7 +5,7 @@ extension ClientSession {
     /// client whose replies it cannot send.
     ///
     /// - The server is not read while the client is not writable (its socket's queue is past
-    ///   `max_buffered_bytes`).
+    ///   `max_buffered_bytes`), or while a ReadyForQuery waits for the pool's listener.
     /// - The client is not read while it is not writable itself (it is not reading what it asked
     ///   for), while its linked server is not writable, or while more than `bufferLimit` bytes wait
     ///   for something outside the session (a server, an auth_query lookup, the welcome). Bytes
@@ -37,6 +37,7 @@ extension ClientSession {
     /// The client's socket became writable or stopped being writable.
     public mutating func clientWritabilityChanged(_ writable: Bool, into actions: inout Actions) {
         flow.clientWritable = writable
+        if writable, !notificationQueue.isEmpty { writeQueuedNotifications(into: &actions) }
         settleReads(into: &actions)
     }
 
@@ -54,7 +55,7 @@ extension ClientSession {
         let pauseClient =
             state != .closed
             && (!flow.clientWritable || (linked && !flow.serverWritable) || heldBytes > bufferLimit)
-        let pauseServer = linked && !flow.clientWritable
+        let pauseServer = linked && (!flow.clientWritable || readyHold == .held)
         guard pauseClient != flow.clientPaused || pauseServer != flow.serverPaused else { return }
         settleReadsSlow(pauseClient: pauseClient, pauseServer: pauseServer, into: &actions)
     }

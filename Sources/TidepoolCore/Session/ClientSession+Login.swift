@@ -4,6 +4,9 @@ import NIOCore
 public struct Refusal: Error, Equatable, Sendable {
     public var error: PostgresError
     public var reason: String
+    /// The error is for a client that is behind in reading: it is written anyway, and the close
+    /// waits a while for the client to get to it (otherwise a client not reading is closed at once).
+    public var waitsForReader = false
 
     public init(_ error: PostgresError, reason: String) {
         self.error = error
@@ -460,6 +463,7 @@ extension ClientSession {
         serverResetQuery = config.global.serverResetQuery
         serverResetQueryAlways = config.global.serverResetQueryAlways
         refusesSimpleQuery = config.global.disablePqexec
+        notifyQueueSize = config.global.notifyQueueSize
         if config.global.maxPreparedStatements > 0, poolMode != .session { prepared = PreparedStatementTracker() }
         tracksSessionState = poolMode != .session && sessionStateMode != .ignore
         refusesPins = poolMode != .session && sessionStateMode == .refuse

@@ -10,17 +10,24 @@ extension ClientSession {
         guard state == .linked, let server else { return }
         traffic.sent += data.readableBytes
         var buffer = data
+        if readyHold == .held {
+            // Kept behind the held ReadyForQuery (`listenConfirmed`).
+            serverInbound.keep(&buffer)
+            return
+        }
         serverInbound.prepend(to: &buffer)
         serverBuffer = buffer
         var run = ServerBytesRun()
         do {
-            while true {
+            scan: while true {
                 let chunkStart = buffer.readerIndex
                 guard
                     let chunk = try serverScanner.next(
                         from: &buffer,
                         classify: { type in
-                            if type == MessageType.readyForQuery || type == MessageType.parameterStatus {
+                            if type == MessageType.readyForQuery || type == MessageType.parameterStatus
+                                || (type == MessageType.notificationResponse && tracksSessionState)
+                            {
                                 return .inspect
                             }
                             if type == MessageType.errorResponse {
@@ -41,6 +48,10 @@ extension ClientSession {
                 switch chunk {
                 case .forward:
                     if !swallowingUntilReady { run.add(chunkStart, chunkLength, to: &self, into: &actions) }
+                    if !notificationQueue.isEmpty, serverScanner.atMessageBoundary {
+                        run.write(to: &self, into: &actions)
+                        writeQueuedNotifications(into: &actions)
+                    }
                 case .message(let type, let body, _):
                     if type == MessageType.parameterStatus {
                         run.write(to: &self, into: &actions)
@@ -49,6 +60,15 @@ extension ClientSession {
                     }
                     if type == MessageType.errorResponse, swallowingUntilReady {
                         syncError = WireDecode.errorFields(body)
+                        continue
+                    }
+                    if type == MessageType.notificationResponse {
+                        // The pool's listener delivers the client's notifications. One that came
+                        // after the last ReadyForQuery must not keep the server.
+                        if buffer.readableBytes == 0, mayGiveBack {
+                            run.write(to: &self, into: &actions)
+                            unlink(now: now, reusable: true, into: &actions)
+                        }
                         continue
                     }
                     if type != MessageType.readyForQuery {
@@ -82,13 +102,23 @@ extension ClientSession {
                         guard state == .linked else { return }
                         continue
                     }
-                    if prepared != nil, !prepared!.serverMessage(type, status: status, server: &server.statements) {
-                        // The ReadyForQuery of the pooler's own Sync or Query.
-                        run.write(to: &self, into: &actions)
-                        _ = writeMadeUpReplies(now: now, into: &actions)
-                        continue
+                    if readyHold == .resuming {
+                        // Held for the pool's listener, settled already.
+                        readyHold = .none
+                    } else {
+                        if prepared != nil, !prepared!.serverMessage(type, status: status, server: &server.statements) {
+                            // The ReadyForQuery of the pooler's own Sync or Query.
+                            run.write(to: &self, into: &actions)
+                            _ = writeMadeUpReplies(now: now, into: &actions)
+                            continue
+                        }
+                        readyForQuery(status, fromServer: true, into: &actions)
+                        if readyHold == .held {
+                            run.write(to: &self, into: &actions)
+                            buffer.moveReaderIndex(to: chunkStart)
+                            break scan
+                        }
                     }
-                    readyForQuery(status, into: &actions)
                     countReady(status, now: now, into: &actions)
                     if let timeoutClock, tracker.isQuiet {
                         timeoutClock.queryStartedAt = nil
@@ -127,6 +157,7 @@ extension ClientSession {
         }
         run.write(to: &self, into: &actions)
         serverInbound.keep(&buffer)
+        if !notificationQueue.isEmpty { writeQueuedNotifications(into: &actions) }
         if prepared != nil {
             let names = prepared!.takeAccepted()
             if !names.isEmpty {

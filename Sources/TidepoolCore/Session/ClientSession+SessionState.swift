@@ -191,8 +191,9 @@ extension ClientSession {
         }
     }
 
-    /// A ReadyForQuery for one of the client's requests.
-    mutating func readyForQuery(_ status: TransactionStatus, into actions: inout Actions) {
+    /// A ReadyForQuery for one of the client's requests; `fromServer` when the server sent it
+    /// (it may then wait for the pool's listener, `channelsSettled`).
+    mutating func readyForQuery(_ status: TransactionStatus, fromServer: Bool = false, into actions: inout Actions) {
         let before = tracker.status
         tracker.serverReady(status)
         guard let sessionState, sessionState.awaitsReplies else { return }
@@ -207,6 +208,7 @@ extension ClientSession {
                 sessionState.statementsForgotten()
             }
         }
+        if sessionState.channelsChanged { channelsSettled(sessionState, mayHold: fromServer, into: &actions) }
     }
 
     /// Whether the client keeps its server for its session state.

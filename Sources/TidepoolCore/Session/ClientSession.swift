@@ -60,9 +60,9 @@ public struct ClientSession {
         case leaveQueue
         /// Hand in `traffic`, unlink the server and give it back; `reusable` false closes it.
         case releaseServer(reusable: Bool)
-        /// Unlink the server, run `serverResetQuery` (or DISCARD ALL, after state of the client's
-        /// own that cannot be undone otherwise) on it, then give it back.
-        case resetAndReleaseServer(discardAll: Bool)
+        /// Unlink the server, clean it as `ServerReset` says (`serverResetQuery`, DISCARD ALL, or
+        /// UNLISTEN *), then give it back.
+        case resetAndReleaseServer(ServerReset)
         /// Send a CancelRequest for the linked server's backend; with `reportBack`, tell the session
         /// (`cancelFinished`) when it has reached PostgreSQL.
         case cancelServerQuery(reportBack: Bool)
@@ -77,6 +77,9 @@ public struct ClientSession {
         case pinChanged(pinned: Bool)
         /// This many settings of the client's were made on the server it was lent.
         case settingsReplayed(Int)
+        /// The client's channels changed (`listenChanges`): tell the pool's listener. Channels
+        /// added hold the client's ReadyForQuery until `listenConfirmed`.
+        case listenChanged
         /// Add `traffic` to the database's totals and zero it (also done before `releaseServer`).
         case handInTraffic
         /// A wait, query or transaction time for /metrics, when `reportsTimings` (SHOW LATENCY's
@@ -190,6 +193,25 @@ public struct ClientSession {
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
     /// back until they have arrived (one still on its way could hit the next client's query).
     public internal(set) var cancelsInFlight = 0
+    /// A ReadyForQuery that made the client listen on new channels waits, with what the server
+    /// sent after it, until the pool's listener listens on them too: a NOTIFY the client's
+    /// application sends once it has its answer must reach it.
+    var readyHold = ReadyHold.none
+    /// For `listenChanged`; the connection takes them.
+    public var listenChanges = ChannelChanges()
+    /// Notifications that could not be written at once (the client is in the middle of a reply,
+    /// or not reading); past `notifyQueueSize` of them the client is closed.
+    var notificationQueue: [ByteBuffer] = []
+    /// notify_queue_size.
+    public var notifyQueueSize = 4096
+
+    enum ReadyHold: UInt8 {
+        case none
+        case held
+        /// Confirmed: the held ReadyForQuery, settled already, is passed on.
+        case resuming
+    }
+
     /// The server the client holds, while linked.
     public internal(set) var server: ServerSessionState?
     /// Client bytes kept for later: before login ends, or while prepared statements are tracked
@@ -295,7 +317,8 @@ public struct ClientSession {
     /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
     /// no cancel under way. The one rule for handing a server to another client.
     public var serverIsClean: Bool {
-        tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && (prepared?.isQuiet ?? true)
+        tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && readyHold == .none
+            && (prepared?.isQuiet ?? true)
     }
 
     /// The connection carried out every action: the bytes they referred to are let go.
@@ -315,10 +338,9 @@ public struct ClientSession {
     // MARK: Moving between states
 
     mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout Actions) {
-        if reusable, let sessionState, sessionState.serverNeedsReset {
-            // It held state of this client's that cannot be undone statement by statement.
-            sessionState.serverWasReset()
-            actions.append(.resetAndReleaseServer(discardAll: true))
+        if reusable, let sessionState, let reset = sessionState.resetForRelease() {
+            // It holds state of this client's that no other client may see.
+            actions.append(.resetAndReleaseServer(reset))
         } else {
             actions.append(.releaseServer(reusable: reusable))
         }
@@ -344,10 +366,10 @@ public struct ClientSession {
         serverResetQueryAlways = resetAlways
         if state == .linked {
             let clean = serverIsClean
-            if clean, let sessionState, sessionState.serverNeedsReset {
-                actions.append(.resetAndReleaseServer(discardAll: true))
+            if clean, let sessionState, let reset = sessionState.resetForRelease() {
+                actions.append(.resetAndReleaseServer(reset))
             } else if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {
-                actions.append(.resetAndReleaseServer(discardAll: false))
+                actions.append(.resetAndReleaseServer(.resetQuery))
             } else {
                 actions.append(.releaseServer(reusable: clean))
             }

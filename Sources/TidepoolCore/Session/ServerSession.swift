@@ -41,7 +41,13 @@ public struct ServerSession: Sendable {
         case close
         case logWarning(String)
         case logInfo(String)
+        /// A message for the pool's listener (`listens`).
+        case forListener(type: UInt8, body: ByteBuffer)
     }
+
+    /// The connection is a pool's listener (`ChannelListener`): once ready, what it reads goes to
+    /// the listener, not to a client.
+    public var listens = false
 
     public private(set) var phase = Phase.connecting
     var login: ServerLoginStateMachine?
@@ -84,6 +90,13 @@ public struct ServerSession: Sendable {
         case .internalQuery(let purpose):
             return internalQueryMessage(type: type, body: body, purpose: purpose)
         case .ready:
+            if listens {
+                if type == MessageType.errorResponse, WireDecode.errorFields(body).severity != "ERROR" {
+                    phase = .closed
+                    return [.logInfo("listener server is going"), .disarmTimeout, .lost, .close]
+                }
+                return [.forListener(type: type, body: body)]
+            }
             // Idle in the pool: only a ParameterStatus or a FATAL error may come.
             if type == MessageType.parameterStatus, let (name, value) = WireDecode.parameterStatus(body) {
                 state.parameters[name] = value

@@ -26,6 +26,13 @@ public final class SessionState {
     public internal(set) var serverNeedsReset = false
     /// DISCARD ALL ran: the server no longer has the pooler's prepared statements.
     public internal(set) var statementsDiscarded = false
+    /// The channels the client listens on (committed LISTENs): the pool's listener connection
+    /// serves them.
+    public internal(set) var channels: Set<String> = []
+    /// The channels the pool's listener was last told about (`takeChannelChanges`).
+    var reportedChannels: Set<String> = []
+    /// The linked server ran a LISTEN of the client's: it runs UNLISTEN * before it goes back.
+    public internal(set) var serverListens = false
 
     /// Effects of the open transaction block, applied at its commit.
     var open: [Entry] = []
@@ -243,6 +250,7 @@ public final class SessionState {
             settings.removeAll()
             server.removeAll()
             statementsDiscarded = true
+            channels.removeAll()
             let loaded = pins[.load]
             pins.removeAll()
             pins[.load] = loaded
@@ -252,6 +260,13 @@ public final class SessionState {
             pins[reason] = keys.isEmpty ? nil : keys
         case .unpinAll(let reason):
             pins[reason] = nil
+        case .listen(let channel):
+            channels.insert(channel)
+            serverListens = true
+        case .unlisten(let channel):
+            channels.remove(channel)
+        case .unlistenAll:
+            channels.removeAll()
         default:
             break
         }
@@ -277,9 +292,58 @@ public final class SessionState {
     func serverWasReset() {
         serverNeedsReset = false
         statementsDiscarded = false
+        serverListens = false
+    }
+
+    /// How the server the client leaves is cleaned of its state, if it must be.
+    func resetForRelease() -> ServerReset? {
+        if serverNeedsReset {
+            serverWasReset()
+            return .discardAll
+        }
+        if serverListens {
+            serverListens = false
+            return .unlisten
+        }
+        return nil
     }
 
     func statementsForgotten() { statementsDiscarded = false }
+
+    /// Whether the channels changed since the pool's listener was last told.
+    var channelsChanged: Bool { channels != reportedChannels }
+
+    /// The channels to subscribe and to unsubscribe since the pool's listener was last told.
+    func takeChannelChanges() -> ChannelChanges {
+        let changes = ChannelChanges(
+            added: channels.subtracting(reportedChannels).sorted(),
+            removed: reportedChannels.subtracting(channels).sorted())
+        reportedChannels = channels
+        return changes
+    }
+}
+
+/// Channels a client started or stopped listening on.
+public struct ChannelChanges: Equatable, Sendable {
+    public var added: [String] = []
+    public var removed: [String] = []
+
+    public init(added: [String] = [], removed: [String] = []) {
+        self.added = added
+        self.removed = removed
+    }
+
+    public var isEmpty: Bool { added.isEmpty && removed.isEmpty }
+}
+
+/// How a server is cleaned before it goes back to the pool.
+public enum ServerReset: UInt8, Sendable {
+    /// server_reset_query.
+    case resetQuery
+    /// DISCARD ALL: the client left state that cannot be undone otherwise.
+    case discardAll
+    /// UNLISTEN *: the client's LISTENs ran there.
+    case unlisten
 }
 
 extension SessionEffect {

@@ -3,7 +3,6 @@ public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
     case advisoryLock
     case tempTable
     case holdCursor
-    case listen
     case preparedStatement
     case load
     case setConfig
@@ -18,7 +17,6 @@ public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
         case .advisoryLock: "a session advisory lock"
         case .tempTable: "CREATE TEMP TABLE"
         case .holdCursor: "DECLARE ... WITH HOLD"
-        case .listen: "LISTEN"
         case .preparedStatement: "PREPARE"
         case .load: "LOAD"
         case .setConfig: "set_config with arguments that are not literals"
@@ -32,7 +30,6 @@ public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
         case .advisoryLock: "advisory_lock"
         case .tempTable: "temp_table"
         case .holdCursor: "hold_cursor"
-        case .listen: "listen"
         case .preparedStatement: "prepare"
         case .load: "load"
         case .setConfig: "set_config"
@@ -63,8 +60,12 @@ public enum SessionEffect: Equatable, Sendable {
     /// a cursor or channel name; "" when only the end of the session removes it).
     case pin(PinReason, key: String)
     case unpin(PinReason, key: String)
-    /// Every key of that reason goes (pg_advisory_unlock_all, DISCARD TEMP, CLOSE ALL, UNLISTEN *).
+    /// Every key of that reason goes (pg_advisory_unlock_all, DISCARD TEMP, CLOSE ALL).
     case unpinAll(PinReason)
+    /// LISTEN and UNLISTEN: the pooler's listener connection serves the client's channels.
+    case listen(channel: String)
+    case unlisten(channel: String)
+    case unlistenAll
 
     var isTransactionControl: Bool {
         switch self {
@@ -182,12 +183,11 @@ public enum SessionStatements {
                     ? .unpinAll(.holdCursor) : .unpin(.holdCursor, key: lexer.identifier(name)))
             lexer.skipStatement()
         case .listen:
-            effects.append(.pin(.listen, key: lexer.identifier(lexer.next())))
+            effects.append(.listen(channel: channelName(lexer.identifier(lexer.next()))))
             lexer.skipStatement()
         case .unlisten:
             let name = lexer.next()
-            effects.append(
-                name.isSymbol("*") ? .unpinAll(.listen) : .unpin(.listen, key: lexer.identifier(name)))
+            effects.append(name.isSymbol("*") ? .unlistenAll : .unlisten(channel: channelName(lexer.identifier(name))))
             lexer.skipStatement()
         case .prepare:
             let name = lexer.next()
@@ -676,5 +676,23 @@ public enum SessionStatements {
                 ? String(part)
                 : "\"" + part.split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\"\"") + "\""
         }.joined(separator: ".")
+    }
+}
+
+extension SessionStatements {
+    /// A channel name as PostgreSQL keeps it: identifiers are cut to NAMEDATALEN - 1 bytes (63),
+    /// at a character boundary.
+    static func channelName(_ name: String) -> String {
+        var utf8 = Array(name.utf8)
+        guard utf8.count > 63 else { return name }
+        var end = 63
+        while end > 0, utf8[end] & 0xC0 == 0x80 { end -= 1 }
+        utf8.removeSubrange(end...)
+        return String(decoding: utf8, as: UTF8.self)
+    }
+
+    /// A channel name quoted for LISTEN and UNLISTEN.
+    public static func quotedChannel(_ name: String) -> String {
+        "\"" + name.split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\"\"") + "\""
     }
 }

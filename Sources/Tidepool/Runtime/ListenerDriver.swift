@@ -1,0 +1,202 @@
+import Logging
+import NIOCore
+import TidepoolCore
+
+/// Carries out one pool's `ChannelListener`: opens and closes its server connection, sends its
+/// LISTEN and UNLISTEN statements, and hands each notification to the clients listening on its
+/// channel. Everything runs on one event loop (the listener connection's), so the machine needs
+/// no lock: clients' events hop there, and deliveries hop to each client's loop.
+final class ListenerDriver: PoolDriving, @unchecked Sendable {
+    let key: PoolKey
+    let loop: EventLoop
+    let loopIndex: Int
+    unowned(unsafe) let pooler: Pooler
+    var machine = ChannelListener()
+    /// The connection the machine speaks of; callbacks of an older one are ignored.
+    var connection: ServerConnection?
+    /// `connection` counts against max_db_connections / max_user_connections.
+    var holdsSlot = false
+    /// The error of the statements in flight, if they failed.
+    var commandError: String?
+    var timer: Scheduled<Void>?
+    var nextID: UInt64 = 0
+
+    init(key: PoolKey, pooler: Pooler, loopIndex: Int) {
+        self.key = key
+        self.pooler = pooler
+        self.loopIndex = loopIndex
+        self.loop = pooler.loops[loopIndex]
+    }
+
+    // MARK: From clients (any loop)
+
+    func subscribe(_ client: ClientID, channels: [String]) {
+        event { $0.subscribe(client, channels: channels, now: .now()) }
+    }
+
+    func unsubscribe(_ client: ClientID, channels: [String]) {
+        event { $0.unsubscribe(client, channels: channels, now: .now()) }
+    }
+
+    func clientGone(_ client: ClientID) {
+        event { $0.clientGone(client, now: .now()) }
+    }
+
+    /// Channels and their clients, for SHOW LISTENS.
+    func channels() -> EventLoopFuture<[(channel: String, clients: Int)]> {
+        loop.submit { self.machine.channelCounts }
+    }
+
+    private func event(_ body: @escaping @Sendable (inout ChannelListener) -> [ChannelListener.Action]) {
+        if loop.inEventLoop {
+            carryOut(body(&machine))
+        } else {
+            loop.execute { self.carryOut(body(&self.machine)) }
+        }
+    }
+
+    // MARK: The machine's actions (on `loop`)
+
+    private func carryOut(_ actions: [ChannelListener.Action]) {
+        for action in actions {
+            switch action {
+            case .connect:
+                open()
+            case .send(let sql):
+                commandError = nil
+                connection?.sendQuery(sql)
+            case .confirm(let clients):
+                pooler.listenConfirmed(clients)
+            case .close:
+                if let connection {
+                    self.connection = nil
+                    connection.terminate()
+                    releaseSlot()
+                }
+            case .armTimer(let at):
+                timer?.cancel()
+                timer = loop.scheduleTask(deadline: at) { [self] in carryOut(machine.timerFired(now: .now())) }
+            case .warn(let text):
+                pooler.logger.warning("listener of \(key): \(text)")
+            }
+        }
+    }
+
+    private func open() {
+        var granted = false
+        let key = self.key
+        pooler.withPoolBuffer { pools, actions in granted = pools.listenerOpening(key, into: &actions) }
+        guard granted else {
+            carryOut(
+                machine.connectFailed(
+                    "max_db_connections or max_user_connections reached", now: .now()))
+            return
+        }
+        holdsSlot = true
+        nextID += 1
+        let id = ServerID((1 << 62) | (UInt64(truncatingIfNeeded: key.hashValue) & 0xFFFF_FFFF) << 16 | nextID)
+        connection = pooler.openServer(id, pool: key, loop: loopIndex, driver: self, listens: true)
+    }
+
+    private func releaseSlot() {
+        guard holdsSlot else { return }
+        holdsSlot = false
+        let key = self.key
+        pooler.shared.withLockedValue { $0.pools.listenerClosed(key) }
+    }
+
+    // MARK: The connection (on `loop`)
+
+    func requestServer(for client: ClientConnection) {}
+    func clientGaveUp(_ id: ClientID) {}
+    func release(_ server: ServerConnection, reusable: Bool) {}
+    func checkFinished(_ server: ServerConnection, ok: Bool) {}
+
+    func serverLoggedIn(_ server: ServerConnection) {
+        onLoop {
+            guard server === self.connection else { return }
+            self.carryOut(self.machine.connected(now: .now()))
+        }
+    }
+
+    func serverConnectFailed(_ server: ServerConnection, error: PostgresError) {
+        onLoop {
+            guard server === self.connection else { return }
+            self.connection = nil
+            self.releaseSlot()
+            self.carryOut(self.machine.connectFailed(error.message, now: .now()))
+        }
+    }
+
+    func serverClosed(_ server: ServerConnection) {
+        onLoop {
+            guard server === self.connection else { return }
+            self.connection = nil
+            self.releaseSlot()
+            if case .ready = self.machine.phase {
+                self.pooler.metrics.count("tidepool_listener_reconnects_total", self.labels)
+            }
+            self.carryOut(self.machine.lost(now: .now()))
+        }
+    }
+
+    func listenerMessage(_ server: ServerConnection, type: UInt8, body: ByteBuffer) {
+        guard server === connection else { return }
+        switch type {
+        case MessageType.notificationResponse:
+            deliver(body)
+        case MessageType.errorResponse:
+            commandError = WireDecode.errorFields(body).message
+        case MessageType.readyForQuery:
+            let error = commandError
+            commandError = nil
+            carryOut(machine.commandFinished(error: error, now: .now()))
+        default:
+            break
+        }
+    }
+
+    var labels: [(String, String)] { [("database", key.database), ("user", key.user)] }
+
+    /// Hands a NotificationResponse to every client listening on its channel.
+    private func deliver(_ body: ByteBuffer) {
+        var reader = body
+        guard reader.readInteger(as: Int32.self) != nil, let channel = reader.readNullTerminatedString() else { return }
+        let recipients = machine.recipients(of: channel)
+        guard !recipients.isEmpty else { return }
+        var message = ByteBufferAllocator().buffer(capacity: body.readableBytes + 5)
+        message.writeInteger(MessageType.notificationResponse)
+        message.writeInteger(Int32(body.readableBytes + 4))
+        var copy = body
+        message.writeBuffer(&copy)
+        let clients = pooler.shared.withLockedValue { s in recipients.compactMap { s.clients[$0] } }
+        for client in clients {
+            client.eventLoop.execute { client.notification(message, channel: channel) }
+        }
+        pooler.metrics.count("tidepool_notifications_delivered_total", labels, by: clients.count)
+    }
+
+    private func onLoop(_ body: @escaping @Sendable () -> Void) {
+        if loop.inEventLoop { body() } else { loop.execute(body) }
+    }
+}
+
+extension Pooler {
+    /// The pool's listener, made on `loop` if it is the first.
+    func listener(for key: PoolKey, loop: Int) -> ListenerDriver {
+        shared.withLockedValue { s in
+            if let listener = s.listeners[key] { return listener }
+            let made = ListenerDriver(key: key, pooler: self, loopIndex: loop)
+            s.listeners[key] = made
+            return made
+        }
+    }
+
+    /// The listener listens on these clients' new channels: their held ReadyForQuery may go.
+    func listenConfirmed(_ ids: [ClientID]) {
+        let clients = shared.withLockedValue { s in ids.compactMap { s.clients[$0] } }
+        for client in clients {
+            client.eventLoop.execute { client.listenConfirmed() }
+        }
+    }
+}
