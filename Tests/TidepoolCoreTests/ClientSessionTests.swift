@@ -114,6 +114,7 @@ final class SessionDriver {
 
     func clientRaw(_ bytes: ByteBuffer) {
         var buffer = bytes
+        session.clientRead(buffer)
         session.inbound.prepend(to: &buffer)
         do {
             try session.clientBytes(&buffer, now: now, isKnownStatement: { _ in false }, into: &actions)
@@ -125,10 +126,11 @@ final class SessionDriver {
         carryOut()
     }
 
-    func lend() {
+    /// Lends the client `server`, or another server (`other`).
+    func lend(_ other: ServerSessionState? = nil) {
         #expect(
             session.lent(
-                server, now: now, isKnownStatement: { _ in false }, into: &actions) == .linked)
+                other ?? server, now: now, isKnownStatement: { _ in false }, into: &actions) == .linked)
         carryOut()
     }
 
@@ -488,7 +490,7 @@ final class SessionDriver {
         let d = D()
         d.client(D.query("select 1"))
         d.lend()
-        d.session.serverLost(into: &d.actions)
+        d.session.serverLost(now: d.now, into: &d.actions)
         d.carryOut()
         #expect(d.closedWith?.code == SQLState.protocolViolation)
         #expect(d.closedWith?.message == "server conn crashed?")

@@ -341,3 +341,48 @@ def test_terminated_servers_fail_only_the_clients_inside_a_transaction(tidepool,
     assert in_transaction_errors == 20
     assert not autocommit_errors, autocommit_errors[:3]
     assert len(served) > 100
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_server_postgresql_ends_as_it_is_lent_is_replaced_not_the_clients_end(tidepool, pg, prepared):
+    """PostgreSQL ends idle servers of the pool (idle_session_timeout here, pg_terminate_backend
+    below) at the moment clients are lent them: nothing of the client's ran there, so the client
+    gets another server instead of losing its connection."""
+    t = tidepool(
+        databases=f"postgres = host=127.0.0.1 port={pg.port} connect_query='SET idle_session_timeout = 120'",
+        settings="default_pool_size = 2\nmax_client_conn = 50\n")
+    kw = {"prepare_threshold": 0} if prepared else {}
+    errors = []
+    served = []
+
+    def client(seed):
+        rng = random.Random(seed)
+        with t.connect(**kw) as c:
+            for i in range(40):
+                time.sleep(rng.uniform(0.10, 0.14))
+                try:
+                    assert c.execute("SELECT %s::int", (i,)).fetchone()[0] == i
+                    served.append(1)
+                except psycopg.Error as e:
+                    errors.append(repr(e))
+                    return
+
+    workers = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert not errors, errors[:3]
+    assert len(served) == 120
+    assert "idle server is going" in t.log() or "terminating connection due to idle-session timeout" in t.log()
+
+    # pg_terminate_backend of the pool's idle server, then at once a query: whether the pooler
+    # has read the server's farewell yet or not, the query gets a server that works.
+    with t.connect(**kw) as c, pg.connect() as admin:
+        for i in range(25):
+            c.execute("SELECT %s::int", (i,))
+            pids = [r[0] for r in admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = 'postgres' AND backend_type = 'client backend' "
+                "AND pid <> pg_backend_pid() AND application_name <> 'psql'").fetchall()]
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (pids,))
+            assert c.execute("SELECT %s::int", (i,)).fetchone()[0] == i

@@ -626,10 +626,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     /// The linked server closed or failed.
-    func serverLost(_ lost: ServerConnection) {
+    func serverLost(_ lost: ServerConnection, unused: Bool) {
         guard lost === server else { return }
         server = nil
-        session.serverLost(into: &actions)
+        session.serverLost(unused: unused, now: .now(), into: &actions)
         run()
     }
 

@@ -61,6 +61,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// (queued from another loop behind a newer lend) changes nothing.
     var leasesIssued: UInt64 = 0
     var leases = LeaseTracker()
+    /// Bytes of the linked client were written since it was attached: if the server is lost
+    /// before, the client's requests did not reach it (`ClientSession.serverLost`).
+    var wroteThisLease = false
     /// server_connect_timeout for the login or a query of the pooler's own.
     var timeout: Scheduled<Void>?
     let database: DatabaseEntry?
@@ -150,7 +153,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             case .lost:
                 if let owner {
                     self.owner = nil
-                    owner.onLoop { owner.serverLost(self) }
+                    let unused = !wroteThisLease
+                    owner.onLoop { owner.serverLost(self, unused: unused) }
                 }
                 pools.serverClosed(self)
             case .close: channel?.close(promise: nil)
@@ -287,9 +291,10 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     private func attachOnLoop(_ client: ClientConnection, lease: UInt64) {
         if case .closed = phase {
             // It died between being lent and being linked: nobody else will tell the client.
-            client.onLoop { client.serverLost(self) }
+            client.onLoop { client.serverLost(self, unused: true) }
         } else if leases.attach(lease) {
             owner = client
+            wroteThisLease = false
         }
     }
 
@@ -332,6 +337,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     private func write(_ buffers: [ByteBuffer]) {
         if let context {
             for b in buffers { context.write(NIOAny(b), promise: nil) }
+            if !wroteThisLease { wroteThisLease = true }
             pooler.loopFlushers[loopIndex].add(self)
         } else if let channel {
             for b in buffers { channel.write(b, promise: nil) }

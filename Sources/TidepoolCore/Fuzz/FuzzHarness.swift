@@ -86,6 +86,8 @@ public enum FuzzHarness {
         session.loggedIn(now: now, into: &actions)
         let server = ServerSessionState(maxPreparedStatements: 4)
         var cancels = 0
+        session.notifyQueueSize = 8
+        var awaitsListener = false
         while session.state != .closed, let kind = buffer.readInteger(as: UInt8.self),
             let length = buffer.readInteger(as: UInt8.self),
             var bytes = buffer.readSlice(length: min(Int(length), buffer.readableBytes))
@@ -98,6 +100,20 @@ public enum FuzzHarness {
                 } else {
                     session.serverWritabilityChanged(length & 2 != 0, into: &actions)
                 }
+            }
+            if kind & 0x40 != 0, awaitsListener {
+                // The pool's listener listens on the client's new channels.
+                awaitsListener = false
+                session.listenConfirmed(now: now, into: &actions)
+            }
+            if kind & 0x20 != 0, let channel = session.sessionState?.channels.first {
+                var message = ByteBuffer()
+                message.writeInteger(MessageType.notificationResponse)
+                message.writeInteger(Int32(4 + 4 + channel.utf8.count + 2))
+                message.writeInteger(Int32(1))
+                message.writeNullTerminatedString(channel)
+                message.writeInteger(UInt8(0))
+                session.notification(message, channel: channel, into: &actions)
             }
             switch kind % 8 {
             case 0:
@@ -125,7 +141,7 @@ public enum FuzzHarness {
             case 5:
                 session.tick(now: now + .milliseconds(Int64(length)), into: &actions)
             case 6:
-                session.serverLost(into: &actions)
+                session.serverLost(unused: length & 1 == 0, now: now, into: &actions)
             default:
                 session.finish(serverResetQuery: "DISCARD ALL", resetAlways: false, into: &actions)
             }
@@ -134,6 +150,9 @@ public enum FuzzHarness {
                 case .sendToServer: session.toServer.removeAll()
                 case .cancelServerQuery(let reportBack): if reportBack { cancels += 1 }
                 case .handInTraffic: _ = session.takeTraffic()
+                case .listenChanged:
+                    if !session.listenChanges.added.isEmpty { awaitsListener = true }
+                    session.listenChanges = ChannelChanges()
                 default: break
                 }
             }
@@ -149,6 +168,8 @@ public enum FuzzHarness {
             precondition(!session.flow.serverPaused || session.state == .linked, "an unlinked server left paused")
             // Reads stop in time: what waits is bounded by the limit and one read.
             precondition(session.heldBytes <= session.bufferLimit + 255, "held bytes past the limit")
+            precondition(session.notificationQueue.count <= session.notifyQueueSize, "notification queue unbounded")
+            precondition(session.readyHold != .held || awaitsListener, "a ReadyForQuery held with nothing to wait for")
         }
     }
 

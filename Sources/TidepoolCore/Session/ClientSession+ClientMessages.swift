@@ -75,6 +75,7 @@ extension ClientSession {
     /// Counts a read for SHOW STATS and keeps its first bytes for log_slow_query_ms.
     public mutating func clientRead(_ buffer: ByteBuffer) {
         traffic.received += buffer.readableBytes
+        if leaseUnanswered { keepForReplay(buffer) }
         if queryStart == nil, slowQueryThreshold > 0 {
             slowQueryRequest = buffer.getSlice(at: buffer.readerIndex, length: min(buffer.readableBytes, 160))
         }

@@ -19,6 +19,7 @@ extension ClientSession {
     ) -> Lend {
         if state == .awaitingWelcome { return .parametersOnly }
         guard state == .waiting else { return .unwanted }
+        beginLease()
         state = .linked
         self.server = server
         traffic.serverAssignments += 1

@@ -16,6 +16,15 @@ extension ClientSession {
             return
         }
         serverInbound.prepend(to: &buffer)
+        if leaseUnanswered, !swallowingUntilReady {
+            // The first answer to the client's bytes on this server (`ClientSession+Replay`).
+            if Self.isGoingAway(buffer) {
+                // Not the client's: its connection is not over (`serverLost`).
+                leaseStart!.goneBeforeAnswer = true
+                return
+            }
+            leaseAnswered()
+        }
         serverBuffer = buffer
         var run = ServerBytesRun()
         do {
@@ -26,7 +35,7 @@ extension ClientSession {
                         from: &buffer,
                         classify: { type in
                             if type == MessageType.readyForQuery || type == MessageType.parameterStatus
-                                || (type == MessageType.notificationResponse && tracksSessionState)
+                                || type == MessageType.notificationResponse
                             {
                                 return .inspect
                             }
@@ -63,6 +72,10 @@ extension ClientSession {
                         continue
                     }
                     if type == MessageType.notificationResponse {
+                        guard tracksSessionState else {
+                            run.add(chunkStart, chunkLength, to: &self, into: &actions)
+                            continue
+                        }
                         // The pool's listener delivers the client's notifications. One that came
                         // after the last ReadyForQuery must not keep the server.
                         if buffer.readableBytes == 0, mayGiveBack {
@@ -185,11 +198,14 @@ extension ClientSession {
         }
     }
 
-    /// The linked server closed or failed: the client cannot go on without knowing what it ran.
+    /// The linked server closed or failed (`unused`: before any of the client's bytes were written
+    /// to it). Unless nothing of the client's ran there (`ClientSession+Replay`), the client
+    /// cannot go on without knowing what it ran.
     /// PgBouncer's words and SQLSTATE, which applications match to retry (libpq's own "server
     /// closed the connection unexpectedly" would hide whether the pooler said anything).
-    public mutating func serverLost(into actions: inout Actions) {
+    public mutating func serverLost(unused: Bool = false, now: NIODeadline, into actions: inout Actions) {
         guard state == .linked else { return }
+        if requeueAfterLoss(unused: unused, now: now, into: &actions) { return }
         server = nil
         state = .idle
         close(

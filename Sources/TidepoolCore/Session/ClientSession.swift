@@ -212,6 +212,11 @@ public struct ClientSession {
         case resuming
     }
 
+    /// What the current lend started from, until the server answers (`ClientSession+Replay`).
+    var leaseStart: LeaseStart?
+    /// `leaseStart` holds the current lend's start: the server has not answered yet.
+    var leaseUnanswered = false
+
     /// The server the client holds, while linked.
     public internal(set) var server: ServerSessionState?
     /// Client bytes kept for later: before login ends, or while prepared statements are tracked

@@ -132,6 +132,31 @@ public struct PreparedStatementTracker: Sendable {
 
     public init() {}
 
+    /// What a lend starts from (`ClientSession.LeaseStart`): the client's statements and counters.
+    /// Nothing is outstanding then, so the queue is not part of it.
+    struct Snapshot {
+        var statements: [String: Statement]
+        var lastStatus: TransactionStatus
+        var counts: (clientParses: Int, serverParses: Int, binds: Int)
+    }
+
+    func snapshot() -> Snapshot {
+        Snapshot(
+            statements: statements, lastStatus: lastStatus,
+            counts: (clientParseCount, serverParseCount, bindCount))
+    }
+
+    /// Back to `snapshot`: the server the client's messages were rewritten for is gone.
+    mutating func restore(_ snapshot: Snapshot) {
+        statements = snapshot.statements
+        lastStatus = snapshot.lastStatus
+        (clientParseCount, serverParseCount, bindCount) = snapshot.counts
+        queue.removeAll()
+        specials = 0
+        dueReplies.removeAll()
+        accepted.removeAll()
+    }
+
     /// No answer is outstanding and nothing is due.
     public var isQuiet: Bool { queue.isEmpty && dueReplies.isEmpty }
     public var hasDueReplies: Bool { !dueReplies.isEmpty }

@@ -119,6 +119,22 @@ public final class SessionState {
         errorSeen = false
     }
 
+    /// The requests in flight, to go back to (`ClientSession.LeaseStart`).
+    struct Mark {
+        var batches: Int
+        var collecting: [SessionEffect]
+        var errorSeen: Bool
+    }
+
+    var mark: Mark { Mark(batches: batches.count, collecting: collecting, errorSeen: errorSeen) }
+
+    /// What was sent since `mark` did not run: it will be read again when it is sent again.
+    func restore(_ mark: Mark) {
+        if batches.count > mark.batches { batches.removeLast(batches.count - mark.batches) }
+        collecting = mark.collecting
+        errorSeen = mark.errorSeen
+    }
+
     /// The client left the queue or its link before answers came: what it sent did not run.
     func requestsDropped() {
         batches.removeAll()

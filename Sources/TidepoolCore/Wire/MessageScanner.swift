@@ -36,7 +36,7 @@ public struct MessageScanner: Sendable {
     /// unread bytes then stay in `buffer`. `classify` is called with each message's type byte when its
     /// header is read: exactly once for a message it forwards (so it may count them), possibly more
     /// than once for a message it inspects.
-    @inlinable
+    @inlinable @inline(__always)
     public mutating func next(
         from buffer: inout ByteBuffer, classify: (UInt8) -> MessageDisposition
     ) throws(WireError) -> Chunk? {
@@ -45,7 +45,9 @@ public struct MessageScanner: Sendable {
 
     /// As `next(from:classify:)`, but `peek` also gets the buffer and the index where the message's
     /// body starts, to look at its first bytes (which may not have arrived: check `writerIndex`).
-    @inlinable
+    /// Always inlined, so that the hot paths' classify closures are inlined into it: whether the
+    /// optimizer did so by itself changed with the size of the callers.
+    @inlinable @inline(__always)
     public mutating func next(
         from buffer: inout ByteBuffer, peek classify: (UInt8, ByteBuffer, Int) -> MessageDisposition
     ) throws(WireError) -> Chunk? {
