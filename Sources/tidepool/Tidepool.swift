@@ -97,7 +97,9 @@ struct TidepoolCommand: ParsableCommand {
             pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) },
             reload: { try? pooler.reload() })
         let limit = config.global.shutdownTimeout
-        switch signals.waitForFirst() {
+        let verdict = signals.waitForFirst()
+        pooler.beginDraining()
+        switch verdict {
         case .waitForClients:
             // Graceful: no new clients; the connected ones finish and leave.
             logger.info("SIGTERM: waiting for \(pooler.connectedClients) client(s) to disconnect")

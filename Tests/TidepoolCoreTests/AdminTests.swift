@@ -345,3 +345,29 @@ import Testing
         #expect(late.received(.quit) == .now)
     }
 }
+
+@Suite struct AdminRulesTests {
+    @Test func resumeIsRefusedInPgBouncersWords() {
+        func refusal(_ database: String?, paused: Bool = false, suspended: Bool = false, down: Bool = false) -> String?
+        {
+            AdminRules.resumeRefusal(database: database, paused: paused, suspended: suspended, shuttingDown: down)?
+                .message
+        }
+        #expect(refusal(nil) == "pooler is not paused/suspended")
+        #expect(refusal(nil, paused: true) == nil)
+        #expect(refusal(nil, suspended: true) == nil)
+        #expect(refusal("app") == "database app is not paused")
+        #expect(refusal("app", paused: true) == nil)
+        #expect(refusal(nil, paused: true, down: true) == "pooler is shutting down")
+        #expect(
+            AdminRules.resumeRefusal(database: nil, paused: false, suspended: false, shuttingDown: false)?.code
+                == "55000")
+    }
+}
+
+@Suite struct ShowListsTests {
+    @Test func usersAreEveryUserThePoolerKnowsOnce() {
+        #expect(AdminViews.knownUsers(configured: ["a", "b"], authFile: ["b", "c"], pools: ["c", "d", "d"]) == 4)
+        #expect(AdminViews.knownUsers(configured: [String](), authFile: [String](), pools: [String]()) == 0)
+    }
+}

@@ -206,6 +206,19 @@ final class SessionDriver {
         #expect(d.traffic.transactions == 1 && d.traffic.queries == 1 && d.traffic.serverAssignments == 1)
     }
 
+    /// SHOW CLIENTS' state names follow the session: idle, waiting, active, idle again.
+    @Test func stateNamesAreShowClientsOnes() {
+        let d = D()
+        #expect(d.session.stateName == "idle")
+        d.client(D.query("select 1"))
+        #expect(d.session.stateName == "waiting")
+        d.lend()
+        #expect(d.session.stateName == "active")
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.session.stateName == "idle")
+        #expect(ClientSession(maxMessageLength: 100).stateName == "login")
+    }
+
     /// ReadyForQuery 'T' keeps the server (a transaction is open); 'I' later gives it back.
     @Test func serverStaysForAnOpenTransaction() {
         let d = D()

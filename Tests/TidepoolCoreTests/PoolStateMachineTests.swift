@@ -172,7 +172,29 @@ extension [PoolAction] {
             pool.clientWantsServer(c(4), pool: poolA, loop: 0, now: clock.now) == [.lend(probe.connects[0], to: c(4))])
     }
 
+    /// A pooler started before its database: the first clients wait and are served once it is up.
+    @Test func aDatabaseDownFromTheStartIsWaitedFor() {
+        let first = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        #expect(pool.serverConnectFailed(first, error: dbError, now: clock.now).isEmpty)
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now).isEmpty)
+        #expect(pool.isWaiting(c(1)) && pool.isWaiting(c(2)))
+        clock.advance(.milliseconds(250))
+        let retry = pool.timerFired(now: clock.now).connects
+        #expect(retry.count == 1)
+        // Up now: the first is served, and a server is opened for the second.
+        let up = pool.serverConnected(retry[0], now: clock.now)
+        #expect(up.lends.map(\.1) == [c(1)])
+        #expect(up.connects.count == 1)
+        // A refused login is another matter: the waiters learn it at once.
+        #expect(pool.serverConnectFailed(up.connects[0], error: loginError, now: clock.now).failures.map(\.0) == [c(2)])
+    }
+
+    /// server_connect_fail_fast: while the database has never been reached, clients fail at once,
+    /// and a probe per second (while clients ask) finds when it is back.
     @Test func unreachableDatabaseIsProbedEverySecondWhileClientsAsk() {
+        var settings = PoolSettings(poolSize: 2)
+        settings.connectFailFast = true
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
         let first = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
         #expect(pool.serverConnectFailed(first, error: dbError, now: clock.now).failures.map(\.0) == [c(1)])
         clock.advance(.milliseconds(500))
@@ -197,6 +219,9 @@ extension [PoolAction] {
         // refused login: the pool must serve again within a second of PostgreSQL being back.
         let shuttingDown = PostgresError(
             severity: "FATAL", code: SQLState.cannotConnectNow, message: "the database system is shutting down")
+        var settings = PoolSettings(poolSize: 2)
+        settings.connectFailFast = true
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
         let first = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
         #expect(pool.serverConnectFailed(first, error: shuttingDown, now: clock.now).failures.map(\.0) == [c(1)])
         clock.advance(.milliseconds(400))
@@ -575,8 +600,26 @@ extension [PoolAction] {
 
     @Test func pauseAllAndResumeAll() {
         pool.pause(database: nil)
+        #expect(pool.isPaused(database: nil) && !pool.isPaused(database: "db"))
         #expect(pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).isEmpty)
         #expect(pool.resume(database: nil, now: clock.now).connects.count == 1)
+        #expect(!pool.isPaused(database: nil))
+    }
+
+    /// A pool made while its database, or everything, is paused starts paused; and a database
+    /// paused by name stays paused through a RESUME of everything, as in PgBouncer.
+    @Test func poolsMadeWhilePausedStartPaused() {
+        let other = PoolKey(database: "other", user: "alice")
+        pool.pause(database: nil)
+        _ = pool.configure(other, settings: PoolSettings(poolSize: 2), now: clock.now)
+        #expect(pool.clientWantsServer(c(1), pool: other, loop: 0, now: clock.now).isEmpty)
+        pool.pause(database: "late")
+        let late = PoolKey(database: "late", user: "alice")
+        #expect(pool.resume(database: nil, now: clock.now).connects.count == 1)
+        _ = pool.configure(late, settings: PoolSettings(poolSize: 2), now: clock.now)
+        #expect(pool.clientWantsServer(c(2), pool: late, loop: 0, now: clock.now).isEmpty)
+        #expect(pool.isPaused(database: "late"))
+        #expect(pool.resume(database: "late", now: clock.now).connects.count == 1)
     }
 }
 

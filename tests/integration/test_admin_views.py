@@ -310,3 +310,22 @@ def test_log_stats_and_slow_queries(tidepool):
     assert "stats: instance=logger-test db=postgres" in log
     slow = [line for line in log.splitlines() if "slow query" in line]
     assert len(slow) == 1 and "SELECT pg_sleep(0.2)" in slow[0] and "user=postgres" in slow[0]
+
+
+def test_show_clients_names_states_as_pgbouncer_1_25(tidepool):
+    """idle (logged in, no server; the console's sessions too), active (using a server), waiting."""
+    t = tidepool(settings="default_pool_size = 1\nadmin_users = admin\n")
+    with t.connect(application_name="idler") as idler, t.connect(application_name="busy") as busy, \
+            t.connect(application_name="queued") as queued, admin(t) as a:
+        idler.execute("SELECT 1")
+        busy.execute("BEGIN")
+        queued_thread = threading.Thread(target=lambda: queued.execute("SELECT 1"))
+        queued_thread.start()
+        time.sleep(0.3)
+        states = {r["application_name"]: r["state"] for r in rows(a, "SHOW CLIENTS")}
+        assert states["idler"] == "idle" and states["busy"] == "active" and states["queued"] == "waiting"
+        assert [s for name, s in states.items() if name not in ("idler", "busy", "queued")] == ["idle"]
+        # SHOW LISTS counts the users the pooler knows: here the one with a pool.
+        assert {r["list"]: r["items"] for r in rows(a, "SHOW LISTS")}["users"] == 1
+        busy.execute("COMMIT")
+        queued_thread.join(5)

@@ -216,3 +216,38 @@ def test_console_commands_name_only_configured_databases_and_kill_spares_the_con
         a.execute("RESUME")
     with t.connect() as c:
         assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_resume_is_refused_in_pgbouncers_words_and_a_pause_covers_pools_made_later(tidepool, pg):
+    t = tidepool(settings="admin_users = admin\n")
+    with admin(t) as a:
+        for command, message in [("RESUME", "pooler is not paused/suspended"),
+                                 ("RESUME postgres", "database postgres is not paused")]:
+            with pytest.raises(psycopg.Error, match=message) as info:
+                a.execute(command)
+            assert info.value.sqlstate == "55000"
+        # PAUSE covers a pool that does not exist yet (template1's first client comes after it).
+        a.execute("PAUSE")
+        got = []
+
+        def late_client():
+            with t.connect(dbname="template1") as c:
+                got.append(c.execute("SELECT 'late'").fetchone()[0])
+
+        th = threading.Thread(target=late_client)
+        th.start()
+        time.sleep(0.5)
+        assert got == []
+        a.execute("RESUME")
+        th.join(10)
+        assert got == ["late"]
+        # While a shutdown waits for servers, RESUME would undo its pause: refused.
+        with t.connect() as busy:
+            busy.execute("BEGIN")
+            busy.execute("SELECT 1")
+            t.proc.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            with pytest.raises(psycopg.Error, match="pooler is shutting down"):
+                a.execute("RESUME")
+            busy.execute("COMMIT")
+    t.proc.wait(10)

@@ -353,3 +353,44 @@ def test_host_lists_round_robin_and_disable(tidepool, pg):
     finally:
         for c in conns:
             c.close()
+
+
+def test_a_pooler_started_before_its_database_serves_the_first_clients_once_it_is_up(tidepool):
+    """The first clients of a database that is not up yet wait (up to query_wait_timeout) and
+    are served once it is; with server_connect_fail_fast they fail at once instead."""
+    directory = tempfile.mkdtemp(prefix="tidepool-pg-late-")
+    port = free_port()
+    databases = f"late = host=127.0.0.1 port={port} dbname=postgres"
+    t = tidepool(databases=databases, settings="query_wait_timeout = 60\n")
+    fast = tidepool(databases=databases, settings="server_connect_fail_fast = 1\n")
+    results = []
+
+    def first_client():
+        started = time.time()
+        try:
+            with psycopg.connect(t.dsn(dbname="late"), connect_timeout=60) as c:
+                results.append((c.execute("SELECT 'served'").fetchone()[0], time.time() - started))
+        except psycopg.Error as e:
+            results.append((repr(e), time.time() - started))
+
+    th = threading.Thread(target=first_client)
+    th.start()
+    try:
+        time.sleep(1.0)
+        assert results == [], "waiting, not failed"
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(fast.dsn(dbname="late"), connect_timeout=10)
+        assert time.time() - started < 5, "the circuit breaker fails at once"
+        subprocess.run(["bash", "-c", f". '{LIB}'; start_postgres '{directory}' {port}"], check=True)
+        up = time.time()
+        th.join(60)
+        assert results and results[0][0] == "served", results
+        assert time.time() - up < 5
+        with psycopg.connect(fast.dsn(dbname="late"), connect_timeout=10) as c:
+            # The breaker lets clients through once a probe finds the database up.
+            assert c.execute("SELECT 1").fetchone()[0] == 1
+    finally:
+        th.join(60)
+        subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
+        shutil.rmtree(directory, ignore_errors=True)

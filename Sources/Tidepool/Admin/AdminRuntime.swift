@@ -28,6 +28,12 @@ extension Pooler {
                 return pause(database: database).map { AdminResult(columns: [], rows: [], tag: "PAUSE") }
             case .resume(let database):
                 try requireDatabase(database)
+                let refusal = shared.withLockedValue { s in
+                    AdminRules.resumeRefusal(
+                        database: database, paused: s.pools.isPaused(database: database), suspended: s.suspended,
+                        shuttingDown: s.draining)
+                }
+                if let refusal { throw refusal }
                 resume(database: database)
                 return done("RESUME", on: loop)
             case .suspend:
@@ -143,7 +149,10 @@ extension Pooler {
         case "LISTS":
             return loop.makeSucceededFuture(
                 AdminViews.lists(
-                    databases: config.databases.count, users: config.users.count, pools: snapshots.count,
+                    databases: config.databases.count,
+                    users: AdminViews.knownUsers(
+                        configured: config.users.keys, authFile: userlist.keys, pools: snapshots.map(\.key.user)),
+                    pools: snapshots.count,
                     clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
                     serversIdle: snapshots.reduce(0) { $0 + $1.idle },
                     serversLogin: snapshots.reduce(0) { $0 + $1.connecting }))
@@ -253,12 +262,7 @@ extension ClientConnection {
         var row = ConnectionRow()
         row.user = user
         row.database = databaseName
-        switch session.state {
-        case .waiting: row.state = "waiting"
-        case .startup, .authenticating, .awaitingWelcome: row.state = "login"
-        case .closed: row.state = "closed"
-        default: row.state = "active"
-        }
+        row.state = session.stateName
         if let remote = channel.remoteAddress {
             row.address = remote.ipAddress ?? "unix"
             row.port = remote.port ?? 0

@@ -45,6 +45,7 @@ extension Pooler {
         s.serverCheckDelay = g.serverCheckDelay
         s.serverCheckEnabled = !g.serverCheckQuery.isEmpty
         s.serverRoundRobin = g.serverRoundRobin
+        s.connectFailFast = g.serverConnectFailFast
         return s
     }
 

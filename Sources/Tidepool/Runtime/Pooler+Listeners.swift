@@ -68,6 +68,11 @@ extension Pooler {
     }
 
     /// Stops accepting new clients.
+    /// A shutdown that waits has begun: RESUME is refused from now on.
+    public func beginDraining() {
+        shared.withLockedValue { $0.draining = true }
+    }
+
     public func stopListening() {
         for listener in listeners { try? listener.close().wait() }
         listeners.removeAll()

@@ -94,6 +94,8 @@ public final class Pooler: @unchecked Sendable {
         var clientCount = 0
         /// Once set, pool decisions are no longer carried out.
         var shuttingDown = false
+        /// A shutdown signal or SHUTDOWN came: the pooler waits for clients or servers to finish.
+        var draining = false
         /// Logged-in clients per pool, for SHOW POOLS.
         var poolClients: [PoolKey: Int] = [:]
         /// Registered clients per database and per login user (the admin console's not counted),

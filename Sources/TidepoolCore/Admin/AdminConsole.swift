@@ -157,6 +157,17 @@ public enum AdminViews {
         return AdminResult(columns: columns, types: types, rows: rows)
     }
 
+    /// SHOW LISTS' users: every user the pooler knows, as PgBouncer counts its user objects: those
+    /// of auth_file and [users], and any other user with a pool (auth_query, a forced user).
+    public static func knownUsers<A: Sequence<String>, B: Sequence<String>, C: Sequence<String>>(
+        configured: A, authFile: B, pools: C
+    ) -> Int {
+        var users = Set(configured)
+        users.formUnion(authFile)
+        users.formUnion(pools)
+        return users.count
+    }
+
     public static func lists(
         databases: Int, users: Int, pools: Int, clients: Int, serversUsed: Int, serversIdle: Int, serversLogin: Int
     ) -> AdminResult {
@@ -409,5 +420,28 @@ public enum AdminConsoleSession {
         }
         Wire.readyForQuery(.idle, into: &reply)
         return reply
+    }
+}
+
+/// Rules of the console's control commands that do not need the runtime.
+public enum AdminRules {
+    /// Why RESUME (of `database`, or of everything) is refused, in PgBouncer's words; nil when it
+    /// may go ahead. `paused`: that database is paused by name, or (no database) everything is.
+    public static func resumeRefusal(
+        database: String?, paused: Bool, suspended: Bool, shuttingDown: Bool
+    ) -> PostgresError? {
+        if shuttingDown {
+            return PostgresError(code: SQLState.objectNotInPrerequisiteState, message: "pooler is shutting down")
+        }
+        if let database {
+            guard paused else {
+                return PostgresError(
+                    code: SQLState.objectNotInPrerequisiteState, message: "database \(database) is not paused")
+            }
+        } else if !paused && !suspended {
+            return PostgresError(
+                code: SQLState.objectNotInPrerequisiteState, message: "pooler is not paused/suspended")
+        }
+        return nil
     }
 }

@@ -73,6 +73,9 @@ public struct GlobalSettings: Equatable, Sendable {
     public var statsUsers: [String] = []
     public var poolMode = PoolMode.transaction
     public var sessionState = SessionStateMode.track
+    /// Clients fail at once, instead of waiting, while a database that has not served cannot be
+    /// reached (a circuit breaker).
+    public var serverConnectFailFast = false
     /// Notifications a client may leave unread before it is closed (LISTEN in transaction mode).
     public var notifyQueueSize = 4096
     public var defaultPoolSize = 20

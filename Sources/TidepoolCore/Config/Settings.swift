@@ -241,6 +241,9 @@ public enum Settings {
                 "clients per user (0: no limit)", also: .users,
                 user: { u, v throws(ConfigError) in u.maxUserClientConnections = try v.int(0...10_000_000) }),
             .bool("server_round_robin", \.serverRoundRobin, "lend idle servers oldest-released first"),
+            .bool(
+                "server_connect_fail_fast", \.serverConnectFailFast,
+                "while a database that has not served cannot be reached, fail clients at once instead of waiting"),
             .int("threads", \.threads, 0...1024, changeable: false, "event-loop threads; 0: one per core"),
         ]
         // Server connections.

@@ -114,6 +114,9 @@ public struct PoolStateMachine: Sendable {
     var servers: [ServerID: Server] = [:]
     /// Each waiting client's pool slot.
     var waitingClients: [ClientID: Int] = [:]
+    /// PAUSE without a database, and PAUSE of databases by name (RESUME undoes each).
+    var pausedAll = false
+    var pausedDatabases: Set<String> = []
     var databaseTotals: [String: Int] = [:]
     /// Databases a server has logged in to since start: when one becomes unreachable, clients
     /// wait for it to come back (a restart) instead of failing at once.
@@ -137,7 +140,10 @@ public struct PoolStateMachine: Sendable {
         if pools.contains(key) {
             pools[key].settings = settings
         } else {
-            _ = pools.add(Pool(key: key, settings: settings))
+            var pool = Pool(key: key, settings: settings)
+            // A pool made while its database (or everything) is paused starts paused.
+            pool.paused = pausedAll || pausedDatabases.contains(key.database)
+            _ = pools.add(pool)
         }
         var actions: [PoolAction] = []
         trimIdle(key, now: now, into: &actions)
@@ -308,15 +314,21 @@ public struct PoolStateMachine: Sendable {
     /// PAUSE: the pools of `database` (all pools when nil) stop lending and opening servers;
     /// clients queue. Servers already lent stay with their clients until released.
     public mutating func pause(database: String?) {
+        if let database { pausedDatabases.insert(database) } else { pausedAll = true }
         for key in pools.keys where database == nil || key.database == database {
             pools[key].paused = true
         }
     }
 
-    /// RESUME: paused pools serve their queues again.
+    /// RESUME: paused pools serve their queues again (a pool stays paused while its database is
+    /// paused by name, or everything is).
     public mutating func resume(database: String?, now: NIODeadline) -> [PoolAction] {
+        if let database { pausedDatabases.remove(database) } else { pausedAll = false }
         var actions: [PoolAction] = []
-        for key in pools.keys where (database == nil || key.database == database) && pools[key].paused {
+        for key in pools.keys
+        where (database == nil || key.database == database) && pools[key].paused && !pausedAll
+            && !pausedDatabases.contains(key.database)
+        {
             pools[key].paused = false
             while pools[key].waitingCount > 0,
                 let index = pickIdle(pools[key].idle, loop: 0, oldestFirst: pools[key].settings.serverRoundRobin)
@@ -356,10 +368,10 @@ public struct PoolStateMachine: Sendable {
     /// Whether a server is to be closed once it comes back (SHOW SERVERS close_needed).
     public func isCloseNeeded(_ id: ServerID) -> Bool { servers[id]?.closeNeeded ?? false }
 
-    /// Whether every pool of `database` (all pools when nil) is paused.
+    /// Whether `database` is paused by name (PAUSE db), or, when nil, everything is (PAUSE).
     public func isPaused(database: String?) -> Bool {
-        let matching = pools.filter { database == nil || $0.key.database == database }
-        return !matching.isEmpty && matching.allSatisfy { $0.value.paused }
+        guard let database else { return pausedAll }
+        return pausedDatabases.contains(database)
     }
 
     /// Servers lent right now in the pools of `database` (all when nil): PAUSE is complete at zero.
@@ -427,21 +439,23 @@ public struct PoolStateMachine: Sendable {
         error.code == SQLState.connectionFailure || error.code == SQLState.cannotConnectNow
     }
 
-    /// Whether clients wait through this failure instead of failing at once: the database served
-    /// before and the failure is transient. They wait up to query_wait_timeout.
+    /// Whether clients wait through this failure instead of failing at once: the failure is
+    /// transient (PostgreSQL unreachable, starting or restarting), and either the database served
+    /// before or server_connect_fail_fast is off (a pooler started before its database serves the
+    /// first clients once it is up). They wait up to query_wait_timeout.
     func ridesOut(_ key: PoolKey, _ error: PostgresError) -> Bool {
-        databasesServed.contains(key.database) && Self.isTransient(error)
+        Self.isTransient(error) && (databasesServed.contains(key.database) || !pools[key].settings.connectFailFast)
     }
 
-    /// How long new connections are held back after one failed: a restarting database that served
-    /// before is tried every 250 ms (so the pool serves within a second of it being back), an
-    /// unreachable one every second, and a server that refused the login only after
+    /// How long new connections are held back after one failed: a database clients wait for is
+    /// tried every 250 ms (so the pool serves within a second of it being back), one that fails
+    /// them fast every second, and a server that refused the login only after
     /// server_login_retry, so as not to flood its log.
     func retryDelay(_ key: PoolKey) -> TimeAmount {
         let pool = pools[key]
         guard let failure = pool.lastConnectFailure else { return .zero }
         guard Self.isTransient(failure.error) else { return pool.settings.serverLoginRetry }
-        let delay: TimeAmount = databasesServed.contains(key.database) ? .milliseconds(250) : .seconds(1)
+        let delay: TimeAmount = ridesOut(key, failure.error) ? .milliseconds(250) : .seconds(1)
         return min(pool.settings.serverLoginRetry, delay)
     }
 

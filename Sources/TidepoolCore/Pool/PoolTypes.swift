@@ -77,6 +77,9 @@ public struct PoolSettings: Equatable, Sendable {
     public var serverCheckEnabled = true
     /// server_round_robin: idle servers are lent oldest-released first instead of newest.
     public var serverRoundRobin = false
+    /// server_connect_fail_fast: while a database that has not served yet cannot be reached,
+    /// clients fail at once instead of waiting (up to query_wait_timeout) for it to come up.
+    public var connectFailFast = false
 
     public init(poolSize: Int) { self.poolSize = poolSize }
 }

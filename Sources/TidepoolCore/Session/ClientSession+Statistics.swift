@@ -97,3 +97,18 @@ extension ClientSession {
         return error
     }
 }
+
+extension ClientSession {
+    /// The client's state as PgBouncer 1.25's SHOW CLIENTS names it: `active` with a server,
+    /// `idle` logged in without one (the console's sessions too), `waiting` in the queue, `login`
+    /// until then.
+    public var stateName: String {
+        switch state {
+        case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome: "login"
+        case .waiting: "waiting"
+        case .linked: "active"
+        case .idle, .admin: "idle"
+        case .closed: "closed"
+        }
+    }
+}

@@ -45,6 +45,7 @@ public enum SQLState {
     public static let undefinedObject = "42704"
     public static let internalError = "XX000"
     public static let invalidParameterValue = "22023"
+    public static let objectNotInPrerequisiteState = "55000"
 }
 
 /// Framing errors: the byte stream cannot be a valid PostgreSQL message sequence.
