@@ -371,3 +371,25 @@ import Testing
         #expect(AdminViews.knownUsers(configured: [String](), authFile: [String](), pools: [String]()) == 0)
     }
 }
+
+@Suite struct ConsoleDatabaseRowsTests {
+    /// The console's own database has rows in SHOW DATABASES and SHOW POOLS, as in PgBouncer,
+    /// unless a configured database takes its name.
+    @Test func thePgbouncerDatabaseIsListed() {
+        var config = Config()
+        config.databases["app"] = DatabaseEntry(name: "app")
+        let databases = AdminViews.databases(config, currentConnections: [:], consoleClients: 3)
+        let row = databases.rows.first { $0[0] == "pgbouncer" }
+        #expect(row?[3] == "pgbouncer" && row?[4] == "pgbouncer" && row?[9] == "statement")
+        #expect(row?[databases.columns.firstIndex(of: "current_client_connections")!] == "3")
+        #expect(databases.rows.map { $0[0] } == ["app", "pgbouncer"])
+        let pools = AdminViews.pools(
+            [], clients: [:], modes: [:], console: AdminViews.consoleDatabase(config).map { ($0, 2) })
+        #expect(pools.rows.count == 1)
+        #expect(pools.rows[0][0] == "pgbouncer" && pools.rows[0][2] == "2")
+        #expect(pools.rows[0].count == pools.columns.count)
+        #expect(pools.rows[0][pools.columns.firstIndex(of: "pool_mode")!] == "statement")
+        config.databases["pgbouncer"] = DatabaseEntry(name: "pgbouncer")
+        #expect(AdminViews.consoleDatabase(config) == nil)
+    }
+}

@@ -666,6 +666,67 @@ final class SessionDriver {
         #expect(unmatched.error.message.contains("no auth_hba_file entry"))
     }
 
+    /// The HBA peer method: the Unix socket peer's OS user is the database user, or maps to it.
+    @Test func peerTrustsTheSocketsOwnUserOrAMappedOne() throws {
+        let hba = try HBARules.parse(
+            """
+            local app all peer map=staff
+            local all all peer
+            """)
+        let ident = try IdentMap.parse(
+            """
+            staff  root          alice
+            staff  /^(.*)-admin$  \\1
+            """)
+        let c = config(.hba)
+        func method(_ user: String, database: String = "app", os: String?) -> AuthType? {
+            var r = request(user: user, database: database, ip: nil)
+            r.peer = os.map { PeerCredentials(systemUser: $0, isPoolerUser: false) }
+            return try? ClientSession.authMethod(r, config: c, hba: hba, ident: ident).get()
+        }
+        #expect(method("alice", os: "root") == .trust)
+        #expect(method("bob", os: "bob-admin") == .trust)
+        #expect(method("bob", os: "root") == nil, "root maps to alice only")
+        #expect(method("alice", os: "alice") == nil, "the map decides, not the name")
+        #expect(method("carol", database: "other", os: "carol") == .trust, "no map: the same name")
+        #expect(method("carol", database: "other", os: "dave") == nil)
+        #expect(method("carol", database: "other", os: nil) == nil)
+        guard
+            case .failure(let refusal) = ClientSession.authMethod(
+                LoginRequest(
+                    user: "bob", database: "app", clientIP: nil, tls: false,
+                    peer: PeerCredentials(systemUser: "root", isPoolerUser: false)),
+                config: c, hba: hba, ident: ident)
+        else {
+            Issue.record("expected a refusal")
+            return
+        }
+        #expect(refusal.error.message == "Peer authentication failed for user \"bob\"")
+        #expect(throws: ConfigError.self) { try HBARules.parse("host all all 0.0.0.0/0 peer") }
+    }
+
+    /// The user pgbouncer on the console over the Unix socket from the pooler's own OS user is an
+    /// admin without a password, even with md5 and not in admin_users; from another user it is not.
+    @Test func thePoolersOwnUserReachesTheConsoleAsPgbouncer() throws {
+        var c = config(.md5)
+        c.global.adminUsers = ["admin"]
+        var own = request(user: "pgbouncer", database: "pgbouncer", ip: nil)
+        own.peer = PeerCredentials(systemUser: "root", isPoolerUser: true)
+        #expect(try ClientSession.authMethod(own, config: c, hba: nil).get() == .trust)
+        #expect(
+            try ClientSession.destination(own, config: c, isDisabled: { _ in false }).get()
+                == .adminConsole(readOnly: false))
+        var other = own
+        other.peer = PeerCredentials(systemUser: "postgres", isPoolerUser: false)
+        #expect(try ClientSession.authMethod(other, config: c, hba: nil).get() == .md5)
+        #expect(throws: Refusal.self) {
+            try ClientSession.destination(other, config: c, isDisabled: { _ in false }).get()
+        }
+        var app = own
+        app.database = "app"
+        #expect(try ClientSession.authMethod(app, config: c, hba: nil).get() == .md5, "the console only")
+    }
+
     @Test func certNeedsACertificateForTheUser() throws {
         let c = config(.cert)
         #expect(try ClientSession.authMethod(request(tls: true, cn: "alice"), config: c, hba: nil).get() == .trust)

@@ -64,8 +64,15 @@ def test_show_databases_lists_configured_entries(tidepool, pg):
     t = tidepool(databases=f"main = host=127.0.0.1 port={pg.port} dbname=postgres pool_size=7",
                  settings="admin_users = admin\n")
     with admin(t) as a:
-        [db] = rows(a, "SHOW DATABASES")
+        db, console = rows(a, "SHOW DATABASES")
         assert (db["name"], db["database"], db["pool_size"], db["port"]) == ("main", "postgres", 7, pg.port)
+        # The console's own database, as PgBouncer lists it (exporters expect the row).
+        assert (console["name"], console["force_user"], console["pool_mode"]) == ("pgbouncer", "pgbouncer",
+                                                                                "statement")
+        assert console["current_client_connections"] == 1
+        [pool] = [p for p in rows(a, "SHOW POOLS") if p["database"] == "pgbouncer"]
+        assert pool["user"] == "pgbouncer" and pool["cl_active"] == 1
+        assert "pgbouncer" in {r["database"] for r in rows(a, "SHOW STATS")}
 
 
 def test_console_permissions(tidepool):

@@ -126,13 +126,15 @@ extension Pooler {
 
     func show(_ what: String, on loop: EventLoop) throws(PostgresError) -> EventLoopFuture<AdminResult> {
         let now = NIODeadline.now()
-        let (snapshots, poolClients, clientCount, disabled, suspended, allPaused, pinned) = shared.withLockedValue {
-            (
-                $0.pools.snapshot(now: now), $0.poolClients, $0.clientCount, $0.disabled, $0.suspended,
-                $0.pools.isPaused(database: nil), $0.pinnedClients
-            )
-        }
+        let (snapshots, poolClients, clientCount, disabled, suspended, allPaused, pinned, consoleClients) =
+            shared.withLockedValue {
+                (
+                    $0.pools.snapshot(now: now), $0.poolClients, $0.clientCount, $0.disabled, $0.suspended,
+                    $0.pools.isPaused(database: nil), $0.pinnedClients, $0.consoleClients
+                )
+            }
         let config = self.config
+        let console = AdminViews.consoleDatabase(config)
         switch what {
         case "POOLS":
             var counts: [PoolKey: PoolClientCounts] = [:]
@@ -145,7 +147,9 @@ extension Pooler {
                     modes[snap.key] = config.poolMode(database: db, user: snap.key.user)
                 }
             }
-            return loop.makeSucceededFuture(AdminViews.pools(snapshots, clients: counts, modes: modes))
+            return loop.makeSucceededFuture(
+                AdminViews.pools(
+                    snapshots, clients: counts, modes: modes, console: console.map { ($0, consoleClients) }))
         case "LISTS":
             return loop.makeSucceededFuture(
                 AdminViews.lists(
@@ -168,7 +172,8 @@ extension Pooler {
             }
             return loop.makeSucceededFuture(
                 AdminViews.databases(
-                    config, currentConnections: current, clients: clients, paused: paused, disabled: disabled))
+                    config, currentConnections: current, clients: clients, paused: paused, disabled: disabled,
+                    consoleClients: consoleClients))
         case "USERS":
             var connections: [String: Int] = [:]
             for snap in snapshots { connections[snap.key.user, default: 0] += snap.lent + snap.idle + snap.connecting }
@@ -178,7 +183,7 @@ extension Pooler {
                     config, poolUsers: snapshots.map(\.key.user), serverConnections: connections, clients: clients))
         case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
             let book = trafficBook()
-            let databases = Array(Set(snapshots.map(\.key.database)))
+            let databases = Array(Set(snapshots.map(\.key.database))) + (console.map { [$0] } ?? [])
             switch what {
             case "STATS": return loop.makeSucceededFuture(AdminViews.stats(book, databases: databases))
             case "STATS_TOTALS": return loop.makeSucceededFuture(AdminViews.statsTotals(book, databases: databases))

@@ -38,6 +38,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var countedPinned = false
     /// Subscribed to its pool's listener: it is told when the client goes.
     var listens = false
+    /// Who is at the other end of a Unix socket, read at registration.
+    var unixPeer: PeerCredentials?
+    /// Counted among the admin console's sessions (the `pgbouncer` rows of SHOW POOLS).
+    var inConsole = false
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
     /// Where `traffic` is handed in (this loop's cell for the client's database).
@@ -441,6 +445,38 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         return address.ipAddress
     }
 
+    /// Who is at the other end of a Unix socket (SO_PEERCRED); nil over TCP.
+    var peerCredentials: PeerCredentials? {
+        guard channel.localAddress?.protocol == .unix, let provider = channel as? SocketOptionProvider else {
+            return nil
+        }
+        var credentials: SocketPeer?
+        // On the channel's loop the future is already complete, and its callback runs at once.
+        provider.unsafeGetSocketOption(
+            level: .socket, name: NIOBSDSocket.Option(rawValue: SO_PEERCRED)
+        ).whenSuccess { (value: SocketPeer) in credentials = value }
+        guard let credentials else { return nil }
+        return PeerCredentials(
+            systemUser: Self.userName(uid: credentials.uid), isPoolerUser: credentials.uid == getuid())
+    }
+
+    /// Linux's struct ucred, as SO_PEERCRED fills it (Glibc's is not visible to Swift).
+    struct SocketPeer {
+        var pid: Int32 = 0
+        var uid: uid_t = 0
+        var gid: gid_t = 0
+    }
+
+    /// An operating-system user's name.
+    static func userName(uid: uid_t) -> String? {
+        var entry = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buffer = [CChar](repeating: 0, count: 4096)
+        guard getpwuid_r(uid, &entry, &buffer, buffer.count, &result) == 0, result != nil, let name = entry.pw_name
+        else { return nil }
+        return String(cString: name)
+    }
+
     var clientAddressAndPort: String? {
         guard let ip = clientIP else { return nil }
         return "\(ip):\(channel.remoteAddress?.port ?? 0)"
@@ -468,11 +504,14 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             logger.info(
                 "login attempt: db=\(session.database) user=\(session.user) client=\(peer)\(session.tls ? " tls" : "")")
         }
+        unixPeer = peerCredentials
+        let security = pooler.security
         session.registered(
             LoginFacts(
-                config: config, hba: pooler.security.hba, clientAddress: clientAddressAndPort, clientIP: ip,
+                config: config, hba: security.hba, clientAddress: clientAddressAndPort, clientIP: ip,
                 certificateCommonName: certificateCommonName, knownSecret: pooler.userlist[session.user],
-                canLookUp: pooler.authUser(for: databaseEntry(config)) != nil),
+                canLookUp: pooler.authUser(for: databaseEntry(config)) != nil, peer: unixPeer,
+                ident: security.ident),
             into: &actions)
     }
 
@@ -499,10 +538,15 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         if let secret = session.learnedServerSecret {
             pooler.credentials.withLockedValue { $0.serverSecrets[session.user] = secret }
         }
-        let request = LoginRequest(user: session.user, database: session.database, clientIP: clientIP, tls: session.tls)
+        let request = LoginRequest(
+            user: session.user, database: session.database, clientIP: clientIP, tls: session.tls, peer: unixPeer)
         session.enter(
             ClientSession.destination(request, config: pooler.config, isDisabled: { pooler.isDisabled($0) }),
             into: &actions)
+        if session.state == .admin {
+            inConsole = true
+            pooler.shared.withLockedValue { $0.consoleClients += 1 }
+        }
     }
 
     /// Joins the pool of the client's (database, user) and welcomes the client with the pool's
@@ -667,6 +711,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Forgets the client everywhere, once, when the session closes.
     func forget() {
         endLoginTimer()
+        if inConsole {
+            inConsole = false
+            pooler.shared.withLockedValue { $0.consoleClients -= 1 }
+        }
         if listens, let id, let poolKey {
             listens = false
             pooler.listener(for: poolKey, loop: loopIndex).clientGone(id)

@@ -102,6 +102,8 @@ public final class Pooler: @unchecked Sendable {
         /// for max_db_client_connections, max_user_client_connections and SHOW DATABASES / USERS.
         var databaseClients: [String: Int] = [:]
         var userClients: [String: Int] = [:]
+        /// Sessions on the admin console.
+        var consoleClients = 0
         /// Clients keeping their server for session state, per pool; when the last warning that
         /// they held all of a pool's servers was logged.
         var pinnedClients: [PoolKey: Int] = [:]

@@ -7,6 +7,7 @@ import TidepoolCore
 /// the certificate files. Built whole or not at all, so a bad file leaves the old one in force.
 struct Security: Sendable {
     var hba: HBARules?
+    var ident: IdentMap?
     var clientTLS: NIOSSLContext?
     var serverTLS: NIOSSLContext?
 
@@ -23,6 +24,14 @@ struct Security: Sendable {
             security.hba = try HBARules.parse(text, file: path)
         } else if g.authType == .hba {
             throw PostgresError(code: SQLState.invalidParameterValue, message: "auth_type = hba needs auth_hba_file")
+        }
+        if let path = g.authIdentFile {
+            let text: String
+            do { text = try readFile(path) } catch {
+                throw PostgresError(
+                    code: SQLState.invalidParameterValue, message: "cannot read auth_ident_file \(path)")
+            }
+            security.ident = try IdentMap.parse(text, file: path)
         }
         if g.clientTLS.sslmode != .disable {
             security.clientTLS = try makeContext(g.clientTLS, server: true)

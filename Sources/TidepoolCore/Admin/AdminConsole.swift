@@ -134,15 +134,27 @@ public struct PoolClientCounts: Equatable, Sendable {
 /// The SHOW views, built from snapshots, with PgBouncer's column names and order.
 public enum AdminViews {
     public static func pools(
-        _ snapshots: [PoolSnapshot], clients: [PoolKey: PoolClientCounts], modes: [PoolKey: PoolMode]
+        _ snapshots: [PoolSnapshot], clients: [PoolKey: PoolClientCounts], modes: [PoolKey: PoolMode],
+        console: (database: String, clients: Int)? = nil
     ) -> AdminResult {
         let columns = [
             "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_cancel_req",
             "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login",
             "maxwait", "maxwait_us", "pool_mode", "load_balance_hosts", "cl_pinned",
         ]
-        let rows: [[String?]] = snapshots.sorted { ($0.key.database, $0.key.user) < ($1.key.database, $1.key.user) }
+        var all = snapshots
+        if let console {
+            all.append(
+                PoolSnapshot(
+                    key: PoolKey(database: console.database, user: console.database), waiting: 0, lent: 0, idle: 0,
+                    connecting: 0, maxWait: .zero, settings: PoolSettings(poolSize: 2)))
+        }
+        let rows: [[String?]] = all.sorted { ($0.key.database, $0.key.user) < ($1.key.database, $1.key.user) }
             .map { s in
+                if let console, s.key.database == console.database, s.key.user == console.database {
+                    return [s.key.database, s.key.user, "\(console.clients)"] + Array(repeating: "0", count: 12)
+                        + ["statement", nil, "0"]
+                }
                 let c = clients[s.key] ?? PoolClientCounts()
                 let waitUs = s.maxWait.nanoseconds / 1000
                 return [
@@ -180,16 +192,22 @@ public enum AdminViews {
         return AdminResult(columns: ["list", "items"], types: [.text, .int4], rows: items.map { [$0.0, "\($0.1)"] })
     }
 
+    /// The admin console's own database, as PgBouncer lists it in SHOW DATABASES, POOLS and STATS
+    /// (exporters expect its rows); nil when a real database takes the name.
+    public static func consoleDatabase(_ config: Config) -> String? {
+        ClientSession.isAdminConsole("pgbouncer", config: config) ? "pgbouncer" : nil
+    }
+
     public static func databases(
         _ config: Config, currentConnections: [String: Int], clients: [String: Int] = [:], paused: Set<String> = [],
-        disabled: Set<String> = []
+        disabled: Set<String> = [], consoleClients: Int = 0
     ) -> AdminResult {
         let columns = [
             "name", "host", "port", "database", "force_user", "pool_size", "min_pool_size", "reserve_pool_size",
             "server_lifetime", "pool_mode", "load_balance_hosts", "max_connections", "current_connections",
             "max_client_connections", "current_client_connections", "paused", "disabled",
         ]
-        let rows: [[String?]] = config.databases.keys.sorted().map { name in
+        var rows: [[String?]] = config.databases.keys.sorted().map { name in
             let d = config.databases[name]!
             return [
                 name, d.host, "\(d.port)", d.dbname ?? name, d.user, "\(d.poolSize ?? config.global.defaultPoolSize)",
@@ -201,6 +219,14 @@ public enum AdminViews {
                 "\(d.maxDBClientConnections ?? config.global.maxDBClientConnections)", "\(clients[name] ?? 0)",
                 paused.contains(name) ? "1" : "0", disabled.contains(name) ? "1" : "0",
             ]
+        }
+        if let console = consoleDatabase(config) {
+            rows.append([
+                console, nil, "\(config.global.listenPort)", console, console, "2", "0", "0", "0", "statement", nil,
+                "0",
+                "0", "0", "\(consoleClients)", "0", "0",
+            ])
+            rows.sort { ($0[0] ?? "") < ($1[0] ?? "") }
         }
         let types: [AdminResult.ColumnType] =
             [.text, .text, .int4, .text, .text, .int4, .int4, .int4, .int4, .text, .text]

@@ -6,7 +6,7 @@ public struct HBARules: Equatable, Sendable {
     }
 
     public enum Method: String, Sendable, CaseIterable {
-        case trust, reject, md5, password, cert
+        case trust, reject, md5, password, cert, peer
         case scramSHA256 = "scram-sha-256"
     }
 
@@ -37,6 +37,8 @@ public struct HBARules: Equatable, Sendable {
         public var network: Network?
         public var method: Method
         public var line: Int
+        /// The `name=value` options after the method (`map` for peer).
+        public var options: [String: String] = [:]
     }
 
     public var rules: [Rule] = []
@@ -108,10 +110,19 @@ public struct HBARules: Equatable, Sendable {
                 let items = field.split(separator: ",").map(String.init)
                 return items.contains("all") ? nil : items
             }
+            var options: [String: String] = [:]
+            for option in fields[(methodIndex + 1)...] {
+                let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
+                guard parts.count == 2 else { throw fail("invalid option \(option) (use name=value)") }
+                options[parts[0]] = parts[1]
+            }
+            if method == .peer, type != .local {
+                throw fail("peer authentication is only supported on local sockets")
+            }
             result.rules.append(
                 Rule(
                     type: type, databases: list(fields[1]), users: list(fields[2]), network: network,
-                    method: method, line: lineNumber))
+                    method: method, line: lineNumber, options: options))
         }
         return result
     }

@@ -158,6 +158,7 @@ public struct GlobalSettings: Equatable, Sendable {
     public var authQueryCacheTTL = TimeAmount.seconds(10)
     /// pg_hba.conf-style rules for auth_type = hba.
     public var authHBAFile: String?
+    public var authIdentFile: String?
     /// Per client address: open connections and new connections per second (0 = no limit).
     public var maxClientConnPerIP = 0
     public var clientConnectRatePerIP = 0

@@ -184,6 +184,8 @@ public enum Settings {
             .choice("auth_type", \.authType, "how clients prove who they are"),
             .optionalText("auth_file", \.authFile, changeable: false, "\"user\" \"secret\" per line"),
             .optionalText("auth_hba_file", \.authHBAFile, "pg_hba.conf-style rules for auth_type = hba"),
+            .optionalText(
+                "auth_ident_file", \.authIdentFile, "pg_ident.conf-style user maps for the HBA peer method's map="),
             .optionalText("auth_user", \.authUser, "user that runs auth_query for users missing from auth_file"),
             .text("auth_query", \.authQuery, "query that returns a user's name and secret"),
             .optionalText("auth_dbname", \.authDBName, "database auth_query runs in"),

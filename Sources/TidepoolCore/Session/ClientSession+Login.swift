@@ -24,13 +24,25 @@ public struct LoginRequest: Sendable {
     public var tls: Bool
     /// The common name of the client's verified TLS certificate, if any.
     public var certificateCommonName: String?
+    /// Who is at the other end of a Unix socket.
+    public var peer: PeerCredentials?
 
-    public init(user: String, database: String, clientIP: String?, tls: Bool, certificateCommonName: String? = nil) {
+    public init(
+        user: String, database: String, clientIP: String?, tls: Bool, certificateCommonName: String? = nil,
+        peer: PeerCredentials? = nil
+    ) {
         self.user = user
         self.database = database
         self.clientIP = clientIP
         self.tls = tls
         self.certificateCommonName = certificateCommonName
+        self.peer = peer
+    }
+
+    /// The user `pgbouncer` on the console over the Unix socket, from the pooler's own
+    /// operating-system user: let in without a password, as an admin, as PgBouncer does.
+    var isPoolerOwnConsoleLogin: Bool {
+        user == "pgbouncer" && peer?.isPoolerUser == true
     }
 }
 
@@ -46,10 +58,14 @@ public struct LoginFacts: Sendable {
     public var knownSecret: PasswordSecret?
     /// An auth_user is set for the database, so auth_query can look the user up.
     public var canLookUp: Bool
+    /// Who is at the other end of a Unix socket.
+    public var peer: PeerCredentials?
+    /// auth_ident_file's maps, for the HBA peer method.
+    public var ident: IdentMap?
 
     public init(
         config: Config, hba: HBARules?, clientAddress: String?, clientIP: String?, certificateCommonName: String?,
-        knownSecret: PasswordSecret?, canLookUp: Bool
+        knownSecret: PasswordSecret?, canLookUp: Bool, peer: PeerCredentials? = nil, ident: IdentMap? = nil
     ) {
         self.config = config
         self.hba = hba
@@ -58,6 +74,8 @@ public struct LoginFacts: Sendable {
         self.certificateCommonName = certificateCommonName
         self.knownSecret = knownSecret
         self.canLookUp = canLookUp
+        self.peer = peer
+        self.ident = ident
     }
 }
 
@@ -137,8 +155,8 @@ extension ClientSession {
         }
         let request = LoginRequest(
             user: user, database: database, clientIP: facts.clientIP, tls: tls,
-            certificateCommonName: facts.certificateCommonName)
-        switch Self.authMethod(request, config: config, hba: facts.hba)
+            certificateCommonName: facts.certificateCommonName, peer: facts.peer)
+        switch Self.authMethod(request, config: config, hba: facts.hba, ident: facts.ident)
             .flatMap({ method in
                 Self.secretSource(
                     request, method: method, known: facts.knownSecret, canLookUp: facts.canLookUp, config: config
@@ -308,8 +326,11 @@ extension ClientSession {
     /// The method the client authenticates with: auth_type, with hba resolved through
     /// auth_hba_file and cert checked against the certificate (then trusted); or the refusal.
     public static func authMethod(
-        _ request: LoginRequest, config: Config, hba: HBARules?
+        _ request: LoginRequest, config: Config, hba: HBARules?, ident: IdentMap? = nil
     ) -> Result<AuthType, Refusal> {
+        if request.isPoolerOwnConsoleLogin, isAdminConsole(request.database, config: config) {
+            return .success(.trust)
+        }
         let sslmode = config.global.clientTLS.sslmode
         if sslmode.requiresTLS, !request.tls, request.clientIP != nil {
             return .failure(
@@ -319,7 +340,7 @@ extension ClientSession {
         }
         var authType = config.global.authType
         if authType == .hba {
-            switch hbaMethod(request, rules: hba) {
+            switch hbaMethod(request, rules: hba, ident: ident) {
             case .success(let method): authType = method
             case .failure(let refusal): return .failure(refusal)
             }
@@ -339,7 +360,7 @@ extension ClientSession {
     }
 
     /// auth_type = hba: the method of the first auth_hba_file line matching the connection.
-    static func hbaMethod(_ request: LoginRequest, rules: HBARules?) -> Result<AuthType, Refusal> {
+    static func hbaMethod(_ request: LoginRequest, rules: HBARules?, ident: IdentMap?) -> Result<AuthType, Refusal> {
         let address = request.clientIP.flatMap(HBARules.parseIP)
         guard let rules,
             let rule = rules.method(database: request.database, user: request.user, address: address, tls: request.tls)
@@ -358,6 +379,7 @@ extension ClientSession {
         case .scramSHA256: return .success(.scramSHA256)
         case .password: return .success(.plain)
         case .cert: return .success(.cert)
+        case .peer: return peerMethod(request, map: rule.options["map"], ident: ident)
         case .reject:
             return .failure(
                 Refusal(
@@ -366,6 +388,23 @@ extension ClientSession {
                         "connection rejected by auth_hba_file line \(rule.line) for user \"\(request.user)\", database \"\(request.database)\""
                     ), reason: "rejected by auth_hba_file"))
         }
+    }
+
+    /// The HBA peer method: the client's operating-system user (SO_PEERCRED) must be the database
+    /// user, or map to it in auth_ident_file's map `map`. Trusted then; refused in PostgreSQL's
+    /// words otherwise.
+    static func peerMethod(_ request: LoginRequest, map: String?, ident: IdentMap?) -> Result<AuthType, Refusal> {
+        let failed = Refusal(
+            .fatal(SQLState.invalidAuthorization, "Peer authentication failed for user \"\(request.user)\""),
+            reason: "peer authentication failed")
+        guard let systemUser = request.peer?.systemUser else { return .failure(failed) }
+        if let map {
+            guard let ident, ident.allows(map: map, systemUser: systemUser, databaseUser: request.user) else {
+                return .failure(failed)
+            }
+            return .success(.trust)
+        }
+        return systemUser == request.user ? .success(.trust) : .failure(failed)
     }
 
     /// Where the client's secret comes from, for `method` (from `authMethod`). `known` is what
@@ -394,7 +433,7 @@ extension ClientSession {
         _ request: LoginRequest, config: Config, isDisabled: (String) -> Bool
     ) -> Result<Destination, Refusal> {
         if isAdminConsole(request.database, config: config) {
-            let isAdmin = config.global.adminUsers.contains(request.user)
+            let isAdmin = config.global.adminUsers.contains(request.user) || request.isPoolerOwnConsoleLogin
             guard isAdmin || config.global.statsUsers.contains(request.user) else {
                 return .failure(
                     Refusal(
