@@ -82,8 +82,11 @@ synchronous_commit = off
 full_page_writes = off
 shared_buffers = 128MB
 password_encryption = 'scram-sha-256'
+wal_level = logical
 CONF
     cat >"$dir/data/pg_hba.conf" <<HBA
+local replication all trust
+host replication all 127.0.0.1/32 trust
 local all all trust
 host all app 127.0.0.1/32 scram-sha-256
 host all md5user 127.0.0.1/32 md5

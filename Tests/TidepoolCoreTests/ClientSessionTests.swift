@@ -90,7 +90,7 @@ final class SessionDriver {
             case .terminate: terminated = true
             case .forget: forgotten += 1
             case .startTLS, .forwardCancel, .closeQuietly, .register, .lookUpSecret, .authenticated, .joinPool,
-                .loginDone:
+                .loginDone, .openReplicationServer:
                 login.append(action)
             case .pauseClientReads, .resumeClientReads, .pauseServerReads, .resumeServerReads:
                 flow.append(action)
@@ -713,6 +713,10 @@ final class SessionDriver {
         var own = request(user: "pgbouncer", database: "pgbouncer", ip: nil)
         own.peer = PeerCredentials(systemUser: "root", isPoolerUser: true)
         #expect(try ClientSession.authMethod(own, config: c, hba: nil).get() == .trust)
+        c.global.authFile = "userlist.txt"
+        #expect(
+            try ClientSession.secretSource(own, method: .trust, known: nil, canLookUp: false, config: c).get() == .none,
+            "not refused for missing from auth_file")
         #expect(
             try ClientSession.destination(own, config: c, isDisabled: { _ in false }).get()
                 == .adminConsole(readOnly: false))

@@ -166,7 +166,6 @@ import Testing
         #expect(throws: PostgresError.self) {
             try StartupParameters.resolve(["user": "u", "options": "-c work_mem=1MB"], ignored: [])
         }
-        #expect(throws: PostgresError.self) { try StartupParameters.resolve(["replication": "true"], ignored: []) }
         let wanted = try StartupParameters.resolve(
             ["user": "u", "extra_float_digits": "2", "options": "-c work_mem=1MB"],
             ignored: ["extra_float_digits", "work_mem"])

@@ -268,6 +268,7 @@ extension ClientConnection {
         row.user = user
         row.database = databaseName
         row.state = session.stateName
+        if let mode = session.replication { row.replication = mode.rawValue }
         if let remote = channel.remoteAddress {
             row.address = remote.ipAddress ?? "unix"
             row.port = remote.port ?? 0

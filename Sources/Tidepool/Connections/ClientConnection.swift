@@ -148,7 +148,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
-            pools.release(server, reusable: reusable)
+            // To the server's own driver: the pools, or a replication connection's.
+            server.pools.release(server, reusable: reusable)
         case .resetAndReleaseServer(let reset):
             guard let server else { return }
             self.server = nil
@@ -236,6 +237,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             register()
         case .lookUpSecret:
             lookUpSecret()
+        case .openReplicationServer:
+            pooler.openReplicationServer(for: self)
         case .authenticated:
             authenticated()
         case .joinPool:
@@ -365,12 +368,12 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
                 else { return }
                 session.passwordMessage(type: type, body: body, into: &actions)
                 run()
-            case .idle, .waiting, .linked:
+            case .idle, .waiting, .linked, .passThrough:
                 // Its actions are carried out once the whole read is taken in.
                 try session.clientBytes(
                     &buffer, now: now, isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
                 switch session.state {
-                case .idle, .waiting, .linked: return  // more bytes are needed first
+                case .idle, .waiting, .linked, .passThrough: return  // more bytes are needed first
                 default: continue
                 }
             case .admin:
@@ -609,6 +612,27 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     /// query_wait_notify passed while queued.
+    /// The replication connection's own server logged in.
+    func replicationServerReady(_ server: ServerConnection) {
+        guard session.state == .awaitingWelcome else {
+            server.terminate()
+            return
+        }
+        self.server = server
+        lease = 1
+        server.attach(self, lease: 1)
+        let key = pooler.issueCancelKey(for: self)
+        cancelKey = key
+        session.passThroughStarted(server.sessionState, cancelKey: key, into: &actions)
+        run()
+    }
+
+    /// The replication connection's server could not be opened.
+    func replicationServerFailed(_ error: PostgresError) {
+        session.passThroughFailed(error, into: &actions)
+        run()
+    }
+
     /// A notification from the pool's listener.
     func notification(_ message: ByteBuffer, channel: String) {
         let dropped = session.notification(message, channel: channel, into: &actions)

@@ -64,6 +64,11 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Bytes of the linked client were written since it was attached: if the server is lost
     /// before, the client's requests did not reach it (`ClientSession.serverLost`).
     var wroteThisLease = false
+    /// More StartupMessage parameters (a replication connection's `replication`, its client's).
+    var extraStartup: [(String, String)] = []
+    /// A driver other than the pooler (a replication connection's), kept alive by its server:
+    /// `pools` does not retain it.
+    var ownDriver: (any PoolDriving)?
     /// server_connect_timeout for the login or a query of the pooler's own.
     var timeout: Scheduled<Void>?
     let database: DatabaseEntry?
@@ -184,6 +189,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         if let v = database.datestyle { extra.append(("DateStyle", v)) }
         if let v = database.timezone { extra.append(("TimeZone", v)) }
         if let v = database.applicationName { extra.append(("application_name", v)) }
+        for (name, value) in extraStartup where !extra.contains(where: { $0.0 == name }) {
+            extra.append((name, value))
+        }
         let login = ServerLoginStateMachine(
             user: user, database: database.dbname ?? database.name,
             secret: pooler.serverSecret(user: user, database: database), extraParameters: extra)

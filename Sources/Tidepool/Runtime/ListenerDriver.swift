@@ -85,7 +85,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     private func open() {
         var granted = false
         let key = self.key
-        pooler.withPoolBuffer { pools, actions in granted = pools.listenerOpening(key, into: &actions) }
+        pooler.withPoolBuffer { pools, actions in granted = pools.unpooledServerOpening(key, into: &actions) }
         guard granted else {
             carryOut(
                 machine.connectFailed(
@@ -102,7 +102,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
         guard holdsSlot else { return }
         holdsSlot = false
         let key = self.key
-        pooler.shared.withLockedValue { $0.pools.listenerClosed(key) }
+        pooler.shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
     }
 
     // MARK: The connection (on `loop`)

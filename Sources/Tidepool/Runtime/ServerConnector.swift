@@ -14,7 +14,8 @@ extension Pooler {
     /// Opens a server connection whose life `driver` is told about: the pool's, or a pool's
     /// listener (`listens`). Returns the connection (a placeholder when the database is gone).
     func openServer(
-        _ id: ServerID, pool key: PoolKey, loop: Int, driver: any PoolDriving, listens: Bool
+        _ id: ServerID, pool key: PoolKey, loop: Int, driver: any PoolDriving, listens: Bool,
+        startup: [(String, String)] = []
     ) -> ServerConnection {
         guard let database = config.database(named: key.database) else {
             let placeholder = ServerConnection.placeholder(id: id, pool: key, pooler: self, driver: driver)
@@ -40,7 +41,9 @@ extension Pooler {
             id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count, host: host,
             driver: driver)
         server.session.listens = listens
-        if !listens { shared.withLockedValue { $0.servers[id] = server } }
+        server.extraStartup = startup
+        if driver !== self { server.ownDriver = driver }
+        if driver === self { shared.withLockedValue { $0.servers[id] = server } }
         let g = config.global
         var bootstrap = ClientBootstrap(group: loops[loop % loops.count])
             .connectTimeout(g.serverConnectTimeout)

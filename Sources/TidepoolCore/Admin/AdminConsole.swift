@@ -292,6 +292,8 @@ extension String {
 public struct ConnectionRow: Sendable, Equatable {
     public var user = ""
     public var database = ""
+    /// none, physical or logical.
+    public var replication = "none"
     /// active, waiting, idle, used, tested, login...
     public var state = ""
     public var address = ""
@@ -344,7 +346,7 @@ extension AdminViews {
             columns: connectionColumns, types: connectionTypes,
             rows: sorted.map { r in
                 [
-                    type, r.user, r.database, "none", r.state, r.address, "\(r.port)", r.localAddress,
+                    type, r.user, r.database, r.replication, r.state, r.address, "\(r.port)", r.localAddress,
                     "\(r.localPort)", timestamp(r.connectTime), timestamp(r.requestTime),
                     "\(r.waitMicroseconds / 1_000_000)", "\(r.waitMicroseconds % 1_000_000)", r.closeNeeded ? "1" : "0",
                     "\(type)-\(r.id)", r.link.isEmpty ? nil : r.link, "\(r.remotePID)", nil, r.applicationName,

@@ -589,18 +589,19 @@ public struct PoolStateMachine: Sendable {
         return true
     }
 
-    /// A pool's listener connection (`ChannelListener`) is to be opened: it is outside pool_size
-    /// but counts against max_db_connections and max_user_connections, and may close an idle
-    /// server of another pool to make room. False when there is no room.
-    public mutating func listenerOpening(_ key: PoolKey, into actions: inout [PoolAction]) -> Bool {
+    /// A server connection outside the pool is to be opened (a pool's listener, a replication
+    /// connection's own server): it is outside pool_size but counts against max_db_connections
+    /// and max_user_connections, and may close an idle server of another pool to make room. False
+    /// when there is no room.
+    public mutating func unpooledServerOpening(_ key: PoolKey, into actions: inout [PoolAction]) -> Bool {
         guard pools.contains(key), makeRoom(for: key, into: &actions) else { return false }
         databaseTotals[key.database, default: 0] += 1
         userTotals[key.user, default: 0] += 1
         return true
     }
 
-    /// A listener connection opened with `listenerOpening` closed (or never opened).
-    public mutating func listenerClosed(_ key: PoolKey) {
+    /// A connection opened with `unpooledServerOpening` closed (or never opened).
+    public mutating func unpooledServerClosed(_ key: PoolKey) {
         databaseTotals[key.database, default: 1] -= 1
         userTotals[key.user, default: 1] -= 1
     }

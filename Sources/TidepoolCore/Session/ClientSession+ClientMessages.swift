@@ -56,6 +56,8 @@ extension ClientSession {
                     }
                     return
                 }
+            case .passThrough:
+                passThroughClientBytes(&buffer)
             default:
                 return
             }
@@ -65,7 +67,7 @@ extension ClientSession {
     /// The end of one read of client bytes: what was gathered for the linked server goes, and the
     /// timeouts learn the client is active.
     public mutating func clientReadDone(now: NIODeadline, into actions: inout Actions) {
-        if !toServer.isEmpty, state == .linked, !swallowingUntilReady {
+        if !toServer.isEmpty, state == .linked || state == .passThrough, !swallowingUntilReady {
             markSent(now: now)
             actions.append(.sendToServer)
         }
@@ -230,6 +232,10 @@ extension ClientSession {
     public mutating func cancelRequested(now: NIODeadline, into actions: inout Actions) {
         if state == .waiting {
             cancelWhileWaiting(now: now, into: &actions)
+            return
+        }
+        if state == .passThrough {
+            actions.append(.cancelServerQuery(reportBack: false))
             return
         }
         guard state == .linked, !tracker.isClean else { return }

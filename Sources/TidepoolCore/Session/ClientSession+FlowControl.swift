@@ -43,7 +43,7 @@ extension ClientSession {
 
     /// The linked server's socket became writable or stopped being writable.
     public mutating func serverWritabilityChanged(_ writable: Bool, into actions: inout Actions) {
-        guard state == .linked else { return }
+        guard state == .linked || state == .passThrough else { return }
         flow.serverWritable = writable
         settleReads(into: &actions)
     }
@@ -51,7 +51,7 @@ extension ClientSession {
     /// Pauses or resumes reading either side as the rules above say. Called after every event's
     /// actions are carried out; appends nothing when nothing changes.
     public mutating func settleReads(into actions: inout Actions) {
-        let linked = state == .linked
+        let linked = state == .linked || state == .passThrough
         let pauseClient =
             state != .closed
             && (!flow.clientWritable || (linked && !flow.serverWritable) || heldBytes > bufferLimit)
@@ -68,7 +68,9 @@ extension ClientSession {
         if pauseServer != flow.serverPaused {
             flow.serverPaused = pauseServer
             // An unlinked server is read again by the unlink itself.
-            if state == .linked { actions.append(pauseServer ? .pauseServerReads : .resumeServerReads) }
+            if state == .linked || state == .passThrough {
+                actions.append(pauseServer ? .pauseServerReads : .resumeServerReads)
+            }
         }
     }
 

@@ -137,6 +137,7 @@ extension ClientSession {
             write(out, into: &actions)
         }
         do {
+            replication = try ReplicationMode.parse(startup.parameters["replication"])
             // With session_state = track, any parameter is kept as a setting and replayed.
             let keeps =
                 config.database(named: database).map { config.sessionState(database: $0, user: user) } != .ignore
@@ -243,6 +244,10 @@ extension ClientSession {
         switch destination {
         case .failure(let refusal):
             close(refusal.error, reason: refusal.reason, into: &actions)
+        case .success(.adminConsole) where replication != nil:
+            close(
+                .fatal(SQLState.featureNotSupported, "replication connections to the admin console are not supported"),
+                reason: "replication to the console", into: &actions)
         case .success(.adminConsole(let readOnly)):
             adminReadOnly = readOnly
             state = .admin
@@ -261,6 +266,12 @@ extension ClientSession {
             actions.append(.flushClient)
             actions.append(.loginDone)
         case .success(.pool):
+            if replication != nil {
+                // Unpooled: a server of its own, then every byte passes through.
+                state = .awaitingWelcome
+                actions.append(.openReplicationServer)
+                return
+            }
             actions.append(.joinPool)
         }
     }
@@ -414,6 +425,7 @@ extension ClientSession {
         _ request: LoginRequest, method: AuthType, known: PasswordSecret?, canLookUp: Bool, config: Config
     ) -> Result<SecretSource, Refusal> {
         if let known { return .success(.known(known)) }
+        if request.isPoolerOwnConsoleLogin, isAdminConsole(request.database, config: config) { return .success(.none) }
         let lookUp = isAdminConsole(request.database, config: config) ? config.global.authDBName != nil : canLookUp
         guard method != .trust, lookUp else {
             if method == .trust, config.global.authFile != nil, config.global.authType != .hba {

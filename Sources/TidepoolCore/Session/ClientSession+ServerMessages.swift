@@ -7,7 +7,10 @@ extension ClientSession {
     public mutating func serverBytes(
         _ data: ByteBuffer, now: NIODeadline, into actions: inout Actions
     ) {
-        guard state == .linked, let server else { return }
+        guard state == .linked, let server else {
+            if state == .passThrough { passThroughServerBytes(data, into: &actions) }
+            return
+        }
         traffic.sent += data.readableBytes
         var buffer = data
         if readyHold == .held {
@@ -204,7 +207,7 @@ extension ClientSession {
     /// PgBouncer's words and SQLSTATE, which applications match to retry (libpq's own "server
     /// closed the connection unexpectedly" would hide whether the pooler said anything).
     public mutating func serverLost(unused: Bool = false, now: NIODeadline, into actions: inout Actions) {
-        guard state == .linked else { return }
+        guard state == .linked || state == .passThrough else { return }
         if requeueAfterLoss(unused: unused, now: now, into: &actions) { return }
         server = nil
         state = .idle

@@ -106,7 +106,7 @@ extension ClientSession {
         switch state {
         case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome: "login"
         case .waiting: "waiting"
-        case .linked: "active"
+        case .linked, .passThrough: "active"
         case .idle, .admin: "idle"
         case .closed: "closed"
         }

@@ -36,6 +36,8 @@ public struct ClientSession {
         /// Queued for a server.
         case waiting
         case linked
+        /// A replication connection on a server of its own: every byte passes through both ways.
+        case passThrough
         /// Connected to the admin console (`adminReadOnly`: as a stats_users user).
         case admin
         case closed
@@ -110,6 +112,9 @@ public struct ClientSession {
         case joinPool
         /// The client is logged in: client_login_timeout no longer applies.
         case loginDone
+        /// A replication connection: open a server connection of its own (with the client's
+        /// `replication` and other startup parameters), then call `passThroughStarted`.
+        case openReplicationServer
 
         // Flow control (`ClientSession+FlowControl.swift`).
         /// Stop reading the client until `resumeClientReads`.
@@ -121,6 +126,8 @@ public struct ClientSession {
     }
 
     public internal(set) var state = State.startup
+    /// A replication connection's kind (the `replication` startup parameter).
+    public internal(set) var replication: ReplicationMode?
     /// Who logged in, to which database.
     public internal(set) var user = ""
     public internal(set) var database = ""
@@ -369,7 +376,10 @@ public struct ClientSession {
         if state == .closed { return }
         self.serverResetQuery = serverResetQuery
         serverResetQueryAlways = resetAlways
-        if state == .linked {
+        if state == .passThrough {
+            actions.append(.releaseServer(reusable: false))
+            server = nil
+        } else if state == .linked {
             let clean = serverIsClean
             if clean, let sessionState, let reset = sessionState.resetForRelease() {
                 actions.append(.resetAndReleaseServer(reset))

@@ -69,7 +69,7 @@ public enum StartupParameters {
             case "user", "database":
                 continue
             case "replication":
-                throw PostgresError.fatal(SQLState.featureNotSupported, "replication connections are not supported")
+                continue  // a replication connection (`ReplicationMode`), passed through unpooled
             case "options":
                 if ignoredSet.contains("options") { continue }
                 for (key, v) in try parseOptions(value) {
@@ -133,5 +133,27 @@ extension Substring {
     /// PostgreSQL reads `-` in an option's name as `_` (`--search-path=x`).
     func replacingDashes() -> String {
         String(self.map { $0 == "-" ? "_" : $0 })
+    }
+}
+
+/// A replication connection's kind, from the StartupMessage's `replication` parameter: passed
+/// through unpooled on a server connection of its own, as PgBouncer 1.23+.
+public enum ReplicationMode: String, Sendable, Equatable {
+    /// `replication=true` (on, yes, 1): physical replication (pg_basebackup, pg_receivewal).
+    case physical
+    /// `replication=database`: logical replication (subscriptions, pg_recvlogical).
+    case logical
+
+    /// The mode a `replication` value asks for; nil for a normal connection (false, off, no, 0).
+    public static func parse(_ value: String?) throws(PostgresError) -> ReplicationMode? {
+        guard let value else { return nil }
+        switch value.lowercased() {
+        case "database": return .logical
+        case "true", "on", "yes", "1": return .physical
+        case "false", "off", "no", "0": return nil
+        default:
+            throw PostgresError.fatal(
+                SQLState.invalidParameterValue, "invalid value for parameter \"replication\": \"\(value)\"")
+        }
     }
 }

@@ -1,0 +1,80 @@
+import NIOCore
+import Synchronization
+import TidepoolCore
+
+/// A replication connection's own server (`ClientSession+PassThrough`): opened for one client,
+/// outside the pool (but within max_db_connections / max_user_connections), closed with it.
+final class ReplicationDriver: PoolDriving, @unchecked Sendable {
+    let key: PoolKey
+    unowned(unsafe) let pooler: Pooler
+    let client: ClientConnection
+    /// The slot in the limits is given back once (close, failure or loss, whichever comes first).
+    private let holdsSlot = Atomic<Bool>(true)
+
+    init(key: PoolKey, pooler: Pooler, client: ClientConnection) {
+        self.key = key
+        self.pooler = pooler
+        self.client = client
+    }
+
+    func releaseSlot() {
+        guard holdsSlot.exchange(false, ordering: .relaxed) else { return }
+        let key = self.key
+        pooler.shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
+    }
+
+    func serverLoggedIn(_ server: ServerConnection) {
+        let client = self.client
+        client.onLoop { client.replicationServerReady(server) }
+    }
+
+    func serverConnectFailed(_ server: ServerConnection, error: PostgresError) {
+        releaseSlot()
+        pooler.logger.warning("replication server connection for \(key) failed: \(error.message)")
+        let client = self.client
+        client.onLoop { client.replicationServerFailed(error) }
+    }
+
+    /// The client is done: its server is closed, never pooled.
+    func release(_ server: ServerConnection, reusable: Bool) {
+        server.terminate()
+        releaseSlot()
+    }
+
+    func serverClosed(_ server: ServerConnection) { releaseSlot() }
+    func requestServer(for client: ClientConnection) {}
+    func clientGaveUp(_ id: ClientID) {}
+    func checkFinished(_ server: ServerConnection, ok: Bool) {}
+    func listenerMessage(_ server: ServerConnection, type: UInt8, body: ByteBuffer) {}
+}
+
+extension Pooler {
+    /// Opens a replication client's own server, with its `replication` parameter and the
+    /// parameters it asked for (application_name and the like).
+    func openReplicationServer(for client: ClientConnection) {
+        let session = client.session
+        let config = self.config
+        guard let database = config.database(named: session.database), let mode = session.replication else { return }
+        let key = PoolKey(database: session.database, user: database.user ?? session.user)
+        let now = NIODeadline.now()
+        var granted = false
+        withShared { s in
+            var actions = makePoolIfNew(key, database: database, in: &s.pools, now: now)
+            granted = s.pools.unpooledServerOpening(key, into: &actions)
+            return actions
+        }
+        guard granted else {
+            client.replicationServerFailed(
+                .fatal(
+                    SQLState.tooManyConnections,
+                    "no more connections allowed (max_db_connections or max_user_connections)"))
+            return
+        }
+        var startup = [("replication", mode == .logical ? "database" : "true")]
+        for (name, value) in session.wanted.sorted(by: { $0.key < $1.key }) { startup.append((name, value)) }
+        let id = ServerID((1 << 62) | unpooledServerIDs.add(1, ordering: .relaxed).newValue)
+        let driver = ReplicationDriver(key: key, pooler: self, client: client)
+        _ = openServer(id, pool: key, loop: client.loopIndex, driver: driver, listens: false, startup: startup)
+        logger.info("replication connection (\(mode.rawValue)) for \(key): server \(id) opened")
+    }
+}
