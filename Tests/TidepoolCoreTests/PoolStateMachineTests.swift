@@ -189,6 +189,13 @@ extension [PoolAction] {
         #expect(pool.serverConnectFailed(up.connects[0], error: loginError, now: clock.now).failures.map(\.0) == [c(2)])
     }
 
+    /// A TLS set-up or verification failure (08001) is not waited out: a retry will not fix it.
+    @Test func aServerTLSFailureFailsTheWaitersAtOnce() {
+        let tls = PostgresError(severity: "FATAL", code: SQLState.unableToConnect, message: "server TLS: bad cert")
+        let first = pool.clientWantsServer(c(1), pool: poolA, loop: 0, now: clock.now).connects[0]
+        #expect(pool.serverConnectFailed(first, error: tls, now: clock.now).failures.map(\.0) == [c(1)])
+    }
+
     /// server_connect_fail_fast: while the database has never been reached, clients fail at once,
     /// and a probe per second (while clients ask) finds when it is back.
     @Test func unreachableDatabaseIsProbedEverySecondWhileClientsAsk() {

@@ -220,7 +220,7 @@ def test_server_connect_failure_fails_waiting_clients_fast(tidepool, pg):
     from conftest import free_port
     dead = free_port()
     t = tidepool(databases=f"dead = host=127.0.0.1 port={dead} dbname=postgres",
-                 settings="server_connect_timeout = 2\n")
+                 settings="server_connect_timeout = 2\nserver_connect_fail_fast = 1\n")
     started = time.time()
     with pytest.raises(psycopg.OperationalError) as info:
         t.connect(dbname="dead").execute("SELECT 1")

@@ -309,7 +309,7 @@ def test_server_connect_timeout_covers_a_server_that_never_answers(tidepool):
     silent.listen(16)  # the kernel accepts; nobody ever answers the startup packet
     try:
         t = tidepool(databases=f"silent = host=127.0.0.1 port={silent.getsockname()[1]} dbname=x",
-                     settings="server_connect_timeout = 1\n")
+                     settings="server_connect_timeout = 1\nserver_connect_fail_fast = 1\n")
         started = time.time()
         with pytest.raises(psycopg.OperationalError) as info:
             t.connect(dbname="silent")

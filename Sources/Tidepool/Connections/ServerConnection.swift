@@ -282,7 +282,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         pooler.logger.debug("server \(id) error: \(error)")
         // TLS negotiation or handshake failed while connecting: the pool learns why.
-        run(session.fail(error as? PostgresError ?? .fatal(SQLState.connectionFailure, "server TLS: \(error)")))
+        run(session.fail(error as? PostgresError ?? .fatal(SQLState.unableToConnect, "server TLS: \(error)")))
     }
 
     // MARK: Used by the linked client (from any event loop)

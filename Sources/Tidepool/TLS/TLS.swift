@@ -166,7 +166,7 @@ final class ServerTLSNegotiator: ChannelInboundHandler, RemovableChannelHandler 
     }
 
     func fail(_ context: ChannelHandlerContext, _ message: String) {
-        context.fireErrorCaught(PostgresError.fatal(SQLState.connectionFailure, message))
+        context.fireErrorCaught(PostgresError.fatal(SQLState.unableToConnect, message))
         context.close(promise: nil)
     }
 }

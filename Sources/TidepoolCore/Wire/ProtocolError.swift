@@ -28,6 +28,9 @@ public enum SQLState {
     public static let successfulCompletion = "00000"
     public static let protocolViolation = "08P01"
     public static let connectionFailure = "08006"
+    /// sqlclient_unable_to_establish_sqlconnection: a TLS set-up or verification the server
+    /// connection failed, which a retry will not fix (the pool does not wait it out).
+    public static let unableToConnect = "08001"
     public static let cannotConnectNow = "57P03"
     public static let invalidPassword = "28P01"
     public static let invalidAuthorization = "28000"
