@@ -68,12 +68,7 @@ public struct HBARules: Equatable, Sendable {
 
     public static func parse(_ text: String, file: String = "hba") throws(ConfigError) -> HBARules {
         var result = HBARules()
-        var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            lineNumber += 1
-            let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
-            let fields = tokens(String(line))
-            guard !fields.isEmpty else { continue }
+        for (lineNumber, fields) in lines(text) {
             func fail(_ message: String) -> ConfigError {
                 ConfigError(file: file, line: lineNumber, message: message)
             }
@@ -123,6 +118,18 @@ public struct HBARules: Equatable, Sendable {
                 Rule(
                     type: type, databases: list(fields[1]), users: list(fields[2]), network: network,
                     method: method, line: lineNumber, options: options))
+        }
+        return result
+    }
+
+    /// The fields of each line that has any, with its number, in pg_hba.conf's and pg_ident.conf's
+    /// format: `#` starts a comment.
+    static func lines(_ text: String) -> [(number: Int, fields: [String])] {
+        var result: [(number: Int, fields: [String])] = []
+        for (index, rawLine) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+            let fields = tokens(String(line))
+            if !fields.isEmpty { result.append((index + 1, fields)) }
         }
         return result
     }

@@ -16,12 +16,7 @@ public struct IdentMap: Sendable {
 
     public static func parse(_ text: String, file: String = "ident") throws(ConfigError) -> IdentMap {
         var map = IdentMap()
-        var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            lineNumber += 1
-            let line = rawLine.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
-            let fields = HBARules.tokens(String(line))
-            guard !fields.isEmpty else { continue }
+        for (lineNumber, fields) in HBARules.lines(text) {
             guard fields.count == 3 else {
                 throw ConfigError(
                     file: file, line: lineNumber, message: "expected: map-name system-username database-username")
