@@ -894,6 +894,22 @@ final class SessionDriver {
         #expect(d.closedWith?.code == SQLState.invalidAuthorization)
     }
 
+    /// A DISABLEd database refuses the client before any secret is looked up (no auth_query runs
+    /// against it), with the same error as after a login.
+    @Test func aDisabledDatabaseRefusesBeforeTheLookUp() {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(
+            startup(["user": "alice", "database": "app"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.carryOut()
+        var disabled = facts(.md5, canLookUp: true)
+        disabled.databaseDisabled = true
+        d.session.registered(disabled, into: &d.actions)
+        d.carryOut()
+        #expect(!d.login.contains(.lookUpSecret))
+        #expect(d.closedWith?.code == SQLState.cannotConnectNow)
+        #expect(d.closedWith?.message == "database \"app\" does not allow connections")
+    }
+
     /// trust: registered, authenticated at once, the pool joined, welcomed, logged in.
     @Test func trustLoginGoesStraightToThePool() {
         let d = D(loggedIn: false)

@@ -514,7 +514,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
                 config: config, hba: security.hba, clientAddress: clientAddressAndPort, clientIP: ip,
                 certificateCommonName: certificateCommonName, knownSecret: pooler.userlist[session.user],
                 canLookUp: pooler.authUser(for: databaseEntry(config)) != nil, peer: unixPeer,
-                ident: security.ident),
+                ident: security.ident, databaseDisabled: pooler.isDisabled(session.database)),
             into: &actions)
     }
 

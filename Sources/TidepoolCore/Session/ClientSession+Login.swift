@@ -62,10 +62,13 @@ public struct LoginFacts: Sendable {
     public var peer: PeerCredentials?
     /// auth_ident_file's maps, for the HBA peer method.
     public var ident: IdentMap?
+    /// DISABLE: the client's database refuses new clients, before any auth_query runs there.
+    public var databaseDisabled = false
 
     public init(
         config: Config, hba: HBARules?, clientAddress: String?, clientIP: String?, certificateCommonName: String?,
-        knownSecret: PasswordSecret?, canLookUp: Bool, peer: PeerCredentials? = nil, ident: IdentMap? = nil
+        knownSecret: PasswordSecret?, canLookUp: Bool, peer: PeerCredentials? = nil, ident: IdentMap? = nil,
+        databaseDisabled: Bool = false
     ) {
         self.config = config
         self.hba = hba
@@ -76,6 +79,7 @@ public struct LoginFacts: Sendable {
         self.canLookUp = canLookUp
         self.peer = peer
         self.ident = ident
+        self.databaseDisabled = databaseDisabled
     }
 }
 
@@ -153,6 +157,10 @@ extension ClientSession {
             wanted["application_name"], clientAddress: facts.clientAddress, config: config)
         {
             wanted["application_name"] = name
+        }
+        if facts.databaseDisabled {
+            close(Self.disabledError(database), reason: "database disabled", into: &actions)
+            return
         }
         let request = LoginRequest(
             user: user, database: database, clientIP: facts.clientIP, tls: tls,
@@ -328,6 +336,10 @@ extension ClientSession {
         case pool(DatabaseEntry)
     }
 
+    static func disabledError(_ database: String) -> PostgresError {
+        .fatal(SQLState.cannotConnectNow, "database \"\(database)\" does not allow connections")
+    }
+
     /// The client asked for the admin console: database `pooler` or `pgbouncer`, unless the
     /// configuration names a real database so.
     public static func isAdminConsole(_ database: String, config: Config) -> Bool {
@@ -463,10 +475,7 @@ extension ClientSession {
                     reason: "unknown database"))
         }
         if isDisabled(request.database) {
-            return .failure(
-                Refusal(
-                    .fatal(SQLState.cannotConnectNow, "database \"\(request.database)\" does not allow connections"),
-                    reason: "database disabled"))
+            return .failure(Refusal(disabledError(request.database), reason: "database disabled"))
         }
         return .success(.pool(database))
     }
