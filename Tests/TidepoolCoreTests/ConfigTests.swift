@@ -219,6 +219,21 @@ import Testing
         #expect(config.warnings.count == 1 && config.warnings[0].contains("no effect"))
         #expect(config.displaySettings.first { $0.0 == "pkt_buf" }?.1 == "8192")
     }
+
+    /// PgBouncer 1.25 keys not carried out yet load with a warning naming each, not an error.
+    @Test func pgbouncer125KeysLoad() throws {
+        let keys = [
+            "autodb_idle_timeout = 60", "cancel_wait_timeout = 5", "client_tls13_ciphers = TLS_AES_128_GCM_SHA256",
+            "server_tls13_ciphers = TLS_AES_256_GCM_SHA384", "client_tls_ecdhcurve = auto",
+            "client_tls_dheparams = auto", "unix_socket_group = postgres", "conffile = /etc/pgbouncer.ini",
+        ]
+        let config = try Config.parse("[pgbouncer]\n" + keys.joined(separator: "\n") + "\n")
+        #expect(config.warnings.count == keys.count)
+        for key in keys {
+            let name = String(key.split(separator: " ")[0])
+            #expect(config.warnings.contains { $0.contains(name) }, "\(name)")
+        }
+    }
 }
 
 /// load_balance_hosts: which host of `host=a,b` each new server connection goes to.

@@ -380,6 +380,16 @@ public enum Settings {
             .inert("job_name", "not used"),
             .inert("service_name", "not used"),
             .inert("server_check_delay_ms", "use server_check_delay"),
+            // PgBouncer 1.25 keys read so that its configurations load; what they tune is not
+            // done yet, or not done that way here (issue 21 tracks them).
+            .inert("autodb_idle_timeout", "pools of * databases are kept"),
+            .inert("cancel_wait_timeout", "cancel requests are sent at once, never queued"),
+            .inert("client_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
+            .inert("server_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
+            .inert("client_tls_ecdhcurve", "the TLS library's curves are used"),
+            .inert("client_tls_dheparams", "the TLS library's key exchanges are used"),
+            .inert("unix_socket_group", "the Unix socket keeps the pooler's group"),
+            .inert("conffile", "RELOAD reads the file given at start"),
         ]
         return t
     }()
