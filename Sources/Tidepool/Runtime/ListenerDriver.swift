@@ -19,7 +19,6 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     /// The error of the statements in flight, if they failed.
     var commandError: String?
     var timer: Scheduled<Void>?
-    var nextID: UInt64 = 0
 
     init(key: PoolKey, pooler: Pooler, loopIndex: Int) {
         self.key = key
@@ -93,9 +92,8 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
             return
         }
         holdsSlot = true
-        nextID += 1
-        let id = ServerID((1 << 62) | (UInt64(truncatingIfNeeded: key.hashValue) & 0xFFFF_FFFF) << 16 | nextID)
-        connection = pooler.openServer(id, pool: key, loop: loopIndex, driver: self, listens: true)
+        connection = pooler.openServer(
+            pooler.unpooledServerID(), pool: key, loop: loopIndex, driver: self, listens: true)
     }
 
     private func releaseSlot() {

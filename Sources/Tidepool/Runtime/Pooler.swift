@@ -41,7 +41,7 @@ public final class Pooler: @unchecked Sendable {
     /// The stale-plan epoch of prepared statements (`PreparedStatementTracker.epoch`): raised when
     /// a server reports a cached plan gone stale, read by every client before it sends statements.
     let statementEpoch = Atomic<Int>(0)
-    /// Numbers the server connections opened outside the pools (replication).
+    /// Numbers the server connections opened outside the pools (`unpooledServerID`).
     let unpooledServerIDs = Atomic<UInt64>(0)
     let knownStatements = NIOLockedValueBox(Set<String>())
 

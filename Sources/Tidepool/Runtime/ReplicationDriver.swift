@@ -49,6 +49,12 @@ final class ReplicationDriver: PoolDriving, @unchecked Sendable {
 }
 
 extension Pooler {
+    /// A number for a server connection outside the pools (a listener, a replication client's),
+    /// from a range the pool state machine's numbers never reach.
+    func unpooledServerID() -> ServerID {
+        ServerID((1 << 62) | unpooledServerIDs.add(1, ordering: .relaxed).newValue)
+    }
+
     /// Opens a replication client's own server, with its `replication` parameter and the
     /// parameters it asked for (application_name and the like).
     func openReplicationServer(for client: ClientConnection) {
@@ -72,7 +78,7 @@ extension Pooler {
         }
         var startup = [("replication", mode == .logical ? "database" : "true")]
         for (name, value) in session.wanted.sorted(by: { $0.key < $1.key }) { startup.append((name, value)) }
-        let id = ServerID((1 << 62) | unpooledServerIDs.add(1, ordering: .relaxed).newValue)
+        let id = unpooledServerID()
         let driver = ReplicationDriver(key: key, pooler: self, client: client)
         _ = openServer(id, pool: key, loop: client.loopIndex, driver: driver, listens: false, startup: startup)
         logger.info("replication connection (\(mode.rawValue)) for \(key): server \(id) opened")
