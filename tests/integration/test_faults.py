@@ -141,6 +141,45 @@ def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
     assert settle_fds(t, baseline) <= baseline + 4 + 10
 
 
+def test_socket_reset_during_tls_negotiation_is_waited_out(tidepool):
+    """A server socket reset while TLS is being negotiated (PostgreSQL stopping as the SSLRequest
+    arrives) is a lost connection that clients wait through, not a TLS set-up refusal that fails them
+    at once."""
+    import socket
+    import struct
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    stop = threading.Event()
+
+    def reset_each_after_sslrequest():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(8)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # RST: the pooler's read fails with ECONNRESET
+
+    resetter = threading.Thread(target=reset_each_after_sslrequest, daemon=True)
+    resetter.start()
+    try:
+        t = tidepool(databases=f"* = host=127.0.0.1 port={listener.getsockname()[1]}",
+                     settings="server_tls_sslmode = prefer\nquery_wait_timeout = 2\n")
+        started = time.time()
+        with pytest.raises(psycopg.OperationalError) as info:
+            t.connect().execute("SELECT 1")
+        # Told at query_wait_timeout, with the reason there was no server.
+        assert time.time() - started >= 1.5, str(info.value)
+        assert "Connection reset by peer" in str(info.value) and "TLS" not in str(info.value), str(info.value)
+    finally:
+        stop.set()
+        resetter.join()
+        listener.close()
+
+
 def raw_startup(port, user="postgres", database="postgres"):
     """A socket that has logged in with the v3 protocol (trust) and read up to ReadyForQuery."""
     import socket

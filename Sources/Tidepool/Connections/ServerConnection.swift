@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import TidepoolCore
 
 /// One connection from the pooler to PostgreSQL. It logs in, then either sits idle in the pool
@@ -281,8 +282,16 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         pooler.logger.debug("server \(id) error: \(error)")
-        // TLS negotiation or handshake failed while connecting: the pool learns why.
-        run(session.fail(error as? PostgresError ?? .fatal(SQLState.unableToConnect, "server TLS: \(error)")))
+        // The pool learns why: a refused TLS set-up or certificate is not waited out (08001), a
+        // socket reset or closed mid-negotiation (PostgreSQL stopping) is (08006).
+        let failure: PostgresError
+        switch error {
+        case let error as PostgresError: failure = error
+        case is IOError, is ChannelError, NIOSSLError.uncleanShutdown:
+            failure = .fatal(SQLState.connectionFailure, "server connection: \(error)")
+        default: failure = .fatal(SQLState.unableToConnect, "server TLS: \(error)")
+        }
+        run(session.fail(failure))
     }
 
     // MARK: Used by the linked client (from any event loop)
