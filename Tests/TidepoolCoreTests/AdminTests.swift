@@ -108,6 +108,7 @@ import Testing
             "DATABASES": AdminViews.databases(config, currentConnections: ["a": 2]),
             "USERS": AdminViews.users(config, poolUsers: ["u", "v"], serverConnections: ["u": 2]),
             "CLIENTS": AdminViews.connections([client, loggingIn], type: "C"),
+            "SOCKETS": AdminViews.sockets(clients: [client], servers: [loggingIn], activeOnly: false),
             "STATS": AdminViews.stats(traffic, databases: ["a"]),
             "STATS_TOTALS": AdminViews.statsTotals(traffic, databases: ["a"]),
             "STATS_AVERAGES": AdminViews.statsAverages(traffic, databases: ["a"]),
@@ -150,6 +151,41 @@ import Testing
         let id = views["CLIENTS"]!.columns.firstIndex(of: "id")!
         #expect(views["CLIENTS"]!.rows.contains { $0[id] == nil })
         #expect(views["USERS"]!.rows.contains { $0[1] == nil })
+    }
+
+    /// SHOW SOCKETS: SHOW CLIENTS' PgBouncer columns with PgBouncer's internal state names, then
+    /// its seven buffer columns, then Tidepool's; ACTIVE_SOCKETS only the sockets holding bytes.
+    @Test func socketsListClientsAndServersWithTheirBuffers() {
+        var idle = ConnectionRow()
+        idle.state = "idle"
+        idle.id = "1"
+        var reading = ConnectionRow()
+        reading.state = "active"
+        reading.id = "2"
+        reading.received = 300
+        var server = ConnectionRow()
+        server.state = "idle"
+        server.id = "9"
+        server.queued = 40
+        let all = AdminViews.sockets(clients: [idle, reading], servers: [server], activeOnly: false)
+        let clientColumns = AdminViews.connections([], type: "C").columns
+        #expect(Array(all.columns.prefix(21)) == Array(clientColumns.prefix(21)))
+        #expect(
+            Array(all.columns[21...]) == [
+                "recv_pos", "pkt_pos", "pkt_remain", "send_pos", "send_remain", "pkt_avail", "send_avail",
+                "send_queued", "pinned", "pin_reason",
+            ])
+        #expect(all.rows.map { $0[4] } == ["cl_idle", "cl_active", "sv_idle"])
+        #expect(all.rows.map { $0[0] } == ["C", "C", "S"])
+        let recv = all.columns.firstIndex(of: "recv_pos")!
+        let queued = all.columns.firstIndex(of: "send_queued")!
+        #expect(all.rows.map { $0[recv] } == ["0", "300", "0"])
+        #expect(all.rows.map { $0[queued] } == ["0", "0", "40"])
+        let active = AdminViews.sockets(clients: [idle, reading], servers: [server], activeOnly: true)
+        #expect(active.columns == all.columns)
+        #expect(active.rows.map { $0[0]! + $0[4]! } == ["Ccl_active", "Ssv_idle"])
+        #expect(AdminViews.dnsHosts().columns == ["hostname", "ttl", "addrs"])
+        #expect(AdminViews.dnsZones().columns == ["zonename", "serial", "count"])
     }
 
     @Test func showConfigHasNoSecrets() throws {

@@ -96,6 +96,20 @@ def test_every_show_view_under_known_load(tidepool, pg):
             for s in servers:
                 assert client_ptrs[s["link"]]["link"] == s["ptr"]
 
+            # SHOW SOCKETS: every client and server, PgBouncer's internal state names and buffer
+            # columns; the waiting clients' queries are read and held (not yet passed on).
+            sockets = rows(a, "SHOW SOCKETS")
+            mine = [r for r in sockets if r["database"] == "postgres"]
+            assert [r["type"] for r in mine].count("C") == 50 and [r["type"] for r in mine].count("S") == 5
+            assert {r["state"] for r in mine} == {"cl_active", "cl_waiting", "sv_active"}
+            assert list(sockets[0].keys())[21:28] == ["recv_pos", "pkt_pos", "pkt_remain", "send_pos",
+                                                      "send_remain", "pkt_avail", "send_avail"]
+            assert all(r["recv_pos"] > 0 for r in mine if r["state"] == "cl_waiting")
+            active = rows(a, "SHOW ACTIVE_SOCKETS")
+            assert {r["ptr"] for r in active} <= {r["ptr"] for r in sockets}
+            assert len([r for r in active if r["state"] == "cl_waiting"]) == 45
+            assert rows(a, "SHOW DNS_HOSTS") == [] and rows(a, "SHOW DNS_ZONES") == []
+
             users = by(rows(a, "SHOW USERS"), "name")
             assert users["postgres"]["pool_mode"] == "transaction"
             assert users["postgres"]["current_connections"] == 5
@@ -126,7 +140,7 @@ def test_every_show_view_under_known_load(tidepool, pg):
             # every value of a number column (and fails on one that is not a number).
             types = {}
             for what in ("POOLS", "CLIENTS", "SERVERS", "DATABASES", "USERS", "LISTS", "MEM", "STATS",
-                         "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "LATENCY", "STATE", "CONFIG"):
+                         "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "LATENCY", "STATE", "CONFIG", "SOCKETS"):
                 cur = a.execute(f"SHOW {what}")
                 assert cur.fetchall()
                 types[what] = {d.name: d.type_code for d in cur.description}

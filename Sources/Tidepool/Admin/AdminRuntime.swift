@@ -214,22 +214,17 @@ extension Pooler {
                 ])
             }
         case "CLIENTS":
-            let clients = shared.withLockedValue { Array($0.clients.values) }
-            let rows = clients.map { client in client.channel.eventLoop.submit { client.describe() } }
-            return EventLoopFuture.whenAllSucceed(rows, on: loop).map { AdminViews.connections($0, type: "C") }
+            return clientRows(on: loop).map { AdminViews.connections($0, type: "C") }
         case "SERVERS":
-            let (servers, closing) = shared.withLockedValue { s in
-                (Array(s.servers.values), Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) }))
+            return serverRows(on: loop).map { AdminViews.connections($0, type: "S") }
+        case "SOCKETS", "ACTIVE_SOCKETS":
+            return clientRows(on: loop).and(serverRows(on: loop)).map { clients, servers in
+                AdminViews.sockets(clients: clients, servers: servers, activeOnly: what == "ACTIVE_SOCKETS")
             }
-            // Asked on each server's own loop; one still being connected (no channel yet) is left out.
-            let rows: [EventLoopFuture<ConnectionRow?>] = servers.map { server in
-                server.eventLoop.submit {
-                    server.channel == nil ? nil : server.describe(closeNeeded: closing.contains(server.id))
-                }
-            }
-            return EventLoopFuture.whenAllSucceed(rows, on: loop).map {
-                AdminViews.connections($0.compactMap { $0 }, type: "S")
-            }
+        case "DNS_HOSTS":
+            return loop.makeSucceededFuture(AdminViews.dnsHosts())
+        case "DNS_ZONES":
+            return loop.makeSucceededFuture(AdminViews.dnsZones())
         case "LATENCY":
             let books = loops.enumerated().map { index, l in l.submit { [self] in loopLatency[index].book } }
             return EventLoopFuture.whenAllSucceed(books, on: loop).map { books in
@@ -252,6 +247,27 @@ extension Pooler {
         default:
             throw PostgresError(code: SQLState.syntaxError, message: "unknown SHOW item \(what), use SHOW HELP;")
         }
+    }
+
+    /// Every client as SHOW CLIENTS lists it, each asked on its own loop.
+    func clientRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
+        let clients = shared.withLockedValue { Array($0.clients.values) }
+        let rows = clients.map { client in client.channel.eventLoop.submit { client.describe() } }
+        return EventLoopFuture.whenAllSucceed(rows, on: loop)
+    }
+
+    /// Every server as SHOW SERVERS lists it, each asked on its own loop; one still being connected
+    /// (no channel yet) is left out.
+    func serverRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
+        let (servers, closing) = shared.withLockedValue { s in
+            (Array(s.servers.values), Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) }))
+        }
+        let rows: [EventLoopFuture<ConnectionRow?>] = servers.map { server in
+            server.eventLoop.submit {
+                server.channel == nil ? nil : server.describe(closeNeeded: closing.contains(server.id))
+            }
+        }
+        return EventLoopFuture.whenAllSucceed(rows, on: loop).map { $0.compactMap { $0 } }
     }
 
     /// Histograms allocated for SHOW LATENCY, roughly (three per database, span and loop).
@@ -290,6 +306,8 @@ extension ClientConnection {
             row.pinned = true
             row.pinReason = reason.name
         }
+        row.received = session.bufferedBytes
+        row.queued = queuedBytes
         return row
     }
 
@@ -328,6 +346,8 @@ extension ServerConnection {
         row.remotePID = Int(processID)
         row.applicationName = parameters["application_name"] ?? ""
         row.preparedStatements = sessionState.statements.count
+        row.received = receivedBytes
+        row.queued = queuedBytes
         return row
     }
 }

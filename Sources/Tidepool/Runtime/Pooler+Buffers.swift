@@ -30,16 +30,17 @@ struct BufferFigures: Sendable {
 
 extension ClientConnection {
     /// Bytes queued toward the client plus bytes its session holds (on the client's loop).
-    var bufferedBytes: Int {
-        ((try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0) + session.bufferedBytes
-    }
+    var bufferedBytes: Int { queuedBytes + session.bufferedBytes }
+
+    var queuedBytes: Int { (try? channel.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
 }
 
 extension ServerConnection {
     /// Bytes queued toward the server plus bytes read and not passed on (on the server's loop).
-    var bufferedBytes: Int {
-        ((try? channel?.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0) + (inbound.bytes?.readableBytes ?? 0)
-    }
+    var bufferedBytes: Int { queuedBytes + receivedBytes }
+
+    var queuedBytes: Int { (try? channel?.syncOptions?.getOption(.bufferedWritableBytes)) ?? 0 }
+    var receivedBytes: Int { inbound.bytes?.readableBytes ?? 0 }
 }
 
 extension Pooler {

@@ -249,7 +249,8 @@ public enum AdminViews {
     public static let helpText = [
         "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION",
         "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
-        "SHOW LATENCY|LISTS|LISTENS|STATE|MEM", "SET key = arg", "RELOAD", "PAUSE [<db>]", "RESUME [<db>]",
+        "SHOW LATENCY|LISTS|LISTENS|STATE|MEM", "SHOW SOCKETS|ACTIVE_SOCKETS|DNS_HOSTS|DNS_ZONES", "SET key = arg",
+        "RELOAD", "PAUSE [<db>]", "RESUME [<db>]",
         "DISABLE <db>",
         "ENABLE <db>", "RECONNECT [<db>]", "KILL [<db>]", "KILL_CLIENT <id>", "SUSPEND", "SHUTDOWN",
         "SHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS", "WAIT_CLOSE [<db>]",
@@ -314,6 +315,9 @@ public struct ConnectionRow: Sendable, Equatable {
     /// The client keeps its server for session state (`SessionState`), and why.
     public var pinned = false
     public var pinReason = ""
+    /// Bytes read from the connection and not yet passed on, and bytes queued toward it.
+    public var received = 0
+    public var queued = 0
 
     public init() {}
 }
@@ -341,18 +345,61 @@ extension AdminViews {
 
     /// SHOW CLIENTS (type C) and SHOW SERVERS (type S), PgBouncer 1.25's columns.
     public static func connections(_ rows: [ConnectionRow], type: String) -> AdminResult {
-        let sorted = rows.sorted { ($0.database, $0.user, $0.id) < ($1.database, $1.user, $1.id) }
-        return AdminResult(
+        AdminResult(
             columns: connectionColumns, types: connectionTypes,
-            rows: sorted.map { r in
-                [
-                    type, r.user, r.database, r.replication, r.state, r.address, "\(r.port)", r.localAddress,
-                    "\(r.localPort)", timestamp(r.connectTime), timestamp(r.requestTime),
-                    "\(r.waitMicroseconds / 1_000_000)", "\(r.waitMicroseconds % 1_000_000)", r.closeNeeded ? "1" : "0",
-                    "\(type)-\(r.id)", r.link.isEmpty ? nil : r.link, "\(r.remotePID)", nil, r.applicationName,
-                    "\(r.preparedStatements)", r.id.isEmpty ? nil : r.id, r.pinned ? "1" : "0", r.pinReason,
-                ]
+            rows: sortedConnections(rows).map { r in
+                pgbouncerFields(r, type: type, state: r.state) + [r.pinned ? "1" : "0", r.pinReason]
             })
+    }
+
+    static func sortedConnections(_ rows: [ConnectionRow]) -> [ConnectionRow] {
+        rows.sorted { ($0.database, $0.user, $0.id) < ($1.database, $1.user, $1.id) }
+    }
+
+    /// The fields of SHOW CLIENTS, SERVERS and SOCKETS that PgBouncer has, in its order.
+    static func pgbouncerFields(_ r: ConnectionRow, type: String, state: String) -> [String?] {
+        [
+            type, r.user, r.database, r.replication, state, r.address, "\(r.port)", r.localAddress,
+            "\(r.localPort)", timestamp(r.connectTime), timestamp(r.requestTime),
+            "\(r.waitMicroseconds / 1_000_000)", "\(r.waitMicroseconds % 1_000_000)", r.closeNeeded ? "1" : "0",
+            "\(type)-\(r.id)", r.link.isEmpty ? nil : r.link, "\(r.remotePID)", nil, r.applicationName,
+            "\(r.preparedStatements)", r.id.isEmpty ? nil : r.id,
+        ]
+    }
+
+    /// SHOW SOCKETS and SHOW ACTIVE_SOCKETS: clients and servers with PgBouncer's internal state
+    /// names (cl_active, sv_idle...) and its buffer columns, then Tidepool's. Tidepool passes bytes
+    /// on as it parses them, so there is no parsed-but-unsent part: recv_pos, pkt_avail and
+    /// send_avail are all the bytes read and not passed on, the positions 0, and what is queued
+    /// toward the connection goes in send_queued. ACTIVE_SOCKETS lists the sockets holding bytes.
+    public static func sockets(clients: [ConnectionRow], servers: [ConnectionRow], activeOnly: Bool) -> AdminResult {
+        let standard = connectionColumns.count - 2  // without pinned, pin_reason
+        let columns =
+            connectionColumns.prefix(standard) + [
+                "recv_pos", "pkt_pos", "pkt_remain", "send_pos", "send_remain", "pkt_avail", "send_avail",
+                "send_queued", "pinned", "pin_reason",
+            ]
+        let types = connectionTypes.prefix(standard) + Array(repeating: .int4, count: 9) + [.text]
+        func rows(_ list: [ConnectionRow], type: String, prefix: String) -> [[String?]] {
+            sortedConnections(activeOnly ? list.filter { $0.received > 0 || $0.queued > 0 } : list).map { r in
+                let buffers = [r.received, 0, 0, 0, 0, r.received, r.received, r.queued]
+                return pgbouncerFields(r, type: type, state: "\(prefix)_\(r.state)") + buffers.map { "\($0)" }
+                    + [r.pinned ? "1" : "0", r.pinReason]
+            }
+        }
+        return AdminResult(
+            columns: Array(columns), types: Array(types),
+            rows: rows(clients, type: "C", prefix: "cl") + rows(servers, type: "S", prefix: "sv"))
+    }
+
+    /// SHOW DNS_HOSTS and SHOW DNS_ZONES: PgBouncer's columns. Tidepool keeps no DNS cache (host
+    /// names are resolved at each connect), so both are empty.
+    public static func dnsHosts() -> AdminResult {
+        AdminResult(columns: ["hostname", "ttl", "addrs"], types: [.text, .int8, .text], rows: [])
+    }
+
+    public static func dnsZones() -> AdminResult {
+        AdminResult(columns: ["zonename", "serial", "count"], types: [.text, .int8, .int4], rows: [])
     }
 
     /// SHOW USERS: the [users] entries and every user with a pool.
