@@ -168,7 +168,9 @@ import Testing
         var section = ""
         for raw in text.split(separator: "\n") {
             var line = Substring(raw)
-            if line.hasPrefix("[") { section = String(line.dropFirst().dropLast()) }
+            if line.hasPrefix("[") || line.hasPrefix(";[") {  // a section, maybe commented out
+                section = String(line.drop { $0 == ";" || $0 == "[" }.dropLast())
+            }
             guard section == "pooler", !line.hasPrefix(";;"), !line.hasPrefix("; ") else { continue }
             if line.hasPrefix(";") { line = line.dropFirst() }
             guard let eq = line.firstIndex(of: "=") else { continue }

@@ -95,9 +95,10 @@ RELEASE_BINARY = os.environ.get("TIDEPOOL_RELEASE_BIN")
 class Tidepool:
     """A running tidepool process with its own config."""
 
-    def __init__(self, pg, settings="", databases=None, users="", userlist=None, extra_args=(), binary=None):
+    def __init__(self, pg, settings="", databases=None, users="", userlist=None, extra_args=(), binary=None,
+                 port=None):
         self.dir = Path(tempfile.mkdtemp(prefix="tidepool-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self.pg = pg
         if databases is None:
             databases = f"* = host=127.0.0.1 port={pg.port}"

@@ -159,7 +159,8 @@ extension Pooler {
                     pools: snapshots.count,
                     clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
                     serversIdle: snapshots.reduce(0) { $0 + $1.idle },
-                    serversLogin: snapshots.reduce(0) { $0 + $1.connecting }))
+                    serversLogin: snapshots.reduce(0) { $0 + $1.connecting }, peers: config.peers.count,
+                    peerPools: config.peers.count))
         case "DATABASES":
             var current: [String: Int] = [:]
             var paused: Set<String> = []
@@ -221,6 +222,10 @@ extension Pooler {
             return clientRows(on: loop).and(serverRows(on: loop)).map { clients, servers in
                 AdminViews.sockets(clients: clients, servers: servers, activeOnly: what == "ACTIVE_SOCKETS")
             }
+        case "PEERS":
+            return loop.makeSucceededFuture(AdminViews.peers(config))
+        case "PEER_POOLS":
+            return loop.makeSucceededFuture(AdminViews.peerPools(config, cancels: peerCancelCounts()))
         case "DNS_HOSTS":
             return loop.makeSucceededFuture(AdminViews.dnsHosts())
         case "DNS_ZONES":
@@ -247,6 +252,11 @@ extension Pooler {
         default:
             throw PostgresError(code: SQLState.syntaxError, message: "unknown SHOW item \(what), use SHOW HELP;")
         }
+    }
+
+    /// Cancel requests in flight to each peer and queued for it.
+    func peerCancelCounts() -> [Int: (sending: Int, queued: Int)] {
+        shared.withLockedValue { $0.peerCancels.peers.mapValues { ($0.sending, $0.queued.count) } }
     }
 
     /// Every client as SHOW CLIENTS lists it, each asked on its own loop.

@@ -22,8 +22,12 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         /// Where a database entry points: a host (`host`, else the entry's first), or a directory
         /// holding PostgreSQL's socket.
         init(_ database: DatabaseEntry?, host chosen: String? = nil) {
-            let host = chosen ?? database?.hosts.first ?? "/var/run/postgresql"
-            let port = database?.port ?? 5432
+            self.init(host: chosen ?? database?.hosts.first, port: database?.port ?? 5432)
+        }
+
+        /// A host name, address or socket directory (PostgreSQL's socket file name in it) and port.
+        init(host: String?, port: Int) {
+            let host = host ?? "/var/run/postgresql"
             self = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
         }
 

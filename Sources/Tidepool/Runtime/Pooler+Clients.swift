@@ -62,12 +62,13 @@ extension Pooler {
     /// Gives a logged-in client a cancel key of its own.
     func issueCancelKey(for client: ClientConnection) -> (Int32, Int32) {
         var g = SystemRandomNumberGenerator()
+        let peerID = config.global.peerID
         return shared.withLockedValue { s in
             while true {
                 // One draw (a getrandom system call) gives both halves; process IDs are positive.
                 let bits = g.next()
                 let key = CancelKey(
-                    processID: Int32(truncatingIfNeeded: bits & 0x7FFF_FFFF),
+                    processID: Peering.processID(peerID: peerID, random: UInt32(truncatingIfNeeded: bits)),
                     secretKey: Int32(truncatingIfNeeded: bits >> 32))
                 if key.processID != 0, s.cancelKeys[key] == nil {
                     s.cancelKeys[key] = client
@@ -138,8 +139,19 @@ extension Pooler {
         }
     }
 
-    /// Passes a CancelRequest on to the backend the client is using right now, if any.
-    func cancel(processID: Int32, secretKey: Int32) {
+    /// Passes a CancelRequest on to the backend the client is using right now, if any, or to the
+    /// peer process that issued the key.
+    func cancel(processID received: Int32, secretKey: Int32) {
+        let config = self.config
+        let processID: Int32
+        switch Peering.route(processID: received, ownPeerID: config.global.peerID, peers: config.peers.keys) {
+        case .local(let id): processID = id
+        case .forward(let peer, let id):
+            return forwardCancel(processID: id, secretKey: secretKey, to: config.peers[peer]!)
+        case .unknownPeer(let peer):
+            logger.warning("cancel request for peer \(peer), which is not in [peers]: ignored")
+            return
+        }
         let client = shared.withLockedValue { $0.cancelKeys[CancelKey(processID: processID, secretKey: secretKey)] }
         guard let client else {
             logger.debug("cancel request with an unknown key ignored")
@@ -160,6 +172,27 @@ extension Pooler {
         return connecting.flatMap { channel in
             channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
             return channel.writeAndFlush(packet).flatMap { channel.closeFuture }
+        }
+    }
+
+    /// Passes a cancel request on to the peer that issued its key, within the peer's pool_size.
+    func forwardCancel(processID: Int32, secretKey: Int32, to peer: PeerEntry) {
+        let target = ServerConnection.CancelTarget(
+            address: ServerConnection.Address(host: peer.host, port: peer.port), processID: processID,
+            secretKey: secretKey)
+        let limit = peer.poolSize ?? config.global.defaultPoolSize
+        let now = shared.withLockedValue { $0.peerCancels.submit(target, peer: peer.id, limit: limit) }
+        if let now { sendToPeer(now, peer: peer.id) }
+    }
+
+    private func sendToPeer(_ target: ServerConnection.CancelTarget, peer: Int) {
+        sendCancel(to: target).whenComplete { [self] result in
+            if case .failure(let error) = result {
+                logger.warning("cancel request for peer \(peer) not passed on: \(error)")
+            }
+            if let next = shared.withLockedValue({ $0.peerCancels.finished(peer: peer) }) {
+                sendToPeer(next, peer: peer)
+            }
         }
     }
 }

@@ -121,6 +121,8 @@ public final class Pooler: @unchecked Sendable {
         /// Each pool's listener (LISTEN in transaction and statement pooling), made when a client
         /// of the pool first listens.
         var listeners: [PoolKey: ListenerDriver] = [:]
+        /// Cancel requests being passed on to [peers].
+        var peerCancels = PeerCancels<ServerConnection.CancelTarget>()
     }
 
     public init(

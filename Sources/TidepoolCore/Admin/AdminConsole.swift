@@ -181,10 +181,11 @@ public enum AdminViews {
     }
 
     public static func lists(
-        databases: Int, users: Int, pools: Int, clients: Int, serversUsed: Int, serversIdle: Int, serversLogin: Int
+        databases: Int, users: Int, pools: Int, clients: Int, serversUsed: Int, serversIdle: Int, serversLogin: Int,
+        peers: Int = 0, peerPools: Int = 0
     ) -> AdminResult {
         let items: [(String, Int)] = [
-            ("databases", databases), ("users", users), ("peers", 0), ("pools", pools), ("peer_pools", 0),
+            ("databases", databases), ("users", users), ("peers", peers), ("pools", pools), ("peer_pools", peerPools),
             ("free_clients", 0), ("used_clients", clients), ("login_clients", 0), ("free_servers", 0),
             ("used_servers", serversUsed + serversIdle + serversLogin), ("dns_names", 0), ("dns_zones", 0),
             ("dns_queries", 0), ("dns_pending", 0),
@@ -249,7 +250,8 @@ public enum AdminViews {
     public static let helpText = [
         "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION",
         "SHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS",
-        "SHOW LATENCY|LISTS|LISTENS|STATE|MEM", "SHOW SOCKETS|ACTIVE_SOCKETS|DNS_HOSTS|DNS_ZONES", "SET key = arg",
+        "SHOW LATENCY|LISTS|LISTENS|STATE|MEM", "SHOW SOCKETS|ACTIVE_SOCKETS|DNS_HOSTS|DNS_ZONES|PEERS|PEER_POOLS",
+        "SET key = arg",
         "RELOAD", "PAUSE [<db>]", "RESUME [<db>]",
         "DISABLE <db>",
         "ENABLE <db>", "RECONNECT [<db>]", "KILL [<db>]", "KILL_CLIENT <id>", "SUSPEND", "SHUTDOWN",
@@ -390,6 +392,27 @@ extension AdminViews {
         return AdminResult(
             columns: Array(columns), types: Array(types),
             rows: rows(clients, type: "C", prefix: "cl") + rows(servers, type: "S", prefix: "sv"))
+    }
+
+    /// SHOW PEERS: the [peers] entries.
+    public static func peers(_ config: Config) -> AdminResult {
+        AdminResult(
+            columns: ["peer_id", "host", "port", "pool_size"], types: [.int4, .text, .int4, .int4],
+            rows: config.peers.values.sorted { $0.id < $1.id }.map { p in
+                ["\(p.id)", p.host, "\(p.port)", "\(p.poolSize ?? config.global.defaultPoolSize)"]
+            })
+    }
+
+    /// SHOW PEER_POOLS: one row per [peers] entry, with the cancel requests passed on to it in
+    /// flight and those queued behind its pool_size.
+    public static func peerPools(_ config: Config, cancels: [Int: (sending: Int, queued: Int)]) -> AdminResult {
+        AdminResult(
+            columns: ["database", "cl_active_cancel_req", "cl_waiting_cancel_req", "sv_active_cancel", "sv_login"],
+            types: [.text, .int4, .int4, .int4, .int4],
+            rows: config.peers.keys.sorted().map { id in
+                let p = cancels[id] ?? (0, 0)
+                return ["\(id)", "\(p.sending)", "\(p.queued)", "\(p.sending)", "0"]
+            })
     }
 
     /// SHOW DNS_HOSTS and SHOW DNS_ZONES: PgBouncer's columns. Tidepool keeps no DNS cache (host

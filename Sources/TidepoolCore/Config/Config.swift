@@ -125,6 +125,8 @@ public struct GlobalSettings: Equatable, Sendable {
     /// so_reuseport: other processes may listen on the same TCP port too (the kernel spreads new
     /// connections). Tidepool itself always listens with one socket per event-loop thread.
     public var soReuseport = false
+    /// This process's number among the [peers] (0: peering off).
+    public var peerID = 0
     public var ignoreStartupParameters: [String] = []
     public var applicationNameAddHost = false
     public var statsPeriod = TimeAmount.seconds(60)
@@ -216,11 +218,24 @@ public struct UserEntry: Equatable, Sendable {
     public init(name: String) { self.name = name }
 }
 
+/// One `[peers]` entry: another pooler process behind the same address, to which cancel
+/// requests for its clients are passed on.
+public struct PeerEntry: Equatable, Sendable {
+    public var id: Int
+    public var host: String?
+    public var port = 6432
+    /// Cancel requests passed on to it at once, at most.
+    public var poolSize: Int?
+
+    public init(id: Int) { self.id = id }
+}
+
 /// The whole configuration.
 public struct Config: Equatable, Sendable {
     public var global = GlobalSettings()
     public var databases: [String: DatabaseEntry] = [:]
     public var users: [String: UserEntry] = [:]
+    public var peers: [Int: PeerEntry] = [:]
     /// Unknown keys met while loading: (file:line, key).
     public var warnings: [String] = []
 
@@ -300,7 +315,8 @@ public struct Config: Equatable, Sendable {
             case "users":
                 config.users[entry.key] = try parseUser(entry)
             case "peers":
-                config.warnings.append("\(entry.file):\(entry.line): [peers] is not supported; ignored")
+                let peer = try parsePeer(entry)
+                config.peers[peer.id] = peer
             default:
                 config.warnings.append("\(entry.file):\(entry.line): unknown section [\(entry.section)]; ignored")
             }
@@ -329,6 +345,26 @@ public struct Config: Equatable, Sendable {
             try apply(&db, v)
         }
         return db
+    }
+
+    static func parsePeer(_ entry: IniEntry) throws(ConfigError) -> PeerEntry {
+        guard let id = Int(entry.key), Peering.peerIDs.contains(id) else {
+            throw ConfigError(
+                file: entry.file, line: entry.line, key: entry.key,
+                message: "a peer is named by its peer_id, \(Peering.peerIDs.lowerBound)..\(Peering.peerIDs.upperBound)")
+        }
+        var peer = PeerEntry(id: id)
+        for (key, _, v) in try settings(of: entry) {
+            switch key {
+            case "host": peer.host = v.text
+            case "port": peer.port = try v.int(1...65535)
+            case "pool_size": peer.poolSize = try v.int(0...100_000)
+            default:
+                throw ConfigError(
+                    file: entry.file, line: entry.line, key: entry.key, message: "unknown peer parameter \(key)")
+            }
+        }
+        return peer
     }
 
     static func parseUser(_ entry: IniEntry) throws(ConfigError) -> UserEntry {

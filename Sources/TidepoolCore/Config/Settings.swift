@@ -178,6 +178,9 @@ public enum Settings {
                 show: { "0" + String($0.unixSocketMode, radix: 8) }),
             .int("listen_backlog", \.listenBacklog, 1...65535, changeable: false, "accept queue length"),
             .bool("so_reuseport", \.soReuseport, changeable: false, "let other processes listen on the same port"),
+            .int(
+                "peer_id", \.peerID, 0...Peering.peerIDs.upperBound, changeable: false,
+                "this process's number among the [peers], carried in its cancel keys; 0: peering off"),
         ]
         // Authentication.
         t += [

@@ -1,0 +1,73 @@
+/// Several pooler processes behind one address (so_reuseport) each know only their own clients,
+/// while a client's cancel request arrives on a new connection that the kernel may hand to any of
+/// them. With peering, a cancel key says which process issued it: bits 16-29 of the process ID
+/// carry that process's peer_id, and a process that receives a key of another passes the request
+/// on to that [peers] entry. Bit 30 marks a request already passed on, so that two processes
+/// whose configurations disagree never pass one back and forth; bit 31 stays clear (process IDs
+/// are positive).
+public enum Peering {
+    public static let peerIDs = 1...16383
+    static let forwardedBit: Int32 = 1 << 30
+
+    /// The process ID half of a new cancel key: 16 random bits under `peerID`, or 31 random bits
+    /// with peering off.
+    public static func processID(peerID: Int, random: UInt32) -> Int32 {
+        guard peerIDs.contains(peerID) else { return Int32(bitPattern: random & 0x7FFF_FFFF) }
+        return Int32(peerID) << 16 | Int32(random & 0xFFFF)
+    }
+
+    public enum CancelRoute: Equatable, Sendable {
+        /// This process issued the key (or peering is off): look the client up here.
+        case local(processID: Int32)
+        /// Pass the request on to this peer, with this process ID.
+        case forward(peer: Int, processID: Int32)
+        /// The key names a peer this process does not know: nobody can act on it.
+        case unknownPeer(Int)
+    }
+
+    /// Where a cancel request with `processID` goes.
+    public static func route(processID: Int32, ownPeerID: Int, peers: some Collection<Int>) -> CancelRoute {
+        guard peerIDs.contains(ownPeerID) else { return .local(processID: processID) }
+        if processID & forwardedBit != 0 { return .local(processID: processID & ~forwardedBit) }
+        let peer = Int(processID >> 16) & 0x3FFF
+        if peer == ownPeerID || peer == 0 { return .local(processID: processID) }
+        guard peers.contains(peer) else { return .unknownPeer(peer) }
+        return .forward(peer: peer, processID: processID | forwardedBit)
+    }
+}
+
+/// Cancel requests passed on to peers: at most a peer's pool_size at once, the rest queued in
+/// arrival order (SHOW PEER_POOLS counts both).
+public struct PeerCancels<Request: Sendable>: Sendable {
+    public struct Peer: Sendable {
+        public var sending = 0
+        public var queued: [Request] = []
+    }
+
+    public private(set) var peers: [Int: Peer] = [:]
+
+    public init() {}
+
+    /// A request for `peer`: returned to be sent now, or nil when queued behind `limit` in flight.
+    public mutating func submit(_ request: Request, peer: Int, limit: Int) -> Request? {
+        if peers[peer, default: Peer()].sending < max(limit, 1) {
+            peers[peer, default: Peer()].sending += 1
+            return request
+        }
+        peers[peer, default: Peer()].queued.append(request)
+        return nil
+    }
+
+    /// One request to `peer` is done: the next queued one, to send now.
+    public mutating func finished(peer: Int) -> Request? {
+        guard var state = peers[peer] else { return nil }
+        if state.queued.isEmpty {
+            state.sending -= 1
+            peers[peer] = state.sending > 0 ? state : nil
+            return nil
+        }
+        let next = state.queued.removeFirst()
+        peers[peer] = state
+        return next
+    }
+}

@@ -1,0 +1,75 @@
+import Testing
+
+@testable import TidepoolCore
+
+@Suite struct PeeringTests {
+    @Test func cancelKeysCarryThePeerID() {
+        let id = Peering.processID(peerID: 3, random: 0xFFFF_ABCD)
+        #expect(id == 3 << 16 | 0xABCD)
+        #expect(id > 0)
+        // The largest peer_id keeps the process ID positive and clear of the passed-on bit.
+        let top = Peering.processID(peerID: 16383, random: .max)
+        #expect(top > 0 && top & Peering.forwardedBit == 0)
+        // Peering off: 31 random bits, positive.
+        #expect(Peering.processID(peerID: 0, random: .max) == Int32.max)
+    }
+
+    @Test func cancelRequestsGoToThePeerThatIssuedTheKey() {
+        let peers: Set = [1, 2, 3]
+        let mine = Peering.processID(peerID: 1, random: 77)
+        let theirs = Peering.processID(peerID: 2, random: 77)
+        #expect(Peering.route(processID: mine, ownPeerID: 1, peers: peers) == .local(processID: mine))
+        let forwarded = theirs | Peering.forwardedBit
+        #expect(Peering.route(processID: theirs, ownPeerID: 1, peers: peers) == .forward(peer: 2, processID: forwarded))
+        // The peer acts on it, never passes it on again, whatever its own [peers] says.
+        #expect(Peering.route(processID: forwarded, ownPeerID: 2, peers: peers) == .local(processID: theirs))
+        #expect(Peering.route(processID: forwarded, ownPeerID: 3, peers: peers) == .local(processID: theirs))
+        // A peer missing from [peers]; peering off: everything local.
+        let stranger = Peering.processID(peerID: 9, random: 1)
+        #expect(Peering.route(processID: stranger, ownPeerID: 1, peers: peers) == .unknownPeer(9))
+        #expect(Peering.route(processID: theirs, ownPeerID: 0, peers: peers) == .local(processID: theirs))
+    }
+
+    @Test func cancelsToAPeerWaitBehindItsPoolSize() {
+        var cancels = PeerCancels<Int>()
+        #expect(cancels.submit(1, peer: 5, limit: 2) == 1)
+        #expect(cancels.submit(2, peer: 5, limit: 2) == 2)
+        #expect(cancels.submit(3, peer: 5, limit: 2) == nil)
+        #expect(cancels.submit(4, peer: 5, limit: 2) == nil)
+        #expect(cancels.submit(9, peer: 6, limit: 2) == 9)  // another peer has its own limit
+        #expect(cancels.peers[5]?.sending == 2 && cancels.peers[5]?.queued == [3, 4])
+        #expect(cancels.finished(peer: 5) == 3)
+        #expect(cancels.finished(peer: 5) == 4)
+        #expect(cancels.finished(peer: 5) == nil)
+        #expect(cancels.peers[5]?.sending == 1)
+        #expect(cancels.finished(peer: 5) == nil)
+        #expect(cancels.peers[5] == nil)
+        // pool_size 0 still lets one through.
+        #expect(cancels.submit(7, peer: 8, limit: 0) == 7)
+    }
+
+    @Test func peersSectionAndPeerIDAreRead() throws {
+        let config = try Config.parse(
+            """
+            [pooler]
+            peer_id = 2
+            [peers]
+            1 = host=/run/p1 port=6432
+            2 = host=127.0.0.1 port=7000 pool_size=3
+            """)
+        #expect(config.global.peerID == 2)
+        #expect(config.peers[1]?.host == "/run/p1" && config.peers[1]?.poolSize == nil)
+        #expect(config.peers[2]?.port == 7000 && config.peers[2]?.poolSize == 3)
+        #expect(config.warnings.isEmpty)
+        #expect(throws: ConfigError.self) { try Config.parse("[peers]\nzero = host=x\n") }
+        #expect(throws: ConfigError.self) { try Config.parse("[peers]\n16384 = host=x\n") }
+        #expect(throws: ConfigError.self) { try Config.parse("[peers]\n1 = host=x dbname=y\n") }
+        #expect(throws: ConfigError.self) { try Config.parse("[pooler]\npeer_id = 20000\n") }
+        let views = AdminViews.peers(config)
+        #expect(views.columns == ["peer_id", "host", "port", "pool_size"])
+        #expect(views.rows == [["1", "/run/p1", "6432", "20"], ["2", "127.0.0.1", "7000", "3"]])
+        let pools = AdminViews.peerPools(config, cancels: [2: (sending: 1, queued: 4)])
+        #expect(
+            pools.columns.first == "database" && pools.rows == [["1", "0", "0", "0", "0"], ["2", "1", "4", "1", "0"]])
+    }
+}

@@ -1,0 +1,77 @@
+"""Several pooler processes on one port (so_reuseport) acting as one for cancel requests: each
+cancel key names the process that issued it, and a process that receives another's passes the
+request on to that peer ([peers], peer_id), as PgBouncer's peering does."""
+
+import threading
+import time
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from conftest import Tidepool, free_port
+from test_admin import admin, rows
+
+
+def two_peers(pg, tmp_path, peer_ids=(1, 2)):
+    port = free_port()
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    peers = "".join(f"{i} = host={d} port={port}\n" for i, d in zip((1, 2), dirs))
+    return [Tidepool(pg, port=port, settings=f"so_reuseport = 1\nthreads = 2\nunix_socket_dir = {d}\n"
+                                             f"peer_id = {peer_id}\nadmin_users = postgres\n[peers]\n{peers}")
+            for peer_id, d in zip(peer_ids, dirs)]
+
+
+def cancels_that_work(t, attempts):
+    """Runs a long query `attempts` times, each on a new connection to the shared port, and cancels
+    it through the shared port (the kernel picks either process for each): how many were cancelled."""
+    cancelled = 0
+    for _ in range(attempts):
+        with t.connect() as c:
+            outcome = []
+
+            def run():
+                try:
+                    c.execute("SELECT pg_sleep(5)")
+                    outcome.append("finished")
+                except errors.QueryCanceled:
+                    outcome.append("cancelled")
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            time.sleep(0.3)
+            c.cancel()
+            thread.join(10)
+            cancelled += outcome == ["cancelled"]
+    return cancelled
+
+
+def test_a_cancel_reaching_the_other_process_is_passed_on(pg, tmp_path):
+    a, b = two_peers(pg, tmp_path)
+    try:
+        # Both processes get clients and cancel requests; every cancel lands.
+        assert cancels_that_work(a, 8) == 8
+        with admin(a, user="postgres") as console:
+            assert rows(console, "SHOW PEERS") == [
+                {"peer_id": 1, "host": str(tmp_path / "a"), "port": a.port, "pool_size": 20},
+                {"peer_id": 2, "host": str(tmp_path / "b"), "port": a.port, "pool_size": 20}]
+            assert [r["database"] for r in rows(console, "SHOW PEER_POOLS")] == ["1", "2"]
+            lists = {r["list"]: r["items"] for r in rows(console, "SHOW LISTS")}
+            assert lists["peers"] == 2 and lists["peer_pools"] == 2
+        assert "passed on" not in a.log() + b.log()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_without_peering_a_cancel_can_reach_the_wrong_process(pg, tmp_path):
+    """The case peering exists for: with peer_id 0 the process that gets the request knows no
+    such key, so some cancels are lost (each has an even chance of reaching the wrong process)."""
+    a, b = two_peers(pg, tmp_path, peer_ids=(0, 0))
+    try:
+        assert cancels_that_work(a, 10) < 10
+    finally:
+        a.stop()
+        b.stop()
