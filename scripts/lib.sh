@@ -102,6 +102,26 @@ CREATE DATABASE appdb OWNER app;
 SQL
 }
 
+# A streaming standby of the primary on port $2, in directory $3, listening on address $4 (the
+# same port on another loopback address lets one host list name both).
+start_standby() {
+    local primary_port="$1" dir="$2" address="$3" port="${4:-$1}"
+    local bin; bin="$(pg_bindir)"
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; fi
+    run_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$*"; else sh -c "$*"; fi; }
+    run_pg "'$bin/pg_basebackup' -h 127.0.0.1 -p $primary_port -U postgres -D '$dir/data' -R -X stream -c fast --no-sync \
+        >'$dir/basebackup.log' 2>&1"
+    cat >>"$dir/data/postgresql.conf" <<CONF
+listen_addresses = '$address'
+port = $port
+unix_socket_directories = '$dir'
+CONF
+    echo "host all all 127.0.0.0/8 trust" >>"$dir/data/pg_hba.conf"
+    run_pg "'$bin/pg_ctl' -D '$dir/data' -l '$dir/postgres.log' -w -t 60 start >/dev/null"
+}
+
 stop_postgres() {
     local dir="$1"
     local bin; bin="$(pg_bindir)"

@@ -935,6 +935,31 @@ final class SessionDriver {
         #expect(d.session.wanted["application_name"] == "x")
     }
 
+    /// login_notify_message: a NOTICE just before the first ReadyForQuery, for pool clients and on
+    /// the console; none when empty.
+    @Test func loginNotifyMessageComesBeforeTheFirstReadyForQuery() {
+        for (notice, expected) in [("Welcome to the pooler", "RSKNZ"), ("", "RSKZ")] {
+            let d = D(loggedIn: false)
+            d.session.startupPacket(
+                startup(["user": "alice", "database": "app"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+            d.session.registered(facts(.trust), into: &d.actions)
+            d.session.enter(.success(.pool(DatabaseEntry(name: "app"))), notice: notice, into: &d.actions)
+            let welcome = ClientSession.Welcome(serverParameters: ["TimeZone": "UTC"], wanted: d.session.wanted)
+            d.session.welcome(welcome, cancelKey: (1, 2), notice: notice, now: d.now, into: &d.actions)
+            d.carryOut()
+            #expect(d.clientTypes == expected)
+            if !notice.isEmpty { #expect(String(buffer: d.toClient).contains(notice)) }
+            let console = D(loggedIn: false)
+            console.session.startupPacket(
+                startup(["user": "alice", "database": "pgbouncer"]), tlsOffered: false, bytesFollow: false,
+                into: &console.actions)
+            console.session.registered(facts(.trust), into: &console.actions)
+            console.session.enter(.success(.adminConsole(readOnly: true)), notice: notice, into: &console.actions)
+            console.carryOut()
+            #expect(console.clientTypes.hasSuffix(notice.isEmpty ? "SKZ" : "SKNZ"))
+        }
+    }
+
     /// md5 with a known secret: the challenge, then a wrong and a right password on two clients.
     @Test func md5LoginChecksThePassword() {
         let secret = PasswordSecret.plain("pw")

@@ -202,6 +202,7 @@ import Testing
                 switch setting.name {
                 case "session_state": "ignore"
                 case "load_balance_hosts": "disable"
+                case "target_session_attrs": "read-write"
                 default: setting.name.hasSuffix("mode") ? "session" : "1"
                 }
             let inDatabase = Result { try Config.parse("[databases]\nd = host=h \(setting.name)=\(value)\n") }

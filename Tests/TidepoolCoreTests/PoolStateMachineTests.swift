@@ -406,6 +406,24 @@ extension [PoolAction] {
         #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.close(s1), .note(poolA, .recycledForAge)])
     }
 
+    /// server_lifetime = 0, as PgBouncer: a server serves one lend and is closed; an idle one that
+    /// has not served yet is kept for its lend.
+    @Test func zeroLifetimeServesOnce() {
+        var settings = PoolSettings(poolSize: 2)
+        settings.serverLifetime = .zero
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).closes == [s1])
+        settings.minPoolSize = 1
+        let opened = pool.configure(poolA, settings: settings, now: clock.now).connects  // min_pool_size opens one
+        #expect(opened.count == 1)
+        _ = pool.serverConnected(opened[0], now: clock.now)
+        clock.advance(.seconds(10))
+        #expect(pool.timerFired(now: clock.now).closes.isEmpty)
+        #expect(pool.clientWantsServer(c(2), pool: poolA, loop: 0, now: clock.now) == [.lend(opened[0], to: c(2))])
+        #expect(pool.serverReleased(opened[0], reusable: true, now: clock.now).closes == [opened[0]])
+    }
+
     @Test func lifetimeDeadlinesAreSpread() {
         var settings = PoolSettings(poolSize: 50)
         settings.serverLifetime = .seconds(1000)

@@ -213,6 +213,40 @@ import Testing
         }
     }
 
+    /// What Tidepool leaves out (LDAP, PAM) stops the load with a reason naming the key, in the
+    /// configuration and in the HBA file.
+    @Test func ldapAndPamAreRefusedSayingWhy() {
+        for line in ["auth_type = ldap", "auth_type = pam", "auth_ldap_options = ldapurl=\"ldap://x\""] {
+            #expect {
+                try Config.parse("[pooler]\n\(line)\n")
+            } throws: { error in
+                let message = "\(error)"
+                return (message.contains("LDAP is not supported") || message.contains("PAM is not supported"))
+                    && message.contains(String(line.prefix { $0 != " " }))
+            }
+        }
+        #expect {
+            try HBARules.parse("host all all 0.0.0.0/0 ldap ldapserver=x\n")
+        } throws: { "\($0)".contains("LDAP is not supported") }
+    }
+
+    /// Every value PgBouncer 1.25 accepts for *_tls_protocols, as the range of versions allowed.
+    @Test func tlsProtocolsAsPgBouncerReadsThem() throws {
+        let expected: [(String, ClosedRange<Int>)] = [
+            ("secure", 2...3), ("default", 2...3), ("all", 0...3), ("legacy", 0...3), ("tlsv1.0", 0...0),
+            ("tlsv1.1", 1...1), ("tlsv1.2", 2...2), ("tlsv1.3", 3...3), ("tlsv1.1,tlsv1.2", 1...2),
+            ("TLSv1.2, tlsv1.3", 2...3),
+        ]
+        for (value, range) in expected {
+            let config = try Config.parse(
+                "[pooler]\nclient_tls_protocols = \(value)\nserver_tls_protocols = \(value)\n")
+            #expect(config.global.clientTLS.versionRange == range, "\(value)")
+            #expect(config.global.serverTLS.versionRange == range, "\(value)")
+        }
+        #expect(Config().global.clientTLS.versionRange == 2...3)
+        #expect(throws: ConfigError.self) { try Config.parse("[pooler]\nclient_tls_protocols = tlsv1.4\n") }
+    }
+
     @Test func trackedParametersFollowChanges() {
         var parameters = TrackedParameters(wrappedValue: ["TimeZone": "UTC", "other": "x"])
         let zone = StartupParameters.tracked.firstIndex(of: "TimeZone")!

@@ -15,13 +15,18 @@ import Testing
 
     /// A session logged in by trust, with `connectQuery` if given; returns the actions of the last
     /// login message.
-    func loggedIn(connectQuery: String? = nil) -> (ServerSession, [A]) {
-        var s = ServerSession(state: ServerSessionState(maxPreparedStatements: 4), connectQuery: connectQuery)
+    func loggedIn(
+        connectQuery: String? = nil, target: TargetSessionAttrs = .any, reports: [(String, String)] = []
+    ) -> (ServerSession, [A]) {
+        var s = ServerSession(
+            state: ServerSessionState(maxPreparedStatements: 4), connectQuery: connectQuery,
+            targetSessionAttrs: target)
         let start = s.connected(ServerLoginStateMachine(user: "u", database: "d", secret: .none))
         #expect(start.count == 2 && start[1] == .armTimeout)
         #expect(s.phase == .loggingIn)
         _ = feed(&s) { Wire.authenticationOk(into: &$0) }
         _ = feed(&s) { Wire.parameterStatus("TimeZone", "UTC", into: &$0) }
+        for (name, value) in reports { _ = feed(&s) { Wire.parameterStatus(name, value, into: &$0) } }
         _ = feed(&s) { Wire.backendKeyData(processID: 7, secretKey: 8, into: &$0) }
         let last = feed(&s) { Wire.readyForQuery(.idle, into: &$0) }
         return (s, last)
@@ -61,6 +66,45 @@ import Testing
         #expect(feed(&s) { Wire.readyForQuery(.idle, into: &$0) }.count == 1)
         let fatal = feed(&s) { Wire.errorResponse(.fatal(SQLState.adminShutdown, "terminating"), into: &$0) }
         #expect(fatal.contains(.lost) && s.phase == .closed)
+    }
+
+    /// target_session_attrs, judged from in_hot_standby and default_transaction_read_only.
+    @Test func targetSessionAttrsAsPostgreSQLReportsThem() {
+        let primary = ["in_hot_standby": "off", "default_transaction_read_only": "off"]
+        let standby = ["in_hot_standby": "on", "default_transaction_read_only": "off"]
+        let readOnlyPrimary = ["in_hot_standby": "off", "default_transaction_read_only": "on"]
+        let table: [(TargetSessionAttrs, [String: String], Bool)] = [
+            (.any, [:], true), (.readWrite, primary, true), (.readWrite, standby, false),
+            (.readWrite, readOnlyPrimary, false), (.readOnly, standby, true), (.readOnly, readOnlyPrimary, true),
+            (.readOnly, primary, false), (.primary, readOnlyPrimary, true), (.primary, standby, false),
+            (.standby, standby, true), (.standby, primary, false),
+            // An older server that does not say: refused rather than guessed.
+            (.primary, [:], false), (.readWrite, ["in_hot_standby": "off"], false),
+        ]
+        for (target, parameters, accepted) in table {
+            #expect((target.mismatch(parameters) == nil) == accepted, "\(target) \(parameters)")
+        }
+        #expect(TargetSessionAttrs.readWrite.mismatch(standby)!.contains("in_hot_standby=on"))
+    }
+
+    /// A server of the wrong kind is closed as a failed connection the pool waits through (57P03);
+    /// the check comes after connect_query, which may change default_transaction_read_only.
+    @Test func aServerOfTheWrongKindIsRefusedAfterLogin() {
+        let (s, last) = loggedIn(target: .primary, reports: [("in_hot_standby", "on")])
+        #expect(s.phase == .closed)
+        guard case .connectFailed(let error) = last.dropFirst().first else {
+            Issue.record("expected connectFailed, got \(last)")
+            return
+        }
+        #expect(error.code == SQLState.cannotConnectNow && PoolStateMachine.isTransient(error))
+        #expect(last.last == .close)
+        #expect(loggedIn(target: .standby, reports: [("in_hot_standby", "on")]).1 == [.disarmTimeout, .loggedIn])
+        var (after, sent) = loggedIn(
+            connectQuery: "SET default_transaction_read_only = on", target: .readOnly,
+            reports: [("in_hot_standby", "off"), ("default_transaction_read_only", "off")])
+        #expect(sentQuery(sent) != nil)
+        _ = feed(&after) { Wire.parameterStatus("default_transaction_read_only", "on", into: &$0) }
+        #expect(feed(&after) { Wire.readyForQuery(.idle, into: &$0) } == [.disarmTimeout, .loggedIn])
     }
 
     @Test func connectQueryRunsBeforeThePoolHearsOfIt() {

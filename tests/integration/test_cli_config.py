@@ -174,3 +174,13 @@ def test_one_listener_per_thread_and_the_port_stays_ours_unless_so_reuseport(pg,
         second.terminate()
         second.wait(timeout=10)
         first.stop()
+
+
+def test_login_notify_message(tidepool):
+    """login_notify_message: every client is told at login, on a pool and on the console."""
+    t = tidepool(settings="login_notify_message = Connected through the pooler\nadmin_users = postgres\n")
+    for dbname in ("postgres", "pgbouncer"):
+        out = subprocess.run(["psql", t.dsn(dbname=dbname), "-XAtc", "SHOW VERSION" if dbname == "pgbouncer"
+                              else "SELECT 1"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "NOTICE:  Connected through the pooler" in out.stderr, out.stderr

@@ -103,3 +103,46 @@ def test_a_logical_replication_subscription_through_the_pooler(tidepool, fresh_p
             s.execute("DROP SUBSCRIPTION sub")
     with publisher.connect() as p:
         assert p.execute("SELECT count(*) FROM pg_replication_slots").fetchone()[0] == 0
+
+
+@pytest.fixture
+def standby_of(tmp_path):
+    """A factory of streaming standbys of a primary: same port, on 127.0.0.2."""
+    started = []
+
+    def start(primary):
+        directory = tempfile.mkdtemp(prefix="tidepool-pg-standby-")
+        subprocess.run(["bash", "-c", f". '{LIB}'; start_standby {primary.port} '{directory}' 127.0.0.2"],
+                       check=True)
+        started.append(directory)
+        return directory
+
+    yield start
+    for directory in started:
+        subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_target_session_attrs_picks_the_primary_or_the_standby_of_a_host_list(tidepool, fresh_pg, standby_of):
+    """One host list, a primary (127.0.0.1) and its streaming standby (127.0.0.2) on one port: each
+    database entry gets only the servers its target_session_attrs accepts, whichever host comes
+    first, and a standby-only entry whose standby is gone waits (57P03) rather than using the primary."""
+    primary = fresh_pg()
+    standby_of(primary)
+    hosts = f"host=127.0.0.2,127.0.0.1 port={primary.port} dbname=postgres"
+    t = tidepool(
+        databases=f"rw = {hosts} target_session_attrs=read-write\n"
+                  f"ro = {hosts} target_session_attrs=standby\n"
+                  f"anyone = {hosts}\n",
+        settings="default_pool_size = 2\nserver_lifetime = 0\nquery_wait_timeout = 3\n")
+    for _ in range(6):  # server_lifetime = 0: a new server (the next host) each time
+        with t.connect(dbname="rw") as c:
+            assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0] is False
+        with t.connect(dbname="ro") as c:
+            assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+    seen = set()
+    for _ in range(6):
+        with t.connect(dbname="anyone") as c:
+            seen.add(c.execute("SELECT pg_is_in_recovery()").fetchone()[0])
+    assert seen == {True, False}  # without target_session_attrs both hosts serve
+    assert "server is not read-write (in_hot_standby=on" in t.log()

@@ -4,6 +4,7 @@ secrets in logs, SHOW CONFIG or /metrics. PostgreSQL here runs with ssl = on and
 the certificates are made with openssl by the fixture."""
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -397,6 +398,21 @@ def test_client_tls_protocols(tidepool, tls_pg, certs):
     assert psql("TLSv1.3").returncode == 0
     refused = psql("TLSv1.2")
     assert refused.returncode != 0 and "protocol" in refused.stderr.lower()
+
+
+def test_client_tls_protocols_down_to_tls_1_1(tidepool, tls_pg, certs):
+    """PgBouncer's older versions are offered when named: TLS 1.1 alone, and TLS 1.3 then refused."""
+    t = tidepool(databases=databases(tls_pg), settings=client_tls(certs) + "client_tls_protocols = tlsv1.1\n"
+                 + server_tls(certs))
+
+    def handshake(version):
+        return subprocess.run(["openssl", "s_client", "-starttls", "postgres", "-connect", f"127.0.0.1:{t.port}",
+                               version, "-cipher", "DEFAULT@SECLEVEL=0"],
+                              input="", capture_output=True, text=True, timeout=30)
+
+    offered = handshake("-tls1_1")
+    assert re.search(r"Protocol *: TLSv1.1\b", offered.stdout), offered.stdout + offered.stderr
+    assert handshake("-tls1_3").returncode != 0
 
 
 def test_check_validates_certificates_and_hba_file(tmp_path, certs):

@@ -543,9 +543,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
         let request = LoginRequest(
             user: session.user, database: session.database, clientIP: clientIP, tls: session.tls, peer: unixPeer)
+        let config = pooler.config
         session.enter(
-            ClientSession.destination(request, config: pooler.config, isDisabled: { pooler.isDisabled($0) }),
-            into: &actions)
+            ClientSession.destination(request, config: config, isDisabled: { pooler.isDisabled($0) }),
+            notice: config.global.loginNotifyMessage, into: &actions)
         if session.state == .admin {
             inConsole = true
             pooler.shared.withLockedValue { $0.consoleClients += 1 }
@@ -586,7 +587,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         if session.timeoutClock != nil {
             pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
         }
-        session.welcome(welcome, cancelKey: key, now: .now(), into: &actions)
+        session.welcome(
+            welcome, cancelKey: key, notice: pooler.config.global.loginNotifyMessage, now: .now(), into: &actions)
     }
 
     // MARK: Pool events (called on this event loop)

@@ -48,6 +48,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     let id: ServerID
     let pool: PoolKey
     let address: Address
+    /// The host of the database's host list it went to (load_balance_hosts).
+    let host: String?
     /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
     /// goes), and a checked unowned reference cost an atomic retain and release per use.
     unowned(unsafe) let pooler: Pooler
@@ -114,8 +116,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         self.database = database
         self.session = ServerSession(
             state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
-            connectQuery: database?.connectQuery)
+            connectQuery: database?.connectQuery, targetSessionAttrs: database?.targetSessionAttrs ?? .any)
         self.address = Address(database, host: host)
+        self.host = host
         let limit = pooler.config.global.maxBufferedBytes
         toClient = HandOff(limit: limit)
         fromClient = HandOff(limit: limit)
@@ -157,7 +160,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
                 timeout?.cancel()
                 timeout = nil
             case .loggedIn: pools.serverLoggedIn(self)
-            case .connectFailed(let error): pools.serverConnectFailed(self, error: error)
+            case .connectFailed(let error):
+                if let host { pooler.hostFailed(host, database: pool.database) }
+                pools.serverConnectFailed(self, error: error)
             case .released(let reusable): pools.release(self, reusable: reusable)
             case .checkFinished(let ok): pools.checkFinished(self, ok: ok)
             case .lost:

@@ -65,11 +65,17 @@ extension Pooler {
             }
         let connecting = server.address.connect(bootstrap)
         connecting.whenFailure { error in
-            if let host { self.shared.withLockedValue { $0.hostChoices[key.database]?.failed(host) } }
+            if let host { self.hostFailed(host, database: key.database) }
             driver.serverConnectFailed(
                 server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
         }
         return server
+    }
+
+    /// A connection to `host` of the database's list failed or was refused (load_balance_hosts =
+    /// disable then moves on).
+    func hostFailed(_ host: String, database: String) {
+        shared.withLockedValue { $0.hostChoices[database]?.failed(host) }
     }
 
     /// SO_KEEPALIVE, then tcp_keepidle, tcp_keepintvl, tcp_keepcnt and tcp_user_timeout, as

@@ -75,12 +75,10 @@ struct Security: Sendable {
             configuration.certificateVerification =
                 server && !settings.caFile.isEmpty ? .optionalVerification : .none
         }
-        let protocols = Set(settings.protocols.split(separator: ",").map(String.init))
-        configuration.minimumTLSVersion =
-            protocols.contains("tlsv1.2") || protocols.contains("secure")
-                || protocols.contains("all") || protocols.contains("legacy") || protocols.contains("default")
-            ? .tlsv12 : .tlsv13
-        configuration.maximumTLSVersion = protocols == ["tlsv1.2"] ? .tlsv12 : nil
+        let versions: [TLSVersion] = [.tlsv1, .tlsv11, .tlsv12, .tlsv13]
+        let range = settings.versionRange
+        configuration.minimumTLSVersion = versions[range.lowerBound]
+        configuration.maximumTLSVersion = versions[range.upperBound]
         if settings.ciphers != "default" && !settings.ciphers.isEmpty && settings.ciphers != "fast"
             && settings.ciphers != "normal" && settings.ciphers != "secure"
         {

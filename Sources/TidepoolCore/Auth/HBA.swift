@@ -99,6 +99,7 @@ public struct HBARules: Equatable, Sendable {
                 }
             }
             guard let method = Method(rawValue: fields[methodIndex]) else {
+                if let reason = Settings.unsupportedAuthTypes[fields[methodIndex]] { throw fail(reason) }
                 throw fail("unknown method \(fields[methodIndex])")
             }
             func list(_ field: String) -> [String]? {

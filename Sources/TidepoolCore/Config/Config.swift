@@ -40,12 +40,34 @@ public struct TLSSettings: Equatable, Sendable {
     public var keyFile = ""
     public var certFile = ""
     public var caFile = ""
-    /// "secure" (TLS 1.2 and 1.3), "all", or a list of tlsv1.2, tlsv1.3.
+    /// PgBouncer's words: "secure" (TLS 1.2 and 1.3), "all" or "legacy" (1.0 to 1.3), or a list of
+    /// tlsv1.0, tlsv1.1, tlsv1.2, tlsv1.3.
     public var protocols = "secure"
     /// OpenSSL cipher list for TLS 1.2; "default" keeps the library's.
     public var ciphers = "default"
 
     public init(sslmode: SSLMode) { self.sslmode = sslmode }
+
+    /// TLS versions by their minor number (1.0 is 0).
+    public static let versionNames = ["tlsv1.0": 0, "tlsv1.1": 1, "tlsv1.2": 2, "tlsv1.3": 3]
+
+    /// The lowest and highest TLS 1.x minor version `protocols` allows. The TLS library takes a
+    /// range, so a list with a gap (tlsv1.0,tlsv1.2) allows the versions between too.
+    public var versionRange: ClosedRange<Int> {
+        var low = 3
+        var high = 0
+        for word in protocols.split(separator: ",") {
+            let range: ClosedRange<Int> =
+                switch word {
+                case "all", "legacy": 0...3
+                case "secure", "default": 2...3
+                default: Self.versionNames[String(word)].map { $0...$0 } ?? 2...3
+                }
+            low = min(low, range.lowerBound)
+            high = max(high, range.upperBound)
+        }
+        return low <= high ? low...high : 2...3
+    }
 
     /// One client_tls_* or server_tls_* setting, `name` without its prefix.
     mutating func apply(_ name: String, _ v: Value) throws(ConfigError) {
@@ -88,6 +110,8 @@ public struct GlobalSettings: Equatable, Sendable {
     public var maxDBClientConnections = 0
     /// A client queued this long gets a NOTICE that it is (0: never), as PgBouncer 1.25.
     public var queryWaitNotify = TimeAmount.seconds(5)
+    /// A NOTICE every client gets once logged in (empty: none).
+    public var loginNotifyMessage = ""
     /// Iterations of the SCRAM verifiers the pooler makes from plain-text secrets.
     public var scramIterations = 4096
     public var maxUserClientConnections = 0
@@ -187,6 +211,7 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var maxDBClientConnections: Int?
     public var serverLifetime: TimeAmount?
     public var loadBalanceHosts: LoadBalanceHosts?
+    public var targetSessionAttrs = TargetSessionAttrs.any
     public var connectQuery: String?
     public var clientEncoding: String?
     public var datestyle: String?
@@ -449,9 +474,9 @@ public struct Value {
     /// "secure", "all", "legacy" or a list of tlsv1.2 / tlsv1.3 (older versions are refused).
     func tlsProtocols() throws(ConfigError) -> String {
         let words = list().map { $0.lowercased() }
-        let known: Set<String> = ["secure", "all", "legacy", "tlsv1.2", "tlsv1.3", "default"]
+        let known = Set(["secure", "all", "legacy", "default"] + TLSSettings.versionNames.keys)
         guard !words.isEmpty, words.allSatisfy({ known.contains($0) }) else {
-            throw fail("'\(text)' is not secure, all, or a list of tlsv1.2, tlsv1.3")
+            throw fail("'\(text)' is not secure, all, legacy, or a list of tlsv1.0, tlsv1.1, tlsv1.2, tlsv1.3")
         }
         return words.joined(separator: ",")
     }

@@ -129,6 +129,14 @@ extension Setting {
             applyGlobal: nil, showGlobal: nil, applyDatabase: apply, applyUser: nil)
     }
 
+    /// A PgBouncer setting for something Tidepool leaves out: using it stops the load, saying why.
+    static func unsupported(_ name: String, _ reason: String) -> Setting {
+        Setting(
+            name: name, sections: .pooler, type: "not supported", changeable: false, help: reason, noEffect: true,
+            applyGlobal: { _, v throws(ConfigError) in throw v.fail(reason) }, showGlobal: nil, applyDatabase: nil,
+            applyUser: nil)
+    }
+
     /// A PgBouncer setting Tidepool accepts and ignores, with a warning.
     static func inert(_ name: String, _ help: String) -> Setting {
         Setting(
@@ -157,13 +165,19 @@ extension Setting {
             one("key_file", "path", "private key (PEM), re-read on RELOAD") { $0.keyFile },
             one("cert_file", "path", "certificate (PEM), re-read on RELOAD") { $0.certFile },
             one("ca_file", "path", "CA certificates (PEM) to verify the other side") { $0.caFile },
-            one("protocols", "secure, all, legacy or tlsv1.2, tlsv1.3", "TLS versions allowed") { $0.protocols },
+            one("protocols", "secure, all, legacy or tlsv1.0..tlsv1.3", "TLS versions allowed") { $0.protocols },
             one("ciphers", "OpenSSL cipher list", "ciphers for TLS 1.2; default keeps the library's") { $0.ciphers },
         ]
     }
 }
 
 public enum Settings {
+    /// PgBouncer's auth_type values Tidepool leaves out, and why.
+    static let unsupportedAuthTypes = [
+        "ldap": "LDAP is not supported: Tidepool has no LDAP client; use scram-sha-256 with auth_query or auth_file",
+        "pam": "PAM is not supported: Tidepool does not call PAM; use scram-sha-256 with auth_query or auth_file",
+    ]
+
     /// Every setting Tidepool reads, in the order pooler.ini.example explains them.
     public static let table: [Setting] = {
         var t: [Setting] = []
@@ -184,7 +198,14 @@ public enum Settings {
         ]
         // Authentication.
         t += [
-            .choice("auth_type", \.authType, "how clients prove who they are"),
+            .global(
+                "auth_type", AuthType.allCases.map(\.rawValue).joined(separator: ", "),
+                "how clients prove who they are",
+                apply: { g, v throws(ConfigError) in
+                    if let reason = Settings.unsupportedAuthTypes[v.text.lowercased()] { throw v.fail(reason) }
+                    g.authType = try v.enumValue(AuthType.self)
+                }, show: { $0.authType.rawValue }),
+            .unsupported("auth_ldap_options", Settings.unsupportedAuthTypes["ldap"]!),
             .optionalText("auth_file", \.authFile, changeable: false, "\"user\" \"secret\" per line"),
             .optionalText("auth_hba_file", \.authHBAFile, "pg_hba.conf-style rules for auth_type = hba"),
             .optionalText(
@@ -228,6 +249,9 @@ public enum Settings {
                 user: { u, v throws(ConfigError) in u.reservePoolSize = try v.int(0...100_000) }),
             .duration(
                 "query_wait_notify", \.queryWaitNotify, "a client queued this long is told so with a NOTICE (0: never)"),
+            .text(
+                "login_notify_message", \.loginNotifyMessage,
+                "a NOTICE sent to each client once logged in, so that people know a pooler answers; empty: none"),
             .duration("reserve_pool_timeout", \.reservePoolTimeout, "how long a client waits before the reserve opens"),
             .int("max_client_conn", \.maxClientConn, 1...10_000_000, "clients held at once"),
             .int(
@@ -333,6 +357,10 @@ public enum Settings {
             .database("load_balance_hosts", "round-robin or disable", "which host of a list new servers go to") {
                 d, v throws(ConfigError) in d.loadBalanceHosts = try v.enumValue(LoadBalanceHosts.self)
             },
+            .database(
+                "target_session_attrs", TargetSessionAttrs.allCases.map(\.rawValue).joined(separator: ", "),
+                "which servers are accepted, by what PostgreSQL 14+ reports (with a host list: the next host is tried)"
+            ) { d, v throws(ConfigError) in d.targetSessionAttrs = try v.enumValue(TargetSessionAttrs.self) },
             .database("port", "integer 1..65535", "its port") { d, v throws(ConfigError) in
                 d.port = try v.int(1...65535)
             },

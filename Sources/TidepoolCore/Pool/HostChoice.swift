@@ -7,6 +7,38 @@ public enum LoadBalanceHosts: String, Sendable, CaseIterable {
     case disable
 }
 
+/// Which servers a database entry accepts (`target_session_attrs`), judged from what PostgreSQL
+/// 14+ reports after login and connect_query: a server that does not match is closed and the next
+/// connection tries the next host, so a host list with one primary finds it after a failover.
+public enum TargetSessionAttrs: String, Sendable, CaseIterable {
+    case any
+    case readWrite = "read-write"
+    case readOnly = "read-only"
+    case primary, standby
+
+    /// Why a server that reported `parameters` does not match, or nil when it does.
+    public func mismatch(_ parameters: [String: String]) -> String? {
+        guard self != .any else { return nil }
+        let standby = parameters["in_hot_standby"]
+        let readOnly = parameters["default_transaction_read_only"]
+        let needed = self == .primary || self == .standby ? [standby] : [standby, readOnly]
+        guard needed.allSatisfy({ $0 != nil }) else {
+            return "server does not report in_hot_standby and default_transaction_read_only (PostgreSQL 14+ does)"
+        }
+        let matches =
+            switch self {
+            case .any: true
+            case .readWrite: standby == "off" && readOnly == "off"
+            case .readOnly: standby == "on" || readOnly == "on"
+            case .primary: standby == "off"
+            case .standby: standby == "on"
+            }
+        if matches { return nil }
+        return "server is not \(rawValue) (in_hot_standby=\(standby!)"
+            + (readOnly.map { ", default_transaction_read_only=\($0))" } ?? ")")
+    }
+}
+
 /// The choice for one database: plain state, kept by the runtime per database entry.
 public struct HostChoice: Sendable, Equatable {
     public let hosts: [String]

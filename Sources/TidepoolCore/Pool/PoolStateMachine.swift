@@ -628,7 +628,8 @@ public struct PoolStateMachine: Sendable {
         nextServerID += 1
         let settings = pools[key].settings
         let lifetime = settings.serverLifetime
-        var retireAt = NIODeadline.distantFuture
+        // server_lifetime = 0, as PgBouncer: each server serves one lend, then is closed.
+        var retireAt = lifetime == .zero ? now : NIODeadline.distantFuture
         if lifetime > .zero {
             // Spread the deadlines over the last tenth of the lifetime so that servers opened
             // together are not closed together.
@@ -719,7 +720,8 @@ public struct PoolStateMachine: Sendable {
                 continue
             }
             let pool = pools[key]
-            let expired = now >= server.retireAt
+            // With server_lifetime = 0 an idle server has not served yet: it waits for its one lend.
+            let expired = now >= server.retireAt && settings.serverLifetime > .zero
             let idleTooLong =
                 settings.serverIdleTimeout > .zero && now - since >= settings.serverIdleTimeout
                 && pool.total > settings.minPoolSize

@@ -247,7 +247,9 @@ extension ClientSession {
 
     /// Where the authenticated client goes (from `destination`): the admin console is welcomed
     /// here; a pool is joined by the connection (`joinPool`), which then gives the welcome.
-    public mutating func enter(_ destination: Result<Destination, Refusal>, into actions: inout Actions) {
+    public mutating func enter(
+        _ destination: Result<Destination, Refusal>, notice: String = "", into actions: inout Actions
+    ) {
         endLogin()
         switch destination {
         case .failure(let refusal):
@@ -269,6 +271,7 @@ extension ClientSession {
                 Wire.parameterStatus(name, value, into: &out)
             }
             Wire.backendKeyData(processID: 0, secretKey: 0, into: &out)
+            Self.loginNotice(notice, into: &out)
             Wire.readyForQuery(.idle, into: &out)
             write(out, into: &actions)
             actions.append(.flushClient)
@@ -306,18 +309,26 @@ extension ClientSession {
     /// AuthenticationOk, the welcome's parameters, BackendKeyData with the client's cancel key and
     /// ReadyForQuery: the client is logged in to its pool.
     public mutating func welcome(
-        _ welcome: Welcome, cancelKey: (Int32, Int32), now: NIODeadline, into actions: inout Actions
+        _ welcome: Welcome, cancelKey: (Int32, Int32), notice: String = "", now: NIODeadline,
+        into actions: inout Actions
     ) {
         var out = ByteBufferAllocator().buffer(capacity: 64 + welcome.messages.readableBytes)
         Wire.authenticationOk(into: &out)
         out.writeImmutableBuffer(welcome.messages)
         wantedParameters = welcome.wanted
         Wire.backendKeyData(processID: cancelKey.0, secretKey: cancelKey.1, into: &out)
+        Self.loginNotice(notice, into: &out)
         Wire.readyForQuery(.idle, into: &out)
         write(out, into: &actions)
         actions.append(.flushClient)
         actions.append(.loginDone)
         loggedIn(now: now, into: &actions)
+    }
+
+    /// login_notify_message, as a NOTICE just before the first ReadyForQuery.
+    static func loginNotice(_ message: String, into out: inout ByteBuffer) {
+        guard !message.isEmpty else { return }
+        Wire.noticeResponse(PostgresError(severity: "NOTICE", code: "00000", message: message), into: &out)
     }
 
     /// Where the secret to check the client's password against comes from.

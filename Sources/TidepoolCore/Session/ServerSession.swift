@@ -55,12 +55,23 @@ public struct ServerSession: Sendable {
     /// The parameters and prepared statements this backend has.
     public let state: ServerSessionState
     let connectQuery: String?
+    let targetSessionAttrs: TargetSessionAttrs
     public private(set) var processID: Int32 = 0
     public private(set) var secretKey: Int32 = 0
 
-    public init(state: ServerSessionState, connectQuery: String?) {
+    public init(state: ServerSessionState, connectQuery: String?, targetSessionAttrs: TargetSessionAttrs = .any) {
         self.state = state
         self.connectQuery = connectQuery.flatMap { $0.isEmpty ? nil : $0 }
+        self.targetSessionAttrs = targetSessionAttrs
+    }
+
+    /// Logged in and connect_query run: ready for the pool, unless the server is not of the kind
+    /// target_session_attrs asks for (then it is closed; clients wait for one that is, as through
+    /// a restart: a failover promotes one).
+    mutating func ready() -> [Action] {
+        guard let mismatch = targetSessionAttrs.mismatch(state.parameters) else { return [.disarmTimeout, .loggedIn] }
+        phase = .closed
+        return [.disarmTimeout, .connectFailed(.fatal(SQLState.cannotConnectNow, mismatch)), .close]
     }
 
     /// The connection is open: the login starts.
@@ -84,7 +95,7 @@ public struct ServerSession: Sendable {
                 processID = pid
                 secretKey = key
                 phase = .ready
-                guard let connectQuery else { return [.disarmTimeout, .loggedIn] }
+                guard let connectQuery else { return ready() }
                 return [.disarmTimeout] + runInternal(connectQuery, purpose: .afterLogin)
             }
         case .internalQuery(let purpose):
@@ -131,7 +142,7 @@ public struct ServerSession: Sendable {
             internalFailed = false
             phase = .ready
             switch purpose {
-            case .afterLogin: return [.disarmTimeout, .loggedIn]
+            case .afterLogin: return ready()
             case .reset: return [.disarmTimeout, .released(reusable: clean)]
             case .check:
                 guard clean else {
