@@ -69,14 +69,8 @@ struct TidepoolCommand: ParsableCommand {
         }
         let logPath = config.global.logfile
         let factory = try LineLogHandler.factory(path: quiet && logPath == nil ? "/dev/null" : logPath)
-        let level: Logger.Level =
-            switch config.global.verbose + verbose {
-            case 0: .info
-            case 1: .debug
-            default: .trace
-            }
         var logger = Logger(label: "tidepool", factory: factory)
-        logger.logLevel = level
+        logger.logLevel = LineLogHandler.level(verbose: config.global.verbose + verbose)
         for warning in config.warnings { logger.warning("\(warning)") }
         if let pidfile = config.global.pidfile {
             try "\(getpid())\n".write(toFile: pidfile, atomically: true, encoding: .utf8)
@@ -86,6 +80,7 @@ struct TidepoolCommand: ParsableCommand {
         let path = configFile
         let pooler = Pooler(
             config: config, userlist: userlist, logger: logger, reloader: { try loadConfiguration(path) })
+        pooler.commandLineVerbose = verbose
         do {
             try pooler.start()
         } catch {

@@ -7,6 +7,7 @@ import time
 import psycopg
 
 from conftest import BINARY, Tidepool
+from test_security import certs  # noqa: F401  (fixture)
 
 
 def run(*args, timeout=20):
@@ -184,3 +185,171 @@ def test_login_notify_message(tidepool):
                               else "SELECT 1"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert "NOTICE:  Connected through the pooler" in out.stderr, out.stderr
+
+
+def test_set_verbose_changes_the_log_level_at_once(tidepool):
+    """verbose is changeable at run time, as in PgBouncer: SET verbose = 1 turns debug lines on."""
+    import socket
+    import struct
+    t = tidepool(settings="admin_users = postgres\n")
+
+    def unknown_cancel():
+        s = socket.create_connection(("127.0.0.1", t.port), timeout=5)
+        s.sendall(struct.pack("!iiii", 16, 80877102, 12345, 67890))
+        s.recv(1)  # closed by the pooler
+        s.close()
+        time.sleep(0.3)
+
+    unknown_cancel()
+    assert "cancel request with an unknown key" not in t.log()
+    with t.connect(dbname="pgbouncer") as console:
+        console.execute("SET verbose = 1")
+    unknown_cancel()
+    assert "cancel request with an unknown key" in t.log()
+
+
+# Every setting PgBouncer 1.25 documents, each with a value other than its default, in every
+# section that allows it.
+PGBOUNCER_1_25_GLOBAL = """\
+logfile = {d}/pooler.log
+pidfile = {d}/pooler.pid
+listen_addr = 127.0.0.1
+listen_port = 16999
+unix_socket_dir = {d}
+unix_socket_mode = 0700
+unix_socket_group = root
+user = root
+pool_mode = transaction
+max_client_conn = 500
+default_pool_size = 30
+min_pool_size = 1
+reserve_pool_size = 2
+reserve_pool_timeout = 3
+max_db_connections = 50
+max_db_client_connections = 400
+max_user_connections = 40
+max_user_client_connections = 300
+server_round_robin = 1
+track_extra_parameters = search_path
+ignore_startup_parameters = extra_float_digits
+peer_id = 1
+disable_pqexec = 1
+application_name_add_host = 1
+conffile = {d}/other.ini
+service_name = pooler
+job_name = pooler
+stats_period = 30
+max_prepared_statements = 100
+scram_iterations = 8192
+auth_type = hba
+auth_hba_file = {d}/hba.conf
+auth_ident_file = {d}/ident.conf
+auth_file = {d}/userlist.txt
+auth_user = lookup
+auth_query = SELECT usename, passwd FROM pg_shadow WHERE usename = $1
+auth_dbname = postgres
+syslog = 1
+syslog_ident = pooler
+syslog_facility = local0
+log_connections = 0
+log_disconnections = 0
+log_pooler_errors = 0
+log_stats = 0
+verbose = 1
+admin_users = admin
+stats_users = stats
+server_reset_query = RESET ALL
+server_reset_query_always = 1
+server_check_delay = 10
+server_check_query = select 1
+server_fast_close = 1
+server_lifetime = 1800
+server_idle_timeout = 300
+server_connect_timeout = 5
+server_login_retry = 3
+client_login_timeout = 30
+autodb_idle_timeout = 600
+pool_idle_timeout = 60
+dns_max_ttl = 30
+dns_nxdomain_ttl = 30
+dns_zone_check_period = 60
+resolv_conf = /etc/resolv.conf
+query_wait_notify = 2
+login_notify_message = connected through the pooler
+client_tls_sslmode = allow
+client_tls_key_file = {certs}/pooler.key
+client_tls_cert_file = {certs}/pooler.crt
+client_tls_ca_file = {certs}/ca.crt
+client_tls_protocols = all
+client_tls_ciphers = HIGH
+client_tls13_ciphers = TLS_AES_256_GCM_SHA384
+client_tls_ecdhcurve = prime256v1
+client_tls_dheparams = legacy
+server_tls_sslmode = require
+server_tls_ca_file = {certs}/ca.crt
+server_tls_key_file = {certs}/pooler.key
+server_tls_cert_file = {certs}/pooler.crt
+server_tls_protocols = tlsv1.3
+server_tls_ciphers = HIGH
+server_tls13_ciphers = TLS_AES_128_GCM_SHA256
+query_timeout = 60
+query_wait_timeout = 60
+cancel_wait_timeout = 5
+client_idle_timeout = 3600
+idle_transaction_timeout = 600
+transaction_timeout = 900
+pkt_buf = 8192
+max_packet_size = 1048576
+listen_backlog = 256
+sbuf_loopcnt = 10
+so_reuseport = 1
+tcp_defer_accept = 0
+tcp_socket_buffer = 65536
+tcp_keepalive = 0
+tcp_keepcnt = 5
+tcp_keepidle = 60
+tcp_keepintvl = 10
+tcp_user_timeout = 1000
+"""
+
+PGBOUNCER_1_25_DATABASE = (
+    "app = dbname=appdb host=10.0.0.1,10.0.0.2 port=5433 user=app password=secret auth_user=lookup "
+    "auth_query='SELECT usename, passwd FROM pg_shadow WHERE usename = $1' auth_dbname=postgres pool_size=10 "
+    "min_pool_size=2 reserve_pool_size=3 connect_query='SELECT 1' pool_mode=session query_wait_timeout=30 "
+    "load_balance_hosts=disable target_session_attrs=read-write max_db_connections=20 "
+    "max_db_client_connections=200 server_lifetime=600 client_encoding=UTF8 datestyle=ISO timezone=UTC\n"
+    "old = host=10.0.0.3 reserve_pool=1\n")
+
+PGBOUNCER_1_25_USER = (
+    "app = pool_size=5 reserve_pool_size=1 pool_mode=statement max_user_connections=10 query_timeout=30 "
+    "query_wait_timeout=20 idle_transaction_timeout=60 transaction_timeout=120 client_idle_timeout=600 "
+    "max_user_client_connections=100\n")
+
+
+def test_check_reads_every_pgbouncer_1_25_setting(tmp_path, certs):
+    """A configuration that uses every key PgBouncer 1.25 documents, each set to a value other than
+    its default, in [pgbouncer], [databases], [users] and [peers]: --check accepts it. Keys whose
+    effect Tidepool does not have are named in a warning; none is unknown."""
+    (tmp_path / "hba.conf").write_text("local all all peer map=m\nhost all all 127.0.0.1/32 scram-sha-256\n")
+    (tmp_path / "ident.conf").write_text("m root app\n")
+    (tmp_path / "userlist.txt").write_text('"app" "secret"\n')
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text(f"[databases]\n{PGBOUNCER_1_25_DATABASE}\n[users]\n{PGBOUNCER_1_25_USER}\n"
+                   "[peers]\n1 = host=/tmp/pooler1 port=6432 pool_size=4\n2 = host=127.0.0.1 port=6433\n\n"
+                   "[pgbouncer]\n" + PGBOUNCER_1_25_GLOBAL.format(d=tmp_path, certs=certs))
+    out = run("--check", str(ini))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "configuration OK" in out.stdout
+    assert "unknown" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
+    # Every key is read: one left out of the table would be "unknown", so the list is checked too.
+    keys = [line.split(" = ")[0] for line in PGBOUNCER_1_25_GLOBAL.splitlines()]
+    assert len(keys) == len(set(keys)) >= 95
+    # Where PgBouncer needs what Tidepool leaves out, the load stops naming the key and why.
+    for line, word in (("auth_type = ldap", "LDAP"), ("auth_type = pam", "PAM"),
+                       ("auth_ldap_options = ldapurl=\"ldap://127.0.0.1/dc=x\"", "LDAP")):
+        bad = tmp_path / "bad.ini"
+        bad.write_text(f"[databases]\n* = host=127.0.0.1\n[pgbouncer]\n{line}\n")
+        refused = run("--check", str(bad))
+        assert refused.returncode != 0
+        assert line.split(" = ")[0] in refused.stderr and f"{word} is not supported" in refused.stderr, \
+            refused.stderr

@@ -1,3 +1,4 @@
+import Atomics
 import Foundation
 import Logging
 
@@ -6,6 +7,9 @@ public struct LineLogHandler: LogHandler {
     final class Sink: @unchecked Sendable {
         let handle: FileHandle
         let lock = NSLock()
+        /// The level of every logger writing here, so that SET verbose and RELOAD change them all.
+        let level = ManagedAtomic<Int>(Sink.levels.firstIndex(of: .info)!)
+        static let levels = Logger.Level.allCases
         init(handle: FileHandle) { self.handle = handle }
         func write(_ line: String) {
             lock.lock()
@@ -16,7 +20,10 @@ public struct LineLogHandler: LogHandler {
 
     let sink: Sink
     let label: String
-    public var logLevel: Logger.Level = .info
+    public var logLevel: Logger.Level {
+        get { Sink.levels[sink.level.load(ordering: .relaxed)] }
+        set { sink.level.store(Sink.levels.firstIndex(of: newValue)!, ordering: .relaxed) }
+    }
     public var metadata: Logger.Metadata = [:]
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
@@ -41,6 +48,15 @@ public struct LineLogHandler: LogHandler {
         }
         let sink = Sink(handle: handle)
         return { label in LineLogHandler(sink: sink, label: label) }
+    }
+
+    /// The level for PgBouncer's verbose (with -v counted in).
+    public static func level(verbose: Int) -> Logger.Level {
+        switch verbose {
+        case ...0: .info
+        case 1: .debug
+        default: .trace
+        }
     }
 
     public func log(event: LogEvent) {

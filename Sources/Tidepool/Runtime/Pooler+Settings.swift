@@ -74,6 +74,8 @@ extension Pooler {
 
     /// Applies changed pool settings to the existing pools (RELOAD and SET).
     func applyPoolSettings(_ config: Config) {
+        var logger = self.logger  // its handler's level is shared by every copy
+        logger.logLevel = LineLogHandler.level(verbose: config.global.verbose + commandLineVerbose)
         let now = NIODeadline.now()
         withPool { pools in
             var actions: [PoolAction] = []

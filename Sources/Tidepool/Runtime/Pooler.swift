@@ -18,6 +18,8 @@ public final class Pooler: @unchecked Sendable {
     }
     var userlist: [String: PasswordSecret] { settings.withLockedValue { $0.userlist } }
     public let logger: Logger
+    /// -v given on the command line, added to verbose when SET or RELOAD changes it.
+    public var commandLineVerbose = 0
     /// For SHOW STATE's uptime: when the pooler was made (at process start).
     let startedAt = Date()
     /// What `waitUntil` waits for, failed by `shutdown` if still pending.

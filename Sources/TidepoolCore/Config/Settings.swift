@@ -414,6 +414,7 @@ public enum Settings {
             // PgBouncer 1.25 keys read so that its configurations load; what they tune is not
             // done yet, or not done that way here (issue 21 tracks them).
             .inert("autodb_idle_timeout", "pools of * databases are kept"),
+            .inert("pool_idle_timeout", "pools are kept (their statistics with them)"),
             .inert("cancel_wait_timeout", "cancel requests are sent at once, never queued"),
             .inert("client_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
             .inert("server_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
