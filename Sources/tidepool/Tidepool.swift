@@ -98,13 +98,13 @@ struct TidepoolCommand: ParsableCommand {
         case .waitForClients:
             // Graceful: no new clients; the connected ones finish and leave.
             logger.info("SIGTERM: waiting for \(pooler.connectedClients) client(s) to disconnect")
-            pooler.stopListening()
+            pooler.stopListening(keepUnixSocket: true)
             drain(limit: limit, stopNow: signals.stopNow) { pooler.connectedClients == 0 }
         case .waitForServers:
             // Like SHUTDOWN WAIT_FOR_SERVERS: transactions in flight finish, then everything closes.
             logger.info("SIGINT: waiting for servers in use to be released")
-            pooler.stopListening()
-            _ = pooler.pause(database: nil)
+            pooler.stopListening(keepUnixSocket: true)
+            pooler.closeForShutdown()
             drain(limit: limit, stopNow: signals.stopNow) { pooler.lentServers(database: nil) == 0 }
         case .now:
             break

@@ -834,6 +834,19 @@ final class SessionDriver {
         #expect(notAdmin.error.code == SQLState.insufficientPrivilege)
         #expect(unknown.error.code == SQLState.invalidCatalogName)
         #expect(disabled.error.code == SQLState.cannotConnectNow)
+        // A shutdown that waits: the console still, a database not.
+        #expect(
+            try ClientSession.destination(
+                request(user: "admin", database: "pgbouncer"), config: c, shuttingDown: true, isDisabled: never
+            ).get() == .adminConsole(readOnly: false))
+        guard
+            case .failure(let closing) = ClientSession.destination(
+                request(), config: c, shuttingDown: true, isDisabled: never)
+        else {
+            Issue.record("a database login must be refused while shutting down")
+            return
+        }
+        #expect(closing.error.code == SQLState.cannotConnectNow && closing.error.message == "server shutting down")
     }
 }
 

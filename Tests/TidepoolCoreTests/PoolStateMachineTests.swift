@@ -406,6 +406,28 @@ extension [PoolAction] {
         #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.close(s1), .note(poolA, .recycledForAge)])
     }
 
+    /// SHUTDOWN WAIT_FOR_SERVERS: the waiters are closed at once, idle servers closed, a lent one
+    /// closed when it comes back; no client gets a server any more, and RESUME does not undo it.
+    @Test func closingForShutdownLendsNothingMore() {
+        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 2), now: clock.now)
+        _ = pool.configure(poolB, settings: PoolSettings(poolSize: 1), now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        let s2 = lendNewServer(to: c(2))
+        #expect(pool.serverReleased(s2, reusable: true, now: clock.now).isEmpty)  // idle
+        _ = lendNewServer(to: c(10), key: poolB)
+        #expect(pool.clientWantsServer(c(11), pool: poolB, loop: 0, now: clock.now).isEmpty)  // queued
+        let actions = pool.closeForShutdown()
+        #expect(actions.contains(.failClient(c(11), .shuttingDown)))
+        #expect(actions.contains(.close(s2)))
+        #expect(
+            pool.clientWantsServer(c(6), pool: poolA, loop: 0, now: clock.now) == [.failClient(c(6), .shuttingDown)])
+        #expect(pool.serverReleased(s1, reusable: true, now: clock.now).closes == [s1])
+        #expect(pool.resume(database: nil, now: clock.now).isEmpty)
+        #expect(
+            pool.clientWantsServer(c(7), pool: poolA, loop: 0, now: clock.now) == [.failClient(c(7), .shuttingDown)])
+        #expect(PoolError.shuttingDown.postgresError.message == "server shutting down")
+    }
+
     /// server_lifetime = 0, as PgBouncer: a server serves one lend and is closed; an idle one that
     /// has not served yet is kept for its lend.
     @Test func zeroLifetimeServesOnce() {

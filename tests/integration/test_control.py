@@ -251,3 +251,47 @@ def test_resume_is_refused_in_pgbouncers_words_and_a_pause_covers_pools_made_lat
                 a.execute("RESUME")
             busy.execute("COMMIT")
     t.proc.wait(10)
+
+
+def test_sigint_closes_new_transactions_and_keeps_the_unix_socket_for_the_console(tidepool):
+    """SHUTDOWN WAIT_FOR_SERVERS as PgBouncer: the transaction in flight goes on; a client already
+    queued, and one that starts a new transaction, are closed with "server shutting down"; TCP stops
+    accepting; the Unix socket still lets the console in (and refuses databases) until the end."""
+    t = tidepool(settings="default_pool_size = 1\nadmin_users = postgres\n")
+    busy = t.connect()
+    busy.execute("BEGIN")
+    busy.execute("SELECT 1")
+    idle = t.connect()
+    queued_result = []
+
+    def queued_client():
+        with t.connect() as c:
+            try:
+                c.execute("SELECT 1")
+                queued_result.append("served")
+            except psycopg.Error as e:
+                queued_result.append(e)
+
+    th = threading.Thread(target=queued_client)
+    th.start()
+    time.sleep(0.5)  # queued behind the one server
+    t.proc.send_signal(signal.SIGINT)
+    th.join(10)
+    assert len(queued_result) == 1 and "server shutting down" in str(queued_result[0]), queued_result
+    with pytest.raises(psycopg.OperationalError, match="server shutting down"):
+        idle.execute("SELECT 1")
+    busy.execute("SELECT 2")  # same transaction: still served
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host="127.0.0.1", port=t.port, user="postgres", dbname="postgres", connect_timeout=3)
+    with psycopg.connect(host=str(t.dir), port=t.port, user="postgres", dbname="pgbouncer",
+                         autocommit=True) as console:
+        assert console.execute("SHOW VERSION").fetchone()[0].startswith("Tidepool")
+    with pytest.raises(psycopg.OperationalError, match="server shutting down"):
+        psycopg.connect(host=str(t.dir), port=t.port, user="postgres", dbname="postgres")
+    assert t.proc.poll() is None, "exited with a transaction in flight"
+    busy.execute("COMMIT")
+    t.proc.wait(timeout=10)
+    assert t.proc.returncode == 0
+    assert "server shutting down" in t.log()
+    busy.close()
+    idle.close()

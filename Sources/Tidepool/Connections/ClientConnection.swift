@@ -545,7 +545,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             user: session.user, database: session.database, clientIP: clientIP, tls: session.tls, peer: unixPeer)
         let config = pooler.config
         session.enter(
-            ClientSession.destination(request, config: config, isDisabled: { pooler.isDisabled($0) }),
+            ClientSession.destination(
+                request, config: config, shuttingDown: pooler.isDraining, isDisabled: { pooler.isDisabled($0) }),
             notice: config.global.loginNotifyMessage, into: &actions)
         if session.state == .admin {
             inConsole = true

@@ -73,8 +73,25 @@ extension Pooler {
         shared.withLockedValue { $0.draining = true }
     }
 
-    public func stopListening() {
-        for listener in listeners { try? listener.close().wait() }
-        listeners.removeAll()
+    var isDraining: Bool { shared.withLockedValue { $0.draining } }
+
+    /// Stops accepting clients. With `keepUnixSocket`, the Unix socket stays open for the admin
+    /// console until the end, as PgBouncer's shutdowns that wait keep it (logins to a database
+    /// are refused there, `ClientSession.destination`).
+    public func stopListening(keepUnixSocket: Bool = false) {
+        var kept: [Channel] = []
+        for listener in listeners {
+            if keepUnixSocket, listener.localAddress?.protocol == .unix {
+                kept.append(listener)
+            } else {
+                try? listener.close().wait()
+            }
+        }
+        listeners = kept
+    }
+
+    /// SHUTDOWN WAIT_FOR_SERVERS (SIGINT): see `PoolStateMachine.closeForShutdown`.
+    public func closeForShutdown() {
+        withPool { $0.closeForShutdown() }
     }
 }

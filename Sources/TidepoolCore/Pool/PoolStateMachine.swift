@@ -117,6 +117,8 @@ public struct PoolStateMachine: Sendable {
     /// PAUSE without a database, and PAUSE of databases by name (RESUME undoes each).
     var pausedAll = false
     var pausedDatabases: Set<String> = []
+    /// SHUTDOWN WAIT_FOR_SERVERS (SIGINT) under way: no client gets a server any more.
+    public private(set) var closingForShutdown = false
     var databaseTotals: [String: Int] = [:]
     /// Databases a server has logged in to since start: when one becomes unreachable, clients
     /// wait for it to come back (a restart) instead of failing at once.
@@ -184,6 +186,11 @@ public struct PoolStateMachine: Sendable {
             let server = pools[slot: slot].idle.remove(at: index)
             pools[slot: slot].lent += 1
             lendIdle(server, to: client, now: now, into: &actions)
+            return
+        }
+        // Every pool is paused while shutting down, so only this slower path needs to look.
+        if closingForShutdown {
+            actions.append(.failClient(client, .shuttingDown))
             return
         }
         // Fast failure: while connecting keeps failing and no server is left, do not queue, unless
@@ -256,7 +263,9 @@ public struct PoolStateMachine: Sendable {
         _ id: ServerID, reusable: Bool, now: NIODeadline, into actions: inout [PoolAction]
     ) {
         guard let server = servers[id], case .lent = server.state else { return }
-        if !reusable || server.closeNeeded || now >= server.retireAt || isOverSize(slot: server.slot) {
+        if !reusable || server.closeNeeded || now >= server.retireAt || isOverSize(slot: server.slot)
+            || closingForShutdown
+        {
             let key = key(of: server)
             remove(id)
             actions.append(.close(id))
@@ -320,9 +329,29 @@ public struct PoolStateMachine: Sendable {
         }
     }
 
+    /// SHUTDOWN WAIT_FOR_SERVERS (SIGINT), as PgBouncer: a client inside a transaction keeps its
+    /// server until the transaction ends; every other client that wants a server (those queued now
+    /// included) is closed with "server shutting down"; idle servers close now, lent ones when
+    /// they come back. The pooler exits once no server is lent.
+    public mutating func closeForShutdown() -> [PoolAction] {
+        closingForShutdown = true
+        pausedAll = true
+        var actions: [PoolAction] = []
+        for key in pools.keys {
+            pools[key].paused = true
+            failAllWaiters(key, error: .shuttingDown, into: &actions)
+            while let id = pools[key].idle.popLast() {
+                remove(id)
+                actions.append(.close(id))
+            }
+        }
+        return actions
+    }
+
     /// RESUME: paused pools serve their queues again (a pool stays paused while its database is
     /// paused by name, or everything is).
     public mutating func resume(database: String?, now: NIODeadline) -> [PoolAction] {
+        guard !closingForShutdown else { return [] }
         if let database { pausedDatabases.remove(database) } else { pausedAll = false }
         var actions: [PoolAction] = []
         for key in pools.keys

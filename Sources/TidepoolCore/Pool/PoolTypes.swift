@@ -90,6 +90,8 @@ public enum PoolError: Error, Equatable, Sendable {
     case waitTimeout(waited: TimeAmount)
     /// New server connections to the database keep failing; this is the last error.
     case connectFailed(PostgresError)
+    /// SHUTDOWN WAIT_FOR_SERVERS: the pooler is stopping and lends no more servers.
+    case shuttingDown
 
     public var postgresError: PostgresError {
         switch self {
@@ -98,6 +100,9 @@ public enum PoolError: Error, Equatable, Sendable {
                 code: SQLState.protocolViolation,
                 message: "query_wait_timeout: waited \(waited.secondsText) s for a server connection",
                 hint: "all servers of the pool stayed busy; raise pool_size or query_wait_timeout")
+        case .shuttingDown:
+            // PgBouncer's words, with PostgreSQL's code for a connection ended by a shutdown.
+            return PostgresError(code: SQLState.adminShutdown, message: "server shutting down")
         case .connectFailed(let error):
             return PostgresError(
                 code: error.code.hasPrefix("28") || error.code == SQLState.invalidCatalogName

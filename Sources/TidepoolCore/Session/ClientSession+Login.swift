@@ -465,7 +465,7 @@ extension ClientSession {
     /// Where an authenticated client goes: the admin console (for admin_users and stats_users) or
     /// its database's pool, if the database exists and is not disabled.
     public static func destination(
-        _ request: LoginRequest, config: Config, isDisabled: (String) -> Bool
+        _ request: LoginRequest, config: Config, shuttingDown: Bool = false, isDisabled: (String) -> Bool
     ) -> Result<Destination, Refusal> {
         if isAdminConsole(request.database, config: config) {
             let isAdmin = config.global.adminUsers.contains(request.user) || request.isPoolerOwnConsoleLogin
@@ -478,6 +478,11 @@ extension ClientSession {
                         reason: "not an admin user"))
             }
             return .success(.adminConsole(readOnly: !isAdmin))
+        }
+        // A shutdown that waits keeps the Unix socket open for the console only.
+        if shuttingDown {
+            return .failure(
+                Refusal(.fatal(SQLState.cannotConnectNow, "server shutting down"), reason: "server shutting down"))
         }
         guard let database = config.database(named: request.database) else {
             return .failure(
