@@ -778,6 +778,11 @@ final class SessionDriver {
             return
         }
         #expect(refusal.error.message.contains("auth_file"))
+        // With an auth_user, a user missing from auth_file is looked up under trust too.
+        c.global.authType = .trust
+        #expect(
+            try ClientSession.secretSource(request(), method: .trust, known: nil, canLookUp: true, config: c).get()
+                == .lookUp)
     }
 
     /// The welcome: the client's own values over the server's, and every tracked parameter known.
@@ -970,6 +975,25 @@ final class SessionDriver {
             console.session.enter(.success(.adminConsole(readOnly: true)), notice: notice, into: &console.actions)
             console.carryOut()
             #expect(console.clientTypes.hasSuffix(notice.isEmpty ? "SKZ" : "SKNZ"))
+        }
+    }
+
+    /// trust with auth_user: a user auth_query finds logs in without a password, one it does not
+    /// find is refused (trust does not make up users).
+    @Test func trustLooksUpUsersMissingFromAuthFile() {
+        for (outcome, loggedIn) in [
+            (AuthQueryExchange.Outcome.found(.plain("x")), true), (AuthQueryExchange.Outcome.notFound, false),
+        ] {
+            let d = D(loggedIn: false)
+            d.session.startupPacket(
+                startup(["user": "alice", "database": "app"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+            d.session.registered(facts(.trust, canLookUp: true), into: &d.actions)
+            d.carryOut()
+            #expect(d.login.contains(.lookUpSecret))
+            d.session.secretLookedUp(outcome, into: &d.actions)
+            d.carryOut()
+            #expect(d.login.contains(.authenticated) == loggedIn)
+            if !loggedIn { #expect(d.closedWith?.code == SQLState.invalidAuthorization) }
         }
     }
 

@@ -334,3 +334,14 @@ def test_query_wait_notify_tells_a_queued_client(tidepool):
         worker.join(timeout=10)
         assert done.is_set()
     assert notices == ["No server connection available in postgres backend, client being queued"]
+
+
+def test_trust_looks_up_users_missing_from_auth_file(tidepool):
+    """auth_type = trust with auth_user, as PgBouncer: a user missing from auth_file is looked up
+    with auth_query; one PostgreSQL has logs in (its secret then logs in to the server), one it
+    does not have is refused."""
+    t = tidepool(userlist='"postgres" ""\n', settings="auth_type = trust\nauth_user = postgres\n")
+    with t.connect(user="md5user") as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "md5user"
+    with pytest.raises(psycopg.OperationalError, match="auth_query did not find it"):
+        t.connect(user="ghost")

@@ -191,6 +191,9 @@ extension ClientSession {
         switch outcome {
         case .found(let secret):
             startAuthentication(authMethod, secret: secret, into: &actions)
+        case .notFound where authMethod == .trust:
+            let message = "user \"\(user)\" is not in auth_file and auth_query did not find it"
+            close(.fatal(SQLState.invalidAuthorization, message), reason: "no such user", into: &actions)
         case .notFound:
             startAuthentication(authMethod, secret: nil, into: &actions)  // fails like a wrong password
         case .failed:
@@ -450,7 +453,10 @@ extension ClientSession {
         if let known { return .success(.known(known)) }
         if request.isPoolerOwnConsoleLogin, isAdminConsole(request.database, config: config) { return .success(.none) }
         let lookUp = isAdminConsole(request.database, config: config) ? config.global.authDBName != nil : canLookUp
-        guard method != .trust, lookUp else {
+        // trust (auth_type, not an HBA line) wants the user to exist, as PgBouncer: in auth_file, or
+        // found by auth_query when an auth_user is set.
+        let trustNeedsUser = method == .trust && config.global.authType == .trust
+        guard method != .trust || trustNeedsUser, lookUp else {
             if method == .trust, config.global.authFile != nil, config.global.authType != .hba {
                 return .failure(
                     Refusal(
