@@ -76,10 +76,10 @@ struct TidepoolCommand: ParsableCommand {
             try "\(getpid())\n".write(toFile: pidfile, atomically: true, encoding: .utf8)
         }
         // Before any thread starts, so that every thread runs as that user.
-        if let user { try switchUser(user) }
+        if let user = user ?? config.global.user { try switchUser(user) }
         let path = configFile
         let pooler = Pooler(
-            config: config, userlist: userlist, logger: logger, reloader: { try loadConfiguration(path) })
+            config: config, userlist: userlist, logger: logger, reloader: { try loadConfiguration($0 ?? path) })
         pooler.commandLineVerbose = verbose
         do {
             try pooler.start()

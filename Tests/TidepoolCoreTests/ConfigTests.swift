@@ -228,7 +228,7 @@ import Testing
         let keys = [
             "autodb_idle_timeout = 60", "cancel_wait_timeout = 5", "client_tls13_ciphers = TLS_AES_128_GCM_SHA256",
             "server_tls13_ciphers = TLS_AES_256_GCM_SHA384", "client_tls_ecdhcurve = auto",
-            "client_tls_dheparams = auto", "unix_socket_group = postgres", "conffile = /etc/pgbouncer.ini",
+            "client_tls_dheparams = auto",
         ]
         let config = try Config.parse("[pgbouncer]\n" + keys.joined(separator: "\n") + "\n")
         #expect(config.warnings.count == keys.count)
@@ -236,6 +236,14 @@ import Testing
             let name = String(key.split(separator: " ")[0])
             #expect(config.warnings.contains { $0.contains(name) }, "\(name)")
         }
+        // Read with their effect: no warning.
+        let effective = try Config.parse(
+            "[pgbouncer]\nunix_socket_group = postgres\nconffile = /etc/pgbouncer.ini\nuser = postgres\n"
+                + "tcp_defer_accept = 1\ntcp_socket_buffer = 65536\n")
+        #expect(effective.warnings.isEmpty)
+        #expect(effective.global.unixSocketGroup == "postgres" && effective.global.conffile == "/etc/pgbouncer.ini")
+        #expect(effective.global.user == "postgres" && effective.global.tcpDeferAccept)
+        #expect(effective.global.tcpSocketBuffer == 65536)
     }
 }
 

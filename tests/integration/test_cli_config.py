@@ -353,3 +353,61 @@ def test_check_reads_every_pgbouncer_1_25_setting(tmp_path, certs):
         assert refused.returncode != 0
         assert line.split(" = ")[0] in refused.stderr and f"{word} is not supported" in refused.stderr, \
             refused.stderr
+
+
+def test_user_key_unix_socket_group_and_conffile(pg, tmp_path):
+    """user = (as -u), unix_socket_group and conffile (RELOAD reads that file), as in PgBouncer."""
+    import grp
+    import pwd
+    import signal as sig
+    from conftest import free_port, wait_for_port
+    if os.getuid() != 0:
+        import pytest
+        pytest.skip("switching users and groups needs root")
+    port = free_port()
+    sockets = tmp_path / "sock"
+    sockets.mkdir()
+    os.chmod(sockets, 0o777)
+    other = tmp_path / "other.ini"
+    other.write_text(f"[databases]\n* = host=127.0.0.1 port={pg.port}\n[pooler]\nlisten_port = {port}\n"
+                     f"unix_socket_dir = {sockets}\nauth_type = trust\nadmin_users = postgres\n"
+                     "default_pool_size = 7\n")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(other, 0o644)
+    ini = tmp_path / "u.ini"
+    ini.write_text(f"[databases]\n* = host=127.0.0.1 port={pg.port}\n[pooler]\nlisten_port = {port}\n"
+                   f"unix_socket_dir = {sockets}\nauth_type = trust\nadmin_users = postgres\n"
+                   f"unix_socket_group = postgres\nconffile = {other}\n")
+    proc = subprocess.Popen([BINARY, str(ini)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc=proc)
+        assert os.stat(sockets / f".s.PGSQL.{port}").st_gid == grp.getgrnam("postgres").gr_gid
+
+        def pool_size():
+            with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="pgbouncer",
+                                 autocommit=True) as a:
+                return [r[1] for r in a.execute("SHOW CONFIG").fetchall() if r[0] == "default_pool_size"][0]
+
+        assert pool_size() == "20"
+        proc.send_signal(sig.SIGHUP)
+        deadline = time.time() + 5
+        while pool_size() != "7" and time.time() < deadline:
+            time.sleep(0.1)
+        assert pool_size() == "7"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out
+    # user = in the file, as -u on the command line.
+    ini.write_text(f"[databases]\n* = host=127.0.0.1 port={pg.port}\n[pooler]\nlisten_port = {port}\n"
+                   "unix_socket_dir =\nauth_type = trust\nuser = nobody\n")
+    proc = subprocess.Popen([BINARY, str(ini)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, proc=proc)
+        status = open(f"/proc/{proc.pid}/status").read()
+        uid = int([l for l in status.splitlines() if l.startswith("Uid:")][0].split()[1])
+        assert uid == pwd.getpwnam("nobody").pw_uid
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out

@@ -334,6 +334,29 @@ def test_tcp_keepalive_settings_reach_server_sockets(tidepool, pg):
         assert seconds <= 7.0, line
 
 
+def test_tcp_socket_buffer_and_tcp_defer_accept(tidepool, pg):
+    """tcp_socket_buffer sizes both sides' TCP sockets (the kernel doubles what it is given), and
+    tcp_defer_accept keeps a client that says nothing out of the pooler (no login timeout starts)."""
+    t = tidepool(settings="tcp_socket_buffer = 24576\ntcp_defer_accept = 1\nclient_login_timeout = 1\n")
+    with t.connect() as c:
+        c.execute("SELECT 1")
+        out = subprocess.run(["ss", "-tnmpH", "state", "established"], capture_output=True, text=True,
+                             check=True).stdout
+    lines = out.splitlines()
+    mine = [(line, lines[i + 1] if i + 1 < len(lines) else "") for i, line in enumerate(lines)
+            if f"pid={t.proc.pid}," in line]
+    assert len(mine) >= 2, out  # the client's socket and the server's
+    for line, memory in mine:
+        both = line + memory
+        assert "rb49152" in both and "tb49152" in both, both
+    # A silent TCP client: deferred, so the pooler never sees it and logs no login timeout.
+    import socket
+    silent = socket.create_connection(("127.0.0.1", t.port))
+    time.sleep(1.5)
+    silent.close()
+    assert "client_login_timeout" not in t.log() and "login timed out" not in t.log()
+
+
 def test_terminated_servers_fail_only_the_clients_inside_a_transaction(tidepool, pg):
     """Every 100 ms the servers of clients sitting inside a transaction are terminated, while other
     clients run autocommit queries on the same pool: only the clients in a transaction see errors,

@@ -24,6 +24,15 @@ def two_peers(pg, tmp_path, peer_ids=(1, 2)):
             for peer_id, d in zip(peer_ids, dirs)]
 
 
+def stop_both(pg, *poolers):
+    """Stops them and waits until their servers have gone, so the next test counts backends right."""
+    for t in poolers:
+        t.stop()
+    deadline = time.time() + 5
+    while pg.backends("postgres") and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def cancels_that_work(t, attempts):
     """Runs a long query `attempts` times, each on a new connection to the shared port, and cancels
     it through the shared port (the kernel picks either process for each): how many were cancelled."""
@@ -62,8 +71,7 @@ def test_a_cancel_reaching_the_other_process_is_passed_on(pg, tmp_path):
             assert lists["peers"] == 2 and lists["peer_pools"] == 2
         assert "passed on" not in a.log() + b.log()
     finally:
-        a.stop()
-        b.stop()
+        stop_both(pg, a, b)
 
 
 def test_without_peering_a_cancel_can_reach_the_wrong_process(pg, tmp_path):
@@ -73,5 +81,4 @@ def test_without_peering_a_cancel_can_reach_the_wrong_process(pg, tmp_path):
     try:
         assert cancels_that_work(a, 10) < 10
     finally:
-        a.stop()
-        b.stop()
+        stop_both(pg, a, b)

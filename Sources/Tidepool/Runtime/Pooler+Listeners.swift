@@ -27,8 +27,13 @@ extension Pooler {
         }
     }
 
-    func makeServerBootstrap(on loop: EventLoop? = nil, reusePort: Bool = false) -> ServerBootstrap {
+    func makeServerBootstrap(on loop: EventLoop? = nil, reusePort: Bool = false, tcp: Bool = true) -> ServerBootstrap {
         let bootstrap = loop.map { ServerBootstrap(group: $0) } ?? ServerBootstrap(group: group)
+        if tcp && config.global.tcpDeferAccept {  // PgBouncer's fixed 45 seconds; a TCP option only
+            _ = bootstrap.serverChannelOption(
+                ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_DEFER_ACCEPT)),
+                value: 45)
+        }
         return
             bootstrap
             .serverChannelOption(

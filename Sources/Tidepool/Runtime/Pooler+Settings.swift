@@ -35,7 +35,7 @@ extension Pooler {
         }
         let fresh: (Config, [String: PasswordSecret])
         do {
-            fresh = try reloader()
+            fresh = try reloader(config.global.conffile)
         } catch {
             logger.error("RELOAD rejected, keeping the old configuration: \(error)")
             throw PostgresError(code: SQLState.invalidParameterValue, message: "RELOAD rejected: \(error)")

@@ -11,7 +11,8 @@ import TidepoolCore
 public final class Pooler: @unchecked Sendable {
     let settings: NIOLockedValueBox<Settings>
     /// Reads the configuration and the auth file again (for RELOAD and SIGHUP).
-    let reloader: (@Sendable () throws -> (Config, [String: PasswordSecret]))?
+    /// Reads the configuration again: the file given at start, or conffile when set.
+    let reloader: (@Sendable (_ conffile: String?) throws -> (Config, [String: PasswordSecret]))?
     /// The configuration in force, lent to the reader (`pooler.config.global.x` copies nothing).
     public var config: Config {
         _read { yield settings.withLockedValue { $0.configBox }.value }
@@ -129,7 +130,7 @@ public final class Pooler: @unchecked Sendable {
 
     public init(
         config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil,
-        reloader: (@Sendable () throws -> (Config, [String: PasswordSecret]))? = nil
+        reloader: (@Sendable (_ conffile: String?) throws -> (Config, [String: PasswordSecret]))? = nil
     ) {
         self.settings = NIOLockedValueBox(Settings(config: config, userlist: userlist))
         self.reloader = reloader
@@ -169,10 +170,21 @@ public final class Pooler: @unchecked Sendable {
         }
         if !g.unixSocketDir.isEmpty {
             let path = "\(g.unixSocketDir)/.s.PGSQL.\(g.listenPort)"
-            let channel = try makeServerBootstrap().bind(
+            let channel = try makeServerBootstrap(tcp: false).bind(
                 unixDomainSocketPath: path, cleanupExistingSocketFile: true
             ).wait()
             chmod(path, mode_t(g.unixSocketMode))
+            if let group = g.unixSocketGroup {
+                guard let entry = getgrnam(group) else {
+                    throw ConfigError(file: "", line: 0, key: "unix_socket_group", message: "no such group \(group)")
+                }
+                guard chown(path, uid_t.max, entry.pointee.gr_gid) == 0 else {
+                    let reason = String(cString: strerror(errno))
+                    throw ConfigError(
+                        file: "", line: 0, key: "unix_socket_group",
+                        message: "cannot give \(path) to \(group): \(reason)")
+                }
+            }
             listeners.append(channel)
             logger.info("listening on unix:\(path)")
         }

@@ -78,8 +78,8 @@ extension Pooler {
         shared.withLockedValue { $0.hostChoices[database]?.failed(host) }
     }
 
-    /// SO_KEEPALIVE, then tcp_keepidle, tcp_keepintvl, tcp_keepcnt and tcp_user_timeout, as
-    /// PgBouncer applies them to TCP sockets on both sides.
+    /// SO_KEEPALIVE, then tcp_keepidle, tcp_keepintvl, tcp_keepcnt, tcp_user_timeout and
+    /// tcp_socket_buffer, as PgBouncer applies them to TCP sockets on both sides.
     static func tcpKeepaliveOptions(_ g: GlobalSettings) -> [(ChannelOptions.Types.SocketOption, SocketOptionValue)] {
         var options = [
             (
@@ -96,6 +96,15 @@ extension Pooler {
                     ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: option)),
                     SocketOptionValue(value)
                 ))
+        }
+        if g.tcpSocketBuffer > 0 {  // tcp_socket_buffer
+            for name in [NIOBSDSocket.Option.so_sndbuf, .so_rcvbuf] {
+                options.append(
+                    (
+                        ChannelOptions.Types.SocketOption(level: .socket, name: name),
+                        SocketOptionValue(g.tcpSocketBuffer)
+                    ))
+            }
         }
         return options
     }

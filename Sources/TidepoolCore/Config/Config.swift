@@ -172,6 +172,16 @@ public struct GlobalSettings: Equatable, Sendable {
     public var tcpKeepintvl = 0
     public var tcpKeepcnt = 0
     public var tcpUserTimeout = 0
+    /// SO_SNDBUF and SO_RCVBUF for TCP connections (0 = the kernel's).
+    public var tcpSocketBuffer = 0
+    /// TCP_DEFER_ACCEPT on the TCP listeners. Off by default (PgBouncer has it on, on Linux): a
+    /// client that connects and says nothing then still meets client_login_timeout.
+    public var tcpDeferAccept = false
+    public var unixSocketGroup: String?
+    /// The operating-system user to run as (-u wins).
+    public var user: String?
+    /// The file RELOAD reads, when not the one given at start.
+    public var conffile: String?
     /// Event-loop threads; 0 means one per core.
     public var threads = 0
     public var clientTLS = TLSSettings(sslmode: .disable)

@@ -191,6 +191,11 @@ public enum Settings {
                 apply: { g, v throws(ConfigError) in g.unixSocketMode = try v.octal() },
                 show: { "0" + String($0.unixSocketMode, radix: 8) }),
             .int("listen_backlog", \.listenBacklog, 1...65535, changeable: false, "accept queue length"),
+            .optionalText(
+                "unix_socket_group", \.unixSocketGroup, changeable: false, "group the Unix socket belongs to"),
+            .bool(
+                "tcp_defer_accept", \.tcpDeferAccept, changeable: false,
+                "TCP_DEFER_ACCEPT (45 s): a client is accepted once it has sent something"),
             .bool("so_reuseport", \.soReuseport, changeable: false, "let other processes listen on the same port"),
             .int(
                 "peer_id", \.peerID, 0...Peering.peerIDs.upperBound, changeable: false,
@@ -292,6 +297,9 @@ public enum Settings {
             .int("tcp_keepintvl", \.tcpKeepintvl, 0...86_400, "seconds between keepalive probes"),
             .int("tcp_keepcnt", \.tcpKeepcnt, 0...1000, "keepalive probes before giving up"),
             .int("tcp_user_timeout", \.tcpUserTimeout, 0...86_400_000, "TCP_USER_TIMEOUT in milliseconds"),
+            .int(
+                "tcp_socket_buffer", \.tcpSocketBuffer, 0...268_435_456,
+                "SO_SNDBUF and SO_RCVBUF of TCP connections in bytes; 0: the kernel's"),
         ]
         // Client timeouts.
         t += [
@@ -348,6 +356,8 @@ public enum Settings {
             .int("verbose", \.verbose, 0...10, "more log detail"),
             .optionalText("logfile", \.logfile, changeable: false, "log file; default standard error"),
             .optionalText("pidfile", \.pidfile, changeable: false, "file the process id is written to"),
+            .optionalText("user", \.user, changeable: false, "operating-system user to switch to at start (as -u)"),
+            .optionalText("conffile", \.conffile, "the file RELOAD reads; empty: the one given at start"),
         ]
         // [databases] connection-string keys.
         t += [
@@ -392,14 +402,11 @@ public enum Settings {
         ]
         // PgBouncer's settings Tidepool has no use for.
         t += [
-            .inert("user", "Tidepool does not switch users; run it as the user it should be"),
             .inert("pkt_buf", "NIO sizes its own buffers"),
             .inert("sbuf_loopcnt", "NIO's event loops take turns by themselves"),
             .inert("syslog", "logs go to logfile or standard error"),
             .inert("syslog_ident", "logs go to logfile or standard error"),
             .inert("syslog_facility", "logs go to logfile or standard error"),
-            .inert("tcp_defer_accept", "not used"),
-            .inert("tcp_socket_buffer", "the kernel's buffer sizes are kept"),
             .inert("dns_max_ttl", "host names are resolved at each connect"),
             .inert("dns_nxdomain_ttl", "host names are resolved at each connect"),
             .inert("dns_zone_check_period", "host names are resolved at each connect"),
@@ -420,8 +427,6 @@ public enum Settings {
             .inert("server_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
             .inert("client_tls_ecdhcurve", "the TLS library's curves are used"),
             .inert("client_tls_dheparams", "the TLS library's key exchanges are used"),
-            .inert("unix_socket_group", "the Unix socket keeps the pooler's group"),
-            .inert("conffile", "RELOAD reads the file given at start"),
         ]
         return t
     }()
