@@ -429,3 +429,20 @@ import Testing
         #expect(AdminViews.consoleDatabase(config) == nil)
     }
 }
+
+@Suite struct LogWordsTests {
+    /// The lines operators grep for after a move from PgBouncer.
+    @Test func pgbouncersLogLines() {
+        let client = LogWords.connection("C", id: "12", database: "app", user: "alice", address: "10.0.0.7:5123")
+        #expect(client == "C-12: app/alice@10.0.0.7:5123")
+        #expect(
+            LogWords.loginAttempt(database: "app", user: "alice", tls: true, replication: nil)
+                == "login attempt: db=app user=alice tls=yes replication=no")
+        #expect(
+            LogWords.closing(because: "client close request", ageSeconds: 5)
+                == "closing because: client close request (age=5s)")
+        #expect(
+            LogWords.newServerConnection(from: "127.0.0.1:40000") == "new connection to server (from 127.0.0.1:40000)")
+        #expect(LogWords.reservePool(waited: "5.0").hasPrefix("taking connection from reserve_pool"))
+    }
+}

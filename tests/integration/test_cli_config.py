@@ -1,6 +1,7 @@
 """Command line and configuration handling of the tidepool binary."""
 
 import os
+import re
 import subprocess
 import time
 
@@ -55,9 +56,24 @@ def test_connection_lines_are_logged_without_passwords(tidepool, pg):
     with t.connect(dbname="appdb", application_name="logcheck") as c:
         c.execute("SELECT 1")
     time.sleep(0.2)
+    # A client that goes without a Terminate.
+    import socket
+    import struct
+    raw = socket.create_connection(("127.0.0.1", t.port))
+    body = b"user\0postgres\0database\0appdb\0\0"
+    raw.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
+    raw.recv(4096)
+    raw.close()
+    time.sleep(0.3)
     log = t.log()
-    assert "login attempt: db=appdb user=postgres" in log
-    assert "closing client" in log and "client close request" in log
+    # PgBouncer 1.25's lines: kind-id, db/user@address, its phrase.
+    assert re.search(r"C-\d+: appdb/postgres@127\.0\.0\.1:\d+ login attempt: db=appdb user=postgres tls=no "
+                     r"replication=no", log), log
+    assert re.search(r"C-\d+: appdb/postgres@127\.0\.0\.1:\d+ closing because: client close request \(age=\d+s\)",
+                     log), log
+    assert "closing because: client unexpected eof" in log, log
+    assert re.search(r"S-\d+: appdb/app@127\.0\.0\.1:\d+ new connection to server \(from 127\.0\.0\.1:\d+\)",
+                     log), log
     assert "app-secret" not in log
 
 

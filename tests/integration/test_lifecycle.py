@@ -88,6 +88,7 @@ def test_server_lifetime_replaces_servers(tidepool, pg):
     assert first != second
     time.sleep(0.3)
     assert first not in backend_pids(pg)
+    assert "closing because: server lifetime over" in t.log()  # PgBouncer's words
 
 
 def test_server_lifetime_per_database(tidepool, pg):
@@ -142,7 +143,7 @@ def test_reserve_pool_opens_under_a_burst_and_shrinks_back(tidepool, pg):
     for th in threads:
         th.join(30)
     assert peak[0] == 4
-    assert "reserve" in t.log()
+    assert "taking connection from reserve_pool" in t.log()  # PgBouncer's words
     time.sleep(0.5)
     assert len(backend_pids(pg)) <= 2
 

@@ -54,7 +54,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var cancelKey: (Int32, Int32)?
     let connectedAt = NIODeadline.now()
     let connectedAtWallClock = Date().timeIntervalSince1970
-    var closeReason = "client close request"
+    /// PgBouncer's words: a Terminate is a close request, a socket closed without one is not.
+    var closeReason = "client unexpected eof"
     /// The client address counted for max_client_conn_per_ip (nil for a Unix socket).
     var countedAddress: String?
     /// The session paused reading the client; a read the channel asked for meanwhile waits.
@@ -94,6 +95,13 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// is handed over among thousands of clients).
     var eventLoop: EventLoop { pooler.loops[loopIndex] }
     var peer: String { channel.remoteAddress.map { "\($0)" } ?? "unix" }
+
+    /// `C-<id>: db/user@address:port`, as PgBouncer starts a client's log lines.
+    var logPrefix: String {
+        let address = channel.remoteAddress.map { "\($0.ipAddress ?? "unix"):\($0.port ?? 0)" } ?? "unix"
+        return LogWords.connection(
+            "C", id: id.map { "\($0.raw)" } ?? "?", database: databaseName, user: user, address: address)
+    }
 
     func onLoop(_ body: @escaping @Sendable () -> Void) {
         let loop = eventLoop
@@ -214,7 +222,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             closeReason = closing.reason
             pooler.metrics.clientError(error.code)
             if pooler.config.global.logPoolerErrors {
-                logger.warning("pooler error to client \(peer) db=\(databaseName) user=\(user): \(error.message)")
+                logger.warning("\(logPrefix) pooler error: \(error.message)")
             }
             var out = channel.allocator.buffer(capacity: 128)
             Wire.errorResponse(error, into: &out)
@@ -504,8 +512,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
         let config = pooler.config
         if config.global.logConnections {
-            logger.info(
-                "login attempt: db=\(session.database) user=\(session.user) client=\(peer)\(session.tls ? " tls" : "")")
+            let words = LogWords.loginAttempt(
+                database: session.database, user: session.user, tls: session.tls,
+                replication: session.replication?.rawValue)
+            logger.info("\(logPrefix) \(words)")
         }
         unixPeer = peerCredentials
         let security = pooler.security
@@ -758,8 +768,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         countedLimits = nil
         if id != nil, pooler.config.global.logDisconnections {
             let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9
-            logger.info(
-                "closing client \(peer) db=\(databaseName) user=\(user): \(closeReason) (age=\(Int(age))s)")
+            logger.info("\(logPrefix) \(LogWords.closing(because: closeReason, ageSeconds: Int(age)))")
         }
     }
 }

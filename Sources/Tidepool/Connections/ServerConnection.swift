@@ -134,6 +134,17 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// `channel`, which is set on that loop.
     var eventLoop: EventLoop { pooler.loops[loopIndex] }
 
+    /// `S-<id>: db/user@host:port`, as PgBouncer starts a server's log lines.
+    var logPrefix: String {
+        let remote: String =
+            switch address {
+            case .tcp(let host, let port): "\(host):\(port)"
+            case .unix(let path): path
+            }
+        return LogWords.connection(
+            "S", id: "\(id.raw)", database: pool.database, user: database?.user ?? pool.user, address: remote)
+    }
+
     // MARK: Login
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -159,7 +170,12 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             case .disarmTimeout:
                 timeout?.cancel()
                 timeout = nil
-            case .loggedIn: pools.serverLoggedIn(self)
+            case .loggedIn:
+                if pooler.config.global.logConnections, let channel {
+                    let local = channel.localAddress.map { "\($0.ipAddress ?? "unix"):\($0.port ?? 0)" } ?? "unix"
+                    pooler.logger.info("\(logPrefix) \(LogWords.newServerConnection(from: local))")
+                }
+                pools.serverLoggedIn(self)
             case .connectFailed(let error):
                 if let host { pooler.hostFailed(host, database: pool.database) }
                 pools.serverConnectFailed(self, error: error)

@@ -249,13 +249,17 @@ extension Pooler {
             metrics.note(event, pool: key)
             switch event {
             case .reserveOpened(let waited):
-                logger.info("pool \(key): opening a reserve server, a client waited \(waited.secondsText) s")
+                logger.info("pool \(key): \(LogWords.reservePool(waited: waited.secondsText))")
             case .checkFailed:
                 logger.warning("pool \(key): server failed server_check_query; checking older idle servers")
             case .recycledForAge:
-                logger.debug("pool \(key): closed a server that reached server_lifetime")
+                if config.global.logDisconnections {
+                    logger.info("pool \(key): server closing because: \(LogWords.serverLifetimeOver)")
+                }
             case .closedIdle:
-                logger.debug("pool \(key): closed a server idle for server_idle_timeout")
+                if config.global.logDisconnections {
+                    logger.info("pool \(key): server closing because: \(LogWords.serverIdleTimeout)")
+                }
             case .waitTimedOut:
                 logger.debug("pool \(key): a client reached query_wait_timeout")
             case .probe:
