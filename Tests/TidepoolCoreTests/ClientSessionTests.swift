@@ -837,7 +837,7 @@ final class SessionDriver {
             return
         }
         #expect(notAdmin.error.code == SQLState.insufficientPrivilege)
-        #expect(unknown.error.code == SQLState.invalidCatalogName)
+        #expect(unknown.error.code == SQLState.invalidCatalogName && unknown.error.message == "no such database: nope")
         #expect(disabled.error.code == SQLState.cannotConnectNow)
         // A shutdown that waits: the console still, a database not.
         #expect(

@@ -493,7 +493,7 @@ extension ClientSession {
         guard let database = config.database(named: request.database) else {
             return .failure(
                 Refusal(
-                    .fatal(SQLState.invalidCatalogName, "database \"\(request.database)\" does not exist"),
+                    .fatal(SQLState.invalidCatalogName, "no such database: \(request.database)"),
                     reason: "unknown database"))
         }
         if isDisabled(request.database) {
