@@ -206,6 +206,18 @@ final class SessionDriver {
         #expect(d.traffic.transactions == 1 && d.traffic.queries == 1 && d.traffic.serverAssignments == 1)
     }
 
+    /// max_prepared_statements changed at run time reaches a server when it is next lent.
+    @Test func aLendAppliesTheCurrentStatementCapacity() {
+        let d = D()
+        d.client(D.query("select 1"))
+        let before = d.server.statements.capacity
+        #expect(
+            d.session.lent(
+                d.server, now: d.now, statementCapacity: before + 5, isKnownStatement: { _ in false },
+                into: &d.actions) == .linked)
+        #expect(d.server.statements.capacity == before + 5)
+    }
+
     /// SHOW CLIENTS' state names follow the session: idle, waiting, active, idle again.
     @Test func stateNamesAreShowClientsOnes() {
         let d = D()

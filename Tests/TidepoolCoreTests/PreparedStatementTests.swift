@@ -239,6 +239,26 @@ final class PreparedHarness {
         #expect(h.sentTypes == "CPB")
     }
 
+    /// max_prepared_statements lowered at run time: the next statement prepared on the server
+    /// closes every statement past the new size, least recently used first.
+    @Test func aSmallerCacheClosesTheOverflowAtTheNextParse() {
+        let h = H(capacity: 4)
+        for (i, sql) in ["select 1", "select 2", "select 3", "select 4"].enumerated() {
+            h.client(H.parse("s\(i)", sql))
+        }
+        h.client(H.sync)
+        h.serverSends("1111Z")
+        let names = (0..<4).map { h.tracker.statements["s\($0)"]!.serverName }
+        h.server.resize(to: 2)
+        h.sent.removeAll()
+        h.client(H.parse("s4", "select 5"))
+        h.client(H.sync)
+        #expect(h.sentTypes == "CCCPS")
+        #expect(h.sent.prefix(3).map(\.1) == Array(names.prefix(3)))
+        #expect(h.server.count == 2 && h.server.contains(names[3]))
+        #expect(h.serverSends("3331Z") == "1Z")
+    }
+
     @Test func closeForgetsOnlyTheClientsName() {
         let h = H()
         h.prepareAndSync("s1", "select 1")
@@ -509,6 +529,19 @@ final class PreparedHarness {
 }
 
 @Suite struct ServerStatementCacheTests {
+    @Test func resizeAndOverflow() {
+        var c = ServerStatementCache(capacity: 3)
+        for name in ["a", "b", "c"] { #expect(c.insert(name) == nil) }
+        #expect(c.evictOverflow() == nil)
+        c.resize(to: 1)
+        #expect(c.capacity == 1)
+        #expect(c.evictOverflow() == "a")
+        #expect(c.evictOverflow() == "b")
+        #expect(c.evictOverflow() == nil && c.count == 1)
+        c.resize(to: 0)
+        #expect(c.capacity == 1)  // never below one
+    }
+
     @Test func evictsTheLeastRecentlyUsed() {
         var c = ServerStatementCache(capacity: 2)
         #expect(c.insert("a") == nil)

@@ -182,6 +182,21 @@ def test_small_server_cache_evicts_and_reprepares(pg, tidepool):
                 assert held <= 2
 
 
+def test_set_max_prepared_statements_reaches_existing_servers(pg, tidepool):
+    """SET max_prepared_statements lowers what servers already open hold: the next statement
+    prepared there closes the ones past the new size."""
+    t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 1\nadmin_users = postgres\n"
+                          "max_prepared_statements = 20\n")
+    with t.connect(prepare_threshold=0) as conn:
+        for k in range(6):
+            conn.execute(f"SELECT %s::int + {k}", (k,))
+        assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] >= 6
+        with t.connect(dbname="pgbouncer") as console:
+            console.execute("SET max_prepared_statements = 2")
+        conn.execute("SELECT %s::int + 100", (1,))
+        assert conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0] <= 2
+
+
 def test_client_close_and_deallocate_do_not_break_other_clients(pg, tidepool):
     t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 1\n")
     with t.connect(prepare_threshold=0) as a, t.connect(prepare_threshold=0) as b:

@@ -606,7 +606,9 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func lent(_ server: ServerConnection, lease: UInt64) {
         switch session.lent(
-            server.sessionState, now: .now(), isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
+            server.sessionState, now: .now(),
+            statementCapacity: pooler.statementCapacity.load(ordering: .relaxed),
+            isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
         {
         case .linked:
             self.server = server

@@ -1,6 +1,6 @@
-import Atomics
 import Foundation
 import Logging
+import Synchronization
 
 /// A log handler writing PgBouncer-style lines (`time [pid] LEVEL message`) to a file or stderr.
 public struct LineLogHandler: LogHandler {
@@ -8,7 +8,7 @@ public struct LineLogHandler: LogHandler {
         let handle: FileHandle
         let lock = NSLock()
         /// The level of every logger writing here, so that SET verbose and RELOAD change them all.
-        let level = ManagedAtomic<Int>(Sink.levels.firstIndex(of: .info)!)
+        let level = Atomic<Int>(Sink.levels.firstIndex(of: .info)!)
         static let levels = Logger.Level.allCases
         init(handle: FileHandle) { self.handle = handle }
         func write(_ line: String) {

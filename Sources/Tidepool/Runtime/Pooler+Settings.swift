@@ -76,6 +76,7 @@ extension Pooler {
     func applyPoolSettings(_ config: Config) {
         var logger = self.logger  // its handler's level is shared by every copy
         logger.logLevel = LineLogHandler.level(verbose: config.global.verbose + commandLineVerbose)
+        statementCapacity.store(config.global.maxPreparedStatements, ordering: .relaxed)
         let now = NIODeadline.now()
         withPool { pools in
             var actions: [PoolAction] = []

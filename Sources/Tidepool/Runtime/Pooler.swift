@@ -19,6 +19,8 @@ public final class Pooler: @unchecked Sendable {
     }
     var userlist: [String: PasswordSecret] { settings.withLockedValue { $0.userlist } }
     public let logger: Logger
+    /// max_prepared_statements as SET or RELOAD last made it: servers take it when next lent.
+    let statementCapacity: Synchronization.Atomic<Int>
     /// -v given on the command line, added to verbose when SET or RELOAD changes it.
     public var commandLineVerbose = 0
     /// For SHOW STATE's uptime: when the pooler was made (at process start).
@@ -133,6 +135,7 @@ public final class Pooler: @unchecked Sendable {
         reloader: (@Sendable (_ conffile: String?) throws -> (Config, [String: PasswordSecret]))? = nil
     ) {
         self.settings = NIOLockedValueBox(Settings(config: config, userlist: userlist))
+        self.statementCapacity = Synchronization.Atomic(config.global.maxPreparedStatements)
         self.reloader = reloader
         self.logger = logger
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)

@@ -14,11 +14,15 @@ extension ClientSession {
 
     /// The pool lent the queued client a server.
     public mutating func lent(
-        _ server: ServerSessionState, now: NIODeadline,
+        _ server: ServerSessionState, now: NIODeadline, statementCapacity: Int? = nil,
         isKnownStatement: (String) -> Bool, into actions: inout Actions
     ) -> Lend {
         if state == .awaitingWelcome { return .parametersOnly }
         guard state == .waiting else { return .unwanted }
+        // max_prepared_statements as it is now (SET, RELOAD), applied by the server's owner.
+        if let statementCapacity, server.statements.capacity != statementCapacity {
+            server.statements.resize(to: statementCapacity)
+        }
         beginLease()
         state = .linked
         self.server = server

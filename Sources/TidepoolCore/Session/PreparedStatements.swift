@@ -5,12 +5,26 @@ import NIOCore
 /// The prepared statements one server connection holds, by their pooler-wide names, with the
 /// least-recently-used one first out when the cache is full.
 public struct ServerStatementCache: Sendable {
-    public let capacity: Int
+    public private(set) var capacity: Int
     private var lastUse: [String: UInt64] = [:]
     private var clock: UInt64 = 0
 
     public init(capacity: Int) {
         self.capacity = max(capacity, 1)
+    }
+
+    /// max_prepared_statements changed (SET, RELOAD): a larger cache takes effect at once; a
+    /// smaller one closes its least-recently-used statements as the next ones are prepared
+    /// (`evictOverflow`).
+    public mutating func resize(to capacity: Int) {
+        self.capacity = max(capacity, 1)
+    }
+
+    /// One statement past the capacity, least recently used first, to be closed; nil within it.
+    public mutating func evictOverflow() -> String? {
+        guard lastUse.count > capacity, let oldest = lastUse.min(by: { $0.value < $1.value })?.key else { return nil }
+        lastUse[oldest] = nil
+        return oldest
     }
 
     public var count: Int { lastUse.count }
@@ -669,14 +683,17 @@ public struct PreparedStatementTracker: Sendable {
     private mutating func makeRoom(
         for name: String, on server: inout ServerStatementCache, into out: inout [ByteBuffer]
     ) {
-        guard let evicted = server.insert(name) else { return }
-        var message = ByteBufferAllocator().buffer(capacity: evicted.utf8.count + 7)
-        Wire.withMessage(MessageType.close, into: &message) { m in
-            m.writeInteger(MessageType.targetStatement)
-            m.writeNullTerminatedString(evicted)
+        var evicted = server.insert(name)
+        while let name = evicted ?? server.evictOverflow() {
+            var message = ByteBufferAllocator().buffer(capacity: name.utf8.count + 7)
+            Wire.withMessage(MessageType.close, into: &message) { m in
+                m.writeInteger(MessageType.targetStatement)
+                m.writeNullTerminatedString(name)
+            }
+            out.append(message)
+            append(.injectedClose(server: name))
+            evicted = nil
         }
-        out.append(message)
-        append(.injectedClose(server: evicted))
     }
 
     static func isReadyTerminated(_ entry: Entry) -> Bool {
