@@ -1,3 +1,4 @@
+import NIOCore
 import Testing
 
 @testable import TidepoolCore
@@ -32,20 +33,33 @@ import Testing
 
     @Test func cancelsToAPeerWaitBehindItsPoolSize() {
         var cancels = PeerCancels<Int>()
-        #expect(cancels.submit(1, peer: 5, limit: 2) == 1)
-        #expect(cancels.submit(2, peer: 5, limit: 2) == 2)
-        #expect(cancels.submit(3, peer: 5, limit: 2) == nil)
-        #expect(cancels.submit(4, peer: 5, limit: 2) == nil)
-        #expect(cancels.submit(9, peer: 6, limit: 2) == 9)  // another peer has its own limit
-        #expect(cancels.peers[5]?.sending == 2 && cancels.peers[5]?.queued == [3, 4])
-        #expect(cancels.finished(peer: 5) == 3)
-        #expect(cancels.finished(peer: 5) == 4)
-        #expect(cancels.finished(peer: 5) == nil)
+        let now = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        let none = TimeAmount.zero
+        #expect(cancels.submit(1, peer: 5, limit: 2, now: now) == 1)
+        #expect(cancels.submit(2, peer: 5, limit: 2, now: now) == 2)
+        #expect(cancels.submit(3, peer: 5, limit: 2, now: now) == nil)
+        #expect(cancels.submit(4, peer: 5, limit: 2, now: now) == nil)
+        #expect(cancels.submit(9, peer: 6, limit: 2, now: now) == 9)  // another peer has its own limit
+        #expect(cancels.peers[5]?.sending == 2 && cancels.peers[5]?.queued.map(\.request) == [3, 4])
+        #expect(cancels.finished(peer: 5, now: now, timeout: none) == 3)
+        #expect(cancels.finished(peer: 5, now: now, timeout: none) == 4)
+        #expect(cancels.finished(peer: 5, now: now, timeout: none) == nil)
         #expect(cancels.peers[5]?.sending == 1)
-        #expect(cancels.finished(peer: 5) == nil)
+        #expect(cancels.finished(peer: 5, now: now, timeout: none) == nil)
         #expect(cancels.peers[5] == nil)
         // pool_size 0 still lets one through.
-        #expect(cancels.submit(7, peer: 8, limit: 0) == 7)
+        #expect(cancels.submit(7, peer: 8, limit: 0, now: now) == 7)
+    }
+
+    /// cancel_wait_timeout: a request queued too long is dropped, not sent late.
+    @Test func cancelsQueuedPastCancelWaitTimeoutAreDropped() {
+        var cancels = PeerCancels<Int>()
+        let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        #expect(cancels.submit(1, peer: 2, limit: 1, now: start) == 1)
+        #expect(cancels.submit(2, peer: 2, limit: 1, now: start) == nil)
+        #expect(cancels.submit(3, peer: 2, limit: 1, now: start + .seconds(9)) == nil)
+        #expect(cancels.finished(peer: 2, now: start + .seconds(11), timeout: .seconds(10)) == 3)
+        #expect(cancels.dropped == 1)
     }
 
     @Test func peersSectionAndPeerIDAreRead() throws {

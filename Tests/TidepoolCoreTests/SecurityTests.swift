@@ -230,6 +230,21 @@ import Testing
         } throws: { "\($0)".contains("LDAP is not supported") }
     }
 
+    /// client_tls_ecdhcurve: auto, or one curve by its OpenSSL name; none cannot work with TLS 1.3.
+    @Test func ecdhCurveByName() throws {
+        #expect(Config().global.clientTLS.ecdhCurveCodePoint == nil)
+        let config = try Config.parse("[pooler]\nclient_tls_ecdhcurve = secp384r1\n")
+        #expect(config.global.clientTLS.ecdhCurveCodePoint == 0x18 && config.warnings.isEmpty)
+        #expect(
+            try Config.parse("[pooler]\nclient_tls_ecdhcurve = prime256v1\n").global.clientTLS.ecdhCurveCodePoint
+                == 0x17)
+        #expect {
+            try Config.parse("[pooler]\nclient_tls_ecdhcurve = none\n")
+        } throws: { "\($0)".contains("TLS 1.3 needs") }
+        #expect(throws: ConfigError.self) { try Config.parse("[pooler]\nclient_tls_ecdhcurve = brainpool\n") }
+        #expect(throws: ConfigError.self) { try Config.parse("[pooler]\nserver_tls_ecdhcurve = auto\n") }
+    }
+
     /// Every value PgBouncer 1.25 accepts for *_tls_protocols, as the range of versions allowed.
     @Test func tlsProtocolsAsPgBouncerReadsThem() throws {
         let expected: [(String, ClosedRange<Int>)] = [

@@ -438,3 +438,19 @@ def test_check_validates_certificates_and_hba_file(tmp_path, certs):
     ini.write_text(base + f"auth_type = hba\nauth_hba_file = {hba}\n")
     out = subprocess.run([BINARY, "--check", str(ini)], capture_output=True, text=True)
     assert out.returncode == 1 and "broken.conf:1" in out.stderr, out.stderr
+
+
+def test_client_tls_ecdhcurve(tidepool, tls_pg, certs):
+    """client_tls_ecdhcurve names the one curve offered: a client that has only that one gets in,
+    one that has only another does not."""
+    t = tidepool(databases=databases(tls_pg), settings=client_tls(certs) + "client_tls_ecdhcurve = secp384r1\n"
+                 + server_tls(certs))
+
+    def handshake(group):
+        return subprocess.run(["openssl", "s_client", "-starttls", "postgres", "-connect", f"127.0.0.1:{t.port}",
+                               "-groups", group], input="", capture_output=True, text=True, timeout=30)
+
+    agreed = handshake("secp384r1")
+    assert re.search(r"(Server Temp Key|Negotiated TLS1.3 group): .*(P-384|secp384r1)", agreed.stdout), \
+        agreed.stdout + agreed.stderr
+    assert handshake("X25519").returncode != 0

@@ -181,8 +181,9 @@ extension Pooler {
             address: ServerConnection.Address(host: peer.host, port: peer.port), processID: processID,
             secretKey: secretKey)
         let limit = peer.poolSize ?? config.global.defaultPoolSize
-        let now = shared.withLockedValue { $0.peerCancels.submit(target, peer: peer.id, limit: limit) }
-        if let now { sendToPeer(now, peer: peer.id) }
+        let now = NIODeadline.now()
+        let send = shared.withLockedValue { $0.peerCancels.submit(target, peer: peer.id, limit: limit, now: now) }
+        if let send { sendToPeer(send, peer: peer.id) }
     }
 
     private func sendToPeer(_ target: ServerConnection.CancelTarget, peer: Int) {
@@ -190,9 +191,16 @@ extension Pooler {
             if case .failure(let error) = result {
                 logger.warning("cancel request for peer \(peer) not passed on: \(error)")
             }
-            if let next = shared.withLockedValue({ $0.peerCancels.finished(peer: peer) }) {
-                sendToPeer(next, peer: peer)
+            let timeout = config.global.cancelWaitTimeout
+            let (next, dropped) = shared.withLockedValue { s in
+                let before = s.peerCancels.dropped
+                let next = s.peerCancels.finished(peer: peer, now: .now(), timeout: timeout)
+                return (next, s.peerCancels.dropped - before)
             }
+            if dropped > 0 {
+                logger.warning("\(dropped) cancel request(s) for peer \(peer) dropped: cancel_wait_timeout")
+            }
+            if let next { sendToPeer(next, peer: peer) }
         }
     }
 }

@@ -79,6 +79,7 @@ struct Security: Sendable {
         let range = settings.versionRange
         configuration.minimumTLSVersion = versions[range.lowerBound]
         configuration.maximumTLSVersion = versions[range.upperBound]
+        if let curve = settings.ecdhCurveCodePoint { configuration.curves = [NIOTLSCurve(rawValue: curve)] }
         if settings.ciphers != "default" && !settings.ciphers.isEmpty && settings.ciphers != "fast"
             && settings.ciphers != "normal" && settings.ciphers != "secure"
         {

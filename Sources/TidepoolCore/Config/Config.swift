@@ -45,6 +45,16 @@ public struct TLSSettings: Equatable, Sendable {
     public var protocols = "secure"
     /// OpenSSL cipher list for TLS 1.2; "default" keeps the library's.
     public var ciphers = "default"
+    /// client_tls_ecdhcurve: "auto" (the library's curves) or one curve by its OpenSSL name.
+    public var ecdhCurve = "auto"
+
+    /// The curves the TLS library has, by their OpenSSL names, with their TLS code points.
+    public static let curves: [String: UInt16] = [
+        "prime256v1": 0x17, "secp256r1": 0x17, "secp384r1": 0x18, "secp521r1": 0x19, "x25519": 0x1D,
+    ]
+
+    /// The TLS code point of the one curve to offer; nil: the library's choice.
+    public var ecdhCurveCodePoint: UInt16? { Self.curves[ecdhCurve] }
 
     public init(sslmode: SSLMode) { self.sslmode = sslmode }
 
@@ -78,6 +88,15 @@ public struct TLSSettings: Equatable, Sendable {
         case "ca_file": caFile = v.text
         case "protocols": protocols = try v.tlsProtocols()
         case "ciphers": ciphers = v.text
+        case "ecdhcurve":
+            let name = v.text.lowercased()
+            guard name == "auto" || Self.curves[name] != nil else {
+                throw v.fail(
+                    "'\(v.text)' is not auto or one of \(Self.curves.keys.sorted().joined(separator: ", "))"
+                        + (name == "none"
+                            ? " (TLS 1.3 needs an ECDH key exchange: none would refuse every client)" : ""))
+            }
+            ecdhCurve = name
         default: throw v.fail("unknown setting \(v.key)")
         }
     }
@@ -151,6 +170,8 @@ public struct GlobalSettings: Equatable, Sendable {
     public var soReuseport = false
     /// This process's number among the [peers] (0: peering off).
     public var peerID = 0
+    /// A cancel request queued for a peer longer than this is dropped (0: never).
+    public var cancelWaitTimeout = TimeAmount.seconds(10)
     public var ignoreStartupParameters: [String] = []
     public var applicationNameAddHost = false
     public var statsPeriod = TimeAmount.seconds(60)

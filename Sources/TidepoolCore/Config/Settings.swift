@@ -168,6 +168,12 @@ extension Setting {
             one("protocols", "secure, all, legacy or tlsv1.0..tlsv1.3", "TLS versions allowed") { $0.protocols },
             one("ciphers", "OpenSSL cipher list", "ciphers for TLS 1.2; default keeps the library's") { $0.ciphers },
         ]
+            + (side == "client"
+                ? [
+                    one("ecdhcurve", "auto or a curve name", "the ECDH curve offered to clients; auto: the library's") {
+                        $0.ecdhCurve
+                    }
+                ] : [])
     }
 }
 
@@ -292,6 +298,9 @@ public enum Settings {
             .duration("server_idle_timeout", \.serverIdleTimeout, "idle servers are closed after this"),
             .duration("server_connect_timeout", \.serverConnectTimeout, "connect and login time limit"),
             .duration("server_login_retry", \.serverLoginRetry, "wait after a failed server login"),
+            .duration(
+                "cancel_wait_timeout", \.cancelWaitTimeout,
+                "a cancel request queued for a peer (its pool_size busy) longer than this is dropped; 0: never"),
             .bool("tcp_keepalive", \.tcpKeepalive, "TCP keepalive on server connections"),
             .int("tcp_keepidle", \.tcpKeepidle, 0...86_400, "idle seconds before keepalive probes"),
             .int("tcp_keepintvl", \.tcpKeepintvl, 0...86_400, "seconds between keepalive probes"),
@@ -422,10 +431,8 @@ public enum Settings {
             // done yet, or not done that way here (issue 21 tracks them).
             .inert("autodb_idle_timeout", "pools of * databases are kept"),
             .inert("pool_idle_timeout", "pools are kept (their statistics with them)"),
-            .inert("cancel_wait_timeout", "cancel requests are sent at once, never queued"),
             .inert("client_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
             .inert("server_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
-            .inert("client_tls_ecdhcurve", "the TLS library's curves are used"),
             .inert("client_tls_dheparams", "the TLS library's key exchanges are used"),
         ]
         return t

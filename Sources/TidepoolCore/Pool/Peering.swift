@@ -1,3 +1,5 @@
+import NIOCore
+
 /// Several pooler processes behind one address (so_reuseport) each know only their own clients,
 /// while a client's cancel request arrives on a new connection that the kernel may hand to any of
 /// them. With peering, a cancel key says which process issued it: bits 16-29 of the process ID
@@ -37,36 +39,44 @@ public enum Peering {
 }
 
 /// Cancel requests passed on to peers: at most a peer's pool_size at once, the rest queued in
-/// arrival order (SHOW PEER_POOLS counts both).
+/// arrival order (SHOW PEER_POOLS counts both); one queued longer than cancel_wait_timeout is
+/// dropped rather than sent late, when a query it was meant for has long finished.
 public struct PeerCancels<Request: Sendable>: Sendable {
     public struct Peer: Sendable {
         public var sending = 0
-        public var queued: [Request] = []
+        public var queued: [(request: Request, since: NIODeadline)] = []
     }
 
     public private(set) var peers: [Int: Peer] = [:]
+    /// Requests dropped for cancel_wait_timeout, for the log.
+    public private(set) var dropped = 0
 
     public init() {}
 
     /// A request for `peer`: returned to be sent now, or nil when queued behind `limit` in flight.
-    public mutating func submit(_ request: Request, peer: Int, limit: Int) -> Request? {
+    public mutating func submit(_ request: Request, peer: Int, limit: Int, now: NIODeadline) -> Request? {
         if peers[peer, default: Peer()].sending < max(limit, 1) {
             peers[peer, default: Peer()].sending += 1
             return request
         }
-        peers[peer, default: Peer()].queued.append(request)
+        peers[peer, default: Peer()].queued.append((request, now))
         return nil
     }
 
-    /// One request to `peer` is done: the next queued one, to send now.
-    public mutating func finished(peer: Int) -> Request? {
+    /// One request to `peer` is done: the next queued one still within `timeout` (zero: no limit),
+    /// to send now.
+    public mutating func finished(peer: Int, now: NIODeadline, timeout: TimeAmount) -> Request? {
         guard var state = peers[peer] else { return nil }
+        while let first = state.queued.first, timeout > .zero, now - first.since > timeout {
+            state.queued.removeFirst()
+            dropped += 1
+        }
         if state.queued.isEmpty {
             state.sending -= 1
             peers[peer] = state.sending > 0 ? state : nil
             return nil
         }
-        let next = state.queued.removeFirst()
+        let next = state.queued.removeFirst().request
         peers[peer] = state
         return next
     }
