@@ -69,6 +69,8 @@ struct TidepoolCommand: ParsableCommand {
         }
         let logPath = config.global.logfile
         let factory = try LineLogHandler.factory(path: quiet && logPath == nil ? "/dev/null" : logPath)
+        let g = config.global
+        SyslogOutput.shared.configure(enabled: g.syslog, ident: g.syslogIdent, facility: g.syslogFacility)
         var logger = Logger(label: "tidepool", factory: factory)
         logger.logLevel = LineLogHandler.level(verbose: config.global.verbose + verbose)
         for warning in config.warnings { logger.warning("\(warning)") }

@@ -239,11 +239,13 @@ import Testing
         let effective = try Config.parse(
             "[pgbouncer]\nunix_socket_group = postgres\nconffile = /etc/pgbouncer.ini\nuser = postgres\n"
                 + "tcp_defer_accept = 1\ntcp_socket_buffer = 65536\ncancel_wait_timeout = 5\n"
-                + "client_tls_ecdhcurve = x25519\n")
+                + "client_tls_ecdhcurve = x25519\nsyslog = 1\nsyslog_ident = pooler\nsyslog_facility = local0\n")
         #expect(effective.warnings.isEmpty)
         #expect(effective.global.unixSocketGroup == "postgres" && effective.global.conffile == "/etc/pgbouncer.ini")
         #expect(effective.global.user == "postgres" && effective.global.tcpDeferAccept)
         #expect(effective.global.tcpSocketBuffer == 65536)
+        #expect(effective.global.syslog && effective.global.syslogFacility == .local0)
+        #expect(throws: ConfigError.self) { try Config.parse("[pooler]\nsyslog_facility = kernel\n") }
     }
 }
 

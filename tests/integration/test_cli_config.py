@@ -427,3 +427,42 @@ def test_user_key_unix_socket_group_and_conffile(pg, tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out
+
+
+def test_syslog(tidepool):
+    """syslog, syslog_ident and syslog_facility: the log also goes to /dev/log, with the ident and
+    the facility's priority (local3 info = 158); SET syslog = 0 stops it."""
+    import pytest
+    import socket
+    if os.path.exists("/dev/log") or os.getuid() != 0:
+        pytest.skip("needs root and no syslog daemon on /dev/log (the test listens there)")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("/dev/log")
+    listener.settimeout(5)
+    try:
+        t = tidepool(settings="syslog = 1\nsyslog_ident = tptest\nsyslog_facility = local3\n"
+                              "admin_users = postgres\n")
+        with t.connect() as c:
+            c.execute("SELECT 1")
+        received = []
+        deadline = time.time() + 5
+        while time.time() < deadline and not any(b"login attempt" in r for r in received):
+            received.append(listener.recv(65536))
+        line = next(r for r in received if b"login attempt" in r).decode()
+        assert line.startswith("<158>") and "tptest[" in line and "INFO C-" in line, line
+        with t.connect(dbname="pgbouncer") as console:
+            console.execute("SET syslog = 0")
+        listener.settimeout(0.5)
+        with t.connect() as c:
+            c.execute("SELECT 1")
+        late = []
+        try:
+            while True:
+                late.append(listener.recv(65536))
+        except socket.timeout:
+            pass
+        # Lines from before the SET may still come (the console's login); none of the new client's.
+        assert not any(b"login attempt: db=postgres" in r for r in late), late
+    finally:
+        listener.close()
+        os.unlink("/dev/log")

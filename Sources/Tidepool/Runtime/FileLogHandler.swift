@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import Synchronization
+import TidepoolCore
 
 /// A log handler writing PgBouncer-style lines (`time [pid] LEVEL message`) to a file or stderr.
 public struct LineLogHandler: LogHandler {
@@ -60,13 +61,13 @@ public struct LineLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var line = "\(Self.timestamp()) [\(Self.pid)] "
-        line += "\(event.level.rawValue.uppercased()) \(event.message)"
+        var body = "\(event.level.rawValue.uppercased()) \(event.message)"
         let merged = metadata.merging(event.metadata ?? [:]) { $1 }
         if !merged.isEmpty {
-            line += " " + merged.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            body += " " + merged.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         }
-        sink.write(line + "\n")
+        sink.write("\(Self.timestamp()) [\(Self.pid)] \(body)\n")
+        SyslogOutput.shared.send(event.level, body)  // syslog adds its own time and pid
     }
 
     static let pid = getpid()
@@ -99,6 +100,63 @@ public struct LineLogHandler: LogHandler {
                 i += 1
             }
             return i
+        }
+    }
+}
+
+/// syslog, syslog_ident and syslog_facility: log lines also go to syslog (openlog is one per
+/// process, so this is too). Changed at start and by SET and RELOAD.
+public final class SyslogOutput: @unchecked Sendable {
+    public static let shared = SyslogOutput()
+    private let lock = NSLock()
+    /// openlog keeps the pointer: the ident lives as long as it is in use.
+    private var ident: UnsafeMutablePointer<CChar>?
+
+    public func configure(enabled: Bool, ident name: String, facility: SyslogFacility) {
+        lock.lock()
+        defer { lock.unlock() }
+        if ident != nil {
+            closelog()
+            free(ident)
+            ident = nil
+        }
+        guard enabled else { return }
+        ident = strdup(name)
+        openlog(ident, LOG_PID, Self.code(facility))
+    }
+
+    func send(_ level: Logger.Level, _ message: String) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard ident != nil else { return }
+        let priority: Int32 =
+            switch level {
+            case .trace, .debug: LOG_DEBUG
+            case .info: LOG_INFO
+            case .notice: LOG_NOTICE
+            case .warning: LOG_WARNING
+            case .error: LOG_ERR
+            case .critical: LOG_CRIT
+            }
+        message.withCString { text in
+            withVaList([text]) { vsyslog(priority, "%s", $0) }
+        }
+    }
+
+    static func code(_ facility: SyslogFacility) -> Int32 {
+        switch facility {
+        case .auth: LOG_AUTH
+        case .authpriv: LOG_AUTHPRIV
+        case .daemon: LOG_DAEMON
+        case .user: LOG_USER
+        case .local0: LOG_LOCAL0
+        case .local1: LOG_LOCAL1
+        case .local2: LOG_LOCAL2
+        case .local3: LOG_LOCAL3
+        case .local4: LOG_LOCAL4
+        case .local5: LOG_LOCAL5
+        case .local6: LOG_LOCAL6
+        case .local7: LOG_LOCAL7
         }
     }
 }

@@ -77,6 +77,8 @@ extension Pooler {
         var logger = self.logger  // its handler's level is shared by every copy
         logger.logLevel = LineLogHandler.level(verbose: config.global.verbose + commandLineVerbose)
         statementCapacity.store(config.global.maxPreparedStatements, ordering: .relaxed)
+        let g = config.global
+        SyslogOutput.shared.configure(enabled: g.syslog, ident: g.syslogIdent, facility: g.syslogFacility)
         let now = NIODeadline.now()
         withPool { pools in
             var actions: [PoolAction] = []

@@ -23,6 +23,12 @@ public enum AuthType: String, Sendable, CaseIterable {
     case cert
 }
 
+/// syslog_facility's values, as PgBouncer takes them.
+public enum SyslogFacility: String, Sendable, CaseIterable {
+    case auth, authpriv, daemon, user
+    case local0, local1, local2, local3, local4, local5, local6, local7
+}
+
 /// PostgreSQL's sslmode values, for client_tls_sslmode and server_tls_sslmode.
 public enum SSLMode: String, Sendable, CaseIterable {
     case disable, allow, prefer, require
@@ -156,6 +162,9 @@ public struct GlobalSettings: Equatable, Sendable {
     public var logPoolerErrors = true
     public var verbose = 0
     public var logfile: String?
+    public var syslog = false
+    public var syslogIdent = "tidepool"
+    public var syslogFacility = SyslogFacility.daemon
     public var pidfile: String?
     public var maxPacketSize = 2_147_483_647
     /// Flow control: past this many bytes queued toward a connection (or held for a queued
