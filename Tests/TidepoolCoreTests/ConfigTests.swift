@@ -249,6 +249,24 @@ import Testing
     }
 }
 
+/// RELOAD replaces the servers whose connection settings changed, as PgBouncer does.
+@Suite struct ReloadReconnectTests {
+    @Test func changedRemovedAndWildcardDatabases() throws {
+        let old = try Config.parse(
+            "[databases]\na = host=h1 port=5432\nb = host=h2\nc = host=h3\n[pooler]\npool_mode = session\n")
+        let new = try Config.parse(
+            "[databases]\na = host=h1 port=5433\nb = host=h2 pool_size=9\nd = host=h4\n[pooler]\n")
+        // a's port changed, c is gone; b's pool size and the global pool_mode are not connection settings.
+        #expect(old.databasesToReconnect(after: new) == ["a", "c"])
+        #expect(old.databasesToReconnect(after: old) == [])
+        let wildcard = try Config.parse("[databases]\n* = host=h1\n")
+        #expect(wildcard.databasesToReconnect(after: try Config.parse("[databases]\n* = host=h9\n")) == nil)
+        var tls = old
+        tls.global.serverTLS.sslmode = .require
+        #expect(old.databasesToReconnect(after: tls) == nil)
+    }
+}
+
 /// load_balance_hosts: which host of `host=a,b` each new server connection goes to.
 @Suite struct HostChoiceTests {
     @Test func roundRobinTakesTheNextHostEachTime() throws {

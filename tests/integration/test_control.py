@@ -295,3 +295,24 @@ def test_sigint_closes_new_transactions_and_keeps_the_unix_socket_for_the_consol
     assert "server shutting down" in t.log()
     busy.close()
     idle.close()
+
+
+def test_reload_replaces_servers_whose_connection_settings_changed(tidepool, pg):
+    """As PgBouncer: a RELOAD that changes a database's connection string closes its idle servers
+    and those in use once released; a database whose entry did not change keeps its servers."""
+    t = tidepool(databases=f"moving = host=127.0.0.1 port={pg.port} dbname=postgres\n"
+                           f"steady = host=127.0.0.1 port={pg.port} dbname=postgres")
+    moving = t.connect(dbname="moving")
+    steady = t.connect(dbname="steady")
+    assert moving.execute("SELECT current_database()").fetchone()[0] == "postgres"
+    steady_pid = steady.execute("SELECT pg_backend_pid()").fetchone()[0]
+    t.ini.write_text(t.ini.read_text().replace("moving = host=127.0.0.1 port={} dbname=postgres".format(pg.port),
+                                               "moving = host=127.0.0.1 port={} dbname=appdb".format(pg.port)))
+    t.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 5
+    while "configuration applied" not in t.log() and time.time() < deadline:
+        time.sleep(0.05)
+    assert moving.execute("SELECT current_database()").fetchone()[0] == "appdb"
+    assert steady.execute("SELECT pg_backend_pid()").fetchone()[0] == steady_pid
+    moving.close()
+    steady.close()

@@ -57,6 +57,15 @@ extension Pooler {
         }
         for warning in fresh.0.warnings { logger.warning("\(warning)") }
         applyPoolSettings(fresh.0)
+        // Servers made with connection settings that changed go as RECONNECT would send them.
+        let changed = old.databasesToReconnect(after: fresh.0)
+        if changed != [] {
+            let now = NIODeadline.now()
+            for database in changed.map({ $0.map(Optional.some) }) ?? [nil] {
+                withPool { $0.reconnect(database: database, now: now) }
+            }
+            logger.info("RELOAD: servers of \(changed?.joined(separator: ", ") ?? "every database") are replaced")
+        }
         logger.info("RELOAD: configuration applied")
     }
 

@@ -263,6 +263,15 @@ public struct DatabaseEntry: Equatable, Sendable {
     public var queryWaitTimeout: TimeAmount?
 
     public init(name: String) { self.name = name }
+
+    /// What a server connection is made with: a change means the servers already open go to the
+    /// old place or log in the old way.
+    public var connection: [String?] {
+        [
+            host, "\(port)", dbname, user, password, connectQuery, clientEncoding, datestyle, timezone,
+            applicationName, targetSessionAttrs.rawValue,
+        ]
+    }
 }
 
 /// One `[users]` entry.
@@ -355,6 +364,17 @@ public struct Config: Equatable, Sendable {
 
     public func queryWaitTimeout(database: DatabaseEntry, user: String) -> TimeAmount {
         users[user]?.queryWaitTimeout ?? database.queryWaitTimeout ?? global.queryWaitTimeout
+    }
+
+    /// The databases whose servers must be replaced after a RELOAD to `new`, as PgBouncer decides:
+    /// those whose connection settings changed or that are gone (servers in use close when
+    /// released); nil means every database (the `*` entry or the server TLS settings changed).
+    public func databasesToReconnect(after new: Config) -> [String]? {
+        if global.serverTLS != new.global.serverTLS { return nil }
+        if databases["*"].map(\.connection) != new.databases["*"].map(\.connection) { return nil }
+        return databases.keys.filter { name in
+            name != "*" && databases[name]?.connection != new.databases[name]?.connection
+        }.sorted()
     }
 
     /// Loads a file and everything it includes.
