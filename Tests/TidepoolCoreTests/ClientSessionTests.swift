@@ -206,6 +206,32 @@ final class SessionDriver {
         #expect(d.traffic.transactions == 1 && d.traffic.queries == 1 && d.traffic.serverAssignments == 1)
     }
 
+    /// server_fast_close: a session-mode client between transactions is closed at once (its server
+    /// closed, not reused); one inside a transaction gets its COMMIT's answer, then is closed.
+    @Test func fastCloseEndsTheSessionAtTheTransactionsEnd() {
+        let idle = D(mode: .session)
+        idle.client(D.query("select 1"))
+        idle.lend()
+        idle.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        idle.session.endAtTransactionEnd(now: idle.now, into: &idle.actions)
+        idle.carryOut()
+        #expect(idle.releases == [false])
+        #expect(idle.closedWith?.code == SQLState.adminShutdown)
+
+        let busy = D(mode: .session)
+        busy.client(D.query("begin"))
+        busy.lend()
+        busy.serverSends(D.complete("BEGIN"), D.ready("T"))
+        busy.session.endAtTransactionEnd(now: busy.now, into: &busy.actions)
+        busy.carryOut()
+        #expect(busy.closedWith == nil && busy.releases.isEmpty)
+        busy.client(D.query("commit"))
+        busy.serverSends(D.complete("COMMIT"), D.ready("I"))
+        #expect(busy.clientTypes == "CZCZ")  // the COMMIT's answer is written before the close
+        #expect(busy.releases == [false])
+        #expect(busy.closedWith?.message.contains("server_fast_close") == true)
+    }
+
     /// max_prepared_statements changed at run time reaches a server when it is next lent.
     @Test func aLendAppliesTheCurrentStatementCapacity() {
         let d = D()

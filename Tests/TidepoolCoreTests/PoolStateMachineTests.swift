@@ -428,6 +428,20 @@ extension [PoolAction] {
         #expect(PoolError.shuttingDown.postgresError.message == "server shutting down")
     }
 
+    /// server_fast_close: RECONNECT ends the session holding a server of a session-mode pool;
+    /// without it the session keeps its server until it leaves.
+    @Test func reconnectEndsSessionsOnlyWithFastClose() {
+        var fast = PoolSettings(poolSize: 2)
+        fast.fastClose = true
+        _ = pool.configure(poolA, settings: fast, now: clock.now)
+        _ = pool.configure(poolB, settings: PoolSettings(poolSize: 2), now: clock.now)
+        _ = lendNewServer(to: c(1))
+        _ = lendNewServer(to: c(2), key: poolB)
+        let actions = pool.reconnect(database: nil, now: clock.now)
+        #expect(actions.contains(.endSession(c(1))))
+        #expect(!actions.contains(.endSession(c(2))))
+    }
+
     /// server_lifetime = 0, as PgBouncer: a server serves one lend and is closed; an idle one that
     /// has not served yet is kept for its lend.
     @Test func zeroLifetimeServesOnce() {

@@ -316,3 +316,34 @@ def test_reload_replaces_servers_whose_connection_settings_changed(tidepool, pg)
     assert steady.execute("SELECT pg_backend_pid()").fetchone()[0] == steady_pid
     moving.close()
     steady.close()
+
+
+def test_server_fast_close_ends_sessions_on_replaced_servers(tidepool):
+    """server_fast_close in session pooling: after RECONNECT a client between transactions is
+    closed at once and one inside a transaction when it ends; its COMMIT still succeeds."""
+    t = tidepool(settings="pool_mode = session\nserver_fast_close = 1\nadmin_users = admin\n")
+    idle = t.connect()
+    idle.execute("SELECT 1")
+    busy = t.connect()
+    busy.execute("BEGIN")
+    busy.execute("SELECT 1")
+    with t.connect(dbname="pgbouncer", user="admin") as a:
+        a.execute("RECONNECT")
+    time.sleep(0.3)
+    with pytest.raises(psycopg.OperationalError):
+        idle.execute("SELECT 1")
+    assert busy.execute("SELECT 2").fetchone()[0] == 2  # same transaction, same server
+    busy.execute("COMMIT")
+    with pytest.raises(psycopg.OperationalError):
+        busy.execute("SELECT 3")
+    assert "database configuration changed" in t.log()
+    # Without it, a session keeps its server until it leaves.
+    slow = tidepool(settings="pool_mode = session\nadmin_users = admin\n")
+    kept = slow.connect()
+    pid = kept.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with slow.connect(dbname="pgbouncer", user="admin") as a:
+        a.execute("RECONNECT")
+    time.sleep(0.3)
+    assert kept.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
+    for c in (idle, busy, kept):
+        c.close()

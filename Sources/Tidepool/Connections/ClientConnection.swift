@@ -671,6 +671,12 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         run()
     }
 
+    /// server_fast_close: see `ClientSession.endAtTransactionEnd`.
+    func endAtTransactionEnd() {
+        session.endAtTransactionEnd(now: .now(), into: &actions)
+        run()
+    }
+
     func waitFailed(_ error: PoolError) {
         guard session.state == .waiting || session.state == .awaitingWelcome else { return }
         logger.warning("client \(peer) db=\(databaseName) user=\(user): \(error.postgresError.message)")

@@ -46,6 +46,7 @@ extension Pooler {
         s.serverCheckEnabled = !g.serverCheckQuery.isEmpty
         s.serverRoundRobin = g.serverRoundRobin
         s.connectFailFast = g.serverConnectFailFast
+        s.fastClose = g.serverFastClose && config.poolMode(database: database, user: user) == .session
         return s
     }
 
@@ -201,7 +202,7 @@ extension Pooler {
             server?.leasesIssued += 1  // under the lock: lends of a server are numbered in order
             return Resolved(
                 action: action, client: s.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
-        case .failClient(let clientID, _), .notifyWaiting(let clientID):
+        case .failClient(let clientID, _), .notifyWaiting(let clientID), .endSession(let clientID):
             return Resolved(action: action, client: s.clients[clientID], server: nil)
         case .check(let serverID, _):
             return Resolved(action: action, client: nil, server: s.servers[serverID])
@@ -238,6 +239,9 @@ extension Pooler {
         case .notifyWaiting:
             let client = item.client
             client?.onLoop { client?.waitNotice() }
+        case .endSession:
+            let client = item.client
+            client?.onLoop { client?.endAtTransactionEnd() }
         case .check(let serverID, _):
             if let server = item.server {
                 server.check(config.global.serverCheckQuery)

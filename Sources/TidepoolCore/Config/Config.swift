@@ -179,6 +179,7 @@ public struct GlobalSettings: Equatable, Sendable {
     public var soReuseport = false
     /// This process's number among the [peers] (0: peering off).
     public var peerID = 0
+    public var serverFastClose = false
     /// A cancel request queued for a peer longer than this is dropped (0: never).
     public var cancelWaitTimeout = TimeAmount.seconds(10)
     public var ignoreStartupParameters: [String] = []

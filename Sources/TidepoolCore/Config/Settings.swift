@@ -290,6 +290,10 @@ public enum Settings {
         t += [
             .text("server_reset_query", \.serverResetQuery, "cleans a session-mode server before reuse"),
             .bool("server_reset_query_always", \.serverResetQueryAlways, "run it in every pool mode"),
+            .bool(
+                "server_fast_close", \.serverFastClose,
+                "session pooling: a server RECONNECT or RELOAD replaces ends its client's session at the transaction's end"
+            ),
             .text("server_check_query", \.serverCheckQuery, "checks a server idle for server_check_delay; empty: off"),
             .duration("server_check_delay", \.serverCheckDelay, "idle time before a server is checked"),
             .duration(
@@ -421,7 +425,6 @@ public enum Settings {
             .inert("dns_zone_check_period", "host names are resolved at each connect"),
             .inert("resolv_conf", "the system resolver is used"),
             .inert("suspend_timeout", "SUSPEND is not needed for restarts"),
-            .inert("server_fast_close", "not used"),
             .inert("track_extra_parameters", "every setting is kept (session_state)"),
             .inert("stats_users_prefix", "not used"),
             .inert("job_name", "not used"),

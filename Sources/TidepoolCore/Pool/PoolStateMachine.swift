@@ -380,6 +380,9 @@ public struct PoolStateMachine: Sendable {
                 actions.append(.close(id))
             } else {
                 servers[id]!.closeNeeded = true
+                if case .lent(let client) = server.state, pools[slot: server.slot].settings.fastClose {
+                    actions.append(.endSession(client))
+                }
             }
         }
         for key in pools.keys where database == nil || key.database == database {

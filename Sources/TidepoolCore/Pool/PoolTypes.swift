@@ -80,6 +80,9 @@ public struct PoolSettings: Equatable, Sendable {
     /// server_connect_fail_fast: while a database that has not served yet cannot be reached,
     /// clients fail at once instead of waiting (up to query_wait_timeout) for it to come up.
     public var connectFailFast = false
+    /// server_fast_close in a session-mode pool: RECONNECT ends the sessions on servers it replaces
+    /// at their transaction's end instead of waiting for the clients to leave.
+    public var fastClose = false
 
     public init(poolSize: Int) { self.poolSize = poolSize }
 }
@@ -133,6 +136,9 @@ public enum PoolAction: Equatable, Sendable {
     case failClient(ClientID, PoolError)
     /// Tell a client that has waited query_wait_notify that it is queued (a NOTICE).
     case notifyWaiting(ClientID)
+    /// server_fast_close: the client holding a server that must be replaced (session pooling) is
+    /// closed at the end of its transaction.
+    case endSession(ClientID)
     /// Run `server_check_query` on this idle server; answer with `serverCheckSucceeded` or
     /// `serverCheckFailed`. The server is meant for the client.
     case check(ServerID, for: ClientID)

@@ -128,4 +128,24 @@ extension ClientSession {
         e.severity = "FATAL"
         close(e, reason: e.message, into: &actions)
     }
+
+    /// server_fast_close (session pooling): the server this session holds must be replaced
+    /// (RECONNECT, or a RELOAD that changed its database): the client is closed now if it is
+    /// between transactions, else at the end of its transaction, so that no session runs on
+    /// the old server for long.
+    public mutating func endAtTransactionEnd(now: NIODeadline, into actions: inout Actions) {
+        guard state == .linked else { return }
+        if tracker.status == .idle, tracker.isQuiet {
+            endSessionNow(now: now, into: &actions)
+        } else {
+            endsAtTransactionEnd = true
+        }
+    }
+
+    mutating func endSessionNow(now: NIODeadline, into actions: inout Actions) {
+        unlink(now: now, reusable: false, into: &actions)
+        close(
+            .fatal(SQLState.adminShutdown, "database configuration changed (server_fast_close)"),
+            reason: "database configuration changed", into: &actions)
+    }
 }

@@ -152,6 +152,11 @@ extension ClientSession {
                         return
                     }
                     run.add(chunkStart, chunkLength, to: &self, into: &actions)  // the server's own bytes
+                    if endsAtTransactionEnd, status == .idle, buffer.readableBytes == 0, tracker.isQuiet {
+                        run.write(to: &self, into: &actions)
+                        endSessionNow(now: now, into: &actions)
+                        return
+                    }
                     if prepared?.hasDueReplies ?? false {
                         run.write(to: &self, into: &actions)
                         _ = writeMadeUpReplies(now: now, into: &actions)

@@ -204,6 +204,9 @@ public struct ClientSession {
     /// sent after it, until the pool's listener listens on them too: a NOTIFY the client's
     /// application sends once it has its answer must reach it.
     var readyHold = ReadyHold.none
+    /// server_fast_close: the session's server is to be replaced, so the client is closed at the
+    /// end of its transaction.
+    var endsAtTransactionEnd = false
     /// For `listenChanged`; the connection takes them.
     public var listenChanges = ChannelChanges()
     /// Notifications that could not be written at once (the client is in the middle of a reply,
