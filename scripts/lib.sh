@@ -61,16 +61,23 @@ for _ in range(200):
 PY
 }
 
+# Runs a shell command as the postgres OS user (initdb and postgres refuse root).
+run_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$*"; else sh -c "$*"; fi; }
+
+# A directory for a cluster, owned by the postgres OS user.
+pg_directory() {
+    mkdir -p "$1"
+    chmod 755 "$1"
+    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$1"; fi
+}
+
 # start_postgres DIR PORT [fsync on|off] [ADDRESS]: a throwaway cluster owned by the postgres OS
 # user, listening on 127.0.0.1:PORT (and ADDRESS, trusting its subnet) and a Unix socket in DIR.
 # Users: postgres (trust), app (SCRAM, password "app-secret"), md5user (md5, password "md5-secret").
 start_postgres() {
     local dir="$1" port="$2" fsync="${3:-off}" address="${4:-}"
     local bin; bin="$(pg_bindir)"
-    mkdir -p "$dir"
-    chmod 755 "$dir"
-    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; fi
-    run_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$*"; else sh -c "$*"; fi; }
+    pg_directory "$dir"
     run_pg "'$bin/initdb' -D '$dir/data' -U postgres -A trust --no-sync >'$dir/initdb.log' 2>&1"
     cat >>"$dir/data/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1${address:+,$address}'
@@ -107,10 +114,7 @@ SQL
 start_standby() {
     local primary_port="$1" dir="$2" address="$3" port="${4:-$1}"
     local bin; bin="$(pg_bindir)"
-    mkdir -p "$dir"
-    chmod 755 "$dir"
-    if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$dir"; fi
-    run_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$*"; else sh -c "$*"; fi; }
+    pg_directory "$dir"
     run_pg "'$bin/pg_basebackup' -h 127.0.0.1 -p $primary_port -U postgres -D '$dir/data' -R -X stream -c fast --no-sync \
         >'$dir/basebackup.log' 2>&1"
     cat >>"$dir/data/postgresql.conf" <<CONF

@@ -209,21 +209,21 @@ final class SessionDriver {
     /// server_fast_close: a session-mode client between transactions is closed at once (its server
     /// closed, not reused); one inside a transaction gets its COMMIT's answer, then is closed.
     @Test func fastCloseEndsTheSessionAtTheTransactionsEnd() {
-        let idle = D(mode: .session)
-        idle.client(D.query("select 1"))
-        idle.lend()
-        idle.serverSends(D.complete("SELECT 1"), D.ready("I"))
-        idle.session.endAtTransactionEnd(now: idle.now, into: &idle.actions)
-        idle.carryOut()
+        /// A session-mode client that ran `sql` and was told its server is to be replaced.
+        func replaced(after sql: String, tag: String, status: Character) -> D {
+            let d = D(mode: .session)
+            d.client(D.query(sql))
+            d.lend()
+            d.serverSends(D.complete(tag), D.ready(status))
+            d.session.endAtTransactionEnd(now: d.now, into: &d.actions)
+            d.carryOut()
+            return d
+        }
+        let idle = replaced(after: "select 1", tag: "SELECT 1", status: "I")
         #expect(idle.releases == [false])
         #expect(idle.closedWith?.code == SQLState.adminShutdown)
 
-        let busy = D(mode: .session)
-        busy.client(D.query("begin"))
-        busy.lend()
-        busy.serverSends(D.complete("BEGIN"), D.ready("T"))
-        busy.session.endAtTransactionEnd(now: busy.now, into: &busy.actions)
-        busy.carryOut()
+        let busy = replaced(after: "begin", tag: "BEGIN", status: "T")
         #expect(busy.closedWith == nil && busy.releases.isEmpty)
         busy.client(D.query("commit"))
         busy.serverSends(D.complete("COMMIT"), D.ready("I"))
