@@ -226,7 +226,7 @@ import Testing
     /// PgBouncer 1.25 keys not carried out yet load with a warning naming each, not an error.
     @Test func pgbouncer125KeysLoad() throws {
         let keys = [
-            "autodb_idle_timeout = 60", "client_tls13_ciphers = TLS_AES_128_GCM_SHA256",
+            "client_tls13_ciphers = TLS_AES_128_GCM_SHA256",
             "server_tls13_ciphers = TLS_AES_256_GCM_SHA384", "client_tls_dheparams = auto",
         ]
         let config = try Config.parse("[pgbouncer]\n" + keys.joined(separator: "\n") + "\n")
@@ -239,7 +239,8 @@ import Testing
         let effective = try Config.parse(
             "[pgbouncer]\nunix_socket_group = postgres\nconffile = /etc/pgbouncer.ini\nuser = postgres\n"
                 + "tcp_defer_accept = 1\ntcp_socket_buffer = 65536\ncancel_wait_timeout = 5\n"
-                + "client_tls_ecdhcurve = x25519\nsyslog = 1\nsyslog_ident = pooler\nsyslog_facility = local0\n")
+                + "client_tls_ecdhcurve = x25519\nsyslog = 1\nsyslog_ident = pooler\nsyslog_facility = local0\n"
+                + "pool_idle_timeout = 60\nautodb_idle_timeout = 600\n")
         #expect(effective.warnings.isEmpty)
         #expect(effective.global.unixSocketGroup == "postgres" && effective.global.conffile == "/etc/pgbouncer.ini")
         #expect(effective.global.user == "postgres" && effective.global.tcpDeferAccept)

@@ -442,6 +442,38 @@ extension [PoolAction] {
         #expect(!actions.contains(.endSession(c(2))))
     }
 
+    /// pool_idle_timeout / autodb_idle_timeout: a pool with no client, waiter or server for
+    /// `freeAfter` is freed; its slot is reused by the next pool made, which works as any other.
+    @Test func unusedPoolsAreFreedAndTheirSlotsReused() {
+        var settings = PoolSettings(poolSize: 1)
+        settings.freeAfter = .seconds(10)
+        _ = pool.configure(poolA, settings: settings, now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        clock.advance(.seconds(30))
+        #expect(!pool.timerFired(now: clock.now) { _ in false }.contains(.poolFreed(poolA)))  // a server is lent
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        _ = pool.serverClosed(s1, now: clock.now)
+        #expect(pool.hasPool(poolA))
+        _ = pool.timerFired(now: clock.now) { _ in false }  // unused from now
+        clock.advance(.seconds(5))
+        #expect(!pool.timerFired(now: clock.now) { _ in true }.contains(.poolFreed(poolA)))  // a client came
+        clock.advance(.seconds(11))
+        #expect(!pool.timerFired(now: clock.now) { _ in false }.contains(.poolFreed(poolA)))  // counts again
+        clock.advance(.seconds(11))
+        #expect(pool.timerFired(now: clock.now) { _ in false }.contains(.poolFreed(poolA)))
+        #expect(!pool.hasPool(poolA) && !pool.poolKeys.contains(poolA) && pool.snapshot(now: clock.now).isEmpty)
+        // The next pool takes the slot and serves.
+        _ = pool.configure(poolB, settings: PoolSettings(poolSize: 1), now: clock.now)
+        #expect(pool.pools.slot(of: poolB) == 0)
+        let s2 = lendNewServer(to: c(2), key: poolB)
+        #expect(pool.serverReleased(s2, reusable: true, now: clock.now).isEmpty)
+        #expect(pool.clientWantsServer(c(3), pool: poolB, loop: 0, now: clock.now) == [.lend(s2, to: c(3))])
+        // Without a freeAfter a pool stays.
+        clock.advance(.seconds(100))
+        _ = pool.serverReleased(s2, reusable: true, now: clock.now)
+        #expect(!pool.timerFired(now: clock.now) { _ in false }.contains(.poolFreed(poolB)))
+    }
+
     /// server_lifetime = 0, as PgBouncer: a server serves one lend and is closed; an idle one that
     /// has not served yet is kept for its lend.
     @Test func zeroLifetimeServesOnce() {

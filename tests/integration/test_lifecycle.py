@@ -395,3 +395,28 @@ def test_a_pooler_started_before_its_database_serves_the_first_clients_once_it_i
         th.join(60)
         subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_pool_idle_timeout_frees_unused_pools(tidepool):
+    """pool_idle_timeout: once a pool has had no client and no server for that long it is freed
+    (SHOW POOLS no longer lists it); the next client makes it anew. autodb_idle_timeout does the
+    same for databases made from the * entry."""
+    t = tidepool(settings="pool_idle_timeout = 1\nserver_idle_timeout = 0.5\nadmin_users = admin\n")
+    with t.connect() as c:
+        c.execute("SELECT 1")
+    with t.connect(dbname="pgbouncer", user="admin") as a:
+        assert [r[0] for r in a.execute("SHOW POOLS").fetchall() if r[0] == "postgres"] == ["postgres"]
+        deadline = time.time() + 10
+        while time.time() < deadline and any(r[0] == "postgres" for r in a.execute("SHOW POOLS").fetchall()):
+            time.sleep(0.2)
+        assert not any(r[0] == "postgres" for r in a.execute("SHOW POOLS").fetchall())
+    assert "freed" in t.log()
+    with t.connect() as c:
+        assert c.execute("SELECT 2").fetchone()[0] == 2
+    auto = tidepool(settings="autodb_idle_timeout = 1\nserver_idle_timeout = 0.5\nadmin_users = admin\n")
+    with auto.connect() as c:
+        c.execute("SELECT 1")
+    deadline = time.time() + 10
+    while time.time() < deadline and "freed" not in auto.log():
+        time.sleep(0.2)
+    assert "freed" in auto.log()

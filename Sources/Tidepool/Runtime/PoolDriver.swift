@@ -47,6 +47,9 @@ extension Pooler {
         s.serverRoundRobin = g.serverRoundRobin
         s.connectFailFast = g.serverConnectFailFast
         s.fastClose = g.serverFastClose && config.poolMode(database: database, user: user) == .session
+        // A pool of a database made from the `*` entry is also freed by autodb_idle_timeout.
+        let auto = config.databases[database.name] == nil ? g.autodbIdleTimeout : .zero
+        s.freeAfter = [g.poolIdleTimeout, auto].filter { $0 > .zero }.min() ?? .zero
         return s
     }
 
@@ -129,7 +132,11 @@ extension Pooler {
 
     func timerFired() {
         let now = NIODeadline.now()
-        withPool { $0.timerFired(now: now) }
+        withShared { s in
+            let clients = s.poolClients
+            let listeners = s.listeners
+            return s.pools.timerFired(now: now) { clients[$0, default: 0] > 0 || listeners[$0] != nil }
+        }
         let elapsed = now - statsPeriodStart
         if elapsed >= config.global.statsPeriod {
             statsPeriodStart = now
@@ -210,6 +217,14 @@ extension Pooler {
             return Resolved(action: action, client: nil, server: s.servers.removeValue(forKey: serverID))
         case .connect, .note:
             return Resolved(action: action, client: nil, server: nil)
+        case .poolFreed(let key):
+            // What is kept beside the pool goes with it, under the same lock.
+            s.welcome[key] = nil
+            s.welcomes[key] = nil
+            s.poolClients[key] = nil
+            s.pinnedClients[key] = nil
+            s.pinWarnings[key] = nil
+            return Resolved(action: action, client: nil, server: nil)
         }
     }
 
@@ -242,6 +257,8 @@ extension Pooler {
         case .endSession:
             let client = item.client
             client?.onLoop { client?.endAtTransactionEnd() }
+        case .poolFreed(let key):
+            logger.info("pool \(key): freed, unused for pool_idle_timeout / autodb_idle_timeout")
         case .check(let serverID, _):
             if let server = item.server {
                 server.check(config.global.serverCheckQuery)

@@ -180,6 +180,9 @@ public struct GlobalSettings: Equatable, Sendable {
     /// This process's number among the [peers] (0: peering off).
     public var peerID = 0
     public var serverFastClose = false
+    /// Pools unused this long are freed (0: kept); autodb_idle_timeout for pools of `*` databases.
+    public var poolIdleTimeout = TimeAmount.zero
+    public var autodbIdleTimeout = TimeAmount.seconds(3600)
     /// A cancel request queued for a peer longer than this is dropped (0: never).
     public var cancelWaitTimeout = TimeAmount.seconds(10)
     public var ignoreStartupParameters: [String] = []

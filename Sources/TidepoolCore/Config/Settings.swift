@@ -300,6 +300,12 @@ public enum Settings {
                 "server_lifetime", \.serverLifetime, "servers older than this are closed when released",
                 also: .databases, database: { d, v throws(ConfigError) in d.serverLifetime = try v.duration() }),
             .duration("server_idle_timeout", \.serverIdleTimeout, "idle servers are closed after this"),
+            .duration(
+                "pool_idle_timeout", \.poolIdleTimeout,
+                "a pool without clients or servers this long is freed; 0: kept"),
+            .duration(
+                "autodb_idle_timeout", \.autodbIdleTimeout,
+                "the same for pools of databases made from the * entry; 0: kept"),
             .duration("server_connect_timeout", \.serverConnectTimeout, "connect and login time limit"),
             .duration("server_login_retry", \.serverLoginRetry, "wait after a failed server login"),
             .duration(
@@ -432,8 +438,6 @@ public enum Settings {
             .inert("server_check_delay_ms", "use server_check_delay"),
             // PgBouncer 1.25 keys read so that its configurations load; what they tune is not
             // done yet, or not done that way here (issue 21 tracks them).
-            .inert("autodb_idle_timeout", "pools of * databases are kept"),
-            .inert("pool_idle_timeout", "pools are kept (their statistics with them)"),
             .inert("client_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
             .inert("server_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
             .inert("client_tls_dheparams", "the TLS library's key exchanges are used"),

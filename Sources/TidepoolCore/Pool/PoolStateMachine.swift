@@ -68,6 +68,11 @@ public struct PoolStateMachine: Sendable {
         var paused = false
         /// Servers (in any state) on each event loop.
         var serversOnLoop: [Int] = []
+        /// Since when the pool has had no server, no waiter and (the driver says) no client:
+        /// pool_idle_timeout / autodb_idle_timeout free it after `settings.freeAfter`.
+        var unusedSince: NIODeadline?
+        /// Freed: the slot waits to be reused by another pool.
+        var freed = false
 
         var total: Int { idle.count + connecting + lent }
 
@@ -82,16 +87,31 @@ public struct PoolStateMachine: Sendable {
     struct PoolTable: Sequence, Sendable {
         var storage: [Pool] = []
         var slots: [PoolKey: Int] = [:]
+        /// Slots of freed pools, reused by the next pools made.
+        var free: [Int] = []
 
         func slot(of key: PoolKey) -> Int? { slots[key] }
         func contains(_ key: PoolKey) -> Bool { slots[key] != nil }
-        var keys: [PoolKey] { storage.map(\.key) }
+        var keys: [PoolKey] { storage.compactMap { $0.freed ? nil : $0.key } }
 
-        /// Pools are never removed, so a slot stays valid.
+        /// A slot stays the pool's while it has a server or a waiter: only a pool with neither is
+        /// freed (`remove`), so what names a slot never outlives its pool.
         mutating func add(_ pool: Pool) -> Int {
+            if let slot = free.popLast() {
+                storage[slot] = pool
+                slots[pool.key] = slot
+                return slot
+            }
             storage.append(pool)
             slots[pool.key] = storage.count - 1
             return storage.count - 1
+        }
+
+        mutating func remove(_ key: PoolKey) {
+            guard let slot = slots.removeValue(forKey: key) else { return }
+            storage[slot] = Pool(key: key, settings: storage[slot].settings)  // lets its buffers go
+            storage[slot].freed = true
+            free.append(slot)
         }
 
         // `_read`, not `get`: reading one field must not copy the whole pool.
@@ -106,7 +126,7 @@ public struct PoolStateMachine: Sendable {
         }
 
         func makeIterator() -> some IteratorProtocol<(key: PoolKey, value: Pool)> {
-            storage.lazy.map { (key: $0.key, value: $0) }.makeIterator()
+            storage.lazy.filter { !$0.freed }.map { (key: $0.key, value: $0) }.makeIterator()
         }
     }
 
@@ -414,7 +434,7 @@ public struct PoolStateMachine: Sendable {
     }
 
     /// Periodic work: wait timeouts, the reserve pool, idle and age limits, min_pool_size.
-    public mutating func timerFired(now: NIODeadline) -> [PoolAction] {
+    public mutating func timerFired(now: NIODeadline, hasClients: (PoolKey) -> Bool = { _ in true }) -> [PoolAction] {
         var actions: [PoolAction] = []
         for key in pools.keys {
             expireWaiters(key, now: now, into: &actions)
@@ -422,8 +442,29 @@ public struct PoolStateMachine: Sendable {
             trimIdle(key, now: now, into: &actions)
             grow(key, now: now, into: &actions)
             probe(key, now: now, into: &actions)
+            freeIfUnused(key, now: now, hasClients: hasClients, into: &actions)
         }
         return actions
+    }
+
+    /// pool_idle_timeout and autodb_idle_timeout, as PgBouncer: a pool that has had no client, no
+    /// waiter and no server for `freeAfter` is freed; the next client of its key makes it anew.
+    mutating func freeIfUnused(
+        _ key: PoolKey, now: NIODeadline, hasClients: (PoolKey) -> Bool, into actions: inout [PoolAction]
+    ) {
+        let pool = pools[key]
+        guard pool.settings.freeAfter > .zero else { return }
+        guard pool.total == 0, pool.waitingCount == 0, !hasClients(key) else {
+            if pool.unusedSince != nil { pools[key].unusedSince = nil }
+            return
+        }
+        guard let since = pool.unusedSince else {
+            pools[key].unusedSince = now
+            return
+        }
+        guard now - since >= pool.settings.freeAfter else { return }
+        pools.remove(key)
+        actions.append(.poolFreed(key))
     }
 
     // MARK: Queries

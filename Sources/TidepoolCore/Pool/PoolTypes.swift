@@ -80,6 +80,9 @@ public struct PoolSettings: Equatable, Sendable {
     /// server_connect_fail_fast: while a database that has not served yet cannot be reached,
     /// clients fail at once instead of waiting (up to query_wait_timeout) for it to come up.
     public var connectFailFast = false
+    /// pool_idle_timeout, or autodb_idle_timeout for a pool of a `*` database: an unused pool is
+    /// freed after this (zero: kept).
+    public var freeAfter: TimeAmount = .zero
     /// server_fast_close in a session-mode pool: RECONNECT ends the sessions on servers it replaces
     /// at their transaction's end instead of waiting for the clients to leave.
     public var fastClose = false
@@ -139,6 +142,9 @@ public enum PoolAction: Equatable, Sendable {
     /// server_fast_close: the client holding a server that must be replaced (session pooling) is
     /// closed at the end of its transaction.
     case endSession(ClientID)
+    /// The pool was freed (pool_idle_timeout, autodb_idle_timeout): the driver drops what it
+    /// keeps for it.
+    case poolFreed(PoolKey)
     /// Run `server_check_query` on this idle server; answer with `serverCheckSucceeded` or
     /// `serverCheckFailed`. The server is meant for the client.
     case check(ServerID, for: ClientID)
