@@ -268,6 +268,25 @@ import Testing
     }
 }
 
+/// Per-pool settings looked up in the configuration.
+@Suite struct PoolSettingLookupTests {
+    @Test func freeAfterFastCloseAndPeerPoolSize() throws {
+        let config = try Config.parse(
+            "[databases]\nnamed = host=h\n* = host=h\n[users]\ns = pool_mode=session\n[peers]\n1 = host=/p\n"
+                + "2 = host=/q pool_size=3\n[pooler]\npool_idle_timeout = 600\nautodb_idle_timeout = 60\n"
+                + "server_fast_close = 1\n")
+        let named = config.database(named: "named")!
+        let auto = config.database(named: "other")!
+        #expect(config.poolFreeAfter(database: named) == .seconds(600))
+        #expect(config.poolFreeAfter(database: auto) == .seconds(60))  // the shorter of the two
+        let defaults = try Config.parse("[databases]\nnamed = host=h\n")
+        #expect(defaults.poolFreeAfter(database: named) == .zero)  // pool_idle_timeout 0: kept
+        #expect(defaults.poolFreeAfter(database: auto) == .seconds(3600))  // autodb_idle_timeout's default
+        #expect(config.fastClose(database: named, user: "s") && !config.fastClose(database: named, user: "t"))
+        #expect(config.poolSize(peer: config.peers[1]!) == 20 && config.poolSize(peer: config.peers[2]!) == 3)
+    }
+}
+
 /// load_balance_hosts: which host of `host=a,b` each new server connection goes to.
 @Suite struct HostChoiceTests {
     @Test func roundRobinTakesTheNextHostEachTime() throws {

@@ -98,9 +98,9 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// `C-<id>: db/user@address:port`, as PgBouncer starts a client's log lines.
     var logPrefix: String {
-        let address = channel.remoteAddress.map { "\($0.ipAddress ?? "unix"):\($0.port ?? 0)" } ?? "unix"
-        return LogWords.connection(
-            "C", id: id.map { "\($0.raw)" } ?? "?", database: databaseName, user: user, address: address)
+        LogWords.connection(
+            "C", id: id.map { "\($0.raw)" } ?? "?", database: databaseName, user: user,
+            address: channel.remoteAddress.logText)
     }
 
     func onLoop(_ body: @escaping @Sendable () -> Void) {
@@ -626,7 +626,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
-    /// query_wait_notify passed while queued.
     /// The replication connection's own server logged in.
     func replicationServerReady(_ server: ServerConnection) {
         guard session.state == .awaitingWelcome else {
@@ -666,6 +665,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         run()
     }
 
+    /// query_wait_notify passed while queued.
     func waitNotice() {
         session.waitNotice(into: &actions)
         run()

@@ -172,8 +172,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
                 timeout = nil
             case .loggedIn:
                 if pooler.config.global.logConnections, let channel {
-                    let local = channel.localAddress.map { "\($0.ipAddress ?? "unix"):\($0.port ?? 0)" } ?? "unix"
-                    pooler.logger.info("\(logPrefix) \(LogWords.newServerConnection(from: local))")
+                    pooler.logger.info(
+                        "\(logPrefix) \(LogWords.newServerConnection(from: channel.localAddress.logText))")
                 }
                 pools.serverLoggedIn(self)
             case .connectFailed(let error):
@@ -428,4 +428,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         let loop = eventLoop
         if loop.inEventLoop { body() } else { loop.execute(body) }
     }
+}
+
+extension SocketAddress? {
+    /// `address:port` (or `unix`), as PgBouncer's log lines show an end of a connection.
+    var logText: String { map { "\($0.ipAddress ?? "unix"):\($0.port ?? 0)" } ?? "unix" }
 }

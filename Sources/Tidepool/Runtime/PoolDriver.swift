@@ -46,10 +46,8 @@ extension Pooler {
         s.serverCheckEnabled = !g.serverCheckQuery.isEmpty
         s.serverRoundRobin = g.serverRoundRobin
         s.connectFailFast = g.serverConnectFailFast
-        s.fastClose = g.serverFastClose && config.poolMode(database: database, user: user) == .session
-        // A pool of a database made from the `*` entry is also freed by autodb_idle_timeout.
-        let auto = config.databases[database.name] == nil ? g.autodbIdleTimeout : .zero
-        s.freeAfter = [g.poolIdleTimeout, auto].filter { $0 > .zero }.min() ?? .zero
+        s.fastClose = config.fastClose(database: database, user: user)
+        s.freeAfter = config.poolFreeAfter(database: database)
         return s
     }
 

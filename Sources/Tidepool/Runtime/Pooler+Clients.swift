@@ -180,7 +180,7 @@ extension Pooler {
         let target = ServerConnection.CancelTarget(
             address: ServerConnection.Address(host: peer.host, port: peer.port), processID: processID,
             secretKey: secretKey)
-        let limit = peer.poolSize ?? config.global.defaultPoolSize
+        let limit = config.poolSize(peer: peer)
         let now = NIODeadline.now()
         let send = shared.withLockedValue { $0.peerCancels.submit(target, peer: peer.id, limit: limit, now: now) }
         if let send { sendToPeer(send, peer: peer.id) }

@@ -58,13 +58,13 @@ extension Pooler {
         for warning in fresh.0.warnings { logger.warning("\(warning)") }
         applyPoolSettings(fresh.0)
         // Servers made with connection settings that changed go as RECONNECT would send them.
-        let changed = old.databasesToReconnect(after: fresh.0)
-        if changed != [] {
-            let now = NIODeadline.now()
-            for database in changed.map({ $0.map(Optional.some) }) ?? [nil] {
-                withPool { $0.reconnect(database: database, now: now) }
-            }
-            logger.info("RELOAD: servers of \(changed?.joined(separator: ", ") ?? "every database") are replaced")
+        let now = NIODeadline.now()
+        if let changed = old.databasesToReconnect(after: fresh.0) {
+            for database in changed { withPool { $0.reconnect(database: database, now: now) } }
+            if !changed.isEmpty { logger.info("RELOAD: servers of \(changed.joined(separator: ", ")) are replaced") }
+        } else {
+            withPool { $0.reconnect(database: nil, now: now) }
+            logger.info("RELOAD: every server is replaced")
         }
         logger.info("RELOAD: configuration applied")
     }

@@ -399,7 +399,7 @@ extension AdminViews {
         AdminResult(
             columns: ["peer_id", "host", "port", "pool_size"], types: [.int4, .text, .int4, .int4],
             rows: config.peers.values.sorted { $0.id < $1.id }.map { p in
-                ["\(p.id)", p.host, "\(p.port)", "\(p.poolSize ?? config.global.defaultPoolSize)"]
+                ["\(p.id)", p.host, "\(p.port)", "\(config.poolSize(peer: p))"]
             })
     }
 

@@ -366,6 +366,21 @@ public struct Config: Equatable, Sendable {
     /// Settings as SHOW CONFIG lists them (no secrets): (name, value, default, changeable).
     public var displaySettings: [(String, String, String, Bool)] { Settings.show(global) }
 
+    /// How long an unused pool of `database` lives: pool_idle_timeout, or autodb_idle_timeout
+    /// for a database made from the `*` entry, whichever is shorter (zero: kept).
+    public func poolFreeAfter(database: DatabaseEntry) -> TimeAmount {
+        let auto = databases[database.name] == nil ? global.autodbIdleTimeout : .zero
+        return [global.poolIdleTimeout, auto].filter { $0 > .zero }.min() ?? .zero
+    }
+
+    /// server_fast_close applies to session pooling only.
+    public func fastClose(database: DatabaseEntry, user: String) -> Bool {
+        global.serverFastClose && poolMode(database: database, user: user) == .session
+    }
+
+    /// A peer's pool_size: its own, else default_pool_size.
+    public func poolSize(peer: PeerEntry) -> Int { peer.poolSize ?? global.defaultPoolSize }
+
     public func queryWaitTimeout(database: DatabaseEntry, user: String) -> TimeAmount {
         users[user]?.queryWaitTimeout ?? database.queryWaitTimeout ?? global.queryWaitTimeout
     }
