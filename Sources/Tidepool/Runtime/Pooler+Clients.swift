@@ -192,10 +192,8 @@ extension Pooler {
                 logger.warning("cancel request for peer \(peer) not passed on: \(error)")
             }
             let timeout = config.global.cancelWaitTimeout
-            let (next, dropped) = shared.withLockedValue { s in
-                let before = s.peerCancels.dropped
-                let next = s.peerCancels.finished(peer: peer, now: .now(), timeout: timeout)
-                return (next, s.peerCancels.dropped - before)
+            let (next, dropped) = shared.withLockedValue {
+                $0.peerCancels.finished(peer: peer, now: .now(), timeout: timeout)
             }
             if dropped > 0 {
                 logger.warning("\(dropped) cancel request(s) for peer \(peer) dropped: cancel_wait_timeout")

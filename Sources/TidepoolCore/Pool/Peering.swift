@@ -48,8 +48,6 @@ public struct PeerCancels<Request: Sendable>: Sendable {
     }
 
     public private(set) var peers: [Int: Peer] = [:]
-    /// Requests dropped for cancel_wait_timeout, for the log.
-    public private(set) var dropped = 0
 
     public init() {}
 
@@ -64,9 +62,12 @@ public struct PeerCancels<Request: Sendable>: Sendable {
     }
 
     /// One request to `peer` is done: the next queued one still within `timeout` (zero: no limit),
-    /// to send now.
-    public mutating func finished(peer: Int, now: NIODeadline, timeout: TimeAmount) -> Request? {
-        guard var state = peers[peer] else { return nil }
+    /// to send now, and how many were dropped for waiting longer (for the log).
+    public mutating func finished(
+        peer: Int, now: NIODeadline, timeout: TimeAmount
+    ) -> (next: Request?, dropped: Int) {
+        guard var state = peers[peer] else { return (nil, 0) }
+        var dropped = 0
         while let first = state.queued.first, timeout > .zero, now - first.since > timeout {
             state.queued.removeFirst()
             dropped += 1
@@ -74,10 +75,10 @@ public struct PeerCancels<Request: Sendable>: Sendable {
         if state.queued.isEmpty {
             state.sending -= 1
             peers[peer] = state.sending > 0 ? state : nil
-            return nil
+            return (nil, dropped)
         }
         let next = state.queued.removeFirst().request
         peers[peer] = state
-        return next
+        return (next, dropped)
     }
 }
