@@ -442,6 +442,22 @@ extension [PoolAction] {
         #expect(!actions.contains(.endSession(c(2))))
     }
 
+    /// A host name that no longer has an address: only the servers open to that address go,
+    /// idle ones at once, lent ones when they come back.
+    @Test func reconnectOfSomeServersLeavesTheOthers() {
+        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 3), now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        let s2 = lendNewServer(to: c(2))
+        let s3 = lendNewServer(to: c(3))
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        let actions = pool.reconnect(servers: [s1, s2], now: clock.now)
+        #expect(actions.contains(.close(s1)))
+        #expect(!actions.contains(.close(s2)) && !actions.contains(.close(s3)))
+        #expect(pool.isCloseNeeded(s2) && !pool.isCloseNeeded(s3))
+        #expect(pool.serverReleased(s2, reusable: true, now: clock.now).closes == [s2])
+        #expect(pool.serverReleased(s3, reusable: true, now: clock.now).isEmpty)
+    }
+
     /// pool_idle_timeout / autodb_idle_timeout: a pool with no client, waiter or server for
     /// `freeAfter` is freed; its slot is reused by the next pool made, which works as any other.
     @Test func unusedPoolsAreFreedAndTheirSlotsReused() {

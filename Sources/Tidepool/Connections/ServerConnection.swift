@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -130,6 +131,11 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         ServerConnection(id: id, pool: pool, database: nil, pooler: pooler, loopIndex: 0, driver: driver)
     }
 
+    /// The address a TCP connection reached, for the DNS cache to tell which servers went to an
+    /// address a host name no longer has (read from other threads, so boxed).
+    private let remoteIPBox = NIOLockedValueBox<String?>(nil)
+    var remoteIP: String? { remoteIPBox.withLockedValue { $0 } }
+
     /// The server's event loop, known before its channel exists. Other threads use this, never
     /// `channel`, which is set on that loop.
     var eventLoop: EventLoop { pooler.loops[loopIndex] }
@@ -209,6 +215,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func channelActive(context: ChannelHandlerContext) {
         guard let database else { return }
+        if case .tcp = address, let ip = context.channel.remoteAddress?.ipAddress {
+            remoteIPBox.withLockedValue { $0 = ip }
+        }
         let user = database.user ?? pool.user
         var extra: [(String, String)] = []
         if let v = database.clientEncoding { extra.append(("client_encoding", v)) }
@@ -421,7 +430,10 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     var cancelTarget: CancelTarget {
-        CancelTarget(address: address, processID: processID, secretKey: secretKey)
+        // The address this server is at: its host name may point elsewhere by now.
+        var target = address
+        if case .tcp(_, let port) = address, let ip = remoteIP { target = .tcp(host: ip, port: port) }
+        return CancelTarget(address: target, processID: processID, secretKey: secretKey)
     }
 
     func onLoop(_ body: @escaping @Sendable () -> Void) {

@@ -154,7 +154,7 @@ extension Pooler {
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
-        address.connect(bootstrap).whenComplete { result in
+        connect(bootstrap, to: address, on: loop).whenComplete { result in
             switch result {
             case .success(let channel):
                 // Nothing may hang a login: the lookup gets server_connect_timeout in all.

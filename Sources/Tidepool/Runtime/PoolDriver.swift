@@ -135,6 +135,7 @@ extension Pooler {
             let listeners = s.listeners
             return s.pools.timerFired(now: now) { clients[$0, default: 0] > 0 || listeners[$0] != nil }
         }
+        refreshHostNames(now: now)
         let elapsed = now - statsPeriodStart
         if elapsed >= config.global.statsPeriod {
             statsPeriodStart = now

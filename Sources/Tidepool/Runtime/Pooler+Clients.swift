@@ -168,7 +168,8 @@ extension Pooler {
         Wire.cancelRequest(processID: target.processID, secretKey: target.secretKey, into: &buffer)
         let packet = buffer
         let timeout = config.global.serverConnectTimeout
-        let connecting = target.address.connect(ClientBootstrap(group: group).connectTimeout(timeout))
+        let loop = group.next()
+        let connecting = connect(ClientBootstrap(group: loop).connectTimeout(timeout), to: target.address, on: loop)
         return connecting.flatMap { channel in
             channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
             return channel.writeAndFlush(packet).flatMap { channel.closeFuture }

@@ -88,6 +88,7 @@ extension Pooler {
         statementCapacity.store(config.global.maxPreparedStatements, ordering: .relaxed)
         let g = config.global
         SyslogOutput.shared.configure(enabled: g.syslog, ident: g.syslogIdent, facility: g.syslogFacility)
+        applyDNSSettings(config)
         let now = NIODeadline.now()
         withPool { pools in
             var actions: [PoolAction] = []

@@ -49,6 +49,8 @@ public final class Pooler: @unchecked Sendable {
     /// Numbers the server connections opened outside the pools (`unpooledServerID`).
     let unpooledServerIDs = Atomic<UInt64>(0)
     let knownStatements = NIOLockedValueBox(Set<String>())
+    /// Server host names' addresses (HostResolver.swift).
+    let dns: NIOLockedValueBox<DNSState>
 
     func isKnownStatement(_ name: String) -> Bool {
         knownStatements.withLockedValue { $0.contains(name) }
@@ -138,6 +140,11 @@ public final class Pooler: @unchecked Sendable {
         self.statementCapacity = Synchronization.Atomic(config.global.maxPreparedStatements)
         self.reloader = reloader
         self.logger = logger
+        let g = config.global
+        self.dns = NIOLockedValueBox(
+            DNSState(
+                cache: DNSCache(
+                    maxTTL: g.dnsMaxTTL, nxdomainTTL: g.dnsNxdomainTTL, zoneCheckPeriod: g.dnsZoneCheckPeriod)))
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
         self.loops = Array(group.makeIterator())

@@ -63,7 +63,7 @@ extension Pooler {
                     try channel.pipeline.syncOperations.addHandler(server)
                 }
             }
-        let connecting = server.address.connect(bootstrap)
+        let connecting = connect(bootstrap, to: server.address, on: loops[loop % loops.count])
         connecting.whenFailure { error in
             if let host { self.hostFailed(host, database: key.database) }
             driver.serverConnectFailed(

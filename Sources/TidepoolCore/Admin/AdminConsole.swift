@@ -182,13 +182,13 @@ public enum AdminViews {
 
     public static func lists(
         databases: Int, users: Int, pools: Int, clients: Int, serversUsed: Int, serversIdle: Int, serversLogin: Int,
-        peers: Int = 0, peerPools: Int = 0
+        peers: Int = 0, peerPools: Int = 0, dnsNames: Int = 0, dnsZones: Int = 0, dnsQueries: Int = 0
     ) -> AdminResult {
         let items: [(String, Int)] = [
             ("databases", databases), ("users", users), ("peers", peers), ("pools", pools), ("peer_pools", peerPools),
             ("free_clients", 0), ("used_clients", clients), ("login_clients", 0), ("free_servers", 0),
-            ("used_servers", serversUsed + serversIdle + serversLogin), ("dns_names", 0), ("dns_zones", 0),
-            ("dns_queries", 0), ("dns_pending", 0),
+            ("used_servers", serversUsed + serversIdle + serversLogin), ("dns_names", dnsNames),
+            ("dns_zones", dnsZones), ("dns_queries", dnsQueries), ("dns_pending", 0),
         ]
         return AdminResult(columns: ["list", "items"], types: [.text, .int4], rows: items.map { [$0.0, "\($0.1)"] })
     }
@@ -415,14 +415,18 @@ extension AdminViews {
             })
     }
 
-    /// SHOW DNS_HOSTS and SHOW DNS_ZONES: PgBouncer's columns. Tidepool keeps no DNS cache (host
-    /// names are resolved at each connect), so both are empty.
-    public static func dnsHosts() -> AdminResult {
-        AdminResult(columns: ["hostname", "ttl", "addrs"], types: [.text, .int8, .text], rows: [])
+    /// SHOW DNS_HOSTS and SHOW DNS_ZONES: PgBouncer's columns, from the DNS cache (host names
+    /// written as addresses are never looked up, so never listed).
+    public static func dnsHosts(_ cache: DNSCache, now: NIODeadline) -> AdminResult {
+        AdminResult(
+            columns: ["hostname", "ttl", "addrs"], types: [.text, .int8, .text],
+            rows: cache.hostRows(now: now).map { [$0.host, "\($0.ttl)", $0.addresses] })
     }
 
-    public static func dnsZones() -> AdminResult {
-        AdminResult(columns: ["zonename", "serial", "count"], types: [.text, .int8, .int4], rows: [])
+    public static func dnsZones(_ cache: DNSCache) -> AdminResult {
+        AdminResult(
+            columns: ["zonename", "serial", "count"], types: [.text, .int8, .int4],
+            rows: cache.zoneRows().map { [$0.zone, "\($0.serial)", "\($0.count)"] })
     }
 
     /// SHOW USERS: the [users] entries and every user with a pool.

@@ -185,6 +185,13 @@ public struct GlobalSettings: Equatable, Sendable {
     public var autodbIdleTimeout = TimeAmount.seconds(3600)
     /// A cancel request queued for a peer longer than this is dropped (0: never).
     public var cancelWaitTimeout = TimeAmount.seconds(10)
+    /// Server host names' answers are kept this long (failures dns_nxdomain_ttl); names are
+    /// looked up again when their zone's SOA serial changes (every dns_zone_check_period, 0: off).
+    public var dnsMaxTTL = TimeAmount.seconds(15)
+    public var dnsNxdomainTTL = TimeAmount.seconds(15)
+    public var dnsZoneCheckPeriod = TimeAmount.zero
+    /// Name servers to ask instead of the system resolver's (and for SOA serials).
+    public var resolvConf: String?
     public var ignoreStartupParameters: [String] = []
     public var applicationNameAddHost = false
     public var statsPeriod = TimeAmount.seconds(60)

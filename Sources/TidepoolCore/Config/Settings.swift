@@ -311,6 +311,14 @@ public enum Settings {
             .duration(
                 "cancel_wait_timeout", \.cancelWaitTimeout,
                 "a cancel request queued for a peer (its pool_size busy) longer than this is dropped; 0: never"),
+            .duration("dns_max_ttl", \.dnsMaxTTL, "how long a server host name's addresses are kept"),
+            .duration("dns_nxdomain_ttl", \.dnsNxdomainTTL, "how long a failed host name lookup is kept"),
+            .duration(
+                "dns_zone_check_period", \.dnsZoneCheckPeriod,
+                "how often zones' SOA serials are asked for; a change looks their names up again; 0: off"),
+            .optionalText(
+                "resolv_conf", \.resolvConf, changeable: false,
+                "resolv.conf whose name servers the pooler asks itself; empty: the system resolver"),
             .bool("tcp_keepalive", \.tcpKeepalive, "TCP keepalive on server connections"),
             .int("tcp_keepidle", \.tcpKeepidle, 0...86_400, "idle seconds before keepalive probes"),
             .int("tcp_keepintvl", \.tcpKeepintvl, 0...86_400, "seconds between keepalive probes"),
@@ -426,10 +434,6 @@ public enum Settings {
         t += [
             .inert("pkt_buf", "NIO sizes its own buffers"),
             .inert("sbuf_loopcnt", "NIO's event loops take turns by themselves"),
-            .inert("dns_max_ttl", "host names are resolved at each connect"),
-            .inert("dns_nxdomain_ttl", "host names are resolved at each connect"),
-            .inert("dns_zone_check_period", "host names are resolved at each connect"),
-            .inert("resolv_conf", "the system resolver is used"),
             .inert("suspend_timeout", "SUSPEND is not needed for restarts"),
             .inert("track_extra_parameters", "every setting is kept (session_state)"),
             .inert("stats_users_prefix", "not used"),

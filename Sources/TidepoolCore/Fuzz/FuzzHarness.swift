@@ -5,20 +5,33 @@ import NIOCore
 /// the way in; the rest goes to the startup decoder, or through the message scanner to the
 /// decoders and state machines a client's and a server's bytes reach: the client's login (startup
 /// packet, then password messages), the pooler's login to a server, and the traffic after them;
-/// and the readers of what operators write (the configuration, HBA rules, auth file, console).
+/// the readers of what operators write (the configuration, HBA rules, auth file, console); and
+/// the reader of name servers' answers.
 public enum FuzzHarness {
     public static func run(_ input: [UInt8]) {
         guard let mode = input.first else { return }
         var buffer = ByteBuffer(bytes: input.dropFirst())
-        switch mode % 7 {
+        switch mode % 8 {
         case 0: startup(&buffer)
         case 1: clientMessages(&buffer)
         case 2: serverMessages(&buffer)
         case 3: authentication(&buffer)
         case 4: serverLogin(&buffer)
         case 5: clientLogin(&buffer)
-        default: operatorText(buffer)
+        case 6: operatorText(buffer)
+        default: dnsAnswer(buffer)
         }
+    }
+
+    /// What a name server sends back to the pooler's resolver.
+    static func dnsAnswer(_ buffer: ByteBuffer) {
+        guard let answer = try? DNSMessage.decode(Array(buffer.readableBytesView)) else { return }
+        _ = DNSMessage.addresses(answer, answer)
+        var cache = DNSCache(maxTTL: .seconds(1), nxdomainTTL: .seconds(1), zoneCheckPeriod: .seconds(1))
+        let now = NIODeadline.uptimeNanoseconds(0)
+        _ = cache.lookup("db.example.test", now: now)
+        _ = cache.resolved("db.example.test", addresses: answer.addresses, now: now)
+        if let serial = answer.serial { _ = cache.zoneSerial("example.test", serial: serial) }
     }
 
     /// Text as an operator writes it: the configuration (with an %include answered from the same

@@ -393,8 +393,23 @@ public struct PoolStateMachine: Sendable {
     /// RECONNECT: every server of `database` (all when nil) is replaced: idle ones are closed now,
     /// the others when they come back.
     public mutating func reconnect(database: String?, now: NIODeadline) -> [PoolAction] {
+        let included = { (key: PoolKey) in database == nil || key.database == database }
+        return reconnect(now: now, servers: { included($1) }, pools: included)
+    }
+
+    /// RECONNECT for some servers only: those open to an address their host name no longer has.
+    public mutating func reconnect(servers ids: Set<ServerID>, now: NIODeadline) -> [PoolAction] {
+        let keys = Set(ids.compactMap { servers[$0].map(key(of:)) })
+        return reconnect(now: now, servers: { id, _ in ids.contains(id) }, pools: keys.contains)
+    }
+
+    /// Closes the idle servers `servers` takes in and marks the others to close when they come
+    /// back, then lets the pools `pools` takes in open new ones.
+    mutating func reconnect(
+        now: NIODeadline, servers included: (ServerID, PoolKey) -> Bool, pools grown: (PoolKey) -> Bool
+    ) -> [PoolAction] {
         var actions: [PoolAction] = []
-        for (id, server) in servers where database == nil || key(of: server).database == database {
+        for (id, server) in servers where included(id, key(of: server)) {
             if case .idle = server.state {
                 remove(id)
                 actions.append(.close(id))
@@ -405,7 +420,7 @@ public struct PoolStateMachine: Sendable {
                 }
             }
         }
-        for key in pools.keys where database == nil || key.database == database {
+        for key in pools.keys where grown(key) {
             grow(key, now: now, into: &actions)
         }
         return actions
