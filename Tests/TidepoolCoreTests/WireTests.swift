@@ -221,6 +221,18 @@ extension MessageScanner.Chunk: Equatable {
         #expect(sizer.capacity == ReceiveBufferSizer.maximum)
     }
 
+    /// pkt_buf: the ceiling, rounded down to a power of two, above or below the default.
+    @Test func pktBufIsTheCeiling() {
+        for (pktBuf, ceiling) in [(4096, 4096), (5000, 4096), (1 << 20, 1 << 20), (10, ReceiveBufferSizer.minimum)] {
+            var sizer = ReceiveBufferSizer(initial: 128, maximum: pktBuf)
+            for _ in 0..<30 { _ = grow(&sizer, sizer.capacity) }
+            #expect(sizer.capacity == ceiling)
+        }
+        #expect(ReceiveBufferSizer(initial: 8192, maximum: 4096).capacity == 4096)
+        // Still stored inline in the channel's existential (three words), not boxed.
+        #expect(MemoryLayout<ReceiveBufferSizer>.size <= 3 * MemoryLayout<Int>.size)
+    }
+
     @Test func twoSmallReadsInARowHalveItDownToTheMinimum() {
         var sizer = ReceiveBufferSizer(initial: 256)
         #expect(grow(&sizer, 100) == false)

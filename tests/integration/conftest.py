@@ -173,7 +173,7 @@ def tidepool(pg):
     yield start
     for t in started:
         t.stop()
-        assert t.proc.returncode == 0, f"tidepool exited with {t.proc.returncode}:\n{t.log()[-3000:]}"
+        assert t.proc.returncode == 0, f"tidepool exited with {t.proc.returncode}:\n{t.output()[-6000:]}"
         shutil.rmtree(t.dir, ignore_errors=True)
     # The next test counts backends: wait until the servers of this one have really gone.
     deadline = time.time() + 5

@@ -44,14 +44,16 @@ def test_empty_server_check_query_switches_the_check_off(tidepool):
 
 
 def test_show_config_lists_every_setting_with_its_default(tidepool):
-    t = tidepool(settings="admin_users = admin\npkt_buf = 8192\nserver_round_robin = 1\n")
+    t = tidepool(settings="admin_users = admin\njob_name = nightly\npkt_buf = 8192\nserver_round_robin = 1\n")
     with admin(t) as a:
         rows = {r[0]: r[1:] for r in a.execute("SHOW CONFIG").fetchall()}
     assert len(rows) > 80
-    assert rows["pkt_buf"] == ("8192", "", "yes")
+    assert rows["job_name"] == ("nightly", "", "yes")
+    assert rows["pkt_buf"] == ("8192", "65536", "no")
     assert rows["server_round_robin"] == ("1", "0", "yes")
     assert rows["listen_port"][2] == "no"
-    assert "pkt_buf is accepted but has no effect" in t.log()
+    assert "job_name is accepted but has no effect" in t.log()
+    assert "pkt_buf is accepted" not in t.log()
 
 
 def test_server_round_robin_spreads_transactions_over_the_servers(tidepool, pg):
@@ -91,3 +93,75 @@ def test_show_state_uptime_counts_from_start(tidepool):
     with admin(t) as a:
         state = {r[0]: r[1] for r in a.execute("SHOW STATE").fetchall()}
     assert int(state["uptime"]) >= 2, state
+
+
+def traced_reads(t, work):
+    """The read(2) calls the pooler makes while `work` runs, as (thread, fd, size asked for),
+    with None between them where a thread waited in epoll_wait; skipped where ptrace is refused."""
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    out = tempfile.NamedTemporaryFile(suffix=".strace", delete=False).name
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-s", "0", "-e", "trace=read,epoll_wait", "-o", out,
+                               "-p", str(t.proc.pid)], stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    if tracer.poll() is not None:
+        pytest.skip(f"strace cannot attach here: {tracer.stderr.read().decode().strip()}")
+    try:
+        work()
+    finally:
+        tracer.terminate()
+        tracer.wait(timeout=10)
+    calls = []
+    for line in open(out):
+        parts = line.split(None, 1)
+        if len(parts) < 2:
+            continue
+        thread, call = parts
+        if call.startswith("epoll_wait("):
+            calls.append((thread, None, None))
+        else:
+            read = re.match(r"read\((\d+), .*?, (\d+)\)", call)
+            if read:
+                calls.append((thread, int(read.group(1)), int(read.group(2))))
+    return calls
+
+
+def big_result(t):
+    with t.connect() as c:
+        rows = c.execute("SELECT repeat('x', 1000) FROM generate_series(1, 4000)").fetchall()
+        assert len(rows) == 4000
+
+
+def longest_run(calls):
+    """The most reads of one socket a thread made in a row without waiting in epoll_wait."""
+    best, last = 0, {}
+    for thread, fd, _ in calls:
+        if fd is None:
+            last.pop(thread, None)
+            continue
+        fd_before, run = last.get(thread, (None, 0))
+        run = run + 1 if fd_before == fd else 1
+        last[thread] = (fd, run)
+        best = max(best, run)
+    return best
+
+
+def test_pkt_buf_bounds_each_read_and_sbuf_loopcnt_the_reads_per_turn(tidepool):
+    """pkt_buf: no read of a connection asks for more than it (4 MB come through in reads of at most
+    1 KiB; the default lets them grow to 64 KiB). sbuf_loopcnt: a connection is read at most that
+    many times before its thread looks at the others (epoll_wait) again; 0 lets it read on."""
+    limited = tidepool(settings="pkt_buf = 1024\nsbuf_loopcnt = 2\nthreads = 1\n")
+    calls = traced_reads(limited, lambda: big_result(limited))
+    socket_reads = [size for _, fd, size in calls if fd is not None and size > 8]
+    assert len(socket_reads) > 3000 and max(socket_reads) <= 1024
+    assert longest_run(calls) <= 2
+    free = tidepool(settings="sbuf_loopcnt = 0\nthreads = 1\n")
+    calls = traced_reads(free, lambda: big_result(free))
+    assert max(size for _, fd, size in calls if fd is not None) > 1024
+    assert longest_run(calls) > 2

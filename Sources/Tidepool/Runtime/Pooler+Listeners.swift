@@ -48,7 +48,7 @@ extension Pooler {
             // when a read fills it) so that thousands of idle clients cost little memory. 128
             // bytes hold a startup packet; 256 cost 128 B more per idle client and NIO's adaptive
             // allocator another 49 B for its box (BENCHMARKS.md).
-            .childChannelOption(.recvAllocator, value: ReceiveBufferSizer(initial: 128))
+            .childChannelOption(.recvAllocator, value: ReceiveBufferSizer(initial: 128, maximum: config.global.pktBuf))
             .childChannelInitializer { [self] channel in
                 let index = self.loopIndex(of: channel.eventLoop)
                 let client = ClientConnection(pooler: self, channel: channel, loopIndex: index)
@@ -56,6 +56,7 @@ extension Pooler {
                     let g = config.global
                     if let options = channel.syncOptions {
                         try options.setOption(.writeBufferWaterMark, value: Self.waterMark(g))
+                        try options.setOption(.maxMessagesPerRead, value: Self.readsPerTurn(g))
                         if channel.localAddress?.protocol != .unix {
                             // A client gone without a word is noticed as a server would be.
                             for (option, value) in Self.tcpKeepaliveOptions(g) {

@@ -49,6 +49,8 @@ extension Pooler {
             .connectTimeout(g.serverConnectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.writeBufferWaterMark, value: Self.waterMark(g))
+            .channelOption(.recvAllocator, value: ReceiveBufferSizer(initial: 2048, maximum: g.pktBuf))
+            .channelOption(.maxMessagesPerRead, value: Self.readsPerTurn(g))
         if case .tcp = server.address {
             for (option, value) in Self.tcpKeepaliveOptions(g) {
                 bootstrap = bootstrap.channelOption(option, value: value)
@@ -107,6 +109,13 @@ extension Pooler {
             }
         }
         return options
+    }
+
+    /// sbuf_loopcnt: reads of one connection per turn of its event loop. NIO keeps up to that
+    /// many receive buffers per channel (and reserves room for them), so "no limit" (0) and
+    /// large values are held to 64.
+    static func readsPerTurn(_ g: GlobalSettings) -> UInt {
+        g.sbufLoopcnt == 0 ? 64 : UInt(min(g.sbufLoopcnt, 64))
     }
 
     /// Past max_buffered_bytes queued, a channel is not writable; below half, it is again.

@@ -215,6 +215,11 @@ public struct GlobalSettings: Equatable, Sendable {
     public var tcpUserTimeout = 0
     /// SO_SNDBUF and SO_RCVBUF for TCP connections (0 = the kernel's).
     public var tcpSocketBuffer = 0
+    /// The largest read buffer of a connection (PgBouncer's pkt_buf; its default is 4096, smaller
+    /// than NIO's 64 KiB, which Tidepool keeps) and how many reads a connection gets per turn of
+    /// its event loop (sbuf_loopcnt; 0: as many as there is data).
+    public var pktBuf = 65536
+    public var sbufLoopcnt = 5
     /// TCP_DEFER_ACCEPT on the TCP listeners. Off by default (PgBouncer has it on, on Linux): a
     /// client that connects and says nothing then still meets client_login_timeout.
     public var tcpDeferAccept = false

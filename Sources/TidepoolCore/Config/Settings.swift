@@ -319,6 +319,12 @@ public enum Settings {
             .optionalText(
                 "resolv_conf", \.resolvConf, changeable: false,
                 "resolv.conf whose name servers the pooler asks itself; empty: the system resolver"),
+            .int(
+                "pkt_buf", \.pktBuf, 512...16_777_216, changeable: false,
+                "largest read buffer of a connection (a read takes at most this much)"),
+            .int(
+                "sbuf_loopcnt", \.sbufLoopcnt, 0...1_000_000,
+                "reads a connection gets before the others' turn (0: no limit, which is 64 here); new connections"),
             .bool("tcp_keepalive", \.tcpKeepalive, "TCP keepalive on server connections"),
             .int("tcp_keepidle", \.tcpKeepidle, 0...86_400, "idle seconds before keepalive probes"),
             .int("tcp_keepintvl", \.tcpKeepintvl, 0...86_400, "seconds between keepalive probes"),
@@ -432,8 +438,6 @@ public enum Settings {
         ]
         // PgBouncer's settings Tidepool has no use for.
         t += [
-            .inert("pkt_buf", "NIO sizes its own buffers"),
-            .inert("sbuf_loopcnt", "NIO's event loops take turns by themselves"),
             .inert("suspend_timeout", "SUSPEND is not needed for restarts"),
             .inert("track_extra_parameters", "every setting is kept (session_state)"),
             .inert("stats_users_prefix", "not used"),

@@ -6,22 +6,26 @@ import NIOCore
 /// what it sends.
 ///
 /// The size doubles when a read fills the buffer and halves after two reads in a row that would
-/// have fit in half of it, between `minimum` and `maximum` (powers of two). The whole value is
-/// five bytes, so the channel stores it inline instead of allocating a box for it per client
-/// (as it must for NIO's adaptive allocator, which is larger than an existential's inline
+/// have fit in half of it, between `minimum` and the ceiling (pkt_buf; powers of two). The whole
+/// value is nine bytes, so the channel stores it inline instead of allocating a box for it per
+/// client (as it must for NIO's adaptive allocator, which is larger than an existential's inline
 /// buffer).
 public struct ReceiveBufferSizer: RecvByteBufferAllocator, Sendable {
     public static let minimum = 64
+    /// The ceiling unless pkt_buf says otherwise.
     public static let maximum = 65536
 
     private var size: UInt32
+    private let ceiling: UInt32
     private var shrinkNext = false
 
-    /// `initial` is rounded down to a power of two and kept within the bounds.
-    public init(initial: Int) {
-        let clamped = min(max(initial, Self.minimum), Self.maximum)
-        size = UInt32(1 << (Int.bitWidth - 1 - clamped.leadingZeroBitCount))
+    /// `initial` and `maximum` are rounded down to powers of two, the size kept within them.
+    public init(initial: Int, maximum: Int = Self.maximum) {
+        ceiling = UInt32(Self.powerOfTwo(max(maximum, Self.minimum)))
+        size = UInt32(Self.powerOfTwo(min(max(initial, Self.minimum), Int(ceiling))))
     }
+
+    static func powerOfTwo(_ n: Int) -> Int { 1 << (Int.bitWidth - 1 - n.leadingZeroBitCount) }
 
     public var capacity: Int { Int(size) }
 
@@ -33,7 +37,7 @@ public struct ReceiveBufferSizer: RecvByteBufferAllocator, Sendable {
 
     public mutating func record(actualReadBytes: Int) -> Bool {
         let current = Int(size)
-        if actualReadBytes >= current, current < Self.maximum {
+        if actualReadBytes >= current, size < ceiling {
             size <<= 1
             shrinkNext = false
             return true
