@@ -7,6 +7,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import re
 import time
 
 import psycopg
@@ -88,7 +89,21 @@ def test_server_lifetime_replaces_servers(tidepool, pg):
     assert first != second
     time.sleep(0.3)
     assert first not in backend_pids(pg)
-    assert "closing because: server lifetime over" in t.log()  # PgBouncer's words
+    # PgBouncer's words, on the server's own line: S-<id>: db/user@host:port ... (age=Ns)
+    assert re.search(r"S-\d+: postgres/postgres@127\.0\.0\.1:\d+ closing because: server lifetime over \(age=\d+s\)",
+                     t.log()), t.log()
+
+
+def test_idle_servers_are_closed_after_server_idle_timeout_with_their_own_log_line(tidepool, pg):
+    t = tidepool(settings="default_pool_size = 1\nserver_idle_timeout = 0.5\n")
+    with t.connect() as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+    deadline = time.time() + 5
+    while time.time() < deadline and pid in backend_pids(pg):
+        time.sleep(0.1)
+    assert pid not in backend_pids(pg)
+    assert re.search(r"S-\d+: postgres/postgres@127\.0\.0\.1:\d+ closing because: server idle timeout \(age=\d+s\)",
+                     t.log()), t.log()
 
 
 def test_server_lifetime_per_database(tidepool, pg):

@@ -63,8 +63,8 @@ final class PoolerMetrics: @unchecked Sendable {
         let dimensions = [("database", pool.database), ("user", pool.user)]
         switch event {
         case .checkFailed: count("tidepool_preping_failures_total", dimensions)
-        case .recycledForAge: count("tidepool_recycled_servers_total", dimensions + [("reason", "lifetime")])
-        case .closedIdle: count("tidepool_recycled_servers_total", dimensions + [("reason", "idle")])
+        case .recycledForAge(_): count("tidepool_recycled_servers_total", dimensions + [("reason", "lifetime")])
+        case .closedIdle(_): count("tidepool_recycled_servers_total", dimensions + [("reason", "idle")])
         case .reserveOpened: count("tidepool_reserve_uses_total", dimensions)
         case .waitTimedOut: count("tidepool_pool_timeouts_total", dimensions)
         case .probe: break

@@ -214,6 +214,8 @@ extension Pooler {
             return Resolved(action: action, client: nil, server: s.servers[serverID])
         case .close(let serverID):
             return Resolved(action: action, client: nil, server: s.servers.removeValue(forKey: serverID))
+        case .note(_, .recycledForAge(let serverID)), .note(_, .closedIdle(let serverID)):
+            return Resolved(action: action, client: nil, server: s.servers[serverID])
         case .connect, .note:
             return Resolved(action: action, client: nil, server: nil)
         case .poolFreed(let key):
@@ -272,13 +274,13 @@ extension Pooler {
                 logger.info("pool \(key): \(LogWords.reservePool(waited: waited.secondsText))")
             case .checkFailed:
                 logger.warning("pool \(key): server failed server_check_query; checking older idle servers")
-            case .recycledForAge:
+            case .recycledForAge(let id):
                 if config.global.logDisconnections {
-                    logger.info("pool \(key): server closing because: \(LogWords.serverLifetimeOver)")
+                    logServerClosing(id, item.server, key, because: LogWords.serverLifetimeOver)
                 }
-            case .closedIdle:
+            case .closedIdle(let id):
                 if config.global.logDisconnections {
-                    logger.info("pool \(key): server closing because: \(LogWords.serverIdleTimeout)")
+                    logServerClosing(id, item.server, key, because: LogWords.serverIdleTimeout)
                 }
             case .waitTimedOut:
                 logger.debug("pool \(key): a client reached query_wait_timeout")
@@ -286,6 +288,15 @@ extension Pooler {
                 logger.info("pool \(key): trying to connect again")
             }
         }
+    }
+
+    /// `S-7: db/user@host:port closing because: server lifetime over (age=3600s)`, as PgBouncer.
+    func logServerClosing(_ id: ServerID, _ server: ServerConnection?, _ key: PoolKey, because reason: String) {
+        let prefix =
+            server?.logPrefix
+            ?? LogWords.connection("S", id: "\(id.raw)", database: key.database, user: key.user, address: "?")
+        let age = server.map { Int(Date().timeIntervalSince1970 - $0.connectedAtWallClock) } ?? 0
+        logger.info("\(prefix) \(LogWords.closing(because: reason, ageSeconds: age))")
     }
 
     /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server

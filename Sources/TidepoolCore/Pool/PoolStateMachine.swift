@@ -288,8 +288,9 @@ public struct PoolStateMachine: Sendable {
         {
             let key = key(of: server)
             remove(id)
+            // The note first: the driver still knows the server then, for its log line.
+            if reusable && now >= server.retireAt { actions.append(.note(key, .recycledForAge(id))) }
             actions.append(.close(id))
-            if reusable && now >= server.retireAt { actions.append(.note(key, .recycledForAge)) }
             grow(key, now: now, into: &actions)
         } else {
             pools[slot: server.slot].lent -= 1
@@ -816,12 +817,12 @@ public struct PoolStateMachine: Sendable {
             let surplus = pool.waitingCount == 0 && pool.total > settings.poolSize
             if expired || idleTooLong || surplus {
                 remove(id)  // takes it off the idle list, so `index` now names the next one
-                actions.append(.close(id))
                 if expired {
-                    actions.append(.note(key, .recycledForAge))
+                    actions.append(.note(key, .recycledForAge(id)))
                 } else if idleTooLong {
-                    actions.append(.note(key, .closedIdle))
+                    actions.append(.note(key, .closedIdle(id)))
                 }
+                actions.append(.close(id))
             } else {
                 index += 1
             }

@@ -157,9 +157,9 @@ public enum PoolEvent: Equatable, Sendable {
     /// A server beyond pool_size was opened because a client waited reserve_pool_timeout.
     case reserveOpened(waited: TimeAmount)
     /// A server reached server_lifetime and was closed.
-    case recycledForAge
+    case recycledForAge(ServerID)
     /// An idle server reached server_idle_timeout and was closed.
-    case closedIdle
+    case closedIdle(ServerID)
     /// A server failed its pre-lend check and was closed.
     case checkFailed
     /// A client waited query_wait_timeout and was turned away.
