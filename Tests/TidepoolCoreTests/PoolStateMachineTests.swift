@@ -403,7 +403,8 @@ extension [PoolAction] {
     @Test func serverLifetimeRetiresOnRelease() {
         let s1 = lendNewServer(to: c(1))
         clock.advance(.seconds(3601))
-        #expect(pool.serverReleased(s1, reusable: true, now: clock.now) == [.note(poolA, .recycledForAge(s1)), .close(s1)])
+        #expect(
+            pool.serverReleased(s1, reusable: true, now: clock.now) == [.note(poolA, .recycledForAge(s1)), .close(s1)])
     }
 
     /// SHUTDOWN WAIT_FOR_SERVERS: the waiters are closed at once, idle servers closed, a lent one
