@@ -6,11 +6,11 @@ import Testing
 @Suite struct PeeringTests {
     @Test func cancelKeysCarryThePeerID() {
         let id = Peering.processID(peerID: 3, random: 0xFFFF_ABCD)
-        #expect(id == 3 << 16 | 0xABCD)
+        #expect(id == 3 << 15 | 0x2BCD)
         #expect(id > 0)
-        // The largest peer_id keeps the process ID positive and clear of the passed-on bit.
+        // The largest peer_id keeps the process ID positive and clear of the hop count.
         let top = Peering.processID(peerID: 16383, random: .max)
-        #expect(top > 0 && top & Peering.forwardedBit == 0)
+        #expect(top > 0 && top & Peering.hopMask == 0)
         // Peering off: 31 random bits, positive.
         #expect(Peering.processID(peerID: 0, random: .max) == Int32.max)
     }
@@ -20,15 +20,37 @@ import Testing
         let mine = Peering.processID(peerID: 1, random: 77)
         let theirs = Peering.processID(peerID: 2, random: 77)
         #expect(Peering.route(processID: mine, ownPeerID: 1, peers: peers) == .local(processID: mine))
-        let forwarded = theirs | Peering.forwardedBit
-        #expect(Peering.route(processID: theirs, ownPeerID: 1, peers: peers) == .forward(peer: 2, processID: forwarded))
-        // The peer acts on it, never passes it on again, whatever its own [peers] says.
-        #expect(Peering.route(processID: forwarded, ownPeerID: 2, peers: peers) == .local(processID: theirs))
-        #expect(Peering.route(processID: forwarded, ownPeerID: 3, peers: peers) == .local(processID: theirs))
+        let once = theirs | 1 << 29
+        #expect(Peering.route(processID: theirs, ownPeerID: 1, peers: peers) == .forward(peer: 2, processID: once))
+        // The peer acts on it, the hop count taken off.
+        #expect(Peering.route(processID: once, ownPeerID: 2, peers: peers) == .local(processID: theirs))
         // A peer missing from [peers]; peering off: everything local.
         let stranger = Peering.processID(peerID: 9, random: 1)
         #expect(Peering.route(processID: stranger, ownPeerID: 1, peers: peers) == .unknownPeer(9))
         #expect(Peering.route(processID: theirs, ownPeerID: 0, peers: peers) == .local(processID: theirs))
+    }
+
+    /// A peer's host name may lead to another process (several addresses, a load balancer): that
+    /// one passes the request on again, three times in all, then acts on it where it is.
+    @Test func aCancelRequestIsPassedOnAtMostThreeTimes() {
+        let peers: Set = [1, 2, 3, 4, 5]
+        let key = Peering.processID(peerID: 5, random: 42)
+        var processID = key
+        var hops: [Int] = []
+        for receiver in [1, 2, 3, 4] {
+            switch Peering.route(processID: processID, ownPeerID: receiver, peers: peers) {
+            case .forward(let peer, let next):
+                #expect(peer == 5)
+                hops.append(receiver)
+                processID = next
+            case .local(let local):
+                #expect(local == key)
+                #expect(hops == [1, 2, 3] && receiver == 4)
+                return
+            case .unknownPeer: Issue.record("peer 5 is known")
+            }
+        }
+        Issue.record("passed on more than three times")
     }
 
     @Test func cancelsToAPeerWaitBehindItsPoolSize() {

@@ -82,3 +82,86 @@ def test_without_peering_a_cancel_can_reach_the_wrong_process(pg, tmp_path):
         assert cancels_that_work(a, 10) < 10
     finally:
         stop_both(pg, a, b)
+
+
+class CancelSplitter:
+    """A TCP front for one pooler that sends cancel requests to another one instead (as a load
+    balancer might): what reaches the front as a CancelRequest goes to `cancel_port`. It runs in
+    a process of its own: libpq's blocking cancel holds the test's interpreter meanwhile."""
+
+    def __init__(self, session_port, cancel_port):
+        import multiprocessing
+        import socket
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self.process = multiprocessing.get_context("fork").Process(
+            target=self.serve, args=(listener, session_port, cancel_port), daemon=True)
+        self.process.start()
+        listener.close()
+
+    @classmethod
+    def serve(cls, listener, session_port, cancel_port):
+        import socket
+        while True:
+            client, _ = listener.accept()
+            first = client.recv(8, socket.MSG_PEEK | socket.MSG_WAITALL)
+            port = cancel_port if first[4:8] == bytes.fromhex("04d2162e") else session_port
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=cls.pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pipe(source, target):
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, target):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.process.terminate()
+        self.process.join(5)
+
+
+def test_a_cancel_request_is_passed_on_again_by_a_process_it_reached_by_mistake(pg):
+    """Peer 2's entry in process 1's [peers] leads to process 3 (a host name with several
+    addresses, a load balancer): process 3 passes the request on again, to process 2, which
+    cancels the query. PgBouncer allows three such hops; with one, this cancel was lost."""
+    ports = {1: free_port(), 2: free_port(), 3: free_port()}
+    wrong = {1: {2: ports[3], 3: ports[3]}, 2: {1: ports[1], 3: ports[3]}, 3: {1: ports[1], 2: ports[2]}}
+    poolers = {}
+    for peer_id in (1, 2, 3):
+        peers = "".join(f"{other} = host=127.0.0.1 port={port}\n" for other, port in wrong[peer_id].items())
+        poolers[peer_id] = Tidepool(pg, port=ports[peer_id],
+                                    settings=f"peer_id = {peer_id}\n[peers]\n{peers}")
+    front = CancelSplitter(session_port=ports[2], cancel_port=ports[1])
+    try:
+        with psycopg.connect(host="127.0.0.1", port=front.port, dbname="postgres", user="postgres",
+                             autocommit=True, sslmode="disable") as c:
+            outcome = []
+
+            def run():
+                try:
+                    c.execute("SELECT pg_sleep(10)")
+                    outcome.append("finished")
+                except errors.QueryCanceled:
+                    outcome.append("cancelled")
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            time.sleep(0.5)
+            c.cancel()
+            thread.join(15)
+            assert outcome == ["cancelled"]
+    finally:
+        front.close()
+        stop_both(pg, *poolers.values())

@@ -49,7 +49,10 @@ extension Pooler {
             .connectTimeout(g.serverConnectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.writeBufferWaterMark, value: Self.waterMark(g))
-            .channelOption(.recvAllocator, value: ReceiveBufferSizer(initial: 2048, maximum: g.pktBuf))
+            .channelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: min(2048, g.pktBuf), maximum: g.pktBuf)
+            )
             .channelOption(.maxMessagesPerRead, value: Self.readsPerTurn(g))
         if case .tcp = server.address {
             for (option, value) in Self.tcpKeepaliveOptions(g) {

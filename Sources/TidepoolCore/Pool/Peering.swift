@@ -2,26 +2,30 @@ import NIOCore
 
 /// Several pooler processes behind one address (so_reuseport) each know only their own clients,
 /// while a client's cancel request arrives on a new connection that the kernel may hand to any of
-/// them. With peering, a cancel key says which process issued it: bits 16-29 of the process ID
+/// them. With peering, a cancel key says which process issued it: bits 15-28 of the process ID
 /// carry that process's peer_id, and a process that receives a key of another passes the request
-/// on to that [peers] entry. Bit 30 marks a request already passed on, so that two processes
-/// whose configurations disagree never pass one back and forth; bit 31 stays clear (process IDs
-/// are positive).
+/// on to that [peers] entry. Bits 29-30 count how often a request was passed on: a peer's host may
+/// lead to yet another process (a name with several addresses, a load balancer), which passes it
+/// on again, three times at most as PgBouncer allows, so that processes whose configurations
+/// disagree never pass one around for ever; bit 31 stays clear (process IDs are positive).
 public enum Peering {
     public static let peerIDs = 1...16383
-    static let forwardedBit: Int32 = 1 << 30
+    static let hopShift: Int32 = 29
+    static let hopMask: Int32 = 0b11 << hopShift
+    static let maxHops: Int32 = 3
 
-    /// The process ID half of a new cancel key: 16 random bits under `peerID`, or 31 random bits
+    /// The process ID half of a new cancel key: 15 random bits under `peerID`, or 31 random bits
     /// with peering off.
     public static func processID(peerID: Int, random: UInt32) -> Int32 {
         guard peerIDs.contains(peerID) else { return Int32(bitPattern: random & 0x7FFF_FFFF) }
-        return Int32(peerID) << 16 | Int32(random & 0xFFFF)
+        return Int32(peerID) << 15 | Int32(random & 0x7FFF)
     }
 
     public enum CancelRoute: Equatable, Sendable {
-        /// This process issued the key (or peering is off): look the client up here.
+        /// This process issued the key (or peering is off, or the request was passed on three
+        /// times): look the client up here.
         case local(processID: Int32)
-        /// Pass the request on to this peer, with this process ID.
+        /// Pass the request on to this peer, with this process ID (one more hop counted).
         case forward(peer: Int, processID: Int32)
         /// The key names a peer this process does not know: nobody can act on it.
         case unknownPeer(Int)
@@ -30,11 +34,12 @@ public enum Peering {
     /// Where a cancel request with `processID` goes.
     public static func route(processID: Int32, ownPeerID: Int, peers: some Collection<Int>) -> CancelRoute {
         guard peerIDs.contains(ownPeerID) else { return .local(processID: processID) }
-        if processID & forwardedBit != 0 { return .local(processID: processID & ~forwardedBit) }
-        let peer = Int(processID >> 16) & 0x3FFF
-        if peer == ownPeerID || peer == 0 { return .local(processID: processID) }
+        let hops = (processID & hopMask) >> hopShift
+        let key = processID & ~hopMask
+        let peer = Int(key >> 15) & 0x3FFF
+        if peer == ownPeerID || peer == 0 || hops >= maxHops { return .local(processID: key) }
         guard peers.contains(peer) else { return .unknownPeer(peer) }
-        return .forward(peer: peer, processID: processID | forwardedBit)
+        return .forward(peer: peer, processID: key | (hops + 1) << hopShift)
     }
 }
 
