@@ -443,6 +443,16 @@ extension [PoolAction] {
         #expect(!actions.contains(.endSession(c(2))))
     }
 
+    /// SUSPEND past suspend_timeout drops the clients holding servers: exactly those.
+    @Test func clientsHoldingServersAreTheOnesLentTo() {
+        _ = pool.configure(poolA, settings: PoolSettings(poolSize: 3), now: clock.now)
+        let s1 = lendNewServer(to: c(1))
+        _ = lendNewServer(to: c(2))
+        #expect(Set(pool.clientsHoldingServers()) == [c(1), c(2)])
+        _ = pool.serverReleased(s1, reusable: true, now: clock.now)
+        #expect(pool.clientsHoldingServers() == [c(2)])
+    }
+
     /// A host name that no longer has an address: only the servers open to that address go,
     /// idle ones at once, lent ones when they come back.
     @Test func reconnectOfSomeServersLeavesTheOthers() {

@@ -347,3 +347,31 @@ def test_server_fast_close_ends_sessions_on_replaced_servers(tidepool):
     assert kept.execute("SELECT pg_backend_pid()").fetchone()[0] == pid
     for c in (idle, busy, kept):
         c.close()
+
+
+def test_suspend_drops_what_is_still_busy_after_suspend_timeout(tidepool, pg):
+    """SUSPEND waits for lent servers like PAUSE, but at most suspend_timeout: a client still in a
+    transaction then is dropped (its server closed, never reused), SUSPEND returns, and RESUME
+    serves new clients. A transaction that ends in time is left alone."""
+    t = tidepool(settings="admin_users = admin\ndefault_pool_size = 2\nsuspend_timeout = 1\npool_mode = transaction\n")
+    with t.connect() as quick, admin(t) as a:
+        quick.execute("BEGIN")
+        quick.execute("SELECT 1")
+        threading.Timer(0.3, lambda: quick.execute("COMMIT")).start()
+        started = time.time()
+        a.execute("SUSPEND")
+        assert time.time() - started < 1.0
+        a.execute("RESUME")
+        assert quick.execute("SELECT 1").fetchone() == (1,)  # finished in time: kept
+    with t.connect() as stuck, admin(t) as a:
+        stuck.execute("BEGIN")
+        pid = stuck.execute("SELECT pg_backend_pid()").fetchone()[0]
+        started = time.time()
+        a.execute("SUSPEND")
+        assert 0.9 < time.time() - started < 5
+        with pytest.raises(psycopg.OperationalError):
+            stuck.execute("SELECT 1")
+        a.execute("RESUME")
+        with t.connect() as fresh:
+            assert fresh.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    assert "suspend_timeout" in t.log()

@@ -37,8 +37,7 @@ extension Pooler {
                 resume(database: database)
                 return done("RESUME", on: loop)
             case .suspend:
-                shared.withLockedValue { $0.suspended = true }
-                return pause(database: nil).map { AdminResult(columns: [], rows: [], tag: "SUSPEND") }
+                return suspend(on: loop).map { AdminResult(columns: [], rows: [], tag: "SUSPEND") }
             case .disable(let database):
                 try requireDatabase(database)
                 shared.withLockedValue { _ = $0.disabled.insert(database) }

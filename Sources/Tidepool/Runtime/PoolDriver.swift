@@ -307,6 +307,25 @@ extension Pooler {
         return waitUntil(on: loops[0]) { [self] in lentServers(database: database) == 0 }
     }
 
+    /// SUSPEND: PAUSE everything, waiting at most suspend_timeout (0: as long as it takes) for lent
+    /// servers to come back; clients still holding one then are dropped (their servers, mid
+    /// transaction, are closed with them), as PgBouncer drops connections it cannot flush in time.
+    func suspend(on loop: EventLoop) -> EventLoopFuture<Void> {
+        shared.withLockedValue {
+            $0.suspended = true
+            $0.pools.pause(database: nil)
+        }
+        let timeout = config.global.suspendTimeout
+        let deadline = timeout > .zero ? NIODeadline.now() + timeout : .distantFuture
+        logger.info("SUSPEND: waiting for lent servers to come back")
+        return waitUntil(on: loop) { [self] in lentServers(database: nil) == 0 || .now() >= deadline }.map { [self] in
+            let holders = shared.withLockedValue { s in s.pools.clientsHoldingServers().compactMap { s.clients[$0] } }
+            guard !holders.isEmpty else { return }
+            logger.warning("SUSPEND: suspend_timeout: \(holders.count) client(s) still holding a server dropped")
+            for client in holders { client.onLoop { client.kill("suspend_timeout") } }
+        }
+    }
+
     /// Servers lent to clients right now in the pools of `database` (all when nil).
     public func lentServers(database: String?) -> Int {
         shared.withLockedValue { $0.pools.lentCount(database: database) }

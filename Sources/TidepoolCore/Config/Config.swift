@@ -185,6 +185,8 @@ public struct GlobalSettings: Equatable, Sendable {
     public var autodbIdleTimeout = TimeAmount.seconds(3600)
     /// A cancel request queued for a peer longer than this is dropped (0: never).
     public var cancelWaitTimeout = TimeAmount.seconds(10)
+    /// How long SUSPEND waits for lent servers before dropping their clients (0: no limit).
+    public var suspendTimeout = TimeAmount.seconds(10)
     /// Server host names' answers are kept this long (failures dns_nxdomain_ttl); names are
     /// looked up again when their zone's SOA serial changes (every dns_zone_check_period, 0: off).
     public var dnsMaxTTL = TimeAmount.seconds(15)

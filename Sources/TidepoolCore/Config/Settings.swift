@@ -311,6 +311,9 @@ public enum Settings {
             .duration(
                 "cancel_wait_timeout", \.cancelWaitTimeout,
                 "a cancel request queued for a peer (its pool_size busy) longer than this is dropped; 0: never"),
+            .duration(
+                "suspend_timeout", \.suspendTimeout,
+                "SUSPEND waits this long for lent servers, then drops their clients; 0: no limit"),
             .duration("dns_max_ttl", \.dnsMaxTTL, "how long a server host name's addresses are kept"),
             .duration("dns_nxdomain_ttl", \.dnsNxdomainTTL, "how long a failed host name lookup is kept"),
             .duration(
@@ -438,7 +441,6 @@ public enum Settings {
         ]
         // PgBouncer's settings Tidepool has no use for.
         t += [
-            .inert("suspend_timeout", "SUSPEND is not needed for restarts"),
             .inert("track_extra_parameters", "every setting is kept (session_state)"),
             .inert("stats_users_prefix", "not used"),
             .inert("job_name", "not used"),

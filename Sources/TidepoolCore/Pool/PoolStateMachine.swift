@@ -449,6 +449,13 @@ public struct PoolStateMachine: Sendable {
         }
     }
 
+    /// The clients holding a server now: what SUSPEND drops once suspend_timeout has passed.
+    public func clientsHoldingServers() -> [ClientID] {
+        servers.values.compactMap { server in
+            if case .lent(let client) = server.state { client } else { nil }
+        }
+    }
+
     /// Periodic work: wait timeouts, the reserve pool, idle and age limits, min_pool_size.
     public mutating func timerFired(now: NIODeadline, hasClients: (PoolKey) -> Bool = { _ in true }) -> [PoolAction] {
         var actions: [PoolAction] = []
