@@ -39,22 +39,27 @@ def cancels_that_work(t, attempts):
     cancelled = 0
     for _ in range(attempts):
         with t.connect() as c:
-            outcome = []
-
-            def run():
-                try:
-                    c.execute("SELECT pg_sleep(5)")
-                    outcome.append("finished")
-                except errors.QueryCanceled:
-                    outcome.append("cancelled")
-
-            thread = threading.Thread(target=run)
-            thread.start()
-            time.sleep(0.3)
-            c.cancel()
-            thread.join(10)
-            cancelled += outcome == ["cancelled"]
+            cancelled += cancelled_while_running(c)
     return cancelled
+
+
+def cancelled_while_running(c, seconds=5):
+    """Whether cancelling a `seconds` long query on `c` a moment after it starts cancels it."""
+    outcome = []
+
+    def run():
+        try:
+            c.execute(f"SELECT pg_sleep({seconds})")
+            outcome.append("finished")
+        except errors.QueryCanceled:
+            outcome.append("cancelled")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.3)
+    c.cancel()
+    thread.join(seconds + 5)
+    return outcome == ["cancelled"]
 
 
 def test_a_cancel_reaching_the_other_process_is_passed_on(pg, tmp_path):
@@ -147,21 +152,7 @@ def test_a_cancel_request_is_passed_on_again_by_a_process_it_reached_by_mistake(
     try:
         with psycopg.connect(host="127.0.0.1", port=front.port, dbname="postgres", user="postgres",
                              autocommit=True, sslmode="disable") as c:
-            outcome = []
-
-            def run():
-                try:
-                    c.execute("SELECT pg_sleep(10)")
-                    outcome.append("finished")
-                except errors.QueryCanceled:
-                    outcome.append("cancelled")
-
-            thread = threading.Thread(target=run)
-            thread.start()
-            time.sleep(0.5)
-            c.cancel()
-            thread.join(15)
-            assert outcome == ["cancelled"]
+            assert cancelled_while_running(c, seconds=10)
     finally:
         front.close()
         stop_both(pg, *poolers.values())
