@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from conftest import free_port
+from conftest import free_port, wait_for_port
 from test_admin import admin, rows
 
 
@@ -204,13 +204,16 @@ def test_health_endpoints(tidepool, pg):
     dead = free_port()
     t = tidepool(settings=f"stats_listen_port = {port}\n",
                  databases=f"postgres = host=127.0.0.1 port={pg.port}")
+    wait_for_port(port)  # the HTTP listener opens just after the pooler's port
     assert http(port, "/health/live") == (200, '{"status":"live"}')
     status, body = http(port, "/health/ready")
     assert status == 200 and json.loads(body)["status"] == "ready"
     assert http(port, "/nope")[0] == 404
     t2 = tidepool(settings=f"stats_listen_port = {free_port()}\n",
                   databases=f"postgres = host=127.0.0.1 port={pg.port}\ngone = host=127.0.0.1 port={dead}")
-    status, body = http(int(re.search(r"stats_listen_port = (\d+)", t2.ini.read_text()).group(1)), "/health/ready")
+    port2 = int(re.search(r"stats_listen_port = (\d+)", t2.ini.read_text()).group(1))
+    wait_for_port(port2)
+    status, body = http(port2, "/health/ready")
     assert status == 503
     reply = json.loads(body)
     assert reply["status"] == "unavailable" and list(reply["databases"]) == ["gone"]

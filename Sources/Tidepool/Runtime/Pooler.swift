@@ -170,6 +170,8 @@ public final class Pooler: @unchecked Sendable {
     public func start() throws {
         let g = config.global
         try loadSecurity(config)
+        // Health and metrics first: once the pooler's port accepts, /health answers too.
+        try startStatsListener()
         var addresses: [String] = []
         for part in g.listenAddr.split(separator: ",").map({ $0.trimmingWhitespace() }) where !part.isEmpty {
             if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
@@ -203,7 +205,6 @@ public final class Pooler: @unchecked Sendable {
             self?.timerFired()
         }
         warmStart()
-        try startStatsListener()
         // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
         for (index, loop) in loops.enumerated() {
             let registry = loopClients[index]
