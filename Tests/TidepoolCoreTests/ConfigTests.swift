@@ -223,18 +223,30 @@ import Testing
         #expect(config.displaySettings.first { $0.0 == "job_name" }?.1 == "x")
     }
 
-    /// PgBouncer 1.25 keys not carried out yet load with a warning naming each, not an error.
-    @Test func pgbouncer125KeysLoad() throws {
-        let keys = [
-            "client_tls13_ciphers = TLS_AES_128_GCM_SHA256",
-            "server_tls13_ciphers = TLS_AES_256_GCM_SHA384", "client_tls_dheparams = auto",
-        ]
-        let config = try Config.parse("[pgbouncer]\n" + keys.joined(separator: "\n") + "\n")
-        #expect(config.warnings.count == keys.count)
-        for key in keys {
-            let name = String(key.split(separator: " ")[0])
-            #expect(config.warnings.contains { $0.contains(name) }, "\(name)")
+    /// TLS 1.3 suites: a list naming the three the TLS library always offers is taken (the CCM
+    /// ones may stand beside them); one leaving one out is refused with the reason, as is a name
+    /// that is no suite. dheparams: PgBouncer's three values.
+    @Test func tls13CiphersAndDheparams() throws {
+        let all = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256:TLS_AES_128_CCM_SHA256"
+        let config = try Config.parse(
+            "[pgbouncer]\nclient_tls13_ciphers = \(all)\nserver_tls13_ciphers = \(all)\nclient_tls_dheparams = legacy\n"
+        )
+        #expect(config.warnings.isEmpty)
+        #expect(config.global.clientTLS.tls13Ciphers == all && config.global.clientTLS.dheParams == "legacy")
+        #expect(config.displaySettings.first { $0.0 == "server_tls13_ciphers" }?.1 == all)
+        do {
+            _ = try Config.parse("[pgbouncer]\nclient_tls13_ciphers = TLS_AES_256_GCM_SHA384\n")
+            Issue.record("a list the TLS library cannot keep to was taken")
+        } catch {
+            #expect(error.key == "client_tls13_ciphers")
+            #expect(error.message.contains("cannot leave out TLS_AES_128_GCM_SHA256, TLS_CHACHA20_POLY1305_SHA256"))
         }
+        #expect(throws: ConfigError.self) { try Config.parse("[pgbouncer]\nserver_tls13_ciphers = RC4\n") }
+        #expect(throws: ConfigError.self) { try Config.parse("[pgbouncer]\nclient_tls_dheparams = 4096\n") }
+        #expect(throws: ConfigError.self) { try Config.parse("[pgbouncer]\nserver_tls_dheparams = auto\n") }
+    }
+
+    @Test func pgbouncer125KeysLoad() throws {
         // Read with their effect: no warning.
         let effective = try Config.parse(
             "[pgbouncer]\nunix_socket_group = postgres\nconffile = /etc/pgbouncer.ini\nuser = postgres\n"

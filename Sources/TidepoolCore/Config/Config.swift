@@ -53,6 +53,21 @@ public struct TLSSettings: Equatable, Sendable {
     public var ciphers = "default"
     /// client_tls_ecdhcurve: "auto" (the library's curves) or one curve by its OpenSSL name.
     public var ecdhCurve = "auto"
+    /// *_tls13_ciphers: TLS 1.3 suites allowed, colon-separated; empty: the library's.
+    public var tls13Ciphers = ""
+    /// client_tls_dheparams: none, auto or legacy. The TLS library has no finite-field DHE, so
+    /// every value works as none.
+    public var dheParams = "auto"
+
+    /// The TLS 1.3 suites PgBouncer accepts, and the ones BoringSSL always offers (it has no way
+    /// to leave one out, nor the CCM ones).
+    public static let tls13Suites = [
+        "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_128_CCM_8_SHA256", "TLS_AES_128_CCM_SHA256",
+    ]
+    static let libraryTLS13Suites = [
+        "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
+    ]
 
     /// The curves the TLS library has, by their OpenSSL names, with their TLS code points.
     public static let curves: [String: UInt16] = [
@@ -103,6 +118,25 @@ public struct TLSSettings: Equatable, Sendable {
                             ? " (TLS 1.3 needs an ECDH key exchange: none would refuse every client)" : ""))
             }
             ecdhCurve = name
+        case "tls13_ciphers":
+            let names = v.text.split(separator: ":").map { $0.trimmingWhitespace() }.filter { !$0.isEmpty }
+            if let unknown = names.first(where: { !Self.tls13Suites.contains($0) }) {
+                throw v.fail("'\(unknown)' is not a TLS 1.3 suite (\(Self.tls13Suites.joined(separator: ", ")))")
+            }
+            let left = Self.libraryTLS13Suites.filter { !names.contains($0) }
+            guard names.isEmpty || left.isEmpty else {
+                throw v.fail(
+                    "the TLS library (BoringSSL) always offers \(Self.libraryTLS13Suites.joined(separator: ", ")) "
+                        + "with TLS 1.3 and cannot leave out \(left.joined(separator: ", ")): list all three, "
+                        + "or keep TLS 1.3 out with the protocols setting")
+            }
+            tls13Ciphers = v.text
+        case "dheparams":
+            let value = v.text.lowercased()
+            guard ["none", "auto", "legacy"].contains(value) else {
+                throw v.fail("'\(v.text)' is not none, auto or legacy")
+            }
+            dheParams = value
         default: throw v.fail("unknown setting \(v.key)")
         }
     }

@@ -153,8 +153,9 @@ extension Setting {
         func one(
             _ key: String, _ type: String, _ help: String, show: @escaping @Sendable (TLSSettings) -> String
         ) -> Setting {
+            // PgBouncer names the TLS 1.3 suites client_tls13_ciphers, not client_tls_tls13_ciphers.
             global(
-                "\(side)_tls_\(key)", type, help,
+                key == "tls13_ciphers" ? "\(side)_tls13_ciphers" : "\(side)_tls_\(key)", type, help,
                 apply: { g, v throws(ConfigError) in try g[keyPath: path].apply(key, v) },
                 show: { show($0[keyPath: path]) })
         }
@@ -167,12 +168,20 @@ extension Setting {
             one("ca_file", "path", "CA certificates (PEM) to verify the other side") { $0.caFile },
             one("protocols", "secure, all, legacy or tlsv1.0..tlsv1.3", "TLS versions allowed") { $0.protocols },
             one("ciphers", "OpenSSL cipher list", "ciphers for TLS 1.2; default keeps the library's") { $0.ciphers },
+            one(
+                "tls13_ciphers", "TLS 1.3 suites, colon-separated",
+                "TLS 1.3 suites; empty: the library's, and a list must name its three GCM/CHACHA20 suites"
+            ) { $0.tls13Ciphers },
         ]
             + (side == "client"
                 ? [
                     one("ecdhcurve", "auto or a curve name", "the ECDH curve offered to clients; auto: the library's") {
                         $0.ecdhCurve
-                    }
+                    },
+                    one(
+                        "dheparams", "none, auto or legacy",
+                        "finite-field DHE; the TLS library has none, so every value works as none"
+                    ) { $0.dheParams },
                 ] : [])
     }
 }
@@ -446,11 +455,6 @@ public enum Settings {
             .inert("job_name", "not used"),
             .inert("service_name", "not used"),
             .inert("server_check_delay_ms", "use server_check_delay"),
-            // PgBouncer 1.25 keys read so that its configurations load; what they tune is not
-            // done yet, or not done that way here (issue 21 tracks them).
-            .inert("client_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
-            .inert("server_tls13_ciphers", "the TLS library's TLS 1.3 suites are used"),
-            .inert("client_tls_dheparams", "the TLS library's key exchanges are used"),
         ]
         return t
     }()
