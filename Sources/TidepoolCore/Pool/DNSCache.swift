@@ -54,8 +54,8 @@ public struct DNSCache: Sendable {
         }
         let expired = entry.expires <= now
         if entry.addresses.isEmpty {
-            if let failure = entry.failure, !expired || entry.resolving { return .failed(failure) }
-            if entry.resolving { return .wait }
+            if let failure = entry.failure, !expired { return .failed(failure) }
+            if entry.resolving { return .wait }  // looked up again: its answer decides
             entries[host]!.resolving = true
             return .resolve
         }
