@@ -83,6 +83,11 @@ struct TidepoolCommand: ParsableCommand {
         let pooler = Pooler(
             config: config, userlist: userlist, logger: logger, reloader: { try loadConfiguration($0 ?? path) })
         pooler.commandLineVerbose = verbose
+        // Watched before the port opens: a SIGHUP or SIGTERM sent as soon as it accepts must not
+        // meet the default action (end the process).
+        let signals = SignalWatcher(
+            pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) },
+            reload: { try? pooler.reload() })
         do {
             try pooler.start()
         } catch {
@@ -90,9 +95,6 @@ struct TidepoolCommand: ParsableCommand {
             throw ExitCode(1)
         }
         logger.info("tidepool \(TidepoolCoreVersion.string) started, instance_id=\(pooler.instanceID)")
-        let signals = SignalWatcher(
-            pause: { _ = pooler.pause(database: nil) }, resume: { pooler.resume(database: nil) },
-            reload: { try? pooler.reload() })
         let limit = config.global.shutdownTimeout
         let verdict = signals.waitForFirst()
         pooler.beginDraining()

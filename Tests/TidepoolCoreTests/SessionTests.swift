@@ -171,6 +171,20 @@ import Testing
             ignored: ["extra_float_digits", "work_mem"])
         #expect(wanted.isEmpty)
     }
+
+    /// track_extra_parameters: named parameters are kept (to be set on each server) even where
+    /// others are refused; case does not matter, as in PostgreSQL.
+    @Test func trackExtraParametersAreKept() throws {
+        let kept = try StartupParameters.resolve(
+            ["user": "u", "Work_Mem": "8MB", "options": "-c statement_timeout=5s"], ignored: [],
+            keepingOthers: false, extra: ["work_mem", "statement_timeout"])
+        #expect(
+            kept.others.sorted { $0.0 < $1.0 }.map { "\($0.0)=\($0.1)" } == ["statement_timeout=5s", "work_mem=8MB"])
+        #expect(throws: PostgresError.self) {
+            try StartupParameters.resolve(
+                ["user": "u", "lock_timeout": "1s"], ignored: [], keepingOthers: false, extra: ["work_mem"])
+        }
+    }
 }
 
 @Suite struct ClientTimeoutTests {

@@ -398,3 +398,16 @@ def test_refuse_mode_fails_pinning_statements_and_keeps_settings(tidepool):
         assert value(b, "SELECT current_setting('app.x', true)") == ""
         assert value(a, "SELECT current_setting('app.x', true)") == "a"
         assert [r["cl_pinned"] for r in show(t, "POOLS") if r["database"] == "postgres"] == [0]
+
+
+def test_track_extra_parameters_with_session_state_ignore(tidepool):
+    """session_state = ignore follows nothing a client does, as PgBouncer; track_extra_parameters
+    still keeps the named startup parameters per client: accepted at login (others are refused)
+    and set on each server the client is lent, reset on the servers of clients without it."""
+    t = pooled(tidepool, 1, "session_state = ignore\ntrack_extra_parameters = work_mem, IntervalStyle\n")
+    with t.connect(options="-c work_mem=8MB") as tuned, t.connect() as plain:
+        for _ in range(3):  # one server, taken in turn
+            assert tuned.execute("SHOW work_mem").fetchone()[0] == "8MB"
+            assert plain.execute("SHOW work_mem").fetchone()[0] == "4MB"
+    with pytest.raises(psycopg.OperationalError, match="unsupported options startup parameter: lock_timeout"):
+        t.connect(options="-c lock_timeout=1s")

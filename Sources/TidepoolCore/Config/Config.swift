@@ -229,6 +229,9 @@ public struct GlobalSettings: Equatable, Sendable {
     /// Name servers to ask instead of the system resolver's (and for SOA serials).
     public var resolvConf: String?
     public var ignoreStartupParameters: [String] = []
+    /// Startup parameters kept per client and set on each server it is lent, beyond the tracked
+    /// ones (with session_state = track every parameter is).
+    public var trackExtraParameters = ["IntervalStyle"]
     public var applicationNameAddHost = false
     public var statsPeriod = TimeAmount.seconds(60)
     /// Log one line of rates and averages per database every stats_period.

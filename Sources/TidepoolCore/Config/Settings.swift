@@ -377,6 +377,9 @@ public enum Settings {
                 "max_prepared_statements", \.maxPreparedStatements, 0...100_000,
                 "named prepared statements kept per server in transaction mode; 0: pass through"),
             .list("ignore_startup_parameters", \.ignoreStartupParameters, "startup parameters dropped silently"),
+            .list(
+                "track_extra_parameters", \.trackExtraParameters,
+                "startup parameters kept per client and set on each server lent (session_state = track: all)"),
             .bool(
                 "application_name_add_host", \.applicationNameAddHost,
                 "append the client's address and port to its application_name at login"),
@@ -450,7 +453,6 @@ public enum Settings {
         ]
         // PgBouncer's settings Tidepool has no use for.
         t += [
-            .inert("track_extra_parameters", "every setting is kept (session_state)"),
             .inert("stats_users_prefix", "not used"),
             .inert("job_name", "not used"),
             .inert("service_name", "not used"),

@@ -142,11 +142,13 @@ extension ClientSession {
         }
         do {
             replication = try ReplicationMode.parse(startup.parameters["replication"])
-            // With session_state = track, any parameter is kept as a setting and replayed.
+            // With session_state = track, any parameter is kept as a setting and replayed; with
+            // ignore, those of track_extra_parameters.
             let keeps =
                 config.database(named: database).map { config.sessionState(database: $0, user: user) } != .ignore
             let resolved = try StartupParameters.resolve(
-                startup.parameters, ignored: config.global.ignoreStartupParameters, keepingOthers: keeps)
+                startup.parameters, ignored: config.global.ignoreStartupParameters, keepingOthers: keeps,
+                extra: config.global.trackExtraParameters)
             wanted = resolved.wanted
             if !resolved.others.isEmpty { stateOfSession.startWith(resolved.others) }
         } catch {

@@ -46,11 +46,13 @@ public enum StartupParameters {
     }
 
     /// As `resolve(_:ignored:)`; with `keepingOthers`, any other parameter is not refused but
-    /// returned in `others` (name in lower case, value), to be kept as a session setting.
+    /// returned in `others` (name in lower case, value), to be kept as a session setting; without
+    /// it, only those named in `extra` (track_extra_parameters) are.
     public static func resolve(
-        _ parameters: [String: String], ignored: [String], keepingOthers: Bool
+        _ parameters: [String: String], ignored: [String], keepingOthers: Bool, extra: [String] = []
     ) throws(PostgresError) -> (wanted: [String: String], others: [(String, String)]) {
         let ignoredSet = Set(ignored.map { $0.lowercased() })
+        let extraSet = Set(extra.map { $0.lowercased() })
         var wanted: [String: String] = [:]
         var others: [(String, String)] = []
         func accept(_ name: String, _ value: String, from what: String) throws(PostgresError) {
@@ -58,7 +60,7 @@ public enum StartupParameters {
                 wanted[key] = value
             } else if ignoredSet.contains(name.lowercased()) {
                 return
-            } else if keepingOthers {
+            } else if keepingOthers || extraSet.contains(name.lowercased()) {
                 others.append((name.lowercased(), value))
             } else {
                 throw PostgresError.fatal(SQLState.featureNotSupported, "unsupported \(what): \(name)")
