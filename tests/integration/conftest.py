@@ -4,6 +4,7 @@ Nothing here is mocked. PostgreSQL is started through scripts/lib.sh (as the pos
 when run as root); Tidepool is the binary built by `swift build` (TIDEPOOL_BIN overrides it).
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -70,6 +71,20 @@ class Postgres:
             args.append(user)
         with self.connect() as conn:
             return conn.execute(sql, args).fetchone()[0]
+
+
+@contextlib.contextmanager
+def own_postgres(prefix="tidepool-pg-", also_on=""):
+    """A PostgreSQL of the caller's own (listening on 127.0.0.1 and `also_on` when given), stopped
+    and removed afterwards."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    port = free_port()
+    subprocess.run(["bash", "-c", f". '{LIB}'; start_postgres '{directory}' {port} off {also_on}"], check=True)
+    try:
+        yield Postgres(directory, port)
+    finally:
+        subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,8 @@ resolv_conf, against a name server run by the test (UDP, loopback) and a Postgre
 127.0.0.1 and 127.0.0.2, so that moving a name from one address to the other is a failover the
 pooler must follow."""
 
-import shutil
 import socket
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -14,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import LIB, Postgres, free_port
+from conftest import own_postgres
 
 ZONE = "tidepool.test"
 
@@ -101,12 +99,8 @@ def name_server():
 @pytest.fixture(scope="module")
 def two_address_pg():
     """A PostgreSQL of this module's own, listening on 127.0.0.1 and 127.0.0.2."""
-    directory = tempfile.mkdtemp(prefix="tidepool-pg-dns-")
-    port = free_port()
-    subprocess.run(["bash", "-c", f". '{LIB}'; start_postgres '{directory}' {port} off 127.0.0.2"], check=True)
-    yield Postgres(directory, port)
-    subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
-    shutil.rmtree(directory, ignore_errors=True)
+    with own_postgres("tidepool-pg-dns-", also_on="127.0.0.2") as server:
+        yield server
 
 
 def start(tidepool, pg, name_server, settings, databases):

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from conftest import LIB, Postgres, free_port
+from conftest import LIB, free_port, own_postgres
 
 
 def backend_pids(pg, user="postgres", dbname="postgres"):
@@ -269,12 +269,8 @@ def test_broken_server_fails_only_its_client(tidepool, pg):
 
 @pytest.fixture
 def second_pg():
-    directory = tempfile.mkdtemp(prefix="tidepool-pg2-")
-    port = free_port()
-    subprocess.run(["bash", "-c", f". '{LIB}'; start_postgres '{directory}' {port}"], check=True)
-    yield Postgres(directory, port)
-    subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
-    shutil.rmtree(directory, ignore_errors=True)
+    with own_postgres("tidepool-pg2-") as server:
+        yield server
 
 
 def pg_ctl(pg, action, mode="fast"):

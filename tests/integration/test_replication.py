@@ -1,6 +1,7 @@
 """Replication connections through the pooler, unpooled, as PgBouncer 1.23+: pg_basebackup
 (physical) and a logical replication subscription, each on a server connection of its own."""
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -10,26 +11,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import LIB, Postgres, free_port
+from conftest import LIB, own_postgres
 
 
 @pytest.fixture
 def fresh_pg():
     """A factory of PostgreSQL servers of the test's own (wal_level = logical, replication
     allowed from loopback), stopped at the end."""
-    started = []
-
-    def start():
-        directory = tempfile.mkdtemp(prefix="tidepool-pg-repl-")
-        port = free_port()
-        subprocess.run(["bash", "-c", f". '{LIB}'; start_postgres '{directory}' {port}"], check=True)
-        started.append(directory)
-        return Postgres(directory, port)
-
-    yield start
-    for directory in started:
-        subprocess.run(["bash", "-c", f". '{LIB}'; stop_postgres '{directory}'"], check=False)
-        shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.ExitStack() as started:
+        yield lambda: started.enter_context(own_postgres("tidepool-pg-repl-"))
 
 
 def bindir():
