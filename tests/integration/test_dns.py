@@ -8,11 +8,12 @@ import struct
 import tempfile
 import threading
 import time
+import urllib.request
 
 import psycopg
 import pytest
 
-from conftest import own_postgres
+from conftest import free_port, own_postgres, wait_for_port
 
 ZONE = "tidepool.test"
 
@@ -155,6 +156,13 @@ def test_a_name_that_moves_is_followed_after_dns_max_ttl(tidepool, two_address_p
         assert wait_for(lambda: {s["addr"] for s in rows(t, "SHOW SERVERS")} == {"127.0.0.2"})
         assert server_address(b) == "127.0.0.2"
     assert "no longer 127.0.0.1" in t.log()
+    # /health/ready reaches the database through the same cache (resolv_conf's name server).
+    stats = free_port()
+    ready = start(tidepool, pg, name_server, f"stats_listen_port = {stats}\n",
+                  f"app = host=db.{ZONE} port={pg.port} dbname=postgres")
+    wait_for_port(stats)
+    with urllib.request.urlopen(f"http://127.0.0.1:{stats}/health/ready", timeout=5) as reply:
+        assert reply.status == 200
     lists = {r["list"]: r["items"] for r in rows(t, "SHOW LISTS")}
     assert lists["dns_names"] == 1 and lists["dns_zones"] == 1
 

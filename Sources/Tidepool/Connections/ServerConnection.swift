@@ -32,12 +32,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             self = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
         }
 
-        func connect(_ bootstrap: ClientBootstrap) -> EventLoopFuture<Channel> {
-            switch self {
-            case .tcp(let host, let port): bootstrap.connect(host: host, port: port)
-            case .unix(let path): bootstrap.connect(unixDomainSocketPath: path)
-            }
-        }
     }
 
     struct CancelTarget: Sendable {

@@ -167,8 +167,9 @@ extension Pooler {
     func readiness(on loop: EventLoop) -> EventLoopFuture<[String: String]> {
         let databases = config.databases
         let checks = databases.map { name, entry -> EventLoopFuture<(String, String?)> in
-            let connection = ServerConnection.Address(entry).connect(
-                ClientBootstrap(group: loop).connectTimeout(.seconds(1)))
+            // Through the DNS cache, as servers are opened (resolv_conf's name servers included).
+            let connection = connect(
+                ClientBootstrap(group: loop).connectTimeout(.seconds(1)), to: ServerConnection.Address(entry), on: loop)
             return connection.flatMap { channel in channel.close().map { (name, nil as String?) } }
                 .flatMapError { error in loop.makeSucceededFuture((name, "\(error)")) }
         }
