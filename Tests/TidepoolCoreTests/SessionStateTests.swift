@@ -11,7 +11,7 @@ import Testing
     @Test func settingsInEveryForm() {
         #expect(
             effects("SET search_path = a, \"B\"") == [
-                .set(name: "search_path", statement: "SET search_path = a , \"B\"")
+                .set(name: "search_path", statement: "SET search_path = a, \"B\"")
             ])
         #expect(
             effects("set Statement_Timeout to '5s'")
@@ -21,7 +21,7 @@ import Testing
             effects("SET app.tenant_id = '42'") == [.set(name: "app.tenant_id", statement: "SET app.tenant_id = '42'")])
         #expect(
             effects("set \"My\".Setting = -5")
-                == [.set(name: "My.setting", statement: "SET \"My\".setting = - 5")])
+                == [.set(name: "My.setting", statement: "SET \"My\".setting = -5")])
         #expect(effects("sEt SeArCh_PaTh = x")[0] == .set(name: "search_path", statement: "SET search_path = x"))
         #expect(effects("SET work_mem TO DEFAULT") == [.reset(name: "work_mem")])
         #expect(effects("RESET work_mem") == [.reset(name: "work_mem")])
@@ -56,11 +56,66 @@ import Testing
         #expect(effects("SET CONSTRAINTS ALL DEFERRED") == [])
         #expect(effects("select set_config('a.b', 'v', true)") == [])
         #expect(effects("select pg_advisory_xact_lock(1)") == [])
-        // Reported by the server with ParameterStatus: followed from there.
-        #expect(effects("SET TIME ZONE 'UTC'") == [])
-        #expect(effects("SET NAMES 'UTF8'") == [])
-        #expect(effects("SET application_name = 'x'") == [])
-        #expect(effects("set DateStyle to ISO") == [])
+        // Reported by the server with ParameterStatus: values followed from there, resets noted.
+        #expect(effects("SET TIME ZONE 'UTC'") == [.reported(name: "timezone", reset: false)])
+        #expect(effects("SET TIME ZONE LOCAL") == [.reported(name: "timezone", reset: true)])
+        #expect(effects("SET NAMES 'UTF8'") == [.reported(name: "client_encoding", reset: false)])
+        #expect(effects("SET application_name = 'x'") == [.reported(name: "application_name", reset: false)])
+        #expect(effects("set DateStyle to ISO") == [.reported(name: "datestyle", reset: false)])
+        #expect(effects("RESET application_name") == [.reported(name: "application_name", reset: true)])
+        #expect(effects("SET application_name TO DEFAULT") == [.reported(name: "application_name", reset: true)])
+        #expect(effects("SET LOCAL application_name = 'x'") == [])
+    }
+
+    /// PostgreSQL's scanner decides where a statement ends and what a value is; these are the
+    /// cases where a reading of our own went wrong before.
+    @Test func lexedAsPostgreSQLLexesIt() {
+        // A -- comment ends at a carriage return too: the SET after it runs.
+        #expect(
+            effects("SELECT 1; -- note\rSET app.tenant = 't2'")
+                == [.set(name: "app.tenant", statement: "SET app.tenant = 't2'")])
+        #expect(effects("SELECT 1 -- note\rSET app.tenant = 't2'") == [])  // one statement
+        // Vertical tab is no white space in PostgreSQL 15.
+        #expect(effects("SET\u{0B}app.x = 1") == [.pin(.unknown, key: "")])
+        // standard_conforming_strings off: a backslash escapes the quote, the string goes on.
+        #expect(SessionStatements.effects("SELECT 'a\\'; SET app.x = 1; --'", standardStrings: false) == [])
+        #expect(
+            SessionStatements.effects("SELECT 'a\\'; SET app.x = 1; --'")
+                == [.set(name: "app.x", statement: "SET app.x = 1")])
+        #expect(SessionStatements.effects("SELECT N'a\\'; SET app.x = 1; --'", standardStrings: false) == [])
+        #expect(
+            SessionStatements.effects("SELECT X'a\\'; SET app.x = 1; --'", standardStrings: false)
+                == [.set(name: "app.x", statement: "SET app.x = 1")])
+        // Strings on several lines are one; a name before a quote is no prefix.
+        #expect(effects("SET app.x = 'a'\n  'b'") == [.set(name: "app.x", statement: "SET app.x = E'ab'")])
+        #expect(effects("SELECT t'x'; SET app.y = 1") == [.set(name: "app.y", statement: "SET app.y = 1")])
+    }
+
+    /// Values are sent again as PostgreSQL's own token text, not tokens joined again.
+    @Test func valuesReplayAsWritten() {
+        #expect(
+            effects("SET statement_timeout = 1.5e+3") == [
+                .set(name: "statement_timeout", statement: "SET statement_timeout = 1.5e+3")
+            ])
+        #expect(effects("SET x.y = 1.5e-3") == [.set(name: "x.y", statement: "SET x.y = 1.5e-3")])
+        #expect(effects("SET x.y = .5E2") == [.set(name: "x.y", statement: "SET x.y = .5E2")])
+        #expect(effects("SET x.y = U&'d\\0061t\\+000061'") == [.set(name: "x.y", statement: "SET x.y = E'data'")])
+        #expect(
+            effects("SET x.y = U&'d!0061t' UESCAPE '!'")
+                == [.set(name: "x.y", statement: "SET x.y = U&'d!0061t' UESCAPE '!'")])
+        #expect(effects("SET x.y = E'a\\nb\\\\c'") == [.set(name: "x.y", statement: "SET x.y = E'a\nb\\\\c'")])
+        // A backslash reads the same whatever standard_conforming_strings the server has.
+        #expect(effects("SET x.y = 'a\\b'") == [.set(name: "x.y", statement: "SET x.y = E'a\\\\b'")])
+        #expect(
+            SessionStatements.effects("SET x.y = 'it\\'s'", standardStrings: false)
+                == [.set(name: "x.y", statement: "SET x.y = E'it''s'")])
+        #expect(effects("SET x.y = 'a' /* c */ ") == [.set(name: "x.y", statement: "SET x.y = 'a'")])
+        #expect(
+            effects("SET search_path = a, -- c\n b") == [.set(name: "search_path", statement: "SET search_path = a, b")]
+        )
+        #expect(
+            effects("select set_config('x.y', U&'\\0061', false)")
+                == [.set(name: "x.y", statement: "SELECT pg_catalog.set_config('x.y', 'a', false)")])
     }
 
     @Test func quotesAndCommentsHideStatements() {

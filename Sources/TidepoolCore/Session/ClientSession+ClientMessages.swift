@@ -27,7 +27,7 @@ extension ClientSession {
                             if tracksSessionState,
                                 !Self.statementRead(
                                     type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: false,
-                                    state: &sessionState, lastParse: &lastPlainParse,
+                                    state: &sessionState, lastParse: &lastPlainParse, standardStrings: standardStrings,
                                     refuses: refusesPins, refusal: &refusal)
                                     || refusal != nil
                             {
@@ -155,7 +155,7 @@ extension ClientSession {
                     if tracksSessionState,
                         !Self.statementRead(
                             type, bytes, bodyStart: bodyStart, limit: bufferLimit, preparedOn: true,
-                            state: &sessionState, lastParse: &lastPlainParse,
+                            state: &sessionState, lastParse: &lastPlainParse, standardStrings: standardStrings,
                             refuses: refusesPins, refusal: &refusal)
                             || refusal != nil
                     {

@@ -150,6 +150,7 @@ extension ClientSession {
                 startup.parameters, ignored: config.global.ignoreStartupParameters, keepingOthers: keeps,
                 extra: config.global.trackExtraParameters)
             wanted = resolved.wanted
+            followStandardStrings()
             if !resolved.others.isEmpty { stateOfSession.startWith(resolved.others) }
         } catch {
             close(error, reason: "unsupported startup parameter", into: &actions)
@@ -160,6 +161,7 @@ extension ClientSession {
         {
             wanted["application_name"] = name
         }
+        startupParameters = wanted
         if facts.databaseDisabled {
             close(Self.disabledError(database), reason: "database disabled", into: &actions)
             return

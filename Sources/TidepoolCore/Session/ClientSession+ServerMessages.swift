@@ -128,6 +128,8 @@ extension ClientSession {
                             _ = writeMadeUpReplies(now: now, into: &actions)
                             continue
                         }
+                        // What the settled request changes may be written to the client first.
+                        if sessionState?.awaitsReplies == true { run.write(to: &self, into: &actions) }
                         readyForQuery(status, fromServer: true, into: &actions)
                         if readyHold == .held {
                             run.write(to: &self, into: &actions)
@@ -165,6 +167,10 @@ extension ClientSession {
                         // The answer is written before the server goes back to the pool.
                         run.write(to: &self, into: &actions)
                         unlink(now: now, reusable: true, into: &actions)
+                    } else if buffer.readableBytes == 0, status == .idle, sessionState?.resyncDue == true {
+                        // Kept (pinned): the server gets the client's settings back before its next request.
+                        run.write(to: &self, into: &actions)
+                        resyncServer(into: &actions)
                     }
                 }
             }
@@ -196,14 +202,35 @@ extension ClientSession {
         guard let (name, value) = WireDecode.parameterStatus(body) else { return }
         server.parameters[name] = value
         if swallowingUntilReady {
-            // Our own SET: remember the server's spelling of the value.
-            if wanted[name] != nil { wanted[name] = value }
+            // Our own SET: remember the server's spelling of the value (and of the startup
+            // value, when that is what was set).
+            if let was = wanted[name] {
+                if startupParameters[name] == was { startupParameters[name] = value }
+                wanted[name] = value
+            }
+        } else if let sessionState, sessionState.mayReset {
+            // Shown once the request is settled (`parametersSettled`).
+            sessionState.heldReports[name] = value
         } else {
             wanted[name] = value
+            if name == "standard_conforming_strings" { followStandardStrings() }
             var out = ByteBufferAllocator().buffer(capacity: body.readableBytes + 5)
             Wire.parameterStatus(name, value, into: &out)
             write(out, into: &actions)
         }
+    }
+
+    /// The client's SQL is read with the standard_conforming_strings it has now.
+    mutating func followStandardStrings() {
+        // PostgreSQL's spellings of false: off, false, no, 0, and their unambiguous prefixes.
+        let value = wanted["standard_conforming_strings"]?.lowercased() ?? "on"
+        let standard =
+            value.isEmpty
+            || !(value == "0" || (value.count >= 2 && "off".hasPrefix(value)) || "false".hasPrefix(value)
+                || "no".hasPrefix(value))
+        guard standard != standardStrings else { return }
+        standardStrings = standard
+        lastPlainParse.removeAll()  // found to have no effects under the other reading
     }
 
     /// The linked server closed or failed (`unused`: before any of the client's bytes were written

@@ -18,19 +18,21 @@ extension ClientSession {
     @inline(__always)
     static func statementRead(
         _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
-        state: inout SessionState?, lastParse: inout [UInt8], refuses: Bool, refusal: inout PinReason?
+        state: inout SessionState?, lastParse: inout [UInt8], standardStrings: Bool, refuses: Bool,
+        refusal: inout PinReason?
     ) -> Bool {
         guard type == MessageType.query || type == MessageType.parse || type == MessageType.bind else { return true }
         if type == MessageType.bind, state?.namedEffects.isEmpty ?? true { return true }
         return statementReadSlow(
             type, bytes, bodyStart: bodyStart, limit: limit, preparedOn: preparedOn, state: &state,
-            lastParse: &lastParse, refuses: refuses, refusal: &refusal)
+            lastParse: &lastParse, standardStrings: standardStrings, refuses: refuses, refusal: &refusal)
     }
 
     @inline(never)
     static func statementReadSlow(
         _ type: UInt8, _ bytes: ByteBuffer, bodyStart: Int, limit: Int, preparedOn: Bool,
-        state: inout SessionState?, lastParse: inout [UInt8], refuses: Bool, refusal: inout PinReason?
+        state: inout SessionState?, lastParse: inout [UInt8], standardStrings: Bool, refuses: Bool,
+        refusal: inout PinReason?
     ) -> Bool {
         let length = Int(bytes.getInteger(at: bodyStart - 4, as: Int32.self) ?? 4) - 4
         let available = min(length, bytes.writerIndex - bodyStart)
@@ -42,7 +44,7 @@ extension ClientSession {
             readMessage(
                 type, body: UnsafeRawBufferPointer(rebasing: raw[offset..<offset + available]),
                 whole: available == length, preparedOn: preparedOn, state: &state, lastParse: &lastParse,
-                refuses: refuses, refusal: &refusal)
+                standardStrings: standardStrings, refuses: refuses, refusal: &refusal)
         }
         return true
     }
@@ -59,7 +61,7 @@ extension ClientSession {
         body.withUnsafeReadableBytes {
             Self.readMessage(
                 type, body: $0, whole: whole, preparedOn: preparedOn, state: &sessionState, lastParse: &lastPlainParse,
-                refuses: refusesPins, refusal: &refusal)
+                standardStrings: standardStrings, refuses: refusesPins, refusal: &refusal)
         }
     }
 
@@ -69,7 +71,7 @@ extension ClientSession {
     /// cheaper than reading it again.
     static func readMessage(
         _ type: UInt8, body raw: UnsafeRawBufferPointer, whole: Bool, preparedOn: Bool, state: inout SessionState?,
-        lastParse: inout [UInt8], refuses: Bool, refusal: inout PinReason?
+        lastParse: inout [UInt8], standardStrings: Bool = true, refuses: Bool, refusal: inout PinReason?
     ) {
         var effects: [SessionEffect] = []
         var statement: String? = nil
@@ -92,7 +94,8 @@ extension ClientSession {
                     return
                 }
             }
-            effects = SessionStatements.effects(sql, oneStatement: type == MessageType.parse)
+            effects = SessionStatements.effects(
+                sql, oneStatement: type == MessageType.parse, standardStrings: standardStrings)
             if type == MessageType.parse, whole, effects.isEmpty, sql.count <= Self.lastParseLimit {
                 lastParse.removeAll(keepingCapacity: true)
                 lastParse.append(contentsOf: sql)
@@ -208,7 +211,63 @@ extension ClientSession {
                 sessionState.statementsForgotten()
             }
         }
+        if sessionState.resets.any || !sessionState.heldReports.isEmpty || !sessionState.serverDefaults.isEmpty {
+            parametersSettled(sessionState, into: &actions)
+        }
         if sessionState.channelsChanged { channelsSettled(sessionState, mayHold: fromServer, into: &actions) }
+    }
+
+    /// A settled request reset parameters or its reports were held: the client is shown what
+    /// PostgreSQL would show it. A reset parameter goes back to the client's startup value (not
+    /// the server's default, which is what the server reports), one that was set takes the
+    /// server's report.
+    mutating func parametersSettled(_ sessionState: SessionState, into actions: inout Actions) {
+        let resets = sessionState.takeResets()
+        let held = sessionState.heldReports
+        sessionState.heldReports.removeAll()
+        for name in sessionState.serverDefaults where server?.parameters[name] != nil { server!.parameters[name] = nil }
+        sessionState.serverDefaults.removeAll()
+        for name in StartupParameters.tracked {
+            let lower = name.lowercased()
+            let reported = !StartupParameters.unreported.contains(name)
+            var value = wanted[name]
+            if let resets, resets.names[lower] ?? resets.all {
+                if let first = startupParameters[name] {
+                    value = first
+                } else if reported {
+                    value = held[name] ?? server?.parameters[name] ?? value
+                } else {
+                    value = nil
+                }
+            } else if let report = held[name] {
+                value = report
+            } else {
+                continue
+            }
+            guard value != wanted[name] else { continue }
+            wanted[name] = value
+            if reported, let value {
+                var out = ByteBufferAllocator().buffer(capacity: name.utf8.count + value.utf8.count + 7)
+                Wire.parameterStatus(name, value, into: &out)
+                write(out, into: &actions)
+            }
+        }
+        followStandardStrings()
+    }
+
+    /// A reset was committed on a server the client keeps: the server is made the client's again
+    /// (as at a lend), its answers not shown.
+    mutating func resyncServer(into actions: inout Actions) {
+        sessionState?.resyncDue = false
+        guard state == .linked, let server else { return }
+        let settings = settingsSync(server, into: &actions)
+        let sync = settings.resets + (parameterSync(server) ?? "") + settings.sets
+        guard !sync.isEmpty else { return }
+        var out = ByteBufferAllocator().buffer(capacity: sync.utf8.count + 8)
+        Wire.query(sync, into: &out)
+        swallowingUntilReady = true
+        toServer.insert(out, at: 0)
+        actions.append(.sendToServer)
     }
 
     /// Whether the client keeps its server for its session state.

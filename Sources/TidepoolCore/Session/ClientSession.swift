@@ -191,6 +191,8 @@ public struct ClientSession {
     public internal(set) var sessionState: SessionState?
     /// The SQL of the client's last Parse without effects (`readMessage`).
     var lastPlainParse: [UInt8] = []
+    /// standard_conforming_strings as the client has it (`wanted`): off, `''` takes backslashes.
+    var standardStrings = true
     /// session_state = refuse: a statement that would pin is sent as one that fails instead.
     public var refusesPins = false
     /// Why the message being read is refused (session_state = refuse), until it is rewritten.
@@ -262,6 +264,8 @@ public struct ClientSession {
         get { scratch?.syncError }
         set { if newValue != nil || scratch != nil { writableScratch.syncError = newValue } }
     }
+    /// The tracked parameters the client logged in with: what RESET and RESET ALL go back to.
+    var startupParameters: [String: String] = [:]
     /// The values of the tracked parameters as the client should see them.
     @TrackedParameters public var wanted: [String: String] = [:]
     /// `wanted` with its tracked values worked out, as a shared welcome has it.

@@ -21,8 +21,11 @@ struct SQLLexer {
         var kind: Kind
         var start: Int
         var end: Int
-        /// An `E''` string: backslash escapes apply.
+        /// How a string's text is read: backslash escapes (`E''`, or `''` with
+        /// standard_conforming_strings off), Unicode escapes (`U&''`), parts joined across newlines.
         var escapes = false
+        var unicode = false
+        var continued = false
         /// A dollar-quoted string: the length of `$tag$`.
         var dollarTag = 0
 
@@ -51,9 +54,12 @@ struct SQLLexer {
     var position = 0
     /// The text is one statement (a Parse's): no `;` needs looking for.
     var oneStatement = false
+    /// standard_conforming_strings as the session has it: off, a backslash escapes in `''` too.
+    let standardStrings: Bool
 
-    init(_ bytes: UnsafeRawBufferPointer) {
+    init(_ bytes: UnsafeRawBufferPointer, standardStrings: Bool = true) {
         self.bytes = bytes
+        self.standardStrings = standardStrings
         // A Query's text ends with a NUL.
         var count = bytes.count
         while count > 0, bytes[count - 1] == 0 { count -= 1 }
@@ -80,15 +86,29 @@ struct SQLLexer {
         isWordStart(b) || b &- 0x30 < 10 || b == 0x24
     }
 
+    /// PostgreSQL 15's white space: space, tab, newline, carriage return, form feed (not \v).
+    @inline(__always)
+    static func isSpace(_ b: UInt8) -> Bool {
+        b == 0x20 || b == 0x09 || b == 0x0A || b == 0x0D || b == 0x0C
+    }
+
+    @inline(__always)
+    static func isNewline(_ b: UInt8) -> Bool { b == 0x0A || b == 0x0D }
+
+    /// Past a `--` comment at `position`: it ends at a newline or a carriage return, as
+    /// PostgreSQL's scanner ends it.
+    mutating func skipLineComment() {
+        position += 2
+        while position < count, !Self.isNewline(bytes[position]) { position += 1 }
+    }
+
     mutating func skipSpace() {
         while position < count {
             let b = bytes[position]
-            if b == 0x20 || (b >= 0x09 && b <= 0x0D) {
+            if Self.isSpace(b) {
                 position += 1
             } else if b == 0x2D, position + 1 < count, bytes[position + 1] == 0x2D {
-                // -- to the end of the line
-                position += 2
-                while position < count, bytes[position] != 0x0A { position += 1 }
+                skipLineComment()
             } else if b == 0x2F, position + 1 < count, bytes[position + 1] == 0x2A {
                 // /* */, nested
                 position += 2
@@ -116,9 +136,7 @@ struct SQLLexer {
         guard position < count else { return Token(kind: .end, start: count, end: count) }
         let b = bytes[position]
         if b == 0x27 {  // '
-            position += 1
-            skipQuoted(0x27, backslash: false)
-            return Token(kind: .string, start: start, end: position)
+            return string(from: start, quoteAt: start, escapes: !standardStrings)
         }
         if b == 0x22 {  // "
             position += 1
@@ -126,20 +144,27 @@ struct SQLLexer {
             return Token(kind: .quotedWord, start: start, end: position)
         }
         if Self.isWordStart(b) {
-            position += 1
-            if position < count, bytes[position] == 0x27 {
-                // E'', B'', X'', N'': a string with a prefix.
-                let escapes = b | 0x20 == 0x65
-                position += 1
-                skipQuoted(0x27, backslash: escapes)
-                return Token(kind: .string, start: start, end: position, escapes: escapes)
+            if position + 1 < count, bytes[position + 1] == 0x27 {
+                // E'' (backslash escapes), B'' and X'' (bits, no escapes), N'' (as '').
+                switch b | 0x20 {
+                case 0x65: return string(from: start, quoteAt: start + 1, escapes: true)
+                case 0x62, 0x78: return string(from: start, quoteAt: start + 1, escapes: false)
+                case 0x6E: return string(from: start, quoteAt: start + 1, escapes: !standardStrings)
+                default: break
+                }
             }
+            if b | 0x20 == 0x75, position + 2 < count, bytes[position + 1] == 0x26, bytes[position + 2] == 0x27 {
+                // U&'': Unicode escapes, read after the scanner; backslash does not end it.
+                var t = string(from: start, quoteAt: start + 2, escapes: false)
+                t.unicode = true
+                return t
+            }
+            position += 1
             while position < count, Self.isWordPart(bytes[position]) { position += 1 }
             return Token(kind: .word, start: start, end: position)
         }
         if b &- 0x30 < 10 || (b == 0x2E && position + 1 < count && bytes[position + 1] &- 0x30 < 10) {
-            position += 1
-            while position < count, Self.isWordPart(bytes[position]) || bytes[position] == 0x2E { position += 1 }
+            number()
             return Token(kind: .number, start: start, end: position)
         }
         if b == 0x24 {  // $
@@ -148,9 +173,11 @@ struct SQLLexer {
                 while position < count, bytes[position] &- 0x30 < 10 { position += 1 }
                 return Token(kind: .parameter, start: start, end: position)
             }
-            // $tag$ ... $tag$
+            // $tag$ ... $tag$ (a tag starts as a name does)
             var tagEnd = position
-            while tagEnd < count, Self.isWordPart(bytes[tagEnd]), bytes[tagEnd] != 0x24 { tagEnd += 1 }
+            if tagEnd < count, Self.isWordStart(bytes[tagEnd]) {
+                while tagEnd < count, Self.isWordPart(bytes[tagEnd]), bytes[tagEnd] != 0x24 { tagEnd += 1 }
+            }
             if tagEnd < count, bytes[tagEnd] == 0x24 {
                 let tagLength = tagEnd + 1 - start
                 position = tagEnd + 1
@@ -171,6 +198,67 @@ struct SQLLexer {
         var t = Token(kind: .symbol, start: start, end: start + 1)
         t.symbolByte = b
         return t
+    }
+
+    /// A number as PostgreSQL reads it: digits, a fraction (`1.` but not `1..`), an exponent
+    /// with its sign (`1.5e+3`). Letters straight after are PostgreSQL 15's "trailing junk"
+    /// error, taken into the token.
+    mutating func number() {
+        func digits() { while position < count, bytes[position] &- 0x30 < 10 { position += 1 } }
+        digits()
+        if position < count, bytes[position] == 0x2E, !(position + 1 < count && bytes[position + 1] == 0x2E) {
+            position += 1
+            digits()
+        }
+        if position < count, bytes[position] | 0x20 == 0x65 {
+            var p = position + 1
+            if p < count, bytes[p] == 0x2B || bytes[p] == 0x2D { p += 1 }
+            if p < count, bytes[p] &- 0x30 < 10 {
+                position = p
+                digits()
+            }
+        }
+        while position < count, Self.isWordPart(bytes[position]) { position += 1 }
+    }
+
+    /// A quoted string whose first quote is at `quoteAt`, with the parts PostgreSQL joins to it:
+    /// another quote after white space holding a newline (`'a'\n'b'` is `'ab'`).
+    mutating func string(from start: Int, quoteAt: Int, escapes: Bool) -> Token {
+        var t = Token(kind: .string, start: start, end: start, escapes: escapes)
+        position = quoteAt + 1
+        while true {
+            skipQuoted(0x27, backslash: escapes)
+            guard let next = continuation(at: position) else { break }
+            t.continued = true
+            position = next + 1
+        }
+        t.end = position
+        return t
+    }
+
+    /// Where a string's next part starts (its quote), if one follows `at`: horizontal space or
+    /// `--` comments, a newline, then space and comments ending in newlines.
+    func continuation(at: Int) -> Int? {
+        var p = at
+        var sawNewline = false
+        while p < count {
+            let c = bytes[p]
+            if c == 0x27 { return sawNewline ? p : nil }
+            if Self.isNewline(c) {
+                sawNewline = true
+                p += 1
+            } else if c == 0x20 || c == 0x09 || c == 0x0C {
+                p += 1
+            } else if c == 0x2D, p + 1 < count, bytes[p + 1] == 0x2D {
+                p += 2
+                while p < count, !Self.isNewline(bytes[p]) { p += 1 }
+                // After the first newline a comment must end in another.
+                if sawNewline, p >= count { return nil }
+            } else {
+                return nil
+            }
+        }
+        return nil
     }
 
     /// Past the closing `quote` (doubled quotes stay inside; with `backslash`, escaped ones too).
@@ -251,44 +339,139 @@ struct SQLLexer {
             let to = max(from, t.end - t.dollarTag)
             return String(decoding: UnsafeRawBufferPointer(rebasing: bytes[from..<to]), as: UTF8.self)
         }
-        // Skip a prefix letter (E'', N'').
-        var start = t.start
-        while start < t.end, bytes[start] != 0x27 { start += 1 }
-        guard t.escapes else { return unquoted(Token(kind: .string, start: start, end: t.end), quote: 0x27) }
+        return String(decoding: stringBytes(t) ?? [], as: UTF8.self)
+    }
+
+    /// A quoted string's value as bytes: its parts joined, `''` and the escapes of its kind read.
+    /// Nil where the pooler does not read it to the letter (`U&''` with a surrogate pair or a bad
+    /// escape): PostgreSQL then decides.
+    func stringBytes(_ t: Token) -> [UInt8]? {
         var out: [UInt8] = []
-        var i = start + 1
-        let end = t.end - 1
-        while i < end {
-            var c = bytes[i]
-            if c == 0x5C, i + 1 < end {
-                i += 1
-                switch bytes[i] {
-                case 0x6E: c = 0x0A
-                case 0x74: c = 0x09
-                case 0x72: c = 0x0D
-                case 0x62: c = 0x08
-                case 0x66: c = 0x0C
-                default: c = bytes[i]
+        var i = t.start
+        while i < t.end, bytes[i] != 0x27 { i += 1 }  // past a prefix (E, N, B, X, U&)
+        i += 1
+        func hex(_ from: Int, _ n: Int) -> UInt32? {
+            guard from + n <= t.end else { return nil }
+            var v: UInt32 = 0
+            for k in 0..<n {
+                let c = bytes[from + k] | 0x20
+                guard let d = c &- 0x30 < 10 ? c &- 0x30 : (c &- 0x61 < 6 ? c &- 0x61 + 10 : nil) else { return nil }
+                v = v << 4 | UInt32(d)
+            }
+            return v
+        }
+        func append(scalar v: UInt32) -> Bool {
+            guard let scalar = Unicode.Scalar(v), v != 0 else { return false }
+            out.append(contentsOf: Array(String(Character(scalar)).utf8))
+            return true
+        }
+        while i < t.end {
+            let c = bytes[i]
+            if c == 0x27 {
+                if i + 1 < t.end, bytes[i + 1] == 0x27 {
+                    out.append(0x27)
+                    i += 2
+                    continue
                 }
-            } else if c == 0x27, i + 1 < end, bytes[i + 1] == 0x27 {
-                i += 1
+                // The end of a part: the next starts at the next quote.
+                guard let next = continuation(at: i + 1), next < t.end else { break }
+                i = next + 1
+                continue
+            }
+            if c == 0x5C, t.unicode {
+                if i + 1 < t.end, bytes[i + 1] == 0x5C {
+                    out.append(0x5C)
+                    i += 2
+                } else if i + 1 < t.end, bytes[i + 1] == 0x2B, let v = hex(i + 2, 6) {
+                    guard append(scalar: v) else { return nil }
+                    i += 8
+                } else if let v = hex(i + 1, 4) {
+                    guard append(scalar: v) else { return nil }
+                    i += 5
+                } else {
+                    return nil
+                }
+                continue
+            }
+            if c == 0x5C, t.escapes, i + 1 < t.end {
+                let e = bytes[i + 1]
+                i += 2
+                switch e {
+                case 0x62: out.append(0x08)
+                case 0x66: out.append(0x0C)
+                case 0x6E: out.append(0x0A)
+                case 0x72: out.append(0x0D)
+                case 0x74: out.append(0x09)
+                case 0x30...0x37:
+                    var v = UInt32(e - 0x30)
+                    var n = 1
+                    while n < 3, i < t.end, bytes[i] &- 0x30 < 8 {
+                        v = v << 3 | UInt32(bytes[i] - 0x30)
+                        i += 1
+                        n += 1
+                    }
+                    out.append(UInt8(truncatingIfNeeded: v))
+                case 0x78:
+                    var v: UInt32 = 0
+                    var n = 0
+                    while n < 2, let d = hex(i, 1) {
+                        v = v << 4 | d
+                        i += 1
+                        n += 1
+                    }
+                    if n == 0 { out.append(0x78) } else { out.append(UInt8(v)) }
+                case 0x75, 0x55:
+                    let n = e == 0x75 ? 4 : 8
+                    guard let v = hex(i, n), append(scalar: v) else { return nil }
+                    i += n
+                default: out.append(e)
+                }
+                continue
             }
             out.append(c)
             i += 1
         }
-        return String(decoding: out, as: UTF8.self)
+        return out
     }
 
-    /// The tokens up to the statement's end, as SQL text with single spaces between them (so that
-    /// comments are dropped and the text can be sent again among other statements).
+    /// A `U&''` string followed by UESCAPE: its escapes are not the ones `stringBytes` reads.
+    func followedByUescape(_ t: Token) -> Bool {
+        var after = self
+        after.position = t.end
+        let next = after.next()
+        return next.isWord("uescape", in: after)
+    }
+
+    /// The tokens up to the statement's end as SQL to send again among other statements:
+    /// PostgreSQL's own token text, adjacent tokens kept together and one space where white
+    /// space or comments were. A quoted string whose reading depends on the session (backslashes,
+    /// Unicode escapes, parts on several lines) is written as `E''` of its value, which reads the
+    /// same whatever standard_conforming_strings the server has.
     mutating func valueText() -> String {
-        var parts: [String] = []
+        var out = ""
+        var previousEnd = -1
         var t = next()
         while t.kind != .end, !t.isSymbol(";") {
-            parts.append(text(t))
+            if previousEnd >= 0, t.start != previousEnd { out += " " }
+            out += replayText(t)
+            previousEnd = t.end
             t = next()
         }
-        return parts.joined(separator: " ")
+        return out
+    }
+
+    func replayText(_ t: Token) -> String {
+        guard t.kind == .string, t.dollarTag == 0, bytes[t.start] | 0x20 != 0x62, bytes[t.start] | 0x20 != 0x78,
+            t.escapes || t.unicode || t.continued || bytes.index(of: 0x5C, from: t.start, to: t.end) != nil,
+            !(t.unicode && followedByUescape(t)), let value = stringBytes(t)
+        else { return text(t) }
+        var out: [UInt8] = [0x45, 0x27]
+        for c in value {
+            if c == 0x5C || c == 0x27 { out.append(c) }
+            out.append(c)
+        }
+        out.append(0x27)
+        return String(decoding: out, as: UTF8.self)
     }
 
     /// A setting's name from its first token: folded or as quoted, with a custom parameter's
@@ -319,7 +502,9 @@ struct SQLLexer {
                 // true, false, on, off
                 let word = lexer.lowercased(value)
                 if ["true", "false", "on", "off"].contains(word) { literal = word }
-            } else if let value = rest.first, value.kind == .string || value.kind == .number {
+            } else if let value = rest.first, value.kind == .string || value.kind == .number,
+                value.kind != .string || value.dollarTag > 0 || lexer.stringBytes(value) != nil
+            {
                 let cast = rest.dropFirst()
                 // 42, '42', 42::bigint
                 if cast.isEmpty || (cast.count >= 3 && cast.first!.isSymbol(":")) {

@@ -176,7 +176,13 @@ public struct ServerSession: Sendable {
         state.statements.removeAll()  // DISCARD ALL and the like drop them
         // Settings are known gone only after a reset that resets them all.
         let upper = sql.uppercased()
-        if upper.contains("DISCARD ALL") || upper.contains("RESET ALL") { state.settings.removeAll() }
+        if upper.contains("DISCARD ALL") || upper.contains("RESET ALL") {
+            state.settings.removeAll()
+            // Parameters the server does not report are back at its defaults too.
+            for name in StartupParameters.unreported where state.parameters[name] != nil {
+                state.parameters[name] = nil
+            }
+        }
         return runInternal(sql, purpose: .reset)
     }
 

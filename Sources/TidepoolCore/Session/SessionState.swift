@@ -61,7 +61,9 @@ public final class SessionState {
 
     public init() {}
 
-    /// Startup parameters the pooler does not follow otherwise: the first settings.
+    /// Startup parameters the pooler does not follow otherwise: the first settings, and what
+    /// RESET, RESET ALL and DISCARD ALL go back to, as PostgreSQL takes them for the session's
+    /// defaults.
     func startWith(_ parameters: [(String, String)]) {
         for (name, value) in parameters {
             settings.removeAll { $0.name == name }
@@ -70,6 +72,43 @@ public final class SessionState {
                     name: name,
                     statement: "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), false)"))
         }
+        startup = settings
+    }
+
+    /// The settings from the client's startup parameters (`startWith`).
+    var startup: [Setting] = []
+
+    /// Reported parameters reset since `takeResets` (`.reported(reset:)`, RESET ALL, DISCARD ALL):
+    /// by name, true when the last word on it was a reset; `all` when every one was reset first.
+    struct Resets {
+        var all = false
+        var names: [String: Bool] = [:]
+        /// Whether the server's settings may now differ from the client's.
+        var any = false
+    }
+    var resets = Resets()
+
+    /// Tracked parameters the server does not report that a committed reset put back to the
+    /// server's defaults: the pooler no longer knows them set there.
+    var serverDefaults: Set<String> = []
+    /// A committed reset may have left the server's settings other than the client's: a server
+    /// the client keeps is set again once it is idle.
+    var resyncDue = false
+    /// The server's ParameterStatus reports held while a reset is in flight, by name: the client
+    /// is shown the values PostgreSQL would show it once the request is settled.
+    var heldReports: [String: String] = [:]
+
+    /// Whether a request in flight or the open transaction may reset a reported parameter.
+    var mayReset: Bool {
+        batches.contains { $0.effects.contains(where: \.resetsParameters) }
+            || collecting.contains(where: \.resetsParameters)
+    }
+
+    /// What was reset since the last call.
+    func takeResets() -> Resets? {
+        guard resets.any else { return nil }
+        defer { resets = Resets() }
+        return resets
     }
 
     /// Whether the client must keep its server.
@@ -185,6 +224,15 @@ public final class SessionState {
     }
 
     func step(_ effect: SessionEffect, _ inTransaction: inout Bool, server: inout [String: String]) {
+        // What the client is shown of reported parameters follows the statements as they run,
+        // committed or not (the server's reports do too).
+        switch effect {
+        case .resetAll, .discardAll: resets = Resets(all: true, names: [:], any: true)
+        case .reported(let name, let reset):
+            resets.names[name] = reset
+            resets.any = true
+        default: break
+        }
         switch effect {
         case .begin:
             inTransaction = true
@@ -256,15 +304,26 @@ public final class SessionState {
             settings.append(Setting(name: name, statement: statement))
             server[name] = statement
         case .reset(let name):
+            // Back to the startup value, which the server does not have as its default.
             settings.removeAll { $0.name == name }
+            if let first = startup.first(where: { $0.name == name }) { settings.append(first) }
             server[name] = nil
+            if StartupParameters.unreported.contains(name) { serverDefaults.insert(name) }
+            resyncDue = true
         case .resetAll:
             // RESET ALL leaves the role and the session authorization.
             settings.removeAll { !Self.notResetByResetAll.contains($0.name) }
+            settings += startup.filter { !Self.notResetByResetAll.contains($0.name) }
             server = server.filter { Self.notResetByResetAll.contains($0.key) }
+            serverDefaults.formUnion(StartupParameters.unreported)
+            resyncDue = true
+        case .reported(_, let reset):
+            if reset { resyncDue = true }
         case .discardAll:
-            settings.removeAll()
+            settings = startup
             server.removeAll()
+            serverDefaults.formUnion(StartupParameters.unreported)
+            resyncDue = true
             statementsDiscarded = true
             channels.removeAll()
             let loaded = pins[.load]
@@ -363,6 +422,13 @@ public enum ServerReset: UInt8, Sendable {
 }
 
 extension SessionEffect {
+    var resetsParameters: Bool {
+        switch self {
+        case .resetAll, .discardAll, .reported(_, reset: true): true
+        default: false
+        }
+    }
+
     var isPin: Bool {
         if case .pin = self { return true }
         return false

@@ -62,6 +62,9 @@ public enum SessionEffect: Equatable, Sendable {
     case unpin(PinReason, key: String)
     /// Every key of that reason goes (pg_advisory_unlock_all, DISCARD TEMP, CLOSE ALL).
     case unpinAll(PinReason)
+    /// A SET (`reset` false) or RESET of a parameter the server reports: its value is the
+    /// server's report, or after a reset the client's startup value (`ClientSession.wanted`).
+    case reported(name: String, reset: Bool)
     /// LISTEN and UNLISTEN: the pooler's listener connection serves the client's channels.
     case listen(channel: String)
     case unlisten(channel: String)
@@ -89,8 +92,10 @@ public enum SessionStatements {
 
     /// The effects of `sql` (a Query's text or a Parse's statement), in order. Empty for most SQL.
     /// `oneStatement`: a Parse's SQL, which PostgreSQL takes only as one statement.
-    public static func effects(_ bytes: UnsafeRawBufferPointer, oneStatement: Bool = false) -> [SessionEffect] {
-        var lexer = SQLLexer(bytes)
+    public static func effects(
+        _ bytes: UnsafeRawBufferPointer, oneStatement: Bool = false, standardStrings: Bool = true
+    ) -> [SessionEffect] {
+        var lexer = SQLLexer(bytes, standardStrings: standardStrings)
         lexer.oneStatement = oneStatement
         var effects: [SessionEffect] = []
         while lexer.hasMore {
@@ -99,9 +104,9 @@ public enum SessionStatements {
         return effects
     }
 
-    public static func effects(_ sql: String) -> [SessionEffect] {
+    public static func effects(_ sql: String, standardStrings: Bool = true) -> [SessionEffect] {
         var text = sql
-        return text.withUTF8 { effects(UnsafeRawBufferPointer($0)) }
+        return text.withUTF8 { effects(UnsafeRawBufferPointer($0), standardStrings: standardStrings) }
     }
 
     /// One statement, up to and including its `;`.
@@ -321,10 +326,13 @@ public enum SessionStatements {
             return
         case .word where lexer.lowercased(t) == "time":
             guard lexer.next().isWord("zone", in: lexer) else { break }
-            lexer.skipStatement()  // TimeZone is reported by the server
+            // TimeZone is reported by the server.
+            let value = lexer.valueText().lowercased()
+            effects.append(.reported(name: "timezone", reset: value == "default" || value == "local"))
             return
         case .word where lexer.lowercased(t) == "names":
-            lexer.skipStatement()  // client_encoding is reported
+            // client_encoding is reported.
+            effects.append(.reported(name: "client_encoding", reset: lexer.valueText().lowercased() == "default"))
             return
         case .word where lexer.lowercased(t) == "role":
             let value = lexer.valueText()
@@ -362,7 +370,10 @@ public enum SessionStatements {
             return
         }
         let value = lexer.valueText()
-        guard !reported.contains(name) else { return }
+        guard !reported.contains(name) else {
+            if !local { effects.append(.reported(name: name, reset: value.lowercased() == "default")) }
+            return
+        }
         let statement = "SET \(quotedName(name)) = \(value)"
         if value.lowercased() == "default" {
             if !local { effects.append(.reset(name: name)) }
@@ -413,10 +424,10 @@ public enum SessionStatements {
         } else if t.isWord("session", in: lexer) {
             effects.append(.reset(name: "session_authorization"))
         } else if t.isWord("time", in: lexer) {
-            // TIME ZONE: reported.
+            effects.append(.reported(name: "timezone", reset: true))
         } else if t.kind == .word || t.kind == .quotedWord {
             let name = lexer.settingName(t)
-            if !reported.contains(name) { effects.append(.reset(name: name)) }
+            effects.append(reported.contains(name) ? .reported(name: name, reset: true) : .reset(name: name))
         }
         lexer.skipStatement()
     }
@@ -581,10 +592,8 @@ public enum SessionStatements {
                 if let name = wordBefore(i, in: lexer) { functionCall(name, &lexer, into: &effects) }
                 i = lexer.position
             case 0x27, 0x22, 0x24:  // ' " $: a string, quoted name, dollar quote or parameter
-                // E'' takes backslash escapes: its prefix letter starts the token.
-                let prefixed =
-                    b == 0x27 && i > 0 && bytes[i - 1] | 0x20 == 0x65 && (i < 2 || !SQLLexer.isWordPart(bytes[i - 2]))
-                lexer.position = prefixed ? i - 1 : i
+                // A prefix (E, B, X, N, U&) says how the string reads: the token starts there.
+                lexer.position = b == 0x27 ? stringStart(quote: i, in: lexer) : i
                 _ = lexer.next()
                 i = lexer.position
             case 0x2D, 0x2F:  // - /: perhaps a comment
@@ -612,6 +621,19 @@ public enum SessionStatements {
             }
         }
         lexer.position = count
+    }
+
+    /// Where a string whose quote is at `quote` starts: at its prefix letter (`E''`, `B''`, `X''`,
+    /// `N''`) or `U&`, when one stands alone before it.
+    static func stringStart(quote: Int, in lexer: SQLLexer) -> Int {
+        let bytes = lexer.bytes
+        func alone(_ at: Int) -> Bool { at == 0 || !SQLLexer.isWordPart(bytes[at - 1]) }
+        guard quote > 0 else { return quote }
+        switch bytes[quote - 1] | 0x20 {
+        case 0x65, 0x62, 0x78, 0x6E: return alone(quote - 1) ? quote - 1 : quote
+        case 0x26 where quote > 1 && bytes[quote - 2] | 0x20 == 0x75 && alone(quote - 2): return quote - 2
+        default: return quote
+        }
     }
 
     /// The name before a `(` at `index`, when it may be one of the functions that matter (they

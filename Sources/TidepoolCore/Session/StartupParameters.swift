@@ -32,6 +32,10 @@ public enum StartupParameters {
         "application_name", "search_path",
     ]
 
+    /// Tracked parameters PostgreSQL 15 does not report with ParameterStatus: what a server has
+    /// is known only from what the pooler set there.
+    static let unreported = ["search_path"]
+
     static let trackedByLowercase = Dictionary(uniqueKeysWithValues: tracked.map { ($0.lowercased(), $0) })
 
     static func canonical(_ name: String) -> String? { trackedByLowercase[name.lowercased()] }
