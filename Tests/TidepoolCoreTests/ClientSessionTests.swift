@@ -380,7 +380,7 @@ final class SessionDriver {
         #expect(d.serverTypes == "Q", "only the SET so far")
         var sent = d.toServer
         sent.moveReaderIndex(forwardBy: 5)
-        #expect(sent.readNullTerminatedString() == "SET application_name = 'app''1';")
+        #expect(sent.readNullTerminatedString() == "SELECT pg_catalog.set_config('application_name', 'app''1', false);")
         #expect(!d.session.mayGiveBack)
         d.serverSends(D.parameter("application_name", "app'1"), D.complete("SET"), D.ready("I"))
         #expect(d.clientTypes == "", "the client sees nothing of the SET")

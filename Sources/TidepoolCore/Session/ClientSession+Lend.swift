@@ -73,7 +73,9 @@ extension ClientSession {
                 continue
             }
             guard server.parameters[name] != value else { continue }
-            sets += "SET \(name) = \(value.sqlLiteral);"
+            // set_config takes the value as the startup packet gave it: `SET search_path = 'a,b'`
+            // would name one schema "a,b".
+            sets += "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), false);"
             server.parameters[name] = value
         }
         return sets.isEmpty ? nil : sets

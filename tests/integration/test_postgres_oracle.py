@@ -1,0 +1,168 @@
+"""PostgreSQL is the judge (issue 30): each program here runs against PostgreSQL directly and
+through Tidepool (transaction pooling, small pools, session_state = track), and what the clients
+see must be the same.
+
+Each case is one that went wrong before: resets going to the server's defaults instead of the
+client's startup values (and taking other clients' values with them), SQL the pooler read other
+than PostgreSQL does, and values it could not send again.
+
+A custom setting (`app.x`) once set on a server stays defined there with an empty value after a
+reset, which no SQL can undo: reads go through `custom()`, which takes NULL and '' as one.
+"""
+
+import asyncio
+
+import asyncpg
+import psycopg
+
+from test_session_state import pooled
+
+
+def both(pg, t):
+    """(name, connect) for PostgreSQL directly and through Tidepool."""
+    return [("postgres", lambda **kw: psycopg.connect(host="127.0.0.1", port=pg.port, dbname="postgres",
+                                                      user="postgres", autocommit=True, **kw)),
+            ("tidepool", lambda **kw: t.connect(**kw))]
+
+
+def same_through_both(pg, t, program):
+    """Runs `program(connect)` against each; its results must be equal."""
+    results = {name: program(connect) for name, connect in both(pg, t)}
+    assert results["tidepool"] == results["postgres"]
+    return results["postgres"]
+
+
+def scalar(conn, sql):
+    return conn.execute(sql).fetchone()[0]
+
+
+def custom(name):
+    return f"coalesce(current_setting('{name}', true), '')"
+
+
+def test_resets_go_back_to_the_clients_startup_values(pg, tidepool):
+    t = pooled(tidepool, 1)
+    reads = ("SELECT current_setting('search_path'), current_setting('application_name'), "
+             "current_setting('statement_timeout'), current_setting('work_mem')")
+
+    def program(connect):
+        seen = []
+        opts = dict(options="-c search_path=s1,public -c statement_timeout=4321 -c work_mem=5MB",
+                    application_name="app-one")
+        with connect(**opts) as a, connect(application_name="app-two") as b:
+            for reset in ["RESET ALL", "DISCARD ALL", "RESET search_path", "SET search_path TO DEFAULT",
+                          "RESET application_name", "RESET statement_timeout", "SET work_mem TO DEFAULT"]:
+                a.execute("SET search_path = elsewhere")
+                a.execute("SET application_name = 'changed'")
+                a.execute("SET statement_timeout = 1000")
+                a.execute("SET work_mem = '7MB'")
+                a.execute(reset)
+                seen.append((reset, a.execute(reads).fetchone(), a.info.parameter_status("application_name")))
+                # The other client (on the same server) keeps its own values.
+                seen.append(("b", b.execute(reads).fetchone(), b.info.parameter_status("application_name")))
+                seen.append(("a again", a.execute(reads).fetchone()))
+        return seen
+
+    same_through_both(pg, t, program)
+
+
+def test_reset_in_a_pinned_session_and_in_a_block(pg, tidepool):
+    t = pooled(tidepool, 2)
+    reads = "SELECT current_setting('search_path'), current_setting('application_name')"
+
+    def program(connect):
+        seen = []
+        with connect(options="-c search_path=s1,public", application_name="pinned") as a:
+            a.execute("SELECT pg_advisory_lock(4242)")  # keeps its server
+            a.execute("SET search_path = other; SET application_name = 'x'")
+            a.execute("RESET ALL")
+            seen.append(a.execute(reads).fetchone())
+            seen.append(a.info.parameter_status("application_name"))
+            a.execute("BEGIN")
+            a.execute("SET application_name = 'in-block'")
+            a.execute("COMMIT")
+            a.execute("BEGIN")
+            a.execute("RESET application_name")
+            a.execute("ROLLBACK")
+            seen.append(a.execute(reads).fetchone())
+            seen.append(a.info.parameter_status("application_name"))
+            a.execute("SELECT pg_advisory_unlock_all()")
+            seen.append(a.execute(reads).fetchone())
+        return seen
+
+    same_through_both(pg, t, program)
+
+
+def test_asyncpg_pools_with_different_server_settings_keep_them_through_reset_all(pg, tidepool):
+    t = pooled(tidepool, 2)
+
+    async def run(port):
+        pools = [await asyncpg.create_pool(host="127.0.0.1", port=port, user="postgres", database="postgres",
+                                           min_size=2, max_size=2, statement_cache_size=0,
+                                           server_settings={"search_path": f"schema{n},public",
+                                                            "application_name": f"pool{n}"})
+                 for n in (1, 2)]
+        seen = {1: {}, 2: {}}
+
+        async def use(n, pool):
+            for _ in range(30):
+                async with pool.acquire() as conn:  # asyncpg runs RESET ALL on each release
+                    row = await conn.fetchrow("SELECT current_setting('search_path') AS s, "
+                                              "current_setting('application_name') AS a")
+                    key = (row["s"], row["a"])
+                    seen[n][key] = seen[n].get(key, 0) + 1
+
+        await asyncio.gather(*(use(n, pool) for n, pool in ((1, pools[0]), (2, pools[1])) for _ in range(2)))
+        for pool in pools:
+            await pool.close()
+        return seen
+
+    direct = asyncio.run(run(pg.port))
+    assert [len(direct[1]), len(direct[2])] == [1, 1]
+    assert asyncio.run(run(t.port)) == direct
+
+
+def test_a_comment_ends_at_a_carriage_return(pg, tidepool):
+    t = pooled(tidepool, 1)
+
+    def program(connect):
+        with connect() as a, connect() as b:
+            a.execute("SELECT 1; -- note\rSET app.tenant = 't2'")
+            read = "SELECT " + custom("app.tenant")
+            return [scalar(a, read), scalar(b, read), scalar(a, read)]
+
+    assert same_through_both(pg, t, program) == ["t2", "", "t2"]
+
+
+def test_backslashes_with_standard_conforming_strings_off(pg, tidepool):
+    t = pooled(tidepool, 1)
+
+    def program(connect):
+        with connect() as a, connect() as b:
+            a.execute("SET standard_conforming_strings = off")
+            a.execute("SELECT 'x\\'; SET app.tenant = ''t3''; --'")  # one string: nothing is set
+            a.execute("SET app.quote = 'it\\'s'")
+            seen = [scalar(a, "SELECT " + custom("app.tenant")), scalar(b, "SELECT " + custom("app.tenant")),
+                    scalar(a, "SELECT " + custom("app.quote"))]
+            b.execute("SELECT 1")
+            seen.append(scalar(a, "SELECT " + custom("app.quote")))
+            return seen
+
+    assert same_through_both(pg, t, program) == ["", "", "it's", "it's"]
+
+
+def test_values_replay_as_postgresql_reads_them(pg, tidepool):
+    t = pooled(tidepool, 1)
+    statements = ["SET statement_timeout = 1.5e+3", "SET app.small = 1.5e-3", "SET app.u = U&'d\\0061t\\+000061'",
+                  "SET app.lines = 'a'\n   'b'", "SET app.slash = 'c:\\dir'", "SET app.e = E'tab\\there'"]
+    reads = "SELECT current_setting('statement_timeout'), " + ", ".join(
+        custom(f"app.{name}") for name in ("small", "u", "lines", "slash", "e"))
+
+    def program(connect):
+        with connect() as a, connect() as b:
+            for statement in statements:
+                a.execute(statement)
+            b.execute("SELECT 1")  # a's server now holds b's settings: a's are made again
+            return [a.execute(reads).fetchone(), b.execute(reads).fetchone(), a.execute(reads).fetchone()]
+
+    same_through_both(pg, t, program)
