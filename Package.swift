@@ -53,11 +53,15 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // PostgreSQL's scanner (Debian libpg-query-dev), the SQL lexer's oracle in the tests.
+        .systemLibrary(name: "CPgQuery", providers: [.apt(["libpg-query-dev"])]),
         // libFuzzer target over the decoders and state machines (scripts/fuzz.sh).
         .executableTarget(name: "tidepool-fuzz", dependencies: ["TidepoolCore"]),
         .testTarget(
             name: "TidepoolCoreTests",
             dependencies: ["TidepoolCore", .product(name: "NIOCore", package: "swift-nio")]
         ),
+        // The SQL lexer against PostgreSQL's own scanner on generated SQL.
+        .testTarget(name: "LexerOracleTests", dependencies: ["TidepoolCore", "CPgQuery"]),
     ]
 )

@@ -6,7 +6,7 @@
 . "$(dirname "$0")/lib.sh"
 cd "$TIDEPOOL_ROOT"
 
-ensure_debian postgresql python3-pip openssl default-jdk-headless libpostgresql-jdbc-java
+ensure_debian postgresql python3-pip openssl default-jdk-headless libpostgresql-jdbc-java libpg-query-dev
 ensure_python_clients
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 

@@ -109,6 +109,10 @@ import Testing
         #expect(
             SessionStatements.effects("SET x.y = 'it\\'s'", standardStrings: false)
                 == [.set(name: "x.y", statement: "SET x.y = E'it''s'")])
+        // Parts after a comment go on in E'' mode, as the server reads them.
+        #expect(effects("SET x.y = E'x' \n -- c\n 'a\\'b'") == [.set(name: "x.y", statement: "SET x.y = E'xa''b'")])
+        #expect(effects("SET x.y = 'x' -- c\n 'a'") == [.set(name: "x.y", statement: "SET x.y = E'xa'")])
+        #expect(effects("SET x.y = 'x' /* c */\n 'a'") == [.set(name: "x.y", statement: "SET x.y = 'x' 'a'")])
         #expect(effects("SET x.y = 'a' /* c */ ") == [.set(name: "x.y", statement: "SET x.y = 'a'")])
         #expect(
             effects("SET search_path = a, -- c\n b") == [.set(name: "search_path", statement: "SET search_path = a, b")]

@@ -145,11 +145,11 @@ struct SQLLexer {
         }
         if Self.isWordStart(b) {
             if position + 1 < count, bytes[position + 1] == 0x27 {
-                // E'' (backslash escapes), B'' and X'' (bits, no escapes), N'' (as '').
+                // E'' (backslash escapes), B'' and X'' (bits, no escapes). N'' is the word N and
+                // a plain string, as PostgreSQL's scanner has it.
                 switch b | 0x20 {
                 case 0x65: return string(from: start, quoteAt: start + 1, escapes: true)
-                case 0x62, 0x78: return string(from: start, quoteAt: start + 1, escapes: false)
-                case 0x6E: return string(from: start, quoteAt: start + 1, escapes: !standardStrings)
+                case 0x62, 0x78: return string(from: start, quoteAt: start + 1, escapes: false, doubled: false)
                 default: break
                 }
             }
@@ -194,6 +194,11 @@ struct SQLLexer {
             }
         } else {
             position += 1
+            // `..` is one token, so `..2` is no `.2`.
+            if b == 0x2E, position < count, bytes[position] == 0x2E {
+                position += 1
+                return Token(kind: .symbol, start: start, end: position)
+            }
         }
         var t = Token(kind: .symbol, start: start, end: start + 1)
         t.symbolByte = b
@@ -218,16 +223,24 @@ struct SQLLexer {
                 digits()
             }
         }
-        while position < count, Self.isWordPart(bytes[position]) { position += 1 }
+        if position < count, Self.isWordStart(bytes[position]) {
+            while position < count, Self.isWordPart(bytes[position]) { position += 1 }
+        }
     }
 
     /// A quoted string whose first quote is at `quoteAt`, with the parts PostgreSQL joins to it:
     /// another quote after white space holding a newline (`'a'\n'b'` is `'ab'`).
-    mutating func string(from start: Int, quoteAt: Int, escapes: Bool) -> Token {
+    /// In bit strings (`doubled` false) `''` is no quote inside: it ends one and starts another.
+    mutating func string(from start: Int, quoteAt: Int, escapes: Bool, doubled: Bool = true) -> Token {
         var t = Token(kind: .string, start: start, end: start, escapes: escapes)
         position = quoteAt + 1
         while true {
-            skipQuoted(0x27, backslash: escapes)
+            if doubled {
+                skipQuoted(0x27, backslash: escapes)
+            } else {
+                while position < count, bytes[position] != 0x27 { position += 1 }
+                position = min(position + 1, count)
+            }
             guard let next = continuation(at: position) else { break }
             t.continued = true
             position = next + 1

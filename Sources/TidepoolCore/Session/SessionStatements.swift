@@ -592,7 +592,7 @@ public enum SessionStatements {
                 if let name = wordBefore(i, in: lexer) { functionCall(name, &lexer, into: &effects) }
                 i = lexer.position
             case 0x27, 0x22, 0x24:  // ' " $: a string, quoted name, dollar quote or parameter
-                // A prefix (E, B, X, N, U&) says how the string reads: the token starts there.
+                // A prefix (E, B, X, U&) says how the string reads: the token starts there.
                 lexer.position = b == 0x27 ? stringStart(quote: i, in: lexer) : i
                 _ = lexer.next()
                 i = lexer.position
@@ -623,14 +623,14 @@ public enum SessionStatements {
         lexer.position = count
     }
 
-    /// Where a string whose quote is at `quote` starts: at its prefix letter (`E''`, `B''`, `X''`,
-    /// `N''`) or `U&`, when one stands alone before it.
+    /// Where a string whose quote is at `quote` starts: at its prefix letter (`E''`, `B''`, `X''`)
+    /// or `U&`, when one stands alone before it.
     static func stringStart(quote: Int, in lexer: SQLLexer) -> Int {
         let bytes = lexer.bytes
         func alone(_ at: Int) -> Bool { at == 0 || !SQLLexer.isWordPart(bytes[at - 1]) }
         guard quote > 0 else { return quote }
         switch bytes[quote - 1] | 0x20 {
-        case 0x65, 0x62, 0x78, 0x6E: return alone(quote - 1) ? quote - 1 : quote
+        case 0x65, 0x62, 0x78: return alone(quote - 1) ? quote - 1 : quote
         case 0x26 where quote > 1 && bytes[quote - 2] | 0x20 == 0x75 && alone(quote - 2): return quote - 2
         default: return quote
         }
