@@ -30,4 +30,4 @@ export TIDEPOOL_RELEASE_BIN="$TIDEPOOL_ROOT/.build/release/tidepool"
 
 log "integration tests"
 export TIDEPOOL_BIN="$TIDEPOOL_ROOT/.build/debug/tidepool"
-python3 -m pytest tests/integration -q -p no:cacheprovider "$@"
+python3 -m pytest tests/integration tests/differential -q -p no:cacheprovider "$@"

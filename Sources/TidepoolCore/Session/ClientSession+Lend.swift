@@ -60,6 +60,7 @@ extension ClientSession {
     /// The SETs that make the server's tracked parameters the client's, in one Query; nil when they
     /// already agree. The server is taken to hold the values from now on.
     mutating func parameterSync(_ server: ServerSessionState) -> String? {
+        syncedParameters.removeAll()
         guard server.$parameters != $wanted else { return nil }
         var sets = ""
         for name in StartupParameters.tracked {
@@ -73,6 +74,9 @@ extension ClientSession {
                 continue
             }
             guard server.parameters[name] != value else { continue }
+            if let before = server.parameters[name], !StartupParameters.unreported.contains(name) {
+                syncedParameters[name] = before  // unless the server reports a change
+            }
             // set_config takes the value as the startup packet gave it: `SET search_path = 'a,b'`
             // would name one schema "a,b".
             sets += "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), false);"

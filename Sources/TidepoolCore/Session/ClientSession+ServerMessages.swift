@@ -105,6 +105,7 @@ extension ClientSession {
                     if swallowingUntilReady {
                         // The end of the pooler's own parameter sync: the client's bytes may go now.
                         swallowingUntilReady = false
+                        if !syncedParameters.isEmpty { spellingsLearned(server, into: &actions) }
                         if let error = syncError {
                             // The client's settings could not be made: it cannot go on as if they were.
                             syncError = nil
@@ -204,9 +205,15 @@ extension ClientSession {
         if swallowingUntilReady {
             // Our own SET: remember the server's spelling of the value (and of the startup
             // value, when that is what was set).
-            if let was = wanted[name] {
+            syncedParameters[name] = nil
+            if let was = wanted[name], was != value {
                 if startupParameters[name] == was { startupParameters[name] = value }
                 wanted[name] = value
+                // The client was told its value as it gave it (`Welcome`); PostgreSQL would have
+                // told it the value as the server spells it (`German` is `German, DMY`).
+                var out = ByteBufferAllocator().buffer(capacity: body.readableBytes + 5)
+                Wire.parameterStatus(name, value, into: &out)
+                write(out, into: &actions)
             }
         } else if let sessionState, sessionState.mayReset {
             // Shown once the request is settled (`parametersSettled`).
@@ -218,6 +225,22 @@ extension ClientSession {
             Wire.parameterStatus(name, value, into: &out)
             write(out, into: &actions)
         }
+    }
+
+    /// The sync set parameters the server did not report again: their values were already the
+    /// server's, as it spells them (the client gave `German`, the server has `German, DMY`), and
+    /// that is what the client is told, as PostgreSQL would have at login.
+    mutating func spellingsLearned(_ server: ServerSessionState, into actions: inout Actions) {
+        for (name, spelled) in syncedParameters {
+            server.parameters[name] = spelled
+            guard let was = wanted[name], was != spelled else { continue }
+            if startupParameters[name] == was { startupParameters[name] = spelled }
+            wanted[name] = spelled
+            var out = ByteBufferAllocator().buffer(capacity: name.utf8.count + spelled.utf8.count + 7)
+            Wire.parameterStatus(name, spelled, into: &out)
+            write(out, into: &actions)
+        }
+        syncedParameters.removeAll()
     }
 
     /// The client's SQL is read with the standard_conforming_strings it has now.

@@ -282,6 +282,13 @@ extension ClientSession {
         guard !settings.isEmpty || !server.settings.isEmpty else { return ("", "") }
         var resets = ""
         var sets = ""
+        if server.settings["session_authorization"]
+            != settings.last(where: { $0.name == "session_authorization" })?
+            .statement
+        {
+            // Changing the session authorization ends the server's SET ROLE: made again after it.
+            server.settings["role"] = nil
+        }
         for name in server.settings.keys where !settings.contains(where: { $0.name == name }) {
             resets += "RESET \(SessionStatements.quotedName(name));"
             server.settings[name] = nil

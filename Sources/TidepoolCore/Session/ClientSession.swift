@@ -264,6 +264,8 @@ public struct ClientSession {
         get { scratch?.syncError }
         set { if newValue != nil || scratch != nil { writableScratch.syncError = newValue } }
     }
+    /// Reported parameters the running sync sets, with the server's value before it (`spellingsLearned`).
+    var syncedParameters: [String: String] = [:]
     /// The tracked parameters the client logged in with: what RESET and RESET ALL go back to.
     var startupParameters: [String: String] = [:]
     /// The values of the tracked parameters as the client should see them.

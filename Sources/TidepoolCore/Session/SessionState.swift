@@ -300,10 +300,12 @@ public final class SessionState {
     func apply(_ effect: SessionEffect, server: inout [String: String]) {
         switch effect {
         case .set(let name, let statement):
+            if name == "session_authorization" { roleReset(server: &server) }
             settings.removeAll { $0.name == name }
             settings.append(Setting(name: name, statement: statement))
             server[name] = statement
         case .reset(let name):
+            if name == "session_authorization" { roleReset(server: &server) }
             // Back to the startup value, which the server does not have as its default.
             settings.removeAll { $0.name == name }
             if let first = startup.first(where: { $0.name == name }) { settings.append(first) }
@@ -348,6 +350,12 @@ public final class SessionState {
     }
 
     static let notResetByResetAll: Set<String> = ["role", "session_authorization"]
+
+    /// SET SESSION AUTHORIZATION, and its RESET, end a SET ROLE too.
+    func roleReset(server: inout [String: String]) {
+        settings.removeAll { $0.name == "role" }
+        server["role"] = nil
+    }
 
     func pin(_ reason: PinReason, _ key: String) {
         serverNeedsReset = true
