@@ -130,7 +130,9 @@ extension ClientSession {
                             continue
                         }
                         // What the settled request changes may be written to the client first.
-                        if sessionState?.awaitsReplies == true { run.write(to: &self, into: &actions) }
+                        if let sessionState, sessionState.awaitsReplies || !sessionState.heldReports.isEmpty {
+                            run.write(to: &self, into: &actions)
+                        }
                         readyForQuery(status, fromServer: true, into: &actions)
                         if readyHold == .held {
                             run.write(to: &self, into: &actions)
@@ -168,10 +170,19 @@ extension ClientSession {
                         // The answer is written before the server goes back to the pool.
                         run.write(to: &self, into: &actions)
                         unlink(now: now, reusable: true, into: &actions)
-                    } else if buffer.readableBytes == 0, status == .idle, sessionState?.resyncDue == true {
-                        // Kept (pinned): the server gets the client's settings back before its next request.
-                        run.write(to: &self, into: &actions)
-                        resyncServer(into: &actions)
+                    } else if let sessionState, sessionState.resyncDue || sessionState.localSync != nil {
+                        let sync = sessionState.localSync
+                        sessionState.localSync = nil
+                        if buffer.readableBytes == 0, tracker.isQuiet {
+                            // Kept (pinned, or in a block): the server gets the client's settings
+                            // back before its next request.
+                            run.write(to: &self, into: &actions)
+                            if status == .idle, sessionState.resyncDue {
+                                resyncServer(into: &actions)
+                            } else if status == .inTransaction, let sync {
+                                sendSwallowed(sync, into: &actions)
+                            }
+                        }
                     }
                 }
             }

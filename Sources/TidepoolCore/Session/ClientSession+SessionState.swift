@@ -199,7 +199,7 @@ extension ClientSession {
     mutating func readyForQuery(_ status: TransactionStatus, fromServer: Bool = false, into actions: inout Actions) {
         let before = tracker.status
         tracker.serverReady(status)
-        guard let sessionState, sessionState.awaitsReplies else { return }
+        guard let sessionState, sessionState.awaitsReplies || !sessionState.heldReports.isEmpty else { return }
         var serverSettings = server?.settings ?? [:]
         let wasPinned = sessionState.isPinned
         sessionState.ready(before: before, after: status, server: &serverSettings)
@@ -223,6 +223,7 @@ extension ClientSession {
     /// server's report.
     mutating func parametersSettled(_ sessionState: SessionState, into actions: inout Actions) {
         let resets = sessionState.takeResets()
+        if let resets, tracker.status == .inTransaction { sessionState.localSync = localSync(resets, sessionState) }
         let held = sessionState.heldReports
         sessionState.heldReports.removeAll()
         for name in sessionState.serverDefaults where server?.parameters[name] != nil { server!.parameters[name] = nil }
@@ -255,6 +256,32 @@ extension ClientSession {
         followStandardStrings()
     }
 
+    /// Inside a transaction block a reset leaves the server's defaults where PostgreSQL would
+    /// have the client's startup values: they are set for the rest of the transaction (as SET
+    /// LOCAL, so that they go with it whether it commits or rolls back; a commit is then followed
+    /// by the usual sync).
+    func localSync(_ resets: SessionState.Resets, _ sessionState: SessionState) -> String? {
+        var sql = ""
+        func reset(_ name: String) -> Bool { resets.names[name.lowercased()] ?? resets.all }
+        for name in StartupParameters.tracked where reset(name) {
+            guard let value = startupParameters[name] else { continue }
+            sql += "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), true);"
+        }
+        for (name, value) in sessionState.startupValues where reset(name) {
+            sql += "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), true);"
+        }
+        return sql.isEmpty ? nil : sql
+    }
+
+    /// Sends the pooler's own `sql`, its answers not shown, before the client's next request.
+    mutating func sendSwallowed(_ sql: String, into actions: inout Actions) {
+        var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 8)
+        Wire.query(sql, into: &out)
+        swallowingUntilReady = true
+        toServer.insert(out, at: 0)
+        actions.append(.sendToServer)
+    }
+
     /// A reset was committed on a server the client keeps: the server is made the client's again
     /// (as at a lend), its answers not shown.
     mutating func resyncServer(into actions: inout Actions) {
@@ -263,11 +290,7 @@ extension ClientSession {
         let settings = settingsSync(server, into: &actions)
         let sync = settings.resets + (parameterSync(server) ?? "") + settings.sets
         guard !sync.isEmpty else { return }
-        var out = ByteBufferAllocator().buffer(capacity: sync.utf8.count + 8)
-        Wire.query(sync, into: &out)
-        swallowingUntilReady = true
-        toServer.insert(out, at: 0)
-        actions.append(.sendToServer)
+        sendSwallowed(sync, into: &actions)
     }
 
     /// Whether the client keeps its server for its session state.

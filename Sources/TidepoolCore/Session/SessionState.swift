@@ -73,6 +73,7 @@ public final class SessionState {
                     statement: "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), false)"))
         }
         startup = settings
+        startupValues = parameters
     }
 
     /// The settings from the client's startup parameters (`startWith`).
@@ -97,12 +98,35 @@ public final class SessionState {
     /// The server's ParameterStatus reports held while a reset is in flight, by name: the client
     /// is shown the values PostgreSQL would show it once the request is settled.
     var heldReports: [String: String] = [:]
+    /// Startup values to set for the rest of the open transaction (`ClientSession.localSync`).
+    var localSync: String?
 
     /// Whether a request in flight or the open transaction may reset a reported parameter.
     var mayReset: Bool {
         batches.contains { $0.effects.contains(where: \.resetsParameters) }
-            || collecting.contains(where: \.resetsParameters)
+            || collecting.contains(where: \.resetsParameters) || open.contains(where: \.effect.resetsParameters)
     }
+
+    /// Notes a reset (or a SET after one) for `parametersSettled`: as the statement runs, and
+    /// again when a transaction holding it commits.
+    func noteReset(_ effect: SessionEffect) {
+        switch effect {
+        case .resetAll, .discardAll: resets = Resets(all: true, names: [:], any: true)
+        case .reported(let name, let reset):
+            resets.names[name] = reset
+            resets.any = true
+        case .reset(let name):
+            resets.names[name] = true
+            resets.any = true
+        case .set(let name, _):
+            if resets.any { resets.names[name] = false }
+        default: break
+        }
+    }
+
+    /// The value of a startup setting (`startWith`), by name.
+    func startupValue(_ name: String) -> String? { startupValues.first { $0.0 == name }?.1 }
+    var startupValues: [(String, String)] = []
 
     /// What was reset since the last call.
     func takeResets() -> Resets? {
@@ -226,13 +250,7 @@ public final class SessionState {
     func step(_ effect: SessionEffect, _ inTransaction: inout Bool, server: inout [String: String]) {
         // What the client is shown of reported parameters follows the statements as they run,
         // committed or not (the server's reports do too).
-        switch effect {
-        case .resetAll, .discardAll: resets = Resets(all: true, names: [:], any: true)
-        case .reported(let name, let reset):
-            resets.names[name] = reset
-            resets.any = true
-        default: break
-        }
+        noteReset(effect)
         switch effect {
         case .begin:
             inTransaction = true
@@ -298,6 +316,7 @@ public final class SessionState {
 
     /// A committed effect becomes the session's (and the linked server's).
     func apply(_ effect: SessionEffect, server: inout [String: String]) {
+        noteReset(effect)
         switch effect {
         case .set(let name, let statement):
             if name == "session_authorization" { roleReset(server: &server) }
