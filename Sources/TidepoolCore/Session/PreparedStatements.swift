@@ -78,6 +78,9 @@ public struct PreparedStatementTracker: Sendable {
         public var sqlText: String? = nil
         /// The stale-plan epoch `serverName` was made in (see `epoch`).
         public var epoch = 0
+        /// Parsed by the client without a server (`answerWithoutServer`): the first server it runs
+        /// on parses it afresh, as PostgreSQL plans every Parse, even one that holds a copy.
+        public var unparsed = false
     }
 
     enum Undo: Sendable {
@@ -91,9 +94,10 @@ public struct PreparedStatementTracker: Sendable {
         /// A client message whose answer goes to the client as it comes.
         case pass(UInt8)
         /// A client Parse sent under the pooler-wide name; an error means neither has it.
-        indirect case parse(client: String, server: String)
+        /// `again`: after a Close of the server's own copy, so a skipped one leaves that copy.
+        indirect case parse(client: String, server: String, again: Bool = false)
         /// The pooler's own Parse before a Bind or Describe; its ParseComplete is swallowed.
-        indirect case injectedParse(server: String)
+        indirect case injectedParse(server: String, again: Bool = false)
         /// The pooler's own Close of an evicted statement; its CloseComplete is swallowed.
         indirect case injectedClose(server: String)
         /// An answer made up by the pooler, given to the client when its turn comes.
@@ -235,7 +239,7 @@ public struct PreparedStatementTracker: Sendable {
             if let existing = current(name) {
                 // PostgreSQL refuses a second statement of the same name: let the server say so,
                 // by parsing under a name it is known to hold.
-                ensurePrepared(existing, on: &server, into: &out)
+                ensurePrepared(name, existing, on: &server, into: &out)
                 out.append(Self.parseMessage(existing.serverName, existing.definition))
                 serverParseCount += 1
                 append(.duplicateParse(client: name, server: existing.serverName))
@@ -248,8 +252,11 @@ public struct PreparedStatementTracker: Sendable {
                 serverName: Self.serverName(for: b, epoch: epoch), definition: definition, epoch: epoch)
             statements[name] = statement
             if server.contains(statement.serverName) {
-                server.touch(statement.serverName)
-                append(.reply(Self.simpleMessage(MessageType.parseComplete), undo: .forget(name)))
+                // PostgreSQL plans every Parse afresh: the server's copy may be older than a schema
+                // change, and a client's Parse is never answered with a stale plan.
+                parseAgain(statement.serverName, server: &server, into: &out)
+                out.append(Self.parseMessage(statement.serverName, statement.definition))
+                append(.parse(client: name, server: statement.serverName, again: true))
             } else {
                 prepareOnServer(
                     statement.serverName,
@@ -267,7 +274,7 @@ public struct PreparedStatementTracker: Sendable {
                 let statement = current(name)
             else { break }
             bindCount += 1
-            ensurePrepared(statement, on: &server, into: &out)
+            ensurePrepared(name, statement, on: &server, into: &out)
             var message = ByteBufferAllocator().buffer(capacity: whole.readableBytes + 40)
             Wire.withMessage(type, into: &message) { m in
                 m.writeNullTerminatedString(portal)
@@ -281,7 +288,7 @@ public struct PreparedStatementTracker: Sendable {
             guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString(),
                 let statement = current(name)
             else { break }
-            ensurePrepared(statement, on: &server, into: &out)
+            ensurePrepared(name, statement, on: &server, into: &out)
             var message = ByteBufferAllocator().buffer(capacity: statement.serverName.utf8.count + 7)
             Wire.withMessage(type, into: &message) { m in
                 m.writeInteger(MessageType.targetStatement)
@@ -349,7 +356,7 @@ public struct PreparedStatementTracker: Sendable {
                 guard isKnown(serverName) else { return nil }
                 var definition = ByteBufferAllocator().buffer(capacity: body.readableBytes)
                 definition.writeImmutableBuffer(body)
-                view[name] = Statement(serverName: serverName, definition: definition, epoch: epoch)
+                view[name] = Statement(serverName: serverName, definition: definition, epoch: epoch, unparsed: true)
                 parses += 1
                 Wire.withMessage(MessageType.parseComplete, into: &reply) { _ in }
             case MessageType.close:
@@ -534,6 +541,19 @@ public struct PreparedStatementTracker: Sendable {
                 queue[queue.startIndex] = .clearingQuery(failed: true)
                 return true
             default:
+                if case .pass(MessageType.bind) = entry, let body, Self.isResultShapeError(body) {
+                    // The client's statement was planned again on this server (another server's
+                    // copy, or one parsed afresh) and its result changed with the schema since
+                    // the client parsed it: PostgreSQL would have refused the Bind with 0A000,
+                    // which drivers answer by preparing again.
+                    var reply = ByteBufferAllocator().buffer(capacity: 96)
+                    Wire.errorResponse(
+                        PostgresError(
+                            code: SQLState.featureNotSupported, message: "cached plan must not change result type"),
+                        into: &reply)
+                    dueReplies.append(reply)
+                    forward = false
+                }
                 if case .duplicateParse(let client, let serverName) = entry {
                     // PostgreSQL's error, but with the name the client knows.
                     var error =
@@ -568,12 +588,12 @@ public struct PreparedStatementTracker: Sendable {
             switch entry {
             case .pass(let t):
                 if Self.ends(t, with: type) { pop(server: &server) }
-            case .parse(_, let name):
+            case .parse(_, let name, _):
                 if type == MessageType.parseComplete {
                     accepted.append(name)
                     pop(server: &server)
                 }
-            case .injectedParse(let name):
+            case .injectedParse(let name, _):
                 if type == MessageType.parseComplete {
                     forward = false
                     accepted.append(name)
@@ -625,11 +645,12 @@ public struct PreparedStatementTracker: Sendable {
         if !entry.isPlain { specials -= 1 }
         guard skipped || failed else { return }
         switch entry {
-        case .parse(let client, let serverName):
-            server.remove(serverName)
+        case .parse(let client, let serverName, let again):
+            // Skipped after a skipped Close: the server keeps its copy.
+            if !again || failed { server.remove(serverName) }
             if statements[client]?.serverName == serverName { statements[client] = nil }
-        case .injectedParse(let serverName):
-            server.remove(serverName)
+        case .injectedParse(let serverName, let again):
+            if !again || failed { server.remove(serverName) }
         case .injectedClose(let serverName):
             server.restore(serverName)
         case .reply(_, let undo, _):
@@ -649,10 +670,17 @@ public struct PreparedStatementTracker: Sendable {
     }
 
     private mutating func ensurePrepared(
-        _ statement: Statement, on server: inout ServerStatementCache, into out: inout [ByteBuffer]
+        _ client: String, _ statement: Statement, on server: inout ServerStatementCache, into out: inout [ByteBuffer]
     ) {
+        if statement.unparsed { statements[client]?.unparsed = false }
         if server.contains(statement.serverName) {
-            server.touch(statement.serverName)
+            guard statement.unparsed else {
+                server.touch(statement.serverName)
+                return
+            }
+            parseAgain(statement.serverName, server: &server, into: &out)
+            out.append(Self.parseMessage(statement.serverName, statement.definition))
+            append(.injectedParse(server: statement.serverName, again: true))
             return
         }
         prepareOnServer(
@@ -664,6 +692,25 @@ public struct PreparedStatementTracker: Sendable {
                 )
             ],
             on: &server, into: &out)
+    }
+
+    /// Closes the server's copy of `serverName` so that the Parse after it plans afresh.
+    private mutating func parseAgain(
+        _ serverName: String, server: inout ServerStatementCache, into out: inout [ByteBuffer]
+    ) {
+        server.touch(serverName)
+        serverParseCount += 1
+        out.append(Self.closeMessage(serverName))
+        append(.injectedClose(server: serverName))
+    }
+
+    static func closeMessage(_ name: String) -> ByteBuffer {
+        var message = ByteBufferAllocator().buffer(capacity: name.utf8.count + 7)
+        Wire.withMessage(MessageType.close, into: &message) { m in
+            m.writeInteger(MessageType.targetStatement)
+            m.writeNullTerminatedString(name)
+        }
+        return message
     }
 
     /// Gives a server a statement it lacks: room first (closing the least recently used one when
@@ -685,12 +732,7 @@ public struct PreparedStatementTracker: Sendable {
     ) {
         var evicted = server.insert(name)
         while let name = evicted ?? server.evictOverflow() {
-            var message = ByteBufferAllocator().buffer(capacity: name.utf8.count + 7)
-            Wire.withMessage(MessageType.close, into: &message) { m in
-                m.writeInteger(MessageType.targetStatement)
-                m.writeNullTerminatedString(name)
-            }
-            out.append(message)
+            out.append(Self.closeMessage(name))
             append(.injectedClose(server: name))
             evicted = nil
         }
@@ -748,6 +790,14 @@ public struct PreparedStatementTracker: Sendable {
         statement.epoch = epoch
         statements[name] = statement
         return statement
+    }
+
+    /// Whether a server's ErrorResponse to a Bind says its result formats do not fit the
+    /// statement's columns (08P01 "bind message has N result formats but query has M columns").
+    static func isResultShapeError(_ body: ByteBuffer) -> Bool {
+        let error = WireDecode.errorFields(body)
+        return error.code == SQLState.protocolViolation && error.message.hasPrefix("bind message has ")
+            && error.message.contains(" result formats but query has ")
     }
 
     /// Whether a server's ErrorResponse says a prepared statement's cached plan went stale (its
