@@ -153,6 +153,19 @@ import Testing
             feed(&s) { Wire.readyForQuery(.inTransaction, into: &$0) } == [.disarmTimeout, .released(reusable: false)])
     }
 
+    @Test func unlistenKeepsPreparedStatementsAndTheSearchPathIsForgottenByResetAll() {
+        var (s, _) = loggedIn()
+        _ = s.state.statements.insert("tidepool_1")
+        s.state.parameters["search_path"] = "a,b"
+        _ = s.reset("UNLISTEN *")
+        #expect(s.state.statements.contains("tidepool_1"), "the server still has it")
+        #expect(s.state.parameters["search_path"] == "a,b")
+        _ = feed(&s) { Wire.readyForQuery(.idle, into: &$0) }
+        _ = s.reset("RESET ALL")
+        #expect(s.state.statements.contains("tidepool_1"))
+        #expect(s.state.parameters["search_path"] == nil, "back at the server's default")
+    }
+
     @Test func internalQueryTimeoutClosesTheServer() {
         var (s, _) = loggedIn()
         _ = s.reset("DISCARD ALL")

@@ -2,9 +2,11 @@
 
 A program is a list of clients; each client has startup parameters and a list of steps. Every
 client runs on its own thread and connection, all at once, so that on a small pool some wait while
-others hold the servers (in a transaction, or pinned by temp tables, locks, cursors). Each client
-uses names of its own (tables, locks, channels, statements), so what it sees depends only on its
-own session, which PostgreSQL decides: the observations of each client (rows, column names,
+others hold the servers (in a transaction, or pinned by temp tables, locks, cursors). Names that
+PostgreSQL keeps per session (temp tables, cursors, prepared statements, settings) are the same
+for every client, so that one client's state showing through to another is seen; names that are
+global (tables, advisory locks, channels) are each client's own. What a client sees then depends
+only on its own session, which PostgreSQL decides: the observations of each client (rows, column names,
 SQLSTATEs, notices, the reported parameters after each step, and the notifications it received)
 must be the same through Tidepool as directly.
 
@@ -12,10 +14,15 @@ On a divergence `shrink` removes steps while the programs still differ, and `des
 what is left.
 """
 
+import os
 import random
 import threading
 
 import psycopg
+
+# Error messages too (DIFFERENTIAL_MESSAGES=1, to look into a divergence; they name server-side
+# objects, which differ through the pooler).
+MESSAGES = os.environ.get("DIFFERENTIAL_MESSAGES") == "1"
 
 # Parameters whose ParameterStatus a client sees.
 REPORTED = ["application_name", "DateStyle", "TimeZone", "IntervalStyle", "standard_conforming_strings",
@@ -71,11 +78,11 @@ def steps_for(c):
         ("sql", "SELECT 1/0"),
         ("sql", f"SET app.v = 'multi{c}'; SELECT 1"),
         # temp tables
-        ("sql", f"CREATE TEMP TABLE tmp_{c} (x int)"),
-        ("sql", f"INSERT INTO tmp_{c} VALUES ({c})"),
-        ("sql", f"SELECT count(*), sum(x) FROM tmp_{c}"),
-        ("sql", f"DROP TABLE tmp_{c}"),
-        ("sql", f"CREATE TEMP TABLE tmpc_{c} (x int) ON COMMIT DROP"),
+        ("sql", f"CREATE TEMP TABLE tmp (x int)"),
+        ("sql", f"INSERT INTO tmp VALUES ({c})"),
+        ("sql", f"SELECT count(*), sum(x) FROM tmp"),
+        ("sql", f"DROP TABLE tmp"),
+        ("sql", f"CREATE TEMP TABLE tmpc (x int) ON COMMIT DROP"),
         # advisory locks (the client's own keys)
         ("sql", f"SELECT pg_advisory_lock({c})"),
         ("sql", f"SELECT pg_try_advisory_lock({c})"),
@@ -84,13 +91,13 @@ def steps_for(c):
         ("sql", f"SELECT pg_advisory_xact_lock({c})"),
         ("sql", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"),
         # cursors
-        ("sql", f"DECLARE cur_{c} CURSOR WITH HOLD FOR SELECT generate_series(1, 3)"),
-        ("sql", f"FETCH 1 FROM cur_{c}"),
-        ("sql", f"CLOSE cur_{c}"),
+        ("sql", f"DECLARE cur CURSOR WITH HOLD FOR SELECT generate_series(1, 3)"),
+        ("sql", f"FETCH 1 FROM cur"),
+        ("sql", f"CLOSE cur"),
         # SQL PREPARE
-        ("sql", f"PREPARE p_{c} AS SELECT $1::int + {c}"),
-        ("sql", f"EXECUTE p_{c}(1)"),
-        ("sql", f"DEALLOCATE p_{c}"),
+        ("sql", f"PREPARE p AS SELECT $1::int + {c}"),
+        ("sql", f"EXECUTE p(1)"),
+        ("sql", f"DEALLOCATE p"),
         ("sql", "DEALLOCATE ALL"),
         # protocol statements: unnamed (parameters) and named (prepare=True), and a table that changes
         ("params", f"SELECT %s::int * {c}"),
@@ -120,7 +127,7 @@ STARTUPS = [
 ]
 
 
-def generate(seed, clients=4, length=24):
+def generate(seed, clients=6, length=24):
     rng = random.Random(seed)
     program = []
     for c in range(clients):
@@ -166,7 +173,7 @@ def run_client(connect, client, out):
                 columns = [d.name for d in cur.description] if cur.description else None
                 result = ("ok", cur.statusmessage, columns, rows)
             except psycopg.Error as e:
-                result = ("error", e.sqlstate)
+                result = ("error", e.sqlstate) + ((e.diag.message_primary,) if MESSAGES else ())
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN:
                 seen.append((text, result, "connection lost"))
                 break

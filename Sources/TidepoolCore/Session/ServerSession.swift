@@ -173,9 +173,11 @@ public struct ServerSession: Sendable {
     /// Session mode: the server is cleaned with the reset query before it goes back to the pool.
     public mutating func reset(_ sql: String) -> [Action] {
         guard phase == .ready else { return [] }
-        state.statements.removeAll()  // DISCARD ALL and the like drop them
-        // Settings are known gone only after a reset that resets them all.
         let upper = sql.uppercased()
+        // Prepared statements are gone after DISCARD ALL or DEALLOCATE, not after UNLISTEN *
+        // (the server would then be sent a Parse of a name it still holds: 42P05).
+        if upper.contains("DISCARD ALL") || upper.contains("DEALLOCATE") { state.statements.removeAll() }
+        // Settings are known gone only after a reset that resets them all.
         if upper.contains("DISCARD ALL") || upper.contains("RESET ALL") {
             state.settings.removeAll()
             // Parameters the server does not report are back at its defaults too.
