@@ -333,7 +333,7 @@ public struct ClientSession {
     }
 
     /// Whether the linked server may go back to the pool now: not in session mode, and clean.
-    public var mayGiveBack: Bool { poolMode != .session && serverIsClean && !isPinned }
+    @inline(__always) public var mayGiveBack: Bool { poolMode != .session && serverIsClean && !isPinned }
 
     /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
     /// no cancel under way. The one rule for handing a server to another client.

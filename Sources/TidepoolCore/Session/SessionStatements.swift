@@ -235,7 +235,7 @@ public enum SessionStatements {
     /// The statement's first word as a `Keyword`: compared byte by byte, by length first, so that
     /// the usual SELECT, INSERT, UPDATE... cost a few comparisons.
     static func keyword(_ t: SQLLexer.Token, in lexer: SQLLexer) -> Keyword {
-        func word(_ keyword: StaticString) -> Bool { t.isWord(keyword, in: lexer) }
+        @inline(__always) func word(_ keyword: StaticString) -> Bool { t.isWord(keyword, in: lexer) }
         // No keyword starts with the letters SELECT, INSERT, UPDATE, WITH... start with but s, d, u.
         switch lexer.bytes[t.start] | 0x20 {
         case 0x61...0x65, 0x6C, 0x70, 0x72, 0x73, 0x75: break  // a b c d e l p r s u
