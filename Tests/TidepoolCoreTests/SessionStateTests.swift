@@ -1,3 +1,5 @@
+import Crypto
+import Foundation
 import NIOCore
 import Testing
 
@@ -89,6 +91,24 @@ import Testing
         // Strings on several lines are one; a name before a quote is no prefix.
         #expect(effects("SET app.x = 'a'\n  'b'") == [.set(name: "app.x", statement: "SET app.x = E'ab'")])
         #expect(effects("SELECT t'x'; SET app.y = 1") == [.set(name: "app.y", statement: "SET app.y = 1")])
+    }
+
+    /// The pooler's statement names are out of the clients' reach in SQL.
+    @Test func thePoolersStatementNamesAreReserved() {
+        #expect(effects("DEALLOCATE tidepool_0a1b") == [.pin(.reservedName, key: "tidepool_0a1b")])
+        #expect(effects("deallocate prepare \"tidepool_x\"") == [.pin(.reservedName, key: "tidepool_x")])
+        #expect(
+            effects("select 1; PREPARE TidePool_x AS select 'POISONED'") == [.pin(.reservedName, key: "tidepool_x")])
+        #expect(effects("EXECUTE tidepool_x") == [.pin(.reservedName, key: "tidepool_x")])
+        #expect(effects("EXECUTE mine") == [])
+        #expect(effects("PREPARE mine AS select 1") == [.pin(.preparedStatement, key: "mine")])
+        #expect(
+            PreparedStatementTracker.serverName(for: ByteBuffer(string: "select 1\0\0\0"))
+                != "tidepool_"
+                + String(
+                    SHA256.hash(data: Array("select 1\0\0\0".utf8)).prefix(12).map { String(format: "%02x", $0) }
+                        .joined()),
+            "the names carry the process's secret")
     }
 
     /// Values are sent again as PostgreSQL's own token text, not tokens joined again.

@@ -454,3 +454,27 @@ def test_client_tls_ecdhcurve(tidepool, tls_pg, certs):
     assert re.search(r"(Server Temp Key|Negotiated TLS1.3 group): .*(P-384|secp384r1)", agreed.stdout), \
         agreed.stdout + agreed.stderr
     assert handshake("X25519").returncode != 0
+
+
+@pytest.mark.parametrize("session_state", ["track", "ignore"])
+def test_a_client_cannot_replace_another_clients_prepared_statement(tidepool, session_state):
+    """Issue 31: the pooler's server-side statement names are visible in pg_prepared_statements;
+    a client that deallocated one and prepared its own under that name made every other client's
+    Bind of the statement return its rows. SQL naming them is refused (42939)."""
+    t = tidepool(settings=f"pool_mode = transaction\ndefault_pool_size = 1\nsession_state = {session_state}\n")
+    with t.connect(prepare_threshold=0) as victim, t.connect() as attacker:
+        assert victim.execute("SELECT %s::text AS v", ("mine",)).fetchall() == [("mine",)]
+        names = [r[0] for r in attacker.execute("SELECT name FROM pg_prepared_statements").fetchall()]
+        assert names and all(n.startswith("tidepool_") for n in names)
+        for name in names:
+            for sql in (f"DEALLOCATE {name}", f'DEALLOCATE PREPARE "{name}"', f"EXECUTE {name}('x')",
+                        f"PREPARE {name} AS SELECT 'POISONED'::text AS v"):
+                with pytest.raises(psycopg.Error) as refused:
+                    attacker.execute(sql)
+                assert refused.value.sqlstate == "42939", sql
+        if session_state == "track":
+            with pytest.raises(psycopg.Error) as refused:
+                attacker.execute(f"SELECT 1; DEALLOCATE {names[0]}")
+            assert refused.value.sqlstate == "42939"
+        for _ in range(3):
+            assert victim.execute("SELECT %s::text AS v", ("mine",)).fetchall() == [("mine",)]

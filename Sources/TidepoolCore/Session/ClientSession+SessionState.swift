@@ -101,6 +101,11 @@ extension ClientSession {
                 lastParse.append(contentsOf: sql)
             }
         })()
+        if !effects.isEmpty, effects.contains(where: \.isReservedName) {
+            // The pooler's own statements are out of the clients' reach, whatever session_state says.
+            refusal = .reservedName
+            return
+        }
         if preparedOn, !effects.isEmpty {
             // SQL PREPARE is kept per client by the prepared-statement tracker: nothing to pin.
             effects.removeAll { effect in
@@ -151,10 +156,13 @@ extension ClientSession {
     /// as the statement would have. A Parse keeps its statement name (and loses its parameter
     /// types: a Bind with parameters then fails on the count instead).
     static func refusedMessage(_ type: UInt8, body: ByteBuffer, reason: PinReason) -> ByteBuffer {
-        let message = "\(reason.statement) keeps session state, which session_state = refuse does not allow"
         let sql =
-            "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = \(message.sqlLiteral), "
-            + "HINT = 'pool this client in session mode, or set session_state = track'; END$tidepool$"
+            reason == .reservedName
+            ? "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '42939', MESSAGE = "
+                + "\("prepared statement names beginning with \"\(PreparedStatementTracker.reservedPrefix)\" are reserved for the pooler".sqlLiteral); END$tidepool$"
+            : "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = "
+                + "\("\(reason.statement) keeps session state, which session_state = refuse does not allow".sqlLiteral), "
+                + "HINT = 'pool this client in session mode, or set session_state = track'; END$tidepool$"
         var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 64)
         if type == MessageType.parse {
             var b = body

@@ -395,6 +395,18 @@ public struct PreparedStatementTracker: Sendable {
     private mutating func sqlCommand(
         _ command: SQLStatementCommand, server: inout ServerStatementCache, into out: inout [ByteBuffer]
     ) -> Bool {
+        if Self.isReserved(command.name) {
+            // The pooler's own statements are out of the clients' reach (with session_state =
+            // track the session refuses these before they get here, in any statement of a Query).
+            let message =
+                "prepared statement names beginning with \"\(Self.reservedPrefix)\" are reserved for the pooler"
+            out.append(
+                Self.queryMessage(
+                    "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '42939', MESSAGE = \(message.sqlLiteral); "
+                        + "END$tidepool$"))
+            append(.pass(MessageType.query))
+            return true
+        }
         switch command {
         case .prepare(let name, let text):
             if statements[name] != nil {
@@ -765,6 +777,7 @@ public struct PreparedStatementTracker: Sendable {
     /// first.
     public static func serverName(for definition: ByteBuffer, epoch: Int = 0) -> String {
         var hasher = SHA256()
+        nameSecret.withUnsafeBytes { hasher.update(bufferPointer: $0) }
         definition.withUnsafeReadableBytes { hasher.update(bufferPointer: $0) }
         let digest = hasher.finalize()
         var name = "tidepool_"
@@ -774,6 +787,19 @@ public struct PreparedStatementTracker: Sendable {
         if epoch > 0 { name += "_\(epoch)" }
         return name
     }
+
+    /// Mixed into every pooler-wide name, new with each process, so that no client can work out
+    /// a name before it appears (SECURITY.md); the names are reserved besides (`isReserved`).
+    static let nameSecret: [UInt8] = {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }
+    }()
+
+    /// The prefix of the pooler's statement names, which clients may not use in SQL.
+    public static let reservedPrefix = "tidepool_"
+
+    /// Whether a statement name (as PostgreSQL folds it) is in the pooler's namespace.
+    public static func isReserved(_ name: String) -> Bool { name.lowercased().hasPrefix(reservedPrefix) }
 
     /// The client's statement `name`, renamed first if it was named in an earlier stale-plan epoch.
     @inline(__always)
@@ -867,6 +893,12 @@ public enum SQLStatementCommand: Equatable, Sendable {
     /// `rest` is what follows the name: " (parameters)" or "".
     case execute(name: String, rest: String)
     case deallocate(name: String)
+
+    var name: String {
+        switch self {
+        case .prepare(let name, _), .execute(let name, _), .deallocate(let name): name
+        }
+    }
 
     /// Recognises the commands; nil for anything else, several statements, or DEALLOCATE ALL.
     public static func parse(_ sql: String) -> SQLStatementCommand? {

@@ -449,6 +449,11 @@ public enum ServerReset: UInt8, Sendable {
 }
 
 extension SessionEffect {
+    var isReservedName: Bool {
+        if case .pin(.reservedName, _) = self { return true }
+        return false
+    }
+
     var resetsParameters: Bool {
         switch self {
         case .resetAll, .discardAll, .reported(_, reset: true): true

@@ -6,6 +6,8 @@ public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
     case preparedStatement
     case load
     case setConfig
+    /// Not a pin: SQL naming one of the pooler's own prepared statements, which is refused.
+    case reservedName
     /// The classifier or the state rules could not tell what the session holds.
     case unknown
 
@@ -20,6 +22,7 @@ public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
         case .preparedStatement: "PREPARE"
         case .load: "LOAD"
         case .setConfig: "set_config with arguments that are not literals"
+        case .reservedName: "a prepared statement name beginning with \"\(PreparedStatementTracker.reservedPrefix)\""
         case .unknown: "a statement whose effect on the session the pooler cannot follow"
         }
     }
@@ -33,6 +36,7 @@ public enum PinReason: UInt8, Sendable, CaseIterable, Comparable {
         case .preparedStatement: "prepare"
         case .load: "load"
         case .setConfig: "set_config"
+        case .reservedName: "reserved_name"
         case .unknown: "unknown"
         }
     }
@@ -202,14 +206,25 @@ public enum SessionStatements {
                 lexer.skipStatement()
                 return
             }
-            effects.append(.pin(.preparedStatement, key: lexer.identifier(name)))
+            let key = lexer.identifier(name)
+            effects.append(
+                PreparedStatementTracker.isReserved(key)
+                    ? .pin(.reservedName, key: key) : .pin(.preparedStatement, key: key))
             lexer.skipStatement()
         case .deallocate:
             var name = lexer.next()
             if name.isWord("prepare", in: lexer) { name = lexer.next() }
+            let key = lexer.identifier(name)
             effects.append(
                 name.isWord("all", in: lexer)
-                    ? .unpinAll(.preparedStatement) : .unpin(.preparedStatement, key: lexer.identifier(name)))
+                    ? .unpinAll(.preparedStatement)
+                    : PreparedStatementTracker.isReserved(key)
+                        ? .pin(.reservedName, key: key) : .unpin(.preparedStatement, key: key))
+            lexer.skipStatement()
+        case .execute:
+            // EXECUTE of one of the pooler's own statements (named in pg_prepared_statements).
+            let key = lexer.identifier(lexer.next())
+            if PreparedStatementTracker.isReserved(key) { effects.append(.pin(.reservedName, key: key)) }
             lexer.skipStatement()
         case .load:
             effects.append(.pin(.load, key: ""))
@@ -229,7 +244,7 @@ public enum SessionStatements {
     /// The first words the classifier acts on.
     enum Keyword {
         case set, reset, begin, start, commit, end, rollback, abort, savepoint, release, discard, create
-        case drop, declare, close, listen, unlisten, prepare, deallocate, load, `do`, other
+        case drop, declare, close, listen, unlisten, prepare, deallocate, execute, load, `do`, other
     }
 
     /// The statement's first word as a `Keyword`: compared byte by byte, by length first, so that
@@ -264,6 +279,7 @@ public enum SessionStatements {
             if word("discard") { return .discard }
             if word("declare") { return .declare }
             if word("prepare") { return .prepare }
+            if word("execute") { return .execute }
         case 8:
             if word("rollback") { return .rollback }
             if word("unlisten") { return .unlisten }
