@@ -593,3 +593,23 @@ final class PreparedHarness {
         #expect(c.count == 1)
     }
 }
+
+@Suite struct PreparedStatementsInAFailedTransactionTests {
+    typealias H = PreparedHarness
+
+    /// In a failed transaction PostgreSQL answers DEALLOCATE with 25P02: the pooler does not
+    /// answer it itself (found by the differential tester).
+    @Test func sqlDeallocateInAFailedTransactionGoesToTheServer() {
+        let h = H()
+        h.client(H.query("PREPARE p AS SELECT 1"))
+        h.serverSends("CZ")
+        h.client(H.query("BEGIN"))
+        h.serverSends("CZ")
+        _ = h.tracker.serverMessage(MessageType.readyForQuery, status: .failed, server: &h.server)
+        h.sent.removeAll()
+        h.client(H.query("DEALLOCATE p"))
+        #expect(h.sentTypes == "Q" && h.sent.first?.1 == "DEALLOCATE p")
+        #expect(h.madeUp.isEmpty)
+        #expect(h.tracker.statements["p"] != nil)
+    }
+}

@@ -407,6 +407,9 @@ public struct PreparedStatementTracker: Sendable {
             append(.pass(MessageType.query))
             return true
         }
+        // In a failed transaction PostgreSQL refuses every statement (25P02) before reading it:
+        // the server says so, and nothing changes here.
+        if lastStatus == .failed { return false }
         switch command {
         case .prepare(let name, let text):
             if statements[name] != nil {
