@@ -186,6 +186,15 @@ extension MessageScanner.Chunk: Equatable {
         #expect(WireDecode.errorFields(b) == error)
     }
 
+    @Test func aNulInAFieldCannotForgeAnother() {
+        var b = ByteBuffer()
+        Wire.errorResponse(PostgresError(code: "58000", message: "no such user x\0C28000\0Mforged"), into: &b)
+        b.moveReaderIndex(forwardBy: 5)
+        let fields = WireDecode.errorFields(b)
+        #expect(fields.code == "58000")
+        #expect(fields.message == "no such user xC28000Mforged")
+    }
+
     @Test func readyForQueryAndParameterStatus() {
         var b = ByteBuffer()
         Wire.readyForQuery(.inTransaction, into: &b)

@@ -478,3 +478,32 @@ def test_a_client_cannot_replace_another_clients_prepared_statement(tidepool, se
             assert refused.value.sqlstate == "42939"
         for _ in range(3):
             assert victim.execute("SELECT %s::text AS v", ("mine",)).fetchall() == [("mine",)]
+
+
+def test_console_errors_name_a_file_but_show_none_of_it(tidepool, tmp_path):
+    """Issue 31: SET auth_hba_file = '/etc/shadow' answered with the file's first line, and NUL bytes
+    in a file forged ErrorResponse fields. Errors now name the file and line only."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"root:$6$SECRETHASH:19000:0:99999:7:::\x00Cforged\x00\n")
+    t = tidepool(settings="admin_users = postgres\n")
+    with psycopg.connect(host="127.0.0.1", port=t.port, dbname="pgbouncer", user="postgres",
+                         autocommit=True) as admin:
+        for key in ("auth_hba_file", "auth_ident_file"):
+            with pytest.raises(psycopg.Error) as refused:
+                admin.execute(f"SET {key} = '{secret}'")
+            text = str(refused.value) + repr(refused.value.diag.message_detail) + repr(refused.value.diag.message_hint)
+            assert "SECRETHASH" not in text and "forged" not in text, text
+            assert str(secret) in str(refused.value) or "line" in str(refused.value), text
+
+
+def test_an_hba_rule_for_one_console_name_is_a_rule_for_both(tidepool, tmp_path):
+    """Issue 31: a reject line for database pgbouncer did not stop the same console as `pooler`."""
+    hba = tmp_path / "hba.conf"
+    hba.write_text("host pgbouncer all 127.0.0.1/32 reject\nhost all all 127.0.0.1/32 trust\n")
+    t = tidepool(settings=f"auth_type = hba\nauth_hba_file = {hba}\nadmin_users = postgres\n")
+    for name in ("pgbouncer", "pooler"):
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(host="127.0.0.1", port=t.port, dbname=name, user="postgres", connect_timeout=5)
+        assert "rejected" in str(info.value), name
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1

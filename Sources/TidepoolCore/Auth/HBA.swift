@@ -56,7 +56,11 @@ public struct HBARules: Equatable, Sendable {
             case .hostnossl: guard address != nil, !tls else { return false }
             }
             if let databases = rule.databases {
-                guard databases.contains(database) || (databases.contains("sameuser") && database == user) else {
+                guard
+                    databases.contains(database) || (databases.contains("sameuser") && database == user)
+                        || (Self.consoleNames.contains(database)
+                            && databases.contains(where: Self.consoleNames.contains))
+                else {
                     return false
                 }
             }
@@ -66,6 +70,11 @@ public struct HBARules: Equatable, Sendable {
         }
     }
 
+    /// The admin console answers to both names: a rule for one is a rule for the other.
+    static let consoleNames: Set<String> = ["pgbouncer", "pooler"]
+
+    /// Parse errors name the file and line only: nothing of a file's contents reaches a client
+    /// (an admin's SET auth_hba_file could point at any file the pooler can read).
     public static func parse(_ text: String, file: String = "hba") throws(ConfigError) -> HBARules {
         var result = HBARules()
         for (lineNumber, fields) in lines(text) {
@@ -73,7 +82,7 @@ public struct HBARules: Equatable, Sendable {
                 ConfigError(file: file, line: lineNumber, message: message)
             }
             guard let type = ConnectionType(rawValue: fields[0]) else {
-                throw fail("unknown connection type \(fields[0]) (use local, host, hostssl or hostnossl)")
+                throw fail("unknown connection type (use local, host, hostssl or hostnossl)")
             }
             let needed = type == .local ? 4 : 5
             guard fields.count >= needed else { throw fail("too few fields") }
@@ -84,14 +93,14 @@ public struct HBARules: Equatable, Sendable {
                 let address = fields[3]
                 if address != "all" {
                     if address.contains("/") {
-                        guard let parsed = parseCIDR(address) else { throw fail("invalid address \(address)") }
+                        guard let parsed = parseCIDR(address) else { throw fail("invalid address") }
                         network = parsed
                     } else {
                         // An address followed by a netmask column.
                         guard let bytes = parseIP(address), fields.count >= 6, let mask = parseIP(fields[4]),
                             mask.count == bytes.count
                         else {
-                            throw fail("invalid address \(address) (use CIDR, or an address and a netmask)")
+                            throw fail("invalid address (use CIDR, or an address and a netmask)")
                         }
                         network = Network(bytes: bytes, prefix: mask.reduce(0) { $0 + $1.nonzeroBitCount })
                         methodIndex = 5
@@ -100,7 +109,7 @@ public struct HBARules: Equatable, Sendable {
             }
             guard let method = Method(rawValue: fields[methodIndex]) else {
                 if let reason = Settings.unsupportedAuthTypes[fields[methodIndex]] { throw fail(reason) }
-                throw fail("unknown method \(fields[methodIndex])")
+                throw fail("unknown method")
             }
             func list(_ field: String) -> [String]? {
                 let items = field.split(separator: ",").map(String.init)
@@ -109,7 +118,7 @@ public struct HBARules: Equatable, Sendable {
             var options: [String: String] = [:]
             for option in fields[(methodIndex + 1)...] {
                 let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
-                guard parts.count == 2 else { throw fail("invalid option \(option) (use name=value)") }
+                guard parts.count == 2 else { throw fail("invalid option (use name=value)") }
                 options[parts[0]] = parts[1]
             }
             if method == .peer, type != .local {

@@ -23,7 +23,7 @@ public struct IdentMap: Sendable {
             }
             if fields[1].hasPrefix("/") {
                 do { _ = try Regex(String(fields[1].dropFirst())) } catch {
-                    throw ConfigError(file: file, line: lineNumber, message: "invalid regular expression \(fields[1])")
+                    throw ConfigError(file: file, line: lineNumber, message: "invalid regular expression")
                 }
             }
             map.entries.append(Entry(map: fields[0], systemUser: fields[1], databaseUser: fields[2], line: lineNumber))

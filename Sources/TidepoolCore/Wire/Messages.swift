@@ -149,16 +149,26 @@ public enum Wire {
             $0.writeInteger(UInt8(ascii: "C"))
             $0.writeNullTerminatedString(error.code)
             $0.writeInteger(UInt8(ascii: "M"))
-            $0.writeNullTerminatedString(error.message)
+            writeField(error.message, into: &$0)
             if let detail = error.detail {
                 $0.writeInteger(UInt8(ascii: "D"))
-                $0.writeNullTerminatedString(detail)
+                writeField(detail, into: &$0)
             }
             if let hint = error.hint {
                 $0.writeInteger(UInt8(ascii: "H"))
-                $0.writeNullTerminatedString(hint)
+                writeField(hint, into: &$0)
             }
             $0.writeInteger(UInt8(0))
+        }
+    }
+
+    /// A field's text up to its NUL: a NUL inside (from a name or a file) would end the field
+    /// early and let what follows pass for other fields.
+    static func writeField(_ text: String, into buffer: inout ByteBuffer) {
+        if text.utf8.contains(0) {
+            buffer.writeNullTerminatedString(String(decoding: text.utf8.filter { $0 != 0 }, as: UTF8.self))
+        } else {
+            buffer.writeNullTerminatedString(text)
         }
     }
 
