@@ -206,4 +206,15 @@ import Testing
         var auth = ClientAuthStateMachine(authType: .trust, user: "u", secret: nil)
         guard case .authenticated = auth.start() else { Issue.record("trust should pass"); return }
     }
+
+    /// Admin users asking for the console get a few slots past max_client_conn; nobody else does.
+    @Test func adminConsoleLoginsHaveAReserve() throws {
+        let config = try Config.parse("[databases]\napp = host=h\n[pooler]\nmax_client_conn = 10\nadmin_users = ops\n")
+        #expect(
+            ClientSession.admissionLimit(database: "pgbouncer", user: "ops", config: config) == 10
+                + ClientSession.consoleReserve)
+        #expect(ClientSession.admissionLimit(database: "pooler", user: "pgbouncer", config: config) == 15)
+        #expect(ClientSession.admissionLimit(database: "pgbouncer", user: "mallory", config: config) == 10)
+        #expect(ClientSession.admissionLimit(database: "app", user: "ops", config: config) == 10)
+    }
 }

@@ -507,3 +507,23 @@ def test_an_hba_rule_for_one_console_name_is_a_rule_for_both(tidepool, tmp_path)
         assert "rejected" in str(info.value), name
     with t.connect() as c:
         assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_admin_users_reach_the_console_at_max_client_conn(tidepool):
+    """Issue 31: at max_client_conn the console refused admin_users too, over TCP and the Unix
+    socket; PgBouncer lets them in. A small reserve is kept for them, and only for them."""
+    t = tidepool(settings="max_client_conn = 3\nadmin_users = postgres\n")
+    held = [t.connect() for _ in range(3)]
+    try:
+        with pytest.raises(psycopg.OperationalError) as full:
+            t.connect()
+        assert "max_client_conn" in str(full.value)
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(host="127.0.0.1", port=t.port, dbname="pgbouncer", user="app", connect_timeout=5)
+        for host in ("127.0.0.1", str(t.dir)):
+            with psycopg.connect(host=host, port=t.port, dbname="pgbouncer", user="postgres", autocommit=True,
+                                 connect_timeout=5) as admin:
+                assert admin.execute("SHOW VERSION").fetchone()
+    finally:
+        for c in held:
+            c.close()

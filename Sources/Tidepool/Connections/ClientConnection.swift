@@ -500,7 +500,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         let limited =
             ClientSession.isAdminConsole(session.database, config: pooler.config)
             ? nil : (database: session.database, user: session.user)
-        switch pooler.register(self, address: ip, limited: limited) {
+        let limit = ClientSession.admissionLimit(database: session.database, user: session.user, config: pooler.config)
+        switch pooler.register(self, address: ip, limited: limited, limit: limit) {
         case .success(let id):
             self.id = id
             countedAddress = ip

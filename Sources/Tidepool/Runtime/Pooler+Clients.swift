@@ -13,11 +13,11 @@ extension Pooler {
     /// `limited`: the client's database and user, counted against max_db_client_connections and
     /// max_user_client_connections (nil for the admin console).
     func register(
-        _ client: ClientConnection, address: String?, limited: (database: String, user: String)?
+        _ client: ClientConnection, address: String?, limited: (database: String, user: String)?, limit: Int
     ) -> Result<ClientID, PostgresError> {
         // Values read through the lent configuration, not a copy of all the global settings.
         let config = self.config
-        let maxClientConn = config.global.maxClientConn
+        let maxClientConn = limit
         let maxPerAddress = config.global.maxClientConnPerIP
         let perSecond = config.global.clientConnectRatePerIP
         let maxPerDatabase = limited.map { config.maxDBClientConnections(database: $0.database) } ?? 0

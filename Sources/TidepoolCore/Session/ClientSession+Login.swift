@@ -358,6 +358,20 @@ extension ClientSession {
         .fatal(SQLState.cannotConnectNow, "database \"\(database)\" does not allow connections")
     }
 
+    /// Console logins by admin users may go this far past max_client_conn, so that an operator is
+    /// not locked out of a pooler full of clients (PgBouncer lets them in too).
+    public static let consoleReserve = 5
+
+    /// How many clients may be registered when this one is: max_client_conn, and a few more
+    /// for an admin user (or the pooler's own `pgbouncer` user) asking for the console. Who they
+    /// are is proved at authentication; until then a slot of the reserve is all they take.
+    public static func admissionLimit(database: String, user: String, config: Config) -> Int {
+        let maxClientConn = config.global.maxClientConn
+        guard isAdminConsole(database, config: config), user == "pgbouncer" || config.global.adminUsers.contains(user)
+        else { return maxClientConn }
+        return maxClientConn + consoleReserve
+    }
+
     /// The client asked for the admin console: database `pooler` or `pgbouncer`, unless the
     /// configuration names a real database so.
     public static func isAdminConsole(_ database: String, config: Config) -> Bool {
