@@ -443,4 +443,12 @@ import Testing
             LogWords.newServerConnection(from: "127.0.0.1:40000") == "new connection to server (from 127.0.0.1:40000)")
         #expect(LogWords.reservePool(waited: "5.0").hasPrefix("taking connection from reserve_pool"))
     }
+
+    /// A user or database name cannot start a log line of its own.
+    @Test func logLinesEscapeControlCharacters() {
+        #expect(LogWords.escapingControls("plain é") == "plain é")
+        #expect(
+            LogWords.escapingControls("user=x\n2026-01-01 [1] LOG forged\r\u{1B}[31m")
+                == "user=x\\n2026-01-01 [1] LOG forged\\r\\x1b[31m")
+    }
 }

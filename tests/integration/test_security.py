@@ -527,3 +527,16 @@ def test_admin_users_reach_the_console_at_max_client_conn(tidepool):
     finally:
         for c in held:
             c.close()
+
+
+def test_a_newline_in_a_name_cannot_forge_a_log_line(tidepool):
+    """Issue 31: a newline in a user or database name started a log line of the client's making."""
+    t = tidepool(settings="log_connections = 1\n")
+    forged = "FORGED LOG pooler error: everything is fine"
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(host="127.0.0.1", port=t.port, dbname="nodb\n" + forged, user="u\n" + forged,
+                        connect_timeout=5)
+    time.sleep(0.3)
+    lines = t.log().splitlines()
+    assert any("FORGED" in line for line in lines), "the attempt is logged"
+    assert not any(line.startswith("FORGED") for line in lines), lines[-5:]

@@ -66,6 +66,7 @@ public struct LineLogHandler: LogHandler {
         if !merged.isEmpty {
             body += " " + merged.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
         }
+        body = LogWords.escapingControls(body)
         sink.write("\(Self.timestamp()) [\(Self.pid)] \(body)\n")
         SyslogOutput.shared.send(event.level, body)  // syslog adds its own time and pid
     }
