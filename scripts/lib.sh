@@ -38,6 +38,20 @@ ensure_python_clients() {
     python3 -c 'import psycopg, asyncpg, pytest'
 }
 
+# PyPI's prometheus-pgbouncer-exporter, which the console tests read Tidepool with. It pins a
+# psycopg2 that no longer builds on current Pythons: a current psycopg2 is built from source
+# (libpq-dev) and the exporter installed beside it.
+ensure_exporter() {
+    command -v pgbouncer-exporter >/dev/null && pgbouncer-exporter --help >/dev/null 2>&1 && return 0
+    ensure_debian libpq-dev
+    log "installing prometheus-pgbouncer-exporter"
+    local pip=(python3 -m pip install -q)
+    "${pip[@]}" psycopg2 prometheus_client python-json-logger PyYAML 2>/dev/null ||
+        "${pip[@]}" --break-system-packages psycopg2 prometheus_client python-json-logger PyYAML
+    "${pip[@]}" --no-deps prometheus-pgbouncer-exporter 2>/dev/null ||
+        "${pip[@]}" --break-system-packages --no-deps prometheus-pgbouncer-exporter
+}
+
 # The newest installed PostgreSQL server's bin directory (initdb, postgres, pg_ctl, pgbench).
 pg_bindir() {
     local dir

@@ -10,6 +10,7 @@ port="${1:-6432}"
 work="$(mktemp -d /tmp/tidepool-quickstart.XXXXXX)"
 chmod 755 "$work"  # the postgres OS user must reach its data directory inside
 pg_port="$(free_port)"
+stats_port="$(free_port)"
 
 cleanup() {
     # Every step runs whatever the one before returned: a pooler already gone must not leave
@@ -41,6 +42,11 @@ auth_type = trust
 pool_mode = transaction
 default_pool_size = 20
 max_client_conn = 10000
+; the admin console (psql .../pgbouncer) and /metrics, on loopback only
+admin_users = postgres
+stats_listen_addr = 127.0.0.1
+stats_listen_port = $stats_port
+logfile = $work/tidepool.log
 INI
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -58,7 +64,10 @@ cat <<MSG
     DATABASE_URL=postgresql://postgres@127.0.0.1:$port/postgres
 
   Try:  psql "postgresql://postgres@127.0.0.1:$port/postgres" -c 'SELECT 1'
-  Config: $work/pooler.ini     Ctrl-C stops both and removes them.
+  Console:  psql "postgresql://postgres@127.0.0.1:$port/pgbouncer" -c 'SHOW POOLS'
+  Metrics:  http://127.0.0.1:$stats_port/metrics
+  Health:   http://127.0.0.1:$stats_port/health/ready
+  Config: $work/pooler.ini   Log: $work/tidepool.log   Ctrl-C stops both and removes them.
 
 MSG
 wait "$tidepool_pid"

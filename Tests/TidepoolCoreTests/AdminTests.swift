@@ -451,4 +451,25 @@ import Testing
             LogWords.escapingControls("user=x\n2026-01-01 [1] LOG forged\r\u{1B}[31m")
                 == "user=x\\n2026-01-01 [1] LOG forged\\r\\x1b[31m")
     }
+
+    /// Every family gets its help text, and those without samples yet are shown too.
+    @Test func metricFamiliesAreDocumented() {
+        let text = MetricFamilies.documented(
+            "# TYPE tidepool_queries_total counter\ntidepool_queries_total{database=\"d\"} 3\n")
+        #expect(
+            text.contains("# HELP tidepool_queries_total Queries completed.\n# TYPE tidepool_queries_total counter\n"))
+        #expect(text.components(separatedBy: "# TYPE tidepool_queries_total").count == 2)
+        for family in MetricFamilies.all {
+            #expect(text.contains("# HELP \(family.name) "))
+            #expect(text.contains("# TYPE \(family.name) \(family.kind.rawValue)"))
+            #expect(!family.name.contains("microseconds"))
+        }
+    }
+
+    /// PgBouncer answers every console error with 08P01; tools recognise the console by it.
+    @Test func consoleErrorsAre08P01() {
+        var reply = AdminConsoleSession.answer(.failure(PostgresError(code: "42601", message: "invalid command")))
+        reply.moveReaderIndex(forwardBy: 5)
+        #expect(WireDecode.errorFields(reply).code == "08P01")
+    }
 }

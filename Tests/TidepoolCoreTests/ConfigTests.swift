@@ -90,7 +90,7 @@ import Testing
         #expect(d["server_lifetime"] == "60" && d["max_client_connections"] == "7")
         #expect(d["current_client_connections"] == "2")
         let users = AdminViews.users(config, poolUsers: [], serverConnections: [:], clients: ["u": 1])
-        let u = Dictionary(uniqueKeysWithValues: zip(users.columns, users.rows[0]))
+        let u = Dictionary(uniqueKeysWithValues: zip(users.columns, users.rows.first { $0[0] == "u" }!))
         #expect(u["reserve_pool_size"] == "3" && u["max_user_client_connections"] == "4")
         #expect(u["current_client_connections"] == "1")
     }

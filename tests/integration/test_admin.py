@@ -82,9 +82,10 @@ def test_console_permissions(tidepool):
     assert "not allowed" in str(info.value)
     with t.connect(dbname="pooler", user="watcher") as w:
         assert "pools" in {r["list"] for r in rows(w, "SHOW LISTS")}
-        with pytest.raises(errors.InsufficientPrivilege):
+        # Every console error is 08P01, as PgBouncer answers them; the message says which.
+        with pytest.raises(errors.ProtocolViolation, match="admin_users"):
             w.execute("RELOAD")
-        with pytest.raises(errors.SyntaxError):
+        with pytest.raises(errors.ProtocolViolation, match="SHOW HELP"):
             w.execute("SHOW NONSENSE")
-        with pytest.raises(errors.SyntaxError):
+        with pytest.raises(errors.ProtocolViolation, match="SHOW HELP"):
             w.execute("DROP TABLE x")

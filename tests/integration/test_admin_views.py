@@ -128,7 +128,8 @@ def test_every_show_view_under_known_load(tidepool, pg):
             assert totals["xact_count"] == stats["total_xact_count"]
             assert list(by(rows(a, "SHOW STATS_AVERAGES"), "database")["postgres"].keys())[1] == \
                 "server_assignment_count"
-            assert by(rows(a, "SHOW TOTALS"), "name")["total_xact_count"]["value"] == stats["total_xact_count"]
+            # TOTALS adds every database up, the console's own row (its queries) too.
+            assert by(rows(a, "SHOW TOTALS"), "name")["total_xact_count"]["value"] > stats["total_xact_count"]
 
             latency = rows(a, "SHOW LATENCY")
             query_total = [r for r in latency if r["database"] == "postgres" and r["kind"] == "query"
@@ -258,7 +259,7 @@ def test_control_commands(tidepool, pg):
         assert rows(a, f"KILL_CLIENT {row['id']}") == "KILL_CLIENT"
         with pytest.raises(psycopg.OperationalError):
             victim.execute("SELECT 1")
-        with pytest.raises(errors.UndefinedObject):
+        with pytest.raises(errors.ProtocolViolation):  # every console error, as PgBouncer
             a.execute("KILL_CLIENT 999999")
 
         # KILL drops a database's clients and pauses it until RESUME.
@@ -282,12 +283,10 @@ def test_control_commands(tidepool, pg):
         assert rows(a, "SET default_pool_size = 3") == "SET"
         assert by(rows(a, "SHOW CONFIG"), "key")["default_pool_size"]["value"] == "3"
         assert by(rows(a, "SHOW CONFIG"), "key")["listen_port"]["changeable"] == "no"
-        with pytest.raises(errors.CantChangeRuntimeParam):
-            a.execute("SET listen_port = 1")
-        with pytest.raises(errors.UndefinedObject):
-            a.execute("SET no_such_thing = 1")
-        with pytest.raises(errors.InvalidParameterValue):
-            a.execute("SET default_pool_size = many")
+        for command, words in [("SET listen_port = 1", "listen_port"), ("SET no_such_thing = 1", "no_such_thing"),
+                               ("SET default_pool_size = many", "many")]:
+            with pytest.raises(errors.ProtocolViolation, match=words):
+                a.execute(command)
 
 
 def test_shutdown_wait_for_clients_from_the_console(tidepool):

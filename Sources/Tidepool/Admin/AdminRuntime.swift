@@ -181,7 +181,14 @@ extension Pooler {
             let clients = shared.withLockedValue { $0.userClients }
             return loop.makeSucceededFuture(
                 AdminViews.users(
-                    config, poolUsers: snapshots.map(\.key.user), serverConnections: connections, clients: clients))
+                    config, poolUsers: snapshots.map(\.key.user), serverConnections: connections, clients: clients,
+                    authFileUsers: Array(userlist.keys)))
+        case "FDS":
+            let g = config.global
+            let listeners = g.listenAddr.isEmpty ? [] : [(address: g.listenAddr, port: g.listenPort)]
+            return clientRows(on: loop).and(serverRows(on: loop)).map { clients, servers in
+                AdminViews.fds(listeners: listeners, clients: clients, servers: servers)
+            }
         case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
             let book = trafficBook()
             let databases = Array(Set(snapshots.map(\.key.database))) + (console.map { [$0] } ?? [])

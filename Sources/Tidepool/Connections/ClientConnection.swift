@@ -414,15 +414,23 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             actions.append(.terminate)
             run()
         case .reply(let reply):
+            countConsole(AdminConsoleSession.traffic(received: body.readableBytes + 5, sent: reply.readableBytes))
             channel.writeAndFlush(reply, promise: nil)
         case .run(let command):
             let channel = self.channel
-            pooler.admin(command, on: channel.eventLoop).whenComplete { result in
-                channel.writeAndFlush(AdminConsoleSession.answer(result.mapError { $0 }), promise: nil)
+            pooler.admin(command, on: channel.eventLoop).whenComplete { [self] result in
+                let reply = AdminConsoleSession.answer(result.mapError { $0 })
+                countConsole(AdminConsoleSession.traffic(received: body.readableBytes + 5, sent: reply.readableBytes))
+                channel.writeAndFlush(reply, promise: nil)
             }
         case .none:
             break
         }
+    }
+
+    func countConsole(_ traffic: TrafficStats) {
+        guard let name = AdminViews.consoleDatabase(pooler.config) else { return }
+        pooler.trafficCell(loop: loopIndex, database: name).add(traffic)
     }
 
     // MARK: Login

@@ -118,9 +118,9 @@ final class PoolerMetrics: @unchecked Sendable {
             count("tidepool_queries_total", dimensions, by: d.queries)
             count("tidepool_received_bytes_total", dimensions, by: d.received)
             count("tidepool_sent_bytes_total", dimensions, by: d.sent)
-            count("tidepool_transaction_time_microseconds_total", dimensions, by: d.transactionTime)
-            count("tidepool_query_time_microseconds_total", dimensions, by: d.queryTime)
-            count("tidepool_wait_time_microseconds_total", dimensions, by: d.waitTime)
+            seconds("tidepool_transaction_time_seconds_total", dimensions, micros: d.transactionTime)
+            seconds("tidepool_query_time_seconds_total", dimensions, micros: d.queryTime)
+            seconds("tidepool_wait_time_seconds_total", dimensions, micros: d.waitTime)
             count("tidepool_client_parses_total", dimensions, by: d.clientParses)
             count("tidepool_server_parses_total", dimensions, by: d.serverParses)
             count("tidepool_binds_total", dimensions, by: d.binds)
@@ -129,7 +129,13 @@ final class PoolerMetrics: @unchecked Sendable {
             label: "tidepool_info", dimensions: [("version", TidepoolCoreVersion.string), ("instance_id", instance)],
             factory: factory
         ).record(1)
-        return registry.emitToString()
+        return MetricFamilies.documented(registry.emitToString())
+    }
+
+    /// A time counter in seconds, Prometheus's base unit, from microseconds.
+    func seconds(_ name: String, _ dimensions: [(String, String)], micros: Int) {
+        FloatingPointCounter(label: name, dimensions: dimensions + [("instance_id", instance)], factory: factory)
+            .increment(by: Double(micros) / 1e6)
     }
 }
 

@@ -6,17 +6,50 @@ import TidepoolCore
 /// A log handler writing PgBouncer-style lines (`time [pid] LEVEL message`) to a file or stderr.
 public struct LineLogHandler: LogHandler {
     final class Sink: @unchecked Sendable {
-        let handle: FileHandle
+        private var handle: FileHandle
+        /// The log file (nil: standard error), opened again by `reopen`.
+        let path: String?
         let lock = NSLock()
         /// The level of every logger writing here, so that SET verbose and RELOAD change them all.
         let level = Atomic<Int>(Sink.levels.firstIndex(of: .info)!)
         static let levels = Logger.Level.allCases
-        init(handle: FileHandle) { self.handle = handle }
+        init(handle: FileHandle, path: String?) {
+            self.handle = handle
+            self.path = path
+        }
         func write(_ line: String) {
             lock.lock()
             defer { lock.unlock() }
             handle.write(Data(line.utf8))
         }
+
+        /// Opens the log file again by its name (after logrotate renamed it, a new file); the old
+        /// one stays in use if the new one cannot be opened.
+        func reopen() {
+            guard let path, let fresh = try? LineLogHandler.open(path) else { return }
+            lock.lock()
+            let old = handle
+            handle = fresh
+            lock.unlock()
+            try? old.close()
+        }
+    }
+
+    /// The process's log file, for `reopenLogFile`.
+    nonisolated(unsafe) static var current: Sink?
+
+    /// SIGHUP and RELOAD open the log file again, as PgBouncer does, so that logrotate can rename it.
+    public static func reopenLogFile() { current?.reopen() }
+
+    static func open(_ path: String) throws -> FileHandle {
+        if !FileManager.default.fileExists(atPath: path) {
+            _ = FileManager.default.createFile(atPath: path, contents: nil)
+        }
+        guard let h = FileHandle(forWritingAtPath: path) else {
+            throw CocoaError(.fileWriteNoPermission, userInfo: [NSFilePathErrorKey: path])
+        }
+        h.seekToEndOfFile()
+        return h
     }
 
     let sink: Sink
@@ -34,20 +67,9 @@ public struct LineLogHandler: LogHandler {
 
     /// Logs to `path`, appending, or to standard error when `path` is nil.
     public static func factory(path: String?) throws -> @Sendable (String) -> LogHandler {
-        let handle: FileHandle
-        if let path {
-            if !FileManager.default.fileExists(atPath: path) {
-                _ = FileManager.default.createFile(atPath: path, contents: nil)
-            }
-            guard let h = FileHandle(forWritingAtPath: path) else {
-                throw CocoaError(.fileWriteNoPermission, userInfo: [NSFilePathErrorKey: path])
-            }
-            h.seekToEndOfFile()
-            handle = h
-        } else {
-            handle = FileHandle.standardError
-        }
-        let sink = Sink(handle: handle)
+        let handle = try path.map(open) ?? FileHandle.standardError
+        let sink = Sink(handle: handle, path: path)
+        current = sink
         return { label in LineLogHandler(sink: sink, label: label) }
     }
 

@@ -30,6 +30,7 @@ extension Pooler {
     /// limits, timeouts) without dropping a client. An invalid configuration is rejected and the
     /// old one stays.
     public func reload() throws(PostgresError) {
+        LineLogHandler.reopenLogFile()
         guard let reloader else {
             throw PostgresError(code: SQLState.featureNotSupported, message: "no configuration file to reload")
         }

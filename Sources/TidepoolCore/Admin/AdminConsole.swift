@@ -81,9 +81,10 @@ public enum AdminCommand: Equatable, Sendable {
         return .set(key: key.lowercased(), value: String(value).replacingDoubledQuotes)
     }
 
-    /// Whether users in stats_users (not admin_users) may run it.
+    /// Whether users in stats_users (not admin_users) may run it. SHOW FDS (sockets and their
+    /// parameters) is for admin users, as in PgBouncer.
     public var isReadOnly: Bool {
-        if case .show = self { return true }
+        if case .show(let what) = self { return what != "FDS" }
         return self == .empty
     }
 }
@@ -394,6 +395,32 @@ extension AdminViews {
             rows: rows(clients, type: "C", prefix: "cl") + rows(servers, type: "S", prefix: "sv"))
     }
 
+    /// SHOW FDS in PgBouncer's columns: the listening sockets, then every client and server
+    /// connection. Tidepool hands no sockets to another process (PgBouncer's online restart), so
+    /// the descriptor and the columns that go with a handover are NULL.
+    public static func fds(
+        listeners: [(address: String, port: Int)], clients: [ConnectionRow], servers: [ConnectionRow]
+    )
+        -> AdminResult
+    {
+        let columns = [
+            "fd", "task", "user", "database", "addr", "port", "cancel", "link", "client_encoding", "std_strings",
+            "datestyle", "timezone", "password", "scram_client_key", "scram_server_key",
+        ]
+        let types: [AdminResult.ColumnType] = [
+            .int4, .text, .text, .text, .text, .int4, .int8, .int4, .text, .text, .text, .text, .text, .text, .text,
+        ]
+        var rows: [[String?]] = listeners.map { [nil, "pooler", nil, nil, $0.address, "\($0.port)", "0", "0"] }
+        for (task, list) in [("client", clients), ("server", servers)] {
+            rows += sortedConnections(list).map { r in
+                [nil, task, r.user, r.database, r.address, "\(r.port)", "0", nil]
+            }
+        }
+        return AdminResult(
+            columns: columns, types: types,
+            rows: rows.map { $0 + Array(repeating: nil, count: columns.count - $0.count) })
+    }
+
     /// SHOW PEERS: the [peers] entries.
     public static func peers(_ config: Config) -> AdminResult {
         AdminResult(
@@ -429,15 +456,20 @@ extension AdminViews {
             rows: cache.zoneRows().map { [$0.zone, "\($0.serial)", "\($0.count)"] })
     }
 
-    /// SHOW USERS: the [users] entries and every user with a pool.
+    /// SHOW USERS: every user the pooler knows, as PgBouncer lists them: the [users] entries, the
+    /// auth file's users, the console's users (admin_users, stats_users, `pgbouncer`) and every
+    /// user with a pool or clients.
     public static func users(
-        _ config: Config, poolUsers: [String], serverConnections: [String: Int], clients: [String: Int] = [:]
+        _ config: Config, poolUsers: [String], serverConnections: [String: Int], clients: [String: Int] = [:],
+        authFileUsers: [String] = []
     ) -> AdminResult {
         let columns = [
             "name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections", "current_connections",
             "max_user_client_connections", "current_client_connections",
         ]
-        let names = Set(config.users.keys).union(poolUsers).union(clients.filter { $0.value > 0 }.keys).sorted()
+        let names = Set(config.users.keys).union(poolUsers).union(clients.filter { $0.value > 0 }.keys)
+            .union(authFileUsers).union(config.global.adminUsers).union(config.global.statsUsers).union(["pgbouncer"])
+            .sorted()
         let rows: [[String?]] = names.map { name in
             let u = config.users[name]
             return [
@@ -516,12 +548,25 @@ public enum AdminConsoleSession {
         case .success(let table):
             if table.tag.isEmpty { Wire.emptyQueryResponse(into: &reply) } else { table.encode(into: &reply) }
         case .failure(let error):
-            Wire.errorResponse(
-                error as? PostgresError ?? PostgresError(code: SQLState.internalError, message: "\(error)"),
-                into: &reply)
+            var e = error as? PostgresError ?? PostgresError(code: SQLState.internalError, message: "\(error)")
+            // PgBouncer answers every console error with 08P01, and tools (pgcli) recognise the
+            // console by it; the message says which error it is.
+            e.code = SQLState.protocolViolation
+            Wire.errorResponse(e, into: &reply)
         }
         Wire.readyForQuery(.idle, into: &reply)
         return reply
+    }
+
+    /// What a console message counts for SHOW STATS (the console's own row, as PgBouncer counts
+    /// it): one query and transaction per Query, the bytes each way.
+    public static func traffic(received: Int, sent: Int) -> TrafficStats {
+        var t = TrafficStats()
+        t.transactions = 1
+        t.queries = 1
+        t.received = received
+        t.sent = sent
+        return t
     }
 }
 
