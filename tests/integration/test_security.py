@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from conftest import LIB, Postgres, free_port
+from conftest import LIB, Postgres, free_port, wait_for_port
 from test_auth_limits import login_error
 
 PASSWORDS = ["app-secret", "md5-secret", "auth-secret", "pw-secret", "admin-secret"]
@@ -540,3 +540,43 @@ def test_a_newline_in_a_name_cannot_forge_a_log_line(tidepool):
     lines = t.log().splitlines()
     assert any("FORGED" in line for line in lines), "the attempt is logged"
     assert not any(line.startswith("FORGED") for line in lines), lines[-5:]
+
+
+def test_the_stats_port_does_not_hold_half_sent_requests(tidepool):
+    """Issue 31: 100 half-sent requests were held 70 s and more, on the clients' descriptor budget.
+    The stats port now takes at most 64 connections and closes one whose request has not come
+    whole within 10 s."""
+    port = free_port()
+    t = tidepool(settings=f"stats_listen_port = {port}\n")
+    wait_for_port(port)
+    import socket
+    held = []
+    for _ in range(100):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+        held.append(s)
+
+    def open_count():
+        alive = 0
+        for s in held:
+            s.setblocking(False)
+            try:
+                alive += s.recv(1) != b""
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                pass
+        return alive
+
+    time.sleep(1)
+    assert open_count() <= 64
+    with t.connect() as c:  # the pooler's own clients are not starved
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+    deadline = time.time() + 20
+    while time.time() < deadline and open_count() > 0:
+        time.sleep(0.5)
+    assert open_count() == 0
+    for s in held:
+        s.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=5) as r:
+        assert r.status == 200

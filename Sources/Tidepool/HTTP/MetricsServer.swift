@@ -148,7 +148,16 @@ extension Pooler {
         let channel = try ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { [self] channel in
-                channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
+                // A port of its own budget: past the cap a connection is closed at once, so that
+                // scrapers left hanging cannot take the descriptors clients need.
+                let admitted = statsConnections.withLockedValue { count in
+                    guard count < StatsHTTPHandler.maxConnections else { return false }
+                    count += 1
+                    return true
+                }
+                guard admitted else { return channel.close() }
+                channel.closeFuture.whenComplete { [self] _ in statsConnections.withLockedValue { $0 -= 1 } }
+                return channel.pipeline.configureHTTPServerPipeline().flatMapThrowing {
                     try channel.pipeline.syncOperations.addHandler(StatsHTTPHandler(pooler: self))
                 }
             }
@@ -194,8 +203,26 @@ final class StatsHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
 
     unowned let pooler: Pooler
     var path = ""
+    /// Closes the connection when a request has not come whole in time (or, after an answer, the
+    /// next one): a client sending nothing, or a byte now and then, is not held for ever.
+    var deadline: Scheduled<Void>?
+
+    /// At most this many connections on the stats port at once.
+    static let maxConnections = 64
+    /// How long a request may take to arrive, and a kept-alive connection may wait for the next.
+    static let requestTimeout = TimeAmount.seconds(10)
 
     init(pooler: Pooler) { self.pooler = pooler }
+
+    func handlerAdded(context: ChannelHandlerContext) { arm(context) }
+
+    func handlerRemoved(context: ChannelHandlerContext) { deadline?.cancel() }
+
+    func arm(_ context: ChannelHandlerContext) {
+        deadline?.cancel()
+        let channel = context.channel
+        deadline = context.eventLoop.scheduleTask(in: Self.requestTimeout) { channel.close(promise: nil) }
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -204,6 +231,7 @@ final class StatsHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
         case .body:
             break
         case .end:
+            deadline?.cancel()  // the answer may take its time (readiness waits up to a second)
             let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
             switch path {
             case "/metrics":
@@ -254,5 +282,6 @@ final class StatsHTTPHandler: ChannelInboundHandler, @unchecked Sendable {
             promise: nil)
         context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
         context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        arm(context)
     }
 }
