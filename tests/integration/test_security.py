@@ -580,3 +580,24 @@ def test_the_stats_port_does_not_hold_half_sent_requests(tidepool):
         s.close()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=5) as r:
         assert r.status == 200
+
+
+def test_a_tls_handshake_stalled_at_client_hello_ends_at_client_login_timeout(tidepool, certs):
+    """Issue 31: a client that asked for TLS and then sent no ClientHello was held past
+    client_login_timeout, until the write of its error gave up."""
+    import socket
+    import struct
+    t = tidepool(settings="client_login_timeout = 1\n" + client_tls(certs, mode="allow"))
+    s = socket.create_connection(("127.0.0.1", t.port), timeout=10)
+    s.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+    assert s.recv(1) == b"S"
+    started = time.time()
+    s.settimeout(10)
+    try:
+        while s.recv(1024):
+            pass
+    except OSError:
+        pass
+    held = time.time() - started
+    s.close()
+    assert held < 3, f"closed after {held:.1f} s"

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOCore
 import NIOSSL
+import NIOTLS
 import TidepoolCore
 
 /// One client of the pooler: frames its bytes, hands them to its `ClientSession` with the time,
@@ -44,6 +45,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var inConsole = false
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
+    /// The TLS handler is in place and its handshake not finished.
+    var tlsHandshaking = false
     /// Where `traffic` is handed in (this loop's cell for the client's database).
     var trafficCell: Pooler.TrafficCell?
     /// Histograms for /metrics (when stats_listen_port is set).
@@ -276,6 +279,11 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted = event as? TLSUserEvent { tlsHandshaking = false }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     /// Called by the loop's sweeper when client_login_timeout has passed since the connection.
     func loginTimedOut() {
         session.loginTimedOut(into: &actions)
@@ -444,6 +452,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         do {
             guard let context = pooler.security.clientTLS else { throw ChannelError.operationUnsupported }
             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context), position: .first)
+            tlsHandshaking = true
         } catch {
             closeReason = "TLS setup failed"
             channel.close(promise: nil)
@@ -743,7 +752,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// never let the message through: it is closed at once, and any client after a few seconds.
     func closeAfterWriting(_ last: ByteBuffer, waitsForReader: Bool = false) {
         let channel = self.channel
-        guard channel.isWritable || waitsForReader else {
+        // A TLS handshake that never finished would hold the error (and the connection) until the cap.
+        guard !tlsHandshaking, channel.isWritable || waitsForReader else {
             channel.close(promise: nil)
             return
         }
