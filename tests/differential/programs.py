@@ -133,7 +133,10 @@ def generate(seed, clients=6, length=24):
     for c in range(clients):
         choices = steps_for(c)
         steps = [rng.choice(choices) for _ in range(rng.randint(length // 2, length))]
-        program.append({"client": c, "startup": rng.choice(STARTUPS), "steps": steps})
+        # Most clients are psycopg (simple and extended protocol); some asyncpg, whose statement
+        # cache prepares every query it fetches with.
+        driver = "asyncpg" if rng.random() < 0.25 else "psycopg"
+        program.append({"client": c, "startup": rng.choice(STARTUPS), "steps": steps, "driver": driver})
     return program
 
 
@@ -192,11 +195,67 @@ def run_client(connect, client, out):
     out[client["client"]] = seen
 
 
+def server_settings(startup):
+    """A psycopg startup dict as asyncpg's server_settings."""
+    settings = {}
+    for word in startup.get("options", "").split():
+        if word != "-c":
+            name, _, value = word.partition("=")
+            settings[name] = value
+    if "application_name" in startup:
+        settings["application_name"] = startup["application_name"]
+    return settings
+
+
+async def run_asyncpg_client(port, client, out):
+    import asyncpg
+
+    seen = []
+    try:
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="postgres",
+                                     server_settings=server_settings(client["startup"]))
+    except asyncpg.PostgresError as e:
+        out[client["client"]] = [("connect", e.sqlstate)]
+        return
+    try:
+        for kind, text in client["steps"]:
+            try:
+                if kind == "sql":
+                    result = ("ok", await conn.execute(text))
+                else:
+                    query = text.replace("%s", "$1")
+                    args = (0,) if "$1" in query else ()
+                    rows = await conn.fetch(query, *args)
+                    result = ("ok", [tuple(r.values()) for r in rows], [list(r.keys()) for r in rows[:1]])
+            except asyncpg.PostgresError as e:
+                result = ("error", e.sqlstate) + ((str(e),) if MESSAGES else ())
+            except asyncpg.InterfaceError as e:
+                result = ("interface error", type(e).__name__)
+            if conn.is_closed():
+                seen.append((text, result, "connection lost"))
+                break
+            settings = conn.get_settings()
+            params = tuple(getattr(settings, p, None) for p in REPORTED)
+            seen.append((text, result, params, conn.is_in_transaction()))
+    finally:
+        await conn.close()
+    out[client["client"]] = seen
+
+
 def run(connect, program):
     """Each client's observations, all clients at once."""
+    import asyncio
+
     setup(connect, program)
     out = {}
-    threads = [threading.Thread(target=run_client, args=(connect, client, out)) for client in program]
+
+    def target(client):
+        if client.get("driver") == "asyncpg":
+            asyncio.run(run_asyncpg_client(connect.port, client, out))
+        else:
+            run_client(connect, client, out)
+
+    threads = [threading.Thread(target=target, args=(client,)) for client in program]
     for th in threads:
         th.start()
     for th in threads:
@@ -251,6 +310,6 @@ def shrink(direct, pooled, program, budget=40):
 def describe(program):
     lines = []
     for client in program:
-        lines.append(f"client {client['client']} startup {client['startup']}:")
+        lines.append(f"client {client['client']} ({client.get('driver', 'psycopg')}) startup {client['startup']}:")
         lines += [f"    {kind}: {text!r}" for kind, text in client["steps"]]
     return "\n".join(lines)

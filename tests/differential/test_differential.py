@@ -25,6 +25,8 @@ def connectors(pg, t):
         return psycopg.connect(host="127.0.0.1", port=t.port, dbname="postgres", user="postgres",
                                autocommit=True, connect_timeout=30, **kw)
 
+    direct.port = pg.port
+    pooled.port = t.port
     return direct, pooled
 
 
