@@ -12,7 +12,7 @@ import Testing
 @Suite struct LexerOracleTests {
     @Test func tokensAgreeWithPostgreSQLsScanner() throws {
         let seconds = ProcessInfo.processInfo.environment["LEXER_ORACLE_SECONDS"].flatMap(Double.init)
-        var generator = SplitMix(
+        var generator = SplitMix64(
             seed: ProcessInfo.processInfo.environment["LEXER_ORACLE_SEED"].flatMap(UInt64.init) ?? 30)
         let deadline = Date().addingTimeInterval(seconds ?? 0)
         var compared = 0
@@ -190,7 +190,7 @@ import Testing
         "!=", "x", "é", "\\", "'a'\n'b'", "'a' \n -- c\n 'b'", "'a' /* c */\n'b'", "'a'\r'b'", "E'a'\n'\\''",
     ]
 
-    static func generate(_ g: inout SplitMix) -> String {
+    static func generate(_ g: inout SplitMix64) -> String {
         let count = 1 + Int(g.next() % 12)
         var out = ""
         for _ in 0..<count { out += fragments[Int(g.next() % UInt64(fragments.count))] }
@@ -271,18 +271,5 @@ enum ScanTokens {
             default: position = end
             }
         }
-    }
-}
-
-/// A small seeded generator, so that a failure is found again from its seed.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -111,6 +111,23 @@ import Testing
             "the names carry the process's secret")
     }
 
+    /// A refused statement's text cannot end its own dollar quote (a client's name is in it).
+    @Test func failingStatementsKeepTheirQuoteWhole() {
+        var sql = SessionStatements.failing(
+            code: "42P05", message: "prepared statement \"x$tidepool$; DROP TABLE t; --\"")
+        #expect(!sql.hasPrefix("DO $tidepool$"))
+        let kinds = sql.withUTF8 { utf8 -> [SQLLexer.Kind] in
+            var lexer = SQLLexer(UnsafeRawBufferPointer(utf8))
+            var kinds: [SQLLexer.Kind] = []
+            while true {
+                let t = lexer.next()
+                kinds.append(t.kind)
+                if t.kind == .end { return kinds }
+            }
+        }
+        #expect(kinds == [.word, .string, .end], "DO and one dollar-quoted body, nothing after it")
+    }
+
     /// Values are sent again as PostgreSQL's own token text, not tokens joined again.
     @Test func valuesReplayAsWritten() {
         #expect(

@@ -11,14 +11,12 @@ reset, which no SQL can undo: reads go through `custom()`, which takes NULL and 
 """
 
 import asyncio
-import os
-import shutil
-import subprocess
 
 import asyncpg
 import psycopg
 import pytest
 
+from test_prepared import run_pgjdbc
 from test_session_state import pooled
 
 
@@ -182,20 +180,10 @@ def test_two_pgjdbc_connections_recover_from_a_schema_change_as_they_do_directly
     which pgjdbc recovers from. Where its Bind's result formats give it away (08P01 "bind message
     has 2 result formats but query has 3 columns"), that error is now the 0A000
     (PreparedStatementTrackerTests); where they do not, it is still missed."""
-    jar = "/usr/share/java/postgresql.jar"
-    assert shutil.which("javac") and os.path.exists(jar), "scripts/test.sh installs a JDK and pgjdbc"
-    source = os.path.join(os.path.dirname(__file__), "java", "StalePlanTwo.java")
-    subprocess.run(["javac", "-d", str(tmp_path), source], check=True)
     t = tidepool(settings="default_pool_size = 2\nignore_startup_parameters = extra_float_digits\n")
 
     def run(port):
-        out = subprocess.run(
-            ["java", "-cp", f"{tmp_path}:{jar}", "StalePlanTwo",
-             f"jdbc:postgresql://127.0.0.1:{port}/postgres?prepareThreshold=1",
-             f"jdbc:postgresql://127.0.0.1:{pg.port}/postgres"],
-            capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.split(), out.stderr
+        return run_pgjdbc(tmp_path, "StalePlanTwo", port, pg.port)
 
     direct, _ = run(pg.port)
     through, stderr = run(t.port)

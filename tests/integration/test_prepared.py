@@ -354,25 +354,32 @@ def test_prepared_statements_recover_after_a_schema_change(pg, tidepool):
     assert errors <= 1
 
 
+def run_pgjdbc(tmp_path, program, pooled_port, direct_port):
+    """Compiles tests/integration/java/PROGRAM.java and runs it with a prepareThreshold=1 URL for
+    `pooled_port` and a plain one for `direct_port`; returns its output's words and its stderr."""
+    jar = "/usr/share/java/postgresql.jar"
+    assert shutil.which("javac") and os.path.exists(jar), "scripts/test.sh installs a JDK and pgjdbc"
+    source = os.path.join(os.path.dirname(__file__), "java", f"{program}.java")
+    subprocess.run(["javac", "-d", str(tmp_path), source], check=True)
+    out = subprocess.run(
+        ["java", "-cp", f"{tmp_path}:{jar}", program,
+         f"jdbc:postgresql://127.0.0.1:{pooled_port}/postgres?prepareThreshold=1",
+         f"jdbc:postgresql://127.0.0.1:{direct_port}/postgres"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split(), out.stderr
+
+
 def test_pgjdbc_recovers_from_a_schema_change(pg, tidepool, tmp_path):
     """pgjdbc (Debian's libpostgresql-jdbc-java) with prepareThreshold=1: after ALTER TABLE the same
     PreparedStatement keeps working, as it does directly against PostgreSQL (before, it failed 10
     times in 10 with "cached plan must not change result type" until RECONNECT)."""
-    jar = "/usr/share/java/postgresql.jar"
-    assert shutil.which("javac") and os.path.exists(jar), "scripts/test.sh installs a JDK and pgjdbc"
-    source = os.path.join(os.path.dirname(__file__), "java", "StalePlan.java")
-    subprocess.run(["javac", "-d", str(tmp_path), source], check=True)
     t = tidepool(settings="default_pool_size = 2\nignore_startup_parameters = extra_float_digits\n")
 
     def run(port):
-        out = subprocess.run(
-            ["java", "-cp", f"{tmp_path}:{jar}", "StalePlan",
-             f"jdbc:postgresql://127.0.0.1:{port}/postgres?prepareThreshold=1",
-             f"jdbc:postgresql://127.0.0.1:{pg.port}/postgres"],
-            capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        errors, ok = map(int, out.stdout.split())
-        return errors, ok, out.stderr
+        words, stderr = run_pgjdbc(tmp_path, "StalePlan", port, pg.port)
+        errors, ok = map(int, words)
+        return errors, ok, stderr
 
     assert run(pg.port)[:2] == (0, 10)  # directly: pgjdbc recovers by itself
     errors, ok, stderr = run(t.port)

@@ -60,7 +60,7 @@ extension ClientSession {
     /// The SETs that make the server's tracked parameters the client's, in one Query; nil when they
     /// already agree. The server is taken to hold the values from now on.
     mutating func parameterSync(_ server: ServerSessionState) -> String? {
-        syncedParameters.removeAll()
+        if !syncedParameters.isEmpty { syncedParameters.removeAll() }
         guard server.$parameters != $wanted else { return nil }
         var sets = ""
         for name in StartupParameters.tracked {

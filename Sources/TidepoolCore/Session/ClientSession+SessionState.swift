@@ -158,11 +158,11 @@ extension ClientSession {
     static func refusedMessage(_ type: UInt8, body: ByteBuffer, reason: PinReason) -> ByteBuffer {
         let sql =
             reason == .reservedName
-            ? "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '42939', MESSAGE = "
-                + "\("prepared statement names beginning with \"\(PreparedStatementTracker.reservedPrefix)\" are reserved for the pooler".sqlLiteral); END$tidepool$"
-            : "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = "
-                + "\("\(reason.statement) keeps session state, which session_state = refuse does not allow".sqlLiteral), "
-                + "HINT = 'pool this client in session mode, or set session_state = track'; END$tidepool$"
+            ? SessionStatements.failing(code: SQLState.reservedName, message: PreparedStatementTracker.reservedMessage)
+            : SessionStatements.failing(
+                code: SQLState.featureNotSupported,
+                message: "\(reason.statement) keeps session state, which session_state = refuse does not allow",
+                hint: "pool this client in session mode, or set session_state = track")
         var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 64)
         if type == MessageType.parse {
             var b = body

@@ -398,12 +398,9 @@ public struct PreparedStatementTracker: Sendable {
         if Self.isReserved(command.name) {
             // The pooler's own statements are out of the clients' reach (with session_state =
             // track the session refuses these before they get here, in any statement of a Query).
-            let message =
-                "prepared statement names beginning with \"\(Self.reservedPrefix)\" are reserved for the pooler"
             out.append(
                 Self.queryMessage(
-                    "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '42939', MESSAGE = \(message.sqlLiteral); "
-                        + "END$tidepool$"))
+                    SessionStatements.failing(code: SQLState.reservedName, message: Self.reservedMessage)))
             append(.pass(MessageType.query))
             return true
         }
@@ -414,11 +411,11 @@ public struct PreparedStatementTracker: Sendable {
         case .prepare(let name, let text):
             if statements[name] != nil {
                 // PostgreSQL's own error, raised by the server so the transaction fails as it would.
-                let message = "prepared statement \"\(name)\" already exists".sqlLiteral
                 out.append(
                     Self.queryMessage(
-                        "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '\(SQLState.duplicatePreparedStatement)', "
-                            + "MESSAGE = \(message); END$tidepool$"))
+                        SessionStatements.failing(
+                            code: SQLState.duplicatePreparedStatement,
+                            message: "prepared statement \"\(name)\" already exists")))
                 append(.pass(MessageType.query))
                 return true
             }
@@ -800,6 +797,10 @@ public struct PreparedStatementTracker: Sendable {
 
     /// The prefix of the pooler's statement names, which clients may not use in SQL.
     public static let reservedPrefix = "tidepool_"
+
+    /// What a client that names one of the pooler's statements is told (SQLSTATE 42939).
+    static let reservedMessage =
+        "prepared statement names beginning with \"\(reservedPrefix)\" are reserved for the pooler"
 
     /// Whether a statement name (as PostgreSQL folds it) is in the pooler's namespace.
     public static func isReserved(_ name: String) -> Bool { name.lowercased().hasPrefix(reservedPrefix) }

@@ -718,6 +718,18 @@ public enum SessionStatements {
 }
 
 extension SessionStatements {
+    /// A statement that fails on the server with `code` and `message` (and `hint`), sent in place of
+    /// one the pooler refuses, so that the error comes in its place among the replies and fails the
+    /// transaction as PostgreSQL's own would. The body's dollar quote is one the text does not hold.
+    static func failing(code: String, message: String, hint: String? = nil) -> String {
+        var body = "BEGIN RAISE EXCEPTION USING ERRCODE = '\(code)', MESSAGE = \(message.sqlLiteral)"
+        if let hint { body += ", HINT = \(hint.sqlLiteral)" }
+        body += "; END"
+        var tag = "$tidepool$"
+        while body.contains(tag) { tag.insert("x", at: tag.index(before: tag.endIndex)) }
+        return "DO \(tag)\(body)\(tag)"
+    }
+
     /// A channel name as PostgreSQL keeps it: identifiers are cut to NAMEDATALEN - 1 bytes (63),
     /// at a character boundary.
     static func channelName(_ name: String) -> String {

@@ -37,6 +37,7 @@ public enum SQLState {
     public static let invalidCatalogName = "3D000"
     public static let tooManyConnections = "53300"
     public static let featureNotSupported = "0A000"
+    public static let reservedName = "42939"
     public static let queryCanceled = "57014"
     public static let adminShutdown = "57P01"
     public static let programLimitExceeded = "54000"
