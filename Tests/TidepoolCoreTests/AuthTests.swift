@@ -217,4 +217,22 @@ import Testing
         #expect(ClientSession.admissionLimit(database: "pgbouncer", user: "mallory", config: config) == 10)
         #expect(ClientSession.admissionLimit(database: "app", user: "ops", config: config) == 10)
     }
+
+    /// auth_query lookups against one database run two at a time; the rest wait their turn.
+    @Test func authLookupsAreBoundedPerDatabase() {
+        var queue = AuthLookupQueue<Int>(limit: 2)
+        let started = [
+            queue.request(target: "db", key: "a", waiter: 1), queue.request(target: "db", key: "b", waiter: 2),
+            queue.request(target: "db", key: "c", waiter: 3), queue.request(target: "db", key: "d", waiter: 4),
+            queue.request(target: "other", key: "a", waiter: 5),
+        ]
+        #expect(started == [true, true, false, false, true], "another database has its own two")
+        #expect(queue.counts(target: "db") == (2, 2))
+        let next = [queue.finished(target: "db")?.waiter, queue.finished(target: "db")?.waiter]
+        #expect(next == [3, 4])
+        #expect(queue.counts(target: "db") == (2, 0))
+        let after = [queue.finished(target: "db")?.waiter, queue.finished(target: "db")?.waiter]
+        #expect(after == [nil, nil])
+        #expect(queue.counts(target: "db") == (0, 0))
+    }
 }

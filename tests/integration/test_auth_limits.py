@@ -345,3 +345,43 @@ def test_trust_looks_up_users_missing_from_auth_file(tidepool):
         assert c.execute("SELECT current_user").fetchone()[0] == "md5user"
     with pytest.raises(psycopg.OperationalError, match="auth_query did not find it"):
         t.connect(user="ghost")
+
+
+def test_a_flood_of_unknown_users_costs_postgresql_two_connections(tidepool, pg):
+    """Issue 31: each login of an unknown user opened its own auth_user connection; 200 at once
+    exhausted PostgreSQL's connections for everyone. Lookups now run two at a time per database."""
+    t = tidepool(userlist='"postgres" ""\n', settings="auth_type = trust\nauth_user = postgres\nmax_client_conn = 500\n")
+    most = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal most
+        with pg.connect() as c:
+            while not stop.is_set():
+                n = c.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                              "AND usename = 'postgres' AND pid <> pg_backend_pid()").fetchone()[0]
+                most = max(most, n)
+                time.sleep(0.002)
+
+    refused = []
+
+    def login(i):
+        try:
+            psycopg.connect(host="127.0.0.1", port=t.port, dbname="postgres", user=f"ghost{i}",
+                            connect_timeout=30).close()
+        except psycopg.OperationalError as e:
+            refused.append(str(e))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    logins = [threading.Thread(target=login, args=(i,)) for i in range(60)]
+    for th in logins:
+        th.start()
+    for th in logins:
+        th.join(60)
+    stop.set()
+    sampler.join(10)
+    assert len(refused) == 60 and all("auth_query did not find it" in e for e in refused), refused[:3]
+    assert 1 <= most <= 2, f"{most} auth_user connections at once"
+    with t.connect(user="md5user") as c:  # a real user still logs in
+        assert c.execute("SELECT current_user").fetchone()[0] == "md5user"

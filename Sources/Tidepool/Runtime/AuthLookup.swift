@@ -124,15 +124,37 @@ extension Pooler {
     }
 
     /// Looks up `user`'s secret with auth_query, from the cache when it is fresh. Completes on `loop`.
+    /// Lookups against one database run a couple at a time (`AuthLookupQueue`), the rest queued.
     func lookUpSecret(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
+        AuthQueryExchange.Outcome
+    > {
+        guard authUser(for: database) != nil else { return loop.makeSucceededFuture(.notFound) }
+        let (authDBName, key) = authQueryTarget(user: user, database: database)
+        if let cached = credentials.withLockedValue({ $0.authQuery.lookup(key, now: NIODeadline.now()) }) {
+            return loop.makeSucceededFuture(cached)
+        }
+        let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
+        let start = { @Sendable in
+            self.runLookup(user: user, database: database, on: loop).whenComplete { result in
+                promise.completeWith(result)
+                if let next = self.authLookups.withLockedValue({ $0.finished(target: authDBName) }) {
+                    next.waiter()
+                }
+            }
+        }
+        if authLookups.withLockedValue({ $0.request(target: authDBName, key: key, waiter: start) }) { start() }
+        return promise.futureResult
+    }
+
+    /// One lookup on a connection of its own as auth_user (its settings only, never the client's).
+    func runLookup(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
         AuthQueryExchange.Outcome
     > {
         let config = self.config
         guard let authUser = authUser(for: database) else { return loop.makeSucceededFuture(.notFound) }
         let (authDBName, key) = authQueryTarget(user: user, database: database)
-        let now = NIODeadline.now()
-        if let cached = credentials.withLockedValue({ $0.authQuery.lookup(key, now: now) }) {
-            return loop.makeSucceededFuture(cached)
+        if let cached = credentials.withLockedValue({ $0.authQuery.lookup(key, now: NIODeadline.now()) }) {
+            return loop.makeSucceededFuture(cached)  // found by a lookup this one queued behind
         }
         guard let target = config.database(named: authDBName) else {
             return loop.makeSucceededFuture(

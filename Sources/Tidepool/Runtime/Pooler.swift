@@ -64,6 +64,8 @@ public final class Pooler: @unchecked Sendable {
     var listeners: [Channel] = []
     /// The HTTP listener for /metrics and /health (stats_listen_port).
     var statsListener: Channel?
+    /// auth_query lookups running and queued, per database they run against.
+    let authLookups = NIOLockedValueBox(AuthLookupQueue<@Sendable () -> Void>())
     /// Connections open on the stats port (`startStatsListener` caps them).
     let statsConnections = NIOLockedValueBox(0)
     let metrics: PoolerMetrics

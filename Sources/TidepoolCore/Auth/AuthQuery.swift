@@ -105,3 +105,43 @@ public struct AuthQueryCache: Sendable {
 
     public mutating func removeAll() { entries.removeAll() }
 }
+
+/// How many auth_query lookups run at once against one database (`target`): at most `limit`
+/// connections as auth_user, the rest queued in order (a queued lookup whose user was found
+/// meanwhile takes the cached answer). A flood of logins of unknown users then costs PostgreSQL
+/// a couple of connections, not one each (PgBouncer uses one).
+public struct AuthLookupQueue<Waiter>: Sendable where Waiter: Sendable {
+    public var limit: Int
+    var running: [String: Int] = [:]
+    var queued: [String: [(key: String, waiter: Waiter)]] = [:]
+
+    public init(limit: Int = 2) { self.limit = max(limit, 1) }
+
+    /// A lookup of `key` against `target`: true when it may start now; otherwise `waiter` waits
+    /// for `finished`.
+    public mutating func request(target: String, key: String, waiter: Waiter) -> Bool {
+        if running[target, default: 0] < limit {
+            running[target, default: 0] += 1
+            return true
+        }
+        queued[target, default: []].append((key, waiter))
+        return false
+    }
+
+    /// A lookup against `target` ended: the next queued one (if any) starts in its place.
+    public mutating func finished(target: String) -> (key: String, waiter: Waiter)? {
+        if var waiting = queued[target], !waiting.isEmpty {
+            let next = waiting.removeFirst()
+            queued[target] = waiting.isEmpty ? nil : waiting
+            return next
+        }
+        let left = running[target, default: 1] - 1
+        running[target] = left > 0 ? left : nil
+        return nil
+    }
+
+    /// Lookups running and queued against `target`.
+    public func counts(target: String) -> (running: Int, queued: Int) {
+        (running[target] ?? 0, queued[target]?.count ?? 0)
+    }
+}
