@@ -385,3 +385,24 @@ def test_a_flood_of_unknown_users_costs_postgresql_two_connections(tidepool, pg)
     assert 1 <= most <= 2, f"{most} auth_user connections at once"
     with t.connect(user="md5user") as c:  # a real user still logs in
         assert c.execute("SELECT current_user").fetchone()[0] == "md5user"
+
+
+def test_auth_query_never_runs_with_the_clients_startup_settings(tidepool, pg):
+    """PgBouncer's CVE-2025-12819 class: an auth_query run with the client's startup search_path
+    would read a pg_shadow of the client's making. The lookup logs in as auth_user with its own
+    settings only, so the forged row is never seen."""
+    import hashlib
+    forged = "md5" + hashlib.md5(b"pwned" + b"ghostx").hexdigest()
+    with pg.connect() as c:
+        c.execute("DROP SCHEMA IF EXISTS evil CASCADE")
+        c.execute("CREATE SCHEMA evil")
+        c.execute(f"CREATE VIEW evil.pg_shadow AS SELECT 'ghostx'::name AS usename, '{forged}'::text AS passwd")
+    try:
+        t = tidepool(userlist='"postgres" ""\n', settings="auth_type = md5\nauth_user = postgres\n")
+        with pytest.raises(psycopg.OperationalError) as refused:
+            psycopg.connect(host="127.0.0.1", port=t.port, dbname="postgres", user="ghostx", password="pwned",
+                            options="-c search_path=evil,pg_catalog", connect_timeout=10)
+        assert "password authentication failed" in str(refused.value) or "did not find" in str(refused.value)
+    finally:
+        with pg.connect() as c:
+            c.execute("DROP SCHEMA evil CASCADE")
