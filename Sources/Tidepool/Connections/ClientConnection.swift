@@ -422,23 +422,19 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             actions.append(.terminate)
             run()
         case .reply(let reply):
-            countConsole(AdminConsoleSession.traffic(received: body.readableBytes + 5, sent: reply.readableBytes))
+            pooler.countConsole(loop: loopIndex, received: body.readableBytes + 5, sent: reply.readableBytes)
             channel.writeAndFlush(reply, promise: nil)
         case .run(let command):
             let channel = self.channel
-            pooler.admin(command, on: channel.eventLoop).whenComplete { [self] result in
+            let (pooler, loop, received) = (self.pooler, loopIndex, body.readableBytes + 5)
+            pooler.admin(command, on: channel.eventLoop).whenComplete { result in
                 let reply = AdminConsoleSession.answer(result.mapError { $0 })
-                countConsole(AdminConsoleSession.traffic(received: body.readableBytes + 5, sent: reply.readableBytes))
+                pooler.countConsole(loop: loop, received: received, sent: reply.readableBytes)
                 channel.writeAndFlush(reply, promise: nil)
             }
         case .none:
             break
         }
-    }
-
-    func countConsole(_ traffic: TrafficStats) {
-        guard let name = AdminViews.consoleDatabase(pooler.config) else { return }
-        pooler.trafficCell(loop: loopIndex, database: name).add(traffic)
     }
 
     // MARK: Login

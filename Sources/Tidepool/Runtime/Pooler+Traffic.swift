@@ -50,6 +50,12 @@ extension Pooler {
         }
     }
 
+    /// A console message and its answer, counted in the console's own SHOW STATS row.
+    func countConsole(loop: Int, received: Int, sent: Int) {
+        guard let name = AdminViews.consoleDatabase(config) else { return }
+        trafficCell(loop: loop, database: name).add(AdminConsoleSession.traffic(received: received, sent: sent))
+    }
+
     /// The traffic totals summed over the loops, with the stats periods.
     func trafficBook(endingPeriodAfter seconds: Double? = nil) -> TrafficBook {
         let cells = trafficCells.withLockedValue { Array($0.values) }
