@@ -135,6 +135,7 @@ import Testing
                 switch chunk {
                 case .forward(let b): forwarded += b.readableBytes
                 case .message: sawReady = true
+                case .head: Issue.record("no head was asked for")
                 }
             }
         }

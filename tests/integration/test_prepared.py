@@ -4,6 +4,7 @@ Every scenario runs twice, once straight against PostgreSQL and once through a T
 servers shared by several connections, and the two transcripts must be identical.
 """
 
+import hashlib
 import asyncio
 import os
 import re
@@ -384,3 +385,19 @@ def test_pgjdbc_recovers_from_a_schema_change(pg, tidepool, tmp_path):
     assert run(pg.port)[:2] == (0, 10)  # directly: pgjdbc recovers by itself
     errors, ok, stderr = run(t.port)
     assert (errors, ok) == (0, 10), stderr
+
+
+def test_large_parameters_of_named_statements_go_through(tidepool):
+    """A Bind larger than max_buffered_bytes is rewritten from its first bytes and its parameters
+    streamed (issue 31, item 4): the answers are PostgreSQL's, on whichever server runs it."""
+    t = tidepool(settings="default_pool_size = 2\nmax_buffered_bytes = 8192\n")
+    clients = [t.connect(prepare_threshold=0) for _ in range(3)]
+    try:
+        for size in (100, 50_000, 3_000_000, 70_000):
+            for i, c in enumerate(clients):
+                text = chr(ord("a") + i) * size
+                row = c.execute("SELECT length(%s::text), md5(%s::text)", (text, text), prepare=True).fetchone()
+                assert row == (size, hashlib.md5(text.encode()).hexdigest())
+    finally:
+        for c in clients:
+            c.close()

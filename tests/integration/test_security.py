@@ -5,6 +5,8 @@ the certificates are made with openssl by the fixture."""
 
 import os
 import re
+import socket
+import struct
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +19,7 @@ from psycopg import errors
 
 from conftest import LIB, Postgres, free_port, wait_for_port
 from test_auth_limits import login_error
+from test_core import read_until_ready
 
 PASSWORDS = ["app-secret", "md5-secret", "auth-secret", "pw-secret", "admin-secret"]
 
@@ -601,3 +604,53 @@ def test_a_tls_handshake_stalled_at_client_hello_ends_at_client_login_timeout(ti
     held = time.time() - started
     s.close()
     assert held < 3, f"closed after {held:.1f} s"
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def message(kind, body):
+    return kind + struct.pack("!i", 4 + len(body)) + body
+
+
+LARGE_MESSAGES = {
+    # A Query whose text goes on and on; a Bind of a named statement with one huge parameter.
+    "query": lambda declared: b"Q" + struct.pack("!i", declared) + b"SELECT length('",
+    # A Query the prepared-statement tracker looks at first (d, p, e: DEALLOCATE, PREPARE, EXECUTE?).
+    "delete": lambda declared: b"Q" + struct.pack("!i", declared) + b"  DELETE FROM nowhere WHERE x = '",
+    "bind": lambda declared: (message(b"P", b"s\0SELECT $1\0" + struct.pack("!hi", 1, 25))
+                              + b"B" + struct.pack("!i", declared) + b"\0s\0" + struct.pack("!hhi", 0, 1, declared - 17)),
+}
+
+
+@pytest.mark.parametrize("settings,message", [
+    ("", "query"),
+    ("", "bind"),
+    ("", "delete"),
+    ("session_state = ignore\n", "query"),
+    ("pool_mode = session\n", "query"),
+    ("max_prepared_statements = 0\n", "query"),
+])
+def test_a_large_message_goes_through_as_it_arrives(tidepool, settings, message):
+    """Issue 31 (item 4): a client that declares a message of 900 MB and sends 192 MB of it costs
+    the pooler a bounded buffer, not every byte: past what a decision needs, the message goes to
+    the server as it comes (PgBouncer: +0)."""
+    t = tidepool(settings=settings)
+    declared = 900 * 1024 * 1024
+    sock = socket.create_connection(("127.0.0.1", t.port))
+    body = f"user\0postgres\0database\0postgres\0\0".encode()
+    sock.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
+    read_until_ready(sock)
+    before = rss_kib(t.proc.pid)
+    sock.sendall(LARGE_MESSAGES[message](declared))
+    chunk = b"x" * (1024 * 1024)
+    for _ in range(192):
+        sock.sendall(chunk)
+    time.sleep(0.5)
+    grown = rss_kib(t.proc.pid) - before
+    sock.close()
+    assert grown < 48 * 1024, f"the pooler grew by {grown} KiB while 192 MiB of one message went through"
+    with t.connect() as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)

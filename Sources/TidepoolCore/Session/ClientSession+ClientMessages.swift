@@ -40,6 +40,8 @@ extension ClientSession {
                 switch chunk {
                 case .forward(let bytes):
                     forward(bytes, now: now, into: &actions)
+                case .head:
+                    assertionFailure("without prepared statements no message is handed over by its head")
                 case .message(let type, let body, _):
                     if let reason = refusal, type != MessageType.terminate,
                         !(type == MessageType.query && refusesSimpleQuery)
@@ -147,10 +149,14 @@ extension ClientSession {
             let chunk = try scanner.next(
                 from: &buffer,
                 peek: { type, bytes, bodyStart in
-                    if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery)
-                        || PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart)
-                    {
+                    if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery) {
                         return .inspect
+                    }
+                    if PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart),
+                        let disposition = PreparedStatementTracker.disposition(
+                            type, bytes, bodyStart: bodyStart, limit: bufferLimit)
+                    {
+                        return disposition
                     }
                     if tracksSessionState,
                         !Self.statementRead(
@@ -169,6 +175,12 @@ extension ClientSession {
         switch chunk {
         case .forward(let bytes):
             toServer.append(bytes)
+        case .head(let type, let length, let body):
+            // A Bind too large to hold: its statement is rewritten, its parameters go as they come.
+            if tracksSessionState { sessionMessage(type, body: body, whole: false) }
+            Self.clientSent(type, tracker: &tracker, state: sessionState)
+            if prepared!.epoch != statementEpoch { prepared!.epoch = statementEpoch }
+            prepared!.clientBindHead(body, length: length, server: &server.statements, into: &toServer)
         case .message(let type, let body, let whole):
             if type == MessageType.terminate {
                 terminate(into: &actions)

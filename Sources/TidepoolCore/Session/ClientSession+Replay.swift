@@ -70,9 +70,17 @@ extension ClientSession {
     }
 
     /// Client bytes read while the lend is not answered.
+    /// Past `bufferLimit` bytes the request is not kept: a message of any size then goes through
+    /// as it arrives, and a server lost before answering it costs the client its connection.
     mutating func keepForReplay(_ buffer: ByteBuffer) {
+        let lease = leaseStart!
+        let kept = lease.after.bytes?.readableBytes ?? 0
+        guard kept + buffer.readableBytes <= bufferLimit else {
+            leaseAnswered()
+            return
+        }
         var copy = buffer
-        leaseStart!.after.keep(&copy)
+        lease.after.keep(&copy)
     }
 
     /// Whether the first answer of the lend (`bytes`, whole messages from the server) is a FATAL

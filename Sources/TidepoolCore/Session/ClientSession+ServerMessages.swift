@@ -64,6 +64,8 @@ extension ClientSession {
                         run.write(to: &self, into: &actions)
                         writeQueuedNotifications(into: &actions)
                     }
+                case .head:
+                    assertionFailure("the server's scanner hands over whole messages only")
                 case .message(let type, let body, _):
                     if type == MessageType.parameterStatus {
                         run.write(to: &self, into: &actions)

@@ -214,6 +214,65 @@ public struct PreparedStatementTracker: Sendable {
         }
     }
 
+    /// How a message `inspects` accepts is read when it is longer than `limit`, nil when it need
+    /// not be read after all. A Bind is read by its portal and statement names only (its
+    /// parameters then go to the server as they arrive); a Query whose first word is none of
+    /// DISCARD, DEALLOCATE, PREPARE and EXECUTE is forwarded. Until the bytes that decide have come,
+    /// `.inspect` keeps it, and it is looked at again with more; what still cannot be decided from
+    /// its first `namesLimit` bytes (a PREPARE of a huge statement) is held whole.
+    public static func disposition(_ type: UInt8, _ buffer: ByteBuffer, bodyStart: Int, limit: Int)
+        -> MessageDisposition?
+    {
+        guard let declared = buffer.getInteger(at: bodyStart - 4, as: Int32.self), Int(declared) > limit else {
+            return .inspect
+        }
+        let available = min(buffer.writerIndex - bodyStart, Int(declared) - 4, namesLimit)
+        return buffer.withUnsafeReadableBytes { raw -> MessageDisposition? in
+            let body = UnsafeRawBufferPointer(rebasing: raw[(bodyStart - buffer.readerIndex)...].prefix(available))
+            switch type {
+            case MessageType.bind:
+                guard let portalEnd = body.firstIndex(of: 0),
+                    let nameEnd = body[(portalEnd + 1)...].firstIndex(of: 0)
+                else { return .inspect }
+                return .head(nameEnd + 1)
+            case MessageType.query:
+                guard let start = body.firstIndex(where: { $0 != 32 && $0 != 9 && $0 != 10 && $0 != 13 }),
+                    let end = body[start...].firstIndex(where: { !(($0 | 0x20) >= 97 && ($0 | 0x20) <= 122) })
+                else { return .inspect }
+                let word = String(decoding: body[start..<end], as: UTF8.self).lowercased()
+                return ["discard", "deallocate", "prepare", "execute"].contains(word) ? .inspect : nil
+            default:
+                return .inspect
+            }
+        }
+    }
+
+    static let namesLimit = 4096
+
+    /// The start of a Bind too large to hold (`disposition`): its portal and statement names.
+    /// The rest of the message follows unchanged, so only the statement name is rewritten.
+    public mutating func clientBindHead(
+        _ body: ByteBuffer, length: Int, server: inout ServerStatementCache, into out: inout [ByteBuffer]
+    ) {
+        var b = body
+        var head = ByteBufferAllocator().buffer(capacity: body.readableBytes + 80)
+        head.writeInteger(MessageType.bind)
+        if let portal = b.readNullTerminatedString(), let name = b.readNullTerminatedString(),
+            let statement = current(name)
+        {
+            bindCount += 1
+            ensurePrepared(name, statement, on: &server, into: &out)
+            head.writeInteger(Int32(length - name.utf8.count + statement.serverName.utf8.count))
+            head.writeNullTerminatedString(portal)
+            head.writeNullTerminatedString(statement.serverName)
+        } else {
+            head.writeInteger(Int32(length))
+            head.writeImmutableBuffer(body)
+        }
+        out.append(head)
+        append(.pass(MessageType.bind))
+    }
+
     /// A client message forwarded untouched.
     public mutating func clientForwarded(_ type: UInt8) {
         switch type {

@@ -6,6 +6,10 @@ public enum MessageDisposition: Sendable {
     case forward
     /// Hand it over whole, on its own, so its body can be read.
     case inspect
+    /// Hand over its header and the first `n` bytes of its body on their own (once they have
+    /// come), then forward the rest as it arrives: for a message too large to hold whose
+    /// decision rests on its first bytes.
+    case head(Int)
 }
 
 /// Splits a stream of typed PostgreSQL messages (type byte, Int32 length, body) into runs of
@@ -27,6 +31,9 @@ public struct MessageScanner: Sendable {
         case forward(ByteBuffer)
         /// One whole message to inspect: `body` excludes the type byte and the length, `whole` has them.
         case message(type: UInt8, body: ByteBuffer, whole: ByteBuffer)
+        /// The start of a message (`MessageDisposition.head`): `length` is its declared length,
+        /// `body` the first bytes of its body; the rest comes as `.forward` chunks.
+        case head(type: UInt8, length: Int, body: ByteBuffer)
     }
 
     /// True when the scanner sits at a message boundary.
@@ -54,7 +61,7 @@ public struct MessageScanner: Sendable {
         let start = buffer.readerIndex
         var cursor = start
         let end = buffer.writerIndex
-        while cursor < end {
+        scan: while cursor < end {
             if bytesLeftInMessage > 0 {
                 let step = min(bytesLeftInMessage, end - cursor)
                 bytesLeftInMessage -= step
@@ -66,15 +73,24 @@ public struct MessageScanner: Sendable {
             let length = Int(buffer.getInteger(at: cursor + 1, as: Int32.self)!)
             guard length >= 4 else { throw .invalidLength(length) }
             guard length <= maxMessageLength else { throw .messageTooLarge(length, limit: maxMessageLength) }
-            if classify(type, buffer, cursor + 5) == .inspect {
+            switch classify(type, buffer, cursor + 5) {
+            case .forward:
+                bytesLeftInMessage = length + 1
+            case .inspect:
                 // A message to inspect ends the run before it, and is handed over alone.
-                if cursor > start { break }
+                if cursor > start { break scan }
                 guard end - cursor >= 1 + length else { return nil }
                 let whole = buffer.readSlice(length: length + 1)!
                 return .message(
                     type: type, body: whole.getSlice(at: whole.readerIndex + 5, length: length - 4)!, whole: whole)
+            case .head(let n):
+                if cursor > start { break scan }
+                let n = min(n, length - 4)
+                guard end - cursor >= 5 + n else { return nil }
+                buffer.moveReaderIndex(forwardBy: 5)
+                bytesLeftInMessage = length - 4 - n
+                return .head(type: type, length: length, body: buffer.readSlice(length: n)!)
             }
-            bytesLeftInMessage = length + 1
         }
         guard cursor > start else { return nil }
         return .forward(buffer.readSlice(length: cursor - start)!)
