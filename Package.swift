@@ -33,6 +33,7 @@ let package = Package(
             name: "Tidepool",
             dependencies: [
                 "TidepoolCore",
+                "CAres",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -54,6 +55,8 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        // c-ares (Debian libc-ares-dev): server host names, as PgBouncer resolves them.
+        .systemLibrary(name: "CAres", pkgConfig: "libcares", providers: [.apt(["libc-ares-dev"])]),
         // PostgreSQL's scanner (Debian libpg-query-dev), the SQL lexer's oracle in the tests.
         .systemLibrary(name: "CPgQuery", providers: [.apt(["libpg-query-dev"])]),
         // libFuzzer target over the decoders and state machines (scripts/fuzz.sh).

@@ -6,7 +6,7 @@
 . "$(dirname "$0")/lib.sh"
 cd "$TIDEPOOL_ROOT"
 
-ensure_debian postgresql python3-pip
+ensure_debian postgresql python3-pip libc-ares-dev
 ensure_python_clients
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 swift build 2>&1 | tail -1

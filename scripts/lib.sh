@@ -157,6 +157,7 @@ stop_postgres() {
 # (callgrind, see BENCHMARKS.md), so release builds leave them out.
 RELEASE_FLAGS=(-c release -Xswiftc -enforce-exclusivity=unchecked)
 release_build() {
+    ensure_debian libc-ares-dev
     swift build "${RELEASE_FLAGS[@]}" 2>&1 | tail -1
 }
 

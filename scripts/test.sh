@@ -6,7 +6,7 @@
 . "$(dirname "$0")/lib.sh"
 cd "$TIDEPOOL_ROOT"
 
-ensure_debian postgresql python3-pip openssl default-jdk-headless libpostgresql-jdbc-java libpg-query-dev \
+ensure_debian postgresql python3-pip openssl default-jdk-headless libpostgresql-jdbc-java libpg-query-dev libc-ares-dev \
     prometheus pgcli
 ensure_python_clients
 ensure_exporter

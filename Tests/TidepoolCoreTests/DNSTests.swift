@@ -10,100 +10,14 @@ import Testing
         DNSCache(maxTTL: .seconds(15), nxdomainTTL: .seconds(5), zoneCheckPeriod: zoneCheck)
     }
 
-    /// A response as a name server sends it: the question echoed (with a compression pointer in
-    /// each answer's name), then the records.
-    func response(id: UInt16, rcode: UInt8 = 0, records: [(type: UInt16, data: [UInt8])], authority: Int = 0)
-        -> [UInt8]
-    {
-        var bytes = DNSMessage.query(id: id, name: "db.example.test", type: .a)!
-        bytes[2] = 0x81
-        bytes[3] = 0x80 | rcode
-        let answers = records.count - authority
-        bytes[6] = UInt8(answers >> 8)
-        bytes[7] = UInt8(answers & 0xFF)
-        bytes[9] = UInt8(authority)
-        for record in records {
-            bytes += [0xC0, 12, UInt8(record.type >> 8), UInt8(record.type & 0xFF), 0, 1, 0, 0, 0x0E, 0x10]
-            bytes += [UInt8(record.data.count >> 8), UInt8(record.data.count & 0xFF)] + record.data
-        }
-        return bytes
-    }
-
-    @Test func queriesAreEncodedAsRFC1035Says() throws {
-        let query = try #require(DNSMessage.query(id: 0x1234, name: "db.example.test.", type: .aaaa))
-        #expect(query[0..<4] == [0x12, 0x34, 0x01, 0x00])  // id, recursion desired
-        #expect(query[4..<6] == [0, 1])  // one question
-        #expect(
-            Array(query[12...]) == [2] + Array("db".utf8) + [7] + Array("example".utf8) + [4] + Array("test".utf8) + [
-                0, 0, 28, 0, 1,
-            ])
-        #expect(DNSMessage.query(id: 1, name: "a..b", type: .a) == nil)
-        #expect(DNSMessage.query(id: 1, name: String(repeating: "x", count: 64), type: .a) == nil)
-        #expect(
-            DNSMessage.query(
-                id: 1, name: Array(repeating: String(repeating: "x", count: 60), count: 5).joined(separator: "."),
-                type: .a) == nil)
-    }
-
-    @Test func answersGiveAddressesAndSerials() throws {
-        let v6: [UInt8] = [0x20, 0x01, 0x0d, 0xb8] + Array(repeating: 0, count: 10) + [0, 1]
-        let cname: [UInt8] = [3] + Array("foo".utf8) + [0xC0, 12]
-        let answer = try DNSMessage.decode(
-            response(id: 7, records: [(5, cname), (1, [10, 0, 0, 2]), (28, v6), (1, [10, 0, 0, 3])]))
-        #expect(
-            answer
-                == DNSMessage.Answer(id: 7, rcode: 0, addresses: ["10.0.0.2", "2001:db8::1", "10.0.0.3"], serial: nil))
-        // SOA in the authority section (the name is not the zone's apex): its serial still counts.
-        let soa: [UInt8] =
-            [2] + Array("ns".utf8) + [0xC0, 12] + [0xC0, 12] + [0, 0, 0x30, 0x39] + Array(repeating: 0, count: 16)
-        let withSOA = try DNSMessage.decode(response(id: 8, rcode: 3, records: [(6, soa)], authority: 1))
-        #expect(withSOA.rcode == 3 && withSOA.serial == 12345)
-        // Cut short anywhere, or a question rather than an answer: an error, never a crash.
-        let whole = response(id: 9, records: [(1, [1, 2, 3, 4])])
-        for length in 0..<whole.count {
-            #expect(throws: DNSMessage.DecodeError.self) { try DNSMessage.decode(Array(whole[..<length])) }
-        }
-        #expect(throws: DNSMessage.DecodeError.notAnAnswer) {
-            try DNSMessage.decode(DNSMessage.query(id: 1, name: "x", type: .a)!)
-        }
-    }
-
-    @Test func aAndAAAAAnswersCombine() {
-        let none = DNSMessage.Answer(id: 1, rcode: 0, addresses: [], serial: nil)
-        let v4 = DNSMessage.Answer(id: 1, rcode: 0, addresses: ["10.0.0.1"], serial: nil)
-        let nx = DNSMessage.Answer(id: 1, rcode: 3, addresses: [], serial: nil)
-        let servfail = DNSMessage.Answer(id: 1, rcode: 2, addresses: [], serial: nil)
-        #expect(DNSMessage.addresses(v4, none) == .success(["10.0.0.1"]))
-        #expect(DNSMessage.addresses(nx, none) == .failure(.init(text: "no such host (NXDOMAIN)")))
-        #expect(DNSMessage.addresses(servfail, v4) == .success(["10.0.0.1"]))
-        #expect(DNSMessage.addresses(servfail, none) == .failure(.init(text: "name server failure (rcode 2)")))
-        #expect(DNSMessage.addresses(none, none) == .failure(.init(text: "no address")))
-    }
-
-    @Test func ipv6AddressesAreWrittenAsTheSocketLayerWritesThem() {
-        func text(_ groups: [UInt16]) -> String {
-            DNSMessage.ipv6Text(groups.flatMap { [UInt8($0 >> 8), UInt8($0 & 0xFF)] })
-        }
-        #expect(text([0, 0, 0, 0, 0, 0, 0, 1]) == "::1")
-        #expect(text([0, 0, 0, 0, 0, 0, 0, 0]) == "::")
-        #expect(text([0x2001, 0xdb8, 0, 1, 0, 0, 0, 1]) == "2001:db8:0:1::1")  // the longer run
-        #expect(text([0x2001, 0xdb8, 0, 0, 1, 0, 0, 1]) == "2001:db8::1:0:0:1")  // the first of two
-        #expect(text([0x2001, 0xdb8, 0, 1, 2, 3, 4, 5]) == "2001:db8:0:1:2:3:4:5")  // one zero: kept
-    }
-
-    @Test func resolvConfAndHostsFileAreRead() {
+    @Test func resolvConfNameServersKeepTheirPorts() {
         let conf = ResolverSettings.parse(
             "# comment\nnameserver 127.0.0.1:5353\nnameserver 10.0.0.53\nnameserver [::1]:53\noptions timeout:2 attempts:3 rotate\n"
         )
         #expect(conf.nameservers.map(\.host) == ["127.0.0.1", "10.0.0.53", "::1"])
         #expect(conf.nameservers.map(\.port) == [5353, 53, 53])
-        #expect(conf.timeoutSeconds == 2 && conf.attempts == 3)
+        #expect(conf.csv == "127.0.0.1:5353,10.0.0.53:53,[::1]:53")
         #expect(ResolverSettings.parse("").nameservers.map(\.host) == ["127.0.0.1"])
-        let hosts =
-            "127.0.0.1 localhost\n::1 localhost ip6-localhost # v6\n10.1.1.1 db.internal db # ours\n#10.9.9.9 db\n"
-        #expect(HostsFile.addresses(of: "localhost", in: hosts) == ["127.0.0.1", "::1"])
-        #expect(HostsFile.addresses(of: "DB", in: hosts) == ["10.1.1.1"])
-        #expect(HostsFile.addresses(of: "other", in: hosts).isEmpty)
     }
 
     @Test func answersAreKeptForDnsMaxTTLAndUsedInTurn() {

@@ -51,6 +51,8 @@ public final class Pooler: @unchecked Sendable {
     let knownStatements = NIOLockedValueBox(Set<String>())
     /// Server host names' addresses (HostResolver.swift).
     let dns: NIOLockedValueBox<DNSState>
+    /// Asks c-ares for host names and zone serials (resolv_conf cannot change while running).
+    let resolver: NameResolver
 
     func isKnownStatement(_ name: String) -> Bool {
         knownStatements.withLockedValue { $0.contains(name) }
@@ -149,6 +151,7 @@ public final class Pooler: @unchecked Sendable {
             DNSState(
                 cache: DNSCache(
                     maxTTL: g.dnsMaxTTL, nxdomainTTL: g.dnsNxdomainTTL, zoneCheckPeriod: g.dnsZoneCheckPeriod)))
+        self.resolver = NameResolver(resolvConf: g.resolvConf)
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
         self.loops = Array(group.makeIterator())
@@ -258,6 +261,7 @@ public final class Pooler: @unchecked Sendable {
         }
         for future in closing { try? future.wait() }
         endWaits()
+        resolver.stop()
         try? group.syncShutdownGracefully()
     }
 

@@ -6,7 +6,7 @@ import NIOCore
 /// decoders and state machines a client's and a server's bytes reach: the client's login (startup
 /// packet, then password messages), the pooler's login to a server, and the traffic after them;
 /// the readers of what operators write (the configuration, HBA rules, auth file, console); and
-/// the reader of name servers' answers.
+/// the resolv.conf reader (name servers' answers are c-ares').
 public enum FuzzHarness {
     public static func run(_ input: [UInt8]) {
         guard let mode = input.first else { return }
@@ -19,19 +19,19 @@ public enum FuzzHarness {
         case 4: serverLogin(&buffer)
         case 5: clientLogin(&buffer)
         case 6: operatorText(buffer)
-        default: dnsAnswer(buffer)
+        default: resolverText(buffer)
         }
     }
 
-    /// What a name server sends back to the pooler's resolver.
-    static func dnsAnswer(_ buffer: ByteBuffer) {
-        guard let answer = try? DNSMessage.decode(Array(buffer.readableBytesView)) else { return }
-        _ = DNSMessage.addresses(answer, answer)
+    /// A resolv.conf, and the DNS cache given whatever addresses it names.
+    static func resolverText(_ buffer: ByteBuffer) {
+        let settings = ResolverSettings.parse(String(decoding: buffer.readableBytesView, as: UTF8.self))
+        _ = settings.csv
         var cache = DNSCache(maxTTL: .seconds(1), nxdomainTTL: .seconds(1), zoneCheckPeriod: .seconds(1))
         let now = NIODeadline.uptimeNanoseconds(0)
         _ = cache.lookup("db.example.test", now: now)
-        _ = cache.resolved("db.example.test", addresses: answer.addresses, now: now)
-        if let serial = answer.serial { _ = cache.zoneSerial("example.test", serial: serial) }
+        _ = cache.resolved("db.example.test", addresses: settings.nameservers.map(\.host), now: now)
+        _ = cache.zoneSerial("example.test", serial: UInt32(truncatingIfNeeded: buffer.readableBytes))
     }
 
     /// Text as an operator writes it: the configuration (with an %include answered from the same
