@@ -120,4 +120,22 @@ import Testing
         #expect(isInspect(disposition(b, "p\0stm")), "the names have not ended: wait for more")
         #expect(isInspect(disposition(b, "p\0" + String(repeating: "s", count: 5000))), "names too long: held whole")
     }
+
+    @Test(arguments: [100, 20_000]) func aQueryReadOnlyInPartKeepsItsServer(padding: Int) {
+        let d = D()
+        d.session.bufferLimit = 4096
+        var query = PreparedHarness.query("select length('\(String(repeating: "x", count: padding))'); set a.b = 1")
+        // The start of a long one is enough to ask for a server; a short one is read whole first.
+        d.client(query.readSlice(length: padding > 4096 ? 100 : query.readableBytes)!)
+        d.lend()
+        while query.readableBytes > 0 { d.clientRaw(query.readSlice(length: min(1024, query.readableBytes))!) }
+        d.serverSends(D.complete("SELECT 1"), D.complete("SET"), D.ready("I"))
+        if padding > 4096 {
+            #expect(d.pinChanges == [true], "what follows the part read may hold any statement")
+            #expect(d.releases.isEmpty)
+        } else {
+            #expect(d.pinChanges.isEmpty && d.releases == [true])
+            #expect(d.session.sessionState?.settings.map(\.name) == ["a.b"])
+        }
+    }
 }

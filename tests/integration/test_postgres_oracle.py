@@ -273,3 +273,21 @@ def test_temp_tables_stay_with_their_clients_on_a_full_pool(pg, tidepool):
                             "steps": [rng.choice(steps) for _ in range(16)]})
         found = programs.differs(direct, pooled, program)
         assert found is None, f"seed {seed}: {found}\n{programs.describe(programs.shrink(direct, pooled, program))}"
+
+
+@pytest.mark.parametrize("padding", [100, 300_000])
+def test_a_setting_at_the_end_of_a_long_query_stays_with_its_client(pg, tidepool, padding):
+    """A Query longer than max_buffered_bytes is forwarded as it arrives (issue 31, item 4), so
+    the pooler reads only its start: a SET after a long first statement must still be the
+    client's (it keeps its server: the rest is not known) and never another client's."""
+    t = pooled(tidepool, 1)
+    read = "SELECT " + custom("app.tenant")
+
+    def program(connect):
+        with connect() as b:
+            with connect() as a:
+                a.execute(f"SELECT length('{'x' * padding}'); SET app.tenant = 't2'")
+                seen = [scalar(a, read), scalar(a, "SELECT 1"), scalar(a, read)]
+            return seen + [scalar(b, read)]
+
+    assert same_through_both(pg, t, program) == ["t2", 1, "t2", ""]

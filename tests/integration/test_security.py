@@ -654,3 +654,47 @@ def test_a_large_message_goes_through_as_it_arrives(tidepool, settings, message)
     assert grown < 48 * 1024, f"the pooler grew by {grown} KiB while 192 MiB of one message went through"
     with t.connect() as c:
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def protocol_answers(port, name):
+    """Close, Describe and Bind of statement `name` over the extended protocol, each with its
+    Sync: the message types and SQLSTATEs that come back, as a client sees them."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    body = b"user\0postgres\0database\0postgres\0\0"
+    sock.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
+    read_until_ready(sock)
+    raw = name.encode() + b"\0"
+    seen = []
+    for request in (message(b"C", b"S" + raw), message(b"D", b"S" + raw),
+                    message(b"B", b"\0" + raw + struct.pack("!hhh", 0, 0, 0)) + message(b"E", b"\0" + struct.pack("!i", 0))):
+        sock.sendall(request + message(b"S", b""))
+        data = read_until_ready(sock)
+        while data:
+            kind, length = data[:1], struct.unpack("!i", data[1:5])[0]
+            payload = data[5:1 + length]
+            if kind == b"E":
+                fields = dict((f[:1], f[1:].decode()) for f in payload.split(b"\0") if f)
+                seen.append(("E", fields[b"C"], name in fields[b"M"]))
+            else:
+                seen.append(kind.decode())
+            data = data[1 + length:]
+    sock.close()
+    return seen
+
+
+def test_the_pooler_s_statements_are_out_of_reach_of_the_protocol_too(pg, tidepool):
+    """Issue 31 (item 2): a client that Closes, Describes or Binds one of the pooler's statements
+    by the name pg_prepared_statements shows is answered as PostgreSQL answers a session that
+    does not have that statement (Close: nothing happens; the others: 26000, with the name the
+    client used), and the statement stays for the client it belongs to."""
+    t = tidepool(settings="pool_mode = transaction\ndefault_pool_size = 1\n")
+    with t.connect(prepare_threshold=0) as victim, t.connect() as attacker:
+        assert victim.execute("SELECT %s::text AS v", ("mine",)).fetchall() == [("mine",)]
+        names = [r[0] for r in attacker.execute("SELECT name FROM pg_prepared_statements").fetchall()]
+        assert names
+        for name in names:
+            answers = protocol_answers(t.port, name)
+            assert answers == protocol_answers(pg.port, name)
+            assert answers == ["3", "Z", ("E", "26000", True), "Z", ("E", "26000", True), "Z"]
+        for _ in range(3):
+            assert victim.execute("SELECT %s::text AS v", ("mine",)).fetchall() == [("mine",)]

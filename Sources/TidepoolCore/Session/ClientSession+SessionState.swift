@@ -115,9 +115,11 @@ extension ClientSession {
                 }
             }
         }
-        if !whole, type == MessageType.query {
-            // What follows the part read is not known: a long Query with more statements pins.
-            if effects.contains(where: { !$0.isTransactionControl }) { effects.append(.pin(.unknown, key: "")) }
+        if !whole, type == MessageType.query || !effects.isEmpty {
+            // A message longer than max_buffered_bytes goes through as it arrives, and only its
+            // start is read: what follows (more statements, the rest of a value) is not known,
+            // so the client keeps its server, which is cleaned before anyone else gets it.
+            effects.append(.pin(.unknown, key: ""))
         }
         if refuses, whole,
             let refused = effects.lazy.compactMap({ effect -> PinReason? in

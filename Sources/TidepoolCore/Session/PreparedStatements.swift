@@ -112,10 +112,12 @@ public struct PreparedStatementTracker: Sendable {
         indirect case injectedQuery(server: String, failed: Bool)
         /// The pooler's own Sync after an injected Parse; its ReadyForQuery is swallowed.
         case injectedSync
-        /// A client Parse of a name it already has, sent as a Parse of the statement's pooler-wide
-        /// name so that the server raises PostgreSQL's own error; that error reaches the client
-        /// with the client's name in it.
-        indirect case duplicateParse(client: String, server: String)
+        /// A client message (`request`) sent under another name so that the server raises
+        /// PostgreSQL's own error, which reaches the client with the client's name in it: a Parse
+        /// of a name the client already has (under the statement's pooler-wide name), a Bind or
+        /// Describe of a name in the pooler's namespace that is not the client's (under a name no
+        /// server has: the client's session has no such statement).
+        indirect case underServerName(request: UInt8, client: String, server: String)
 
         var isPlain: Bool {
             if case .pass = self { return true }
@@ -249,6 +251,18 @@ public struct PreparedStatementTracker: Sendable {
 
     static let namesLimit = 4096
 
+    /// A name in the pooler's namespace that no server has.
+    static let absentName = reservedPrefix + "absent"
+
+    static func describeMessage(_ serverName: String) -> ByteBuffer {
+        var message = ByteBufferAllocator().buffer(capacity: serverName.utf8.count + 7)
+        Wire.withMessage(MessageType.describe, into: &message) { m in
+            m.writeInteger(MessageType.targetStatement)
+            m.writeNullTerminatedString(serverName)
+        }
+        return message
+    }
+
     /// The start of a Bind too large to hold (`disposition`): its portal and statement names.
     /// The rest of the message follows unchanged, so only the statement name is rewritten.
     public mutating func clientBindHead(
@@ -257,20 +271,28 @@ public struct PreparedStatementTracker: Sendable {
         var b = body
         var head = ByteBufferAllocator().buffer(capacity: body.readableBytes + 80)
         head.writeInteger(MessageType.bind)
-        if let portal = b.readNullTerminatedString(), let name = b.readNullTerminatedString(),
-            let statement = current(name)
-        {
+        guard let portal = b.readNullTerminatedString(), let name = b.readNullTerminatedString() else {
+            head.writeInteger(Int32(length))  // `disposition` saw both names end: not reached
+            head.writeImmutableBuffer(body)
+            out.append(head)
+            append(.pass(MessageType.bind))
+            return
+        }
+        var entry = Entry.pass(MessageType.bind)
+        var serverName = name
+        if let statement = current(name) {
             bindCount += 1
             ensurePrepared(name, statement, on: &server, into: &out)
-            head.writeInteger(Int32(length - name.utf8.count + statement.serverName.utf8.count))
-            head.writeNullTerminatedString(portal)
-            head.writeNullTerminatedString(statement.serverName)
-        } else {
-            head.writeInteger(Int32(length))
-            head.writeImmutableBuffer(body)
+            serverName = statement.serverName
+        } else if Self.isReserved(name) {
+            serverName = Self.absentName
+            entry = .underServerName(request: MessageType.bind, client: name, server: serverName)
         }
+        head.writeInteger(Int32(length - name.utf8.count + serverName.utf8.count))
+        head.writeNullTerminatedString(portal)
+        head.writeNullTerminatedString(serverName)
         out.append(head)
-        append(.pass(MessageType.bind))
+        append(entry)
     }
 
     /// A client message forwarded untouched.
@@ -301,7 +323,7 @@ public struct PreparedStatementTracker: Sendable {
                 ensurePrepared(name, existing, on: &server, into: &out)
                 out.append(Self.parseMessage(existing.serverName, existing.definition))
                 serverParseCount += 1
-                append(.duplicateParse(client: name, server: existing.serverName))
+                append(.underServerName(request: MessageType.parse, client: name, server: existing.serverName))
                 return
             }
             // A copy: a slice would keep the client's whole read buffer alive.
@@ -329,9 +351,19 @@ public struct PreparedStatementTracker: Sendable {
             }
             return
         case MessageType.bind:
-            guard let portal = b.readNullTerminatedString(), let name = b.readNullTerminatedString(),
-                let statement = current(name)
-            else { break }
+            guard let portal = b.readNullTerminatedString(), let name = b.readNullTerminatedString() else { break }
+            guard let statement = current(name) else {
+                guard Self.isReserved(name) else { break }
+                var message = ByteBufferAllocator().buffer(capacity: whole.readableBytes + 40)
+                Wire.withMessage(type, into: &message) { m in
+                    m.writeNullTerminatedString(portal)
+                    m.writeNullTerminatedString(Self.absentName)
+                    m.writeImmutableBuffer(b)
+                }
+                out.append(message)
+                append(.underServerName(request: type, client: name, server: Self.absentName))
+                return
+            }
             bindCount += 1
             ensurePrepared(name, statement, on: &server, into: &out)
             var message = ByteBufferAllocator().buffer(capacity: whole.readableBytes + 40)
@@ -344,22 +376,27 @@ public struct PreparedStatementTracker: Sendable {
             append(.pass(type))
             return
         case MessageType.describe:
-            guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString(),
-                let statement = current(name)
+            guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString()
             else { break }
-            ensurePrepared(name, statement, on: &server, into: &out)
-            var message = ByteBufferAllocator().buffer(capacity: statement.serverName.utf8.count + 7)
-            Wire.withMessage(type, into: &message) { m in
-                m.writeInteger(MessageType.targetStatement)
-                m.writeNullTerminatedString(statement.serverName)
+            guard let statement = current(name) else {
+                guard Self.isReserved(name) else { break }
+                out.append(Self.describeMessage(Self.absentName))
+                append(.underServerName(request: type, client: name, server: Self.absentName))
+                return
             }
-            out.append(message)
+            ensurePrepared(name, statement, on: &server, into: &out)
+            out.append(Self.describeMessage(statement.serverName))
             append(.pass(type))
             return
         case MessageType.close:
-            guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString(),
-                let statement = statements[name]
+            guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString()
             else { break }
+            guard let statement = statements[name] else {
+                guard Self.isReserved(name) else { break }
+                // Not the client's: as PostgreSQL closes a name it does not have, nothing happens.
+                append(.reply(Self.simpleMessage(MessageType.closeComplete), undo: nil))
+                return
+            }
             // Only the client's name goes; the server keeps the statement for others.
             statements[name] = nil
             append(.reply(Self.simpleMessage(MessageType.closeComplete), undo: .restore(name, statement)))
@@ -625,7 +662,7 @@ public struct PreparedStatementTracker: Sendable {
                     dueReplies.append(reply)
                     forward = false
                 }
-                if case .duplicateParse(let client, let serverName) = entry {
+                if case .underServerName(_, let client, let serverName) = entry {
                     // PostgreSQL's error, but with the name the client knows.
                     var error =
                         body.map(WireDecode.errorFields)
@@ -675,8 +712,8 @@ public struct PreparedStatementTracker: Sendable {
                     forward = false
                     pop(server: &server)
                 }
-            case .duplicateParse:
-                if type == MessageType.parseComplete { pop(server: &server) }
+            case .underServerName(let request, _, _):
+                if Self.ends(request, with: type) { pop(server: &server) }
             case .reply, .clearingQuery, .sqlPrepare, .injectedQuery, .injectedSync:
                 break
             }
@@ -735,7 +772,7 @@ public struct PreparedStatementTracker: Sendable {
             if statements[client]?.serverName == serverName { statements[client] = nil }
         case .injectedQuery(let serverName, _):
             server.remove(serverName)
-        case .pass, .clearingQuery, .injectedSync, .duplicateParse:
+        case .pass, .clearingQuery, .injectedSync, .underServerName:
             break
         }
     }
