@@ -275,3 +275,20 @@ import Testing
                 == StartupParameters.tracked.map { ["search_path": "a", "client_encoding": "UTF8"][$0] })
     }
 }
+
+@Suite struct ReservedNameTests {
+    func mentions(_ sql: String, limit: Int = 4096) -> Bool {
+        PreparedStatementTracker.mayNameReserved(PreparedHarness.query(sql), bodyStart: 5, limit: limit)
+    }
+
+    @Test func aQueryThatMayNameThePoolersStatementsIsReadInAnyMode() {
+        #expect(mentions("select 1; deallocate tidepool_0a1b"))
+        #expect(mentions("SELECT 1; PREPARE \"TIDEPOOL_x\" AS SELECT 2"))
+        #expect(mentions("tidepool_"))
+        #expect(!mentions("select user_id, pool_size from tide_pool"))
+        #expect(!mentions("select 1; deallocate tidepool_0a1b", limit: 10), "too long to hold: not read")
+        var cut = PreparedHarness.query("select 1; deallocate tidepool_0a1b")
+        cut.moveWriterIndex(to: cut.writerIndex - 3)
+        #expect(PreparedStatementTracker.mayNameReserved(cut, bodyStart: 5, limit: 4096), "not whole yet: wait")
+    }
+}

@@ -167,6 +167,11 @@ extension ClientSession {
                     {
                         return .inspect
                     }
+                    if !tracksSessionState, type == MessageType.query,
+                        PreparedStatementTracker.mayNameReserved(bytes, bodyStart: bodyStart, limit: bufferLimit)
+                    {
+                        return .inspect
+                    }
                     Self.clientSent(type, tracker: &tracker, state: sessionState)
                     prepared!.clientForwarded(type)
                     return .forward
@@ -192,9 +197,20 @@ extension ClientSession {
             }
             var body = body
             var whole = whole
-            if tracksSessionState {
+            if tracksSessionState || type == MessageType.query {
                 refusal = nil
-                sessionMessage(type, body: body, whole: true)
+                if tracksSessionState {
+                    sessionMessage(type, body: body, whole: true)
+                } else {
+                    // session_state = ignore: read only for SQL naming the pooler's statements.
+                    var unused: SessionState? = nil
+                    body.withUnsafeReadableBytes {
+                        Self.readMessage(
+                            type, body: $0, whole: true, preparedOn: true, state: &unused, lastParse: &lastPlainParse,
+                            standardStrings: standardStrings, refuses: false, refusal: &refusal)
+                    }
+                    if refusal != .reservedName { refusal = nil }
+                }
                 if let reason = refusal {
                     refusal = nil
                     whole = Self.refusedMessage(type, body: body, reason: reason)

@@ -251,6 +251,31 @@ public struct PreparedStatementTracker: Sendable {
 
     static let namesLimit = 4096
 
+    /// Whether a Query of at most `limit` bytes has `tidepool_` in it, in any case, or has not all
+    /// come yet (it is then looked at again): with session_state = ignore only such a Query is
+    /// read for SQL naming the pooler's statements. A longer one goes through unread, as every
+    /// statement does in that mode.
+    public static func mayNameReserved(_ buffer: ByteBuffer, bodyStart: Int, limit: Int) -> Bool {
+        guard let declared = buffer.getInteger(at: bodyStart - 4, as: Int32.self), Int(declared) <= limit else {
+            return false
+        }
+        guard buffer.writerIndex - bodyStart >= Int(declared) - 4 else { return true }
+        return buffer.withUnsafeReadableBytes { raw in
+            let body = UnsafeRawBufferPointer(
+                rebasing: raw[(bodyStart - buffer.readerIndex)...].prefix(Int(declared) - 4))
+            let prefix = Array(reservedPrefix.utf8.dropLast())
+            var i = prefix.count
+            while i < body.count {
+                guard let underscore = body[i...].firstIndex(of: UInt8(ascii: "_")) else { return false }
+                if zip(body[(underscore - prefix.count)..<underscore], prefix).allSatisfy({ $0 | 0x20 == $1 }) {
+                    return true
+                }
+                i = underscore + 1
+            }
+            return false
+        }
+    }
+
     /// A name in the pooler's namespace that no server has.
     static let absentName = reservedPrefix + "absent"
 
