@@ -618,6 +618,8 @@ def message(kind, body):
 LARGE_MESSAGES = {
     # A Query whose text goes on and on; a Bind of a named statement with one huge parameter.
     "query": lambda declared: b"Q" + struct.pack("!i", declared) + b"SELECT length('",
+    # An unnamed Parse of one long statement.
+    "parse": lambda declared: b"P" + struct.pack("!i", declared) + b"\0SELECT length('",
     # A Query the prepared-statement tracker looks at first (d, p, e: DEALLOCATE, PREPARE, EXECUTE?).
     "delete": lambda declared: b"Q" + struct.pack("!i", declared) + b"  DELETE FROM nowhere WHERE x = '",
     "bind": lambda declared: (message(b"P", b"s\0SELECT $1\0" + struct.pack("!hi", 1, 25))
@@ -629,6 +631,8 @@ LARGE_MESSAGES = {
     ("", "query"),
     ("", "bind"),
     ("", "delete"),
+    ("", "parse"),
+    ("session_state = ignore\n", "parse"),
     ("session_state = ignore\n", "query"),
     ("pool_mode = session\n", "query"),
     ("max_prepared_statements = 0\n", "query"),
