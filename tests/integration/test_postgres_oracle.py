@@ -170,16 +170,12 @@ def test_values_replay_as_postgresql_reads_them(pg, tidepool):
     same_through_both(pg, t, program)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 30, left: a statement planned afresh on another server "
-                   "after a schema change is not compared with the result the client described, so the "
-                   "second connection reads the new columns with its old description (PostgreSQL: 0A000 "
-                   "once, then pgjdbc prepares again)")
 def test_two_pgjdbc_connections_recover_from_a_schema_change_as_they_do_directly(pg, tidepool, tmp_path):
-    """The second connection's statement was planned afresh on a server (after the first one's
-    0A000 started a new stale-plan epoch); PostgreSQL would have refused its Bind with 0A000,
-    which pgjdbc recovers from. Where its Bind's result formats give it away (08P01 "bind message
-    has 2 result formats but query has 3 columns"), that error is now the 0A000
-    (PreparedStatementTrackerTests); where they do not, it is still missed."""
+    """The second connection's statement runs on a server copy planned after the schema change
+    (the first connection's recovery made it). PostgreSQL would refuse its Bind with 0A000, which
+    pgjdbc recovers from by preparing again: the pooler knows each client statement's result
+    shape (from the first Describe the client asked for) and each server copy's, and a Bind whose
+    copy is not known to match waits for a fresh copy to be described and compared."""
     t = tidepool(settings="default_pool_size = 2\nignore_startup_parameters = extra_float_digits\n")
 
     def run(port):

@@ -145,6 +145,11 @@ extension ClientSession {
             actions.append(.requestServer)
             return false
         }
+        if prepared!.isHolding {
+            // A Bind waits for its statement's fresh copy to be checked; what follows waits too.
+            stash(&buffer)
+            return false
+        }
         guard
             let chunk = try scanner.next(
                 from: &buffer,
@@ -152,6 +157,7 @@ extension ClientSession {
                     if type == MessageType.terminate || (type == MessageType.query && refusesSimpleQuery) {
                         return .inspect
                     }
+                    if type == MessageType.describe, prepared!.wantsPortalShape { return .inspect }
                     if PreparedStatementTracker.inspects(type, bytes, bodyStart: bodyStart),
                         let disposition = PreparedStatementTracker.disposition(
                             type, bytes, bodyStart: bodyStart, limit: bufferLimit)

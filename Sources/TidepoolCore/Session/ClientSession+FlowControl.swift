@@ -30,7 +30,8 @@ extension ClientSession {
         case .waiting, .lookingUpSecret, .awaitingWelcome:
             return flow.pendingBytes + (inbound.bytes?.readableBytes ?? 0)
         default:
-            return flow.pendingBytes
+            // While a Bind is held (`PreparedStatementTracker.isHolding`), what follows it waits.
+            return flow.pendingBytes + (prepared?.isHolding == true ? inbound.bytes?.readableBytes ?? 0 : 0)
         }
     }
 

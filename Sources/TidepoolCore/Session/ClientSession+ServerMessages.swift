@@ -205,6 +205,11 @@ extension ClientSession {
                 accepted += names
                 actions.append(.statementsAccepted)
             }
+            if prepared!.hasReleased {
+                // A held Bind's check is over: it goes, then what the client sent after it.
+                toServer.append(contentsOf: prepared!.takeReleased())
+                flushPending(now: now, into: &actions)
+            }
         }
     }
 

@@ -5,8 +5,14 @@ import NIOCore
 /// The prepared statements one server connection holds, by their pooler-wide names, with the
 /// least-recently-used one first out when the cache is full.
 public struct ServerStatementCache: Sendable {
+    struct Copy {
+        var lastUse: UInt64
+        /// The copy's result shape (`ResultShape`), once a Describe of it was answered.
+        var shape: UInt64?
+    }
+
     public private(set) var capacity: Int
-    private var lastUse: [String: UInt64] = [:]
+    private var copies: [String: Copy] = [:]
     private var clock: UInt64 = 0
 
     public init(capacity: Int) {
@@ -22,39 +28,54 @@ public struct ServerStatementCache: Sendable {
 
     /// One statement past the capacity, least recently used first, to be closed; nil within it.
     public mutating func evictOverflow() -> String? {
-        guard lastUse.count > capacity, let oldest = lastUse.min(by: { $0.value < $1.value })?.key else { return nil }
-        lastUse[oldest] = nil
+        guard copies.count > capacity, let oldest = leastRecentlyUsed else { return nil }
+        copies[oldest] = nil
         return oldest
     }
 
-    public var count: Int { lastUse.count }
-    public func contains(_ name: String) -> Bool { lastUse[name] != nil }
+    private var leastRecentlyUsed: String? { copies.min(by: { $0.value.lastUse < $1.value.lastUse })?.key }
+
+    public var count: Int { copies.count }
+    public func contains(_ name: String) -> Bool { copies[name] != nil }
 
     public mutating func touch(_ name: String) {
         clock &+= 1
-        if lastUse[name] != nil { lastUse[name] = clock }
+        copies[name]?.lastUse = clock
     }
 
-    /// Records `name` as prepared; returns the name that must be closed to make room, if any.
+    /// Touches `name` if this server holds a copy of it known to have `shape`, in one lookup.
+    mutating func touch(_ name: String, ifShaped shape: UInt64) -> Bool {
+        guard let i = copies.index(forKey: name), copies.values[i].shape == shape else { return false }
+        clock &+= 1
+        copies.values[i].lastUse = clock
+        return true
+    }
+
+    /// Records `name` as prepared (a new copy, not described yet); returns the name that must be
+    /// closed to make room, if any.
     public mutating func insert(_ name: String) -> String? {
         var evicted: String?
-        if lastUse[name] == nil, lastUse.count >= capacity {
-            evicted = lastUse.min(by: { $0.value < $1.value })?.key
-            if let evicted { lastUse[evicted] = nil }
+        if copies[name] == nil, copies.count >= capacity {
+            evicted = leastRecentlyUsed
+            if let evicted { copies[evicted] = nil }
         }
         clock &+= 1
-        lastUse[name] = clock
+        copies[name] = Copy(lastUse: clock)
         return evicted
     }
 
     /// Records `name` as prepared again without evicting (an eviction that PostgreSQL skipped).
     mutating func restore(_ name: String) {
         clock &+= 1
-        lastUse[name] = lastUse[name] ?? 0
+        if copies[name] == nil { copies[name] = Copy(lastUse: 0) }
     }
 
-    public mutating func remove(_ name: String) { lastUse[name] = nil }
-    public mutating func removeAll() { lastUse.removeAll() }
+    public mutating func remove(_ name: String) { copies[name] = nil }
+    public mutating func removeAll() { copies.removeAll() }
+
+    public func shape(of name: String) -> UInt64? { copies[name]?.shape }
+
+    mutating func setShape(_ name: String, _ shape: UInt64?) { copies[name]?.shape = shape }
 }
 
 /// Makes a client's named prepared statements work on whichever server it is lent (transaction
@@ -81,6 +102,22 @@ public struct PreparedStatementTracker: Sendable {
         /// Parsed by the client without a server (`answerWithoutServer`): the first server it runs
         /// on parses it afresh, as PostgreSQL plans every Parse, even one that holds a copy.
         public var unparsed = false
+        /// The result shape of the client's plan (`ResultShape`), from the first Describe of it
+        /// the client asked for: a server's copy of another shape is never run for it.
+        public var shape: UInt64? = nil
+        /// Its result changed with the schema since the client planned it: every Bind fails with
+        /// 0A000, as PostgreSQL's would, until the client prepares it again.
+        public var stale = false
+    }
+
+    /// A client's Bind kept back until a server's fresh copy of its statement has been described
+    /// and compared with the client's plan (`ResultShape`).
+    struct HeldBind: Sendable {
+        var client: String
+        var portal: String
+        var serverName: String
+        /// The Bind after its statement name.
+        var rest: ByteBuffer
     }
 
     enum Undo: Sendable {
@@ -118,6 +155,14 @@ public struct PreparedStatementTracker: Sendable {
         /// Describe of a name in the pooler's namespace that is not the client's (under a name no
         /// server has: the client's session has no such statement).
         indirect case underServerName(request: UInt8, client: String, server: String)
+        /// A Describe of a statement on this server, whose answer gives the server's copy its
+        /// shape: the client's own (`client`, its answer passed on; the client's statement takes
+        /// the shape if it has none), or the pooler's check of a fresh copy before a held Bind
+        /// (`check`, answer swallowed; `held` is then released).
+        indirect case describeShape(server: String, client: String, check: Bool)
+        /// A Bind of a statement whose plan went stale, sent under a name no server has: the
+        /// server's error becomes PostgreSQL's 0A000.
+        case stalePlan
 
         var isPlain: Bool {
             if case .pass = self { return true }
@@ -140,6 +185,13 @@ public struct PreparedStatementTracker: Sendable {
     private var dueReplies: [ByteBuffer] = []
     /// Statements a server accepted, not yet taken by `takeAccepted`.
     private var accepted: [String] = []
+    /// A Bind waiting for the check of its statement's fresh copy; client messages after it wait
+    /// too (`isHolding`).
+    private var held: HeldBind?
+    /// Messages for the server once a check is over (`takeReleased`).
+    private var released: [ByteBuffer] = []
+    /// A portal bound from a statement whose shape is not known yet: a Describe of it gives it.
+    private var portalShape: (portal: String, client: String)?
     /// The transaction status of the last ReadyForQuery, for made-up ones.
     private var lastStatus = TransactionStatus.idle
 
@@ -175,6 +227,22 @@ public struct PreparedStatementTracker: Sendable {
         specials = 0
         dueReplies.removeAll()
         accepted.removeAll()
+        held = nil
+        released.removeAll()
+        portalShape = nil
+    }
+
+    /// A Describe of a portal is read: it may give a statement its shape (`portalShape`).
+    public var wantsPortalShape: Bool { portalShape != nil }
+
+    /// A Bind is held until a server's answer (`HeldBind`): the client's next messages wait.
+    public var isHolding: Bool { held != nil }
+    public var hasReleased: Bool { !released.isEmpty }
+
+    /// What goes to the server now that a check is over.
+    public mutating func takeReleased() -> [ByteBuffer] {
+        defer { released.removeAll() }
+        return released
     }
 
     /// No answer is outstanding and nothing is due.
@@ -274,6 +342,72 @@ public struct PreparedStatementTracker: Sendable {
             }
             return false
         }
+    }
+
+    static func bindMessage(_ portal: String, _ serverName: String, rest: ByteBuffer) -> ByteBuffer {
+        var message = ByteBufferAllocator().buffer(capacity: rest.readableBytes + serverName.utf8.count + 16)
+        Wire.withMessage(MessageType.bind, into: &message) { m in
+            m.writeNullTerminatedString(portal)
+            m.writeNullTerminatedString(serverName)
+            m.writeImmutableBuffer(rest)
+        }
+        return message
+    }
+
+    /// A fresh copy of the client's statement on this server (its old copy closed first), described
+    /// and flushed, for a held Bind (`HeldBind`).
+    private mutating func checkFreshCopy(
+        _ client: String, _ statement: Statement, on server: inout ServerStatementCache, into out: inout [ByteBuffer]
+    ) {
+        if statement.unparsed { statements[client]?.unparsed = false }
+        let parse = Self.parseMessage(statement.serverName, statement.definition)
+        if server.contains(statement.serverName) {
+            parseAgain(statement.serverName, server: &server, into: &out)
+            server.setShape(statement.serverName, nil)
+            out.append(parse)
+            append(.injectedParse(server: statement.serverName, again: true))
+        } else {
+            prepareOnServer(
+                statement.serverName, [(parse, .injectedParse(server: statement.serverName))], on: &server, into: &out)
+        }
+        out.append(Self.describeMessage(statement.serverName))
+        append(.describeShape(server: statement.serverName, client: client, check: true))
+        out.append(Self.simpleMessage(MessageType.flush))
+    }
+
+    /// The check of a held Bind's fresh copy is over (`shape` nil: it failed, and the server now
+    /// skips to the next Sync): the Bind goes as it was, or, if the client's plan has another
+    /// result, under a name no server has, to fail as PostgreSQL's Bind would.
+    private mutating func releaseHeld(shape: UInt64?) {
+        guard let bind = held else { return }
+        held = nil
+        if let shape, let planned = statements[bind.client]?.shape, planned != shape {
+            statements[bind.client]?.stale = true
+            released.append(Self.bindMessage(bind.portal, Self.absentName, rest: bind.rest))
+            append(.stalePlan)
+        } else {
+            released.append(Self.bindMessage(bind.portal, bind.serverName, rest: bind.rest))
+            append(.pass(MessageType.bind))
+        }
+    }
+
+    /// PostgreSQL's error for a Bind of a statement whose result changed since it was planned.
+    /// With PostgreSQL's file and routine fields, by which drivers (pgjdbc) know to prepare the
+    /// statement again and retry.
+    static var stalePlanError: ByteBuffer {
+        var reply = ByteBufferAllocator().buffer(capacity: 128)
+        Wire.withMessage(MessageType.errorResponse, into: &reply) { m in
+            for (field, value) in [
+                ("S", "ERROR"), ("V", "ERROR"), ("C", SQLState.featureNotSupported),
+                ("M", "cached plan must not change result type"), ("F", "plancache.c"),
+                ("R", "RevalidateCachedQuery"),
+            ] {
+                m.writeInteger(UInt8(ascii: Unicode.Scalar(field)!))
+                m.writeNullTerminatedString(value)
+            }
+            m.writeInteger(UInt8(0))
+        }
+        return reply
     }
 
     /// A name in the pooler's namespace that no server has.
@@ -390,19 +524,44 @@ public struct PreparedStatementTracker: Sendable {
                 return
             }
             bindCount += 1
-            ensurePrepared(name, statement, on: &server, into: &out)
-            var message = ByteBufferAllocator().buffer(capacity: whole.readableBytes + 40)
-            Wire.withMessage(type, into: &message) { m in
-                m.writeNullTerminatedString(portal)
-                m.writeNullTerminatedString(statement.serverName)
-                m.writeImmutableBuffer(b)
+            if statement.stale {
+                out.append(Self.bindMessage(portal, Self.absentName, rest: b))
+                append(.stalePlan)
+                return
             }
-            out.append(message)
+            if let shape = statement.shape {
+                guard server.touch(statement.serverName, ifShaped: shape) else {
+                    // The server's copy is not known to be the client's plan: a fresh one is made
+                    // and described, and the Bind waits for the comparison.
+                    checkFreshCopy(name, statement, on: &server, into: &out)
+                    var rest = ByteBufferAllocator().buffer(capacity: b.readableBytes)
+                    rest.writeImmutableBuffer(b)
+                    held = HeldBind(client: name, portal: portal, serverName: statement.serverName, rest: rest)
+                    return
+                }
+            } else {
+                ensurePrepared(name, statement, on: &server, into: &out)
+            }
+            out.append(Self.bindMessage(portal, statement.serverName, rest: b))
             append(.pass(type))
+            if statement.shape == nil {
+                portalShape = (portal, name)
+            } else if portalShape != nil {
+                portalShape = nil
+            }
             return
         case MessageType.describe:
-            guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString()
-            else { break }
+            let kind = b.readInteger(as: UInt8.self)
+            if kind == MessageType.targetPortal, let wanted = portalShape.take(),
+                b.readNullTerminatedString() == wanted.portal,
+                let statement = statements[wanted.client]
+            {
+                // The first description of the client's plan (drivers that describe portals only).
+                out.append(whole)
+                append(.describeShape(server: statement.serverName, client: wanted.client, check: false))
+                return
+            }
+            guard kind == MessageType.targetStatement, let name = b.readNullTerminatedString() else { break }
             guard let statement = current(name) else {
                 guard Self.isReserved(name) else { break }
                 out.append(Self.describeMessage(Self.absentName))
@@ -411,7 +570,7 @@ public struct PreparedStatementTracker: Sendable {
             }
             ensurePrepared(name, statement, on: &server, into: &out)
             out.append(Self.describeMessage(statement.serverName))
-            append(.pass(type))
+            append(.describeShape(server: statement.serverName, client: name, check: false))
             return
         case MessageType.close:
             guard b.readInteger(as: UInt8.self) == MessageType.targetStatement, let name = b.readNullTerminatedString()
@@ -674,17 +833,15 @@ public struct PreparedStatementTracker: Sendable {
                 queue[queue.startIndex] = .clearingQuery(failed: true)
                 return true
             default:
-                if case .pass(MessageType.bind) = entry, let body, Self.isResultShapeError(body) {
+                if case .stalePlan = entry {
+                    dueReplies.append(Self.stalePlanError)
+                    forward = false
+                } else if case .pass(MessageType.bind) = entry, let body, Self.isResultShapeError(body) {
                     // The client's statement was planned again on this server (another server's
                     // copy, or one parsed afresh) and its result changed with the schema since
                     // the client parsed it: PostgreSQL would have refused the Bind with 0A000,
                     // which drivers answer by preparing again.
-                    var reply = ByteBufferAllocator().buffer(capacity: 96)
-                    Wire.errorResponse(
-                        PostgresError(
-                            code: SQLState.featureNotSupported, message: "cached plan must not change result type"),
-                        into: &reply)
-                    dueReplies.append(reply)
+                    dueReplies.append(Self.stalePlanError)
                     forward = false
                 }
                 if case .underServerName(_, let client, let serverName) = entry {
@@ -739,6 +896,19 @@ public struct PreparedStatementTracker: Sendable {
                 }
             case .underServerName(let request, _, _):
                 if Self.ends(request, with: type) { pop(server: &server) }
+            case .describeShape(let serverName, let client, let check):
+                forward = !check
+                guard type == MessageType.rowDescription || type == MessageType.noData else { break }
+                let shape = ResultShape.of(type, body: body)
+                server.setShape(serverName, shape)
+                if check {
+                    releaseHeld(shape: shape)
+                } else if statements[client]?.serverName == serverName, statements[client]?.shape == nil {
+                    statements[client]!.shape = shape
+                }
+                pop(server: &server)
+            case .stalePlan:
+                break
             case .reply, .clearingQuery, .sqlPrepare, .injectedQuery, .injectedSync:
                 break
             }
@@ -797,7 +967,9 @@ public struct PreparedStatementTracker: Sendable {
             if statements[client]?.serverName == serverName { statements[client] = nil }
         case .injectedQuery(let serverName, _):
             server.remove(serverName)
-        case .pass, .clearingQuery, .injectedSync, .underServerName:
+        case .describeShape(_, _, let check):
+            if check { releaseHeld(shape: nil) }
+        case .pass, .clearingQuery, .injectedSync, .underServerName, .stalePlan:
             break
         }
     }
