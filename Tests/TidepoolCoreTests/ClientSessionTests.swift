@@ -28,6 +28,7 @@ final class SessionDriver {
     /// The flow-control actions, in order.
     var flow: [ClientSession.Action] = []
     var staleReports = 0
+    var clockWatched = 0
     var pinChanges: [Bool] = []
     var replayed = 0
     var traffic = TrafficStats()
@@ -66,6 +67,7 @@ final class SessionDriver {
                 var b = session.serverBuffer!.getSlice(at: start, length: length)!
                 toClient.writeBuffer(&b)
             case .flushClient, .statementsAccepted, .logSlowQuery: break
+            case .watchClock: clockWatched += 1
             case .statementsStale: staleReports += 1
             case .pinChanged(let pinned): pinChanges.append(pinned)
             case .settingsReplayed(let count): replayed += count

@@ -21,7 +21,7 @@ import Testing
         var stash = ByteBuffer()
         for start in stride(from: 0, to: bytes.count, by: 100) {
             stash.writeBytes(bytes[start..<min(start + 100, bytes.count)])
-            while let chunk = try scanner.next(from: &stash, classify: { _ in .head(3) }) {
+            while let chunk = try scanner.next(from: &stash, peek: { _, _, _ in .head(3) }) {
                 switch chunk {
                 case .head(let type, let length, let body):
                     #expect(type == UInt8(ascii: "B") && length == 1007)

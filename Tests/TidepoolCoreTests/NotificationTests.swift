@@ -61,7 +61,8 @@ import Testing
     }
 
     func notify(_ d: D, _ channel: String, _ payload: String = "p") -> Int {
-        let dropped = d.session.notification(Self.notification(channel, payload), channel: channel, into: &d.actions)
+        let dropped = d.session.notification(
+            Self.notification(channel, payload), channel: channel, now: d.now, into: &d.actions)
         d.carryOut()
         return dropped
     }
@@ -97,6 +98,49 @@ import Testing
         #expect(d.resets == ["UNLISTEN *"], "the server's LISTEN is undone before another client gets it")
         #expect(d.session.state == .idle)
         #expect(d.session.traffic.queries == 1, "the held ReadyForQuery counted once")
+    }
+
+    /// PostgreSQL sends a session the notifications of its own NOTIFY before the ReadyForQuery of
+    /// the transaction that sent them: the ReadyForQuery waits for the pool's listener.
+    @Test func aClientsOwnNotificationComesBeforeItsReadyForQuery() {
+        let d = listening()
+        d.client(D.query("NOTIFY jobs, 'mine'"))
+        d.lend()
+        d.serverSends(D.complete("NOTIFY"), D.ready("I"))
+        #expect(d.clientTypes == "CZC", "held for the listener's copy")
+        #expect(notify(d, "jobs", "mine") == 0)
+        #expect(d.clientTypes == "CZCAZ")
+        #expect(d.session.state == .idle, "the server went back once the ReadyForQuery was written")
+    }
+
+    @Test func theWaitForAnOwnNotificationIsBounded() {
+        let d = listening()
+        d.client(D.query("SELECT pg_notify('jobs', 'lost')"))
+        d.lend()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.clientTypes == "CZC")
+        #expect(d.session.waitsForOwnNotification)
+        #expect(d.clockWatched == 1, "the runtime ticks it though it has no timeouts")
+        d.session.ownNotificationTick(now: d.now, into: &d.actions)
+        d.session.ownNotificationTick(now: d.now + .milliseconds(500), into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "CZC")
+        d.session.ownNotificationTick(now: d.now + .seconds(1), into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "CZCZ", "released when the listener never hands it over")
+        #expect(!d.session.waitsForOwnNotification)
+        // A NOTIFY in a block that rolls back sends nothing: no wait.
+        d.client(D.query("BEGIN; NOTIFY jobs; ROLLBACK"))
+        d.lend()
+        d.serverSends(D.complete("BEGIN"), D.complete("NOTIFY"), D.complete("ROLLBACK"), D.ready("I"))
+        #expect(d.clientTypes == "CZCZCCCZ")
+        // Nor one whose transaction also stops listening on the channel (PostgreSQL delivers
+        // only to sessions listening at commit).
+        d.client(D.query("NOTIFY jobs, 'x'; UNLISTEN jobs"))
+        d.lend()
+        d.serverSends(D.complete("NOTIFY"), D.complete("UNLISTEN"), D.ready("I"))
+        #expect(d.clientTypes == "CZCZCCCZCCZ")
+        #expect(!d.session.waitsForOwnNotification)
     }
 
     @Test func aChannelListenedOnAlreadyDoesNotHold() {

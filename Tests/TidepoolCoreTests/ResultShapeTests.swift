@@ -59,12 +59,19 @@ import Testing
         d.client(PreparedHarness.bind("s1"), PreparedHarness.execute, PreparedHarness.sync)
         d.lend(ServerSessionState(maxPreparedStatements: 10))
         #expect(d.serverTypes == "PDH", "a fresh copy, described, flushed; the Bind and what follows wait")
+        // What the client sends meanwhile waits too, and counts against max_buffered_bytes.
+        d.session.bufferLimit = 4096
+        d.flow.removeAll()
+        d.client(PreparedHarness.query("select '\(String(repeating: "x", count: 5000))'"))
+        #expect(d.serverTypes == "PDH")
+        #expect(d.flow.contains { if case .pauseClientReads = $0 { true } else { false } })
         d.toServer.clear()
         d.serverSends(D.m("1"), D.m("t") { $0.writeInteger(Int16(0)) }, Self.oneColumn)
-        #expect(d.serverTypes == "BES", "the same result: the Bind goes, then the rest")
+        #expect(d.serverTypes == "BESQ", "the same result: the Bind goes, then the rest")
+        #expect(d.flow.contains { if case .resumeClientReads = $0 { true } else { false } })
         #expect(d.clientTypes == "", "the pooler's own answers are swallowed")
-        d.serverSends(D.m("2"), D.complete("SELECT 1"), D.ready("I"))
-        #expect(d.clientTypes == "2CZ")
+        d.serverSends(D.m("2"), D.complete("SELECT 1"), D.ready("I"), D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.clientTypes == "2CZCZ")
     }
 
     @Test func aBindOfAPlanWhoseResultChangedFailsAsPostgreSQLsDoesUntilPreparedAgain() {

@@ -222,7 +222,7 @@ import Testing
         #expect(effects("CLOSE c") == [.unpin(.holdCursor, key: "c")])
         #expect(effects("CLOSE ALL") == [.unpinAll(.holdCursor)])
         #expect(effects("LISTEN \"Chan\"") == [.listen(channel: "Chan")])
-        #expect(effects("listen Chan; NOTIFY chan") == [.listen(channel: "chan")])
+        #expect(effects("listen Chan; NOTIFY chan") == [.listen(channel: "chan"), .notify(channel: "chan")])
         #expect(effects("unlisten chan") == [.unlisten(channel: "chan")])
         #expect(effects("UNLISTEN *") == [.unlistenAll])
         // Cut to 63 bytes as PostgreSQL cuts identifiers, not in the middle of a character.

@@ -287,3 +287,54 @@ def test_a_setting_at_the_end_of_a_long_query_stays_with_its_client(pg, tidepool
             return seen + [scalar(b, read)]
 
     assert same_through_both(pg, t, program) == ["t2", 1, "t2", ""]
+
+
+def test_a_clients_own_notification_comes_before_its_ready_for_query(pg, tidepool):
+    """PostgreSQL delivers a listening session's own NOTIFY before the ReadyForQuery that ends
+    the transaction: when the statement returns, the driver has it."""
+    t = pooled(tidepool, 1)
+
+    def program(connect):
+        seen = []
+        with connect() as a, connect() as b:
+            a.add_notify_handler(lambda n: seen.append(("a", n.payload)))
+            b.add_notify_handler(lambda n: seen.append(("b", n.payload)))
+            a.execute("LISTEN own")
+            steps = []
+            for i in range(5):
+                a.execute(f"NOTIFY own, 'a{i}'")
+                steps.append(list(seen))
+                b.execute(f"NOTIFY own, 'b{i}'")  # another session's: comes when it comes
+                a.execute("BEGIN")
+                a.execute(f"NOTIFY own, 'c{i}'")
+                steps.append([s for s in seen if s[1].startswith("c")])  # not before the commit
+                a.execute("COMMIT")
+                steps.append([s for s in seen if s[1].startswith(("a", "c"))])
+            a.execute("UNLISTEN own")
+            return steps
+
+    same_through_both(pg, t, program)
+
+
+def test_a_notify_and_an_unlisten_in_one_transaction(pg, tidepool):
+    """A pipeline's NOTIFY and UNLISTEN * share one implicit transaction: at its commit the
+    session no longer listens, so PostgreSQL delivers nothing (the pooler must not wait for the
+    notification either)."""
+    t = pooled(tidepool, 2)
+
+    def program(connect):
+        got = []
+        with connect() as a:
+            a.add_notify_handler(lambda n: got.append((n.channel, n.payload)))
+            for i in range(10):
+                a.execute("LISTEN own")
+                with a.pipeline():
+                    a.execute(f"NOTIFY own, 'n{i}'")
+                    a.execute("UNLISTEN *")
+                a.execute("SELECT pg_notify('own', 'after')")
+                a.execute("LISTEN own")
+                a.execute(f"NOTIFY own, 'm{i}'")
+                a.execute("UNLISTEN own")
+        return got
+
+    assert same_through_both(pg, t, program) == [("own", f"m{i}") for i in range(10)]

@@ -191,6 +191,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
                     }
                 }
             }
+        case .watchClock:
+            pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
         case .statementsAccepted:
             pooler.statementsAccepted(session.accepted)
             session.accepted.removeAll()
@@ -324,6 +326,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// Called by the loop's sweeper: the client-side timeouts.
     func checkTimeouts(now: NIODeadline) {
+        if session.waitsForOwnNotification {
+            session.ownNotificationTick(now: now, into: &actions)
+            run()
+        }
         guard session.timeoutClock != nil else { return }
         if let error = session.tick(now: now, into: &actions) {
             logger.info("client \(peer) db=\(databaseName) user=\(user): \(error.message)")
@@ -663,7 +669,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// A notification from the pool's listener.
     func notification(_ message: ByteBuffer, channel: String) {
-        let dropped = session.notification(message, channel: channel, into: &actions)
+        let dropped = session.notification(message, channel: channel, now: .now(), into: &actions)
         if dropped > 0 {
             logger.warning(
                 "client \(peer) db=\(databaseName) user=\(user): closed, \(dropped) notifications left unread")

@@ -126,7 +126,7 @@ public enum FuzzHarness {
                 message.writeInteger(Int32(1))
                 message.writeNullTerminatedString(channel)
                 message.writeInteger(UInt8(0))
-                session.notification(message, channel: channel, into: &actions)
+                session.notification(message, channel: channel, now: now, into: &actions)
             }
             switch kind % 8 {
             case 0:

@@ -145,8 +145,10 @@ extension ClientSession {
             actions.append(.requestServer)
             return false
         }
-        if prepared!.isHolding {
+        if flow.bindHeld {
             // A Bind waits for its statement's fresh copy to be checked; what follows waits too.
+            flow.pendingBytes += buffer.readableBytes
+            flow.bytesAfterHeldBind += buffer.readableBytes
             stash(&buffer)
             return false
         }
@@ -226,6 +228,7 @@ extension ClientSession {
             Self.clientSent(type, tracker: &tracker, state: sessionState)
             if prepared!.epoch != statementEpoch { prepared!.epoch = statementEpoch }
             prepared!.clientMessage(type: type, body: body, whole: whole, server: &server.statements, into: &toServer)
+            if type == MessageType.bind, prepared!.isHolding { flow.bindHeld = true }
             if writeMadeUpReplies(now: now, into: &actions) {
                 actions.append(.flushClient)
                 if toServer.isEmpty, serverInbound.isEmpty, mayGiveBack {

@@ -22,6 +22,10 @@ extension ClientSession {
         public internal(set) var serverPaused = false
         /// Bytes in `pending`.
         var pendingBytes = 0
+        /// A Bind waits for its statement's fresh copy to be checked (`PreparedStatementTracker.isHolding`):
+        /// the client's bytes after it wait in `inbound`, counted in `pendingBytes` (`bytesAfterHeldBind`).
+        var bindHeld = false
+        var bytesAfterHeldBind = 0
     }
 
     /// Client bytes held until something outside the session happens.
@@ -30,8 +34,7 @@ extension ClientSession {
         case .waiting, .lookingUpSecret, .awaitingWelcome:
             return flow.pendingBytes + (inbound.bytes?.readableBytes ?? 0)
         default:
-            // While a Bind is held (`PreparedStatementTracker.isHolding`), what follows it waits.
-            return flow.pendingBytes + (prepared?.isHolding == true ? inbound.bytes?.readableBytes ?? 0 : 0)
+            return flow.pendingBytes
         }
     }
 

@@ -12,10 +12,19 @@ extension ClientSession {
     /// a message, a ReadyForQuery waits for the listener, or the client is not reading. Returns
     /// how many notifications were dropped: those queued, when the queue overflows.
     @discardableResult
-    public mutating func notification(_ message: ByteBuffer, channel: String, into actions: inout Actions) -> Int {
+    public mutating func notification(
+        _ message: ByteBuffer, channel: String, now: NIODeadline, into actions: inout Actions
+    ) -> Int {
         guard state == .idle || state == .waiting || state == .linked,
             let sessionState, sessionState.channels.contains(channel)
         else { return 0 }
+        if readyHold == .held, sessionState.awaitingNotify.remove(channel) != nil {
+            // The client's own notification: before the ReadyForQuery held for it.
+            write(message, into: &actions)
+            if sessionState.awaitingNotify.isEmpty { resumeHeldReady(now: now, into: &actions) }
+            actions.append(.flushClient)
+            return 0
+        }
         if notificationQueue.isEmpty, mayWriteNotification {
             write(message, into: &actions)
             actions.append(.flushClient)
@@ -63,6 +72,14 @@ extension ClientSession {
     /// The pool's listener listens on every channel the client was subscribed to: the held
     /// ReadyForQuery, and what the server sent after it, go on.
     public mutating func listenConfirmed(now: NIODeadline, into actions: inout Actions) {
+        guard readyHold == .held, sessionState?.awaitingNotify.isEmpty ?? true else { return }
+        resumeHeldReady(now: now, into: &actions)
+    }
+
+    /// The held ReadyForQuery, and what the server sent after it, go on.
+    mutating func resumeHeldReady(now: NIODeadline, into actions: inout Actions) {
+        waitingOwnNotification = false
+        sessionState?.awaitingNotify.removeAll()
         guard readyHold == .held else { return }
         guard state == .linked else {
             readyHold = .none
@@ -71,5 +88,23 @@ extension ClientSession {
         readyHold = .resuming
         serverBytes(ByteBuffer(), now: now, into: &actions)
         writeQueuedNotifications(into: &actions)
+    }
+
+    /// Whether the sweeper must tick this client for a notification it waits for (a stored flag:
+    /// the sweeper asks every client ten times a second).
+    public var waitsForOwnNotification: Bool { waitingOwnNotification }
+
+    /// The sweeper's tick while the client waits for its own notification: the wait is bounded
+    /// (the pool's listener may have lost it, as when its connection drops).
+    public mutating func ownNotificationTick(now: NIODeadline, into actions: inout Actions) {
+        guard let sessionState, !sessionState.awaitingNotify.isEmpty else {
+            waitingOwnNotification = false
+            return
+        }
+        guard let since = sessionState.notifyWaitSince else {
+            sessionState.notifyWaitSince = now
+            return
+        }
+        if now - since >= SessionState.notifyWait { resumeHeldReady(now: now, into: &actions) }
     }
 }

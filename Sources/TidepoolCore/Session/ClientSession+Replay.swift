@@ -120,6 +120,8 @@ extension ClientSession {
         tracker = lease.tracker
         scanner = lease.scanner
         if let snapshot = lease.prepared { prepared?.restore(snapshot) }
+        flow.bindHeld = false
+        flow.bytesAfterHeldBind = 0
         if let mark = lease.sessionMark {
             sessionState?.restore(mark)
         } else {

@@ -205,8 +205,11 @@ extension ClientSession {
                 accepted += names
                 actions.append(.statementsAccepted)
             }
-            if prepared!.hasReleased {
+            if flow.bindHeld, prepared!.hasReleased {
                 // A held Bind's check is over: it goes, then what the client sent after it.
+                flow.bindHeld = false
+                flow.pendingBytes -= flow.bytesAfterHeldBind
+                flow.bytesAfterHeldBind = 0
                 toServer.append(contentsOf: prepared!.takeReleased())
                 flushPending(now: now, into: &actions)
             }

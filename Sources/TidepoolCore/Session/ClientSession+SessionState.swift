@@ -225,6 +225,18 @@ extension ClientSession {
             parametersSettled(sessionState, into: &actions)
         }
         if sessionState.channelsChanged { channelsSettled(sessionState, mayHold: fromServer, into: &actions) }
+        if !sessionState.selfNotified.isEmpty {
+            // Only channels still listened on once the transaction is over get the notification.
+            let awaited = sessionState.selfNotified.intersection(sessionState.channels)
+            if fromServer, readyHold == .none, !awaited.isEmpty {
+                readyHold = .held
+                waitingOwnNotification = true
+                sessionState.awaitingNotify = awaited
+                sessionState.notifyWaitSince = nil
+                actions.append(.watchClock)
+            }
+            sessionState.selfNotified.removeAll()
+        }
     }
 
     /// A settled request reset parameters or its reports were held: the client is shown what

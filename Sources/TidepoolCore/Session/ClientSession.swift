@@ -88,6 +88,9 @@ public struct ClientSession {
         /// histograms in `latency` are recorded by the session itself).
         case recordTiming(LatencySet.Kind, microseconds: Int)
         case logSlowQuery(microseconds: Int)
+        /// The session needs the clock's ticks (`ownNotificationTick`) though it may have no
+        /// timeouts: a ReadyForQuery waits, for a bounded time, for the client's own notification.
+        case watchClock
         /// Send `closing`'s error (FATAL) and close; its reason is logged.
         case closeWithError
         /// The client said Terminate.
@@ -206,6 +209,8 @@ public struct ClientSession {
     /// sent after it, until the pool's listener listens on them too: a NOTIFY the client's
     /// application sends once it has its answer must reach it.
     var readyHold = ReadyHold.none
+    /// The held ReadyForQuery waits for the client's own notification (`ownNotificationTick`).
+    var waitingOwnNotification = false
     /// server_fast_close: the session's server is to be replaced, so the client is closed at the
     /// end of its transaction.
     var endsAtTransactionEnd = false

@@ -187,11 +187,36 @@ public struct PreparedStatementTracker: Sendable {
     private var accepted: [String] = []
     /// A Bind waiting for the check of its statement's fresh copy; client messages after it wait
     /// too (`isHolding`).
-    private var held: HeldBind?
+    private var held: HeldBind? {
+        get { checks.held }
+        set { checks.held = newValue }
+    }
     /// Messages for the server once a check is over (`takeReleased`).
-    private var released: [ByteBuffer] = []
+    private var released: [ByteBuffer] {
+        get { checks.released }
+        set { checks.released = newValue }
+    }
     /// A portal bound from a statement whose shape is not known yet: a Describe of it gives it.
-    private var portalShape: (portal: String, client: String)?
+    private var portalShape: (portal: String, client: String)? {
+        get { checks.portalShape }
+        set {
+            checks.portalShape = newValue
+            wantsPortalShape = newValue != nil
+        }
+    }
+    /// A Describe of a portal is read: it may give a statement its shape (`portalShape`).
+    public private(set) var wantsPortalShape = false
+    /// The result-shape checks' state, behind one reference: fields of their own would make every
+    /// copy and nil test of a session's optional tracker cost more (an outlined copy per server
+    /// message in a profile), for state that is nearly always empty.
+    private let checks = ShapeChecks()
+
+    /// One session's, used on its event loop only.
+    final class ShapeChecks: @unchecked Sendable {
+        var held: HeldBind?
+        var released: [ByteBuffer] = []
+        var portalShape: (portal: String, client: String)?
+    }
     /// The transaction status of the last ReadyForQuery, for made-up ones.
     private var lastStatus = TransactionStatus.idle
 
@@ -231,9 +256,6 @@ public struct PreparedStatementTracker: Sendable {
         released.removeAll()
         portalShape = nil
     }
-
-    /// A Describe of a portal is read: it may give a statement its shape (`portalShape`).
-    public var wantsPortalShape: Bool { portalShape != nil }
 
     /// A Bind is held until a server's answer (`HeldBind`): the client's next messages wait.
     public var isHolding: Bool { held != nil }
@@ -546,17 +568,18 @@ public struct PreparedStatementTracker: Sendable {
             append(.pass(type))
             if statement.shape == nil {
                 portalShape = (portal, name)
-            } else if portalShape != nil {
+            } else if wantsPortalShape {
                 portalShape = nil
             }
             return
         case MessageType.describe:
             let kind = b.readInteger(as: UInt8.self)
-            if kind == MessageType.targetPortal, let wanted = portalShape.take(),
+            if kind == MessageType.targetPortal, let wanted = portalShape,
                 b.readNullTerminatedString() == wanted.portal,
                 let statement = statements[wanted.client]
             {
                 // The first description of the client's plan (drivers that describe portals only).
+                portalShape = nil
                 out.append(whole)
                 append(.describeShape(server: statement.serverName, client: wanted.client, check: false))
                 return

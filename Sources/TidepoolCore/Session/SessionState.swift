@@ -1,4 +1,5 @@
 import DequeModule
+import NIOCore
 
 /// What state a client's session holds beyond its transactions, with PostgreSQL's rules for when
 /// a statement's effect becomes the session's: at its transaction's commit, never for one that
@@ -98,6 +99,14 @@ public final class SessionState {
     /// The server's ParameterStatus reports held while a reset is in flight, by name: the client
     /// is shown the values PostgreSQL would show it once the request is settled.
     var heldReports: [String: String] = [:]
+    /// Channels the client listens on that its own committed NOTIFY sent to: the ReadyForQuery
+    /// waits for the pool's listener to hand those notifications over (`awaitingNotify`), as
+    /// PostgreSQL sends them before it.
+    var selfNotified: Set<String> = []
+    var awaitingNotify: Set<String> = []
+    /// When the wait began (the sweeper's first tick after it); it ends after `notifyWait`.
+    var notifyWaitSince: NIODeadline?
+    static let notifyWait = TimeAmount.seconds(1)
     /// Startup values to set for the rest of the open transaction (`ClientSession.localSync`).
     var localSync: String?
 
@@ -363,6 +372,8 @@ public final class SessionState {
             channels.remove(channel)
         case .unlistenAll:
             channels.removeAll()
+        case .notify(let channel):
+            if channels.contains(channel) { selfNotified.insert(channel) }
         default:
             break
         }

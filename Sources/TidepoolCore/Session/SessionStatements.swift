@@ -73,6 +73,9 @@ public enum SessionEffect: Equatable, Sendable {
     case listen(channel: String)
     case unlisten(channel: String)
     case unlistenAll
+    /// NOTIFY (or pg_notify with a literal channel): a client listening on the channel itself is
+    /// shown the notification before the ReadyForQuery of the transaction that sent it.
+    case notify(channel: String)
 
     var isTransactionControl: Bool {
         switch self {
@@ -198,6 +201,9 @@ public enum SessionStatements {
             let name = lexer.next()
             effects.append(name.isSymbol("*") ? .unlistenAll : .unlisten(channel: channelName(lexer.identifier(name))))
             lexer.skipStatement()
+        case .notify:
+            effects.append(.notify(channel: channelName(lexer.identifier(lexer.next()))))
+            lexer.skipStatement()
         case .prepare:
             let name = lexer.next()
             if name.isWord("transaction", in: lexer) {
@@ -244,7 +250,7 @@ public enum SessionStatements {
     /// The first words the classifier acts on.
     enum Keyword {
         case set, reset, begin, start, commit, end, rollback, abort, savepoint, release, discard, create
-        case drop, declare, close, listen, unlisten, prepare, deallocate, execute, load, `do`, other
+        case drop, declare, close, listen, unlisten, notify, prepare, deallocate, execute, load, `do`, other
     }
 
     /// The statement's first word as a `Keyword`: compared byte by byte, by length first, so that
@@ -253,7 +259,7 @@ public enum SessionStatements {
         @inline(__always) func word(_ keyword: StaticString) -> Bool { t.isWord(keyword, in: lexer) }
         // No keyword starts with the letters SELECT, INSERT, UPDATE, WITH... start with but s, d, u.
         switch lexer.bytes[t.start] | 0x20 {
-        case 0x61...0x65, 0x6C, 0x70, 0x72, 0x73, 0x75: break  // a b c d e l p r s u
+        case 0x61...0x65, 0x6C, 0x6E, 0x70, 0x72, 0x73, 0x75: break  // a b c d e l n p r s u
         default: return .other
         }
         switch t.end - t.start {
@@ -274,6 +280,7 @@ public enum SessionStatements {
             if word("commit") { return .commit }
             if word("create") { return .create }
             if word("listen") { return .listen }
+            if word("notify") { return .notify }
         case 7:
             if word("release") { return .release }
             if word("discard") { return .discard }
@@ -653,7 +660,7 @@ public enum SessionStatements {
     }
 
     /// The name before a `(` at `index`, when it may be one of the functions that matter (they
-    /// start with p or s and are 10 to 27 letters long).
+    /// start with p or s and are 9 to 27 letters long).
     static func wordBefore(_ index: Int, in lexer: SQLLexer) -> SQLLexer.Token? {
         let bytes = lexer.bytes
         var end = index
@@ -661,7 +668,7 @@ public enum SessionStatements {
         var start = end
         while start > 0, SQLLexer.isWordPart(bytes[start - 1]), end - start <= 27 { start -= 1 }
         let length = end - start
-        guard length >= 10, length <= 27, bytes[start] | 0x20 == 0x70 || bytes[start] | 0x20 == 0x73,
+        guard length >= 9, length <= 27, bytes[start] | 0x20 == 0x70 || bytes[start] | 0x20 == 0x73,
             start == 0 || !SQLLexer.isWordPart(bytes[start - 1])
         else { return nil }
         return SQLLexer.Token(kind: .word, start: start, end: end)
@@ -695,6 +702,8 @@ public enum SessionStatements {
             if key != "*" { effects.append(.unpin(.advisoryLock, key: key)) }
         case "pg_advisory_unlock_all":
             effects.append(.unpinAll(.advisoryLock))
+        case "pg_notify":
+            if let channel = lexer.arguments().first?.literal { effects.append(.notify(channel: channelName(channel))) }
         default:
             break
         }
