@@ -208,14 +208,20 @@ def server_settings(startup):
 
 
 async def run_asyncpg_client(port, client, out):
+    import asyncio
+
     import asyncpg
 
     seen = []
+    out[client["client"]] = seen  # whatever happens, what was seen is compared
     try:
         conn = await asyncpg.connect(host="127.0.0.1", port=port, user="postgres", database="postgres",
                                      server_settings=server_settings(client["startup"]))
     except asyncpg.PostgresError as e:
-        out[client["client"]] = [("connect", e.sqlstate)]
+        seen.append(("connect", e.sqlstate))
+        return
+    except Exception as e:  # noqa: BLE001 - recorded, so that it is compared too
+        seen.append(("connect", type(e).__name__))
         return
     try:
         for kind, text in client["steps"]:
@@ -231,6 +237,8 @@ async def run_asyncpg_client(port, client, out):
                 result = ("error", e.sqlstate) + ((str(e),) if MESSAGES else ())
             except asyncpg.InterfaceError as e:
                 result = ("interface error", type(e).__name__)
+            except Exception as e:  # noqa: BLE001 - a driver's own exception is an observation too
+                result = ("exception", type(e).__name__)
             if conn.is_closed():
                 seen.append((text, result, "connection lost"))
                 break
@@ -238,8 +246,10 @@ async def run_asyncpg_client(port, client, out):
             params = tuple(getattr(settings, p, None) for p in REPORTED)
             seen.append((text, result, params, conn.is_in_transaction()))
     finally:
-        await conn.close()
-    out[client["client"]] = seen
+        try:
+            await asyncio.wait_for(conn.close(), 10)
+        except Exception as e:  # noqa: BLE001
+            seen.append(("close", type(e).__name__))
 
 
 def run(connect, program):
