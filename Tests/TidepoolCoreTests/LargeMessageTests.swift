@@ -108,7 +108,7 @@ import Testing
             b.writeString(start)
             return PreparedStatementTracker.disposition(type, b, bodyStart: 5, limit: 4096)
         }
-        func isInspect(_ d: MessageDisposition?) -> Bool { if case .inspect = d { true } else { false } }
+        func isInspect(_ d: MessageDisposition?) -> Bool { d == .inspect }
         let q = MessageType.query
         #expect(disposition(q, " delete from t where x = '") == nil)
         #expect(isInspect(disposition(q, "DEALLOCATE s1")))
@@ -116,7 +116,7 @@ import Testing
         #expect(isInspect(disposition(q, "  dele")), "the word has not ended: wait for more")
         #expect(isInspect(disposition(q, "delete", declared: 2000)), "small enough to hold")
         let b = MessageType.bind
-        if case .head(let n) = disposition(b, "p\0stmt\0\0\0") { #expect(n == 7) } else { Issue.record("head") }
+        #expect(disposition(b, "p\0stmt\0\0\0")?.headLength == 7)
         #expect(isInspect(disposition(b, "p\0stm")), "the names have not ended: wait for more")
         #expect(isInspect(disposition(b, "p\0" + String(repeating: "s", count: 5000))), "names too long: held whole")
     }

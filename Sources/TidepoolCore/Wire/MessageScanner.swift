@@ -1,15 +1,23 @@
 import NIOCore
 
-/// What a scanner's owner wants done with a message, decided from its type byte alone.
-public enum MessageDisposition: Sendable {
+/// What a scanner's owner wants done with a message, decided from its type byte alone. One word
+/// (not an enum with a payload), so that the classify closures on the hot paths stay cheap.
+public struct MessageDisposition: Sendable, Equatable {
+    @usableFromInline let raw: Int
+
+    @usableFromInline init(raw: Int) { self.raw = raw }
+
     /// Forward it untouched, possibly in pieces, together with its neighbours.
-    case forward
+    public static let forward = MessageDisposition(raw: -1)
     /// Hand it over whole, on its own, so its body can be read.
-    case inspect
+    public static let inspect = MessageDisposition(raw: -2)
     /// Hand over its header and the first `n` bytes of its body on their own (once they have
     /// come), then forward the rest as it arrives: for a message too large to hold whose
     /// decision rests on its first bytes.
-    case head(Int)
+    public static func head(_ n: Int) -> MessageDisposition { MessageDisposition(raw: max(0, n)) }
+
+    /// `n` of `head(n)`.
+    public var headLength: Int? { raw >= 0 ? raw : nil }
 }
 
 /// Splits a stream of typed PostgreSQL messages (type byte, Int32 length, body) into runs of
@@ -64,7 +72,7 @@ public struct MessageScanner: Sendable {
             let length = Int(buffer.getInteger(at: cursor + 1, as: Int32.self)!)
             guard length >= 4 else { throw .invalidLength(length) }
             guard length <= maxMessageLength else { throw .messageTooLarge(length, limit: maxMessageLength) }
-            if case .forward = classify(type) {
+            if classify(type) == .forward {
                 bytesLeftInMessage = length + 1
                 continue
             }
@@ -102,19 +110,19 @@ public struct MessageScanner: Sendable {
             let length = Int(buffer.getInteger(at: cursor + 1, as: Int32.self)!)
             guard length >= 4 else { throw .invalidLength(length) }
             guard length <= maxMessageLength else { throw .messageTooLarge(length, limit: maxMessageLength) }
-            switch classify(type, buffer, cursor + 5) {
-            case .forward:
+            let disposition = classify(type, buffer, cursor + 5)
+            if disposition == .forward {
                 bytesLeftInMessage = length + 1
-            case .inspect:
+            } else if disposition == .inspect {
                 // A message to inspect ends the run before it, and is handed over alone.
                 if cursor > start { break scan }
                 guard end - cursor >= 1 + length else { return nil }
                 let whole = buffer.readSlice(length: length + 1)!
                 return .message(
                     type: type, body: whole.getSlice(at: whole.readerIndex + 5, length: length - 4)!, whole: whole)
-            case .head(let n):
+            } else {
                 if cursor > start { break scan }
-                let n = min(n, length - 4)
+                let n = min(disposition.raw, length - 4)
                 guard end - cursor >= 5 + n else { return nil }
                 buffer.moveReaderIndex(forwardBy: 5)
                 bytesLeftInMessage = length - 4 - n
