@@ -436,12 +436,7 @@ public struct PreparedStatementTracker: Sendable {
     static let absentName = reservedPrefix + "absent"
 
     static func describeMessage(_ serverName: String) -> ByteBuffer {
-        var message = ByteBufferAllocator().buffer(capacity: serverName.utf8.count + 7)
-        Wire.withMessage(MessageType.describe, into: &message) { m in
-            m.writeInteger(MessageType.targetStatement)
-            m.writeNullTerminatedString(serverName)
-        }
-        return message
+        statementMessage(MessageType.describe, serverName)
     }
 
     /// The start of a Bind too large to hold (`disposition`): its portal and statement names.
@@ -1032,9 +1027,12 @@ public struct PreparedStatementTracker: Sendable {
         append(.injectedClose(server: serverName))
     }
 
-    static func closeMessage(_ name: String) -> ByteBuffer {
+    static func closeMessage(_ name: String) -> ByteBuffer { statementMessage(MessageType.close, name) }
+
+    /// A Describe or Close of the statement `name`.
+    static func statementMessage(_ type: UInt8, _ name: String) -> ByteBuffer {
         var message = ByteBufferAllocator().buffer(capacity: name.utf8.count + 7)
-        Wire.withMessage(MessageType.close, into: &message) { m in
+        Wire.withMessage(type, into: &message) { m in
             m.writeInteger(MessageType.targetStatement)
             m.writeNullTerminatedString(name)
         }
