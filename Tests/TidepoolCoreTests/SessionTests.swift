@@ -159,6 +159,26 @@ import Testing
         #expect(wanted["IntervalStyle"] == "iso_8601")
     }
 
+    /// PostgreSQL reads `options` first and the other parameters after, and a DateStyle may give
+    /// the style or the order alone (each checked against PostgreSQL 15 in
+    /// test_a_datestyle_that_gives_the_style_alone).
+    @Test func dateStylesAddUpAsPostgreSQLAppliesThem() throws {
+        let both = try StartupParameters.resolve(
+            ["user": "u", "DateStyle": "ISO", "options": "-c DateStyle=German"], ignored: [])
+        #expect(both["DateStyle"] == "ISO, DMY", "German first (so DMY), then ISO")
+        let other = try StartupParameters.resolve(
+            ["user": "u", "options": "-c application_name=a", "application_name": "b"], ignored: [])
+        #expect(other["application_name"] == "b", "the parameter wins over the option")
+        #expect(StartupParameters.dateStyle("ISO, MDY", then: "ISO") == "ISO, MDY")
+        #expect(StartupParameters.dateStyle("ISO, MDY", then: "german") == "German, DMY")
+        #expect(StartupParameters.dateStyle("German, DMY", then: "US") == "German, MDY")
+        #expect(StartupParameters.dateStyle("SQL, YMD", then: "Postgres") == "Postgres, YMD")
+        #expect(StartupParameters.dateStyle("ISO, MDY", then: "euro") == "ISO, DMY")
+        #expect(
+            ClientSession.Welcome(serverParameters: ["DateStyle": "ISO, MDY"], wanted: ["DateStyle": "ISO"])
+                .wanted.wrappedValue["DateStyle"] == "ISO, MDY", "completed from the server's default")
+    }
+
     @Test func refusesUnknownParametersUnlessIgnored() throws {
         #expect(throws: PostgresError.self) {
             try StartupParameters.resolve(["user": "u", "extra_float_digits": "2"], ignored: [])

@@ -14,9 +14,14 @@ On a divergence `shrink` removes steps while the programs still differ, and `des
 what is left.
 """
 
+import json
 import os
 import random
+import shutil
+import subprocess
+import tempfile
 import threading
+from pathlib import Path
 
 import psycopg
 
@@ -137,6 +142,12 @@ def generate(seed, clients=6, length=24):
         # cache prepares every query it fetches with.
         driver = "asyncpg" if rng.random() < 0.25 else "psycopg"
         program.append({"client": c, "startup": rng.choice(STARTUPS), "steps": steps, "driver": driver})
+    # Some psycopg clients are pgjdbc (server-side statements from the first execution), chosen
+    # apart so that the programs of the seeds before it stay as they were otherwise.
+    jdbc = random.Random(seed * 7919 + 1)
+    for client in program:
+        if jdbc.random() < 0.1 and client["driver"] == "psycopg" and pgjdbc_available():
+            client["driver"] = "pgjdbc"
     return program
 
 
@@ -252,6 +263,50 @@ async def run_asyncpg_client(port, client, out):
             seen.append(("close", type(e).__name__))
 
 
+JAR = "/usr/share/java/postgresql.jar"  # Debian's libpostgresql-jdbc-java
+_java = {"lock": threading.Lock(), "classes": None}
+
+
+def pgjdbc_available():
+    return shutil.which("javac") is not None and os.path.exists(JAR)
+
+
+def pgjdbc_classes():
+    """tests/differential/java/TesterClient.java, compiled once per run."""
+    with _java["lock"]:
+        if _java["classes"] is None:
+            classes = tempfile.mkdtemp(prefix="tidepool-tester-java-")
+            subprocess.run(["javac", "-cp", JAR, "-d", classes,
+                            str(Path(__file__).parent / "java" / "TesterClient.java")], check=True)
+            _java["classes"] = classes
+        return _java["classes"]
+
+
+def run_pgjdbc_client(port, client, out):
+    seen = []
+    out[client["client"]] = seen
+    args = ["java", "-cp", f"{pgjdbc_classes()}:{JAR}", "TesterClient", f"jdbc:postgresql://127.0.0.1:{port}/postgres"]
+    startup = client["startup"]
+    if "options" in startup:
+        args.append("options=" + startup["options"])
+    if "application_name" in startup:
+        args.append("ApplicationName=" + startup["application_name"])
+
+    def escaped(text):
+        return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+    steps = "".join(f"{kind}\t{escaped(text)}\n" for kind, text in client["steps"])
+    try:
+        done = subprocess.run(args, input=steps, capture_output=True, text=True, timeout=110)
+    except subprocess.TimeoutExpired:
+        seen.append(("timeout",))
+        return
+    for line in done.stdout.splitlines():
+        seen.append(json.loads(line))
+    if done.returncode != 0:
+        seen.append(("exit", done.returncode))
+
+
 def run(connect, program):
     """Each client's observations, all clients at once."""
     import asyncio
@@ -262,6 +317,8 @@ def run(connect, program):
     def target(client):
         if client.get("driver") == "asyncpg":
             asyncio.run(run_asyncpg_client(connect.port, client, out))
+        elif client.get("driver") == "pgjdbc":
+            run_pgjdbc_client(connect.port, client, out)
         else:
             run_client(connect, client, out)
 

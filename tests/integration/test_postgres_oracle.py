@@ -338,3 +338,56 @@ def test_a_notify_and_an_unlisten_in_one_transaction(pg, tidepool):
         return got
 
     assert same_through_both(pg, t, program) == [("own", f"m{i}") for i in range(10)]
+
+
+def raw_datestyle(port, params):
+    """Logs in with these startup parameters (as pgjdbc sends DateStyle=ISO) and returns the
+    DateStyle reported at login and the one SHOW DateStyle then gives."""
+    import socket
+    import struct
+
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in
+                    [("user", "postgres"), ("database", "postgres")] + params) + b"\0"
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
+
+    def until_ready():
+        data = b""
+        while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\x05"):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        messages, i = [], 0
+        while i < len(data):
+            length = struct.unpack("!i", data[i + 1:i + 5])[0]
+            messages.append((data[i:i + 1], data[i + 5:i + 1 + length]))
+            i += 1 + length
+        return messages
+
+    reported = [p.split(b"\0")[1].decode() for t, p in until_ready() if t == b"S" and p.startswith(b"DateStyle\0")]
+    query = b"SHOW DateStyle\0"
+    sock.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query)
+    shown = [p[6:].split(b"\0")[0].decode() for t, p in until_ready() if t == b"D"]
+    sock.close()
+    return reported, shown
+
+
+def test_a_datestyle_that_gives_the_style_alone(pg, tidepool):
+    """pgjdbc sends DateStyle=ISO, which gives the output style and leaves the field order to the
+    server's default; with options -c DateStyle=German as well, PostgreSQL reads the options
+    first (German, so DMY), then ISO. Through the pooler the server may hold another client's
+    German, DMY: the client must still see what PostgreSQL shows it (found by the differential
+    tester with pgjdbc clients)."""
+    t = pooled(tidepool, 1)
+
+    def program(port):
+        with psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user="postgres", autocommit=True,
+                             options="-c DateStyle=German") as german:
+            german.execute("SELECT 1")
+            return [raw_datestyle(port, [("DateStyle", "ISO")]),
+                    raw_datestyle(port, [("DateStyle", "ISO"), ("options", "-c DateStyle=German")]),
+                    raw_datestyle(port, [("options", "-c DateStyle=SQL,YMD"), ("DateStyle", "Postgres")])]
+
+    direct = program(pg.port)
+    assert direct[0] == (["ISO, MDY"], ["ISO, MDY"])
+    assert program(t.port) == direct

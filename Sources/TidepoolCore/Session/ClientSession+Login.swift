@@ -323,6 +323,10 @@ extension ClientSession {
         Wire.authenticationOk(into: &out)
         out.writeImmutableBuffer(welcome.messages)
         wantedParameters = welcome.wanted
+        if startupParameters["DateStyle"] != nil {
+            // As completed with the server's default (`Welcome`): what a reset goes back to.
+            startupParameters["DateStyle"] = welcome.wanted.wrappedValue["DateStyle"]
+        }
         Wire.backendKeyData(processID: cancelKey.0, secretKey: cancelKey.1, into: &out)
         Self.loginNotice(notice, into: &out)
         Wire.readyForQuery(.idle, into: &out)
@@ -537,6 +541,12 @@ extension ClientSession {
 
         public init(serverParameters: [String: String], wanted: [String: String]) {
             messages = ByteBufferAllocator().buffer(capacity: 512)
+            var wanted = wanted
+            if let given = wanted["DateStyle"], let serverDefault = serverParameters["DateStyle"] {
+                // A style or an order alone (pgjdbc sends "ISO") goes with the server's default
+                // for the other, as at a PostgreSQL login, and is shown as PostgreSQL spells it.
+                wanted["DateStyle"] = StartupParameters.dateStyle(serverDefault, then: given)
+            }
             var parameters = serverParameters
             for (name, value) in wanted { parameters[name] = value }
             for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {

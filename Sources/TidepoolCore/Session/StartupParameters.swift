@@ -61,7 +61,7 @@ public enum StartupParameters {
         var others: [(String, String)] = []
         func accept(_ name: String, _ value: String, from what: String) throws(PostgresError) {
             if let key = canonical(name) {
-                wanted[key] = value
+                wanted[key] = key == "DateStyle" ? wanted[key].map { Self.dateStyle($0, then: value) } ?? value : value
             } else if ignoredSet.contains(name.lowercased()) {
                 return
             } else if keepingOthers || extraSet.contains(name.lowercased()) {
@@ -70,7 +70,12 @@ public enum StartupParameters {
                 throw PostgresError.fatal(SQLState.featureNotSupported, "unsupported \(what): \(name)")
             }
         }
-        for (name, value) in parameters.sorted(by: { $0.key < $1.key }) {
+        // PostgreSQL reads `options` first, then the other parameters, which win.
+        let sorted = parameters.sorted { a, b in
+            let (x, y) = (a.key.lowercased() == "options", b.key.lowercased() == "options")
+            return x != y ? x : a.key < b.key
+        }
+        for (name, value) in sorted {
             switch name.lowercased() {
             case "user", "database":
                 continue
@@ -86,6 +91,32 @@ public enum StartupParameters {
             }
         }
         return (wanted, others)
+    }
+
+    /// DateStyle `first` and then `second`, as PostgreSQL applies them: each may give the output
+    /// style, the field order or both, and German without an order means DMY. A style or order
+    /// neither gives stays out (the server's default then fills it in).
+    static func dateStyle(_ first: String, then second: String) -> String {
+        func parts(_ value: String) -> (style: String?, order: String?) {
+            var style: String?
+            var order: String?
+            for token in value.split(whereSeparator: { $0 == "," || $0 == " " }).map({ $0.uppercased() }) {
+                switch token {
+                case "ISO", "SQL", "POSTGRES", "GERMAN":
+                    style = token == "POSTGRES" ? "Postgres" : token == "GERMAN" ? "German" : token
+                case "DMY", "EURO", "EUROPEAN": order = "DMY"
+                case "MDY", "US", "NONEURO", "NONEUROPEAN": order = "MDY"
+                case "YMD": order = "YMD"
+                default: break
+                }
+            }
+            if style == "German", order == nil { order = "DMY" }
+            return (style, order)
+        }
+        let a = parts(first)
+        let b = parts(second)
+        let merged = [b.style ?? a.style, b.order ?? a.order].compactMap { $0 }
+        return merged.joined(separator: ", ")
     }
 
     /// Splits libpq's `options` string: `-c a=b -c c=d`, `-ca=b`, `--a=b`; backslash escapes a space.
