@@ -179,7 +179,7 @@ def test_two_pgjdbc_connections_recover_from_a_schema_change_as_they_do_directly
     t = tidepool(settings="default_pool_size = 2\nignore_startup_parameters = extra_float_digits\n")
 
     def run(port):
-        return run_pgjdbc(tmp_path, "StalePlanTwo", port, pg.port)
+        return run_pgjdbc(tmp_path, "StalePlan", port, pg.port, 2)
 
     direct, _ = run(pg.port)
     through, stderr = run(t.port)

@@ -355,7 +355,7 @@ def test_prepared_statements_recover_after_a_schema_change(pg, tidepool):
     assert errors <= 1
 
 
-def run_pgjdbc(tmp_path, program, pooled_port, direct_port):
+def run_pgjdbc(tmp_path, program, pooled_port, direct_port, *extra):
     """Compiles tests/integration/java/PROGRAM.java and runs it with a prepareThreshold=1 URL for
     `pooled_port` and a plain one for `direct_port`; returns its output's words and its stderr."""
     jar = "/usr/share/java/postgresql.jar"
@@ -365,7 +365,7 @@ def run_pgjdbc(tmp_path, program, pooled_port, direct_port):
     out = subprocess.run(
         ["java", "-cp", f"{tmp_path}:{jar}", program,
          f"jdbc:postgresql://127.0.0.1:{pooled_port}/postgres?prepareThreshold=1",
-         f"jdbc:postgresql://127.0.0.1:{direct_port}/postgres"],
+         f"jdbc:postgresql://127.0.0.1:{direct_port}/postgres", *map(str, extra)],
         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.split(), out.stderr
