@@ -936,6 +936,24 @@ final class SessionDriver {
         #expect(early.login.isEmpty)
     }
 
+    /// A TLS handshake that never finishes cannot carry an error: the client is closed at once
+    /// (client_login_timeout on a client stalled at ClientHello); after the handshake the error
+    /// is written first.
+    @Test func aClientClosedDuringItsTLSHandshakeIsClosedAtOnce() {
+        let stalled = D(loggedIn: false)
+        stalled.session.startupPacket(.sslRequest, tlsOffered: true, bytesFollow: false, into: &stalled.actions)
+        stalled.session.close(
+            .fatal(SQLState.protocolViolation, "timeout"), reason: "login timeout", into: &stalled.actions)
+        stalled.carryOut()
+        #expect(stalled.session.closing?.atOnce == true)
+        let done = D(loggedIn: false)
+        done.session.startupPacket(.sslRequest, tlsOffered: true, bytesFollow: false, into: &done.actions)
+        done.session.tlsEstablished()
+        done.session.close(.fatal(SQLState.protocolViolation, "timeout"), reason: "login timeout", into: &done.actions)
+        done.carryOut()
+        #expect(done.session.closing?.atOnce == false && done.closedWith != nil)
+    }
+
     @Test func cancelRequestIsPassedOnAndTheConnectionClosedQuietly() {
         let d = D(loggedIn: false)
         d.session.startupPacket(

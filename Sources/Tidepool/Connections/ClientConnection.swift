@@ -45,8 +45,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var inConsole = false
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
-    /// The TLS handler is in place and its handshake not finished.
-    var tlsHandshaking = false
     /// Where `traffic` is handed in (this loop's cell for the client's database).
     var trafficCell: Pooler.TrafficCell?
     /// Histograms for /metrics (when stats_listen_port is set).
@@ -231,7 +229,11 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             }
             var out = channel.allocator.buffer(capacity: 128)
             Wire.errorResponse(error, into: &out)
-            closeAfterWriting(out, waitsForReader: closing.waitsForReader)
+            if closing.atOnce {
+                channel.close(promise: nil)
+            } else {
+                closeAfterWriting(out, waitsForReader: closing.waitsForReader)
+            }
         case .terminate:
             closeReason = "client close request"
             finish()
@@ -282,7 +284,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case .handshakeCompleted = event as? TLSUserEvent { tlsHandshaking = false }
+        if case .handshakeCompleted = event as? TLSUserEvent { session.tlsEstablished() }
         context.fireUserInboundEventTriggered(event)
     }
 
@@ -454,7 +456,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         do {
             guard let context = pooler.security.clientTLS else { throw ChannelError.operationUnsupported }
             try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context), position: .first)
-            tlsHandshaking = true
         } catch {
             closeReason = "TLS setup failed"
             channel.close(promise: nil)
@@ -516,10 +517,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// what the login needs.
     func register() {
         let ip = clientIP
-        let limited =
-            ClientSession.isAdminConsole(session.database, config: pooler.config)
-            ? nil : (database: session.database, user: session.user)
-        let limit = ClientSession.admissionLimit(database: session.database, user: session.user, config: pooler.config)
+        let (limit, limited) = ClientSession.admission(
+            database: session.database, user: session.user, config: pooler.config)
         switch pooler.register(self, address: ip, limited: limited, limit: limit) {
         case .success(let id):
             self.id = id
@@ -754,8 +753,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// never let the message through: it is closed at once, and any client after a few seconds.
     func closeAfterWriting(_ last: ByteBuffer, waitsForReader: Bool = false) {
         let channel = self.channel
-        // A TLS handshake that never finished would hold the error (and the connection) until the cap.
-        guard !tlsHandshaking, channel.isWritable || waitsForReader else {
+        guard channel.isWritable || waitsForReader else {
             channel.close(promise: nil)
             return
         }

@@ -7,6 +7,8 @@ public struct Refusal: Error, Equatable, Sendable {
     /// The error is for a client that is behind in reading: it is written anyway, and the close
     /// waits a while for the client to get to it (otherwise a client not reading is closed at once).
     public var waitsForReader = false
+    /// Closed without the error: it could not reach the client (a TLS handshake not finished).
+    public var atOnce = false
 
     public init(_ error: PostgresError, reason: String) {
         self.error = error
@@ -104,6 +106,7 @@ extension ClientSession {
                 return
             }
             tls = true
+            tlsHandshaking = true
             actions.append(.startTLS)
         case .sslRequest, .gssEncRequest:
             var no = ByteBufferAllocator().buffer(capacity: 1)
@@ -369,11 +372,15 @@ extension ClientSession {
     /// How many clients may be registered when this one is: max_client_conn, and a few more
     /// for an admin user (or the pooler's own `pgbouncer` user) asking for the console. Who they
     /// are is proved at authentication; until then a slot of the reserve is all they take.
-    public static func admissionLimit(database: String, user: String, config: Config) -> Int {
+    /// `counted`: the (database, user) whose max_db_connections / max_user_connections count the
+    /// client (none for the console).
+    public static func admission(database: String, user: String, config: Config) -> (
+        limit: Int, counted: (database: String, user: String)?
+    ) {
         let maxClientConn = config.global.maxClientConn
-        guard isAdminConsole(database, config: config), user == "pgbouncer" || config.global.adminUsers.contains(user)
-        else { return maxClientConn }
-        return maxClientConn + consoleReserve
+        guard isAdminConsole(database, config: config) else { return (maxClientConn, (database, user)) }
+        let reserve = user == "pgbouncer" || config.global.adminUsers.contains(user) ? consoleReserve : 0
+        return (maxClientConn + reserve, nil)
     }
 
     /// The client asked for the admin console: database `pooler` or `pgbouncer`, unless the
@@ -560,6 +567,9 @@ extension ClientSession {
             _ = self.wanted.projectedValue  // worked out once for every client that shares this welcome
         }
     }
+
+    /// The client's TLS handshake finished.
+    public mutating func tlsEstablished() { tlsHandshaking = false }
 
     /// Sets the session up for its pool once the client is authenticated.
     public mutating func joinPool(

@@ -136,6 +136,8 @@ public struct ClientSession {
     public internal(set) var database = ""
     /// The client's connection is encrypted (it sent SSLRequest and the handshake was started).
     public var tls = false
+    /// The TLS handshake was started and has not finished (`tlsEstablished`).
+    var tlsHandshaking = false
     /// What only the login and the closing need, kept out of line (a few hundred bytes an idle
     /// client need not carry): made when first written, dropped when the login is over.
     var scratch: Scratch?
@@ -380,6 +382,9 @@ public struct ClientSession {
     public mutating func close(_ error: PostgresError, reason: String, into actions: inout Actions) {
         guard state != .closed else { return }
         closing = Refusal(error, reason: reason)
+        // A TLS handshake that never finished would hold the error, and the connection, until
+        // the runtime's cap.
+        closing!.atOnce = tlsHandshaking
         actions.append(.closeWithError)
         finish(serverResetQuery: serverResetQuery, resetAlways: serverResetQueryAlways, into: &actions)
     }
