@@ -391,3 +391,64 @@ def test_a_datestyle_that_gives_the_style_alone(pg, tidepool):
     direct = program(pg.port)
     assert direct[0] == (["ISO, MDY"], ["ISO, MDY"])
     assert program(t.port) == direct
+
+
+def extended(sock, sql):
+    """`sql` as pgjdbc sends a statement: Parse, Bind, Execute, Sync. Returns the data rows'
+    first fields and the command tag or SQLSTATE."""
+    import struct
+
+    def message(kind, body):
+        return kind + struct.pack("!i", 4 + len(body)) + body
+
+    sock.sendall(message(b"P", b"\0" + sql.encode() + b"\0" + struct.pack("!h", 0))
+                 + message(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0)) + message(b"E", b"\0" + struct.pack("!i", 0))
+                 + message(b"S", b""))
+    data = b""
+    while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\x05"):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    seen, i = [], 0
+    while i < len(data):
+        kind, length = data[i:i + 1], struct.unpack("!i", data[i + 1:i + 5])[0]
+        body = data[i + 5:i + 1 + length]
+        if kind == b"D":
+            seen.append(body[6:6 + struct.unpack("!i", body[2:6])[0]].decode())
+        elif kind == b"C":
+            seen.append(body[:-1].decode())
+        elif kind == b"E":
+            seen.append(dict((f[:1], f[1:]) for f in body.split(b"\0") if f)[b"C"].decode())
+        i += 1 + length
+    return seen
+
+
+def test_sql_prepare_sent_in_a_parse_stays_with_its_client(pg, tidepool):
+    """pgjdbc sends every statement through the extended protocol, SQL PREPARE included: the
+    prepared-statement tracker keeps SQL PREPARE per client only in a simple Query, so one in a
+    Parse keeps its client on its server, and another client's DISCARD ALL (the clean-up after a
+    temp table) cannot take it away (found by the differential tester with pgjdbc clients)."""
+    import socket
+    import struct
+
+    t = pooled(tidepool, 2)
+
+    def program(port):
+        a = socket.create_connection(("127.0.0.1", port))
+        body = b"user\0postgres\0database\0postgres\0\0"
+        a.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
+        login = b""
+        while not (len(login) >= 6 and login[-6:-1] == b"Z\0\0\0\x05"):
+            login += a.recv(65536)
+        seen = [extended(a, "PREPARE p AS SELECT $1::int + 3")]
+        for _ in range(3):
+            with psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user="postgres",
+                                 autocommit=True) as b:
+                b.execute("CREATE TEMP TABLE t (x int)")
+        seen += [extended(a, "EXECUTE p(4)"), extended(a, "DEALLOCATE p")]
+        a.close()
+        return seen
+
+    direct = program(pg.port)
+    assert direct == [["PREPARE"], ["7", "SELECT 1"], ["DEALLOCATE"]]
+    assert program(t.port) == direct

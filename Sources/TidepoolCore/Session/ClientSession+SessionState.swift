@@ -106,8 +106,9 @@ extension ClientSession {
             refusal = .reservedName
             return
         }
-        if preparedOn, !effects.isEmpty {
-            // SQL PREPARE is kept per client by the prepared-statement tracker: nothing to pin.
+        if preparedOn, type == MessageType.query, !effects.isEmpty {
+            // SQL PREPARE in a simple Query is kept per client by the prepared-statement tracker:
+            // nothing to pin. In a Parse (pgjdbc sends every statement so) it is not, and pins.
             effects.removeAll { effect in
                 switch effect {
                 case .pin(.preparedStatement, _), .unpin(.preparedStatement, _), .unpinAll(.preparedStatement): true
