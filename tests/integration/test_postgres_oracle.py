@@ -340,6 +340,23 @@ def test_a_notify_and_an_unlisten_in_one_transaction(pg, tidepool):
     assert same_through_both(pg, t, program) == [("own", f"m{i}") for i in range(10)]
 
 
+def read_until_ready(sock):
+    """The messages a server sends up to and with its next ReadyForQuery, as (type, body)."""
+    import struct
+
+    data = b""
+    while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\x05"):
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    messages, i = [], 0
+    while i < len(data):
+        length = struct.unpack("!i", data[i + 1:i + 5])[0]
+        messages.append((data[i:i + 1], data[i + 5:i + 1 + length]))
+        i += 1 + length
+    return messages
+
+
 def raw_datestyle(port, params):
     """Logs in with these startup parameters (as pgjdbc sends DateStyle=ISO) and returns the
     DateStyle reported at login and the one SHOW DateStyle then gives."""
@@ -350,24 +367,11 @@ def raw_datestyle(port, params):
                     [("user", "postgres"), ("database", "postgres")] + params) + b"\0"
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
-
-    def until_ready():
-        data = b""
-        while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\x05"):
-            chunk = sock.recv(65536)
-            assert chunk, data
-            data += chunk
-        messages, i = [], 0
-        while i < len(data):
-            length = struct.unpack("!i", data[i + 1:i + 5])[0]
-            messages.append((data[i:i + 1], data[i + 5:i + 1 + length]))
-            i += 1 + length
-        return messages
-
-    reported = [p.split(b"\0")[1].decode() for t, p in until_ready() if t == b"S" and p.startswith(b"DateStyle\0")]
+    reported = [p.split(b"\0")[1].decode() for t, p in read_until_ready(sock)
+                if t == b"S" and p.startswith(b"DateStyle\0")]
     query = b"SHOW DateStyle\0"
     sock.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query)
-    shown = [p[6:].split(b"\0")[0].decode() for t, p in until_ready() if t == b"D"]
+    shown = [p[6:].split(b"\0")[0].decode() for t, p in read_until_ready(sock) if t == b"D"]
     sock.close()
     return reported, shown
 
@@ -398,28 +402,19 @@ def extended(sock, sql):
     first fields and the command tag or SQLSTATE."""
     import struct
 
-    def message(kind, body):
-        return kind + struct.pack("!i", 4 + len(body)) + body
+    from test_security import message
 
     sock.sendall(message(b"P", b"\0" + sql.encode() + b"\0" + struct.pack("!h", 0))
                  + message(b"B", b"\0\0" + struct.pack("!hhh", 0, 0, 0)) + message(b"E", b"\0" + struct.pack("!i", 0))
                  + message(b"S", b""))
-    data = b""
-    while not (len(data) >= 6 and data[-6:-1] == b"Z\0\0\0\x05"):
-        chunk = sock.recv(65536)
-        assert chunk, data
-        data += chunk
-    seen, i = [], 0
-    while i < len(data):
-        kind, length = data[i:i + 1], struct.unpack("!i", data[i + 1:i + 5])[0]
-        body = data[i + 5:i + 1 + length]
+    seen = []
+    for kind, body in read_until_ready(sock):
         if kind == b"D":
             seen.append(body[6:6 + struct.unpack("!i", body[2:6])[0]].decode())
         elif kind == b"C":
             seen.append(body[:-1].decode())
         elif kind == b"E":
             seen.append(dict((f[:1], f[1:]) for f in body.split(b"\0") if f)[b"C"].decode())
-        i += 1 + length
     return seen
 
 
@@ -437,9 +432,7 @@ def test_sql_prepare_sent_in_a_parse_stays_with_its_client(pg, tidepool):
         a = socket.create_connection(("127.0.0.1", port))
         body = b"user\0postgres\0database\0postgres\0\0"
         a.sendall(struct.pack("!ii", 8 + len(body), 196608) + body)
-        login = b""
-        while not (len(login) >= 6 and login[-6:-1] == b"Z\0\0\0\x05"):
-            login += a.recv(65536)
+        read_until_ready(a)  # the login
         seen = [extended(a, "PREPARE p AS SELECT $1::int + 3")]
         for _ in range(3):
             with psycopg.connect(host="127.0.0.1", port=port, dbname="postgres", user="postgres",
