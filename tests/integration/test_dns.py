@@ -23,9 +23,11 @@ class NameServer:
     """Answers A questions from `records`, SOA questions for ZONE with `serial`, NXDOMAIN for
     names it does not know; counts the questions."""
 
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, sock=None):
+        if sock is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", 0))
+        self.sock = sock
         self.port = self.sock.getsockname()[1]
         self.records = {}
         self.serial = 1
@@ -226,14 +228,24 @@ class HostileNameServer(NameServer):
     2 KB (TC over UDP). `delay` holds every real UDP answer back."""
 
     def __init__(self):
-        super().__init__()
+        # A port free for both UDP and TCP: the kernel's free UDP port may be taken for TCP.
+        while True:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind(("127.0.0.1", udp.getsockname()[1]))
+                break
+            except OSError:
+                udp.close()
+                tcp.close()
         self.tricks = {}
         self.cnames = {}
         self.delay = 0.0
         self.asked_over_tcp = 0
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind(("127.0.0.1", self.port))
+        super().__init__(udp)
+        self.tcp = tcp
         self.tcp.listen(16)
         self.tcp.settimeout(0.2)
         self.tcp_thread = threading.Thread(target=self.serve_tcp, daemon=True)
