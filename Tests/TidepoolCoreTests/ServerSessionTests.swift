@@ -65,7 +65,7 @@ import Testing
         #expect(type == MessageType.notificationResponse)
         #expect(feed(&s) { Wire.readyForQuery(.idle, into: &$0) }.count == 1)
         let fatal = feed(&s) { Wire.errorResponse(.fatal(SQLState.adminShutdown, "terminating"), into: &$0) }
-        #expect(fatal.contains(.lost) && s.phase == .closed)
+        #expect(fatal.contains(.lost(unused: true)) && s.phase == .closed)
     }
 
     /// target_session_attrs, judged from in_hot_standby and default_transaction_read_only.
@@ -170,7 +170,7 @@ import Testing
         var (s, _) = loggedIn()
         _ = s.reset("DISCARD ALL")
         #expect(s.timedOut() == [.close])
-        #expect(s.closed() == [.disarmTimeout, .lost], "a reset server that goes is reported lost")
+        #expect(s.closed() == [.disarmTimeout, .lost(unused: true)], "a reset server that goes is reported lost")
     }
 
     @Test func closingMeansSomethingDifferentInEachPhase() {
@@ -183,14 +183,14 @@ import Testing
         _ = checking.check("select 1")
         #expect(checking.closed() == [.disarmTimeout, .checkFinished(ok: false)])
         var (idle, _) = loggedIn()
-        #expect(idle.closed() == [.disarmTimeout, .lost])
+        #expect(idle.closed() == [.disarmTimeout, .lost(unused: true)])
         #expect(idle.closed() == [])
     }
 
     /// Bytes that are no PostgreSQL message close an idle server, and the pool hears of it.
     @Test func badBytesFromAnIdleServerAreReported() {
         var (s, _) = loggedIn()
-        #expect(s.badMessage() == [.disarmTimeout, .lost, .close])
+        #expect(s.badMessage() == [.disarmTimeout, .lost(unused: true), .close])
     }
 
     @Test func idleServerKeepsItsParametersUpToDate() {
@@ -207,8 +207,94 @@ import Testing
     @Test func fatalFromAnIdleServerRetiresItAtOnce() {
         var (s, _) = loggedIn()
         let actions = feed(&s) { Wire.errorResponse(.fatal("57P01", "terminating connection"), into: &$0) }
-        #expect(Array(actions.dropFirst()) == [.disarmTimeout, .lost, .close])
+        #expect(Array(actions.dropFirst()) == [.disarmTimeout, .lost(unused: true), .close])
         #expect(s.phase == .closed)
         #expect(s.closed() == [])
+    }
+}
+
+/// Decisions the server handler used to make itself: what a channel error means to the pool,
+/// whether a lost server's client may replay, the login's parameters and secret, the pool key.
+@Suite struct ServerDecisionTests {
+    @Test func aSocketErrorIsWaitedOutAndATLSRefusalIsNot() {
+        let (transport, _) = ServerSessionTests().loggedIn()
+        var loggingIn = ServerSession(state: ServerSessionState(maxPreparedStatements: 4), connectQuery: nil)
+        _ = loggingIn.connected(ServerLoginStateMachine(user: "u", database: "d", secret: .none))
+        var tls = loggingIn
+        #expect(
+            loggingIn.failed(.transport("reset"))
+                == [
+                    .disarmTimeout, .connectFailed(.fatal(SQLState.connectionFailure, "server connection: reset")),
+                    .close,
+                ])
+        #expect(
+            tls.failed(.handshake("bad certificate"))
+                == [
+                    .disarmTimeout, .connectFailed(.fatal(SQLState.unableToConnect, "server TLS: bad certificate")),
+                    .close,
+                ])
+        var ready = transport
+        #expect(
+            ready.failed(.transport("reset")) == [.close], "a ready server that fails is closed, not a login failure")
+    }
+
+    @Test func aLostServerLetsItsClientReplayOnlyWhenNothingWasWrittenInThisLend() {
+        var (s, _) = ServerSessionTests().loggedIn()
+        s.attached()
+        var untouched = s
+        #expect(untouched.closed() == [.disarmTimeout, .lost(unused: true)])
+        s.wroteClientBytes()
+        var written = s
+        #expect(written.closed() == [.disarmTimeout, .lost(unused: false)])
+        s.attached()  // the next lend starts clean
+        #expect(s.closed() == [.disarmTimeout, .lost(unused: true)])
+    }
+
+    @Test func theLoginCarriesTheEntrysParametersBeforeAReplicationClientsOwn() {
+        var entry = DatabaseEntry(name: "app")
+        entry.dbname = "real"
+        entry.timezone = "UTC"
+        entry.applicationName = "pooled"
+        let login = ServerLoginStateMachine(
+            database: entry, user: "u", secret: .none, extra: [("application_name", "mine"), ("replication", "true")])
+        #expect(login.database == "real")
+        #expect(
+            login.extraParameters.map { "\($0.0)=\($0.1)" } == [
+                "TimeZone=UTC", "application_name=pooled", "replication=true",
+            ])
+    }
+
+    @Test func theServerSecretIsTheEntrysThenTheAuthFilesThenLearnedThenLookedUp() {
+        typealias Secret = ServerLoginStateMachine.Secret
+        var entry = DatabaseEntry(name: "app")
+        let learned: () -> Secret? = { .password("learned") }
+        let lookedUp: () -> AuthQueryExchange.Outcome? = { .found(.md5("md5found")) }
+        entry.password = "entry"
+        #expect(
+            Secret.forServer(user: "u", database: entry, listed: .plain("file"), learned: learned, lookedUp: lookedUp)
+                == .password("entry"))
+        entry.user = "other"
+        #expect(
+            Secret.forServer(user: "u", database: entry, listed: .plain("file"), learned: learned, lookedUp: lookedUp)
+                == .password("file"), "the entry's password is its own user's")
+        #expect(
+            Secret.forServer(user: "u", database: entry, listed: .md5("md5file"), learned: learned, lookedUp: lookedUp)
+                == .md5("md5file"))
+        #expect(
+            Secret.forServer(user: "u", database: entry, listed: nil, learned: learned, lookedUp: lookedUp)
+                == .password("learned"))
+        #expect(
+            Secret.forServer(user: "u", database: entry, listed: nil, learned: { nil }, lookedUp: lookedUp)
+                == .md5("md5found"))
+        #expect(
+            Secret.forServer(user: "u", database: entry, listed: nil, learned: { nil }, lookedUp: { .notFound })
+                == .none)
+    }
+
+    @Test func aClientJoinsItsEntrysUsersPoolWhenTheEntryNamesOne() {
+        var entry = DatabaseEntry(name: "app")
+        #expect(PoolKey(database: "app", entry: entry, loginUser: "alice") == PoolKey(database: "app", user: "alice"))
+        entry.user = "shared"
+        #expect(PoolKey(database: "app", entry: entry, loginUser: "alice") == PoolKey(database: "app", user: "shared"))
     }
 }

@@ -596,7 +596,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: session.database) }
         session.latency = pooler.loopLatency[loopIndex].recorder(for: session.database)
         session.reportsTimings = timers != nil
-        poolKey = PoolKey(database: session.database, user: database.user ?? session.user)
+        poolKey = PoolKey(database: session.database, entry: database, loginUser: session.user)
         pooler.joinPool(poolKey!, database: database)
         joinedPool = true
         if let parameters = pooler.welcomeParameters(for: poolKey!) {

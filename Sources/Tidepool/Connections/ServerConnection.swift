@@ -63,9 +63,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// (queued from another loop behind a newer lend) changes nothing.
     var leasesIssued: UInt64 = 0
     var leases = LeaseTracker()
-    /// Bytes of the linked client were written since it was attached: if the server is lost
-    /// before, the client's requests did not reach it (`ClientSession.serverLost`).
-    var wroteThisLease = false
     /// More StartupMessage parameters (a replication connection's `replication`, its client's).
     var extraStartup: [(String, String)] = []
     /// A driver other than the pooler (a replication connection's), kept alive by its server:
@@ -181,10 +178,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
                 pools.serverConnectFailed(self, error: error)
             case .released(let reusable): pools.release(self, reusable: reusable)
             case .checkFinished(let ok): pools.checkFinished(self, ok: ok)
-            case .lost:
+            case .lost(let unused):
                 if let owner {
                     self.owner = nil
-                    let unused = !wroteThisLease
                     owner.onLoop { owner.serverLost(self, unused: unused) }
                 }
                 pools.serverClosed(self)
@@ -213,17 +209,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             remoteIPBox.withLockedValue { $0 = ip }
         }
         let user = database.user ?? pool.user
-        var extra: [(String, String)] = []
-        if let v = database.clientEncoding { extra.append(("client_encoding", v)) }
-        if let v = database.datestyle { extra.append(("DateStyle", v)) }
-        if let v = database.timezone { extra.append(("TimeZone", v)) }
-        if let v = database.applicationName { extra.append(("application_name", v)) }
-        for (name, value) in extraStartup where !extra.contains(where: { $0.0 == name }) {
-            extra.append((name, value))
-        }
         let login = ServerLoginStateMachine(
-            user: user, database: database.dbname ?? database.name,
-            secret: pooler.serverSecret(user: user, database: database), extraParameters: extra)
+            database: database, user: user, secret: pooler.serverSecret(user: user, database: database),
+            extra: extraStartup)
         run(session.connected(login))
     }
 
@@ -310,16 +298,13 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         pooler.logger.debug("server \(id) error: \(error)")
-        // The pool learns why: a refused TLS set-up or certificate is not waited out (08001), a
-        // socket reset or closed mid-negotiation (PostgreSQL stopping) is (08006).
-        let failure: PostgresError
-        switch error {
-        case let error as PostgresError: failure = error
-        case is IOError, is ChannelError, NIOSSLError.uncleanShutdown:
-            failure = .fatal(SQLState.connectionFailure, "server connection: \(error)")
-        default: failure = .fatal(SQLState.unableToConnect, "server TLS: \(error)")
-        }
-        run(session.fail(failure))
+        let fault: ServerSession.Fault =
+            switch error {
+            case let error as PostgresError: .postgres(error)
+            case is IOError, is ChannelError, NIOSSLError.uncleanShutdown: .transport("\(error)")
+            default: .handshake("\(error)")
+            }
+        run(session.failed(fault))
     }
 
     // MARK: Used by the linked client (from any event loop)
@@ -339,7 +324,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             client.onLoop { client.serverLost(self, unused: true) }
         } else if leases.attach(lease) {
             owner = client
-            wroteThisLease = false
+            session.attached()
         }
     }
 
@@ -382,7 +367,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     private func write(_ buffers: [ByteBuffer]) {
         if let context {
             for b in buffers { context.write(NIOAny(b), promise: nil) }
-            if !wroteThisLease { wroteThisLease = true }
+            session.wroteClientBytes()
             pooler.loopFlushers[loopIndex].add(self)
         } else if let channel {
             for b in buffers { channel.write(b, promise: nil) }

@@ -110,17 +110,10 @@ extension Pooler {
     /// that user's), the auth file's password or md5 secret, then what a client's login taught (the
     /// keys recovered from its SCRAM proof, its cleartext password), then auth_query's md5.
     func serverSecret(user: String, database: DatabaseEntry) -> ServerLoginStateMachine.Secret {
-        if let password = database.password, database.user == nil || database.user == user {
-            return .password(password)
-        }
-        switch userlist[user] {
-        case .plain(let p): return .password(p)
-        case .md5(let m): return .md5(m)
-        case .scram, nil:
-            if let learned = credentials.withLockedValue({ $0.serverSecrets[user] }) { return learned }
-            if case .found(.md5(let m))? = cachedAuthQuery(user: user, database: database) { return .md5(m) }
-            return .none
-        }
+        .forServer(
+            user: user, database: database, listed: userlist[user],
+            learned: { credentials.withLockedValue { $0.serverSecrets[user] } },
+            lookedUp: { cachedAuthQuery(user: user, database: database) })
     }
 
     /// Looks up `user`'s secret with auth_query, from the cache when it is fresh. Completes on `loop`.

@@ -61,7 +61,7 @@ extension Pooler {
         let session = client.session
         let config = self.config
         guard let database = config.database(named: session.database), let mode = session.replication else { return }
-        let key = PoolKey(database: session.database, user: database.user ?? session.user)
+        let key = PoolKey(database: session.database, entry: database, loginUser: session.user)
         let now = NIODeadline.now()
         var granted = false
         withShared { s in

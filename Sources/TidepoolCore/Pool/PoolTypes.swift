@@ -44,6 +44,12 @@ public struct PoolKey: Hashable, Sendable, CustomStringConvertible {
         self.hash = hasher.finalize()
     }
 
+    /// The pool a client logged in as `loginUser` to `database` joins: the entry's user when it
+    /// names one (all its clients share that user's servers), else the client's own.
+    public init(database: String, entry: DatabaseEntry, loginUser: String) {
+        self.init(database: database, user: entry.user ?? loginUser)
+    }
+
     public static func == (a: PoolKey, b: PoolKey) -> Bool {
         a.hash == b.hash && a.database == b.database && a.user == b.user
     }

@@ -40,6 +40,21 @@ public struct ServerLoginStateMachine: Sendable {
         self.extraParameters = extraParameters
     }
 
+    /// The login to a server of `database` as `user`: the entry's client_encoding, datestyle,
+    /// timezone and application_name go in the StartupMessage, then `extra` (a replication
+    /// client's) for names the entry does not set.
+    public init(database: DatabaseEntry, user: String, secret: Secret, extra: [(String, String)] = []) {
+        var parameters: [(String, String)] = []
+        if let v = database.clientEncoding { parameters.append(("client_encoding", v)) }
+        if let v = database.datestyle { parameters.append(("DateStyle", v)) }
+        if let v = database.timezone { parameters.append(("TimeZone", v)) }
+        if let v = database.applicationName { parameters.append(("application_name", v)) }
+        for (name, value) in extra where !parameters.contains(where: { $0.0 == name }) {
+            parameters.append((name, value))
+        }
+        self.init(user: user, database: database.dbname ?? database.name, secret: secret, extraParameters: parameters)
+    }
+
     public func startupMessage(allocator: ByteBufferAllocator) -> ByteBuffer {
         var buffer = allocator.buffer(capacity: 128)
         Wire.startupMessage(parameters: [("user", user), ("database", database)] + extraParameters, into: &buffer)
@@ -152,6 +167,28 @@ public struct ServerLoginStateMachine: Sendable {
             }
         default:
             return .fail(Self.authFailure("unsupported authentication method \(code) requested by server"))
+        }
+    }
+}
+
+extension ServerLoginStateMachine.Secret {
+    /// What logs in to a server as `user`, first found first: the database entry's password (when
+    /// the entry names no other user), auth_file's plain or md5 secret, what a client's login
+    /// taught (SCRAM keys or a cleartext password), an md5 verifier auth_query found.
+    public static func forServer(
+        user: String, database: DatabaseEntry, listed: PasswordSecret?, learned: () -> Self?,
+        lookedUp: () -> AuthQueryExchange.Outcome?
+    ) -> Self {
+        if let password = database.password, database.user == nil || database.user == user {
+            return .password(password)
+        }
+        switch listed {
+        case .plain(let p): return .password(p)
+        case .md5(let m): return .md5(m)
+        case .scram, nil:
+            if let learned = learned() { return learned }
+            if case .found(.md5(let m))? = lookedUp() { return .md5(m) }
+            return .none
         }
     }
 }

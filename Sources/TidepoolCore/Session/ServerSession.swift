@@ -36,8 +36,9 @@ public struct ServerSession: Sendable {
         /// server_reset_query finished: back to the pool, closed unless `reusable`.
         case released(reusable: Bool)
         case checkFinished(ok: Bool)
-        /// A usable server closed: its client (if lent) and the pool are told.
-        case lost
+        /// A usable server closed: its client (if lent) and the pool are told. `unused`: nothing
+        /// of the linked client reached it in this lend, so the client may replay its requests.
+        case lost(unused: Bool)
         case close
         case logWarning(String)
         case logInfo(String)
@@ -58,6 +59,19 @@ public struct ServerSession: Sendable {
     let targetSessionAttrs: TargetSessionAttrs
     public private(set) var processID: Int32 = 0
     public private(set) var secretKey: Int32 = 0
+    /// Bytes of the client linked now were written: if the server is lost before, its requests
+    /// did not reach PostgreSQL (`ClientSession.serverLost`).
+    public private(set) var wroteForClient = false
+
+    /// How a connection failed, as the channel saw it; `failed` decides what the pool learns.
+    public enum Fault: Sendable {
+        /// An error PostgreSQL or the login sent.
+        case postgres(PostgresError)
+        /// The socket was reset or closed (PostgreSQL stopping): worth waiting out (08006).
+        case transport(String)
+        /// TLS could not be set up or a certificate was refused: not waited out (08001).
+        case handshake(String)
+    }
 
     public init(state: ServerSessionState, connectQuery: String?, targetSessionAttrs: TargetSessionAttrs = .any) {
         self.state = state
@@ -104,7 +118,9 @@ public struct ServerSession: Sendable {
             if listens {
                 if type == MessageType.errorResponse, WireDecode.errorFields(body).severity != "ERROR" {
                     phase = .closed
-                    return [.logInfo("listener server is going"), .disarmTimeout, .lost, .close]
+                    return [
+                        .logInfo("listener server is going"), .disarmTimeout, .lost(unused: !wroteForClient), .close,
+                    ]
                 }
                 return [.forListener(type: type, body: body)]
             }
@@ -119,7 +135,10 @@ public struct ServerSession: Sendable {
                 // The backend is going (pg_terminate_backend, a shutdown): retired now, before the
                 // pool can lend it, rather than when its socket closes.
                 phase = .closed
-                return [.logInfo("idle server is going: \(error.message)"), .disarmTimeout, .lost, .close]
+                return [
+                    .logInfo("idle server is going: \(error.message)"), .disarmTimeout, .lost(unused: !wroteForClient),
+                    .close,
+                ]
             }
             return []
         case .connecting, .closed:
@@ -197,6 +216,22 @@ public struct ServerSession: Sendable {
         }
     }
 
+    /// A client is linked (a new lend): nothing of its bytes written yet.
+    public mutating func attached() { wroteForClient = false }
+
+    /// Bytes of the linked client were written.
+    @inline(__always)
+    public mutating func wroteClientBytes() { if !wroteForClient { wroteForClient = true } }
+
+    /// The channel failed: the pool learns why, the connection closes.
+    public mutating func failed(_ fault: Fault) -> [Action] {
+        switch fault {
+        case .postgres(let error): fail(error)
+        case .transport(let text): fail(.fatal(SQLState.connectionFailure, "server connection: \(text)"))
+        case .handshake(let text): fail(.fatal(SQLState.unableToConnect, "server TLS: \(text)"))
+        }
+    }
+
     /// Login failed (or TLS did): the pool learns why, the connection closes.
     public mutating func fail(_ error: PostgresError) -> [Action] {
         switch phase {
@@ -229,7 +264,7 @@ public struct ServerSession: Sendable {
         case .internalQuery(.check):
             return [.disarmTimeout, .checkFinished(ok: false)]
         case .ready, .internalQuery(.reset):
-            return [.disarmTimeout, .lost]
+            return [.disarmTimeout, .lost(unused: !wroteForClient)]
         case .closed:
             return []
         }
