@@ -33,6 +33,8 @@ final class SessionDriver {
     var replayed = 0
     var traffic = TrafficStats()
     var listenChanges: [ChannelChanges] = []
+    var adminCommands: [AdminCommand] = []
+    var consoleTraffic: [(Int, Int)] = []
 
     init(
         mode: PoolMode = .transaction, prepared: Bool = false, timeouts: ClientTimeoutSettings? = nil,
@@ -91,6 +93,8 @@ final class SessionDriver {
             case .closeWithError: closedWith = session.closing?.error
             case .terminate: terminated = true
             case .forget: forgotten += 1
+            case .runAdminCommand: adminCommands.append(session.adminCommand!)
+            case .countConsole(let received, let sent): consoleTraffic.append((received, sent))
             case .startTLS, .forwardCancel, .closeQuietly, .register, .lookUpSecret, .authenticated, .joinPool,
                 .loginDone, .openReplicationServer:
                 login.append(action)
@@ -1119,6 +1123,66 @@ final class SessionDriver {
         #expect(d.login.last == .loginDone)
     }
 
+    /// Pipelined console messages are answered in the order they came: an error found at once
+    /// waits behind the command still running before it, and the next command runs only after.
+    @Test func adminConsoleAnswersPipelinedCommandsInOrder() throws {
+        let d = D(loggedIn: false)
+        d.session.startupPacket(
+            startup(["user": "admin", "database": "pgbouncer"]), tlsOffered: false, bytesFollow: false, into: &d.actions
+        )
+        d.session.registered(facts(.trust), into: &d.actions)
+        d.session.enter(.success(.adminConsole(readOnly: true)), into: &d.actions)
+        d.carryOut()
+        d.toClient.clear()
+        var bytes = ByteBuffer()
+        for var m in [D.query("SHOW POOLS"), D.query("NO SUCH COMMAND"), D.query("SHOW STATS")] {
+            bytes.writeBuffer(&m)
+        }
+        try d.session.adminBytes(&bytes, into: &d.actions)
+        d.carryOut()
+        #expect(d.adminCommands == [.show("POOLS")])
+        #expect(d.clientTypes == "", "the error waits for the answer before it")
+        d.session.adminAnswered(
+            AdminConsoleSession.answer(.success(AdminResult(columns: ["a"], types: [.text], rows: [["1"]]))),
+            into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "TDCZEZ")
+        #expect(d.adminCommands == [.show("POOLS"), .show("STATS")])
+        #expect(d.consoleTraffic.count == 2 && d.consoleTraffic[0].0 == 16)
+        var terminate = D.m("X")
+        try d.session.adminBytes(&terminate, into: &d.actions)
+        d.carryOut()
+        #expect(!d.terminated, "Terminate waits for the command running")
+        d.session.adminAnswered(
+            AdminConsoleSession.answer(.failure(PostgresError(code: "58000", message: "x"))), into: &d.actions)
+        d.carryOut()
+        #expect(d.terminated && d.clientTypes == "TDCZEZEZ")
+    }
+
+    /// The closing FATAL is written to a client that reads, within a few seconds; a client not
+    /// reading is closed at once (it would never let the error through).
+    @Test func theClosingErrorLingersOnlyForAClientThatReads() {
+        let reading = D()
+        reading.session.close(.fatal(SQLState.adminShutdown, "bye"), reason: "test", into: &reading.actions)
+        reading.carryOut()
+        #expect(reading.session.closingLinger == .seconds(5))
+        let stuck = D()
+        stuck.session.clientWritabilityChanged(false, into: &stuck.actions)
+        stuck.carryOut()
+        stuck.session.close(.fatal(SQLState.adminShutdown, "bye"), reason: "test", into: &stuck.actions)
+        stuck.carryOut()
+        #expect(stuck.closedWith != nil && stuck.session.closingLinger == nil)
+    }
+
+    /// A database entry removed (RELOAD) while its client logged in refuses the client as an
+    /// unknown database, rather than leaving it waiting.
+    @Test func aDatabaseRemovedDuringTheLoginRefusesTheClient() {
+        let d = D(loggedIn: false)
+        #expect(!d.session.joinPool(nil, config: Config(), now: d.now, into: &d.actions))
+        d.carryOut()
+        #expect(d.closedWith?.code == SQLState.invalidCatalogName)
+    }
+
     /// A client waiting for its pool's first server only learns the parameters from the lend.
     @Test func aLendWhileAwaitingTheWelcomeIsForTheParametersOnly() {
         let d = D(loggedIn: false)
@@ -1193,6 +1257,25 @@ final class SessionDriver {
         d.session.serverWritabilityChanged(false, into: &d.actions)
         d.carryOut()
         #expect(d.flow == [.pauseClientReads])
+        d.session.serverWritabilityChanged(true, into: &d.actions)
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads, .resumeClientReads])
+    }
+
+    /// Bytes handed to a server on another loop past the limit stop the client being read until
+    /// that loop has written enough of them: the same pause as any other, decided by the session.
+    @Test func aHandOffBacklogPausesTheClientUntilItDrains() {
+        let d = D()
+        d.client(D.query("copy t from stdin"))
+        d.lend()
+        d.session.handOffBacklogged()
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads])
+        d.session.serverWritabilityChanged(false, into: &d.actions)
+        d.carryOut()
+        d.session.handOffDrained(into: &d.actions)
+        d.carryOut()
+        #expect(d.flow == [.pauseClientReads], "still paused: the server is not writable")
         d.session.serverWritabilityChanged(true, into: &d.actions)
         d.carryOut()
         #expect(d.flow == [.pauseClientReads, .resumeClientReads])

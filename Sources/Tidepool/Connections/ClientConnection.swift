@@ -59,12 +59,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var closeReason = "client unexpected eof"
     /// The client address counted for max_client_conn_per_ip (nil for a Unix socket).
     var countedAddress: String?
-    /// The session paused reading the client; a read the channel asked for meanwhile waits.
-    var readsPaused = false
-    var readWanted = false
-    /// Bytes handed to a server on another loop are past max_buffered_bytes: reads wait until
-    /// that loop has written them.
-    var pausedForHandOff = false
+    /// Held while the session has paused reading the client.
+    var reads = ReadGate()
 
     init(pooler: Pooler, channel: Channel, loopIndex: Int) {
         self.pooler = pooler
@@ -136,8 +132,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     func perform(_ action: ClientSession.Action) {
         switch action {
         case .sendToServer:
-            guard !session.toServer.isEmpty else { return }
-            server?.send(session.toServer, from: self)
+            guard !session.toServer.isEmpty, let server else { return }
+            if server.send(session.toServer, from: self) { session.handOffBacklogged() }
             session.toServer.removeAll(keepingCapacity: true)
         case .writeServerBytes(let start, let length):
             clientWrite(session.serverBuffer!.getSlice(at: start, length: length)!)
@@ -229,10 +225,12 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             }
             var out = channel.allocator.buffer(capacity: 128)
             Wire.errorResponse(error, into: &out)
-            if closing.atOnce {
+            guard let linger = session.closingLinger else { return channel.close(promise: nil) }
+            let channel = self.channel
+            let cap = channel.eventLoop.scheduleTask(in: linger) { channel.close(promise: nil) }
+            channel.writeAndFlush(out).whenComplete { _ in
+                cap.cancel()
                 channel.close(promise: nil)
-            } else {
-                closeAfterWriting(out, waitsForReader: closing.waitsForReader)
             }
         case .terminate:
             closeReason = "client close request"
@@ -241,6 +239,14 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             channel.close(promise: nil)
         case .forget:
             forget()
+        case .runAdminCommand:
+            guard let command = session.adminCommand else { return }
+            pooler.admin(command, on: channel.eventLoop).whenComplete { [self] result in
+                session.adminAnswered(AdminConsoleSession.answer(result.mapError { $0 }), into: &actions)
+                run()
+            }
+        case .countConsole(let received, let sent):
+            pooler.countConsole(loop: loopIndex, received: received, sent: sent)
         case .startTLS:
             startTLS()
         case .forwardCancel(let processID, let secretKey):
@@ -261,10 +267,9 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         case .loginDone:
             endLoginTimer()
         case .pauseClientReads:
-            readsPaused = true
+            reads.hold(.session)
         case .resumeClientReads:
-            readsPaused = false
-            readIfWanted()
+            reads.release(.session, context)
         case .pauseServerReads:
             server?.setReadsPaused(true, lease: lease)
         case .resumeServerReads:
@@ -348,24 +353,13 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         run()
     }
 
-    /// Reads wait while the session has paused them (flow control), or while too much is on its
-    /// way to a server on another loop.
-    func read(context: ChannelHandlerContext) {
-        if readsPaused || pausedForHandOff { readWanted = true } else { context.read() }
-    }
-
-    func readIfWanted() {
-        if readWanted, !readsPaused, !pausedForHandOff, let context {
-            readWanted = false
-            context.read()
-        }
-    }
+    func read(context: ChannelHandlerContext) { reads.read(context) }
 
     /// A server on another loop wrote enough of what this client handed it.
     func handOffDrained(_ server: ServerConnection) {
-        guard pausedForHandOff, server.fromClient.mayGoOn else { return }
-        pausedForHandOff = false
-        readIfWanted()
+        guard session.flow.handOffBacklog, server.fromClient.mayGoOn else { return }
+        session.handOffDrained(into: &actions)
+        run()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -401,10 +395,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
                 default: continue
                 }
             case .admin:
-                guard let chunk = try session.scanner.next(from: &buffer, classify: { _ in .inspect }),
-                    case .message(let type, let body, _) = chunk
-                else { return }
-                handleAdmin(type: type, body: body, readOnly: session.adminReadOnly)
+                try session.adminBytes(&buffer, into: &actions)
+                return
             case .closed:
                 buffer.moveReaderIndex(to: buffer.writerIndex)
                 return
@@ -420,29 +412,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         if processCatching(&stash, now: now), session.state != .closed { session.inbound.keep(&stash) }
         session.clientReadDone(now: now, into: &actions)
         run()
-    }
-
-    // MARK: Admin console
-
-    func handleAdmin(type: UInt8, body: ByteBuffer, readOnly: Bool) {
-        switch AdminConsoleSession.receive(type: type, body: body, readOnly: readOnly) {
-        case .terminate:
-            actions.append(.terminate)
-            run()
-        case .reply(let reply):
-            pooler.countConsole(loop: loopIndex, received: body.readableBytes + 5, sent: reply.readableBytes)
-            channel.writeAndFlush(reply, promise: nil)
-        case .run(let command):
-            let channel = self.channel
-            let (pooler, loop, received) = (self.pooler, loopIndex, body.readableBytes + 5)
-            pooler.admin(command, on: channel.eventLoop).whenComplete { result in
-                let reply = AdminConsoleSession.answer(result.mapError { $0 })
-                pooler.countConsole(loop: loop, received: received, sent: reply.readableBytes)
-                channel.writeAndFlush(reply, promise: nil)
-            }
-        case .none:
-            break
-        }
     }
 
     // MARK: Login
@@ -587,12 +556,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// parameters, or borrows a server to learn them first.
     func joinPool() {
         let config = pooler.config
-        guard let database = config.database(named: session.database) else { return }
-        let now = NIODeadline.now()
-        session.joinPool(
-            poolMode: config.poolMode(database: database, user: session.user),
-            sessionStateMode: config.sessionState(database: database, user: session.user), config: config,
-            user: session.user, now: now)
+        let entry = config.database(named: session.database)
+        guard session.joinPool(entry, config: config, now: .now(), into: &actions), let database = entry else { return }
         if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: session.database) }
         session.latency = pooler.loopLatency[loopIndex].recorder(for: session.database)
         session.reportsTimings = timers != nil
@@ -747,21 +712,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     func sendFatal(_ error: PostgresError, reason: String) {
         session.close(error, reason: reason, into: &actions)
         run()
-    }
-
-    /// Writes a last message and closes. A client that is not reading (its socket is full) would
-    /// never let the message through: it is closed at once, and any client after a few seconds.
-    func closeAfterWriting(_ last: ByteBuffer, waitsForReader: Bool = false) {
-        let channel = self.channel
-        guard channel.isWritable || waitsForReader else {
-            channel.close(promise: nil)
-            return
-        }
-        let cap = channel.eventLoop.scheduleTask(in: .seconds(waitsForReader ? 15 : 5)) { channel.close(promise: nil) }
-        channel.writeAndFlush(last).whenComplete { _ in
-            cap.cancel()
-            channel.close(promise: nil)
-        }
     }
 
     /// The client is gone: the session gives back or closes its server. Safe to call more than once.

@@ -85,14 +85,11 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     let loopIndex: Int
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
-    /// The linked client's session paused reading this server; a read the channel asked for
-    /// meanwhile waits.
-    var readsPaused = false
-    var readWanted = false
-    /// Bytes read here and handed to a client on another loop that it has not taken in yet; past
-    /// max_buffered_bytes of them, reads wait too (`pausedForHandOff`).
+    /// Held while the linked client's session paused reading this server, or while too much
+    /// of what was read waits for a client on another loop.
+    var reads = ReadGate()
+    /// Bytes read here and handed to a client on another loop that it has not taken in yet.
     let toClient: HandOff
-    var pausedForHandOff = false
     /// Bytes a client on another loop handed here to be written, not written yet.
     let fromClient: HandOff
 
@@ -223,7 +220,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
                 owner.serverData(bytes, from: self)  // same loop: no task, no closure
             } else {
                 let count = bytes.readableBytes
-                if toClient.handed(count) { pausedForHandOff = true }
+                if toClient.handed(count) { reads.hold(.handOff) }
                 owner.eventLoop.execute {
                     owner.serverData(bytes, from: self)
                     if self.toClient.taken(count) { self.onLoop { self.handOffDrained() } }
@@ -267,32 +264,19 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
-    /// Reads wait while the linked client cannot take more.
-    func read(context: ChannelHandlerContext) {
-        if readsPaused || pausedForHandOff { readWanted = true } else { context.read() }
-    }
+    func read(context: ChannelHandlerContext) { reads.read(context) }
 
     /// The client on another loop took in enough of what was handed to it.
     private func handOffDrained() {
-        guard pausedForHandOff, toClient.mayGoOn else { return }
-        pausedForHandOff = false
-        readIfWanted()
+        guard reads.holds.contains(.handOff), toClient.mayGoOn else { return }
+        reads.release(.handOff, context)
     }
 
     /// The linked client (lend number `lease`) can take no more, or can again.
     func setReadsPaused(_ paused: Bool, lease: UInt64) {
         onLoop {
             guard self.leases.current == lease, self.leases.attached else { return }
-            self.readsPaused = paused
-            self.readIfWanted()
-        }
-    }
-
-    /// A read the channel asked for while reads waited, once nothing holds them.
-    private func readIfWanted() {
-        if readWanted, !readsPaused, !pausedForHandOff, let context {
-            readWanted = false
-            context.read()
+            if paused { self.reads.hold(.session) } else { self.reads.release(.session, self.context) }
         }
     }
 
@@ -342,24 +326,25 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     private func detachOnLoop(_ lease: UInt64) {
         guard leases.detach(lease) else { return }
         owner = nil
-        readsPaused = false
-        readIfWanted()
+        reads.release(.session, context)
     }
 
     /// Writes bytes of `client` (whole or partial messages), called on the client's loop; they are
-    /// flushed at the end of the server loop's turn.
-    func send(_ buffers: [ByteBuffer], from client: ClientConnection) {
+    /// flushed at the end of the server loop's turn. True when bytes handed to this server's loop
+    /// are past max_buffered_bytes (the client is told when they drain: `handOffDrained`).
+    func send(_ buffers: [ByteBuffer], from client: ClientConnection) -> Bool {
         if client.loopIndex == loopIndex {
             write(buffers)
-        } else {
-            var count = 0
-            for b in buffers { count += b.readableBytes }
-            if fromClient.handed(count) { client.pausedForHandOff = true }
-            eventLoop.execute {
-                self.write(buffers)
-                if self.fromClient.taken(count) { client.onLoop { client.handOffDrained(self) } }
-            }
+            return false
         }
+        var count = 0
+        for b in buffers { count += b.readableBytes }
+        let backlogged = fromClient.handed(count)  // counted before the other loop can take them
+        eventLoop.execute {
+            self.write(buffers)
+            if self.fromClient.taken(count) { client.onLoop { client.handOffDrained(self) } }
+        }
+        return backlogged
     }
 
     /// On the server's loop: from this handler's place in the pipeline while it is there (skips

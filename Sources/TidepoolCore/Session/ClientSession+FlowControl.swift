@@ -7,7 +7,8 @@ extension ClientSession {
     /// - The server is not read while the client is not writable (its socket's queue is past
     ///   `max_buffered_bytes`), or while a ReadyForQuery waits for the pool's listener.
     /// - The client is not read while it is not writable itself (it is not reading what it asked
-    ///   for), while its linked server is not writable, or while more than `bufferLimit` bytes wait
+    ///   for), while its linked server is not writable or its bytes handed to a server on another
+    ///   loop wait there past the limit, or while more than `bufferLimit` bytes wait
     ///   for something outside the session (a server, an auth_query lookup, the welcome). Bytes
     ///   of a message the session must see whole are not counted while nothing else is awaited:
     ///   the message can only complete if reading goes on, and max_packet_size bounds it.
@@ -20,6 +21,9 @@ extension ClientSession {
         public internal(set) var clientPaused = false
         /// The linked server is not being read.
         public internal(set) var serverPaused = false
+        /// Bytes handed to a server on another loop are past max_buffered_bytes
+        /// (`HandOff`): the client is not read until that loop has written enough of them.
+        public internal(set) var handOffBacklog = false
         /// Bytes in `pending`.
         var pendingBytes = 0
         /// A Bind waits for its statement's fresh copy to be checked (`PreparedStatementTracker.isHolding`):
@@ -52,13 +56,24 @@ extension ClientSession {
         settleReads(into: &actions)
     }
 
+    /// Bytes handed to a server on another loop passed the limit (`HandOff.handed`); reads are
+    /// settled after the actions being carried out.
+    public mutating func handOffBacklogged() { flow.handOffBacklog = true }
+
+    /// The server's loop wrote enough of them (`HandOff.mayGoOn`).
+    public mutating func handOffDrained(into actions: inout Actions) {
+        flow.handOffBacklog = false
+        settleReads(into: &actions)
+    }
+
     /// Pauses or resumes reading either side as the rules above say. Called after every event's
     /// actions are carried out; appends nothing when nothing changes.
     public mutating func settleReads(into actions: inout Actions) {
         let linked = state == .linked || state == .passThrough
         let pauseClient =
             state != .closed
-            && (!flow.clientWritable || (linked && !flow.serverWritable) || heldBytes > bufferLimit)
+            && (!flow.clientWritable || (linked && !flow.serverWritable) || flow.handOffBacklog
+                || heldBytes > bufferLimit)
         let pauseServer = linked && (!flow.clientWritable || readyHold == .held)
         guard pauseClient != flow.clientPaused || pauseServer != flow.serverPaused else { return }
         settleReadsSlow(pauseClient: pauseClient, pauseServer: pauseServer, into: &actions)

@@ -16,6 +16,18 @@ public struct Refusal: Error, Equatable, Sendable {
     }
 }
 
+extension ClientSession {
+    /// How long the closing error may take to reach the client before the connection is closed
+    /// anyway; nil: closed at once without it (a client not reading would never let it through,
+    /// and a TLS handshake not finished cannot carry it). A client behind in reading its
+    /// notifications is given longer to get to the error.
+    public var closingLinger: TimeAmount? {
+        guard let closing, !closing.atOnce else { return nil }
+        if closing.waitsForReader { return .seconds(15) }
+        return flow.clientWritable ? .seconds(5) : nil
+    }
+}
+
 /// What the login decisions read besides the configuration: who is logging in, from where, and
 /// what the pooler knows about them.
 public struct LoginRequest: Sendable {
@@ -572,6 +584,26 @@ extension ClientSession {
     public mutating func tlsEstablished() { tlsHandshaking = false }
 
     /// Sets the session up for its pool once the client is authenticated.
+    /// Takes the pool settings of the client's database entry (nil when a RELOAD removed it since
+    /// the client was let in: the client is refused as one naming an unknown database is). False
+    /// when refused.
+    public mutating func joinPool(
+        _ entry: DatabaseEntry?, config: Config, now: NIODeadline, into actions: inout Actions
+    )
+        -> Bool
+    {
+        guard let entry else {
+            close(
+                .fatal(SQLState.invalidCatalogName, "no such database: \(database)"), reason: "no such database",
+                into: &actions)
+            return false
+        }
+        joinPool(
+            poolMode: config.poolMode(database: entry, user: user),
+            sessionStateMode: config.sessionState(database: entry, user: user), config: config, user: user, now: now)
+        return true
+    }
+
     public mutating func joinPool(
         poolMode: PoolMode, sessionStateMode: SessionStateMode = .track, config: Config, user: String,
         now: NIODeadline

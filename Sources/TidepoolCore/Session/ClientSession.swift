@@ -97,6 +97,10 @@ public struct ClientSession {
         case terminate
         /// The client was closed (by any of the above or the peer): forget it everywhere.
         case forget
+        /// Run `adminCommand` on the admin console, then call `adminAnswered`.
+        case runAdminCommand
+        /// Count an admin console exchange in the console's traffic (SHOW STATS' pgbouncer row).
+        case countConsole(received: Int, sent: Int)
 
         // Login.
         /// Answer SSLRequest with 'S' and start the TLS handshake.
@@ -182,6 +186,8 @@ public struct ClientSession {
     }
     /// On the admin console with the read-only commands only.
     public var adminReadOnly = false
+    /// The admin console's messages not answered yet (`ClientSession+Admin.swift`).
+    var console: ConsoleQueue?
     public var poolMode = PoolMode.transaction
     /// Named prepared statements kept working across servers (transaction and statement pooling
     /// with max_prepared_statements > 0). While it is on, client bytes stay in `inbound` until a
