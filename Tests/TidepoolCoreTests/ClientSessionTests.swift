@@ -29,6 +29,7 @@ final class SessionDriver {
     var flow: [ClientSession.Action] = []
     var staleReports = 0
     var clockWatched = 0
+    var clockUnwatched = 0
     var pinChanges: [Bool] = []
     var replayed = 0
     var traffic = TrafficStats()
@@ -70,6 +71,7 @@ final class SessionDriver {
                 toClient.writeBuffer(&b)
             case .flushClient, .statementsAccepted, .logSlowQuery: break
             case .watchClock: clockWatched += 1
+            case .unwatchClock: clockUnwatched += 1
             case .statementsStale: staleReports += 1
             case .pinChanged(let pinned): pinChanges.append(pinned)
             case .settingsReplayed(let count): replayed += count
@@ -96,7 +98,7 @@ final class SessionDriver {
             case .runAdminCommand: adminCommands.append(session.adminCommand!)
             case .countConsole(let received, let sent): consoleTraffic.append((received, sent))
             case .startTLS, .forwardCancel, .closeQuietly, .register, .lookUpSecret, .authenticated, .joinPool,
-                .loginDone, .openReplicationServer:
+                .openReplicationServer:
                 login.append(action)
             case .pauseClientReads, .resumeClientReads, .pauseServerReads, .resumeServerReads:
                 flow.append(action)
@@ -1010,7 +1012,6 @@ final class SessionDriver {
         d.session.welcome(welcome, cancelKey: (1, 2), now: d.now, into: &d.actions)
         d.carryOut()
         #expect(d.clientTypes == "vRSSKZ")
-        #expect(d.login.last == .loginDone)
         #expect(d.session.state == .idle)
         #expect(d.session.wanted["application_name"] == "x")
     }
@@ -1120,7 +1121,6 @@ final class SessionDriver {
         d.carryOut()
         #expect(d.session.state == .admin && d.session.adminReadOnly)
         #expect(d.clientTypes == "RSSSSSSSKZ")
-        #expect(d.login.last == .loginDone)
     }
 
     /// Pipelined console messages are answered in the order they came: an error found at once
@@ -1203,18 +1203,51 @@ final class SessionDriver {
                 == .unwanted)
     }
 
-    /// client_login_timeout closes a client still logging in, and only stops watching one logged in.
+    /// client_login_timeout is a tick of the session's clock: it closes a client still logging in
+    /// once the time has passed, and a client logged in stops being watched at its next tick.
     @Test func loginTimeoutClosesOnlyClientsStillLoggingIn() {
         let waiting = D(loggedIn: false)
+        waiting.session.connectionOpened(now: waiting.now, loginTimeout: .seconds(5), into: &waiting.actions)
         waiting.session.startupPacket(
             startup(["user": "alice"]), tlsOffered: false, bytesFollow: false, into: &waiting.actions)
-        waiting.session.loginTimedOut(into: &waiting.actions)
+        waiting.carryOut()
+        #expect(waiting.clockWatched == 1)
+        waiting.advance(.milliseconds(4900))
+        #expect(waiting.session.tick(now: waiting.now, into: &waiting.actions) == nil)
+        waiting.advance(.milliseconds(100))
+        #expect(waiting.session.tick(now: waiting.now, into: &waiting.actions)?.code == SQLState.protocolViolation)
         waiting.carryOut()
         #expect(waiting.closedWith?.message == "client_login_timeout: login took too long")
-        let done = D()
-        done.session.loginTimedOut(into: &done.actions)
+        let done = D(loggedIn: false)
+        done.session.connectionOpened(now: done.now, loginTimeout: .seconds(5), into: &done.actions)
+        done.session.loggedIn(now: done.now, into: &done.actions)
         done.carryOut()
-        #expect(done.closedWith == nil && done.login == [.loginDone])
+        done.advance(.seconds(6))
+        done.session.tick(now: done.now, into: &done.actions)
+        done.carryOut()
+        #expect(done.closedWith == nil && done.clockUnwatched == 1)
+    }
+
+    /// A client with client-side timeouts is watched from its welcome on; one without them and
+    /// without client_login_timeout never is.
+    @Test func onlyClientsWithTimeoutsAreWatchedOnceLoggedIn() {
+        var timeouts = ClientTimeoutSettings()
+        timeouts.clientIdleTimeout = .seconds(1)
+        for (settings, watched) in [(timeouts, 1), (ClientTimeoutSettings(), 0)] {
+            let d = D(loggedIn: false)
+            d.session.connectionOpened(now: d.now, loginTimeout: .zero, into: &d.actions)
+            d.session.startupPacket(startup(["user": "alice"]), tlsOffered: false, bytesFollow: false, into: &d.actions)
+            d.session.registered(facts(.trust), into: &d.actions)
+            d.session.enter(.success(.pool(DatabaseEntry(name: "app"))), into: &d.actions)
+            d.carryOut()
+            if settings.anyEnabled {
+                d.session.timeoutClock = ClientSession.TimeoutClock(settings: settings, now: d.now)
+            }
+            let welcome = ClientSession.Welcome(serverParameters: ["TimeZone": "UTC"], wanted: d.session.wanted)
+            d.session.welcome(welcome, cancelKey: (1, 2), now: d.now, into: &d.actions)
+            d.carryOut()
+            #expect(d.clockWatched == watched)
+        }
     }
 
     @Test func refusedDestinationCloses() {

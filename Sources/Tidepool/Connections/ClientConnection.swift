@@ -187,6 +187,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             }
         case .watchClock:
             pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
+        case .unwatchClock:
+            pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
         case .statementsAccepted:
             pooler.statementsAccepted(session.accepted)
             session.accepted.removeAll()
@@ -264,8 +266,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             authenticated()
         case .joinPool:
             joinPool()
-        case .loginDone:
-            endLoginTimer()
         case .pauseClientReads:
             reads.hold(.session)
         case .resumeClientReads:
@@ -280,28 +280,13 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     // MARK: Channel events
 
     func channelActive(context: ChannelHandlerContext) {
-        let timeout = pooler.config.global.clientLoginTimeout
-        if timeout > .zero {
-            // Watched by the loop's sweeper: cheaper than a timer per connection, and nothing
-            // stays in the client once it is logged in.
-            pooler.loopClients[loopIndex].loggingIn[ObjectIdentifier(self)] = (self, .now() + timeout)
-        }
+        session.connectionOpened(now: .now(), loginTimeout: pooler.config.global.clientLoginTimeout, into: &actions)
+        run()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case .handshakeCompleted = event as? TLSUserEvent { session.tlsEstablished() }
         context.fireUserInboundEventTriggered(event)
-    }
-
-    /// Called by the loop's sweeper when client_login_timeout has passed since the connection.
-    func loginTimedOut() {
-        session.loginTimedOut(into: &actions)
-        run()
-    }
-
-    /// The login is over (done or given up): the sweeper stops watching it.
-    func endLoginTimer() {
-        pooler.loopClients[loopIndex].loggingIn.removeValue(forKey: ObjectIdentifier(self))
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -331,13 +316,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         return false
     }
 
-    /// Called by the loop's sweeper: the client-side timeouts.
-    func checkTimeouts(now: NIODeadline) {
-        if session.waitsForOwnNotification {
-            session.ownNotificationTick(now: now, into: &actions)
-            run()
-        }
-        guard session.timeoutClock != nil else { return }
+    /// Called by the loop's sweeper while the session watches the clock.
+    func tick(now: NIODeadline) {
         if let error = session.tick(now: now, into: &actions) {
             logger.info("client \(peer) db=\(databaseName) user=\(user): \(error.message)")
         }
@@ -579,9 +559,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         let welcome = fromPool ? pooler.welcome(for: poolKey!, values: session.$wanted, make: make) : make()
         let key = pooler.issueCancelKey(for: self)
         cancelKey = key
-        if session.timeoutClock != nil {
-            pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
-        }
         session.welcome(
             welcome, cancelKey: key, notice: pooler.config.global.loginNotifyMessage, now: .now(), into: &actions)
     }
@@ -724,7 +701,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// Forgets the client everywhere, once, when the session closes.
     func forget() {
-        endLoginTimer()
         if inConsole {
             inConsole = false
             pooler.shared.withLockedValue { $0.consoleClients -= 1 }

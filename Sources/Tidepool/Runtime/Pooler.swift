@@ -77,10 +77,8 @@ public final class Pooler: @unchecked Sendable {
     let loopClients: [LoopClients]
 
     final class LoopClients: @unchecked Sendable {
-        /// Clients with a client-side timeout on.
+        /// Clients whose sessions watch the clock (`ClientSession.tick`).
         var clients: [ObjectIdentifier: ClientConnection] = [:]
-        /// Clients not logged in yet, with the moment client_login_timeout closes them.
-        var loggingIn: [ObjectIdentifier: (client: ClientConnection, deadline: NIODeadline)] = [:]
     }
 
     /// SHOW LATENCY's histograms of each event loop, touched only on that loop.
@@ -218,10 +216,7 @@ public final class Pooler: @unchecked Sendable {
             sweepers.append(
                 loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
                     let now = NIODeadline.now()
-                    for client in registry.clients.values { client.checkTimeouts(now: now) }
-                    for (client, deadline) in registry.loggingIn.values where deadline <= now {
-                        client.loginTimedOut()
-                    }
+                    for client in registry.clients.values { client.tick(now: now) }
                 })
         }
     }

@@ -297,7 +297,7 @@ extension ClientSession {
             Wire.readyForQuery(.idle, into: &out)
             write(out, into: &actions)
             actions.append(.flushClient)
-            actions.append(.loginDone)
+            loginFinished(into: &actions)
         case .success(.pool):
             if replication != nil {
                 // Unpooled: a server of its own, then every byte passes through.
@@ -309,17 +309,18 @@ extension ClientSession {
         }
     }
 
-    /// client_login_timeout passed since the connection: a client still logging in is closed; one
-    /// already logged in only stops being watched.
-    public mutating func loginTimedOut(into actions: inout Actions) {
-        switch state {
-        case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
-            close(
-                .fatal(SQLState.protocolViolation, "client_login_timeout: login took too long"),
-                reason: "client_login_timeout", into: &actions)
-        default:
-            actions.append(.loginDone)
-        }
+    /// The connection is open: client_login_timeout (when on) counts from now, on the clock's ticks.
+    public mutating func connectionOpened(now: NIODeadline, loginTimeout: TimeAmount, into actions: inout Actions) {
+        guard loginTimeout > .zero else { return }
+        loginDeadline = now + loginTimeout
+        actions.append(.watchClock)
+    }
+
+    /// Logged in: the login deadline is over, and the clock ticks the session for its timeouts
+    /// only (a session watched for nothing is let go at its next tick).
+    mutating func loginFinished(into actions: inout Actions) {
+        loginDeadline = nil
+        if timeoutClock != nil { actions.append(.watchClock) }
     }
 
     /// The pool knows no server parameters yet: a server is borrowed to learn them.
@@ -347,7 +348,7 @@ extension ClientSession {
         Wire.readyForQuery(.idle, into: &out)
         write(out, into: &actions)
         actions.append(.flushClient)
-        actions.append(.loginDone)
+        loginFinished(into: &actions)
         loggedIn(now: now, into: &actions)
     }
 

@@ -24,7 +24,7 @@ extension ClientSession {
         Wire.readyForQuery(.idle, into: &out)
         write(out, into: &actions)
         actions.append(.flushClient)
-        actions.append(.loginDone)
+        loginFinished(into: &actions)
         // What the client sent meanwhile goes first.
         if !pending.isEmpty {
             toServer += pending

@@ -69,11 +69,28 @@ extension ClientSession {
         }
     }
 
-    /// The sweeper's tick: applies query_timeout, idle_transaction_timeout, client_idle_timeout and
-    /// transaction_timeout. Returns the error the client is closed with, if any.
+    /// The clock's tick (ten a second, while the session watches it: `watchClock`): applies
+    /// client_login_timeout, the bounded wait for the client's own notification, query_timeout,
+    /// idle_transaction_timeout, client_idle_timeout and transaction_timeout. Returns the error the
+    /// client is closed with, if any.
     @discardableResult
     public mutating func tick(now: NIODeadline, into actions: inout Actions) -> PostgresError? {
-        guard let clock = timeoutClock else { return nil }
+        if let deadline = loginDeadline {
+            switch state {
+            case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
+                guard now >= deadline else { return nil }
+                let error = PostgresError.fatal(SQLState.protocolViolation, "client_login_timeout: login took too long")
+                close(error, reason: "client_login_timeout", into: &actions)
+                return error
+            default:
+                loginDeadline = nil
+            }
+        }
+        if waitingOwnNotification { ownNotificationTick(now: now, into: &actions) }
+        guard let clock = timeoutClock else {
+            if !waitingOwnNotification, state != .closed { actions.append(.unwatchClock) }
+            return nil
+        }
         let activity: ClientActivity
         switch state {
         case .idle: activity = .idle(since: clock.idleSince)

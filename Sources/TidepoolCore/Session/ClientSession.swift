@@ -91,6 +91,8 @@ public struct ClientSession {
         /// The session needs the clock's ticks (`ownNotificationTick`) though it may have no
         /// timeouts: a ReadyForQuery waits, for a bounded time, for the client's own notification.
         case watchClock
+        /// The session needs the clock no more (`tick` found nothing to watch).
+        case unwatchClock
         /// Send `closing`'s error (FATAL) and close; its reason is logged.
         case closeWithError
         /// The client said Terminate.
@@ -117,8 +119,6 @@ public struct ClientSession {
         case authenticated
         /// Join the pool, then call `welcome` (or `awaitWelcome`).
         case joinPool
-        /// The client is logged in: client_login_timeout no longer applies.
-        case loginDone
         /// A replication connection: open a server connection of its own (with the client's
         /// `replication` and other startup parameters), then call `passThroughStarted`.
         case openReplicationServer
@@ -304,6 +304,8 @@ public struct ClientSession {
     /// The client-side timeouts and the moments they count from: nil while all of them are off
     /// (the default), so that a client without them does not carry their bytes.
     public var timeoutClock: TimeoutClock?
+    /// When client_login_timeout closes the client if it is still logging in.
+    var loginDeadline: NIODeadline?
     /// server_reset_query and server_reset_query_always, for a client the pooler closes itself.
     public var serverResetQuery = ""
     public var serverResetQueryAlways = false
