@@ -210,15 +210,16 @@ import Testing
     /// Admin users asking for the console get a few slots past max_client_conn; nobody else does.
     @Test func adminConsoleLoginsHaveAReserve() throws {
         let config = try Config.parse("[databases]\napp = host=h\n[pooler]\nmax_client_conn = 10\nadmin_users = ops\n")
+        typealias Admission = ClientRegistry<AnyObject>.Admission
         func limit(_ database: String, _ user: String) -> Int {
-            ClientSession.admission(database: database, user: user, config: config).limit
+            Admission(database: database, user: user, config: config).maxClientConn
         }
         #expect(limit("pgbouncer", "ops") == 10 + ClientSession.consoleReserve)
         #expect(limit("pooler", "pgbouncer") == 15)
         #expect(limit("pgbouncer", "mallory") == 10)
         #expect(limit("app", "ops") == 10)
-        #expect(ClientSession.admission(database: "pooler", user: "ops", config: config).counted == nil)
-        #expect(ClientSession.admission(database: "app", user: "ops", config: config).counted! == ("app", "ops"))
+        #expect(Admission(database: "pooler", user: "ops", config: config).counted == nil)
+        #expect(Admission(database: "app", user: "ops", config: config).counted == .init(database: "app", user: "ops"))
     }
 
     /// auth_query lookups against one database run two at a time; the rest wait their turn.

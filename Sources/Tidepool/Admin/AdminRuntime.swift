@@ -66,7 +66,7 @@ extension Pooler {
                 withPool { $0.reconnect(database: database, now: now) }
                 // Clients of pools only: the console sessions (the one asking included) stay.
                 let victims = shared.withLockedValue { s in
-                    s.clients.values.filter { client in
+                    s.registry.clients.values.filter { client in
                         client.poolKey.map { database == nil || $0.database == database } ?? false
                     }
                 }
@@ -75,7 +75,7 @@ extension Pooler {
                 return done("KILL", on: loop)
             case .killClient(let text):
                 let raw = UInt64(text.hasPrefix("C-") ? String(text.dropFirst(2)) : text)
-                guard let raw, let client = shared.withLockedValue({ $0.clients[ClientID(raw)] }) else {
+                guard let raw, let client = shared.withLockedValue({ $0.registry.clients[ClientID(raw)] }) else {
                     throw PostgresError(code: SQLState.undefinedObject, message: "no client with id \(text)")
                 }
                 client.onLoop { client.kill("KILL_CLIENT") }
@@ -128,8 +128,8 @@ extension Pooler {
         let (snapshots, poolClients, clientCount, disabled, suspended, allPaused, pinned, consoleClients) =
             shared.withLockedValue {
                 (
-                    $0.pools.snapshot(now: now), $0.poolClients, $0.clientCount, $0.disabled, $0.suspended,
-                    $0.pools.isPaused(database: nil), $0.pinnedClients, $0.consoleClients
+                    $0.pools.snapshot(now: now), $0.registry.poolClients, $0.registry.count, $0.disabled, $0.suspended,
+                    $0.pools.isPaused(database: nil), $0.registry.pinnedClients, $0.registry.consoleClients
                 )
             }
         let config = self.config
@@ -169,7 +169,7 @@ extension Pooler {
             }
             let clients = shared.withLockedValue { s in
                 for name in config.databases.keys where s.pools.isPaused(database: name) { paused.insert(name) }
-                return s.databaseClients
+                return s.registry.databaseClients
             }
             return loop.makeSucceededFuture(
                 AdminViews.databases(
@@ -178,7 +178,7 @@ extension Pooler {
         case "USERS":
             var connections: [String: Int] = [:]
             for snap in snapshots { connections[snap.key.user, default: 0] += snap.lent + snap.idle + snap.connecting }
-            let clients = shared.withLockedValue { $0.userClients }
+            let clients = shared.withLockedValue { $0.registry.userClients }
             return loop.makeSucceededFuture(
                 AdminViews.users(
                     config, poolUsers: snapshots.map(\.key.user), serverConnections: connections, clients: clients,
@@ -268,7 +268,7 @@ extension Pooler {
 
     /// Every client as SHOW CLIENTS lists it, each asked on its own loop.
     func clientRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
-        let clients = shared.withLockedValue { Array($0.clients.values) }
+        let clients = shared.withLockedValue { Array($0.registry.clients.values) }
         let rows = clients.map { client in client.channel.eventLoop.submit { client.describe() } }
         return EventLoopFuture.whenAllSucceed(rows, on: loop)
     }

@@ -34,7 +34,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var id: ClientID?
     var joinedPool = false
     /// The database and user it is counted under (max_db_client_connections and the user's).
-    var countedLimits: (database: String, user: String)?
+    var countedLimits: ClientRegistry<ClientConnection>.Counted?
     /// Counted among its pool's pinned clients (SHOW POOLS cl_pinned).
     var countedPinned = false
     /// Subscribed to its pool's listener: it is told when the client goes.
@@ -52,7 +52,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var user: String { session.user }
     var databaseName: String { session.database }
     var poolKey: PoolKey?
-    var cancelKey: (Int32, Int32)?
+    var cancelKey: ClientRegistry<ClientConnection>.CancelKey?
     let connectedAt = NIODeadline.now()
     let connectedAtWallClock = Date().timeIntervalSince1970
     /// PgBouncer's words: a Terminate is a close request, a socket closed without one is not.
@@ -466,13 +466,13 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// what the login needs.
     func register() {
         let ip = clientIP
-        let (limit, limited) = ClientSession.admission(
+        let admission = ClientRegistry<ClientConnection>.Admission(
             database: session.database, user: session.user, config: pooler.config)
-        switch pooler.register(self, address: ip, limited: limited, limit: limit) {
+        switch pooler.register(self, address: ip, admission) {
         case .success(let id):
             self.id = id
             countedAddress = ip
-            countedLimits = limited
+            countedLimits = admission.counted
         case .failure(let error):
             logger.warning("client \(peer) user=\(session.user) refused: \(error.message)")
             sendFatal(error, reason: error.message)
@@ -528,7 +528,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             notice: config.global.loginNotifyMessage, into: &actions)
         if session.state == .admin {
             inConsole = true
-            pooler.shared.withLockedValue { $0.consoleClients += 1 }
+            pooler.shared.withLockedValue { $0.registry.consoleEntered() }
         }
     }
 
@@ -560,7 +560,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         let key = pooler.issueCancelKey(for: self)
         cancelKey = key
         session.welcome(
-            welcome, cancelKey: key, notice: pooler.config.global.loginNotifyMessage, now: .now(), into: &actions)
+            welcome, cancelKey: (key.processID, key.secretKey), notice: pooler.config.global.loginNotifyMessage,
+            now: .now(), into: &actions)
     }
 
     // MARK: Pool events (called on this event loop)
@@ -598,7 +599,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         server.attach(self, lease: 1)
         let key = pooler.issueCancelKey(for: self)
         cancelKey = key
-        session.passThroughStarted(server.sessionState, cancelKey: key, into: &actions)
+        session.passThroughStarted(server.sessionState, cancelKey: (key.processID, key.secretKey), into: &actions)
         run()
     }
 
@@ -703,7 +704,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     func forget() {
         if inConsole {
             inConsole = false
-            pooler.shared.withLockedValue { $0.consoleClients -= 1 }
+            pooler.shared.withLockedValue { $0.registry.consoleLeft() }
         }
         if listens, let id, let poolKey {
             listens = false
@@ -716,8 +717,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             pooler.pinChanged(poolKey, pinned: false, reason: nil)
         }
         pooler.unregister(
-            self, id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress,
-            limited: countedLimits)
+            id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress,
+            counted: countedLimits)
         countedLimits = nil
         if id != nil, pooler.config.global.logDisconnections {
             let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9

@@ -170,7 +170,7 @@ extension Pooler {
         bufferFigures(on: loop).map { [self] buffers in
             let now = NIODeadline.now()
             let (snapshots, clients, pinned) = shared.withLockedValue {
-                ($0.pools.snapshot(now: now), $0.poolClients, $0.pinnedClients)
+                ($0.pools.snapshot(now: now), $0.registry.poolClients, $0.registry.pinnedClients)
             }
             return metrics.render(
                 snapshots: snapshots, clients: clients, pinned: pinned, traffic: trafficBook(), buffers: buffers)

@@ -167,7 +167,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
         message.writeInteger(Int32(body.readableBytes + 4))
         var copy = body
         message.writeBuffer(&copy)
-        let clients = pooler.shared.withLockedValue { s in recipients.compactMap { s.clients[$0] } }
+        let clients = pooler.shared.withLockedValue { s in recipients.compactMap { s.registry.clients[$0] } }
         for client in clients {
             client.eventLoop.execute { client.notification(message, channel: channel) }
         }
@@ -192,7 +192,7 @@ extension Pooler {
 
     /// The listener listens on these clients' new channels: their held ReadyForQuery may go.
     func listenConfirmed(_ ids: [ClientID]) {
-        let clients = shared.withLockedValue { s in ids.compactMap { s.clients[$0] } }
+        let clients = shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }
         for client in clients {
             client.eventLoop.execute { client.listenConfirmed() }
         }

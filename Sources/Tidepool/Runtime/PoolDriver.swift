@@ -131,7 +131,7 @@ extension Pooler {
     func timerFired() {
         let now = NIODeadline.now()
         withShared { s in
-            let clients = s.poolClients
+            let clients = s.registry.poolClients
             let listeners = s.listeners
             return s.pools.timerFired(now: now) { clients[$0, default: 0] > 0 || listeners[$0] != nil }
         }
@@ -207,9 +207,9 @@ extension Pooler {
             let server = s.servers[serverID]
             server?.leasesIssued += 1  // under the lock: lends of a server are numbered in order
             return Resolved(
-                action: action, client: s.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
+                action: action, client: s.registry.clients[clientID], server: server, lease: server?.leasesIssued ?? 0)
         case .failClient(let clientID, _), .notifyWaiting(let clientID), .endSession(let clientID):
-            return Resolved(action: action, client: s.clients[clientID], server: nil)
+            return Resolved(action: action, client: s.registry.clients[clientID], server: nil)
         case .check(let serverID, _):
             return Resolved(action: action, client: nil, server: s.servers[serverID])
         case .close(let serverID):
@@ -222,9 +222,7 @@ extension Pooler {
             // What is kept beside the pool goes with it, under the same lock.
             s.welcome[key] = nil
             s.welcomes[key] = nil
-            s.poolClients[key] = nil
-            s.pinnedClients[key] = nil
-            s.pinWarnings[key] = nil
+            s.registry.poolFreed(key)
             return Resolved(action: action, client: nil, server: nil)
         }
     }
@@ -319,7 +317,9 @@ extension Pooler {
         let deadline = timeout > .zero ? NIODeadline.now() + timeout : .distantFuture
         logger.info("SUSPEND: waiting for lent servers to come back")
         return waitUntil(on: loop) { [self] in lentServers(database: nil) == 0 || .now() >= deadline }.map { [self] in
-            let holders = shared.withLockedValue { s in s.pools.clientsHoldingServers().compactMap { s.clients[$0] } }
+            let holders = shared.withLockedValue { s in
+                s.pools.clientsHoldingServers().compactMap { s.registry.clients[$0] }
+            }
             guard !holders.isEmpty else { return }
             logger.warning("SUSPEND: suspend_timeout: \(holders.count) client(s) still holding a server dropped")
             for client in holders { client.onLoop { client.kill("suspend_timeout") } }

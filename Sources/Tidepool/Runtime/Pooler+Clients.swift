@@ -5,77 +5,21 @@ import NIOCore
 import NIOPosix
 import TidepoolCore
 
-/// The registries of live clients: admission (max_client_conn, per-address limits), cancel keys,
-/// pools joined, the welcome each pool's clients share.
+/// The live clients (`ClientRegistry`, under the pooler's lock), and cancel requests.
 extension Pooler {
-    /// Registers a client that passed the startup packet; fails when max_client_conn or a limit
-    /// per client address is reached. `address` is nil for a Unix socket (no per-address limit).
-    /// `limited`: the client's database and user, counted against max_db_client_connections and
-    /// max_user_client_connections (nil for the admin console).
+    /// Admits a client that passed the startup packet (`ClientRegistry.admit`).
     func register(
-        _ client: ClientConnection, address: String?, limited: (database: String, user: String)?, limit: Int
+        _ client: ClientConnection, address: String?, _ admission: ClientRegistry<ClientConnection>.Admission
     ) -> Result<ClientID, PostgresError> {
-        // Values read through the lent configuration, not a copy of all the global settings.
-        let config = self.config
-        let maxClientConn = limit
-        let maxPerAddress = config.global.maxClientConnPerIP
-        let perSecond = config.global.clientConnectRatePerIP
-        let maxPerDatabase = limited.map { config.maxDBClientConnections(database: $0.database) } ?? 0
-        let maxPerUser = limited.map { config.maxUserClientConnections(user: $0.user) } ?? 0
         let now = NIODeadline.now()
-        return shared.withLockedValue { s in
-            guard s.clientCount < maxClientConn else {
-                return .failure(.fatal(SQLState.tooManyConnections, "no more connections allowed (max_client_conn)"))
-            }
-            if let limited {
-                if maxPerDatabase > 0, s.databaseClients[limited.database, default: 0] >= maxPerDatabase {
-                    return .failure(
-                        .fatal(SQLState.tooManyConnections, "client connections exceeded (max_db_client_connections)"))
-                }
-                if maxPerUser > 0, s.userClients[limited.user, default: 0] >= maxPerUser {
-                    return .failure(
-                        .fatal(SQLState.tooManyConnections, "client connections exceeded (max_user_client_connections)")
-                    )
-                }
-            }
-            if let address {
-                s.addresses.maxPerAddress = maxPerAddress
-                s.addresses.perSecond = perSecond
-                if let refusal = s.addresses.admit(address, now: now) {
-                    var error = refusal.postgresError
-                    error.severity = "FATAL"
-                    return .failure(error)
-                }
-            }
-            s.clientCount += 1
-            if let limited {
-                s.databaseClients[limited.database, default: 0] += 1
-                s.userClients[limited.user, default: 0] += 1
-            }
-            let id = ClientID(s.nextClientID)
-            s.nextClientID += 1
-            s.clients[id] = client
-            return .success(id)
-        }
+        return shared.withLockedValue { $0.registry.admit(client, address: address, admission, now: now) }
     }
 
     /// Gives a logged-in client a cancel key of its own.
-    func issueCancelKey(for client: ClientConnection) -> (Int32, Int32) {
+    func issueCancelKey(for client: ClientConnection) -> ClientRegistry<ClientConnection>.CancelKey {
         var g = SystemRandomNumberGenerator()
         let peerID = config.global.peerID
-        return shared.withLockedValue { s in
-            while true {
-                // One draw (a getrandom system call) gives both halves; process IDs are positive.
-                let bits = g.next()
-                let key = CancelKey(
-                    processID: Peering.processID(peerID: peerID, random: UInt32(truncatingIfNeeded: bits)),
-                    secretKey: Int32(truncatingIfNeeded: bits >> 32))
-                if key.processID != 0, s.cancelKeys[key] == nil {
-                    s.cancelKeys[key] = client
-                    return (key.processID, key.secretKey)
-                }
-            }
-        }
+        return shared.withLockedValue { $0.registry.issueCancelKey(for: client, peerID: peerID, random: { g.next() }) }
     }
 
     /// A client of pool `key` logged in; the pool is made with the settings of `database` if it
@@ -83,7 +27,7 @@ extension Pooler {
     func joinPool(_ key: PoolKey, database: DatabaseEntry) {
         let now = NIODeadline.now()
         withShared { s in
-            s.poolClients[key, default: 0] += 1
+            s.registry.joined(key)
             return makePoolIfNew(key, database: database, in: &s.pools, now: now)
         }
     }
@@ -101,14 +45,7 @@ extension Pooler {
     func pinChanged(_ key: PoolKey, pinned: Bool, reason: PinReason?) {
         let now = NIODeadline.now()
         let poolSize = config.database(named: key.database).map { config.poolSize(database: $0, user: key.user) }
-        let warn = shared.withLockedValue { s -> Int? in
-            s.pinnedClients[key, default: 0] += pinned ? 1 : -1
-            let count = s.pinnedClients[key]!
-            guard pinned, let poolSize, count >= poolSize else { return nil }
-            if let last = s.pinWarnings[key], now - last < .seconds(60) { return nil }
-            s.pinWarnings[key] = now
-            return count
-        }
+        let warn = shared.withLockedValue { $0.registry.pinChanged(key, pinned: pinned, poolSize: poolSize, now: now) }
         if pinned, let reason {
             metrics.count(
                 "tidepool_pins_total", [("database", key.database), ("user", key.user), ("reason", reason.name)])
@@ -121,21 +58,14 @@ extension Pooler {
     }
 
     func unregister(
-        _ client: ClientConnection, id: ClientID?, cancelKey: (Int32, Int32)?, pool: PoolKey?, address: String?,
-        limited: (database: String, user: String)?
+        id: ClientID?, cancelKey: ClientRegistry<ClientConnection>.CancelKey?, pool: PoolKey?, address: String?,
+        counted: ClientRegistry<ClientConnection>.Counted?
     ) {
         shared.withLockedValue { s in
-            if let limited {
-                s.databaseClients[limited.database, default: 1] -= 1
-                s.userClients[limited.user, default: 1] -= 1
-            }
-            if let pool { s.poolClients[pool, default: 1] -= 1 }
-            if let id, s.clients.removeValue(forKey: id) != nil {
-                s.clientCount -= 1
-                if let address { s.addresses.release(address) }
+            if s.registry.remove(id, address: address, counted: counted, pool: pool), let id {
                 s.pools.clientGaveUp(id)
             }
-            if let cancelKey { s.cancelKeys[CancelKey(processID: cancelKey.0, secretKey: cancelKey.1)] = nil }
+            if let cancelKey { s.registry.dropCancelKey(cancelKey) }
         }
     }
 
@@ -152,7 +82,8 @@ extension Pooler {
             logger.warning("cancel request for peer \(peer), which is not in [peers]: ignored")
             return
         }
-        let client = shared.withLockedValue { $0.cancelKeys[CancelKey(processID: processID, secretKey: secretKey)] }
+        let key = ClientRegistry<ClientConnection>.CancelKey(processID: processID, secretKey: secretKey)
+        let client = shared.withLockedValue { $0.registry.client(cancelKey: key) }
         guard let client else {
             logger.debug("cancel request with an unknown key ignored")
             return

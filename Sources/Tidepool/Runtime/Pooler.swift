@@ -85,48 +85,27 @@ public final class Pooler: @unchecked Sendable {
     let loopLatency: [LoopLatency]
     let loopFlushers: [TurnFlusher]
 
-    struct CancelKey: Hashable {
-        var processID: Int32
-        var secretKey: Int32
-    }
-
     struct Shared {
         var pools: PoolStateMachine
+        /// The live clients and their counts.
+        var registry = ClientRegistry<ClientConnection>()
         /// The actions of the pool decision being made (see `decide`).
         var actions: [PoolAction] = []
-        var clients: [ClientID: ClientConnection] = [:]
         var servers: [ServerID: ServerConnection] = [:]
-        var cancelKeys: [CancelKey: ClientConnection] = [:]
         /// ParameterStatus values a server of each pool reported at login.
         var welcome: [PoolKey: [String: String]] = [:]
         /// What a client of a pool gets at login, by the tracked values it asked for
         /// (`StartupParameters.tracked` order): working it out per login was a fifth of what a
         /// connection cost.
         var welcomes: [PoolKey: [[String?]: ClientSession.Welcome]] = [:]
-        var nextClientID: UInt64 = 1
-        var clientCount = 0
         /// Once set, pool decisions are no longer carried out.
         var shuttingDown = false
         /// A shutdown signal or SHUTDOWN came: the pooler waits for clients or servers to finish.
         var draining = false
-        /// Logged-in clients per pool, for SHOW POOLS.
-        var poolClients: [PoolKey: Int] = [:]
-        /// Registered clients per database and per login user (the admin console's not counted),
-        /// for max_db_client_connections, max_user_client_connections and SHOW DATABASES / USERS.
-        var databaseClients: [String: Int] = [:]
-        var userClients: [String: Int] = [:]
-        /// Sessions on the admin console.
-        var consoleClients = 0
-        /// Clients keeping their server for session state, per pool; when the last warning that
-        /// they held all of a pool's servers was logged.
-        var pinnedClients: [PoolKey: Int] = [:]
-        var pinWarnings: [PoolKey: NIODeadline] = [:]
         /// Where the next server of each database with a host list goes (load_balance_hosts).
         var hostChoices: [String: HostChoice] = [:]
         /// DISABLE: databases that refuse new clients.
         var disabled: Set<String> = []
-        /// max_client_conn_per_ip and client_connect_rate_per_ip.
-        var addresses = ClientAddressLimiter()
         /// SUSPEND: set until RESUME.
         var suspended = false
         /// Each pool's listener (LISTEN in transaction and statement pooling), made when a client
@@ -243,7 +222,7 @@ public final class Pooler: @unchecked Sendable {
         try? statsListener?.close().wait()
         for sweeper in sweepers { sweeper.cancel() }
         for listener in listeners { try? listener.close().wait() }
-        let (clients, servers) = shared.withLockedValue { ($0.clients.values, $0.servers.values) }
+        let (clients, servers) = shared.withLockedValue { ($0.registry.clients.values, $0.servers.values) }
         var closing: [EventLoopFuture<Void>] = []
         for client in clients {
             client.channel.close(promise: nil)
@@ -260,7 +239,7 @@ public final class Pooler: @unchecked Sendable {
         try? group.syncShutdownGracefully()
     }
 
-    public var connectedClients: Int { shared.withLockedValue { $0.clientCount } }
+    public var connectedClients: Int { shared.withLockedValue { $0.registry.count } }
 
     /// Completes once `condition` holds, checking every 50 ms; fails if the pooler shuts down first
     /// (PAUSE or WAIT_CLOSE still waiting when a second signal stops it).

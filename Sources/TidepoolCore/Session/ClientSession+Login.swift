@@ -382,20 +382,6 @@ extension ClientSession {
     /// not locked out of a pooler full of clients (PgBouncer lets them in too).
     public static let consoleReserve = 5
 
-    /// How many clients may be registered when this one is: max_client_conn, and a few more
-    /// for an admin user (or the pooler's own `pgbouncer` user) asking for the console. Who they
-    /// are is proved at authentication; until then a slot of the reserve is all they take.
-    /// `counted`: the (database, user) whose max_db_connections / max_user_connections count the
-    /// client (none for the console).
-    public static func admission(database: String, user: String, config: Config) -> (
-        limit: Int, counted: (database: String, user: String)?
-    ) {
-        let maxClientConn = config.global.maxClientConn
-        guard isAdminConsole(database, config: config) else { return (maxClientConn, (database, user)) }
-        let reserve = user == "pgbouncer" || config.global.adminUsers.contains(user) ? consoleReserve : 0
-        return (maxClientConn + reserve, nil)
-    }
-
     /// The client asked for the admin console: database `pooler` or `pgbouncer`, unless the
     /// configuration names a real database so.
     public static func isAdminConsole(_ database: String, config: Config) -> Bool {
