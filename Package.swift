@@ -65,6 +65,16 @@ let package = Package(
             name: "TidepoolCoreTests",
             dependencies: ["TidepoolCore", .product(name: "NIOCore", package: "swift-nio")]
         ),
+        // The runtime's handlers on EmbeddedChannels: they carry out the sessions' actions in order.
+        .testTarget(
+            name: "TidepoolTests",
+            dependencies: [
+                "Tidepool", "TidepoolCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The SQL lexer against PostgreSQL's own scanner on generated SQL.
         .testTarget(name: "LexerOracleTests", dependencies: ["TidepoolCore", "CPgQuery"]),
     ]

@@ -62,9 +62,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Held while the session has paused reading the client.
     var reads = ReadGate()
 
-    init(pooler: Pooler, channel: Channel, loopIndex: Int) {
+    /// `pools`: the pooler itself, unless a test stands in for it.
+    init(pooler: Pooler, channel: Channel, loopIndex: Int, pools: (any PoolDriving)? = nil) {
         self.pooler = pooler
-        self.pools = pooler
+        self.pools = pools ?? pooler
         self.channel = channel
         self.loopIndex = loopIndex
         self.session = ClientSession(maxMessageLength: pooler.config.global.maxPacketSize)

@@ -115,9 +115,12 @@ public final class Pooler: @unchecked Sendable {
         var peerCancels = PeerCancels<ServerConnection.CancelTarget>()
     }
 
+    /// `loops`: the event loops connections run on, when not the pooler's own threads' (the
+    /// handler tests run them on one `EmbeddedEventLoop`).
     public init(
         config: Config, userlist: [String: PasswordSecret], logger: Logger, threads: Int? = nil,
-        reloader: (@Sendable (_ conffile: String?) throws -> (Config, [String: PasswordSecret]))? = nil
+        reloader: (@Sendable (_ conffile: String?) throws -> (Config, [String: PasswordSecret]))? = nil,
+        loops: [EventLoop]? = nil
     ) {
         self.settings = NIOLockedValueBox(Settings(config: config, userlist: userlist))
         self.statementCapacity = Synchronization.Atomic(config.global.maxPreparedStatements)
@@ -130,12 +133,12 @@ public final class Pooler: @unchecked Sendable {
                     maxTTL: g.dnsMaxTTL, nxdomainTTL: g.dnsNxdomainTTL, zoneCheckPeriod: g.dnsZoneCheckPeriod)))
         self.resolver = NameResolver(resolvConf: g.resolvConf)
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
-        self.group = MultiThreadedEventLoopGroup(numberOfThreads: count)
-        self.loops = Array(group.makeIterator())
-        self.shared = NIOLockedValueBox(Shared(pools: PoolStateMachine(loopCount: loops.count)))
-        self.loopClients = loops.map { _ in LoopClients() }
-        self.loopLatency = loops.map { _ in LoopLatency() }
-        self.loopFlushers = loops.map { TurnFlusher(loop: $0) }
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: loops == nil ? count : 1)
+        self.loops = loops ?? Array(group.makeIterator())
+        self.shared = NIOLockedValueBox(Shared(pools: PoolStateMachine(loopCount: self.loops.count)))
+        self.loopClients = self.loops.map { _ in LoopClients() }
+        self.loopLatency = self.loops.map { _ in LoopLatency() }
+        self.loopFlushers = self.loops.map { TurnFlusher(loop: $0) }
         let configured = config.global.instanceID
         self.metrics = PoolerMetrics(
             instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
