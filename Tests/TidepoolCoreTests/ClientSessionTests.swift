@@ -1197,10 +1197,14 @@ final class SessionDriver {
             d.session.lent(d.server, now: d.now, isKnownStatement: { _ in false }, into: &d.actions)
                 == .parametersOnly)
         #expect(d.session.state == .awaitingWelcome)
+        d.carryOut()
+        #expect(d.releases == [true], "the server goes back at once, through the session's own action")
         let idle = D()
         #expect(
             idle.session.lent(idle.server, now: idle.now, isKnownStatement: { _ in false }, into: &idle.actions)
                 == .unwanted)
+        idle.carryOut()
+        #expect(idle.releases == [true])
     }
 
     /// client_login_timeout is a tick of the session's clock: it closes a client still logging in

@@ -568,23 +568,23 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     // MARK: Pool events (called on this event loop)
 
     func lent(_ server: ServerConnection, lease: UInt64) {
+        let parameters = server.parameters  // read before the server can go back
+        self.server = server
+        self.lease = lease
         switch session.lent(
             server.sessionState, now: .now(),
             statementCapacity: pooler.statementCapacity.load(ordering: .relaxed),
             isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
         {
         case .linked:
-            self.server = server
-            self.lease = lease
             server.attach(self, lease: lease)
             run()
         case .parametersOnly:
-            pools.release(server, reusable: true)
-            welcome(server.parameters, fromPool: false)
+            run()
+            welcome(parameters, fromPool: false)
             run()
             processStash()
         case .unwanted:
-            pools.release(server, reusable: true)
             run()
         }
     }

@@ -5,10 +5,10 @@ extension ClientSession {
     public enum Lend: Equatable, Sendable {
         /// The client uses the server: link them.
         case linked
-        /// The client was waiting only to learn the pool's parameters (its welcome): give the
-        /// server back and welcome the client with them (`welcome`).
+        /// The client was waiting only to learn the pool's parameters (its welcome): the server
+        /// goes back (`.releaseServer`) and the client is welcomed with them (`welcome`).
         case parametersOnly
-        /// The client no longer wants a server (it left or was cancelled meanwhile): give it back.
+        /// The client no longer wants a server (it left or was cancelled meanwhile): it goes back.
         case unwanted
     }
 
@@ -17,8 +17,10 @@ extension ClientSession {
         _ server: ServerSessionState, now: NIODeadline, statementCapacity: Int? = nil,
         isKnownStatement: (String) -> Bool, into actions: inout Actions
     ) -> Lend {
-        if state == .awaitingWelcome { return .parametersOnly }
-        guard state == .waiting else { return .unwanted }
+        guard state == .waiting else {
+            actions.append(.releaseServer(reusable: true))
+            return state == .awaitingWelcome ? .parametersOnly : .unwanted
+        }
         // max_prepared_statements as it is now (SET, RELOAD), applied by the server's owner.
         if let statementCapacity, server.statements.capacity != statementCapacity {
             server.statements.resize(to: statementCapacity)

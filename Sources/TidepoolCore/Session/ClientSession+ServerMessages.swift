@@ -83,9 +83,9 @@ extension ClientSession {
                         }
                         // The pool's listener delivers the client's notifications. One that came
                         // after the last ReadyForQuery must not keep the server.
-                        if buffer.readableBytes == 0, mayGiveBack {
+                        if mayRelease(serverBytesLeft: buffer.readableBytes) {
                             run.write(to: &self, into: &actions)
-                            unlink(now: now, reusable: true, into: &actions)
+                            _ = releaseIfDone(now: now, into: &actions)
                         }
                         continue
                     }
@@ -168,10 +168,10 @@ extension ClientSession {
                         run.write(to: &self, into: &actions)
                         _ = writeMadeUpReplies(now: now, into: &actions)
                     }
-                    if buffer.readableBytes == 0, mayGiveBack {
+                    if mayRelease(serverBytesLeft: buffer.readableBytes) {
                         // The answer is written before the server goes back to the pool.
                         run.write(to: &self, into: &actions)
-                        unlink(now: now, reusable: true, into: &actions)
+                        _ = releaseIfDone(now: now, into: &actions)
                     } else if let sessionState, sessionState.resyncDue || sessionState.localSync != nil {
                         let sync = sessionState.localSync
                         sessionState.localSync = nil

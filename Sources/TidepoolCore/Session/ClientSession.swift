@@ -347,16 +347,6 @@ public struct ClientSession {
         scratch = nil
     }
 
-    /// Whether the linked server may go back to the pool now: not in session mode, and clean.
-    @inline(__always) public var mayGiveBack: Bool { poolMode != .session && serverIsClean && !isPinned }
-
-    /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
-    /// no cancel under way. The one rule for handing a server to another client.
-    public var serverIsClean: Bool {
-        tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && readyHold == .none
-            && (prepared?.isQuiet ?? true)
-    }
-
     /// The connection carried out every action: the bytes they referred to are let go.
     @inlinable @inline(__always)
     public mutating func actionsCarriedOut() {
@@ -373,19 +363,6 @@ public struct ClientSession {
 
     // MARK: Moving between states
 
-    mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout Actions) {
-        if reusable, let sessionState, let reset = sessionState.resetForRelease() {
-            // It holds state of this client's that no other client may see.
-            actions.append(.resetAndReleaseServer(reset))
-        } else {
-            actions.append(.releaseServer(reusable: reusable))
-        }
-        server = nil
-        state = .idle
-        tracker.reset()
-        timeoutClock?.idleSince = now
-    }
-
     /// Closes the client with `error`: the server it holds goes back (closed unless clean).
     public mutating func close(_ error: PostgresError, reason: String, into actions: inout Actions) {
         guard state != .closed else { return }
@@ -395,30 +372,6 @@ public struct ClientSession {
         closing!.atOnce = tlsHandshaking
         actions.append(.closeWithError)
         finish(serverResetQuery: serverResetQuery, resetAlways: serverResetQueryAlways, into: &actions)
-    }
-
-    /// The client is gone (Terminate, closed socket, or closed by the pooler): the server it holds
-    /// is reset and given back, or closed if it may be dirty. Safe to call more than once.
-    public mutating func finish(serverResetQuery: String, resetAlways: Bool, into actions: inout Actions) {
-        if state == .closed { return }
-        self.serverResetQuery = serverResetQuery
-        serverResetQueryAlways = resetAlways
-        if state == .passThrough {
-            actions.append(.releaseServer(reusable: false))
-            server = nil
-        } else if state == .linked {
-            let clean = serverIsClean
-            if clean, let sessionState, let reset = sessionState.resetForRelease() {
-                actions.append(.resetAndReleaseServer(reset))
-            } else if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {
-                actions.append(.resetAndReleaseServer(.resetQuery))
-            } else {
-                actions.append(.releaseServer(reusable: clean))
-            }
-            server = nil
-        }
-        state = .closed
-        actions.append(.forget)
     }
 
     /// Login is over: the client is told it may send queries.
