@@ -179,12 +179,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             guard let server else { return }
             let sent = pooler.sendCancel(to: server.cancelTarget)
             if reportBack {
-                sent.whenComplete { _ in
-                    self.onLoop {
-                        self.session.cancelFinished(now: .now(), into: &self.actions)
-                        self.run()
-                    }
-                }
+                sent.whenComplete { _ in self.onLoop { self.deliver(.cancelFinished) } }
             }
         case .watchClock:
             pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
@@ -251,22 +246,22 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         case .countConsole(let received, let sent):
             pooler.countConsole(loop: loopIndex, received: received, sent: sent)
         case .startTLS:
-            startTLS()
+            ClientLogin(self).startTLS()
         case .forwardCancel(let processID, let secretKey):
             pooler.cancel(processID: processID, secretKey: secretKey)
             closeReason = "cancel request"
         case .closeQuietly:
             channel.close(promise: nil)
         case .register:
-            register()
+            ClientLogin(self).register()
         case .lookUpSecret:
-            lookUpSecret()
+            ClientLogin(self).lookUpSecret()
         case .openReplicationServer:
             pooler.openReplicationServer(for: self)
         case .authenticated:
-            authenticated()
+            ClientLogin(self).authenticated()
         case .joinPool:
-            joinPool()
+            ClientLogin(self).joinPool()
         case .pauseClientReads:
             reads.hold(.session)
         case .resumeClientReads:
@@ -338,9 +333,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// A server on another loop wrote enough of what this client handed it.
     func handOffDrained(_ server: ServerConnection) {
-        guard session.flow.handOffBacklog, server.fromClient.mayGoOn else { return }
-        session.handOffDrained(into: &actions)
-        run()
+        if session.flow.handOffBacklog, server.fromClient.mayGoOn { deliver(.handOffDrained) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -395,177 +388,17 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         run()
     }
 
-    // MARK: Login
-
-    /// Answers SSLRequest with 'S' and puts the TLS handler in front of this one; the client's
-    /// next bytes are its TLS handshake.
-    func startTLS() {
-        var out = channel.allocator.buffer(capacity: 1)
-        out.writeInteger(MessageType.encryptionAccepted)
-        channel.writeAndFlush(out, promise: nil)
-        do {
-            guard let context = pooler.security.clientTLS else { throw ChannelError.operationUnsupported }
-            try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: context), position: .first)
-        } catch {
-            closeReason = "TLS setup failed"
-            channel.close(promise: nil)
-        }
-    }
-
-    /// The common name of the client's verified certificate, for the cert method.
-    var certificateCommonName: String? {
-        guard session.tls, let handler = try? channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self),
-            let certificate = handler.peerCertificate
-        else { return nil }
-        return certificate.subjectName.first { $0.type == .commonName }?.value
-    }
-
-    /// The client's IP address as text, and "address:port"; nil for a Unix socket.
-    var clientIP: String? {
-        guard let address = channel.remoteAddress, address.protocol != .unix else { return nil }
-        return address.ipAddress
-    }
-
-    /// Who is at the other end of a Unix socket (SO_PEERCRED); nil over TCP.
-    var peerCredentials: PeerCredentials? {
-        guard channel.localAddress?.protocol == .unix, let provider = channel as? SocketOptionProvider else {
-            return nil
-        }
-        var credentials: SocketPeer?
-        // On the channel's loop the future is already complete, and its callback runs at once.
-        provider.unsafeGetSocketOption(
-            level: .socket, name: NIOBSDSocket.Option(rawValue: SO_PEERCRED)
-        ).whenSuccess { (value: SocketPeer) in credentials = value }
-        guard let credentials else { return nil }
-        return PeerCredentials(
-            systemUser: Self.userName(uid: credentials.uid), isPoolerUser: credentials.uid == getuid())
-    }
-
-    /// Linux's struct ucred, as SO_PEERCRED fills it (Glibc's is not visible to Swift).
-    struct SocketPeer {
-        var pid: Int32 = 0
-        var uid: uid_t = 0
-        var gid: gid_t = 0
-    }
-
-    /// An operating-system user's name.
-    static func userName(uid: uid_t) -> String? {
-        var entry = passwd()
-        var result: UnsafeMutablePointer<passwd>?
-        var buffer = [CChar](repeating: 0, count: 4096)
-        guard getpwuid_r(uid, &entry, &buffer, buffer.count, &result) == 0, result != nil, let name = entry.pw_name
-        else { return nil }
-        return String(cString: name)
-    }
-
-    var clientAddressAndPort: String? {
-        guard let ip = clientIP else { return nil }
-        return "\(ip):\(channel.remoteAddress?.port ?? 0)"
-    }
-
-    /// Counts the client against max_client_conn and its address's limits, then hands the session
-    /// what the login needs.
-    func register() {
-        let ip = clientIP
-        let admission = ClientRegistry<ClientConnection>.Admission(
-            database: session.database, user: session.user, config: pooler.config)
-        switch pooler.register(self, address: ip, admission) {
-        case .success(let id):
-            self.id = id
-            countedAddress = ip
-            countedLimits = admission.counted
-        case .failure(let error):
-            logger.warning("client \(peer) user=\(session.user) refused: \(error.message)")
-            sendFatal(error, reason: error.message)
-            return
-        }
-        let config = pooler.config
-        if config.global.logConnections {
-            let words = LogWords.loginAttempt(
-                database: session.database, user: session.user, tls: session.tls,
-                replication: session.replication?.rawValue)
-            logger.info("\(logPrefix) \(words)")
-        }
-        unixPeer = peerCredentials
-        let security = pooler.security
-        session.registered(
-            LoginFacts(
-                config: config, hba: security.hba, clientAddress: clientAddressAndPort, clientIP: ip,
-                certificateCommonName: certificateCommonName, knownSecret: pooler.userlist[session.user],
-                canLookUp: pooler.authUser(for: databaseEntry(config)) != nil, peer: unixPeer,
-                ident: security.ident, databaseDisabled: pooler.isDisabled(session.database)),
-            into: &actions)
-    }
-
-    /// The client's database entry; nil for the admin console, which looks secrets up only in
-    /// auth_file, or through an explicit auth_dbname.
-    func databaseEntry(_ config: Config) -> DatabaseEntry? {
-        ClientSession.isAdminConsole(session.database, config: config) ? nil : config.database(named: session.database)
-    }
-
-    func lookUpSecret() {
-        let user = session.user
-        pooler.lookUpSecret(user: user, database: databaseEntry(pooler.config), on: channel.eventLoop).whenSuccess {
-            [self] outcome in
-            if case .failed(let error) = outcome {
-                logger.warning("auth_query for user=\(user) failed: \(error.message)")
-            }
-            session.secretLookedUp(outcome, into: &actions)
-            run()
-            if session.state == .authenticating { processStash() }
-        }
-    }
-
-    func authenticated() {
-        if let secret = session.learnedServerSecret {
-            pooler.credentials.withLockedValue { $0.serverSecrets[session.user] = secret }
-        }
-        let request = LoginRequest(
-            user: session.user, database: session.database, clientIP: clientIP, tls: session.tls, peer: unixPeer)
-        let config = pooler.config
-        session.enter(
-            ClientSession.destination(
-                request, config: config, shuttingDown: pooler.isDraining, isDisabled: { pooler.isDisabled($0) }),
-            notice: config.global.loginNotifyMessage, into: &actions)
-        if session.state == .admin {
-            inConsole = true
-            pooler.shared.withLockedValue { $0.registry.consoleEntered() }
-        }
-    }
-
-    /// Joins the pool of the client's (database, user) and welcomes the client with the pool's
-    /// parameters, or borrows a server to learn them first.
-    func joinPool() {
-        let config = pooler.config
-        let entry = config.database(named: session.database)
-        guard session.joinPool(entry, config: config, now: .now(), into: &actions), let database = entry else { return }
-        if config.global.statsListenPort > 0 { timers = pooler.metrics.timers(for: session.database) }
-        session.latency = pooler.loopLatency[loopIndex].recorder(for: session.database)
-        session.reportsTimings = timers != nil
-        poolKey = PoolKey(database: session.database, entry: database, loginUser: session.user)
-        pooler.joinPool(poolKey!, database: database)
-        joinedPool = true
-        if let parameters = pooler.welcomeParameters(for: poolKey!) {
-            welcome(parameters, fromPool: true)
-        } else {
-            session.awaitWelcome(into: &actions)
-        }
-    }
-
-    /// The welcome for the server parameters given. `fromPool`: they are the pool's (not a
-    /// just-borrowed server's), so the welcome can be shared with the pool's other clients.
-    func welcome(_ serverParameters: [String: String], fromPool: Bool) {
-        let wanted = session.wanted
-        let make = { ClientSession.Welcome(serverParameters: serverParameters, wanted: wanted) }
-        let welcome = fromPool ? pooler.welcome(for: poolKey!, values: session.$wanted, make: make) : make()
-        let key = pooler.issueCancelKey(for: self)
-        cancelKey = key
-        session.welcome(
-            welcome, cancelKey: (key.processID, key.secretKey), notice: pooler.config.global.loginNotifyMessage,
-            now: .now(), into: &actions)
-    }
-
     // MARK: Pool events (called on this event loop)
+
+    /// An event from the pool, the listener or a server. `from` and `lease`: the server and lend
+    /// it is about; it is dropped when that server or lend is no longer the client's.
+    func deliver(_ event: ClientSession.Event, from sender: ServerConnection? = nil, lease: UInt64? = nil) {
+        if let sender, sender !== server { return }
+        if let lease, lease != self.lease { return }
+        if case .serverLost = event { server = nil }
+        session.handle(event, now: .now(), into: &actions)
+        run()
+    }
 
     func lent(_ server: ServerConnection, lease: UInt64) {
         let parameters = server.parameters  // read before the server can go back
@@ -581,33 +414,12 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             run()
         case .parametersOnly:
             run()
-            welcome(parameters, fromPool: false)
+            ClientLogin(self).welcome(parameters, fromPool: false)
             run()
             processStash()
         case .unwanted:
             run()
         }
-    }
-
-    /// The replication connection's own server logged in.
-    func replicationServerReady(_ server: ServerConnection) {
-        guard session.state == .awaitingWelcome else {
-            server.terminate()
-            return
-        }
-        self.server = server
-        lease = 1
-        server.attach(self, lease: 1)
-        let key = pooler.issueCancelKey(for: self)
-        cancelKey = key
-        session.passThroughStarted(server.sessionState, cancelKey: (key.processID, key.secretKey), into: &actions)
-        run()
-    }
-
-    /// The replication connection's server could not be opened.
-    func replicationServerFailed(_ error: PostgresError) {
-        session.passThroughFailed(error, into: &actions)
-        run()
     }
 
     /// A notification from the pool's listener.
@@ -619,24 +431,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             pooler.metrics.count(
                 "tidepool_notifications_dropped_total", [("database", databaseName), ("user", user)], by: dropped)
         }
-        run()
-    }
-
-    /// The pool's listener listens on the client's new channels.
-    func listenConfirmed() {
-        session.listenConfirmed(now: .now(), into: &actions)
-        run()
-    }
-
-    /// query_wait_notify passed while queued.
-    func waitNotice() {
-        session.waitNotice(into: &actions)
-        run()
-    }
-
-    /// server_fast_close: see `ClientSession.endAtTransactionEnd`.
-    func endAtTransactionEnd() {
-        session.endAtTransactionEnd(now: .now(), into: &actions)
         run()
     }
 
@@ -662,27 +456,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             trafficCell = pooler.trafficCell(loop: loopIndex, database: databaseName)
         }
         trafficCell!.add(traffic)
-    }
-
-    /// A CancelRequest with this client's key.
-    func cancelRequested() {
-        session.cancelRequested(now: .now(), into: &actions)
-        run()
-    }
-
-    /// The linked server's socket became writable or stopped being writable.
-    func serverWritabilityChanged(_ writable: Bool, from sender: ServerConnection, lease: UInt64) {
-        guard sender === server, lease == self.lease else { return }
-        session.serverWritabilityChanged(writable, into: &actions)
-        run()
-    }
-
-    /// The linked server closed or failed.
-    func serverLost(_ lost: ServerConnection, unused: Bool) {
-        guard lost === server else { return }
-        server = nil
-        session.serverLost(unused: unused, now: .now(), into: &actions)
-        run()
     }
 
     // MARK: Closing

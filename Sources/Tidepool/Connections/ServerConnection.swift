@@ -178,7 +178,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             case .lost(let unused):
                 if let owner {
                     self.owner = nil
-                    owner.onLoop { owner.serverLost(self, unused: unused) }
+                    owner.onLoop { owner.deliver(.serverLost(unused: unused), from: self) }
                 }
                 pools.serverClosed(self)
             case .close: channel?.close(promise: nil)
@@ -258,9 +258,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         let writable = context.channel.isWritable
         let lease = leases.current
         if owner.loopIndex == loopIndex {
-            owner.serverWritabilityChanged(writable, from: self, lease: lease)
+            owner.deliver(.serverWritable(writable), from: self, lease: lease)
         } else {
-            owner.eventLoop.execute { owner.serverWritabilityChanged(writable, from: self, lease: lease) }
+            owner.eventLoop.execute { owner.deliver(.serverWritable(writable), from: self, lease: lease) }
         }
     }
 
@@ -305,7 +305,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     private func attachOnLoop(_ client: ClientConnection, lease: UInt64) {
         if case .closed = phase {
             // It died between being lent and being linked: nobody else will tell the client.
-            client.onLoop { client.serverLost(self, unused: true) }
+            client.onLoop { client.deliver(.serverLost(unused: true), from: self) }
         } else if leases.attach(lease) {
             owner = client
             session.attached()

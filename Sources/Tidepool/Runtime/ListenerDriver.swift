@@ -194,7 +194,7 @@ extension Pooler {
     func listenConfirmed(_ ids: [ClientID]) {
         let clients = shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }
         for client in clients {
-            client.eventLoop.execute { client.listenConfirmed() }
+            client.eventLoop.execute { client.deliver(.listenConfirmed) }
         }
     }
 }

@@ -252,10 +252,10 @@ extension Pooler {
             client?.onLoop { client?.waitFailed(error) }
         case .notifyWaiting:
             let client = item.client
-            client?.onLoop { client?.waitNotice() }
+            client?.onLoop { client?.deliver(.waitNotice) }
         case .endSession:
             let client = item.client
-            client?.onLoop { client?.endAtTransactionEnd() }
+            client?.onLoop { client?.deliver(.endAtTransactionEnd) }
         case .poolFreed(let key):
             logger.info("pool \(key): freed, unused for pool_idle_timeout / autodb_idle_timeout")
         case .check(let serverID, _):

@@ -88,7 +88,7 @@ extension Pooler {
             logger.debug("cancel request with an unknown key ignored")
             return
         }
-        client.onLoop { client.cancelRequested() }
+        client.onLoop { client.deliver(.cancelRequested) }
     }
 
     /// Sends a CancelRequest on a new connection; completes when PostgreSQL has closed that

@@ -25,14 +25,14 @@ final class ReplicationDriver: PoolDriving, @unchecked Sendable {
 
     func serverLoggedIn(_ server: ServerConnection) {
         let client = self.client
-        client.onLoop { client.replicationServerReady(server) }
+        client.onLoop { ClientLogin(client).replicationServerReady(server) }
     }
 
     func serverConnectFailed(_ server: ServerConnection, error: PostgresError) {
         releaseSlot()
         pooler.logger.warning("replication server connection for \(key) failed: \(error.message)")
         let client = self.client
-        client.onLoop { client.replicationServerFailed(error) }
+        client.onLoop { client.deliver(.passThroughFailed(error)) }
     }
 
     /// The client is done: its server is closed, never pooled.
@@ -70,10 +70,11 @@ extension Pooler {
             return actions
         }
         guard granted else {
-            client.replicationServerFailed(
-                .fatal(
-                    SQLState.tooManyConnections,
-                    "no more connections allowed (max_db_connections or max_user_connections)"))
+            client.deliver(
+                .passThroughFailed(
+                    .fatal(
+                        SQLState.tooManyConnections,
+                        "no more connections allowed (max_db_connections or max_user_connections)")))
             return
         }
         var startup = [("replication", mode == .logical ? "database" : "true")]
