@@ -32,17 +32,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var server: ServerConnection?
     var lease: UInt64 = 0
     var id: ClientID?
-    var joinedPool = false
-    /// The database and user it is counted under (max_db_client_connections and the user's).
-    var countedLimits: ClientRegistry<ClientConnection>.Counted?
-    /// Counted among its pool's pinned clients (SHOW POOLS cl_pinned).
-    var countedPinned = false
-    /// Subscribed to its pool's listener: it is told when the client goes.
-    var listens = false
-    /// Who is at the other end of a Unix socket, read at registration.
-    var unixPeer: PeerCredentials?
-    /// Counted among the admin console's sessions (the `pgbouncer` rows of SHOW POOLS).
-    var inConsole = false
+    /// What the pooler counts the client under (`Pooler.forget` undoes it).
+    var registration = ClientRegistration()
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
     /// Where `traffic` is handed in (this loop's cell for the client's database).
@@ -51,14 +42,11 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var timers: PoolerMetrics.DatabaseTimers?
     var user: String { session.user }
     var databaseName: String { session.database }
-    var poolKey: PoolKey?
-    var cancelKey: ClientRegistry<ClientConnection>.CancelKey?
+    var poolKey: PoolKey? { registration.pool }
     let connectedAt = NIODeadline.now()
     let connectedAtWallClock = Date().timeIntervalSince1970
     /// PgBouncer's words: a Terminate is a close request, a socket closed without one is not.
     var closeReason = "client unexpected eof"
-    /// The client address counted for max_client_conn_per_ip (nil for a Unix socket).
-    var countedAddress: String?
     /// Held while the session has paused reading the client.
     var reads = ReadGate()
 
@@ -172,7 +160,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             let listener = pooler.listener(for: poolKey, loop: loopIndex)
             if !changes.removed.isEmpty { listener.unsubscribe(id, channels: changes.removed) }
             if !changes.added.isEmpty {
-                listens = true
+                registration.listens = true
                 listener.subscribe(id, channels: changes.added)
             }
         case .cancelServerQuery(let reportBack):
@@ -194,8 +182,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             logger.info(
                 "a server found a prepared statement's plan stale: statements are parsed again (epoch \(epoch))")
         case .pinChanged(let pinned):
-            guard joinedPool, let poolKey, pinned != countedPinned else { return }
-            countedPinned = pinned
+            guard let poolKey, pinned != registration.pinned else { return }
+            registration.pinned = pinned
             pooler.pinChanged(poolKey, pinned: pinned, reason: session.sessionState?.pinReason)
         case .settingsReplayed(let count):
             pooler.metrics.count("tidepool_replayed_settings_total", [("database", databaseName)], by: count)
@@ -476,24 +464,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// Forgets the client everywhere, once, when the session closes.
     func forget() {
-        if inConsole {
-            inConsole = false
-            pooler.shared.withLockedValue { $0.registry.consoleLeft() }
-        }
-        if listens, let id, let poolKey {
-            listens = false
-            pooler.listener(for: poolKey, loop: loopIndex).clientGone(id)
-        }
-        if joinedPool { handInTraffic() }
-        pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
-        if countedPinned, let poolKey {
-            countedPinned = false
-            pooler.pinChanged(poolKey, pinned: false, reason: nil)
-        }
-        pooler.unregister(
-            id: id, cancelKey: cancelKey, pool: joinedPool ? poolKey : nil, address: countedAddress,
-            counted: countedLimits)
-        countedLimits = nil
+        if registration.pool != nil { handInTraffic() }
+        pooler.forget(self)
         if id != nil, pooler.config.global.logDisconnections {
             let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9
             logger.info("\(logPrefix) \(LogWords.closing(because: closeReason, ageSeconds: Int(age)))")

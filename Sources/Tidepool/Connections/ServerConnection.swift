@@ -16,30 +16,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    enum Address: Sendable {
-        case tcp(host: String, port: Int)
-        case unix(path: String)
-
-        /// Where a database entry points: a host (`host`, else the entry's first), or a directory
-        /// holding PostgreSQL's socket.
-        init(_ database: DatabaseEntry?, host chosen: String? = nil) {
-            self.init(host: chosen ?? database?.hosts.first, port: database?.port ?? 5432)
-        }
-
-        /// A host name, address or socket directory (PostgreSQL's socket file name in it) and port.
-        init(host: String?, port: Int) {
-            let host = host ?? "/var/run/postgresql"
-            self = host.hasPrefix("/") ? .unix(path: "\(host)/.s.PGSQL.\(port)") : .tcp(host: host, port: port)
-        }
-
-    }
-
-    struct CancelTarget: Sendable {
-        var address: Address
-        var processID: Int32
-        var secretKey: Int32
-    }
-
     let id: ServerID
     let pool: PoolKey
     let address: Address
@@ -393,20 +369,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
-    var cancelTarget: CancelTarget {
-        // The address this server is at: its host name may point elsewhere by now.
-        var target = address
-        if case .tcp(_, let port) = address, let ip = remoteIP { target = .tcp(host: ip, port: port) }
-        return CancelTarget(address: target, processID: processID, secretKey: secretKey)
-    }
-
     func onLoop(_ body: @escaping @Sendable () -> Void) {
         let loop = eventLoop
         if loop.inEventLoop { body() } else { loop.execute(body) }
     }
-}
-
-extension SocketAddress? {
-    /// `address:port` (or `unix`), as PgBouncer's log lines show an end of a connection.
-    var logText: String { map { "\($0.ipAddress ?? "unix"):\($0.port ?? 0)" } ?? "unix" }
 }

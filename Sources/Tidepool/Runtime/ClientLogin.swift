@@ -39,8 +39,8 @@ struct ClientLogin {
         switch pooler.register(client, address: peer.ip, admission) {
         case .success(let id):
             client.id = id
-            client.countedAddress = peer.ip
-            client.countedLimits = admission.counted
+            client.registration.address = peer.ip
+            client.registration.counted = admission.counted
         case .failure(let error):
             pooler.logger.warning("client \(client.peer) user=\(session.user) refused: \(error.message)")
             client.sendFatal(error, reason: error.message)
@@ -53,7 +53,7 @@ struct ClientLogin {
                 replication: session.replication?.rawValue)
             pooler.logger.info("\(client.logPrefix) \(words)")
         }
-        client.unixPeer = peer.credentials
+        client.registration.peer = peer.credentials
         let security = pooler.security
         client.session.registered(
             LoginFacts(
@@ -92,7 +92,7 @@ struct ClientLogin {
         }
         let request = LoginRequest(
             user: session.user, database: session.database, clientIP: ClientPeer.ip(client.channel),
-            tls: session.tls, peer: client.unixPeer)
+            tls: session.tls, peer: client.registration.peer)
         let config = pooler.config
         let pooler = self.pooler
         client.session.enter(
@@ -100,7 +100,7 @@ struct ClientLogin {
                 request, config: config, shuttingDown: pooler.isDraining, isDisabled: { pooler.isDisabled($0) }),
             notice: config.global.loginNotifyMessage, into: &client.actions)
         if client.session.state == .admin {
-            client.inConsole = true
+            client.registration.inConsole = true
             pooler.shared.withLockedValue { $0.registry.consoleEntered() }
         }
     }
@@ -118,9 +118,8 @@ struct ClientLogin {
         client.session.latency = pooler.loopLatency[client.loopIndex].recorder(for: name)
         client.session.reportsTimings = client.timers != nil
         let key = PoolKey(database: name, entry: entry, loginUser: client.session.user)
-        client.poolKey = key
         pooler.joinPool(key, database: entry)
-        client.joinedPool = true
+        client.registration.pool = key
         if let parameters = pooler.welcomeParameters(for: key) {
             welcome(parameters, fromPool: true)
         } else {
@@ -133,9 +132,10 @@ struct ClientLogin {
     func welcome(_ serverParameters: [String: String], fromPool: Bool) {
         let wanted = client.session.wanted
         let make = { ClientSession.Welcome(serverParameters: serverParameters, wanted: wanted) }
-        let welcome = fromPool ? pooler.welcome(for: client.poolKey!, values: client.session.$wanted, make: make) : make()
+        let welcome =
+            fromPool ? pooler.welcome(for: client.poolKey!, values: client.session.$wanted, make: make) : make()
         let key = pooler.issueCancelKey(for: client)
-        client.cancelKey = key
+        client.registration.cancelKey = key
         client.session.welcome(
             welcome, cancelKey: (key.processID, key.secretKey), notice: pooler.config.global.loginNotifyMessage,
             now: .now(), into: &client.actions)
@@ -151,7 +151,7 @@ struct ClientLogin {
         client.lease = 1
         server.attach(client, lease: 1)
         let key = pooler.issueCancelKey(for: client)
-        client.cancelKey = key
+        client.registration.cancelKey = key
         client.session.passThroughStarted(
             server.sessionState, cancelKey: (key.processID, key.secretKey), into: &client.actions)
         client.run()

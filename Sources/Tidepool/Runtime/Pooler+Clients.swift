@@ -57,15 +57,23 @@ extension Pooler {
         }
     }
 
-    func unregister(
-        id: ClientID?, cancelKey: ClientRegistry<ClientConnection>.CancelKey?, pool: PoolKey?, address: String?,
-        counted: ClientRegistry<ClientConnection>.Counted?
-    ) {
+    /// Undoes, once, everything `client` was counted under: the registry, its pool's pinned
+    /// clients and listener, the console, the clock.
+    func forget(_ client: ClientConnection) {
+        let r = client.registration
+        client.registration = ClientRegistration()
+        if r.inConsole { shared.withLockedValue { $0.registry.consoleLeft() } }
+        if r.listens, let id = client.id, let pool = r.pool {
+            listener(for: pool, loop: client.loopIndex).clientGone(id)
+        }
+        loopClients[client.loopIndex].clients[ObjectIdentifier(client)] = nil
+        if r.pinned, let pool = r.pool { pinChanged(pool, pinned: false, reason: nil) }
+        let id = client.id
         shared.withLockedValue { s in
-            if s.registry.remove(id, address: address, counted: counted, pool: pool), let id {
+            if s.registry.remove(id, address: r.address, counted: r.counted, pool: r.pool), let id {
                 s.pools.clientGaveUp(id)
             }
-            if let cancelKey { s.registry.dropCancelKey(cancelKey) }
+            if let key = r.cancelKey { s.registry.dropCancelKey(key) }
         }
     }
 
@@ -133,4 +141,24 @@ extension Pooler {
             if let next { sendToPeer(next, peer: peer) }
         }
     }
+}
+
+/// What the pooler counts one client under, kept by its connection so that `Pooler.forget` undoes
+/// exactly that.
+struct ClientRegistration {
+    /// The address counted for max_client_conn_per_ip (nil for a Unix socket).
+    var address: String?
+    /// The database and user counted for max_db_client_connections and the user's.
+    var counted: ClientRegistry<ClientConnection>.Counted?
+    /// Who is at the other end of a Unix socket, read at admission.
+    var peer: PeerCredentials?
+    var cancelKey: ClientRegistry<ClientConnection>.CancelKey?
+    /// The pool joined (counted in SHOW POOLS).
+    var pool: PoolKey?
+    /// Counted among the pool's pinned clients (cl_pinned).
+    var pinned = false
+    /// Subscribed to the pool's listener.
+    var listens = false
+    /// Counted among the admin console's sessions.
+    var inConsole = false
 }
