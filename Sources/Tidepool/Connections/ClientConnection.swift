@@ -148,21 +148,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
-            switch reset {
-            case .resetQuery: server.resetAndRelease(session.serverResetQuery)
-            case .discardAll: server.resetAndRelease("DISCARD ALL")
-            case .unlisten: server.resetAndRelease("UNLISTEN *")
-            }
+            server.resetAndRelease(reset.sql(serverResetQuery: session.serverResetQuery))
         case .listenChanged:
-            let changes = session.listenChanges
+            pooler.listenChanged(self, session.listenChanges)
             session.listenChanges = ChannelChanges()
-            guard let id, let poolKey else { return }
-            let listener = pooler.listener(for: poolKey, loop: loopIndex)
-            if !changes.removed.isEmpty { listener.unsubscribe(id, channels: changes.removed) }
-            if !changes.added.isEmpty {
-                registration.listens = true
-                listener.subscribe(id, channels: changes.added)
-            }
         case .cancelServerQuery(let reportBack):
             guard let server else { return }
             let sent = pooler.sendCancel(to: server.cancelTarget)
@@ -190,13 +179,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         case .handInTraffic:
             handInTraffic()
         case .recordTiming(let kind, let microseconds):
-            if let timers {
-                switch kind {
-                case .wait: timers.wait.recordNanoseconds(microseconds * 1000)
-                case .query: timers.query.recordNanoseconds(microseconds * 1000)
-                case .transaction: timers.transaction.recordNanoseconds(microseconds * 1000)
-                }
-            }
+            timers?.record(kind, microseconds: microseconds)
         case .logSlowQuery(let microseconds):
             logger.warning(
                 "slow query: db=\(databaseName) user=\(user) client=\(peer) duration=\(microseconds / 1000) ms: \(session.slowQueryText)"

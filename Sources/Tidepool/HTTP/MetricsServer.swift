@@ -24,6 +24,16 @@ final class PoolerMetrics: @unchecked Sendable {
         let transaction: CoreMetrics.Timer
         let query: CoreMetrics.Timer
 
+        func record(_ kind: LatencySet.Kind, microseconds: Int) {
+            let timer =
+                switch kind {
+                case .wait: wait
+                case .query: query
+                case .transaction: transaction
+                }
+            timer.recordNanoseconds(microseconds * 1000)
+        }
+
         init(database: String, instance: String, factory: MetricsFactory) {
             let dimensions = [("database", database), ("instance_id", instance)]
             wait = Timer(label: "tidepool_wait_time_seconds", dimensions: dimensions, factory: factory)

@@ -181,6 +181,17 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
 
 extension Pooler {
     /// The pool's listener, made on `loop` if it is the first.
+    /// The client's channels changed: its pool's listener is told.
+    func listenChanged(_ client: ClientConnection, _ changes: ChannelChanges) {
+        guard let id = client.id, let pool = client.registration.pool else { return }
+        let listener = listener(for: pool, loop: client.loopIndex)
+        if !changes.removed.isEmpty { listener.unsubscribe(id, channels: changes.removed) }
+        if !changes.added.isEmpty {
+            client.registration.listens = true
+            listener.subscribe(id, channels: changes.added)
+        }
+    }
+
     func listener(for key: PoolKey, loop: Int) -> ListenerDriver {
         shared.withLockedValue { s in
             if let listener = s.listeners[key] { return listener }

@@ -457,6 +457,15 @@ public enum ServerReset: UInt8, Sendable {
     case discardAll
     /// UNLISTEN *: the client's LISTENs ran there.
     case unlisten
+
+    /// The query that cleans the server, given server_reset_query.
+    public func sql(serverResetQuery: String) -> String {
+        switch self {
+        case .resetQuery: serverResetQuery
+        case .discardAll: "DISCARD ALL"
+        case .unlisten: "UNLISTEN *"
+        }
+    }
 }
 
 extension SessionEffect {
