@@ -210,7 +210,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             forget()
         case .runAdminCommand:
             guard let command = session.adminCommand else { return }
-            pooler.admin(command, on: channel.eventLoop).whenComplete { [self] result in
+            // A command may complete on another loop (PAUSE waits on the first).
+            pooler.admin(command, on: eventLoop).hop(to: eventLoop).whenComplete { [self] result in
                 session.adminAnswered(AdminConsoleSession.answer(result.mapError { $0 }), into: &actions)
                 run()
             }
