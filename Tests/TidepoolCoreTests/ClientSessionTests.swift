@@ -1111,7 +1111,8 @@ final class SessionDriver {
         }
     }
 
-    @Test func adminConsoleIsWelcomedByTheSession() {
+    /// A read-only admin console session, welcomed.
+    func consoleSession() -> D {
         let d = D(loggedIn: false)
         d.session.startupPacket(
             startup(["user": "admin", "database": "pgbouncer"]), tlsOffered: false, bytesFollow: false, into: &d.actions
@@ -1119,6 +1120,11 @@ final class SessionDriver {
         d.session.registered(facts(.trust), into: &d.actions)
         d.session.enter(.success(.adminConsole(readOnly: true)), into: &d.actions)
         d.carryOut()
+        return d
+    }
+
+    @Test func adminConsoleIsWelcomedByTheSession() {
+        let d = consoleSession()
         #expect(d.session.state == .admin && d.session.adminReadOnly)
         #expect(d.clientTypes == "RSSSSSSSKZ")
     }
@@ -1126,13 +1132,7 @@ final class SessionDriver {
     /// Pipelined console messages are answered in the order they came: an error found at once
     /// waits behind the command still running before it, and the next command runs only after.
     @Test func adminConsoleAnswersPipelinedCommandsInOrder() throws {
-        let d = D(loggedIn: false)
-        d.session.startupPacket(
-            startup(["user": "admin", "database": "pgbouncer"]), tlsOffered: false, bytesFollow: false, into: &d.actions
-        )
-        d.session.registered(facts(.trust), into: &d.actions)
-        d.session.enter(.success(.adminConsole(readOnly: true)), into: &d.actions)
-        d.carryOut()
+        let d = consoleSession()
         d.toClient.clear()
         var bytes = ByteBuffer()
         for var m in [D.query("SHOW POOLS"), D.query("NO SUCH COMMAND"), D.query("SHOW STATS")] {

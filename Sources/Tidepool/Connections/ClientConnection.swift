@@ -373,7 +373,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func lent(_ server: ServerConnection, lease: UInt64) {
-        let parameters = server.parameters  // read before the server can go back
         self.server = server
         self.lease = lease
         switch session.lent(
@@ -385,8 +384,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             server.attach(self, lease: lease)
             run()
         case .parametersOnly:
-            run()
-            ClientLogin(self).welcome(parameters, fromPool: false)
+            // Welcomed before the server's release (queued in `actions`) is carried out.
+            ClientLogin(self).welcome(server.parameters, fromPool: false)
             run()
             processStash()
         case .unwanted:

@@ -19,11 +19,11 @@ struct ReadGate {
         if holds.isEmpty { context.read() } else { wanted = true }
     }
 
-    mutating func hold(_ hold: Holds) { holds.insert(hold) }
+    mutating func hold(_ hold: Holds) { holds = Holds(rawValue: holds.rawValue | hold.rawValue) }
 
     /// Lets go of `hold`; a read that waited goes ahead once nothing holds reads.
     mutating func release(_ hold: Holds, _ context: ChannelHandlerContext?) {
-        holds.remove(hold)
+        holds = Holds(rawValue: holds.rawValue & ~hold.rawValue)
         if wanted, holds.isEmpty, let context {
             wanted = false
             context.read()

@@ -30,19 +30,16 @@ extension ClientSession {
             && (prepared?.isQuiet ?? true)
     }
 
-    /// The one way a linked server goes back while its client stays (see above). `serverBytesLeft`:
-    /// bytes of the server's read not handled yet. True when it went back.
-    @inline(__always)
-    mutating func releaseIfDone(now: NIODeadline, serverBytesLeft: Int = 0, into actions: inout Actions) -> Bool {
-        guard mayRelease(serverBytesLeft: serverBytesLeft) else { return false }
+    /// The one way a linked server goes back while its client stays (see above): nothing of
+    /// the server's left to read, nothing of the client's to send, and `mayGiveBack`. True when it
+    /// went back. Not inlined: inlined into `serverBytes` it made that function large enough that
+    /// the classify closure of its hot loop was no longer inlined (callers there check the cheap
+    /// part, `mayGiveBack`, first, to write the answer before).
+    @inline(never)
+    mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) -> Bool {
+        guard state == .linked, serverInbound.isEmpty, toServer.isEmpty, mayGiveBack else { return false }
         unlink(now: now, reusable: true, into: &actions)
         return true
-    }
-
-    /// Whether `releaseIfDone` would give the server back now.
-    @inline(__always)
-    func mayRelease(serverBytesLeft: Int) -> Bool {
-        state == .linked && serverBytesLeft == 0 && serverInbound.isEmpty && toServer.isEmpty && mayGiveBack
     }
 
     mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout Actions) {

@@ -83,7 +83,7 @@ extension ClientSession {
                         }
                         // The pool's listener delivers the client's notifications. One that came
                         // after the last ReadyForQuery must not keep the server.
-                        if mayRelease(serverBytesLeft: buffer.readableBytes) {
+                        if buffer.readableBytes == 0, mayGiveBack {  // written first if it goes back
                             run.write(to: &self, into: &actions)
                             _ = releaseIfDone(now: now, into: &actions)
                         }
@@ -168,7 +168,7 @@ extension ClientSession {
                         run.write(to: &self, into: &actions)
                         _ = writeMadeUpReplies(now: now, into: &actions)
                     }
-                    if mayRelease(serverBytesLeft: buffer.readableBytes) {
+                    if buffer.readableBytes == 0, mayGiveBack {
                         // The answer is written before the server goes back to the pool.
                         run.write(to: &self, into: &actions)
                         _ = releaseIfDone(now: now, into: &actions)
