@@ -272,16 +272,14 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// Runs `process`, turning a framing error into a FATAL for the client. False when it closed.
     func processCatching(_ buffer: inout ByteBuffer, now: NIODeadline) -> Bool {
-        do {
+        do throws(WireError) {
             try process(&buffer, now: now)
             return true
-        } catch let error as WireError {
+        } catch {
             logger.info("client \(peer): \(error.postgresError.message)")
             sendFatal(error.postgresError, reason: "bad packet")
-        } catch {
-            sendFatal(.fatal(SQLState.internalError, "\(error)"), reason: "internal error")
+            return false
         }
-        return false
     }
 
     /// Called by the loop's sweeper while the session watches the clock.
@@ -315,38 +313,12 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     // MARK: Reading client bytes
 
-    func process(_ buffer: inout ByteBuffer, now: NIODeadline) throws {
-        while buffer.readableBytes > 0 {
-            switch session.state {
-            case .startup:
-                guard let packet = try StartupPacket.parse(from: &buffer) else { return }
-                session.startupPacket(
-                    packet, tlsOffered: pooler.security.clientTLS != nil, bytesFollow: buffer.readableBytes > 0,
-                    into: &actions)
-                run()
-            case .lookingUpSecret, .awaitingWelcome:
-                return  // kept until the secret is known, or the client is welcomed
-            case .authenticating:
-                guard let chunk = try session.scanner.next(from: &buffer, classify: { _ in .inspect }),
-                    case .message(let type, let body, _) = chunk
-                else { return }
-                session.passwordMessage(type: type, body: body, into: &actions)
-                run()
-            case .idle, .waiting, .linked, .passThrough:
-                // Its actions are carried out once the whole read is taken in.
-                try session.clientBytes(
-                    &buffer, now: now, isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
-                switch session.state {
-                case .idle, .waiting, .linked, .passThrough: return  // more bytes are needed first
-                default: continue
-                }
-            case .admin:
-                try session.adminBytes(&buffer, into: &actions)
-                return
-            case .closed:
-                buffer.moveReaderIndex(to: buffer.writerIndex)
-                return
-            }
+    func process(_ buffer: inout ByteBuffer, now: NIODeadline) throws(WireError) {
+        while try session.read(
+            &buffer, now: now, tlsOffered: pooler.security.clientTLS != nil,
+            isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
+        {
+            run()
         }
     }
 

@@ -20,7 +20,7 @@ extension ClientSession {
     public var adminCommand: AdminCommand? { console?.running?.command }
 
     /// Bytes from an admin console client.
-    public mutating func adminBytes(_ buffer: inout ByteBuffer, into actions: inout Actions) throws {
+    public mutating func adminBytes(_ buffer: inout ByteBuffer, into actions: inout Actions) throws(WireError) {
         let queue = console ?? ConsoleQueue()
         console = queue
         while let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) {

@@ -1,6 +1,50 @@
 import NIOCore
 
 extension ClientSession {
+    /// Bytes the client sent, read as its state says: its startup packet, password messages, the
+    /// protocol once logged in, the admin console's commands; kept while a lookup or the welcome
+    /// is awaited, dropped once closed. Returns true when it stopped at a login step whose actions
+    /// must be carried out before the rest of `buffer` is read (then call it again).
+    @inlinable
+    public mutating func read(
+        _ buffer: inout ByteBuffer, now: NIODeadline, tlsOffered: @autoclosure () -> Bool,
+        isKnownStatement: (String) -> Bool,
+        into actions: inout Actions
+    ) throws(WireError) -> Bool {
+        while buffer.readableBytes > 0 {
+            switch state {
+            case .idle, .waiting, .linked, .passThrough:
+                // Its actions are carried out once the whole read is taken in.
+                try clientBytes(&buffer, now: now, isKnownStatement: isKnownStatement, into: &actions)
+                switch state {
+                case .idle, .waiting, .linked, .passThrough: return false  // more bytes are needed first
+                default: continue
+                }
+            case .startup:
+                guard let packet = try StartupPacket.parse(from: &buffer) else { return false }
+                startupPacket(packet, tlsOffered: tlsOffered(), bytesFollow: buffer.readableBytes > 0, into: &actions)
+                return true
+            case .lookingUpSecret, .awaitingWelcome:
+                return false  // kept until the secret is known, or the client is welcomed
+            case .authenticating:
+                guard let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }),
+                    case .message(let type, let body, _) = chunk
+                else { return false }
+                passwordMessage(type: type, body: body, into: &actions)
+                return true
+            case .admin:
+                try adminBytes(&buffer, into: &actions)
+                return false
+            case .closed:
+                buffer.moveReaderIndex(to: buffer.writerIndex)
+                return false
+            }
+        }
+        return false
+    }
+}
+
+extension ClientSession {
     /// Bytes the client sent while logged in to a pool (idle, queued or linked). Consumes what it can;
     /// returns when `buffer` is used up, when more bytes are needed, or when the state left those
     /// three (the rest is for the caller: a closed client's bytes are dropped).
