@@ -122,15 +122,13 @@ final class SessionDriver {
 
     func clientRaw(_ bytes: ByteBuffer) {
         var buffer = bytes
-        session.clientRead(buffer)
-        session.inbound.prepend(to: &buffer)
+        session.beginRead(&buffer, statementEpoch: session.statementEpoch)
         do {
             try session.clientBytes(&buffer, now: now, isKnownStatement: { _ in false }, into: &actions)
         } catch {
             session.close(error.postgresError, reason: "bad packet", into: &actions)
         }
-        if buffer.readableBytes > 0, session.state != .closed { session.stash(&buffer) }
-        session.clientReadDone(now: now, into: &actions)
+        session.endRead(&buffer, now: now, into: &actions)
         carryOut()
     }
 

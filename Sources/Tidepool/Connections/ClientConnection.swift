@@ -259,14 +259,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
-        let epoch = pooler.statementEpoch.load(ordering: .relaxed)
-        if session.statementEpoch != epoch { session.statementEpoch = epoch }
-        session.clientRead(buffer)
-        session.inbound.prepend(to: &buffer)
+        session.beginRead(&buffer, statementEpoch: pooler.statementEpoch.load(ordering: .relaxed))
         let now = NIODeadline.now()
         guard processCatching(&buffer, now: now) else { return }
-        if session.state != .closed { session.inbound.keep(&buffer) }
-        session.clientReadDone(now: now, into: &actions)
+        session.endRead(&buffer, now: now, into: &actions)
         run()
     }
 
@@ -325,10 +321,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Feeds bytes the client sent before the connection could read them (during a lookup or the
     /// welcome) now that it can.
     func processStash() {
-        guard var stash = session.inbound.take(), stash.readableBytes > 0 else { return }
+        guard var kept = session.takeKeptBytes() else { return }
         let now = NIODeadline.now()
-        if processCatching(&stash, now: now), session.state != .closed { session.inbound.keep(&stash) }
-        session.clientReadDone(now: now, into: &actions)
+        guard processCatching(&kept, now: now) else { return }
+        session.endRead(&kept, now: now, into: &actions)
         run()
     }
 

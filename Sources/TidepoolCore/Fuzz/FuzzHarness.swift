@@ -131,13 +131,13 @@ public enum FuzzHarness {
             switch kind % 8 {
             case 0:
                 guard !session.flow.clientPaused else { break }  // the connection does not read it
+                session.beginRead(&bytes, statementEpoch: session.statementEpoch)
                 do {
                     try session.clientBytes(&bytes, now: now, isKnownStatement: { $0.count % 2 == 0 }, into: &actions)
                 } catch {
                     session.close(error.postgresError, reason: "bad packet", into: &actions)
                 }
-                if bytes.readableBytes > 0, session.state != .closed { session.stash(&bytes) }
-                session.clientReadDone(now: now, into: &actions)
+                session.endRead(&bytes, now: now, into: &actions)
             case 1:
                 guard !session.flow.serverPaused else { break }
                 session.serverBytes(bytes, now: now, into: &actions)

@@ -120,8 +120,29 @@ extension ClientSession {
         if let timeoutClock { noteClientActivity(timeoutClock, now: now) }
     }
 
+    /// A read from the client begins: it is counted, and joined to the bytes kept from the reads
+    /// before (a message's start); `statementEpoch` is the pooler's stale-plan epoch now.
+    public mutating func beginRead(_ buffer: inout ByteBuffer, statementEpoch epoch: Int) {
+        if statementEpoch != epoch { statementEpoch = epoch }
+        clientRead(buffer)
+        inbound.prepend(to: &buffer)
+    }
+
+    /// The read was taken in (`read`): what is left of it is kept for the next, and the client's
+    /// bytes go to its server.
+    public mutating func endRead(_ buffer: inout ByteBuffer, now: NIODeadline, into actions: inout Actions) {
+        if state != .closed { inbound.keep(&buffer) }
+        clientReadDone(now: now, into: &actions)
+    }
+
+    /// Bytes kept while a lookup or the welcome was awaited, to be read now.
+    public mutating func takeKeptBytes() -> ByteBuffer? {
+        guard let kept = inbound.take(), kept.readableBytes > 0 else { return nil }
+        return kept
+    }
+
     /// Counts a read for SHOW STATS and keeps its first bytes for log_slow_query_ms.
-    public mutating func clientRead(_ buffer: ByteBuffer) {
+    mutating func clientRead(_ buffer: ByteBuffer) {
         traffic.received += buffer.readableBytes
         if leaseUnanswered { keepForReplay(buffer) }
         if queryStart == nil, slowQueryThreshold > 0 {
