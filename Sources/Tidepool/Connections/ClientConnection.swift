@@ -56,8 +56,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         self.pools = pools ?? pooler
         self.channel = channel
         self.loopIndex = loopIndex
-        self.session = ClientSession(maxMessageLength: pooler.config.global.maxPacketSize)
-        session.bufferLimit = pooler.config.global.maxBufferedBytes
+        let global = pooler.config.global
+        self.session = ClientSession(maxMessageLength: global.maxPacketSize, bufferLimit: global.maxBufferedBytes)
     }
 
     /// This handler's place in the client's pipeline, while it is there.

@@ -335,8 +335,10 @@ public struct ClientSession {
     /// refused at its header instead of being passed on (or held whole) only to be refused there.
     public static let largestMessage = 0x3FFF_FFFE
 
-    /// `maxMessageLength` applies once the client is logged in (max_packet_size).
-    public init(maxMessageLength: Int) {
+    /// `maxMessageLength` applies once the client is logged in (max_packet_size); `bufferLimit`
+    /// is max_buffered_bytes.
+    public init(maxMessageLength: Int, bufferLimit: Int = 65536) {
+        self.bufferLimit = bufferLimit
         scanner = MessageScanner(maxMessageLength: min(maxMessageLength, Self.loginMessageLimit))
         writableScratch.messageLimitAfterLogin = min(maxMessageLength, Self.largestMessage)
     }
