@@ -56,7 +56,11 @@ final class SessionDriver {
 
     func advance(_ amount: TimeAmount) { now = now + amount }
 
+    /// The actions of the last event carried out, in order (flow control included).
+    var lastActions: [ClientSession.Action] = []
+
     func carryOut() {
+        lastActions = Array(actions)
         var writes = session.toClient.makeIterator()
         for action in actions {
             switch action {
@@ -214,6 +218,27 @@ final class SessionDriver {
 
     /// server_fast_close: a session-mode client between transactions is closed at once (its server
     /// closed, not reused); one inside a transaction gets its COMMIT's answer, then is closed.
+    /// The ordering rules as exact action sequences: the answer is written before its server goes
+    /// back; a client closed while linked is sent its error before its server is given back, and
+    /// forgotten last.
+    @Test func theAnswerIsWrittenBeforeTheServerGoesBackAndTheErrorBeforeTheRelease() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.lend()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        let order = d.lastActions.filter {
+            if case .recordTiming = $0 { return false }
+            return true
+        }
+        #expect(order == [.writeServerBytes(start: 0, length: 20), .releaseServer(reusable: true)])
+        d.client(D.query("begin"))
+        d.lend()
+        d.serverSends(D.complete("BEGIN"), D.ready("T"))
+        d.session.close(.fatal(SQLState.adminShutdown, "bye"), reason: "test", into: &d.actions)
+        d.carryOut()
+        #expect(d.lastActions == [.closeWithError, .releaseServer(reusable: false), .forget])
+    }
+
     @Test func fastCloseEndsTheSessionAtTheTransactionsEnd() {
         /// A session-mode client that ran `sql` and was told its server is to be replaced.
         func replaced(after sql: String, tag: String, status: Character) -> D {
