@@ -312,14 +312,14 @@ extension ClientSession {
     /// The connection is open: client_login_timeout (when on) counts from now, on the clock's ticks.
     public mutating func connectionOpened(now: NIODeadline, loginTimeout: TimeAmount, into actions: inout Actions) {
         guard loginTimeout > .zero else { return }
-        loginDeadline = now + loginTimeout
+        writableScratch.loginDeadline = now + loginTimeout
         actions.append(.watchClock)
     }
 
     /// Logged in: the login deadline is over, and the clock ticks the session for its timeouts
     /// only (a session watched for nothing is let go at its next tick).
     mutating func loginFinished(into actions: inout Actions) {
-        loginDeadline = nil
+        scratch?.loginDeadline = nil
         if timeoutClock != nil { actions.append(.watchClock) }
     }
 

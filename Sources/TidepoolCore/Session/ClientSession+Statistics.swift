@@ -75,7 +75,7 @@ extension ClientSession {
     /// client is closed with, if any.
     @discardableResult
     public mutating func tick(now: NIODeadline, into actions: inout Actions) -> PostgresError? {
-        if let deadline = loginDeadline {
+        if let deadline = scratch?.loginDeadline {
             switch state {
             case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
                 guard now >= deadline else { return nil }
@@ -83,7 +83,7 @@ extension ClientSession {
                 close(error, reason: "client_login_timeout", into: &actions)
                 return error
             default:
-                loginDeadline = nil
+                scratch?.loginDeadline = nil
             }
         }
         if waitingOwnNotification { ownNotificationTick(now: now, into: &actions) }

@@ -155,6 +155,8 @@ public struct ClientSession {
         var messageLimitAfterLogin = Int(Int32.max)
         var syncError: PostgresError?
         var scramIterations = 4096
+        /// When client_login_timeout closes the client if it is still logging in.
+        var loginDeadline: NIODeadline?
     }
 
     var writableScratch: Scratch {
@@ -304,8 +306,6 @@ public struct ClientSession {
     /// The client-side timeouts and the moments they count from: nil while all of them are off
     /// (the default), so that a client without them does not carry their bytes.
     public var timeoutClock: TimeoutClock?
-    /// When client_login_timeout closes the client if it is still logging in.
-    var loginDeadline: NIODeadline?
     /// server_reset_query and server_reset_query_always, for a client the pooler closes itself.
     public var serverResetQuery = ""
     public var serverResetQueryAlways = false
