@@ -341,8 +341,17 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     func lent(_ server: ServerConnection, lease: UInt64) {
+        // The lent server is the one a `.releaseServer` of this lend acts on; a link the client
+        // already had (it never asks for a second server) is kept.
+        let (linked, linkedLease) = (self.server, self.lease)
         self.server = server
         self.lease = lease
+        defer {
+            if let linked, self.server == nil {
+                self.server = linked
+                self.lease = linkedLease
+            }
+        }
         switch session.lent(
             server.sessionState, now: .now(),
             statementCapacity: pooler.statementCapacity.load(ordering: .relaxed),
