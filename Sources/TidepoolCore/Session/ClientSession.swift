@@ -21,9 +21,10 @@ public final class ServerSessionState: @unchecked Sendable {
 /// what is counted for SHOW STATS. Events come in with the time; actions are appended to the
 /// caller's buffer, which the connection carries out in order. No sockets, no clock, no locks.
 ///
-/// The connection frames nothing itself after login: it hands over the bytes it read and runs the
-/// actions. Login (startup packet, authentication, welcome) is driven by the connection with the
-/// decisions in `ClientSession+Login.swift`.
+/// The connection frames nothing itself: it hands over the bytes it read (`read`) and other events
+/// (`handle`, the clock's `tick`) and carries the actions out. The login's decisions are in
+/// `ClientSession+Login.swift`; the runtime's part of it (registries, lookups, TLS) is
+/// `ClientLogin`. When a server goes back to the pool: `ClientSession+Release.swift`.
 public struct ClientSession {
     public enum State: Equatable, Sendable {
         case startup
