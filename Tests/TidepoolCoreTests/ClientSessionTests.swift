@@ -1146,6 +1146,32 @@ final class SessionDriver {
         return d
     }
 
+    /// `read` stops after a login step, with the rest of the read left for after its actions;
+    /// keeps bytes while a lookup is awaited; drops them once closed.
+    @Test func readStopsAtEachLoginStepAndKeepsWhatFollows() throws {
+        let d = D(loggedIn: false)
+        var bytes = ByteBuffer()
+        Wire.startupMessage(parameters: [("user", "alice"), ("database", "app")], into: &bytes)
+        var query = D.query("select 1")
+        bytes.writeBuffer(&query)
+        let more = try d.session.read(
+            &bytes, now: d.now, tlsOffered: false, isKnownStatement: { _ in false }, into: &d.actions)
+        #expect(more && d.actions.last == .register)
+        #expect(bytes.readableBytes == query.writerIndex, "the query waits for the login's actions")
+        d.carryOut()
+        d.session.registered(facts(.trust, canLookUp: true), into: &d.actions)
+        d.carryOut()
+        #expect(d.session.state == .lookingUpSecret)
+        let kept = try d.session.read(
+            &bytes, now: d.now, tlsOffered: false, isKnownStatement: { _ in false }, into: &d.actions)
+        #expect(!kept && bytes.readableBytes == query.writerIndex, "kept until the secret is known")
+        d.session.close(.fatal(SQLState.adminShutdown, "bye"), reason: "test", into: &d.actions)
+        d.carryOut()
+        _ = try d.session.read(
+            &bytes, now: d.now, tlsOffered: false, isKnownStatement: { _ in false }, into: &d.actions)
+        #expect(bytes.readableBytes == 0, "a closed client's bytes are dropped")
+    }
+
     @Test func adminConsoleIsWelcomedByTheSession() {
         let d = consoleSession()
         #expect(d.session.state == .admin && d.session.adminReadOnly)
