@@ -238,6 +238,22 @@ import Testing
             ready.failed(.transport("reset")) == [.close], "a ready server that fails is closed, not a login failure")
     }
 
+    @Test func aReadyServerIsToldTerminateBeforeItIsClosed() {
+        let (ready, _) = ServerSessionTests().loggedIn()
+        let actions = ready.terminate()
+        guard case .send(let bytes) = actions.first else {
+            Issue.record("expected a Terminate first, got \(actions)")
+            return
+        }
+        #expect(bytes.getInteger(at: bytes.readerIndex, as: UInt8.self) == UInt8(ascii: "X") && actions.last == .close)
+        var loggingIn = ServerSession(state: ServerSessionState(maxPreparedStatements: 4), connectQuery: nil)
+        _ = loggingIn.connected(ServerLoginStateMachine(user: "u", database: "d", secret: .none))
+        #expect(loggingIn.terminate() == [.close])
+        var closed = ready
+        _ = closed.closed()
+        #expect(closed.terminate().isEmpty)
+    }
+
     @Test func aLostServerLetsItsClientReplayOnlyWhenNothingWasWrittenInThisLend() {
         var (s, _) = ServerSessionTests().loggedIn()
         s.attached()

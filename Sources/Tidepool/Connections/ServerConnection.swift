@@ -358,14 +358,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Closes the connection politely (Terminate) because the pool no longer wants it.
     func terminate() {
         onLoop {
-            guard let channel = self.channel else { return }
-            if case .closed = self.phase { return }
-            if case .ready = self.phase {
-                var out = channel.allocator.buffer(capacity: 5)
-                Wire.terminate(into: &out)
-                channel.writeAndFlush(out, promise: nil)
-            }
-            channel.close(promise: nil)
+            guard self.channel != nil else { return }
+            self.run(self.session.terminate())
         }
     }
 

@@ -216,6 +216,20 @@ public struct ServerSession: Sendable {
         }
     }
 
+    /// The pool no longer wants the connection: a ready server is told Terminate first (PostgreSQL
+    /// then ends the backend at once rather than logging an unexpected EOF). Its closing is still
+    /// reported by `closed` when the socket closes.
+    public func terminate() -> [Action] {
+        switch phase {
+        case .closed: return []
+        case .ready:
+            var out = ByteBufferAllocator().buffer(capacity: 5)
+            Wire.terminate(into: &out)
+            return [.send(out), .close]
+        default: return [.close]
+        }
+    }
+
     /// A client is linked (a new lend): nothing of its bytes written yet.
     public mutating func attached() { wroteForClient = false }
 
