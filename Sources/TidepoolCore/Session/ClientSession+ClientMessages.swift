@@ -5,7 +5,7 @@ extension ClientSession {
     /// protocol once logged in, the admin console's commands; kept while a lookup or the welcome
     /// is awaited, dropped once closed. Returns true when it stopped at a login step whose actions
     /// must be carried out before the rest of `buffer` is read (then call it again).
-    @inlinable
+    @inlinable @inline(__always)
     public mutating func read(
         _ buffer: inout ByteBuffer, now: NIODeadline, tlsOffered: @autoclosure () -> Bool,
         isKnownStatement: (String) -> Bool,
