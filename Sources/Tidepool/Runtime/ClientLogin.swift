@@ -32,25 +32,25 @@ struct ClientLogin {
     /// Admits the client (max_client_conn, the per-database, per-user and per-address limits),
     /// then hands the session what the login needs.
     func register() {
-        let session = client.session
-        let peer = ClientPeer(client.channel, tls: session.tls)
+        // Read field by field: a copy of the whole session would make its buffers copy on write.
+        let (user, database, tls) = (client.session.user, client.session.database, client.session.tls)
+        let peer = ClientPeer(client.channel, tls: tls)
         let admission = ClientRegistry<ClientConnection>.Admission(
-            database: session.database, user: session.user, config: pooler.config)
+            database: database, user: user, config: pooler.config)
         switch pooler.register(client, address: peer.ip, admission) {
         case .success(let id):
             client.id = id
             client.registration.address = peer.ip
             client.registration.counted = admission.counted
         case .failure(let error):
-            pooler.logger.warning("client \(client.peer) user=\(session.user) refused: \(error.message)")
+            pooler.logger.warning("client \(client.peer) user=\(user) refused: \(error.message)")
             client.sendFatal(error, reason: error.message)
             return
         }
         let config = pooler.config
         if config.global.logConnections {
             let words = LogWords.loginAttempt(
-                database: session.database, user: session.user, tls: session.tls,
-                replication: session.replication?.rawValue)
+                database: database, user: user, tls: tls, replication: client.session.replication?.rawValue)
             pooler.logger.info("\(client.logPrefix) \(words)")
         }
         client.registration.peer = peer.credentials
@@ -58,9 +58,9 @@ struct ClientLogin {
         client.session.registered(
             LoginFacts(
                 config: config, hba: security.hba, clientAddress: peer.addressAndPort, clientIP: peer.ip,
-                certificateCommonName: peer.certificateCommonName, knownSecret: pooler.userlist[session.user],
+                certificateCommonName: peer.certificateCommonName, knownSecret: pooler.userlist[user],
                 canLookUp: pooler.authUser(for: databaseEntry(config)) != nil, peer: peer.credentials,
-                ident: security.ident, databaseDisabled: pooler.isDisabled(session.database)),
+                ident: security.ident, databaseDisabled: pooler.isDisabled(database)),
             into: &client.actions)
     }
 
@@ -86,13 +86,13 @@ struct ClientLogin {
     }
 
     func authenticated() {
-        let session = client.session
-        if let secret = session.learnedServerSecret {
-            pooler.credentials.withLockedValue { $0.serverSecrets[session.user] = secret }
+        let user = client.session.user
+        if let secret = client.session.learnedServerSecret {
+            pooler.credentials.withLockedValue { $0.serverSecrets[user] = secret }
         }
         let request = LoginRequest(
-            user: session.user, database: session.database, clientIP: ClientPeer.ip(client.channel),
-            tls: session.tls, peer: client.registration.peer)
+            user: user, database: client.session.database, clientIP: ClientPeer.ip(client.channel),
+            tls: client.session.tls, peer: client.registration.peer)
         let config = pooler.config
         let pooler = self.pooler
         client.session.enter(
