@@ -299,7 +299,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// A server on another loop wrote enough of what this client handed it.
     func handOffDrained(_ server: ServerConnection) {
-        if session.flow.handOffBacklog, server.fromClient.mayGoOn { deliver(.handOffDrained) }
+        if server.fromClient.mayGoOn { deliver(.handOffDrained) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

@@ -134,11 +134,9 @@ struct ClientLogin {
         let make = { ClientSession.Welcome(serverParameters: serverParameters, wanted: wanted) }
         let welcome =
             fromPool ? pooler.welcome(for: client.poolKey!, values: client.session.$wanted, make: make) : make()
-        let key = pooler.issueCancelKey(for: client)
-        client.registration.cancelKey = key
         client.session.welcome(
-            welcome, cancelKey: (key.processID, key.secretKey), notice: pooler.config.global.loginNotifyMessage,
-            now: .now(), into: &client.actions)
+            welcome, cancelKey: issueCancelKey(), notice: pooler.config.global.loginNotifyMessage, now: .now(),
+            into: &client.actions)
     }
 
     /// The replication connection's own server logged in.
@@ -150,11 +148,15 @@ struct ClientLogin {
         client.server = server
         client.lease = 1
         server.attach(client, lease: 1)
+        client.session.passThroughStarted(server.sessionState, cancelKey: issueCancelKey(), into: &client.actions)
+        client.run()
+    }
+
+    /// A cancel key of the client's own, kept in its registration to be dropped when it goes.
+    func issueCancelKey() -> (Int32, Int32) {
         let key = pooler.issueCancelKey(for: client)
         client.registration.cancelKey = key
-        client.session.passThroughStarted(
-            server.sessionState, cancelKey: (key.processID, key.secretKey), into: &client.actions)
-        client.run()
+        return (key.processID, key.secretKey)
     }
 }
 

@@ -62,7 +62,6 @@ extension Pooler {
     func forget(_ client: ClientConnection) {
         let r = client.registration
         client.registration = ClientRegistration()
-        if r.inConsole { shared.withLockedValue { $0.registry.consoleLeft() } }
         if r.listens, let id = client.id, let pool = r.pool {
             listener(for: pool, loop: client.loopIndex).clientGone(id)
         }
@@ -70,6 +69,7 @@ extension Pooler {
         if r.pinned, let pool = r.pool { pinChanged(pool, pinned: false, reason: nil) }
         let id = client.id
         shared.withLockedValue { s in
+            if r.inConsole { s.registry.consoleLeft() }
             if s.registry.remove(id, address: r.address, counted: r.counted, pool: r.pool), let id {
                 s.pools.clientGaveUp(id)
             }

@@ -21,11 +21,6 @@ public struct ClientRegistry<Client: AnyObject> {
     public struct Counted: Hashable, Sendable {
         public var database: String
         public var user: String
-
-        public init(database: String, user: String) {
-            self.database = database
-            self.user = user
-        }
     }
 
     /// The limits one client is admitted under, read from the configuration at its startup:

@@ -60,8 +60,7 @@ extension ClientSession {
     }
 
     mutating func writeAdmin(_ reply: ByteBuffer, received: Int, into actions: inout Actions) {
-        toClient.append(reply)
-        actions.append(.writeToClient)
+        write(reply, into: &actions)
         actions.append(.flushClient)
         actions.append(.countConsole(received: received, sent: reply.readableBytes))
     }

@@ -296,7 +296,7 @@ extension ClientSession {
             if type == MessageType.bind, prepared!.isHolding { flow.bindHeld = true }
             if writeMadeUpReplies(now: now, into: &actions) {
                 actions.append(.flushClient)
-                _ = releaseIfDone(now: now, into: &actions)
+                releaseIfDone(now: now, into: &actions)
             }
         }
         return true
@@ -346,7 +346,7 @@ extension ClientSession {
     /// A cancel request sent for this client reached PostgreSQL (or gave up): the server may go back.
     public mutating func cancelFinished(now: NIODeadline, into actions: inout Actions) {
         cancelsInFlight -= 1
-        _ = releaseIfDone(now: now, into: &actions)
+        releaseIfDone(now: now, into: &actions)
     }
 
     /// Answers every request the queued client has sent with the cancel error, one ReadyForQuery each.

@@ -60,8 +60,10 @@ extension ClientSession {
     /// settled after the actions being carried out.
     public mutating func handOffBacklogged() { flow.handOffBacklog = true }
 
-    /// The server's loop wrote enough of them (`HandOff.mayGoOn`).
+    /// The server's loop wrote enough of them (`HandOff.mayGoOn`); nothing when the client was
+    /// not held back for them.
     public mutating func handOffDrained(into actions: inout Actions) {
+        guard flow.handOffBacklog else { return }
         flow.handOffBacklog = false
         settleReads(into: &actions)
     }

@@ -31,15 +31,13 @@ extension ClientSession {
     }
 
     /// The one way a linked server goes back while its client stays (see above): nothing of
-    /// the server's left to read, nothing of the client's to send, and `mayGiveBack`. True when it
-    /// went back. Not inlined: inlined into `serverBytes` it made that function large enough that
+    /// the server's left to read, nothing of the client's to send, and `mayGiveBack`. Not inlined: inlined into `serverBytes` it made that function large enough that
     /// the classify closure of its hot loop was no longer inlined (callers there check the cheap
     /// part, `mayGiveBack`, first, to write the answer before).
     @inline(never)
-    mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) -> Bool {
-        guard state == .linked, serverInbound.isEmpty, toServer.isEmpty, mayGiveBack else { return false }
+    mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) {
+        guard state == .linked, serverInbound.isEmpty, toServer.isEmpty, mayGiveBack else { return }
         unlink(now: now, reusable: true, into: &actions)
-        return true
     }
 
     mutating func unlink(now: NIODeadline, reusable: Bool, into actions: inout Actions) {

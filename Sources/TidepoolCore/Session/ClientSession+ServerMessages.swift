@@ -85,7 +85,7 @@ extension ClientSession {
                         // after the last ReadyForQuery must not keep the server.
                         if buffer.readableBytes == 0, mayGiveBack {  // written first if it goes back
                             run.write(to: &self, into: &actions)
-                            _ = releaseIfDone(now: now, into: &actions)
+                            releaseIfDone(now: now, into: &actions)
                         }
                         continue
                     }
@@ -171,7 +171,7 @@ extension ClientSession {
                     if buffer.readableBytes == 0, mayGiveBack {
                         // The answer is written before the server goes back to the pool.
                         run.write(to: &self, into: &actions)
-                        _ = releaseIfDone(now: now, into: &actions)
+                        releaseIfDone(now: now, into: &actions)
                     } else if let sessionState, sessionState.resyncDue || sessionState.localSync != nil {
                         let sync = sessionState.localSync
                         sessionState.localSync = nil
