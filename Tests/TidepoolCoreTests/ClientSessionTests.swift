@@ -24,7 +24,7 @@ final class SessionDriver {
     var leftQueue = 0
     var timings: [LatencySet.Kind] = []
     /// The login actions, in order.
-    var login: [ClientSession.Action] = []
+    var login: [ClientSession.LoginStep] = []
     /// The flow-control actions, in order.
     var flow: [ClientSession.Action] = []
     var staleReports = 0
@@ -101,9 +101,7 @@ final class SessionDriver {
             case .forget: forgotten += 1
             case .runAdminCommand: adminCommands.append(session.adminCommand!)
             case .countConsole(let received, let sent): consoleTraffic.append((received, sent))
-            case .startTLS, .forwardCancel, .closeQuietly, .register, .lookUpSecret, .authenticated, .joinPool,
-                .openReplicationServer:
-                login.append(action)
+            case .login(let step): login.append(step)
             case .pauseClientReads, .resumeClientReads, .pauseServerReads, .resumeServerReads:
                 flow.append(action)
             }
@@ -1156,7 +1154,7 @@ final class SessionDriver {
         bytes.writeBuffer(&query)
         let more = try d.session.read(
             &bytes, now: d.now, tlsOffered: false, isKnownStatement: { _ in false }, into: &d.actions)
-        #expect(more && d.actions.last == .register)
+        #expect(more && d.actions.last == .login(.register))
         #expect(bytes.readableBytes == query.writerIndex, "the query waits for the login's actions")
         d.carryOut()
         d.session.registered(facts(.trust, canLookUp: true), into: &d.actions)

@@ -129,6 +129,17 @@ import Testing
         #expect(s.closed().isEmpty, "its closing was already reported")
     }
 
+    @Test func aListenerQueryIsSentOnlyByAReadyListener() {
+        var (s, _) = loggedIn()
+        #expect(s.command(.listenerQuery("LISTEN c")).isEmpty, "a pooled server runs no listener query")
+        s.listens = true
+        #expect(sentQuery(s.command(.listenerQuery("LISTEN c"))) == "LISTEN c")
+        #expect(s.phase == .ready, "its answers go to the listener, not to a query of the pooler's")
+        _ = s.closed()
+        #expect(s.command(.listenerQuery("LISTEN c")).isEmpty)
+        #expect(s.command(.terminate).isEmpty, "a closed server is not closed twice")
+    }
+
     @Test func checkPassesOrClosesTheServer() {
         var (s, _) = loggedIn()
         #expect(sentQuery(s.check("select 1")) == "select 1")

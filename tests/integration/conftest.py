@@ -57,19 +57,23 @@ class Postgres:
     def connect(self, dbname="postgres", user="postgres", **kw):
         return psycopg.connect(host="127.0.0.1", port=self.port, dbname=dbname, user=user, autocommit=True, **kw)
 
+    # The tests' own observing connections: a backend of an earlier one can still be exiting
+    # (seen in pg_stat_activity) when the next one counts.
+    OBSERVER = "tidepool-test-observer"
+
     def scalar(self, sql, *args, dbname="postgres"):
-        with self.connect(dbname=dbname) as conn:
+        with self.connect(dbname=dbname, application_name=self.OBSERVER) as conn:
             return conn.execute(sql, args).fetchone()[0]
 
     def backends(self, dbname="postgres", user=None):
-        """Client backends of a database (not counting the one asking)."""
+        """Client backends of a database (not counting the tests' own observers)."""
         sql = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-               "AND datname = %s AND pid <> pg_backend_pid()")
+               f"AND datname = %s AND application_name <> '{self.OBSERVER}'")
         args = [dbname]
         if user:
             sql += " AND usename = %s"
             args.append(user)
-        with self.connect() as conn:
+        with self.connect(application_name=self.OBSERVER) as conn:
             return conn.execute(sql, args).fetchone()[0]
 
 

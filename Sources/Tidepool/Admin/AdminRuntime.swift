@@ -67,7 +67,7 @@ extension Pooler {
                 // Clients of pools only: the console sessions (the one asking included) stay.
                 let victims = shared.withLockedValue { s in
                     s.registry.clients.values.filter { client in
-                        client.poolKey.map { database == nil || $0.database == database } ?? false
+                        client.registration.pool.map { database == nil || $0.database == database } ?? false
                     }
                 }
                 for client in victims { client.onLoop { client.kill("KILL \(database ?? "")") } }
@@ -340,7 +340,7 @@ extension ServerConnection {
         var row = ConnectionRow()
         row.user = database?.user ?? pool.user
         row.database = pool.database
-        switch phase {
+        switch session.phase {
         case .connecting, .loggingIn, .internalQuery(.afterLogin): row.state = "login"
         case .internalQuery(.check): row.state = "tested"
         case .internalQuery(.reset): row.state = "used"
@@ -360,9 +360,9 @@ extension ServerConnection {
         row.closeNeeded = closeNeeded
         row.id = "\(id.raw)"
         if let owner, let ownerID = owner.id { row.link = "\(ownerID)" }
-        row.remotePID = Int(processID)
-        row.applicationName = parameters["application_name"] ?? ""
-        row.preparedStatements = sessionState.statements.count
+        row.remotePID = Int(session.processID)
+        row.applicationName = session.state.parameters["application_name"] ?? ""
+        row.preparedStatements = session.state.statements.count
         row.received = receivedBytes
         row.queued = queuedBytes
         return row

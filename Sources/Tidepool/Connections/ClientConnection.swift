@@ -42,8 +42,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var timers: PoolerMetrics.DatabaseTimers?
     var user: String { session.user }
     var databaseName: String { session.database }
-    var poolKey: PoolKey? { registration.pool }
-    let connectedAt = NIODeadline.now()
     let connectedAtWallClock = Date().timeIntervalSince1970
     /// PgBouncer's words: a Terminate is a close request, a socket closed without one is not.
     var closeReason = "client unexpected eof"
@@ -138,7 +136,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         case .leaveQueue:
             if let id { pools.clientGaveUp(id) }
         case .releaseServer(let reusable):
-            handInTraffic()
+            ClientStatistics(self).handInTraffic()
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
@@ -148,7 +146,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             guard let server else { return }
             self.server = nil
             server.detach(from: self, lease: lease)
-            server.resetAndRelease(reset.sql(serverResetQuery: session.serverResetQuery))
+            server.command(.reset(reset.sql(serverResetQuery: session.serverResetQuery)))
         case .listenChanged:
             pooler.listenChanged(self, session.listenChanges)
             session.listenChanges = ChannelChanges()
@@ -166,48 +164,23 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             pooler.statementsAccepted(session.accepted)
             session.accepted.removeAll()
         case .statementsStale:
-            let epoch = pooler.statementEpoch.add(1, ordering: .relaxed).newValue
-            session.statementEpoch = epoch
-            logger.info(
-                "a server found a prepared statement's plan stale: statements are parsed again (epoch \(epoch))")
+            ClientStatistics(self).statementsStale()
         case .pinChanged(let pinned):
-            guard let poolKey, pinned != registration.pinned else { return }
-            registration.pinned = pinned
-            pooler.pinChanged(poolKey, pinned: pinned, reason: session.sessionState?.pinReason)
+            pooler.pinChanged(self, pinned: pinned)
         case .settingsReplayed(let count):
-            pooler.metrics.count("tidepool_replayed_settings_total", [("database", databaseName)], by: count)
+            ClientStatistics(self).settingsReplayed(count)
         case .handInTraffic:
-            handInTraffic()
+            ClientStatistics(self).handInTraffic()
         case .recordTiming(let kind, let microseconds):
             timers?.record(kind, microseconds: microseconds)
         case .logSlowQuery(let microseconds):
-            logger.warning(
-                "slow query: db=\(databaseName) user=\(user) client=\(peer) duration=\(microseconds / 1000) ms: \(session.slowQueryText)"
-            )
+            ClientStatistics(self).slowQuery(microseconds: microseconds)
         case .closeWithError:
-            guard let closing = session.closing else { return }
-            let error = closing.error
-            closeReason = closing.reason
-            pooler.metrics.clientError(error.code)
-            if pooler.config.global.logPoolerErrors {
-                logger.warning("\(logPrefix) pooler error: \(error.message)")
-            }
-            var out = channel.allocator.buffer(capacity: 128)
-            Wire.errorResponse(error, into: &out)
-            guard let linger = session.closingLinger else { return channel.close(promise: nil) }
-            let channel = self.channel
-            let cap = channel.eventLoop.scheduleTask(in: linger) { channel.close(promise: nil) }
-            channel.writeAndFlush(out).whenComplete { _ in
-                cap.cancel()
-                channel.close(promise: nil)
-            }
+            ClientExit(self).closeWithError()
         case .terminate:
-            closeReason = "client close request"
-            finish()
-            if flushQueued { clientFlush() }  // unflushed writes are dropped by close
-            channel.close(promise: nil)
+            ClientExit(self).terminate()
         case .forget:
-            forget()
+            ClientExit(self).forget()
         case .runAdminCommand:
             guard let command = session.adminCommand else { return }
             // A command may complete on another loop (PAUSE waits on the first).
@@ -217,23 +190,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             }
         case .countConsole(let received, let sent):
             pooler.countConsole(loop: loopIndex, received: received, sent: sent)
-        case .startTLS:
-            ClientLogin(self).startTLS()
-        case .forwardCancel(let processID, let secretKey):
-            pooler.cancel(processID: processID, secretKey: secretKey)
-            closeReason = "cancel request"
-        case .closeQuietly:
-            channel.close(promise: nil)
-        case .register:
-            ClientLogin(self).register()
-        case .lookUpSecret:
-            ClientLogin(self).lookUpSecret()
-        case .openReplicationServer:
-            pooler.openReplicationServer(for: self)
-        case .authenticated:
-            ClientLogin(self).authenticated()
-        case .joinPool:
-            ClientLogin(self).joinPool()
+        case .login(let step):
+            ClientLogin(self).carryOut(step)
         case .pauseClientReads:
             reads.hold(.session)
         case .resumeClientReads:
@@ -260,22 +218,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         session.beginRead(&buffer, statementEpoch: pooler.statementEpoch.load(ordering: .relaxed))
-        let now = NIODeadline.now()
-        guard processCatching(&buffer, now: now) else { return }
-        session.endRead(&buffer, now: now, into: &actions)
-        run()
-    }
-
-    /// Runs `process`, turning a framing error into a FATAL for the client. False when it closed.
-    func processCatching(_ buffer: inout ByteBuffer, now: NIODeadline) -> Bool {
-        do throws(WireError) {
-            try process(&buffer, now: now)
-            return true
-        } catch {
-            logger.info("client \(peer): \(error.postgresError.message)")
-            sendFatal(error.postgresError, reason: "bad packet")
-            return false
-        }
+        process(&buffer)
     }
 
     /// Called by the loop's sweeper while the session watches the clock.
@@ -309,23 +252,29 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     // MARK: Reading client bytes
 
-    func process(_ buffer: inout ByteBuffer, now: NIODeadline) throws(WireError) {
-        while try session.read(
-            &buffer, now: now, tlsOffered: pooler.security.clientTLS != nil,
-            isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
-        {
-            run()
+    /// Hands the client's bytes to the session, carrying out each login step's actions before the
+    /// next bytes are read; a framing error is a FATAL for the client.
+    func process(_ buffer: inout ByteBuffer) {
+        let now = NIODeadline.now()
+        do throws(WireError) {
+            while try session.read(
+                &buffer, now: now, tlsOffered: pooler.security.clientTLS != nil,
+                isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
+            {
+                run()
+            }
+        } catch {
+            logger.info("client \(peer): \(error.postgresError.message)")
+            return sendFatal(error.postgresError, reason: "bad packet")
         }
+        session.endRead(&buffer, now: now, into: &actions)
+        run()
     }
 
     /// Feeds bytes the client sent before the connection could read them (during a lookup or the
     /// welcome) now that it can.
     func processStash() {
-        guard var kept = session.takeKeptBytes() else { return }
-        let now = NIODeadline.now()
-        guard processCatching(&kept, now: now) else { return }
-        session.endRead(&kept, now: now, into: &actions)
-        run()
+        if var kept = session.takeKeptBytes() { process(&kept) }
     }
 
     // MARK: Pool events (called on this event loop)
@@ -353,7 +302,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             }
         }
         switch session.lent(
-            server.sessionState, now: .now(),
+            server.session.state, now: .now(),
             statementCapacity: pooler.statementCapacity.load(ordering: .relaxed),
             isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
         {
@@ -362,7 +311,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             run()
         case .parametersOnly:
             // Welcomed before the server's release (queued in `actions`) is carried out.
-            ClientLogin(self).welcome(server.parameters, fromPool: false)
+            ClientLogin(self).welcome(server.session.state.parameters, fromPool: false)
             run()
             processStash()
         case .unwanted:
@@ -373,19 +322,13 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// A notification from the pool's listener.
     func notification(_ message: ByteBuffer, channel: String) {
         let dropped = session.notification(message, channel: channel, now: .now(), into: &actions)
-        if dropped > 0 {
-            logger.warning(
-                "client \(peer) db=\(databaseName) user=\(user): closed, \(dropped) notifications left unread")
-            pooler.metrics.count(
-                "tidepool_notifications_dropped_total", [("database", databaseName), ("user", user)], by: dropped)
-        }
+        if dropped > 0 { ClientStatistics(self).notificationsDropped(dropped) }
         run()
     }
 
     func waitFailed(_ error: PoolError) {
-        guard session.state == .waiting || session.state == .awaitingWelcome else { return }
+        guard session.waitFailed(error, into: &actions) else { return }
         logger.warning("client \(peer) db=\(databaseName) user=\(user): \(error.postgresError.message)")
-        session.waitFailed(error, into: &actions)
         run()
     }
 
@@ -394,16 +337,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         guard sender === server else { return }
         session.serverBytes(data, now: .now(), into: &actions)
         run()
-    }
-
-    /// Adds this client's counters to its database's totals.
-    func handInTraffic() {
-        let traffic = session.takeTraffic()
-        guard !traffic.isZero else { return }
-        if trafficCell?.database != databaseName {
-            trafficCell = pooler.trafficCell(loop: loopIndex, database: databaseName)
-        }
-        trafficCell!.add(traffic)
     }
 
     // MARK: Closing
@@ -420,15 +353,5 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         session.finish(
             serverResetQuery: global.serverResetQuery, resetAlways: global.serverResetQueryAlways, into: &actions)
         run()
-    }
-
-    /// Forgets the client everywhere, once, when the session closes.
-    func forget() {
-        if registration.pool != nil { handInTraffic() }
-        pooler.forget(self)
-        if id != nil, pooler.config.global.logDisconnections {
-            let age = Double((NIODeadline.now() - connectedAt).nanoseconds) / 1e9
-            logger.info("\(logPrefix) \(LogWords.closing(because: closeReason, ageSeconds: Int(age)))")
-        }
     }
 }

@@ -9,8 +9,9 @@ import TidepoolCore
 /// One connection from the pooler to PostgreSQL. It logs in, then either sits idle in the pool
 /// or is linked to one client, to which it passes every byte it reads.
 ///
-/// Threading: all mutable state is touched on `eventLoop` only, except `parameters`, which only the
-/// linked client touches (the hand-over through the event loops orders those accesses).
+/// Threading: all mutable state is touched on `eventLoop` only, except `session.state` (the
+/// backend's parameters and prepared statements), which only the linked client's session reads and
+/// updates (the hand-over through the event loops orders those accesses).
 final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
@@ -30,7 +31,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     var context: ChannelHandlerContext?
     /// The connection's life outside a lend: login, the pooler's own queries, idle time.
     var session: ServerSession
-    var phase: ServerSession.Phase { session.phase }
     var inbound = KeptBytes()
     var scanner = MessageScanner()
     var owner: ClientConnection?
@@ -39,8 +39,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// (queued from another loop behind a newer lend) changes nothing.
     var leasesIssued: UInt64 = 0
     var leases = LeaseTracker()
-    /// More StartupMessage parameters (a replication connection's `replication`, its client's).
-    var extraStartup: [(String, String)] = []
     /// A driver other than the pooler (a replication connection's), kept alive by its server:
     /// `pools` does not retain it.
     var ownDriver: (any PoolDriving)?
@@ -49,13 +47,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     let database: DatabaseEntry?
 
     let connectedAtWallClock = Date().timeIntervalSince1970
-    /// The parameters and prepared statements this backend has; the linked client's session
-    /// reads and updates them.
-    var sessionState: ServerSessionState { session.state }
-    /// ParameterStatus values as this backend last reported them.
-    var parameters: [String: String] { sessionState.parameters }
-    var processID: Int32 { session.processID }
-    var secretKey: Int32 { session.secretKey }
 
     /// The index of the server's event loop in the pooler's table.
     let loopIndex: Int
@@ -69,9 +60,11 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Bytes a client on another loop handed here to be written, not written yet.
     let fromClient: HandOff
 
+    /// `startup`: more StartupMessage parameters (a replication connection's `replication`, its
+    /// client's).
     init(
         id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int, host: String? = nil,
-        driver: (any PoolDriving)? = nil
+        driver: (any PoolDriving)? = nil, startup: [(String, String)] = []
     ) {
         self.id = id
         self.loopIndex = loopIndex
@@ -79,20 +72,19 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         self.pooler = pooler
         self.pools = driver ?? pooler
         self.database = database
+        let user = database?.user ?? pool.user
         self.session = ServerSession(
             state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
-            connectQuery: database?.connectQuery, targetSessionAttrs: database?.targetSessionAttrs ?? .any)
+            connectQuery: database?.connectQuery, targetSessionAttrs: database?.targetSessionAttrs ?? .any,
+            login: database.map {
+                ServerLoginStateMachine(
+                    database: $0, user: user, secret: pooler.serverSecret(user: user, database: $0), extra: startup)
+            })
         self.address = Address(database, host: host)
         self.host = host
         let limit = pooler.config.global.maxBufferedBytes
         toClient = HandOff(limit: limit)
         fromClient = HandOff(limit: limit)
-    }
-
-    static func placeholder(
-        id: ServerID, pool: PoolKey, pooler: Pooler, driver: (any PoolDriving)? = nil
-    ) -> ServerConnection {
-        ServerConnection(id: id, pool: pool, database: nil, pooler: pooler, loopIndex: 0, driver: driver)
     }
 
     /// The address a TCP connection reached, for the DNS cache to tell which servers went to an
@@ -103,17 +95,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// The server's event loop, known before its channel exists. Other threads use this, never
     /// `channel`, which is set on that loop.
     var eventLoop: EventLoop { pooler.loops[loopIndex] }
-
-    /// `S-<id>: db/user@host:port`, as PgBouncer starts a server's log lines.
-    var logPrefix: String {
-        let remote: String =
-            switch address {
-            case .tcp(let host, let port): "\(host):\(port)"
-            case .unix(let path): path
-            }
-        return LogWords.connection(
-            "S", id: "\(id.raw)", database: pool.database, user: database?.user ?? pool.user, address: remote)
-    }
 
     // MARK: Login
 
@@ -165,27 +146,16 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
-    /// Runs server_check_query before the server is lent (pre-ping).
-    func check(_ sql: String) {
-        onLoop {
-            guard self.context != nil else {
-                self.pools.checkFinished(self, ok: false)
-                return
-            }
-            self.run(self.session.check(sql))
-        }
+    /// A command of the pool's or the listener's, from any loop.
+    func command(_ command: ServerSession.Command) {
+        onLoop { self.run(self.session.command(command)) }
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        guard let database else { return }
         if case .tcp = address, let ip = context.channel.remoteAddress?.ipAddress {
             remoteIPBox.withLockedValue { $0 = ip }
         }
-        let user = database.user ?? pool.user
-        let login = ServerLoginStateMachine(
-            database: database, user: user, secret: pooler.serverSecret(user: user, database: database),
-            extra: extraStartup)
-        run(session.connected(login))
+        run(session.connected())
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -231,13 +201,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         guard let owner else { return }
-        let writable = context.channel.isWritable
-        let lease = leases.current
-        if owner.loopIndex == loopIndex {
-            owner.deliver(.serverWritable(writable), from: self, lease: lease)
-        } else {
-            owner.eventLoop.execute { owner.deliver(.serverWritable(writable), from: self, lease: lease) }
-        }
+        let (writable, lease) = (context.channel.isWritable, leases.current)
+        owner.onLoop { owner.deliver(.serverWritable(writable), from: self, lease: lease) }
     }
 
     func read(context: ChannelHandlerContext) { reads.read(context) }
@@ -279,7 +244,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     private func attachOnLoop(_ client: ClientConnection, lease: UInt64) {
-        if case .closed = phase {
+        if case .closed = session.phase {
             // It died between being lent and being linked: nobody else will tell the client.
             client.onLoop { client.deliver(.serverLost(unused: true), from: self) }
         } else if leases.attach(lease) {
@@ -333,33 +298,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         } else if let channel {
             for b in buffers { channel.write(b, promise: nil) }
             channel.flush()
-        }
-    }
-
-    /// A pool's listener: runs `sql` (its answers go to the listener, `ServerSession.listens`).
-    func sendQuery(_ sql: String) {
-        onLoop {
-            guard let context = self.context, case .ready = self.phase else { return }
-            var out = context.channel.allocator.buffer(capacity: sql.utf8.count + 6)
-            Wire.query(sql, into: &out)
-            context.writeAndFlush(self.wrapOutboundOut(out), promise: nil)
-        }
-    }
-
-    /// Session mode: clean the server with the reset query before it goes back to the pool.
-    func resetAndRelease(_ sql: String) {
-        onLoop {
-            guard self.context != nil else { return }
-            self.owner = nil
-            self.run(self.session.reset(sql))
-        }
-    }
-
-    /// Closes the connection politely (Terminate) because the pool no longer wants it.
-    func terminate() {
-        onLoop {
-            guard self.channel != nil else { return }
-            self.run(self.session.terminate())
         }
     }
 

@@ -13,6 +13,21 @@ struct ClientLogin {
 
     init(_ client: ClientConnection) { self.client = client }
 
+    func carryOut(_ step: ClientSession.LoginStep) {
+        switch step {
+        case .startTLS: startTLS()
+        case .register: register()
+        case .lookUpSecret: lookUpSecret()
+        case .authenticated: authenticated()
+        case .joinPool: joinPool()
+        case .openReplicationServer: pooler.openReplicationServer(for: client)
+        case .forwardCancel(let processID, let secretKey):
+            pooler.cancel(processID: processID, secretKey: secretKey)
+            client.closeReason = "cancel request"
+        case .closeQuietly: client.channel.close(promise: nil)
+        }
+    }
+
     /// Answers SSLRequest with 'S' and puts the TLS handler in front of the client's; its next
     /// bytes are its TLS handshake.
     func startTLS() {
@@ -133,7 +148,8 @@ struct ClientLogin {
         let wanted = client.session.wanted
         let make = { ClientSession.Welcome(serverParameters: serverParameters, wanted: wanted) }
         let welcome =
-            fromPool ? pooler.welcome(for: client.poolKey!, values: client.session.$wanted, make: make) : make()
+            fromPool
+            ? pooler.welcome(for: client.registration.pool!, values: client.session.$wanted, make: make) : make()
         client.session.welcome(
             welcome, cancelKey: issueCancelKey(), notice: pooler.config.global.loginNotifyMessage, now: .now(),
             into: &client.actions)
@@ -142,13 +158,13 @@ struct ClientLogin {
     /// The replication connection's own server logged in.
     func replicationServerReady(_ server: ServerConnection) {
         guard client.session.state == .awaitingWelcome else {
-            server.terminate()
+            server.command(.terminate)
             return
         }
         client.server = server
         client.lease = 1
         server.attach(client, lease: 1)
-        client.session.passThroughStarted(server.sessionState, cancelKey: issueCancelKey(), into: &client.actions)
+        client.session.passThroughStarted(server.session.state, cancelKey: issueCancelKey(), into: &client.actions)
         client.run()
     }
 

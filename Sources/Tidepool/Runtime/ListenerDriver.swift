@@ -63,13 +63,13 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
                 open()
             case .send(let sql):
                 commandError = nil
-                connection?.sendQuery(sql)
+                connection?.command(.listenerQuery(sql))
             case .confirm(let clients):
                 pooler.listenConfirmed(clients)
             case .close:
                 if let connection {
                     self.connection = nil
-                    connection.terminate()
+                    connection.command(.terminate)
                     releaseSlot()
                 }
             case .armTimer(let at):

@@ -61,7 +61,7 @@ extension Pooler {
         let now = NIODeadline.now()
         let loop = client.loopIndex
         let id = client.id!
-        let key = client.poolKey!
+        let key = client.registration.pool!
         withPoolBuffer { pools, actions in
             if !pools.hasPool(key) {
                 // Not reached (a client joins its pool at login); made from the current config if so.
@@ -97,7 +97,7 @@ extension Pooler {
     func serverLoggedIn(_ server: ServerConnection) {
         let now = NIODeadline.now()
         withShared { s in
-            if s.welcome[server.pool] == nil { s.welcome[server.pool] = server.parameters }
+            if s.welcome[server.pool] == nil { s.welcome[server.pool] = server.session.state.parameters }
             return s.pools.serverConnected(server.id, now: now)
         }
     }
@@ -246,7 +246,7 @@ extension Pooler {
         case .connect(let serverID, let key, let loop):
             connect(serverID, pool: key, loop: loop)
         case .close:
-            item.server?.terminate()
+            item.server?.command(.terminate)
         case .failClient(_, let error):
             let client = item.client
             client?.onLoop { client?.waitFailed(error) }
@@ -260,7 +260,7 @@ extension Pooler {
             logger.info("pool \(key): freed, unused for pool_idle_timeout / autodb_idle_timeout")
         case .check(let serverID, _):
             if let server = item.server {
-                server.check(config.global.serverCheckQuery)
+                server.command(.check(config.global.serverCheckQuery))
             } else {
                 let now = NIODeadline.now()
                 withPool { $0.serverCheckFailed(serverID, now: now) }

@@ -40,9 +40,12 @@ extension Pooler {
         return pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
     }
 
-    /// A client of pool `key` started (or stopped) keeping its server for session state. While
+    /// A client of a pool started (or stopped) keeping its server for session state. While
     /// pinned clients hold every server of the pool, a warning is logged once a minute.
-    func pinChanged(_ key: PoolKey, pinned: Bool, reason: PinReason?) {
+    func pinChanged(_ client: ClientConnection, pinned: Bool) {
+        guard let key = client.registration.pool, pinned != client.registration.pinned else { return }
+        client.registration.pinned = pinned
+        let reason = client.session.sessionState?.pinReason
         let now = NIODeadline.now()
         let poolSize = config.database(named: key.database).map { config.poolSize(database: $0, user: key.user) }
         let warn = shared.withLockedValue { $0.registry.pinChanged(key, pinned: pinned, poolSize: poolSize, now: now) }
@@ -60,13 +63,13 @@ extension Pooler {
     /// Undoes, once, everything `client` was counted under: the registry, its pool's pinned
     /// clients and listener, the console, the clock.
     func forget(_ client: ClientConnection) {
+        pinChanged(client, pinned: false)
         let r = client.registration
         client.registration = ClientRegistration()
         if r.listens, let id = client.id, let pool = r.pool {
             listener(for: pool, loop: client.loopIndex).clientGone(id)
         }
         loopClients[client.loopIndex].clients[ObjectIdentifier(client)] = nil
-        if r.pinned, let pool = r.pool { pinChanged(pool, pinned: false, reason: nil) }
         let id = client.id
         shared.withLockedValue { s in
             if r.inConsole { s.registry.consoleLeft() }

@@ -163,10 +163,6 @@ public final class Pooler: @unchecked Sendable {
         for part in g.listenAddr.split(separator: ",").map({ $0.trimmingWhitespace() }) where !part.isEmpty {
             if part == "*" { addresses += ["0.0.0.0", "::"] } else { addresses.append(part) }
         }
-        for address in addresses {
-            try listenTCP(host: address, port: g.listenPort, shared: g.soReuseport)
-            logger.info("listening on \(address):\(g.listenPort)")
-        }
         if !g.unixSocketDir.isEmpty {
             let path = "\(g.unixSocketDir)/.s.PGSQL.\(g.listenPort)"
             let channel = try makeServerBootstrap(tcp: false).bind(
@@ -186,6 +182,11 @@ public final class Pooler: @unchecked Sendable {
             }
             listeners.append(channel)
             logger.info("listening on unix:\(path)")
+        }
+        // TCP last: once its port accepts, the Unix socket is there too, with its mode and group.
+        for address in addresses {
+            try listenTCP(host: address, port: g.listenPort, shared: g.soReuseport)
+            logger.info("listening on \(address):\(g.listenPort)")
         }
         let period = TimeAmount.milliseconds(100)
         janitor = loops[0].scheduleRepeatedTask(initialDelay: period, delay: period) { [weak self] _ in
@@ -232,7 +233,7 @@ public final class Pooler: @unchecked Sendable {
             closing.append(client.channel.closeFuture)
         }
         for server in servers {
-            server.terminate()
+            server.command(.terminate)
             let loop = server.eventLoop  // the channel is read on its own loop
             closing.append(loop.flatSubmit { server.channel?.closeFuture ?? loop.makeSucceededVoidFuture() })
         }

@@ -37,7 +37,7 @@ final class ReplicationDriver: PoolDriving, @unchecked Sendable {
 
     /// The client is done: its server is closed, never pooled.
     func release(_ server: ServerConnection, reusable: Bool) {
-        server.terminate()
+        server.command(.terminate)
         releaseSlot()
     }
 

@@ -20,6 +20,17 @@ extension ServerConnection {
 
     }
 
+    /// `S-<id>: db/user@host:port`, as PgBouncer starts a server's log lines.
+    var logPrefix: String {
+        let remote: String =
+            switch address {
+            case .tcp(let host, let port): "\(host):\(port)"
+            case .unix(let path): path
+            }
+        return LogWords.connection(
+            "S", id: "\(id.raw)", database: pool.database, user: database?.user ?? pool.user, address: remote)
+    }
+
     struct CancelTarget: Sendable {
         var address: Address
         var processID: Int32
@@ -31,7 +42,7 @@ extension ServerConnection {
         // The address this server is at: its host name may point elsewhere by now.
         var target = address
         if case .tcp(_, let port) = address, let ip = remoteIP { target = .tcp(host: ip, port: port) }
-        return CancelTarget(address: target, processID: processID, secretKey: secretKey)
+        return CancelTarget(address: target, processID: session.processID, secretKey: session.secretKey)
     }
 }
 

@@ -18,7 +18,8 @@ extension Pooler {
         startup: [(String, String)] = []
     ) -> ServerConnection {
         guard let database = config.database(named: key.database) else {
-            let placeholder = ServerConnection.placeholder(id: id, pool: key, pooler: self, driver: driver)
+            let placeholder = ServerConnection(
+                id: id, pool: key, database: nil, pooler: self, loopIndex: 0, driver: driver)
             driver.serverConnectFailed(
                 placeholder,
                 error: .fatal(SQLState.invalidCatalogName, "database \"\(key.database)\" is not configured"))
@@ -39,9 +40,8 @@ extension Pooler {
             } : nil
         let server = ServerConnection(
             id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count, host: host,
-            driver: driver)
+            driver: driver, startup: startup)
         server.session.listens = listens
-        server.extraStartup = startup
         if driver !== self { server.ownDriver = driver }
         if driver === self { shared.withLockedValue { $0.servers[id] = server } }
         let g = config.global

@@ -130,11 +130,14 @@ extension ClientSession {
     }
 
     /// The pool could not lend a server (query_wait_timeout, pool closed, server login refused).
-    public mutating func waitFailed(_ error: PoolError, into actions: inout Actions) {
-        guard state == .waiting || state == .awaitingWelcome else { return }
+    /// True when it closed the client (one still waiting, or logging in).
+    @discardableResult
+    public mutating func waitFailed(_ error: PoolError, into actions: inout Actions) -> Bool {
+        guard state == .waiting || state == .awaitingWelcome else { return false }
         var e = error.postgresError
         e.severity = "FATAL"
         close(e, reason: e.message, into: &actions)
+        return true
     }
 
     /// server_fast_close (session pooling): the server this session holds must be replaced

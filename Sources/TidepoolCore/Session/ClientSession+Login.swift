@@ -119,7 +119,7 @@ extension ClientSession {
             }
             tls = true
             tlsHandshaking = true
-            actions.append(.startTLS)
+            actions.append(.login(.startTLS))
         case .sslRequest, .gssEncRequest:
             var no = ByteBufferAllocator().buffer(capacity: 1)
             no.writeInteger(MessageType.encryptionRefused)
@@ -127,8 +127,8 @@ extension ClientSession {
             actions.append(.flushClient)
         case .cancel(let processID, let secretKey):
             state = .closed
-            actions.append(.forwardCancel(processID: processID, secretKey: secretKey))
-            actions.append(.closeQuietly)
+            actions.append(.login(.forwardCancel(processID: processID, secretKey: secretKey)))
+            actions.append(.login(.closeQuietly))
         case .startup(let minor, let parameters, let unrecognized):
             guard let user = parameters["user"], !user.isEmpty else {
                 close(
@@ -139,7 +139,7 @@ extension ClientSession {
             self.user = user
             database = parameters["database"].flatMap { $0.isEmpty ? nil : $0 } ?? user
             startup = Startup(minor: minor, parameters: parameters, unrecognized: unrecognized)
-            actions.append(.register)
+            actions.append(.login(.register))
         }
     }
 
@@ -200,7 +200,7 @@ extension ClientSession {
         case .success((let method, .lookUp)):
             authMethod = method
             state = .lookingUpSecret
-            actions.append(.lookUpSecret)
+            actions.append(.login(.lookUpSecret))
         }
     }
 
@@ -248,9 +248,9 @@ extension ClientSession {
         case .send(let out):
             write(out, into: &actions)
             actions.append(.flushClient)
-            if auth!.isAuthenticated { actions.append(.authenticated) }
+            if auth!.isAuthenticated { actions.append(.login(.authenticated)) }
         case .authenticated:
-            actions.append(.authenticated)
+            actions.append(.login(.authenticated))
         case .fail(let error):
             close(error, reason: "authentication failed", into: &actions)
         }
@@ -302,10 +302,10 @@ extension ClientSession {
             if replication != nil {
                 // Unpooled: a server of its own, then every byte passes through.
                 state = .awaitingWelcome
-                actions.append(.openReplicationServer)
+                actions.append(.login(.openReplicationServer))
                 return
             }
-            actions.append(.joinPool)
+            actions.append(.login(.joinPool))
         }
     }
 

@@ -105,13 +105,22 @@ public struct ClientSession {
         /// Count an admin console exchange in the console's traffic (SHOW STATS' pgbouncer row).
         case countConsole(received: Int, sent: Int)
 
-        // Login.
+        /// A step of the login the runtime carries out (its registries, lookups, TLS).
+        case login(LoginStep)
+
+        // Flow control (`ClientSession+FlowControl.swift`).
+        /// Stop reading the client until `resumeClientReads`.
+        case pauseClientReads
+        case resumeClientReads
+        /// Stop reading the linked server until `resumeServerReads` or the unlink.
+        case pauseServerReads
+        case resumeServerReads
+    }
+
+    /// What a login needs of the runtime; each step but the last two answers with an event.
+    public enum LoginStep: Equatable, Sendable {
         /// Answer SSLRequest with 'S' and start the TLS handshake.
         case startTLS
-        /// A CancelRequest: pass it on to the backend of the client with this key.
-        case forwardCancel(processID: Int32, secretKey: Int32)
-        /// Close without a word (after a CancelRequest).
-        case closeQuietly
         /// Register the client (max_client_conn, per-address limits), then call `registered`.
         case register
         /// Look the user's secret up with auth_query, then call `secretLookedUp`.
@@ -123,14 +132,10 @@ public struct ClientSession {
         /// A replication connection: open a server connection of its own (with the client's
         /// `replication` and other startup parameters), then call `passThroughStarted`.
         case openReplicationServer
-
-        // Flow control (`ClientSession+FlowControl.swift`).
-        /// Stop reading the client until `resumeClientReads`.
-        case pauseClientReads
-        case resumeClientReads
-        /// Stop reading the linked server until `resumeServerReads` or the unlink.
-        case pauseServerReads
-        case resumeServerReads
+        /// A CancelRequest: pass it on to the backend of the client with this key.
+        case forwardCancel(processID: Int32, secretKey: Int32)
+        /// Close without a word (after a CancelRequest).
+        case closeQuietly
     }
 
     public internal(set) var state = State.startup

@@ -73,8 +73,13 @@ public struct ServerSession: Sendable {
         case handshake(String)
     }
 
-    public init(state: ServerSessionState, connectQuery: String?, targetSessionAttrs: TargetSessionAttrs = .any) {
+    /// `login`: how the server will be logged in to, once its connection opens (`connected`).
+    public init(
+        state: ServerSessionState, connectQuery: String?, targetSessionAttrs: TargetSessionAttrs = .any,
+        login: ServerLoginStateMachine? = nil
+    ) {
         self.state = state
+        self.login = login
         self.connectQuery = connectQuery.flatMap { $0.isEmpty ? nil : $0 }
         self.targetSessionAttrs = targetSessionAttrs
     }
@@ -88,8 +93,9 @@ public struct ServerSession: Sendable {
         return [.disarmTimeout, .connectFailed(.fatal(SQLState.cannotConnectNow, mismatch)), .close]
     }
 
-    /// The connection is open: the login starts.
-    public mutating func connected(_ login: ServerLoginStateMachine) -> [Action] {
+    /// The connection is open: the login starts (`login`, else the one given at init).
+    public mutating func connected(_ login: ServerLoginStateMachine? = nil) -> [Action] {
+        guard let login = login ?? self.login else { return fail(.fatal(SQLState.connectionFailure, "no login")) }
         self.login = login
         phase = .loggingIn
         return [.send(login.startupMessage(allocator: ByteBufferAllocator())), .armTimeout]
@@ -181,6 +187,32 @@ public struct ServerSession: Sendable {
         var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 6)
         Wire.query(sql, into: &out)
         return [.send(out), .armTimeout]
+    }
+
+    /// What the pool (or a pool's listener) asks of a server, from any loop.
+    public enum Command: Sendable, Equatable {
+        /// server_check_query before the server is lent (pre-ping).
+        case check(String)
+        /// Session mode: clean the server with this query, then back to the pool.
+        case reset(String)
+        /// A pool's listener: run this query; its answers go to the listener (`listens`).
+        case listenerQuery(String)
+        /// The pool no longer wants the connection.
+        case terminate
+    }
+
+    /// A command, carried out on the server's loop.
+    public mutating func command(_ command: Command) -> [Action] {
+        switch command {
+        case .check(let sql): return check(sql)
+        case .reset(let sql): return reset(sql)
+        case .terminate: return terminate()
+        case .listenerQuery(let sql):
+            guard phase == .ready, listens else { return [] }
+            var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 6)
+            Wire.query(sql, into: &out)
+            return [.send(out)]
+        }
     }
 
     /// server_check_query before the server is lent (pre-ping).
