@@ -206,7 +206,7 @@ extension Pooler {
                     uptimeSeconds: Int(Date().timeIntervalSince(startedAt))))
         case "MEM":
             let servers = shared.withLockedValue { $0.servers.count }
-            let known = knownStatements.withLockedValue { $0.count }
+            let known = statements.knownCount
             let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
             let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
             let rss = (statm.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0) * pageSize
@@ -238,7 +238,7 @@ extension Pooler {
         case "DNS_ZONES":
             return loop.makeSucceededFuture(AdminViews.dnsZones(dnsCache))
         case "LATENCY":
-            let books = loops.enumerated().map { index, l in l.submit { [self] in loopLatency[index].book } }
+            let books = loops.enumerated().map { index, l in l.submit { [self] in poolerLoops[index].latency.book } }
             return EventLoopFuture.whenAllSucceed(books, on: loop).map { books in
                 var merged = LatencyBook()
                 for book in books { merged.merge(book) }
@@ -263,7 +263,7 @@ extension Pooler {
 
     /// Cancel requests in flight to each peer and queued for it.
     func peerCancelCounts() -> [Int: (sending: Int, queued: Int)] {
-        shared.withLockedValue { $0.peerCancels.peers.mapValues { ($0.sending, $0.queued.count) } }
+        cancels.peerCounts
     }
 
     /// Every client as SHOW CLIENTS lists it, each asked on its own loop.

@@ -15,13 +15,16 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
-    /// goes), and a checked unowned reference cost an atomic retain and release per use.
-    unowned(unsafe) let pooler: Pooler
+    /// Held strongly: the pooler lets go of the client when it forgets it (`Pooler.forget`).
+    let pooler: Pooler
     /// The pools, reached only through what `PoolDriving` offers.
-    unowned(unsafe) let pools: any PoolDriving
+    let pools: any PoolDriving
+    /// The client's event loop and what the pooler keeps for it (the turn flusher, the clock).
+    let loop: PoolerLoop
+    /// Prepared statements' names, epoch and capacity, shared with the other clients.
+    let statements: SharedStatements
     let channel: Channel
-    let loopIndex: Int
+    var loopIndex: Int { loop.index }
     var session: ClientSession
     /// What the session decided and the connection has not carried out yet; reused.
     var actions = ClientSession.Actions()
@@ -53,7 +56,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         self.pooler = pooler
         self.pools = pools ?? pooler
         self.channel = channel
-        self.loopIndex = loopIndex
+        self.loop = pooler.poolerLoops[loopIndex]
+        self.statements = pooler.statements
         let global = pooler.config.global
         self.session = ClientSession(maxMessageLength: global.maxPacketSize, bufferLimit: global.maxBufferedBytes)
     }
@@ -77,7 +81,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var logger: Logger { pooler.logger }
     /// The client's event loop, found without touching its channel (a cold object when a server
     /// is handed over among thousands of clients).
-    var eventLoop: EventLoop { pooler.loops[loopIndex] }
+    var eventLoop: EventLoop { loop.eventLoop }
     var peer: String { channel.remoteAddress.map { "\($0)" } ?? "unix" }
 
     /// `C-<id>: db/user@address:port`, as PgBouncer starts a client's log lines.
@@ -124,11 +128,11 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             session.toServer.removeAll(keepingCapacity: true)
         case .writeServerBytes(let start, let length):
             clientWrite(session.serverBuffer!.getSlice(at: start, length: length)!)
-            pooler.loopFlushers[loopIndex].add(self)
+            loop.flusher.add(self)
         case .writeToClient:
             clientWrite(session.toClient[nextClientWrite])
             nextClientWrite += 1
-            pooler.loopFlushers[loopIndex].add(self)
+            loop.flusher.add(self)
         case .flushClient:
             clientFlush()
         case .requestServer:
@@ -152,16 +156,16 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             session.listenChanges = ChannelChanges()
         case .cancelServerQuery(let reportBack):
             guard let server else { return }
-            let sent = pooler.sendCancel(to: server.cancelTarget)
+            let sent = pooler.cancels.send(to: server.cancelTarget)
             if reportBack {
                 sent.whenComplete { _ in self.onLoop { self.deliver(.cancelFinished) } }
             }
         case .watchClock:
-            pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = self
+            loop.clockWatchers[ObjectIdentifier(self)] = self
         case .unwatchClock:
-            pooler.loopClients[loopIndex].clients[ObjectIdentifier(self)] = nil
+            loop.clockWatchers[ObjectIdentifier(self)] = nil
         case .statementsAccepted:
-            pooler.statementsAccepted(session.accepted)
+            statements.accepted(session.accepted)
             session.accepted.removeAll()
         case .statementsStale:
             ClientStatistics(self).statementsStale()
@@ -217,7 +221,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
-        session.beginRead(&buffer, statementEpoch: pooler.statementEpoch.load(ordering: .relaxed))
+        session.beginRead(&buffer, statementEpoch: statements.epoch.load(ordering: .relaxed))
         process(&buffer)
     }
 
@@ -259,7 +263,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         do throws(WireError) {
             while try session.read(
                 &buffer, now: now, tlsOffered: pooler.security.clientTLS != nil,
-                isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
+                isKnownStatement: { statements.isKnown($0) }, into: &actions)
             {
                 run()
             }
@@ -303,8 +307,8 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
         switch session.lent(
             server.session.state, now: .now(),
-            statementCapacity: pooler.statementCapacity.load(ordering: .relaxed),
-            isKnownStatement: { pooler.isKnownStatement($0) }, into: &actions)
+            statementCapacity: statements.capacity.load(ordering: .relaxed),
+            isKnownStatement: { statements.isKnown($0) }, into: &actions)
         {
         case .linked:
             server.attach(self, lease: lease)

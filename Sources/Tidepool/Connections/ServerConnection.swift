@@ -22,11 +22,13 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     let address: Address
     /// The host of the database's host list it went to (load_balance_hosts).
     let host: String?
-    /// unowned(unsafe): the pooler outlives every connection (it stops its event loops before it
-    /// goes), and a checked unowned reference cost an atomic retain and release per use.
-    unowned(unsafe) let pooler: Pooler
-    /// The pools, told what became of this connection only through `PoolDriving`.
-    unowned(unsafe) let pools: any PoolDriving
+    /// Held strongly: the pooler lets go of the server when it closes (`serverClosed`).
+    let pooler: Pooler
+    /// The pools (or a replication connection's or listener's driver), told what became of this
+    /// connection only through `PoolDriving`.
+    let pools: any PoolDriving
+    /// The server's event loop and what the pooler keeps for it (the turn flusher).
+    let loop: PoolerLoop
     private(set) var channel: Channel?
     var context: ChannelHandlerContext?
     /// The connection's life outside a lend: login, the pooler's own queries, idle time.
@@ -39,9 +41,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// (queued from another loop behind a newer lend) changes nothing.
     var leasesIssued: UInt64 = 0
     var leases = LeaseTracker()
-    /// A driver other than the pooler (a replication connection's), kept alive by its server:
-    /// `pools` does not retain it.
-    var ownDriver: (any PoolDriving)?
     /// server_connect_timeout for the login or a query of the pooler's own.
     var timeout: Scheduled<Void>?
     let database: DatabaseEntry?
@@ -49,7 +48,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     let connectedAtWallClock = Date().timeIntervalSince1970
 
     /// The index of the server's event loop in the pooler's table.
-    let loopIndex: Int
+    var loopIndex: Int { loop.index }
     /// Waiting in its loop's `TurnFlusher`.
     var flushQueued = false
     /// Held while the linked client's session paused reading this server, or while too much
@@ -67,7 +66,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         driver: (any PoolDriving)? = nil, startup: [(String, String)] = []
     ) {
         self.id = id
-        self.loopIndex = loopIndex
+        self.loop = pooler.poolerLoops[loopIndex]
         self.pool = pool
         self.pooler = pooler
         self.pools = driver ?? pooler
@@ -94,7 +93,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// The server's event loop, known before its channel exists. Other threads use this, never
     /// `channel`, which is set on that loop.
-    var eventLoop: EventLoop { pooler.loops[loopIndex] }
+    var eventLoop: EventLoop { loop.eventLoop }
 
     // MARK: Login
 
@@ -294,7 +293,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         if let context {
             for b in buffers { context.write(NIOAny(b), promise: nil) }
             session.wroteClientBytes()
-            pooler.loopFlushers[loopIndex].add(self)
+            loop.flusher.add(self)
         } else if let channel {
             for b in buffers { channel.write(b, promise: nil) }
             channel.flush()

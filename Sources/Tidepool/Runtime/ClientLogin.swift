@@ -22,7 +22,7 @@ struct ClientLogin {
         case .joinPool: joinPool()
         case .openReplicationServer: pooler.openReplicationServer(for: client)
         case .forwardCancel(let processID, let secretKey):
-            pooler.cancel(processID: processID, secretKey: secretKey)
+            pooler.cancels.received(processID: processID, secretKey: secretKey)
             client.closeReason = "cancel request"
         case .closeQuietly: client.channel.close(promise: nil)
         }
@@ -130,7 +130,7 @@ struct ClientLogin {
             return
         }
         if config.global.statsListenPort > 0 { client.timers = pooler.metrics.timers(for: name) }
-        client.session.latency = pooler.loopLatency[client.loopIndex].recorder(for: name)
+        client.session.latency = client.loop.latency.recorder(for: name)
         client.session.reportsTimings = client.timers != nil
         let key = PoolKey(database: name, entry: entry, loginUser: client.session.user)
         pooler.joinPool(key, database: entry)

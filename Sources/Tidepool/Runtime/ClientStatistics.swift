@@ -29,7 +29,7 @@ struct ClientStatistics {
 
     /// A server found a prepared statement's plan stale: every client parses its statements again.
     func statementsStale() {
-        let epoch = pooler.statementEpoch.add(1, ordering: .relaxed).newValue
+        let epoch = client.statements.planWentStale()
         client.session.statementEpoch = epoch
         pooler.logger.info(
             "a server found a prepared statement's plan stale: statements are parsed again (epoch \(epoch))")

@@ -10,7 +10,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     let key: PoolKey
     let loop: EventLoop
     let loopIndex: Int
-    unowned(unsafe) let pooler: Pooler
+    unowned let pooler: Pooler
     var machine = ChannelListener()
     /// The connection the machine speaks of; callbacks of an older one are ignored.
     var connection: ServerConnection?

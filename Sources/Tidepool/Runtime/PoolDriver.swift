@@ -141,7 +141,7 @@ extension Pooler {
             statsPeriodStart = now
             let book = trafficBook(endingPeriodAfter: Double(elapsed.nanoseconds) / 1e9)
             for (index, loop) in loops.enumerated() {
-                let latency = loopLatency[index]
+                let latency = poolerLoops[index].latency
                 loop.execute { for recorder in latency.recorders.values { recorder.endPeriod() } }
             }
             if config.global.logStats { logStats(book) }

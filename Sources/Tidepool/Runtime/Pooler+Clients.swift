@@ -69,7 +69,7 @@ extension Pooler {
         if r.listens, let id = client.id, let pool = r.pool {
             listener(for: pool, loop: client.loopIndex).clientGone(id)
         }
-        loopClients[client.loopIndex].clients[ObjectIdentifier(client)] = nil
+        client.loop.clockWatchers[ObjectIdentifier(client)] = nil
         let id = client.id
         shared.withLockedValue { s in
             if r.inConsole { s.registry.consoleLeft() }
@@ -80,71 +80,12 @@ extension Pooler {
         }
     }
 
-    /// Passes a CancelRequest on to the backend the client is using right now, if any, or to the
-    /// peer process that issued the key.
-    func cancel(processID received: Int32, secretKey: Int32) {
-        let config = self.config
-        let processID: Int32
-        switch Peering.route(processID: received, ownPeerID: config.global.peerID, peers: config.peers.keys) {
-        case .local(let id): processID = id
-        case .forward(let peer, let id):
-            return forwardCancel(processID: id, secretKey: secretKey, to: config.peers[peer]!)
-        case .unknownPeer(let peer):
-            logger.warning("cancel request for peer \(peer), which is not in [peers]: ignored")
-            return
-        }
-        let key = ClientRegistry<ClientConnection>.CancelKey(processID: processID, secretKey: secretKey)
-        let client = shared.withLockedValue { $0.registry.client(cancelKey: key) }
-        guard let client else {
-            logger.debug("cancel request with an unknown key ignored")
-            return
-        }
-        client.onLoop { client.deliver(.cancelRequested) }
-    }
-
-    /// Sends a CancelRequest on a new connection; completes when PostgreSQL has closed that
-    /// connection (it has then acted on the request) or after server_connect_timeout.
-    @discardableResult
-    func sendCancel(to target: ServerConnection.CancelTarget) -> EventLoopFuture<Void> {
-        var buffer = ByteBufferAllocator().buffer(capacity: 16)
-        Wire.cancelRequest(processID: target.processID, secretKey: target.secretKey, into: &buffer)
-        let packet = buffer
-        let timeout = config.global.serverConnectTimeout
-        let loop = group.next()
-        let connecting = connect(ClientBootstrap(group: loop).connectTimeout(timeout), to: target.address, on: loop)
-        return connecting.flatMap { channel in
-            channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
-            return channel.writeAndFlush(packet).flatMap { channel.closeFuture }
-        }
-    }
-
-    /// Passes a cancel request on to the peer that issued its key, within the peer's pool_size.
-    func forwardCancel(processID: Int32, secretKey: Int32, to peer: PeerEntry) {
-        let target = ServerConnection.CancelTarget(
-            address: ServerConnection.Address(host: peer.host, port: peer.port), processID: processID,
-            secretKey: secretKey)
-        let limit = config.poolSize(peer: peer)
-        let now = NIODeadline.now()
-        let send = shared.withLockedValue { $0.peerCancels.submit(target, peer: peer.id, limit: limit, now: now) }
-        if let send { sendToPeer(send, peer: peer.id) }
-    }
-
-    private func sendToPeer(_ target: ServerConnection.CancelTarget, peer: Int) {
-        sendCancel(to: target).whenComplete { [self] result in
-            if case .failure(let error) = result {
-                logger.warning("cancel request for peer \(peer) not passed on: \(error)")
-            }
-            let timeout = config.global.cancelWaitTimeout
-            let (next, dropped) = shared.withLockedValue {
-                $0.peerCancels.finished(peer: peer, now: .now(), timeout: timeout)
-            }
-            if dropped > 0 {
-                logger.warning("\(dropped) cancel request(s) for peer \(peer) dropped: cancel_wait_timeout")
-            }
-            if let next { sendToPeer(next, peer: peer) }
-        }
+    func client(cancelKey key: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection? {
+        shared.withLockedValue { $0.registry.client(cancelKey: key) }
     }
 }
+
+extension Pooler: CancelRouting {}
 
 /// What the pooler counts one client under, kept by its connection so that `Pooler.forget` undoes
 /// exactly that.

@@ -86,7 +86,7 @@ extension Pooler {
     func applyPoolSettings(_ config: Config) {
         var logger = self.logger  // its handler's level is shared by every copy
         logger.logLevel = LineLogHandler.level(verbose: config.global.verbose + commandLineVerbose)
-        statementCapacity.store(config.global.maxPreparedStatements, ordering: .relaxed)
+        statements.capacity.store(config.global.maxPreparedStatements, ordering: .relaxed)
         let g = config.global
         SyslogOutput.shared.configure(enabled: g.syslog, ident: g.syslogIdent, facility: g.syslogFacility)
         applyDNSSettings(config)

@@ -19,8 +19,8 @@ public final class Pooler: @unchecked Sendable {
     }
     var userlist: [String: PasswordSecret] { settings.withLockedValue { $0.userlist } }
     public let logger: Logger
-    /// max_prepared_statements as SET or RELOAD last made it: servers take it when next lent.
-    let statementCapacity: Synchronization.Atomic<Int>
+    /// Prepared statements' names, epoch and capacity, shared by the clients.
+    let statements: SharedStatements
     /// -v given on the command line, added to verbose when SET or RELOAD changes it.
     public var commandLineVerbose = 0
     /// For SHOW STATE's uptime: when the pooler was made (at process start).
@@ -41,28 +41,13 @@ public final class Pooler: @unchecked Sendable {
         var authQuery = AuthQueryCache(ttl: .seconds(10))
         var serverSecrets: [String: ServerLoginStateMachine.Secret] = [:]
     }
-    /// Pooler-wide names of prepared statements some server has accepted: a client preparing one of
-    /// these with Parse+Sync is answered without borrowing a server.
-    /// The stale-plan epoch of prepared statements (`PreparedStatementTracker.epoch`): raised when
-    /// a server reports a cached plan gone stale, read by every client before it sends statements.
-    let statementEpoch = Atomic<Int>(0)
     /// Numbers the server connections opened outside the pools (`unpooledServerID`).
     let unpooledServerIDs = Atomic<UInt64>(0)
-    let knownStatements = NIOLockedValueBox(Set<String>())
     /// Server host names' addresses (HostResolver.swift).
     let dns: NIOLockedValueBox<DNSState>
     /// Asks c-ares for host names and zone serials (resolv_conf cannot change while running).
     let resolver: NameResolver
 
-    func isKnownStatement(_ name: String) -> Bool {
-        knownStatements.withLockedValue { $0.contains(name) }
-    }
-
-    func statementsAccepted(_ names: [String]) {
-        knownStatements.withLockedValue { known in
-            if known.count < 100_000 { known.formUnion(names) }
-        }
-    }
     var listeners: [Channel] = []
     /// The HTTP listener for /metrics and /health (stats_listen_port).
     var statsListener: Channel?
@@ -71,19 +56,12 @@ public final class Pooler: @unchecked Sendable {
     /// Connections open on the stats port (`startStatsListener` caps them).
     let statsConnections = NIOLockedValueBox(0)
     let metrics: PoolerMetrics
+    /// Passes cancel requests on (set once, at the end of init: it is given the pooler).
+    private(set) var cancels: CancelRequests!
     var janitor: RepeatedTask?
     var sweepers: [RepeatedTask] = []
-    /// The logged-in clients of each event loop, touched only on that loop.
-    let loopClients: [LoopClients]
-
-    final class LoopClients: @unchecked Sendable {
-        /// Clients whose sessions watch the clock (`ClientSession.tick`).
-        var clients: [ObjectIdentifier: ClientConnection] = [:]
-    }
-
-    /// SHOW LATENCY's histograms of each event loop, touched only on that loop.
-    let loopLatency: [LoopLatency]
-    let loopFlushers: [TurnFlusher]
+    /// What the pooler keeps for each of its event loops (`loops`, same order).
+    let poolerLoops: [PoolerLoop]
 
     struct Shared {
         var pools: PoolStateMachine
@@ -111,8 +89,6 @@ public final class Pooler: @unchecked Sendable {
         /// Each pool's listener (LISTEN in transaction and statement pooling), made when a client
         /// of the pool first listens.
         var listeners: [PoolKey: ListenerDriver] = [:]
-        /// Cancel requests being passed on to [peers].
-        var peerCancels = PeerCancels<ServerConnection.CancelTarget>()
     }
 
     /// `loops`: the event loops connections run on, when not the pooler's own threads' (the
@@ -123,7 +99,7 @@ public final class Pooler: @unchecked Sendable {
         loops: [EventLoop]? = nil
     ) {
         self.settings = NIOLockedValueBox(Settings(config: config, userlist: userlist))
-        self.statementCapacity = Synchronization.Atomic(config.global.maxPreparedStatements)
+        self.statements = SharedStatements(capacity: config.global.maxPreparedStatements)
         self.reloader = reloader
         self.logger = logger
         let g = config.global
@@ -136,12 +112,11 @@ public final class Pooler: @unchecked Sendable {
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: loops == nil ? count : 1)
         self.loops = loops ?? Array(group.makeIterator())
         self.shared = NIOLockedValueBox(Shared(pools: PoolStateMachine(loopCount: self.loops.count)))
-        self.loopClients = self.loops.map { _ in LoopClients() }
-        self.loopLatency = self.loops.map { _ in LoopLatency() }
-        self.loopFlushers = self.loops.map { TurnFlusher(loop: $0) }
+        self.poolerLoops = self.loops.enumerated().map { PoolerLoop(index: $0, eventLoop: $1) }
         let configured = config.global.instanceID
         self.metrics = PoolerMetrics(
             instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
+        self.cancels = CancelRequests(pooler: self, group: group)
     }
 
     /// The stats periods of the traffic counters; the totals are summed from `trafficCells` when
@@ -189,17 +164,18 @@ public final class Pooler: @unchecked Sendable {
             logger.info("listening on \(address):\(g.listenPort)")
         }
         let period = TimeAmount.milliseconds(100)
-        janitor = loops[0].scheduleRepeatedTask(initialDelay: period, delay: period) { [weak self] _ in
-            self?.timerFired()
+        // unowned: `shutdown` cancels it; a weak reference would give the pooler a side table,
+        // and every retain of it the slow path.
+        janitor = loops[0].scheduleRepeatedTask(initialDelay: period, delay: period) { [unowned self] _ in
+            self.timerFired()
         }
         warmStart()
         // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
-        for (index, loop) in loops.enumerated() {
-            let registry = loopClients[index]
+        for loop in poolerLoops {
             sweepers.append(
-                loop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
+                loop.eventLoop.scheduleRepeatedTask(initialDelay: period, delay: period) { _ in
                     let now = NIODeadline.now()
-                    for client in registry.clients.values { client.tick(now: now) }
+                    for client in loop.clockWatchers.values { client.tick(now: now) }
                 })
         }
     }
@@ -241,6 +217,7 @@ public final class Pooler: @unchecked Sendable {
         endWaits()
         resolver.stop()
         try? group.syncShutdownGracefully()
+        for loop in poolerLoops { loop.flusher.stop() }  // their threads are gone
     }
 
     public var connectedClients: Int { shared.withLockedValue { $0.registry.count } }

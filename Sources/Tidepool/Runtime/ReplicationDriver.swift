@@ -6,7 +6,7 @@ import TidepoolCore
 /// outside the pool (but within max_db_connections / max_user_connections), closed with it.
 final class ReplicationDriver: PoolDriving, @unchecked Sendable {
     let key: PoolKey
-    unowned(unsafe) let pooler: Pooler
+    unowned let pooler: Pooler
     let client: ClientConnection
     /// The slot in the limits is given back once (close, failure or loss, whichever comes first).
     private let holdsSlot = Atomic<Bool>(true)

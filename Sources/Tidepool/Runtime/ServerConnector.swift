@@ -42,7 +42,6 @@ extension Pooler {
             id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count, host: host,
             driver: driver, startup: startup)
         server.session.listens = listens
-        if driver !== self { server.ownDriver = driver }
         if driver === self { shared.withLockedValue { $0.servers[id] = server } }
         let g = config.global
         var bootstrap = ClientBootstrap(group: loops[loop % loops.count])

@@ -18,13 +18,18 @@ extension Pooler {
         private var servers: [ServerConnection] = []
         private var scheduled = false
 
-        /// Made once: scheduling it then allocates nothing.
+        /// Made once: scheduling it then allocates nothing. It holds the flusher strongly (an
+        /// unowned capture cost a checked retain per turn): flushers live as long as the process's
+        /// pooler, and `stop` breaks the cycle.
         private var runTask: (@Sendable () -> Void)?
 
         init(loop: EventLoop) {
             self.loop = loop
-            runTask = { [unowned(unsafe) self] in self.run() }
+            runTask = { [self] in self.run() }
         }
+
+        /// Lets the flusher go (the pooler stopped).
+        func stop() { runTask = nil }
 
         /// Flushes `client` at the end of this turn (once, however often it asks).
         func add(_ client: ClientConnection) { queue(client, in: &clients) }
@@ -39,7 +44,7 @@ extension Pooler {
             guard !scheduled else { return }
             scheduled = true
             // Tasks run after the turn's I/O events.
-            loop.execute(runTask!)
+            if let runTask { loop.execute(runTask) }
         }
 
         private func run() {
