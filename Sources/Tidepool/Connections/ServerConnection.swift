@@ -77,7 +77,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
             connectQuery: database?.connectQuery, targetSessionAttrs: database?.targetSessionAttrs ?? .any,
             login: database.map {
                 ServerLoginStateMachine(
-                    database: $0, user: user, secret: pooler.serverSecret(user: user, database: $0), extra: startup)
+                    database: $0, user: user, secret: pooler.credentials.serverSecret(user: user, database: $0),
+                    extra: startup)
             })
         self.address = Address(database, host: host)
         self.host = host

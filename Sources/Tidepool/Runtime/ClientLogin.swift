@@ -74,7 +74,7 @@ struct ClientLogin {
             LoginFacts(
                 config: config, hba: security.hba, clientAddress: peer.addressAndPort, clientIP: peer.ip,
                 certificateCommonName: peer.certificateCommonName, knownSecret: pooler.userlist[user],
-                canLookUp: pooler.authUser(for: databaseEntry(config)) != nil, peer: peer.credentials,
+                canLookUp: pooler.credentials.authUser(for: databaseEntry(config)) != nil, peer: peer.credentials,
                 ident: security.ident, databaseDisabled: pooler.isDisabled(database)),
             into: &client.actions)
     }
@@ -89,7 +89,7 @@ struct ClientLogin {
     func lookUpSecret() {
         let (client, user) = (self.client, client.session.user)
         let logger = pooler.logger
-        pooler.lookUpSecret(user: user, database: databaseEntry(pooler.config), on: client.channel.eventLoop)
+        pooler.credentials.lookUp(user: user, database: databaseEntry(pooler.config), on: client.channel.eventLoop)
             .whenSuccess { outcome in
                 if case .failed(let error) = outcome {
                     logger.warning("auth_query for user=\(user) failed: \(error.message)")
@@ -103,7 +103,7 @@ struct ClientLogin {
     func authenticated() {
         let user = client.session.user
         if let secret = client.session.learnedServerSecret {
-            pooler.credentials.withLockedValue { $0.serverSecrets[user] = secret }
+            pooler.credentials.learned(secret, user: user)
         }
         let request = LoginRequest(
             user: user, database: client.session.database, clientIP: ClientPeer.ip(client.channel),

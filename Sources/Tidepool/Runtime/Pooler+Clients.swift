@@ -85,8 +85,6 @@ extension Pooler {
     }
 }
 
-extension Pooler: CancelRouting {}
-
 /// What the pooler counts one client under, kept by its connection so that `Pooler.forget` undoes
 /// exactly that.
 struct ClientRegistration {

@@ -49,7 +49,7 @@ extension Pooler {
         }
         let old = config
         settings.withLockedValue { $0 = Settings(config: fresh.0, userlist: fresh.1) }
-        credentials.withLockedValue { $0.authQuery.removeAll() }
+        credentials.configured(fresh.0, forgetAnswers: true)
         let g = fresh.0.global
         if g.listenAddr != old.global.listenAddr || g.listenPort != old.global.listenPort
             || g.unixSocketDir != old.global.unixSocketDir
@@ -79,7 +79,7 @@ extension Pooler {
     func loadSecurity(_ config: Config) throws {
         let loaded = try Security.load(config)
         securityBox.withLockedValue { $0 = loaded }
-        credentials.withLockedValue { $0.authQuery.ttl = config.global.authQueryCacheTTL }
+        credentials.configured(config, forgetAnswers: false)
     }
 
     /// Applies changed pool settings to the existing pools (RELOAD and SET).

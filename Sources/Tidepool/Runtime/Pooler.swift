@@ -33,14 +33,8 @@ public final class Pooler: @unchecked Sendable {
     /// HBA rules and TLS contexts; loaded by start() and RELOAD.
     let securityBox = NIOLockedValueBox(Security())
     var security: Security { securityBox.withLockedValue { $0 } }
-    /// Secrets found by auth_query, and what a client's login taught about logging in to servers
-    /// as that user (SCRAM keys recovered from the client's proof, or its cleartext password).
-    let credentials = NIOLockedValueBox(Credentials())
-
-    struct Credentials {
-        var authQuery = AuthQueryCache(ttl: .seconds(10))
-        var serverSecrets: [String: ServerLoginStateMachine.Secret] = [:]
-    }
+    /// auth_query's answers and the secrets clients' logins taught (set once, at the end of init).
+    private(set) var credentials: Credentials!
     /// Numbers the server connections opened outside the pools (`unpooledServerID`).
     let unpooledServerIDs = Atomic<UInt64>(0)
     /// Server host names' addresses (HostResolver.swift).
@@ -51,8 +45,6 @@ public final class Pooler: @unchecked Sendable {
     var listeners: [Channel] = []
     /// The HTTP listener for /metrics and /health (stats_listen_port).
     var statsListener: Channel?
-    /// auth_query lookups running and queued, per database they run against.
-    let authLookups = NIOLockedValueBox(AuthLookupQueue<@Sendable () -> Void>())
     /// Connections open on the stats port (`startStatsListener` caps them).
     let statsConnections = NIOLockedValueBox(0)
     let metrics: PoolerMetrics
@@ -117,6 +109,7 @@ public final class Pooler: @unchecked Sendable {
         self.metrics = PoolerMetrics(
             instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
         self.cancels = CancelRequests(pooler: self, group: group)
+        self.credentials = Credentials(pooler: self)
     }
 
     /// The stats periods of the traffic counters; the totals are summed from `trafficCells` when
@@ -256,3 +249,6 @@ public final class Pooler: @unchecked Sendable {
 #elseif canImport(Darwin)
     import Darwin
 #endif
+
+/// What the pooler's components see of it.
+extension Pooler: CancelRouting, CredentialSources {}

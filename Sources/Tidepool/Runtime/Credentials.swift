@@ -1,0 +1,148 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import TidepoolCore
+
+/// What the credentials need of the pooler.
+protocol CredentialSources: AnyObject, Sendable {
+    var config: Config { get }
+    /// auth_file's users.
+    var userlist: [String: PasswordSecret] { get }
+    func serverTLSNegotiator(for address: ServerConnection.Address) -> ServerTLSNegotiator?
+    func connect(_ bootstrap: ClientBootstrap, to address: ServerConnection.Address, on loop: EventLoop)
+        -> EventLoopFuture<Channel>
+}
+
+/// Secrets the pooler learns while running: auth_query's answers (cached for
+/// auth_query_cache_ttl; lookups against one database run a couple at a time) and what a client's
+/// login taught about logging in to servers as that user (SCRAM keys recovered from its proof, its
+/// cleartext password); and from them, how the pooler logs in to a server.
+final class Credentials: Sendable {
+    private unowned let pooler: any CredentialSources
+    private struct State {
+        var authQuery = AuthQueryCache(ttl: .seconds(10))
+        var serverSecrets: [String: ServerLoginStateMachine.Secret] = [:]
+    }
+    private let state = NIOLockedValueBox(State())
+    /// auth_query lookups running and queued, per database they run against.
+    private let lookups = NIOLockedValueBox(AuthLookupQueue<@Sendable () -> Void>())
+
+    init(pooler: any CredentialSources) { self.pooler = pooler }
+
+    /// A client's login taught how to log in as `user` (`ClientSession.learnedServerSecret`).
+    func learned(_ secret: ServerLoginStateMachine.Secret, user: String) {
+        state.withLockedValue { $0.serverSecrets[user] = secret }
+    }
+
+    /// RELOAD: auth_query's answers are asked again (auth_query_cache_ttl as configured).
+    func configured(_ config: Config, forgetAnswers: Bool) {
+        state.withLockedValue {
+            $0.authQuery.ttl = config.global.authQueryCacheTTL
+            if forgetAnswers { $0.authQuery.removeAll() }
+        }
+    }
+
+    /// The auth_user that looks secrets up for logins to `database` (its own auth_user first), or
+    /// nil when auth_query is not in use.
+    func authUser(for database: DatabaseEntry?) -> String? {
+        database?.authUser ?? pooler.config.global.authUser
+    }
+
+    /// The database auth_query runs in for logins of `user` to `database`, and the cache key of
+    /// the answer.
+    private func authQueryTarget(user: String, database: DatabaseEntry?) -> (dbname: String, key: String) {
+        let dbname = database?.authDBName ?? pooler.config.global.authDBName ?? database?.name ?? user
+        return (dbname, AuthQueryCache.key(database: dbname, user: user))
+    }
+
+    /// A fresh auth_query answer for `user`, without a lookup.
+    private func cachedAuthQuery(user: String, database: DatabaseEntry?) -> AuthQueryExchange.Outcome? {
+        let key = authQueryTarget(user: user, database: database).key
+        return state.withLockedValue { $0.authQuery.lookup(key, now: NIODeadline.now()) }
+    }
+
+    /// How the pooler logs in to a server of `database` as `user`: the entry's password (when it is
+    /// that user's), the auth file's password or md5 secret, then what a client's login taught (the
+    /// keys recovered from its SCRAM proof, its cleartext password), then auth_query's md5.
+    func serverSecret(user: String, database: DatabaseEntry) -> ServerLoginStateMachine.Secret {
+        .forServer(
+            user: user, database: database, listed: pooler.userlist[user],
+            learned: { state.withLockedValue { $0.serverSecrets[user] } },
+            lookedUp: { cachedAuthQuery(user: user, database: database) })
+    }
+
+    /// Looks up `user`'s secret with auth_query, from the cache when it is fresh. Completes on `loop`.
+    /// Lookups against one database run a couple at a time (`AuthLookupQueue`), the rest queued.
+    func lookUp(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
+        AuthQueryExchange.Outcome
+    > {
+        guard authUser(for: database) != nil else { return loop.makeSucceededFuture(.notFound) }
+        let (authDBName, key) = authQueryTarget(user: user, database: database)
+        if let cached = cachedAuthQuery(user: user, database: database) { return loop.makeSucceededFuture(cached) }
+        let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
+        let start = { @Sendable in
+            self.runLookup(user: user, database: database, on: loop).whenComplete { result in
+                promise.completeWith(result)
+                if let next = self.lookups.withLockedValue({ $0.finished(target: authDBName) }) {
+                    next.waiter()
+                }
+            }
+        }
+        if lookups.withLockedValue({ $0.request(target: authDBName, key: key, waiter: start) }) { start() }
+        return promise.futureResult
+    }
+
+    /// One lookup on a connection of its own as auth_user (its settings only, never the client's).
+    private func runLookup(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
+        AuthQueryExchange.Outcome
+    > {
+        let config = pooler.config
+        guard let authUser = authUser(for: database) else { return loop.makeSucceededFuture(.notFound) }
+        let (authDBName, key) = authQueryTarget(user: user, database: database)
+        if let cached = state.withLockedValue({ $0.authQuery.lookup(key, now: NIODeadline.now()) }) {
+            return loop.makeSucceededFuture(cached)  // found by a lookup this one queued behind
+        }
+        guard let target = config.database(named: authDBName) else {
+            return loop.makeSucceededFuture(
+                .failed(.fatal(SQLState.invalidCatalogName, "auth_dbname \"\(authDBName)\" is not configured")))
+        }
+        let login = ServerLoginStateMachine(
+            user: authUser, database: target.dbname ?? target.name,
+            secret: serverSecret(user: authUser, database: target))
+        let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
+        let handler = AuthQueryConnection(
+            login: login, query: database?.authQuery ?? config.global.authQuery, user: user, promise: promise)
+        let address = ServerConnection.Address(target)
+        let negotiator = pooler.serverTLSNegotiator(for: address)
+        let bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(config.global.serverConnectTimeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if let negotiator { try channel.pipeline.syncOperations.addHandler(negotiator) }
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+        pooler.connect(bootstrap, to: address, on: loop).whenComplete { result in
+            switch result {
+            case .success(let channel):
+                // Nothing may hang a login: the lookup gets server_connect_timeout in all.
+                let timer = channel.eventLoop.scheduleTask(in: config.global.serverConnectTimeout) {
+                    promise.succeed(
+                        .failed(
+                            PostgresError.fatal(SQLState.connectionFailure, "auth_query timed out")))
+                    channel.close(promise: nil)
+                }
+                promise.futureResult.whenComplete { _ in timer.cancel() }
+            case .failure(let error):
+                promise.succeed(
+                    .failed(
+                        PostgresError.fatal(SQLState.connectionFailure, "auth_query: \(error)")))
+            }
+        }
+        return promise.futureResult.map { outcome in
+            self.state.withLockedValue { $0.authQuery.store(key, outcome, now: NIODeadline.now()) }
+            return outcome
+        }
+    }
+}
