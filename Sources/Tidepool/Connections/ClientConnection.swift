@@ -82,14 +82,6 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// The client's event loop, found without touching its channel (a cold object when a server
     /// is handed over among thousands of clients).
     var eventLoop: EventLoop { loop.eventLoop }
-    var peer: String { channel.remoteAddress.map { "\($0)" } ?? "unix" }
-
-    /// `C-<id>: db/user@address:port`, as PgBouncer starts a client's log lines.
-    var logPrefix: String {
-        LogWords.connection(
-            "C", id: id.map { "\($0.raw)" } ?? "?", database: databaseName, user: user,
-            address: channel.remoteAddress.logText)
-    }
 
     func onLoop(_ body: @escaping @Sendable () -> Void) {
         let loop = eventLoop

@@ -22,8 +22,9 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     let address: Address
     /// The host of the database's host list it went to (load_balance_hosts).
     let host: String?
-    /// Held strongly: the pooler lets go of the server when it closes (`serverClosed`).
-    let pooler: Pooler
+    /// What the connection asks of the pooler once made; held strongly (the pooler lets go of the
+    /// server when it closes, `serverClosed`).
+    let pooler: any ServerConnectionOwner
     /// The pools (or a replication connection's or listener's driver), told what became of this
     /// connection only through `PoolDriving`.
     let pools: any PoolDriving

@@ -176,6 +176,18 @@ struct ClientLogin {
     }
 }
 
+/// How the logs name a client.
+extension ClientConnection {
+    var peer: String { channel.remoteAddress.map { "\($0)" } ?? "unix" }
+
+    /// `C-<id>: db/user@address:port`, as PgBouncer starts a client's log lines.
+    var logPrefix: String {
+        LogWords.connection(
+            "C", id: id.map { "\($0.raw)" } ?? "?", database: databaseName, user: user,
+            address: channel.remoteAddress.logText)
+    }
+}
+
 /// What the login reads of the client's socket.
 struct ClientPeer {
     /// The client's IP address as text, and "address:port"; nil for a Unix socket.

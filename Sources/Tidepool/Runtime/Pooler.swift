@@ -251,4 +251,4 @@ public final class Pooler: @unchecked Sendable {
 #endif
 
 /// What the pooler's components see of it.
-extension Pooler: CancelRouting, CredentialSources {}
+extension Pooler: CancelRouting, CredentialSources, ServerConnectionOwner {}

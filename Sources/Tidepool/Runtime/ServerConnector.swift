@@ -135,3 +135,11 @@ extension Pooler {
             mode: g.serverTLS.sslmode, context: security.serverTLS, hostname: host, timeout: g.serverConnectTimeout)
     }
 }
+
+/// What a server connection asks of the pooler once it is made: settings, the log, and telling
+/// the host list that a host failed. (Its pools are told through `PoolDriving`.)
+protocol ServerConnectionOwner: AnyObject, Sendable {
+    var config: Config { get }
+    var logger: Logger { get }
+    func hostFailed(_ host: String, database: String)
+}
