@@ -102,9 +102,11 @@ import TidepoolCore
         let serverChannel: EmbeddedChannel
         var lease: UInt64 = 0
 
-        init() throws {
+        /// `settings`: more [pooler] lines.
+        init(settings: String = "") throws {
             let config = try Config.parse(
-                "[databases]\napp = host=127.0.0.1 port=1\n[pooler]\nauth_type = trust\nmax_prepared_statements = 0\n")
+                "[databases]\napp = host=127.0.0.1 port=1\n[pooler]\nauth_type = trust\nmax_prepared_statements = 0\n"
+                    + settings)
             pools = Pools(log)
             pooler = Pooler(config: config, userlist: [:], logger: Logger(label: "test"), loops: [loop])
             clientChannel = EmbeddedChannel(loop: loop)
@@ -230,5 +232,20 @@ import TidepoolCore
         rig.lend()
         rig.loop.run()
         #expect(rig.log.events == ["pool asked for a server"])
+    }
+
+    @Test func theLoopTicksAClientOnlyWhileItsSessionWatchesTheClock() throws {
+        var rig = try Rig()
+        var watched: Int { rig.pooler.poolerLoops[0].clockWatchers.count }
+        #expect(watched == 1, "client_login_timeout: watched from the connection's start")
+        rig.client.tick(now: .now())
+        #expect(watched == 0, "logged in, with no timeout: let go at the next tick")
+
+        rig = try Rig(settings: "client_idle_timeout = 100\n")
+        rig.client.tick(now: .now())
+        #expect(watched == 1, "client_idle_timeout: still watched")
+        try rig.clientChannel.close().wait()
+        rig.loop.run()
+        #expect(watched == 0, "a closed client is not ticked again")
     }
 }
