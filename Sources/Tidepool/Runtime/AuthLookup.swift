@@ -62,7 +62,11 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
         promise.succeed(outcome)
         var out = context.channel.allocator.buffer(capacity: 5)
         Wire.terminate(into: &out)
-        context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in context.close(promise: nil) }
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        // PostgreSQL closes the connection once its backend is gone (and out of its connection
+        // count): the lookup's slot is given back then (`Credentials.lookUp`), within a second.
+        let channel = context.channel
+        channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -73,7 +73,9 @@ final class Credentials: Sendable {
     }
 
     /// Looks up `user`'s secret with auth_query, from the cache when it is fresh. Completes on `loop`.
-    /// Lookups against one database run a couple at a time (`AuthLookupQueue`), the rest queued.
+    /// Lookups against one database run a couple at a time (`AuthLookupQueue`), the rest queued; a
+    /// lookup holds its slot until its connection is closed, so that PostgreSQL never has more
+    /// than that many of them, counting backends still exiting.
     func lookUp(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
         AuthQueryExchange.Outcome
     > {
@@ -82,8 +84,9 @@ final class Credentials: Sendable {
         if let cached = cachedAuthQuery(user: user, database: database) { return loop.makeSucceededFuture(cached) }
         let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
         let start = { @Sendable in
-            self.runLookup(user: user, database: database, on: loop).whenComplete { result in
-                promise.completeWith(result)
+            let lookup = self.runLookup(user: user, database: database, on: loop)
+            lookup.answer.whenComplete { promise.completeWith($0) }
+            lookup.closed.whenComplete { _ in
                 if let next = self.lookups.withLockedValue({ $0.finished(target: authDBName) }) {
                     next.waiter()
                 }
@@ -93,20 +96,24 @@ final class Credentials: Sendable {
         return promise.futureResult
     }
 
-    /// One lookup on a connection of its own as auth_user (its settings only, never the client's).
-    private func runLookup(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
-        AuthQueryExchange.Outcome
-    > {
+    /// One lookup on a connection of its own as auth_user (its settings only, never the client's):
+    /// its answer, and when its connection has closed.
+    private func runLookup(user: String, database: DatabaseEntry?, on loop: EventLoop) -> (
+        answer: EventLoopFuture<AuthQueryExchange.Outcome>, closed: EventLoopFuture<Void>
+    ) {
         let config = pooler.config
-        guard let authUser = authUser(for: database) else { return loop.makeSucceededFuture(.notFound) }
+        let none = loop.makeSucceededVoidFuture()
+        guard let authUser = authUser(for: database) else { return (loop.makeSucceededFuture(.notFound), none) }
         let (authDBName, key) = authQueryTarget(user: user, database: database)
         if let cached = state.withLockedValue({ $0.authQuery.lookup(key, now: NIODeadline.now()) }) {
-            return loop.makeSucceededFuture(cached)  // found by a lookup this one queued behind
+            return (loop.makeSucceededFuture(cached), none)  // found by a lookup this one queued behind
         }
         guard let target = config.database(named: authDBName) else {
-            return loop.makeSucceededFuture(
-                .failed(.fatal(SQLState.invalidCatalogName, "auth_dbname \"\(authDBName)\" is not configured")))
+            let error = PostgresError.fatal(
+                SQLState.invalidCatalogName, "auth_dbname \"\(authDBName)\" is not configured")
+            return (loop.makeSucceededFuture(.failed(error)), none)
         }
+        let closed = loop.makePromise(of: Void.self)
         let login = ServerLoginStateMachine(
             user: authUser, database: target.dbname ?? target.name,
             secret: serverSecret(user: authUser, database: target))
@@ -134,15 +141,18 @@ final class Credentials: Sendable {
                     channel.close(promise: nil)
                 }
                 promise.futureResult.whenComplete { _ in timer.cancel() }
+                channel.closeFuture.cascade(to: closed)
             case .failure(let error):
+                closed.succeed(())
                 promise.succeed(
                     .failed(
                         PostgresError.fatal(SQLState.connectionFailure, "auth_query: \(error)")))
             }
         }
-        return promise.futureResult.map { outcome in
+        let answer = promise.futureResult.map { outcome in
             self.state.withLockedValue { $0.authQuery.store(key, outcome, now: NIODeadline.now()) }
             return outcome
         }
+        return (answer, closed.futureResult)
     }
 }
