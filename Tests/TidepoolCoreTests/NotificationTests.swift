@@ -113,6 +113,30 @@ import Testing
         #expect(d.session.state == .idle, "the server went back once the ReadyForQuery was written")
     }
 
+    /// A LISTEN and a NOTIFY on its channel committed together: PostgreSQL sends the notification
+    /// before the ReadyForQuery, and the pool's listener, not yet listening, cannot have it.
+    @Test func aNotificationOfTheCommitThatListensComesFromTheServer() {
+        let d = D()
+        d.client(D.query("BEGIN; LISTEN jobs; NOTIFY jobs, 'same'; COMMIT"))
+        d.lend()
+        d.serverSends(
+            D.complete("BEGIN"), D.complete("LISTEN"), D.complete("NOTIFY"), D.complete("COMMIT"),
+            Self.notification("jobs", "same"), D.ready("I"))
+        #expect(d.clientTypes == "CCCCA", "the server's copy, in PostgreSQL's order")
+        d.session.listenConfirmed(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.clientTypes == "CCCCAZ")
+        #expect(!d.session.waitsForOwnNotification, "no wait for a listener's copy")
+
+        // Once the listener was told of the channel, the server's copies are not passed on.
+        d.client(D.query("NOTIFY jobs, 'again'"))
+        d.lend()
+        d.serverSends(D.complete("NOTIFY"), Self.notification("jobs", "again"), D.ready("I"))
+        #expect(d.clientTypes == "CCCCAZC", "held for the listener's copy, the server's dropped")
+        #expect(notify(d, "jobs", "again") == 0)
+        #expect(d.clientTypes == "CCCCAZCAZ")
+    }
+
     @Test func theWaitForAnOwnNotificationIsBounded() {
         let d = listening()
         d.client(D.query("SELECT pg_notify('jobs', 'lost')"))

@@ -81,8 +81,14 @@ extension ClientSession {
                             run.add(chunkStart, chunkLength, to: &self, into: &actions)
                             continue
                         }
-                        // The pool's listener delivers the client's notifications. One that came
-                        // after the last ReadyForQuery must not keep the server.
+                        // The pool's listener delivers the client's notifications, except on a
+                        // channel whose LISTEN commits with this transaction: the listener is not
+                        // listening on it yet, and PostgreSQL sends what the same commit notified.
+                        if let sessionState, sessionState.listenerLacks(notification: body) {
+                            run.add(chunkStart, chunkLength, to: &self, into: &actions)
+                            continue
+                        }
+                        // One that came after the last ReadyForQuery must not keep the server.
                         if buffer.readableBytes == 0, mayGiveBack {  // written first if it goes back
                             run.write(to: &self, into: &actions)
                             releaseIfDone(now: now, into: &actions)

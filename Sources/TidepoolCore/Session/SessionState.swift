@@ -426,6 +426,18 @@ public final class SessionState {
     /// Whether the channels changed since the pool's listener was last told.
     var channelsChanged: Bool { channels != reportedChannels }
 
+    /// A NotificationResponse (its body) the server read on a channel the pool's listener was not
+    /// told of. The server listens only on channels the client's own LISTENs committed in this
+    /// lend (it runs UNLISTEN * before it goes back), so this is a LISTEN that committed with the
+    /// transaction just ended, and what that commit notified: the listener cannot have it.
+    func listenerLacks(notification body: ByteBuffer) -> Bool {
+        var reader = body
+        guard reader.readInteger(as: Int32.self) != nil, let channel = reader.readNullTerminatedString() else {
+            return false
+        }
+        return !reportedChannels.contains(channel)
+    }
+
     /// The channels to subscribe and to unsubscribe since the pool's listener was last told.
     func takeChannelChanges() -> ChannelChanges {
         let changes = ChannelChanges(
