@@ -245,7 +245,7 @@ extension Pooler {
                 return AdminViews.latency(merged)
             }
         case "LISTENS":
-            let listeners = shared.withLockedValue { Array($0.listeners.values) }
+            let listeners = listenerHub.all
             let lists = listeners.map { listener in
                 listener.channels().map { channels in channels.map { (listener.key, $0.channel, $0.clients) } }
             }

@@ -144,7 +144,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
             server.detach(from: self, lease: lease)
             server.command(.reset(reset.sql(serverResetQuery: session.serverResetQuery)))
         case .listenChanged:
-            pooler.listenChanged(self, session.listenChanges)
+            pooler.listenerHub.changed(self, session.listenChanges)
             session.listenChanges = ChannelChanges()
         case .cancelServerQuery(let reportBack):
             guard let server else { return }

@@ -1,4 +1,5 @@
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import TidepoolCore
 
@@ -179,10 +180,30 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     }
 }
 
-extension Pooler {
+/// Each pool's listener (LISTEN in transaction and statement pooling), made when a client of the
+/// pool first listens, under a lock of its own.
+final class ListenerHub: Sendable {
+    private unowned let pooler: Pooler
+    private let drivers = NIOLockedValueBox([PoolKey: ListenerDriver]())
+
+    init(pooler: Pooler) { self.pooler = pooler }
+
     /// The pool's listener, made on `loop` if it is the first.
+    func listener(for key: PoolKey, loop: Int) -> ListenerDriver {
+        drivers.withLockedValue { drivers in
+            if let listener = drivers[key] { return listener }
+            let made = ListenerDriver(key: key, pooler: pooler, loopIndex: loop)
+            drivers[key] = made
+            return made
+        }
+    }
+
+    var all: [ListenerDriver] { drivers.withLockedValue { Array($0.values) } }
+    /// The pools that have a listener (a pool with one is in use).
+    var pools: Set<PoolKey> { drivers.withLockedValue { Set($0.keys) } }
+
     /// The client's channels changed: its pool's listener is told.
-    func listenChanged(_ client: ClientConnection, _ changes: ChannelChanges) {
+    func changed(_ client: ClientConnection, _ changes: ChannelChanges) {
         guard let id = client.id, let pool = client.registration.pool else { return }
         let listener = listener(for: pool, loop: client.loopIndex)
         if !changes.removed.isEmpty { listener.unsubscribe(id, channels: changes.removed) }
@@ -191,16 +212,9 @@ extension Pooler {
             listener.subscribe(id, channels: changes.added)
         }
     }
+}
 
-    func listener(for key: PoolKey, loop: Int) -> ListenerDriver {
-        shared.withLockedValue { s in
-            if let listener = s.listeners[key] { return listener }
-            let made = ListenerDriver(key: key, pooler: self, loopIndex: loop)
-            s.listeners[key] = made
-            return made
-        }
-    }
-
+extension Pooler {
     /// The listener listens on these clients' new channels: their held ReadyForQuery may go.
     func listenConfirmed(_ ids: [ClientID]) {
         let clients = shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }

@@ -130,10 +130,11 @@ extension Pooler {
 
     func timerFired() {
         let now = NIODeadline.now()
+        // Read first: a listener is made only for a pool with a client, which keeps it in use.
+        let listening = listenerHub.pools
         withShared { s in
             let clients = s.registry.poolClients
-            let listeners = s.listeners
-            return s.pools.timerFired(now: now) { clients[$0, default: 0] > 0 || listeners[$0] != nil }
+            return s.pools.timerFired(now: now) { clients[$0, default: 0] > 0 || listening.contains($0) }
         }
         refreshHostNames(now: now)
         let elapsed = now - statsPeriodStart

@@ -67,7 +67,7 @@ extension Pooler {
         let r = client.registration
         client.registration = ClientRegistration()
         if r.listens, let id = client.id, let pool = r.pool {
-            listener(for: pool, loop: client.loopIndex).clientGone(id)
+            listenerHub.listener(for: pool, loop: client.loopIndex).clientGone(id)
         }
         client.loop.clockWatchers[ObjectIdentifier(client)] = nil
         let id = client.id

@@ -35,6 +35,8 @@ public final class Pooler: @unchecked Sendable {
     var security: Security { securityBox.withLockedValue { $0 } }
     /// auth_query's answers and the secrets clients' logins taught (set once, at the end of init).
     private(set) var credentials: Credentials!
+    /// Each pool's listener (set once, at the end of init).
+    private(set) var listenerHub: ListenerHub!
     /// Numbers the server connections opened outside the pools (`unpooledServerID`).
     let unpooledServerIDs = Atomic<UInt64>(0)
     /// Server host names' addresses (HostResolver.swift).
@@ -78,9 +80,6 @@ public final class Pooler: @unchecked Sendable {
         var disabled: Set<String> = []
         /// SUSPEND: set until RESUME.
         var suspended = false
-        /// Each pool's listener (LISTEN in transaction and statement pooling), made when a client
-        /// of the pool first listens.
-        var listeners: [PoolKey: ListenerDriver] = [:]
     }
 
     /// `loops`: the event loops connections run on, when not the pooler's own threads' (the
@@ -110,6 +109,7 @@ public final class Pooler: @unchecked Sendable {
             instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
         self.cancels = CancelRequests(pooler: self, group: group)
         self.credentials = Credentials(pooler: self)
+        self.listenerHub = ListenerHub(pooler: self)
     }
 
     /// The stats periods of the traffic counters; the totals are summed from `trafficCells` when
