@@ -81,7 +81,9 @@ final class Credentials: Sendable {
     > {
         guard authUser(for: database) != nil else { return loop.makeSucceededFuture(.notFound) }
         let (authDBName, key) = authQueryTarget(user: user, database: database)
-        if let cached = cachedAuthQuery(user: user, database: database) { return loop.makeSucceededFuture(cached) }
+        if let cached = state.withLockedValue({ $0.authQuery.lookup(key, now: NIODeadline.now()) }) {
+            return loop.makeSucceededFuture(cached)
+        }
         let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
         let start = { @Sendable in
             let lookup = self.runLookup(user: user, database: database, on: loop)
