@@ -48,7 +48,7 @@ import Testing
         d.session.passThroughStarted(d.server, cancelKey: (7, 8), into: &d.actions)
         d.carryOut()
         #expect(d.clientTypes == "RSSKZ")
-        #expect(d.session.state == .passThrough && d.session.stateName == "active")
+        #expect(d.session.state == .passThrough(d.server) && d.session.stateName == "active")
         // Replication commands and CopyBoth data, unread by the pooler.
         d.toClient.clear()
         d.client(D.query("IDENTIFY_SYSTEM"), D.query("START_REPLICATION 0/0"))

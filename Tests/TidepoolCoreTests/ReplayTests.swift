@@ -32,7 +32,7 @@ import Testing
         #expect(!first.isEmpty)
         lost(d, unused: true)
         #expect(d.closedWith == nil)
-        #expect(d.session.state == .waiting && d.requests == 2)
+        #expect(d.session.isWaiting && d.requests == 2)
         d.toServer.clear()
         d.lend(ServerSessionState(maxPreparedStatements: 10))
         #expect(d.serverTypes == first, "the same request again, rewritten for the new server")
@@ -53,7 +53,7 @@ import Testing
         d.serverSends(Self.fatal(SQLState.adminShutdown))
         #expect(d.clientTypes == "", "the server's farewell is not passed on")
         lost(d, unused: false)
-        #expect(d.closedWith == nil && d.session.state == .waiting)
+        #expect(d.closedWith == nil && d.session.isWaiting)
         d.toServer.clear()
         d.lend()
         #expect(d.serverTypes == "Q")
@@ -109,7 +109,7 @@ import Testing
         d.lend()
         #expect(d.serverTypes == "Q", "the sync first; the client's Query waits for it")
         lost(d, unused: false)
-        #expect(d.closedWith == nil && d.session.state == .waiting)
+        #expect(d.closedWith == nil && d.session.isWaiting)
     }
 
     @Test func aRequestIsReplayedAFewTimesAtMost() {
@@ -118,7 +118,7 @@ import Testing
         for _ in 0..<ClientSession.maxReplays {
             d.lend()
             lost(d, unused: true)
-            #expect(d.session.state == .waiting)
+            #expect(d.session.isWaiting)
         }
         d.lend()
         lost(d, unused: true)

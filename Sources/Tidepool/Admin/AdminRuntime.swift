@@ -312,7 +312,7 @@ extension ClientConnection {
         }
         row.connectTime = connectedAtWallClock
         row.requestTime = connectedAtWallClock
-        if session.state == .waiting, let start = session.waitStart {
+        if let start = session.waitStart {
             row.waitMicroseconds = Int((NIODeadline.now() - start).nanoseconds / 1000)
         }
         row.id = id.map { "\($0.raw)" } ?? ""

@@ -177,8 +177,7 @@ public enum FuzzHarness {
             actions.removeAll()
             session.actionsCarriedOut()
             session.accepted.removeAll()
-            precondition((session.state == .linked) == (session.server != nil), "linked state and server disagree")
-            precondition(!session.flow.serverPaused || session.state == .linked, "an unlinked server left paused")
+            precondition(!session.flow.serverPaused || session.isLinked, "an unlinked server left paused")
             // Reads stop in time: what waits is bounded by the limit and one read.
             precondition(session.heldBytes <= session.bufferLimit + 255, "held bytes past the limit")
             precondition(session.notificationQueue.count <= session.notifyQueueSize, "notification queue unbounded")

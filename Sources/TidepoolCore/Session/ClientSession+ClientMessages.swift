@@ -113,7 +113,7 @@ extension ClientSession {
     /// The end of one read of client bytes: what was gathered for the linked server goes, and the
     /// timeouts learn the client is active.
     public mutating func clientReadDone(now: NIODeadline, into actions: inout Actions) {
-        if !toServer.isEmpty, state == .linked || state == .passThrough, !swallowingUntilReady {
+        if !toServer.isEmpty, holdsServer, !swallowingUntilReady {
             markSent(now: now)
             actions.append(.sendToServer)
         }
@@ -167,8 +167,7 @@ extension ClientSession {
             toServer.append(bytes)
         case .idle:
             hold(bytes)
-            state = .waiting
-            waitStart = now
+            state = .waiting(since: now)
             actions.append(.requestServer)
         default:
             hold(bytes)
@@ -187,7 +186,7 @@ extension ClientSession {
         _ buffer: inout ByteBuffer, now: NIODeadline, isKnownStatement: (String) -> Bool,
         into actions: inout Actions
     ) throws(WireError) -> Bool {
-        guard state == .linked, !swallowingUntilReady, let server else {
+        guard case .linked(let server) = state, !swallowingUntilReady else {
             guard state == .idle else {
                 // Kept whole until a server is linked: how it is rewritten depends on that server.
                 stash(&buffer)
@@ -204,8 +203,7 @@ extension ClientSession {
                 actions.append(.flushClient)
                 return true
             }
-            state = .waiting
-            waitStart = now
+            state = .waiting(since: now)
             stash(&buffer)
             actions.append(.requestServer)
             return false
@@ -330,15 +328,15 @@ extension ClientSession {
     /// reached PostgreSQL, so that the cancel cannot land on a query another client runs on that
     /// backend after a hand-over.
     public mutating func cancelRequested(now: NIODeadline, into actions: inout Actions) {
-        if state == .waiting {
+        if isWaiting {
             cancelWhileWaiting(now: now, into: &actions)
             return
         }
-        if state == .passThrough {
+        if isPassingThrough {
             actions.append(.cancelServerQuery(reportBack: false))
             return
         }
-        guard state == .linked, !tracker.isClean else { return }
+        guard isLinked, !tracker.isClean else { return }
         cancelsInFlight += 1
         actions.append(.cancelServerQuery(reportBack: true))
     }
@@ -386,7 +384,6 @@ extension ClientSession {
         for _ in 0..<answers { Wire.readyForQuery(.idle, into: &out) }
         tracker.reset()
         state = .idle
-        waitStart = nil
         timeoutClock?.idleSince = now
         write(out, into: &actions)
         actions.append(.flushClient)

@@ -51,7 +51,7 @@ extension ClientSession {
 
     /// The linked server's socket became writable or stopped being writable.
     public mutating func serverWritabilityChanged(_ writable: Bool, into actions: inout Actions) {
-        guard state == .linked || state == .passThrough else { return }
+        guard holdsServer else { return }
         flow.serverWritable = writable
         settleReads(into: &actions)
     }
@@ -71,7 +71,7 @@ extension ClientSession {
     /// Pauses or resumes reading either side as the rules above say. Called after every event's
     /// actions are carried out; appends nothing when nothing changes.
     public mutating func settleReads(into actions: inout Actions) {
-        let linked = state == .linked || state == .passThrough
+        let linked = holdsServer
         let pauseClient =
             state != .closed
             && (!flow.clientWritable || (linked && !flow.serverWritable) || flow.handOffBacklog
@@ -89,7 +89,7 @@ extension ClientSession {
         if pauseServer != flow.serverPaused {
             flow.serverPaused = pauseServer
             // An unlinked server is read again by the unlink itself.
-            if state == .linked || state == .passThrough {
+            if holdsServer {
                 actions.append(pauseServer ? .pauseServerReads : .resumeServerReads)
             }
         }

@@ -17,7 +17,7 @@ extension ClientSession {
         _ server: ServerSessionState, now: NIODeadline, statementCapacity: Int? = nil,
         isKnownStatement: (String) -> Bool, into actions: inout Actions
     ) -> Lend {
-        guard state == .waiting else {
+        guard isWaiting else {
             actions.append(.releaseServer(reusable: true))
             return state == .awaitingWelcome ? .parametersOnly : .unwanted
         }
@@ -25,15 +25,14 @@ extension ClientSession {
         if let statementCapacity, server.statements.capacity != statementCapacity {
             server.statements.resize(to: statementCapacity)
         }
+        let waitStart = waitStart
         beginLease()
-        state = .linked
-        self.server = server
+        state = .linked(server)
         traffic.serverAssignments += 1
         if let start = waitStart {
             let waited = Int((now - start).nanoseconds / 1000)
             traffic.waitTime += waited
             recordTiming(.wait, waited, into: &actions)
-            waitStart = nil
         }
         if let timeoutClock {
             timeoutClock.linkedAt = now
@@ -100,7 +99,7 @@ extension ClientSession {
                 return
             }
             if kept.readableBytes > 0, state != .closed { stash(&kept) }
-            guard state == .linked else { return }
+            guard isLinked else { return }
         }
         if !pending.isEmpty {
             // Held back while waiting: goes first.
@@ -118,7 +117,7 @@ extension ClientSession {
 
     /// The client has waited query_wait_notify: it is told it is queued, in PgBouncer's words.
     public mutating func waitNotice(into actions: inout Actions) {
-        guard state == .waiting else { return }
+        guard isWaiting else { return }
         var out = ByteBufferAllocator().buffer(capacity: 128)
         Wire.noticeResponse(
             PostgresError(
@@ -133,7 +132,7 @@ extension ClientSession {
     /// True when it closed the client (one still waiting, or logging in).
     @discardableResult
     public mutating func waitFailed(_ error: PoolError, into actions: inout Actions) -> Bool {
-        guard state == .waiting || state == .awaitingWelcome else { return false }
+        guard isWaiting || state == .awaitingWelcome else { return false }
         var e = error.postgresError
         e.severity = "FATAL"
         close(e, reason: e.message, into: &actions)
@@ -145,7 +144,7 @@ extension ClientSession {
     /// between transactions, else at the end of its transaction, so that no session runs on
     /// the old server for long.
     public mutating func endAtTransactionEnd(now: NIODeadline, into actions: inout Actions) {
-        guard state == .linked else { return }
+        guard isLinked else { return }
         if tracker.status == .idle, tracker.isQuiet {
             endSessionNow(now: now, into: &actions)
         } else {

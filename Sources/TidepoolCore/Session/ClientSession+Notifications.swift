@@ -15,7 +15,7 @@ extension ClientSession {
     public mutating func notification(
         _ message: ByteBuffer, channel: String, now: NIODeadline, into actions: inout Actions
     ) -> Int {
-        guard state == .idle || state == .waiting || state == .linked,
+        guard state == .idle || isWaiting || isLinked,
             let sessionState, sessionState.channels.contains(channel)
         else { return 0 }
         if readyHold == .held, sessionState.awaitingNotify.remove(channel) != nil {
@@ -48,7 +48,7 @@ extension ClientSession {
 
     /// Whether a notification written now would come between whole messages the client can take.
     var mayWriteNotification: Bool {
-        flow.clientWritable && readyHold == .none && (state != .linked || serverScanner.atMessageBoundary)
+        flow.clientWritable && readyHold == .none && (!isLinked || serverScanner.atMessageBoundary)
     }
 
     /// Writes the queued notifications if they may go now.
@@ -81,7 +81,7 @@ extension ClientSession {
         waitingOwnNotification = false
         sessionState?.awaitingNotify.removeAll()
         guard readyHold == .held else { return }
-        guard state == .linked else {
+        guard isLinked else {
             readyHold = .none
             return
         }

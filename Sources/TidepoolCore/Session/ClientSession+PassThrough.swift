@@ -12,8 +12,7 @@ extension ClientSession {
         _ server: ServerSessionState, cancelKey: (Int32, Int32), into actions: inout Actions
     ) {
         guard state == .awaitingWelcome, replication != nil else { return }
-        self.server = server
-        state = .passThrough
+        state = .passThrough(server)
         resetServerFlow()
         var out = ByteBufferAllocator().buffer(capacity: 512)
         Wire.authenticationOk(into: &out)

@@ -36,7 +36,7 @@ extension ClientSession {
     /// part, `mayGiveBack`, first, to write the answer before).
     @inline(never)
     mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) {
-        guard state == .linked, serverInbound.isEmpty, toServer.isEmpty, mayGiveBack else { return }
+        guard isLinked, serverInbound.isEmpty, toServer.isEmpty, mayGiveBack else { return }
         unlink(now: now, reusable: true, into: &actions)
     }
 
@@ -47,7 +47,6 @@ extension ClientSession {
         } else {
             actions.append(.releaseServer(reusable: reusable))
         }
-        server = nil
         state = .idle
         tracker.reset()
         timeoutClock?.idleSince = now
@@ -59,10 +58,9 @@ extension ClientSession {
         if state == .closed { return }
         self.serverResetQuery = serverResetQuery
         serverResetQueryAlways = resetAlways
-        if state == .passThrough {
+        if isPassingThrough {
             actions.append(.releaseServer(reusable: false))
-            server = nil
-        } else if state == .linked {
+        } else if isLinked {
             let clean = serverIsClean
             if clean, let sessionState, let reset = sessionState.resetForRelease() {
                 actions.append(.resetAndReleaseServer(reset))
@@ -71,7 +69,6 @@ extension ClientSession {
             } else {
                 actions.append(.releaseServer(reusable: clean))
             }
-            server = nil
         }
         state = .closed
         actions.append(.forget)

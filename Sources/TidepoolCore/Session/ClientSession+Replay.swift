@@ -110,8 +110,7 @@ extension ClientSession {
         else { return false }
         leaseUnanswered = false
         lease.replays += 1
-        server = nil
-        state = .waiting
+        state = .waiting(since: lease.waitStart ?? now)
         swallowingUntilReady = false
         syncError = nil
         readyHold = .none
@@ -134,7 +133,6 @@ extension ClientSession {
         lease.inbound = nil
         if var after = lease.after.take() { raw.writeBuffer(&after) }
         inbound = KeptBytes()
-        waitStart = lease.waitStart ?? now
         actions.append(.requestServer)
         if prepared != nil {
             // Rewritten at the next lend, for that server.

@@ -7,8 +7,8 @@ extension ClientSession {
     public mutating func serverBytes(
         _ data: ByteBuffer, now: NIODeadline, into actions: inout Actions
     ) {
-        guard state == .linked, let server else {
-            if state == .passThrough { passThroughServerBytes(data, into: &actions) }
+        guard case .linked(let server) = state else {
+            if isPassingThrough { passThroughServerBytes(data, into: &actions) }
             return
         }
         traffic.sent += data.readableBytes
@@ -124,7 +124,7 @@ extension ClientSession {
                             return
                         }
                         flushPending(now: now, into: &actions)
-                        guard state == .linked else { return }
+                        guard isLinked else { return }
                         continue
                     }
                     if readyHold == .resuming {
@@ -289,9 +289,8 @@ extension ClientSession {
     /// PgBouncer's words and SQLSTATE, which applications match to retry (libpq's own "server
     /// closed the connection unexpectedly" would hide whether the pooler said anything).
     public mutating func serverLost(unused: Bool = false, now: NIODeadline, into actions: inout Actions) {
-        guard state == .linked || state == .passThrough else { return }
+        guard holdsServer else { return }
         if requeueAfterLoss(unused: unused, now: now, into: &actions) { return }
-        server = nil
         state = .idle
         close(
             .fatal(SQLState.protocolViolation, "server conn crashed?"), reason: "server connection lost",

@@ -249,7 +249,11 @@ extension ClientSession {
         if let resets, tracker.status == .inTransaction { sessionState.localSync = localSync(resets, sessionState) }
         let held = sessionState.heldReports
         sessionState.heldReports.removeAll()
-        for name in sessionState.serverDefaults where server?.parameters[name] != nil { server!.parameters[name] = nil }
+        if let server {
+            for name in sessionState.serverDefaults where server.parameters[name] != nil {
+                server.parameters[name] = nil
+            }
+        }
         sessionState.serverDefaults.removeAll()
         for name in StartupParameters.tracked {
             let lower = name.lowercased()
@@ -309,7 +313,7 @@ extension ClientSession {
     /// (as at a lend), its answers not shown.
     mutating func resyncServer(into actions: inout Actions) {
         sessionState?.resyncDue = false
-        guard state == .linked, let server else { return }
+        guard case .linked(let server) = state else { return }
         let settings = settingsSync(server, into: &actions)
         let sync = settings.resets + (parameterSync(server) ?? "") + settings.sets
         guard !sync.isEmpty else { return }

@@ -107,7 +107,7 @@ extension ClientSession {
         case .close(let e):
             error = e
         case .cancelAndClose(let e):
-            if state == .linked { actions.append(.cancelServerQuery(reportBack: false)) }
+            if isLinked { actions.append(.cancelServerQuery(reportBack: false)) }
             error = e
         }
         close(error, reason: error.message, into: &actions)

@@ -16,6 +16,11 @@ public final class ServerSessionState: @unchecked Sendable {
     }
 }
 
+extension ServerSessionState: Equatable {
+    /// The same server.
+    public static func == (a: ServerSessionState, b: ServerSessionState) -> Bool { a === b }
+}
+
 /// One client's protocol life once it is logged in to a pool: which bytes go to the server, which
 /// answers the pooler makes up, when the server goes back to the pool, what a cancel does, and
 /// what is counted for SHOW STATS. Events come in with the time; actions are appended to the
@@ -26,6 +31,8 @@ public final class ServerSessionState: @unchecked Sendable {
 /// `ClientSession+Login.swift`; the runtime's part of it (registries, lookups, TLS) is
 /// `ClientLogin`. When a server goes back to the pool: `ClientSession+Release.swift`.
 public struct ClientSession {
+    /// Where the client is; a state that needs data carries it, so that no server is held, and
+    /// no wait timed, outside the states that have them.
     public enum State: Equatable, Sendable {
         case startup
         /// Waiting for auth_query to find the user's secret.
@@ -34,11 +41,12 @@ public struct ClientSession {
         /// Logged in as far as the client knows, but waiting for a server to learn its parameters.
         case awaitingWelcome
         case idle
-        /// Queued for a server.
-        case waiting
-        case linked
+        /// Queued for a server since then.
+        case waiting(since: NIODeadline)
+        /// Holding this server (until `ClientSession+Release.swift` gives it back).
+        case linked(ServerSessionState)
         /// A replication connection on a server of its own: every byte passes through both ways.
-        case passThrough
+        case passThrough(ServerSessionState)
         /// Connected to the admin console (`adminReadOnly`: as a stats_users user).
         case admin
         case closed
@@ -250,8 +258,29 @@ public struct ClientSession {
     /// `leaseStart` holds the current lend's start: the server has not answered yet.
     var leaseUnanswered = false
 
-    /// The server the client holds, while linked.
-    public internal(set) var server: ServerSessionState?
+    /// The server the client holds, while linked or passing through.
+    public var server: ServerSessionState? {
+        switch state {
+        case .linked(let server), .passThrough(let server): server
+        default: nil
+        }
+    }
+    @inline(__always) public var isLinked: Bool {
+        if case .linked = state { true } else { false }
+    }
+    @inline(__always) public var isWaiting: Bool {
+        if case .waiting = state { true } else { false }
+    }
+    @inline(__always) var isPassingThrough: Bool {
+        if case .passThrough = state { true } else { false }
+    }
+    /// Linked or passing through: client bytes go to a server.
+    @inline(__always) var holdsServer: Bool {
+        switch state {
+        case .linked, .passThrough: true
+        default: false
+        }
+    }
     /// Client bytes kept for later: before login ends, or while prepared statements are tracked
     /// and no server is linked.
     public var inbound = KeptBytes()
@@ -302,7 +331,10 @@ public struct ClientSession {
     public var latency: LatencyRecorder?
     /// Wait, query and transaction times also go out as `recordTiming` (for /metrics).
     public var reportsTimings = false
-    public internal(set) var waitStart: NIODeadline?
+    /// When the client joined the pool's queue, while it waits.
+    public var waitStart: NIODeadline? {
+        if case .waiting(let since) = state { since } else { nil }
+    }
     var queryStart: NIODeadline?
     var transactionStart: NIODeadline?
     /// log_slow_query_ms in microseconds (0 = off).
@@ -388,8 +420,7 @@ public struct ClientSession {
         state = .idle
         timeoutClock?.idleSince = now
         if !pending.isEmpty {
-            state = .waiting
-            waitStart = now
+            state = .waiting(since: now)
             actions.append(.requestServer)
         }
     }
