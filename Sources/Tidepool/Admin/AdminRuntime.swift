@@ -159,8 +159,8 @@ extension Pooler {
                     clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
                     serversIdle: snapshots.reduce(0) { $0 + $1.idle },
                     serversLogin: snapshots.reduce(0) { $0 + $1.connecting }, peers: config.peers.count,
-                    peerPools: config.peers.count, dnsNames: dnsCache.entries.count,
-                    dnsZones: dnsCache.zoneRows().count, dnsQueries: dnsCache.pending))
+                    peerPools: config.peers.count, dnsNames: hosts.cache.entries.count,
+                    dnsZones: hosts.cache.zoneRows().count, dnsQueries: hosts.cache.pending))
         case "DATABASES":
             var current: [String: Int] = [:]
             var paused: Set<String> = []
@@ -234,9 +234,9 @@ extension Pooler {
         case "PEER_POOLS":
             return loop.makeSucceededFuture(AdminViews.peerPools(config, cancels: peerCancelCounts()))
         case "DNS_HOSTS":
-            return loop.makeSucceededFuture(AdminViews.dnsHosts(dnsCache, now: .now()))
+            return loop.makeSucceededFuture(AdminViews.dnsHosts(hosts.cache, now: .now()))
         case "DNS_ZONES":
-            return loop.makeSucceededFuture(AdminViews.dnsZones(dnsCache))
+            return loop.makeSucceededFuture(AdminViews.dnsZones(hosts.cache))
         case "LATENCY":
             let books = loops.enumerated().map { index, l in l.submit { [self] in poolerLoops[index].latency.book } }
             return EventLoopFuture.whenAllSucceed(books, on: loop).map { books in

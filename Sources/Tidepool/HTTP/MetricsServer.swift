@@ -193,7 +193,7 @@ extension Pooler {
         let databases = config.databases
         let checks = databases.map { name, entry -> EventLoopFuture<(String, String?)> in
             // Through the DNS cache, as servers are opened (resolv_conf's name servers included).
-            let connection = connect(
+            let connection = hosts.connect(
                 ClientBootstrap(group: loop).connectTimeout(.seconds(1)), to: ServerConnection.Address(entry), on: loop)
             return connection.flatMap { channel in channel.close().map { (name, nil as String?) } }
                 .flatMapError { error in loop.makeSucceededFuture((name, "\(error)")) }

@@ -10,9 +10,6 @@ protocol CancelRouting: AnyObject, Sendable {
     var logger: Logger { get }
     /// The client that was given this cancel key, if it is still connected.
     func client(cancelKey: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection?
-    /// A connection to `address` (a host name resolved as the pooler resolves servers').
-    func connect(_ bootstrap: ClientBootstrap, to address: ServerConnection.Address, on loop: EventLoop)
-        -> EventLoopFuture<Channel>
 }
 
 /// Passes cancel requests on: a client's own key to the backend it is using (through its session,
@@ -20,12 +17,14 @@ protocol CancelRouting: AnyObject, Sendable {
 /// pool_size (PgBouncer's peering), and the session's own cancels to PostgreSQL.
 final class CancelRequests: Sendable {
     private unowned let pooler: any CancelRouting
+    private let hosts: HostResolver
     private let group: EventLoopGroup
     /// Requests being passed on to each peer, and those waiting for a slot.
     private let peers = NIOLockedValueBox(PeerCancels<ServerConnection.CancelTarget>())
 
-    init(pooler: any CancelRouting, group: EventLoopGroup) {
+    init(pooler: any CancelRouting, hosts: HostResolver, group: EventLoopGroup) {
         self.pooler = pooler
+        self.hosts = hosts
         self.group = group
     }
 
@@ -58,7 +57,7 @@ final class CancelRequests: Sendable {
         let packet = buffer
         let timeout = pooler.config.global.serverConnectTimeout
         let loop = group.next()
-        let connecting = pooler.connect(
+        let connecting = hosts.connect(
             ClientBootstrap(group: loop).connectTimeout(timeout), to: target.address, on: loop)
         return connecting.flatMap { channel in
             channel.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }

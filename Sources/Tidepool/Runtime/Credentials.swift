@@ -10,8 +10,6 @@ protocol CredentialSources: AnyObject, Sendable {
     /// auth_file's users.
     var userlist: [String: PasswordSecret] { get }
     func serverTLSNegotiator(for address: ServerConnection.Address) -> ServerTLSNegotiator?
-    func connect(_ bootstrap: ClientBootstrap, to address: ServerConnection.Address, on loop: EventLoop)
-        -> EventLoopFuture<Channel>
 }
 
 /// Secrets the pooler learns while running: auth_query's answers (cached for
@@ -20,6 +18,7 @@ protocol CredentialSources: AnyObject, Sendable {
 /// cleartext password); and from them, how the pooler logs in to a server.
 final class Credentials: Sendable {
     private unowned let pooler: any CredentialSources
+    private let hosts: HostResolver
     private struct State {
         var authQuery = AuthQueryCache(ttl: .seconds(10))
         var serverSecrets: [String: ServerLoginStateMachine.Secret] = [:]
@@ -28,7 +27,10 @@ final class Credentials: Sendable {
     /// auth_query lookups running and queued, per database they run against.
     private let lookups = NIOLockedValueBox(AuthLookupQueue<@Sendable () -> Void>())
 
-    init(pooler: any CredentialSources) { self.pooler = pooler }
+    init(pooler: any CredentialSources, hosts: HostResolver) {
+        self.pooler = pooler
+        self.hosts = hosts
+    }
 
     /// A client's login taught how to log in as `user` (`ClientSession.learnedServerSecret`).
     func learned(_ secret: ServerLoginStateMachine.Secret, user: String) {
@@ -132,7 +134,7 @@ final class Credentials: Sendable {
                     try channel.pipeline.syncOperations.addHandler(handler)
                 }
             }
-        pooler.connect(bootstrap, to: address, on: loop).whenComplete { result in
+        hosts.connect(bootstrap, to: address, on: loop).whenComplete { result in
             switch result {
             case .success(let channel):
                 // Nothing may hang a login: the lookup gets server_connect_timeout in all.

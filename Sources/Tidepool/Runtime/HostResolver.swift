@@ -1,13 +1,21 @@
 import Foundation
+import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import TidepoolCore
 
+/// What the host resolver needs of the pooler: to close the servers open to addresses a name no
+/// longer has.
+protocol ResolvedHostsOwner: AnyObject, Sendable {
+    /// `host`'s answer dropped `gone`: its servers open to them are to be closed.
+    func addressesDropped(host: String, gone: [String], answered: [String], now: NIODeadline)
+}
+
 /// Server host names to addresses, through `DNSCache` (the policy) and `NameResolver` (c-ares,
 /// with the system's resolv.conf or `resolv_conf`). SOA serials for dns_zone_check_period are
 /// asked the same way.
-extension Pooler {
+final class HostResolver: Sendable {
     struct DNSState {
         var cache: DNSCache
         /// Connects waiting for a name's first answer.
@@ -20,8 +28,31 @@ extension Pooler {
         var description: String { "could not resolve host \"\(host)\": \(reason)" }
     }
 
+    private let dns: NIOLockedValueBox<DNSState>
+    /// Asks c-ares for host names and zone serials (resolv_conf cannot change while running).
+    private let names: NameResolver
+    /// Where lookups' answers arrive.
+    private let loop: EventLoop
+    private let logger: Logger
+    /// The pooler, which owns the resolver and outlives it.
+    private unowned let owner: any ResolvedHostsOwner
+
+    init(_ global: GlobalSettings, loop: EventLoop, logger: Logger, owner: any ResolvedHostsOwner) {
+        dns = NIOLockedValueBox(
+            DNSState(
+                cache: DNSCache(
+                    maxTTL: global.dnsMaxTTL, nxdomainTTL: global.dnsNxdomainTTL,
+                    zoneCheckPeriod: global.dnsZoneCheckPeriod)))
+        names = NameResolver(resolvConf: global.resolvConf)
+        self.loop = loop
+        self.logger = logger
+        self.owner = owner
+    }
+
     /// The DNS cache as it is now, for the console.
-    var dnsCache: DNSCache { dns.withLockedValue { $0.cache } }
+    var cache: DNSCache { dns.withLockedValue { $0.cache } }
+
+    func stop() { names.stop() }
 
     /// Connects `bootstrap` to `address`: a socket path, an address as written, or the addresses
     /// of a host name one after the other until one takes the connection.
@@ -86,8 +117,8 @@ extension Pooler {
 
     /// Looks `host` up and tells the cache; an answer that drops addresses closes the servers
     /// open to them once they are released.
-    func startLookup(_ host: String) {
-        resolver.addresses(of: host, on: loops[0]).whenComplete { result in self.lookupFinished(host, result) }
+    private func startLookup(_ host: String) {
+        names.addresses(of: host, on: loop).whenComplete { result in self.lookupFinished(host, result) }
     }
 
     private func lookupFinished(_ host: String, _ result: Result<[String], Error>) {
@@ -113,29 +144,16 @@ extension Pooler {
             }
         }
         if case .failure(let error) = result { logger.warning("DNS lookup failed: \(host): \(error)") }
-        guard !gone.isEmpty else { return }
-        let ids = shared.withLockedValue { s in
-            Set(
-                s.servers.compactMap { id, server -> ServerID? in
-                    guard case .tcp(let name, _) = server.address, name == host,
-                        let remote = server.remoteIP, gone.contains(remote)
-                    else { return nil }
-                    return id
-                })
-        }
-        logger.info(
-            "DNS: \(host) is now \(answered.joined(separator: ",")), no longer \(gone.joined(separator: ",")): \(ids.count) server(s) to close"
-        )
-        if !ids.isEmpty { withPool { $0.reconnect(servers: ids, now: now) } }
+        if !gone.isEmpty { owner.addressesDropped(host: host, gone: gone, answered: answered, now: now) }
     }
 
     /// The janitor's part: names whose answer is too old are looked up again, and zones' SOA
     /// serials asked for every dns_zone_check_period.
-    func refreshHostNames(now: NIODeadline) {
+    func refresh(now: NIODeadline) {
         let (hosts, zones) = dns.withLockedValue { ($0.cache.due(now: now), $0.cache.zonesDue(now: now)) }
         for host in hosts { startLookup(host) }
         for zone in zones {
-            resolver.soaSerial(of: zone, on: loops[0]).whenSuccess { serial in
+            names.soaSerial(of: zone, on: loop).whenSuccess { serial in
                 let changed = self.dns.withLockedValue { $0.cache.zoneSerial(zone, serial: serial) }
                 if !changed.isEmpty {
                     self.logger.info(
@@ -147,7 +165,7 @@ extension Pooler {
     }
 
     /// RELOAD and SET: new TTLs, and names no database uses any more forgotten.
-    func applyDNSSettings(_ config: Config) {
+    func apply(_ config: Config) {
         let g = config.global
         let hosts = Set(config.databases.values.flatMap(\.hosts))
         dns.withLockedValue { d in

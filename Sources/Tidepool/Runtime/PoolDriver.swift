@@ -136,7 +136,7 @@ extension Pooler {
             let clients = s.registry.poolClients
             return s.pools.timerFired(now: now) { clients[$0, default: 0] > 0 || listening.contains($0) }
         }
-        refreshHostNames(now: now)
+        hosts.refresh(now: now)
         let elapsed = now - statsPeriodStart
         if elapsed >= config.global.statsPeriod {
             statsPeriodStart = now

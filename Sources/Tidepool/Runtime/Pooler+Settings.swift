@@ -89,7 +89,7 @@ extension Pooler {
         statements.capacity.store(config.global.maxPreparedStatements, ordering: .relaxed)
         let g = config.global
         SyslogOutput.shared.configure(enabled: g.syslog, ident: g.syslogIdent, facility: g.syslogFacility)
-        applyDNSSettings(config)
+        hosts.apply(config)
         let now = NIODeadline.now()
         withPool { pools in
             var actions: [PoolAction] = []

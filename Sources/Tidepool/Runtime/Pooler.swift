@@ -39,10 +39,8 @@ public final class Pooler: @unchecked Sendable {
     private(set) var listenerHub: ListenerHub!
     /// Numbers the server connections opened outside the pools (`unpooledServerID`).
     let unpooledServerIDs = Atomic<UInt64>(0)
-    /// Server host names' addresses (HostResolver.swift).
-    let dns: NIOLockedValueBox<DNSState>
-    /// Asks c-ares for host names and zone serials (resolv_conf cannot change while running).
-    let resolver: NameResolver
+    /// Server host names' addresses (set once, at the end of init: it is given the pooler).
+    private(set) var hosts: HostResolver!
 
     var listeners: [Channel] = []
     /// The HTTP listener for /metrics and /health (stats_listen_port).
@@ -93,12 +91,6 @@ public final class Pooler: @unchecked Sendable {
         self.statements = SharedStatements(capacity: config.global.maxPreparedStatements)
         self.reloader = reloader
         self.logger = logger
-        let g = config.global
-        self.dns = NIOLockedValueBox(
-            DNSState(
-                cache: DNSCache(
-                    maxTTL: g.dnsMaxTTL, nxdomainTTL: g.dnsNxdomainTTL, zoneCheckPeriod: g.dnsZoneCheckPeriod)))
-        self.resolver = NameResolver(resolvConf: g.resolvConf)
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: loops == nil ? count : 1)
         self.loops = loops ?? Array(group.makeIterator())
@@ -107,8 +99,9 @@ public final class Pooler: @unchecked Sendable {
         let configured = config.global.instanceID
         self.metrics = PoolerMetrics(
             instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
-        self.cancels = CancelRequests(pooler: self, group: group)
-        self.credentials = Credentials(pooler: self)
+        self.hosts = HostResolver(config.global, loop: self.loops[0], logger: logger, owner: self)
+        self.cancels = CancelRequests(pooler: self, hosts: hosts, group: group)
+        self.credentials = Credentials(pooler: self, hosts: hosts)
         self.listenerHub = ListenerHub(pooler: self)
     }
 
@@ -208,7 +201,7 @@ public final class Pooler: @unchecked Sendable {
         }
         for future in closing { try? future.wait() }
         endWaits()
-        resolver.stop()
+        hosts.stop()
         try? group.syncShutdownGracefully()
         for loop in poolerLoops { loop.flusher.stop() }  // their threads are gone
     }
@@ -251,4 +244,4 @@ public final class Pooler: @unchecked Sendable {
 #endif
 
 /// What the pooler's components see of it.
-extension Pooler: CancelRouting, CredentialSources, ServerConnectionOwner {}
+extension Pooler: CancelRouting, CredentialSources, ServerConnectionOwner, ResolvedHostsOwner {}

@@ -67,7 +67,7 @@ extension Pooler {
                     try channel.pipeline.syncOperations.addHandler(server)
                 }
             }
-        let connecting = connect(bootstrap, to: server.address, on: loops[loop % loops.count])
+        let connecting = self.hosts.connect(bootstrap, to: server.address, on: loops[loop % loops.count])
         connecting.whenFailure { error in
             if let host { self.hostFailed(host, database: key.database) }
             driver.serverConnectFailed(
@@ -138,6 +138,25 @@ extension Pooler {
 
 /// What a server connection asks of the pooler once it is made: settings, the log, and telling
 /// the host list that a host failed. (Its pools are told through `PoolDriving`.)
+extension Pooler {
+    /// A host name's new answer dropped addresses: the servers open to them close once released.
+    func addressesDropped(host: String, gone: [String], answered: [String], now: NIODeadline) {
+        let ids = shared.withLockedValue { s in
+            Set(
+                s.servers.compactMap { id, server -> ServerID? in
+                    guard case .tcp(let name, _) = server.address, name == host,
+                        let remote = server.remoteIP, gone.contains(remote)
+                    else { return nil }
+                    return id
+                })
+        }
+        logger.info(
+            "DNS: \(host) is now \(answered.joined(separator: ",")), no longer \(gone.joined(separator: ",")): \(ids.count) server(s) to close"
+        )
+        if !ids.isEmpty { withPool { $0.reconnect(servers: ids, now: now) } }
+    }
+}
+
 protocol ServerConnectionOwner: AnyObject, Sendable {
     var config: Config { get }
     var logger: Logger { get }
