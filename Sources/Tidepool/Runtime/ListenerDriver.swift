@@ -3,6 +3,23 @@ import NIOConcurrencyHelpers
 import NIOCore
 import TidepoolCore
 
+/// What the drivers of servers outside the pools (a pool's listener, a replication client's
+/// server) need of the pooler.
+protocol UnpooledServerOwner: AnyObject, Sendable {
+    var loops: [EventLoop] { get }
+    var logger: Logger { get }
+    var metrics: PoolerMetrics { get }
+    /// Takes a slot in max_db_connections / max_user_connections for a server of `key` outside
+    /// the pool; false when none is left.
+    func unpooledServerOpening(_ key: PoolKey) -> Bool
+    /// Gives the slot back.
+    func unpooledServerClosed(_ key: PoolKey)
+    /// Opens a pool's listener connection, driven by `driver`.
+    func openListener(pool key: PoolKey, loop: Int, driver: ListenerDriver) -> ServerConnection
+    /// The clients among `ids` still connected.
+    func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection]
+}
+
 /// Carries out one pool's `ChannelListener`: opens and closes its server connection, sends its
 /// LISTEN and UNLISTEN statements, and hands each notification to the clients listening on its
 /// channel. Everything runs on one event loop (the listener connection's), so the machine needs
@@ -11,7 +28,8 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     let key: PoolKey
     let loop: EventLoop
     let loopIndex: Int
-    unowned let pooler: Pooler
+    /// The pooler, which owns the hub that owns this driver.
+    unowned let pooler: any UnpooledServerOwner
     var machine = ChannelListener()
     /// The connection the machine speaks of; callbacks of an older one are ignored.
     var connection: ServerConnection?
@@ -21,7 +39,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     var commandError: String?
     var timer: Scheduled<Void>?
 
-    init(key: PoolKey, pooler: Pooler, loopIndex: Int) {
+    init(key: PoolKey, pooler: any UnpooledServerOwner, loopIndex: Int) {
         self.key = key
         self.pooler = pooler
         self.loopIndex = loopIndex
@@ -65,8 +83,11 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
             case .send(let sql):
                 commandError = nil
                 connection?.command(.listenerQuery(sql))
-            case .confirm(let clients):
-                pooler.listenConfirmed(clients)
+            case .confirm(let ids):
+                // The listener listens on these clients' new channels: their held ReadyForQuery may go.
+                for client in pooler.clients(ids) {
+                    client.eventLoop.execute { client.deliver(.listenConfirmed) }
+                }
             case .close:
                 if let connection {
                     self.connection = nil
@@ -83,25 +104,20 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     }
 
     private func open() {
-        var granted = false
-        let key = self.key
-        pooler.withPoolBuffer { pools, actions in granted = pools.unpooledServerOpening(key, into: &actions) }
-        guard granted else {
+        guard pooler.unpooledServerOpening(key) else {
             carryOut(
                 machine.connectFailed(
                     "max_db_connections or max_user_connections reached", now: .now()))
             return
         }
         holdsSlot = true
-        connection = pooler.openServer(
-            pooler.unpooledServerID(), pool: key, loop: loopIndex, driver: self, listens: true)
+        connection = pooler.openListener(pool: key, loop: loopIndex, driver: self)
     }
 
     private func releaseSlot() {
         guard holdsSlot else { return }
         holdsSlot = false
-        let key = self.key
-        pooler.shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
+        pooler.unpooledServerClosed(key)
     }
 
     // MARK: The connection (on `loop`)
@@ -168,7 +184,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
         message.writeInteger(Int32(body.readableBytes + 4))
         var copy = body
         message.writeBuffer(&copy)
-        let clients = pooler.shared.withLockedValue { s in recipients.compactMap { s.registry.clients[$0] } }
+        let clients = pooler.clients(recipients)
         for client in clients {
             client.eventLoop.execute { client.notification(message, channel: channel) }
         }
@@ -183,10 +199,10 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
 /// Each pool's listener (LISTEN in transaction and statement pooling), made when a client of the
 /// pool first listens, under a lock of its own.
 final class ListenerHub: Sendable {
-    private unowned let pooler: Pooler
+    private unowned let pooler: any UnpooledServerOwner
     private let drivers = NIOLockedValueBox([PoolKey: ListenerDriver]())
 
-    init(pooler: Pooler) { self.pooler = pooler }
+    init(pooler: any UnpooledServerOwner) { self.pooler = pooler }
 
     /// The pool's listener, made on `loop` if it is the first.
     func listener(for key: PoolKey, loop: Int) -> ListenerDriver {
@@ -215,11 +231,21 @@ final class ListenerHub: Sendable {
 }
 
 extension Pooler {
-    /// The listener listens on these clients' new channels: their held ReadyForQuery may go.
-    func listenConfirmed(_ ids: [ClientID]) {
-        let clients = shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }
-        for client in clients {
-            client.eventLoop.execute { client.deliver(.listenConfirmed) }
-        }
+    func unpooledServerOpening(_ key: PoolKey) -> Bool {
+        var granted = false
+        withPoolBuffer { pools, actions in granted = pools.unpooledServerOpening(key, into: &actions) }
+        return granted
+    }
+
+    func unpooledServerClosed(_ key: PoolKey) {
+        shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
+    }
+
+    func openListener(pool key: PoolKey, loop: Int, driver: ListenerDriver) -> ServerConnection {
+        openServer(unpooledServerID(), pool: key, loop: loop, driver: driver, listens: true)
+    }
+
+    func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection] {
+        shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }
     }
 }

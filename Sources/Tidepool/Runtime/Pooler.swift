@@ -244,4 +244,4 @@ public final class Pooler: @unchecked Sendable {
 #endif
 
 /// What the pooler's components see of it.
-extension Pooler: CancelRouting, CredentialSources, ServerConnectionOwner, ResolvedHostsOwner {}
+extension Pooler: CancelRouting, CredentialSources, ServerConnectionOwner, ResolvedHostsOwner, UnpooledServerOwner {}

@@ -6,12 +6,13 @@ import TidepoolCore
 /// outside the pool (but within max_db_connections / max_user_connections), closed with it.
 final class ReplicationDriver: PoolDriving, @unchecked Sendable {
     let key: PoolKey
-    unowned let pooler: Pooler
+    /// The pooler, which outlives the client's connection that holds this driver.
+    unowned let pooler: any UnpooledServerOwner
     let client: ClientConnection
     /// The slot in the limits is given back once (close, failure or loss, whichever comes first).
     private let holdsSlot = Atomic<Bool>(true)
 
-    init(key: PoolKey, pooler: Pooler, client: ClientConnection) {
+    init(key: PoolKey, pooler: any UnpooledServerOwner, client: ClientConnection) {
         self.key = key
         self.pooler = pooler
         self.client = client
@@ -19,8 +20,7 @@ final class ReplicationDriver: PoolDriving, @unchecked Sendable {
 
     func releaseSlot() {
         guard holdsSlot.exchange(false, ordering: .relaxed) else { return }
-        let key = self.key
-        pooler.shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
+        pooler.unpooledServerClosed(key)
     }
 
     func serverLoggedIn(_ server: ServerConnection) {
