@@ -17,7 +17,7 @@ extension ClientSession {
         _ server: ServerSessionState, now: NIODeadline, statementCapacity: Int? = nil,
         isKnownStatement: (String) -> Bool, into actions: inout Actions
     ) -> Lend {
-        guard isWaiting else {
+        guard case .waiting(let waitStart) = state else {
             actions.append(.releaseServer(reusable: true))
             return state == .awaitingWelcome ? .parametersOnly : .unwanted
         }
@@ -25,15 +25,12 @@ extension ClientSession {
         if let statementCapacity, server.statements.capacity != statementCapacity {
             server.statements.resize(to: statementCapacity)
         }
-        let waitStart = waitStart
-        beginLease()
+        beginLease(waitStart: waitStart)
         state = .linked(server)
         traffic.serverAssignments += 1
-        if let start = waitStart {
-            let waited = Int((now - start).nanoseconds / 1000)
-            traffic.waitTime += waited
-            recordTiming(.wait, waited, into: &actions)
-        }
+        let waited = Int((now - waitStart).nanoseconds / 1000)
+        traffic.waitTime += waited
+        recordTiming(.wait, waited, into: &actions)
         if let timeoutClock {
             timeoutClock.linkedAt = now
             timeoutClock.queryStartedAt = tracker.outstanding > 0 ? now : nil

@@ -22,7 +22,7 @@ extension ClientSession {
         var after = KeptBytes()
         var prepared: PreparedStatementTracker.Snapshot?
         var sessionMark: SessionState.Mark?
-        var waitStart: NIODeadline?
+        var waitStart = NIODeadline.uptimeNanoseconds(0)
         /// The server's first answer was a FATAL of class 57P.
         var goneBeforeAnswer = false
         /// Times this request went back to the queue: a server that fails every time is not
@@ -43,7 +43,7 @@ extension ClientSession {
     static let maxReplays = 3
 
     /// The pool lent a server: what the client has sent is kept until the server answers.
-    mutating func beginLease() {
+    mutating func beginLease(waitStart: NIODeadline) {
         let lease: LeaseStart
         if let kept = leaseStart {
             lease = kept
@@ -110,7 +110,7 @@ extension ClientSession {
         else { return false }
         leaseUnanswered = false
         lease.replays += 1
-        state = .waiting(since: lease.waitStart ?? now)
+        state = .waiting(since: lease.waitStart)
         swallowingUntilReady = false
         syncError = nil
         readyHold = .none
