@@ -113,9 +113,9 @@ import TidepoolCore
             client = ClientConnection(pooler: pooler, channel: clientChannel, loopIndex: 0, pools: pools)
             try clientChannel.pipeline.syncOperations.addHandlers([Socket("client", log), client])
             serverChannel = EmbeddedChannel(loop: loop)
-            server = ServerConnection(
-                id: ServerID(1), pool: PoolKey(database: "app", user: "alice"), database: config.database(named: "app"),
-                pooler: pooler, loopIndex: 0, driver: pools)
+            server = pooler.connector.make(
+                ServerID(1), pool: PoolKey(database: "app", user: "alice"), database: config.database(named: "app"),
+                loop: 0, driver: pools)
             try serverChannel.pipeline.syncOperations.addHandlers([Socket("server", log), server])
 
             // The server logs in.

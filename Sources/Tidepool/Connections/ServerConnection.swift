@@ -25,6 +25,8 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// What the connection asks of the pooler once made; held strongly (the pooler lets go of the
     /// server when it closes, `serverClosed`).
     let pooler: any ServerConnectionOwner
+    /// Told when the host of a host list refused the login (load_balance_hosts).
+    let connector: ServerConnector
     /// The pools (or a replication connection's or listener's driver), told what became of this
     /// connection only through `PoolDriving`.
     let pools: any PoolDriving
@@ -60,30 +62,26 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Bytes a client on another loop handed here to be written, not written yet.
     let fromClient: HandOff
 
-    /// `startup`: more StartupMessage parameters (a replication connection's `replication`, its
-    /// client's).
+    /// Made by `ServerConnector.make`, with its login (nil for a placeholder whose database is gone).
     init(
-        id: ServerID, pool: PoolKey, database: DatabaseEntry?, pooler: Pooler, loopIndex: Int, host: String? = nil,
-        driver: (any PoolDriving)? = nil, startup: [(String, String)] = []
+        id: ServerID, pool: PoolKey, database: DatabaseEntry?, login: ServerLoginStateMachine?,
+        owner: any ServerConnectionOwner, connector: ServerConnector, loop: PoolerLoop, host: String?,
+        driver: any PoolDriving
     ) {
         self.id = id
-        self.loop = pooler.poolerLoops[loopIndex]
+        self.loop = loop
         self.pool = pool
-        self.pooler = pooler
-        self.pools = driver ?? pooler
+        self.pooler = owner
+        self.connector = connector
+        self.pools = driver
         self.database = database
-        let user = database?.user ?? pool.user
         self.session = ServerSession(
-            state: ServerSessionState(maxPreparedStatements: pooler.config.global.maxPreparedStatements),
+            state: ServerSessionState(maxPreparedStatements: owner.config.global.maxPreparedStatements),
             connectQuery: database?.connectQuery, targetSessionAttrs: database?.targetSessionAttrs ?? .any,
-            login: database.map {
-                ServerLoginStateMachine(
-                    database: $0, user: user, secret: pooler.credentials.serverSecret(user: user, database: $0),
-                    extra: startup)
-            })
+            login: login)
         self.address = Address(database, host: host)
         self.host = host
-        let limit = pooler.config.global.maxBufferedBytes
+        let limit = owner.config.global.maxBufferedBytes
         toClient = HandOff(limit: limit)
         fromClient = HandOff(limit: limit)
     }
@@ -129,7 +127,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
                 }
                 pools.serverLoggedIn(self)
             case .connectFailed(let error):
-                if let host { pooler.hostFailed(host, database: pool.database) }
+                if let host { connector.hostFailed(host, database: pool.database) }
                 pools.serverConnectFailed(self, error: error)
             case .released(let reusable): pools.release(self, reusable: reusable)
             case .checkFinished(let ok): pools.checkFinished(self, ok: ok)

@@ -9,7 +9,8 @@ protocol CredentialSources: AnyObject, Sendable {
     var config: Config { get }
     /// auth_file's users.
     var userlist: [String: PasswordSecret] { get }
-    func serverTLSNegotiator(for address: ServerConnection.Address) -> ServerTLSNegotiator?
+    /// The server TLS context, for the auth_query connection.
+    var security: Security { get }
 }
 
 /// Secrets the pooler learns while running: auth_query's answers (cached for
@@ -125,7 +126,7 @@ final class Credentials: Sendable {
         let handler = AuthQueryConnection(
             login: login, query: database?.authQuery ?? config.global.authQuery, user: user, promise: promise)
         let address = ServerConnection.Address(target)
-        let negotiator = pooler.serverTLSNegotiator(for: address)
+        let negotiator = pooler.security.serverTLSNegotiator(for: address, config.global)
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(config.global.serverConnectTimeout)
             .channelInitializer { channel in

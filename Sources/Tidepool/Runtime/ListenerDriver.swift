@@ -242,7 +242,7 @@ extension Pooler {
     }
 
     func openListener(pool key: PoolKey, loop: Int, driver: ListenerDriver) -> ServerConnection {
-        openServer(unpooledServerID(), pool: key, loop: loop, driver: driver, listens: true)
+        connector.open(unpooledServerID(), pool: key, loop: loop, driver: driver, listens: true)
     }
 
     func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection] {

@@ -55,11 +55,11 @@ extension Pooler {
                 return channel.eventLoop.makeCompletedFuture {
                     let g = config.global
                     if let options = channel.syncOptions {
-                        try options.setOption(.writeBufferWaterMark, value: Self.waterMark(g))
-                        try options.setOption(.maxMessagesPerRead, value: Self.readsPerTurn(g))
+                        try options.setOption(.writeBufferWaterMark, value: ServerConnector.waterMark(g))
+                        try options.setOption(.maxMessagesPerRead, value: ServerConnector.readsPerTurn(g))
                         if channel.localAddress?.protocol != .unix {
                             // A client gone without a word is noticed as a server would be.
-                            for (option, value) in Self.tcpKeepaliveOptions(g) {
+                            for (option, value) in ServerConnector.tcpKeepaliveOptions(g) {
                                 try options.setOption(option, value: value)
                             }
                         }

@@ -41,6 +41,8 @@ public final class Pooler: @unchecked Sendable {
     let unpooledServerIDs = Atomic<UInt64>(0)
     /// Server host names' addresses (set once, at the end of init: it is given the pooler).
     private(set) var hosts: HostResolver!
+    /// Opens server connections (set once, at the end of init).
+    private(set) var connector: ServerConnector!
 
     var listeners: [Channel] = []
     /// The HTTP listener for /metrics and /health (stats_listen_port).
@@ -72,8 +74,6 @@ public final class Pooler: @unchecked Sendable {
         var shuttingDown = false
         /// A shutdown signal or SHUTDOWN came: the pooler waits for clients or servers to finish.
         var draining = false
-        /// Where the next server of each database with a host list goes (load_balance_hosts).
-        var hostChoices: [String: HostChoice] = [:]
         /// DISABLE: databases that refuse new clients.
         var disabled: Set<String> = []
         /// SUSPEND: set until RESUME.
@@ -102,6 +102,7 @@ public final class Pooler: @unchecked Sendable {
         self.hosts = HostResolver(config.global, loop: self.loops[0], logger: logger, owner: self)
         self.cancels = CancelRequests(pooler: self, hosts: hosts, group: group)
         self.credentials = Credentials(pooler: self, hosts: hosts)
+        self.connector = ServerConnector(owner: self, hosts: hosts, credentials: credentials, loops: poolerLoops)
         self.listenerHub = ListenerHub(pooler: self)
     }
 
@@ -244,4 +245,4 @@ public final class Pooler: @unchecked Sendable {
 #endif
 
 /// What the pooler's components see of it.
-extension Pooler: CancelRouting, CredentialSources, ServerConnectionOwner, ResolvedHostsOwner, UnpooledServerOwner {}
+extension Pooler: CancelRouting, CredentialSources, ServerConnectorOwner, ResolvedHostsOwner, UnpooledServerOwner {}

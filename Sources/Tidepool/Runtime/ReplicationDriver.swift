@@ -81,7 +81,7 @@ extension Pooler {
         for (name, value) in session.wanted.sorted(by: { $0.key < $1.key }) { startup.append((name, value)) }
         let id = unpooledServerID()
         let driver = ReplicationDriver(key: key, pooler: self, client: client)
-        _ = openServer(id, pool: key, loop: client.loopIndex, driver: driver, listens: false, startup: startup)
+        connector.open(id, pool: key, loop: client.loopIndex, driver: driver, listens: false, startup: startup)
         logger.info("replication connection (\(mode.rawValue)) for \(key): server \(id) opened")
     }
 }

@@ -5,46 +5,56 @@ import NIOCore
 import NIOPosix
 import TidepoolCore
 
-/// Opens server connections: bootstrap, keepalive, TLS negotiation, then the connection's login.
-extension Pooler {
-    func connect(_ id: ServerID, pool key: PoolKey, loop: Int) {
-        _ = openServer(id, pool: key, loop: loop, driver: self, listens: false)
+/// What opening server connections needs of the pooler (the connections themselves see it as
+/// `ServerConnectionOwner`).
+protocol ServerConnectorOwner: ServerConnectionOwner {
+    /// The server TLS context (`server_tls_*`), reloaded by RELOAD.
+    var security: Security { get }
+}
+
+/// Opens server connections: picks the host of a host list, builds the connection with its
+/// login (the server secret from `Credentials`), then bootstrap, keepalive, TLS negotiation and
+/// the address through `HostResolver`.
+final class ServerConnector: Sendable {
+    /// The pooler, which owns the connector and outlives it.
+    private unowned let owner: any ServerConnectorOwner
+    private let hosts: HostResolver
+    private let credentials: Credentials
+    private let loops: [PoolerLoop]
+    /// Where the next server of each database with a host list goes (load_balance_hosts).
+    private let hostChoices = NIOLockedValueBox([String: HostChoice]())
+
+    init(owner: any ServerConnectorOwner, hosts: HostResolver, credentials: Credentials, loops: [PoolerLoop]) {
+        self.owner = owner
+        self.hosts = hosts
+        self.credentials = credentials
+        self.loops = loops
     }
 
     /// Opens a server connection whose life `driver` is told about: the pool's, or a pool's
-    /// listener (`listens`). Returns the connection (a placeholder when the database is gone).
-    func openServer(
+    /// listener (`listens`). `made` sees it before it connects (the pool registers its servers
+    /// there). Returns the connection (a placeholder when the database is gone).
+    @discardableResult
+    func open(
         _ id: ServerID, pool key: PoolKey, loop: Int, driver: any PoolDriving, listens: Bool,
-        startup: [(String, String)] = []
+        startup: [(String, String)] = [], made: (ServerConnection) -> Void = { _ in }
     ) -> ServerConnection {
+        let config = owner.config
         guard let database = config.database(named: key.database) else {
-            let placeholder = ServerConnection(
-                id: id, pool: key, database: nil, pooler: self, loopIndex: 0, driver: driver)
+            let placeholder = make(id, pool: key, database: nil, loop: 0, driver: driver)
             driver.serverConnectFailed(
                 placeholder,
                 error: .fatal(SQLState.invalidCatalogName, "database \"\(key.database)\" is not configured"))
             return placeholder
         }
-        // host=a,b: which one, as load_balance_hosts says.
-        let hosts = database.hosts
-        let host: String? =
-            hosts.count > 1
-            ? shared.withLockedValue { s in
-                var choice = s.hostChoices[key.database] ?? HostChoice(hosts: hosts, mode: .roundRobin)
-                if choice.hosts != hosts || choice.mode != (database.loadBalanceHosts ?? .roundRobin) {
-                    choice = HostChoice(hosts: hosts, mode: database.loadBalanceHosts ?? .roundRobin)
-                }
-                let host = choice.pick()
-                s.hostChoices[key.database] = choice
-                return host
-            } : nil
-        let server = ServerConnection(
-            id: id, pool: key, database: database, pooler: self, loopIndex: loop % loops.count, host: host,
-            driver: driver, startup: startup)
+        let server = make(
+            id, pool: key, database: database, loop: loop, host: pickHost(of: database, pool: key), driver: driver,
+            startup: startup)
         server.session.listens = listens
-        if driver === self { shared.withLockedValue { $0.servers[id] = server } }
+        made(server)
         let g = config.global
-        var bootstrap = ClientBootstrap(group: loops[loop % loops.count])
+        let eventLoop = loops[server.loopIndex].eventLoop
+        var bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(g.serverConnectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.writeBufferWaterMark, value: Self.waterMark(g))
@@ -58,7 +68,7 @@ extension Pooler {
                 bootstrap = bootstrap.channelOption(option, value: value)
             }
         }
-        let negotiator = serverTLSNegotiator(for: server.address)
+        let negotiator = owner.security.serverTLSNegotiator(for: server.address, g)
         bootstrap =
             bootstrap
             .channelInitializer { channel in
@@ -67,19 +77,48 @@ extension Pooler {
                     try channel.pipeline.syncOperations.addHandler(server)
                 }
             }
-        let connecting = self.hosts.connect(bootstrap, to: server.address, on: loops[loop % loops.count])
-        connecting.whenFailure { error in
+        let host = server.host
+        hosts.connect(bootstrap, to: server.address, on: eventLoop).whenFailure { error in
             if let host { self.hostFailed(host, database: key.database) }
-            driver.serverConnectFailed(
-                server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
+            driver.serverConnectFailed(server, error: PostgresError.fatal(SQLState.connectionFailure, "\(error)"))
         }
         return server
+    }
+
+    /// The connection, with its login, not connected yet (`open` connects it; the handler tests
+    /// connect it to an EmbeddedChannel).
+    func make(
+        _ id: ServerID, pool key: PoolKey, database: DatabaseEntry?, loop: Int, host: String? = nil,
+        driver: any PoolDriving, startup: [(String, String)] = []
+    ) -> ServerConnection {
+        let user = database?.user ?? key.user
+        let login = database.map {
+            ServerLoginStateMachine(
+                database: $0, user: user, secret: credentials.serverSecret(user: user, database: $0), extra: startup)
+        }
+        return ServerConnection(
+            id: id, pool: key, database: database, login: login, owner: owner, connector: self,
+            loop: loops[loop % loops.count], host: host, driver: driver)
+    }
+
+    /// host=a,b: which one, as load_balance_hosts says (nil for a single host).
+    private func pickHost(of database: DatabaseEntry, pool key: PoolKey) -> String? {
+        let hosts = database.hosts
+        guard hosts.count > 1 else { return nil }
+        let mode = database.loadBalanceHosts ?? .roundRobin
+        return hostChoices.withLockedValue { choices in
+            var choice = choices[key.database] ?? HostChoice(hosts: hosts, mode: mode)
+            if choice.hosts != hosts || choice.mode != mode { choice = HostChoice(hosts: hosts, mode: mode) }
+            let host = choice.pick()
+            choices[key.database] = choice
+            return host
+        }
     }
 
     /// A connection to `host` of the database's list failed or was refused (load_balance_hosts =
     /// disable then moves on).
     func hostFailed(_ host: String, database: String) {
-        shared.withLockedValue { $0.hostChoices[database]?.failed(host) }
+        hostChoices.withLockedValue { $0[database]?.failed(host) }
     }
 
     /// SO_KEEPALIVE, then tcp_keepidle, tcp_keepintvl, tcp_keepcnt, tcp_user_timeout and
@@ -124,21 +163,28 @@ extension Pooler {
     static func waterMark(_ g: GlobalSettings) -> ChannelOptions.Types.WriteBufferWaterMark {
         ChannelOptions.Types.WriteBufferWaterMark(low: g.maxBufferedBytes / 2, high: g.maxBufferedBytes)
     }
+}
 
+extension Security {
     /// The SSLRequest step for a new server connection, per server_tls_sslmode; none over a Unix
     /// socket (PostgreSQL does not offer TLS there) or when TLS is off.
-    func serverTLSNegotiator(for address: ServerConnection.Address) -> ServerTLSNegotiator? {
-        let g = config.global
+    func serverTLSNegotiator(for address: ServerConnection.Address, _ g: GlobalSettings) -> ServerTLSNegotiator? {
         guard case .tcp(let host, _) = address, g.serverTLS.sslmode != .disable, g.serverTLS.sslmode != .allow
         else { return nil }
         return ServerTLSNegotiator(
-            mode: g.serverTLS.sslmode, context: security.serverTLS, hostname: host, timeout: g.serverConnectTimeout)
+            mode: g.serverTLS.sslmode, context: serverTLS, hostname: host, timeout: g.serverConnectTimeout)
     }
 }
 
-/// What a server connection asks of the pooler once it is made: settings, the log, and telling
-/// the host list that a host failed. (Its pools are told through `PoolDriving`.)
 extension Pooler {
+    /// The pool's `.connect`: a server registered before it connects, so that the pool can
+    /// lend it as soon as it has logged in.
+    func connect(_ id: ServerID, pool key: PoolKey, loop: Int) {
+        connector.open(id, pool: key, loop: loop, driver: self, listens: false) { server in
+            shared.withLockedValue { $0.servers[id] = server }
+        }
+    }
+
     /// A host name's new answer dropped addresses: the servers open to them close once released.
     func addressesDropped(host: String, gone: [String], answered: [String], now: NIODeadline) {
         let ids = shared.withLockedValue { s in
@@ -157,8 +203,9 @@ extension Pooler {
     }
 }
 
+/// What a server connection asks of the pooler once it is made: settings and the log. (Its
+/// pools are told through `PoolDriving`, a failed host through its connector.)
 protocol ServerConnectionOwner: AnyObject, Sendable {
     var config: Config { get }
     var logger: Logger { get }
-    func hostFailed(_ host: String, database: String)
 }
