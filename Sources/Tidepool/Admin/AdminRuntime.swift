@@ -28,7 +28,7 @@ extension Pooler {
                 return pause(database: database).map { AdminResult(columns: [], rows: [], tag: "PAUSE") }
             case .resume(let database):
                 try requireDatabase(database)
-                let refusal = shared.withLockedValue { s in
+                let refusal = pools.shared.withLockedValue { s in
                     AdminRules.resumeRefusal(
                         database: database, paused: s.pools.isPaused(database: database), suspended: s.suspended,
                         shuttingDown: s.draining)
@@ -40,32 +40,32 @@ extension Pooler {
                 return suspend(on: loop).map { AdminResult(columns: [], rows: [], tag: "SUSPEND") }
             case .disable(let database):
                 try requireDatabase(database)
-                shared.withLockedValue { _ = $0.disabled.insert(database) }
+                pools.shared.withLockedValue { _ = $0.disabled.insert(database) }
                 logger.info("DISABLE \(database): new clients are refused")
                 return done("DISABLE", on: loop)
             case .enable(let database):
                 try requireDatabase(database)
-                shared.withLockedValue { _ = $0.disabled.remove(database) }
+                pools.shared.withLockedValue { _ = $0.disabled.remove(database) }
                 logger.info("ENABLE \(database)")
                 return done("ENABLE", on: loop)
             case .reconnect(let database):
                 try requireDatabase(database)
                 let now = NIODeadline.now()
-                withPool { $0.reconnect(database: database, now: now) }
+                pools.withPool { $0.reconnect(database: database, now: now) }
                 logger.info("RECONNECT \(database ?? "all databases")")
                 return done("RECONNECT", on: loop)
             case .waitClose(let database):
                 try requireDatabase(database)
                 return waitUntil(on: loop) { [self] in
-                    shared.withLockedValue { $0.pools.closeNeededCount(database: database) } == 0
+                    pools.shared.withLockedValue { $0.pools.closeNeededCount(database: database) } == 0
                 }.map { AdminResult(columns: [], rows: [], tag: "WAIT_CLOSE") }
             case .kill(let database):
                 try requireDatabase(database)
-                shared.withLockedValue { $0.pools.pause(database: database) }
+                pools.shared.withLockedValue { $0.pools.pause(database: database) }
                 let now = NIODeadline.now()
-                withPool { $0.reconnect(database: database, now: now) }
+                pools.withPool { $0.reconnect(database: database, now: now) }
                 // Clients of pools only: the console sessions (the one asking included) stay.
-                let victims = shared.withLockedValue { s in
+                let victims = pools.shared.withLockedValue { s in
                     s.registry.clients.values.filter { client in
                         client.registration.pool.map { database == nil || $0.database == database } ?? false
                     }
@@ -75,7 +75,7 @@ extension Pooler {
                 return done("KILL", on: loop)
             case .killClient(let text):
                 let raw = UInt64(text.hasPrefix("C-") ? String(text.dropFirst(2)) : text)
-                guard let raw, let client = shared.withLockedValue({ $0.registry.clients[ClientID(raw)] }) else {
+                guard let raw, let client = pools.shared.withLockedValue({ $0.registry.clients[ClientID(raw)] }) else {
                     throw PostgresError(code: SQLState.undefinedObject, message: "no client with id \(text)")
                 }
                 client.onLoop { client.kill("KILL_CLIENT") }
@@ -120,13 +120,13 @@ extension Pooler {
     }
 
     func isDisabled(_ database: String) -> Bool {
-        shared.withLockedValue { $0.disabled.contains(database) }
+        pools.shared.withLockedValue { $0.disabled.contains(database) }
     }
 
     func show(_ what: String, on loop: EventLoop) throws(PostgresError) -> EventLoopFuture<AdminResult> {
         let now = NIODeadline.now()
         let (snapshots, poolClients, clientCount, disabled, suspended, allPaused, pinned, consoleClients) =
-            shared.withLockedValue {
+            pools.shared.withLockedValue {
                 (
                     $0.pools.snapshot(now: now), $0.registry.poolClients, $0.registry.count, $0.disabled, $0.suspended,
                     $0.pools.isPaused(database: nil), $0.registry.pinnedClients, $0.registry.consoleClients
@@ -167,7 +167,7 @@ extension Pooler {
             for snap in snapshots {
                 current[snap.key.database, default: 0] += snap.lent + snap.idle + snap.connecting
             }
-            let clients = shared.withLockedValue { s in
+            let clients = pools.shared.withLockedValue { s in
                 for name in config.databases.keys where s.pools.isPaused(database: name) { paused.insert(name) }
                 return s.registry.databaseClients
             }
@@ -178,7 +178,7 @@ extension Pooler {
         case "USERS":
             var connections: [String: Int] = [:]
             for snap in snapshots { connections[snap.key.user, default: 0] += snap.lent + snap.idle + snap.connecting }
-            let clients = shared.withLockedValue { $0.registry.userClients }
+            let clients = pools.shared.withLockedValue { $0.registry.userClients }
             return loop.makeSucceededFuture(
                 AdminViews.users(
                     config, poolUsers: snapshots.map(\.key.user), serverConnections: connections, clients: clients,
@@ -205,7 +205,7 @@ extension Pooler {
                     paused: allPaused, suspended: suspended, instanceID: instanceID,
                     uptimeSeconds: Int(Date().timeIntervalSince(startedAt))))
         case "MEM":
-            let servers = shared.withLockedValue { $0.servers.count }
+            let servers = pools.shared.withLockedValue { $0.servers.count }
             let known = statements.knownCount
             let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
             let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
@@ -268,7 +268,7 @@ extension Pooler {
 
     /// Every client as SHOW CLIENTS lists it, each asked on its own loop.
     func clientRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
-        let clients = shared.withLockedValue { Array($0.registry.clients.values) }
+        let clients = pools.shared.withLockedValue { Array($0.registry.clients.values) }
         let rows = clients.map { client in client.channel.eventLoop.submit { client.describe() } }
         return EventLoopFuture.whenAllSucceed(rows, on: loop)
     }
@@ -276,7 +276,7 @@ extension Pooler {
     /// Every server as SHOW SERVERS lists it, each asked on its own loop; one still being connected
     /// (no channel yet) is left out.
     func serverRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
-        let (servers, closing) = shared.withLockedValue { s in
+        let (servers, closing) = pools.shared.withLockedValue { s in
             (Array(s.servers.values), Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) }))
         }
         let rows: [EventLoopFuture<ConnectionRow?>] = servers.map { server in

@@ -51,10 +51,10 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// Held while the session has paused reading the client.
     var reads = ReadGate()
 
-    /// `pools`: the pooler itself, unless a test stands in for it.
+    /// `pools`: the pooler's pool driver, unless a test stands in for it.
     init(pooler: Pooler, channel: Channel, loopIndex: Int, pools: (any PoolDriving)? = nil) {
         self.pooler = pooler
-        self.pools = pools ?? pooler
+        self.pools = pools ?? pooler.pools
         self.channel = channel
         self.loop = pooler.poolerLoops[loopIndex]
         self.statements = pooler.statements

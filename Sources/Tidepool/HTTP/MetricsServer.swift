@@ -179,7 +179,7 @@ extension Pooler {
     func renderMetrics(on loop: EventLoop) -> EventLoopFuture<String> {
         bufferFigures(on: loop).map { [self] buffers in
             let now = NIODeadline.now()
-            let (snapshots, clients, pinned) = shared.withLockedValue {
+            let (snapshots, clients, pinned) = pools.shared.withLockedValue {
                 ($0.pools.snapshot(now: now), $0.registry.poolClients, $0.registry.pinnedClients)
             }
             return metrics.render(

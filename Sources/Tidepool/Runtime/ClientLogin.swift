@@ -52,7 +52,7 @@ struct ClientLogin {
         let peer = ClientPeer(client.channel, tls: tls)
         let admission = ClientRegistry<ClientConnection>.Admission(
             database: database, user: user, config: pooler.config)
-        switch pooler.register(client, address: peer.ip, admission) {
+        switch pooler.pools.register(client, address: peer.ip, admission) {
         case .success(let id):
             client.id = id
             client.registration.address = peer.ip
@@ -116,7 +116,7 @@ struct ClientLogin {
             notice: config.global.loginNotifyMessage, into: &client.actions)
         if client.session.state == .admin {
             client.registration.inConsole = true
-            pooler.shared.withLockedValue { $0.registry.consoleEntered() }
+            pooler.pools.shared.withLockedValue { $0.registry.consoleEntered() }
         }
     }
 
@@ -133,9 +133,9 @@ struct ClientLogin {
         client.session.latency = client.loop.latency.recorder(for: name)
         client.session.reportsTimings = client.timers != nil
         let key = PoolKey(database: name, entry: entry, loginUser: client.session.user)
-        pooler.joinPool(key, database: entry)
+        pooler.pools.joinPool(key, database: entry)
         client.registration.pool = key
-        if let parameters = pooler.welcomeParameters(for: key) {
+        if let parameters = pooler.pools.welcomeParameters(for: key) {
             welcome(parameters, fromPool: true)
         } else {
             client.session.awaitWelcome(into: &client.actions)
@@ -149,7 +149,7 @@ struct ClientLogin {
         let make = { ClientSession.Welcome(serverParameters: serverParameters, wanted: wanted) }
         let welcome =
             fromPool
-            ? pooler.welcome(for: client.registration.pool!, values: client.session.$wanted, make: make) : make()
+            ? pooler.pools.welcome(for: client.registration.pool!, values: client.session.$wanted, make: make) : make()
         client.session.welcome(
             welcome, cancelKey: issueCancelKey(), notice: pooler.config.global.loginNotifyMessage, now: .now(),
             into: &client.actions)
@@ -170,7 +170,7 @@ struct ClientLogin {
 
     /// A cancel key of the client's own, kept in its registration to be dropped when it goes.
     func issueCancelKey() -> (Int32, Int32) {
-        let key = pooler.issueCancelKey(for: client)
+        let key = pooler.pools.issueCancelKey(for: client)
         client.registration.cancelKey = key
         return (key.processID, key.secretKey)
     }

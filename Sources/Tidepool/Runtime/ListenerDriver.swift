@@ -233,19 +233,17 @@ final class ListenerHub: Sendable {
 extension Pooler {
     func unpooledServerOpening(_ key: PoolKey) -> Bool {
         var granted = false
-        withPoolBuffer { pools, actions in granted = pools.unpooledServerOpening(key, into: &actions) }
+        pools.withPoolBuffer { pools, actions in granted = pools.unpooledServerOpening(key, into: &actions) }
         return granted
     }
 
     func unpooledServerClosed(_ key: PoolKey) {
-        shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
+        pools.shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
     }
 
     func openListener(pool key: PoolKey, loop: Int, driver: ListenerDriver) -> ServerConnection {
         connector.open(unpooledServerID(), pool: key, loop: loop, driver: driver, listens: true)
     }
 
-    func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection] {
-        shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }
-    }
+    func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection] { pools.clients(ids) }
 }

@@ -19,14 +19,57 @@ protocol PoolDriving: AnyObject, Sendable {
     func listenerMessage(_ server: ServerConnection, type: UInt8, body: ByteBuffer)
 }
 
-extension Pooler: PoolDriving {
-    func listenerMessage(_ server: ServerConnection, type: UInt8, body: ByteBuffer) {}
+/// What the pool driver needs of the pooler.
+protocol PoolDriverOwner: AnyObject, Sendable {
+    var config: Config { get }
+    var logger: Logger { get }
+    var metrics: PoolerMetrics { get }
 }
 
-/// The pool driver: runs the shared `PoolStateMachine` under one lock, looks up the connections its
-/// actions name, and carries them out (lends, connects, closes, checks); PAUSE, RESUME and RELOAD
-/// of pool settings.
-extension Pooler {
+/// The pool driver: runs the `PoolStateMachine` and the `ClientRegistry` under one lock, looks
+/// up the connections the pools' actions name, and carries them out (lends, connects, closes,
+/// checks). Unchecked: what it keeps (connections among them) is read and written only under
+/// `shared`'s lock.
+final class PoolDriver: PoolDriving, @unchecked Sendable {
+    struct Shared {
+        var pools: PoolStateMachine
+        /// The live clients and their counts.
+        var registry = ClientRegistry<ClientConnection>()
+        /// The actions of the pool decision being made (see `decide`).
+        var actions: [PoolAction] = []
+        var servers: [ServerID: ServerConnection] = [:]
+        /// ParameterStatus values a server of each pool reported at login.
+        var welcome: [PoolKey: [String: String]] = [:]
+        /// What a client of a pool gets at login, by the tracked values it asked for
+        /// (`StartupParameters.tracked` order): working it out per login was a fifth of what a
+        /// connection cost.
+        var welcomes: [PoolKey: [[String?]: ClientSession.Welcome]] = [:]
+        /// Once set, pool decisions are no longer carried out.
+        var shuttingDown = false
+        /// A shutdown signal or SHUTDOWN came: the pooler waits for clients or servers to finish.
+        var draining = false
+        /// DISABLE: databases that refuse new clients.
+        var disabled: Set<String> = []
+        /// SUSPEND: set until RESUME.
+        var suspended = false
+    }
+
+    let shared: NIOLockedValueBox<Shared>
+    /// The pooler, which owns the driver and outlives it.
+    private unowned let owner: any PoolDriverOwner
+    private let connector: ServerConnector
+
+    init(owner: any PoolDriverOwner, connector: ServerConnector, loopCount: Int) {
+        self.owner = owner
+        self.connector = connector
+        shared = NIOLockedValueBox(Shared(pools: PoolStateMachine(loopCount: loopCount)))
+    }
+
+    private var config: Config { owner.config }
+    private var logger: Logger { owner.logger }
+
+    func listenerMessage(_ server: ServerConnection, type: UInt8, body: ByteBuffer) {}
+
     /// The pool settings for a client's (database, user), from the config.
     func poolSettings(database: DatabaseEntry, user: String) -> PoolSettings {
         let config = self.config
@@ -128,24 +171,12 @@ extension Pooler {
         }
     }
 
-    func timerFired() {
-        let now = NIODeadline.now()
-        // Read first: a listener is made only for a pool with a client, which keeps it in use.
-        let listening = listenerHub.pools
+    /// The janitor's tick: the pools' timeouts, minimums and retries. A pool in use (a client
+    /// or a listener) is not freed.
+    func timerFired(now: NIODeadline, listening: Set<PoolKey>) {
         withShared { s in
             let clients = s.registry.poolClients
             return s.pools.timerFired(now: now) { clients[$0, default: 0] > 0 || listening.contains($0) }
-        }
-        hosts.refresh(now: now)
-        let elapsed = now - statsPeriodStart
-        if elapsed >= config.global.statsPeriod {
-            statsPeriodStart = now
-            let book = trafficBook(endingPeriodAfter: Double(elapsed.nanoseconds) / 1e9)
-            for (index, loop) in loops.enumerated() {
-                let latency = poolerLoops[index].latency
-                loop.execute { for recorder in latency.recorders.values { recorder.endPeriod() } }
-            }
-            if config.global.logStats { logStats(book) }
         }
     }
 
@@ -245,7 +276,10 @@ extension Pooler {
                 loop.execute { client.lent(server, lease: lease) }
             }
         case .connect(let serverID, let key, let loop):
-            connect(serverID, pool: key, loop: loop)
+            // Registered before it connects, so that the pool can lend it once it has logged in.
+            connector.open(serverID, pool: key, loop: loop, driver: self, listens: false) { server in
+                shared.withLockedValue { $0.servers[serverID] = server }
+            }
         case .close:
             item.server?.command(.terminate)
         case .failClient(_, let error):
@@ -267,7 +301,7 @@ extension Pooler {
                 withPool { $0.serverCheckFailed(serverID, now: now) }
             }
         case .note(let key, let event):
-            metrics.note(event, pool: key)
+            owner.metrics.note(event, pool: key)
             switch event {
             case .reserveOpened(let waited):
                 logger.info("pool \(key): \(LogWords.reservePool(waited: waited.secondsText))")
@@ -298,46 +332,47 @@ extension Pooler {
         logger.info("\(prefix) \(LogWords.closing(because: reason, ageSeconds: age))")
     }
 
-    /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server
-    /// of those pools is lent any more.
-    public func pause(database: String?) -> EventLoopFuture<Void> {
-        shared.withLockedValue { $0.pools.pause(database: database) }
-        logger.info("PAUSE \(database ?? "all databases"): waiting for lent servers to come back")
-        return waitUntil(on: loops[0]) { [self] in lentServers(database: database) == 0 }
+    /// Makes the pool `key` with the settings of `database` unless it exists; its actions.
+    func makePoolIfNew(
+        _ key: PoolKey, database: DatabaseEntry, in pools: inout PoolStateMachine, now: NIODeadline
+    ) -> [PoolAction] {
+        guard !pools.hasPool(key) else { return [] }
+        return pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
     }
 
-    /// SUSPEND: PAUSE everything, waiting at most suspend_timeout (0: as long as it takes) for lent
-    /// servers to come back; clients still holding one then are dropped (their servers, mid
-    /// transaction, are closed with them), as PgBouncer drops connections it cannot flush in time.
-    func suspend(on loop: EventLoop) -> EventLoopFuture<Void> {
-        shared.withLockedValue {
-            $0.suspended = true
-            $0.pools.pause(database: nil)
-        }
-        let timeout = config.global.suspendTimeout
-        let deadline = timeout > .zero ? NIODeadline.now() + timeout : .distantFuture
-        logger.info("SUSPEND: waiting for lent servers to come back")
-        return waitUntil(on: loop) { [self] in lentServers(database: nil) == 0 || .now() >= deadline }.map { [self] in
-            let holders = shared.withLockedValue { s in
-                s.pools.clientsHoldingServers().compactMap { s.registry.clients[$0] }
-            }
-            guard !holders.isEmpty else { return }
-            logger.warning("SUSPEND: suspend_timeout: \(holders.count) client(s) still holding a server dropped")
-            for client in holders { client.onLoop { client.kill("suspend_timeout") } }
-        }
-    }
+    // MARK: The client registry
 
-    /// Servers lent to clients right now in the pools of `database` (all when nil).
-    public func lentServers(database: String?) -> Int {
-        shared.withLockedValue { $0.pools.lentCount(database: database) }
-    }
-
-    public func resume(database: String?) {
+    /// Admits a client that passed the startup packet (`ClientRegistry.admit`).
+    func register(
+        _ client: ClientConnection, address: String?, _ admission: ClientRegistry<ClientConnection>.Admission
+    ) -> Result<ClientID, PostgresError> {
         let now = NIODeadline.now()
-        withPool { $0.resume(database: database, now: now) }
-        shared.withLockedValue { s in
-            if database == nil { s.suspended = false }
+        return shared.withLockedValue { $0.registry.admit(client, address: address, admission, now: now) }
+    }
+
+    /// Gives a logged-in client a cancel key of its own.
+    func issueCancelKey(for client: ClientConnection) -> ClientRegistry<ClientConnection>.CancelKey {
+        var g = SystemRandomNumberGenerator()
+        let peerID = config.global.peerID
+        return shared.withLockedValue { $0.registry.issueCancelKey(for: client, peerID: peerID, random: { g.next() }) }
+    }
+
+    /// A client of pool `key` logged in; the pool is made with the settings of `database` if it
+    /// does not exist yet (pools are never removed, so the client need not keep the entry).
+    func joinPool(_ key: PoolKey, database: DatabaseEntry) {
+        let now = NIODeadline.now()
+        withShared { s in
+            s.registry.joined(key)
+            return makePoolIfNew(key, database: database, in: &s.pools, now: now)
         }
-        logger.info("RESUME \(database ?? "all databases")")
+    }
+
+    func client(cancelKey key: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection? {
+        shared.withLockedValue { $0.registry.client(cancelKey: key) }
+    }
+
+    /// The clients among `ids` still connected.
+    func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection] {
+        shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }
     }
 }

@@ -46,7 +46,7 @@ extension ServerConnection {
 extension Pooler {
     /// Sums every connection's buffered bytes, each on its own loop.
     func bufferFigures(on loop: EventLoop) -> EventLoopFuture<BufferFigures> {
-        let (clients, servers) = shared.withLockedValue {
+        let (clients, servers) = pools.shared.withLockedValue {
             (Array($0.registry.clients.values), Array($0.servers.values))
         }
         var byLoop = [(clients: [ClientConnection], servers: [ServerConnection])](

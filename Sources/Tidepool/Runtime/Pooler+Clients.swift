@@ -5,41 +5,8 @@ import NIOCore
 import NIOPosix
 import TidepoolCore
 
-/// The live clients (`ClientRegistry`, under the pooler's lock), and cancel requests.
+/// A client's pin and its exit, as counted in the registry (`PoolDriver`) and its pool's listener.
 extension Pooler {
-    /// Admits a client that passed the startup packet (`ClientRegistry.admit`).
-    func register(
-        _ client: ClientConnection, address: String?, _ admission: ClientRegistry<ClientConnection>.Admission
-    ) -> Result<ClientID, PostgresError> {
-        let now = NIODeadline.now()
-        return shared.withLockedValue { $0.registry.admit(client, address: address, admission, now: now) }
-    }
-
-    /// Gives a logged-in client a cancel key of its own.
-    func issueCancelKey(for client: ClientConnection) -> ClientRegistry<ClientConnection>.CancelKey {
-        var g = SystemRandomNumberGenerator()
-        let peerID = config.global.peerID
-        return shared.withLockedValue { $0.registry.issueCancelKey(for: client, peerID: peerID, random: { g.next() }) }
-    }
-
-    /// A client of pool `key` logged in; the pool is made with the settings of `database` if it
-    /// does not exist yet (pools are never removed, so the client need not keep the entry).
-    func joinPool(_ key: PoolKey, database: DatabaseEntry) {
-        let now = NIODeadline.now()
-        withShared { s in
-            s.registry.joined(key)
-            return makePoolIfNew(key, database: database, in: &s.pools, now: now)
-        }
-    }
-
-    /// Makes the pool `key` with the settings of `database` unless it exists; its actions.
-    func makePoolIfNew(
-        _ key: PoolKey, database: DatabaseEntry, in pools: inout PoolStateMachine, now: NIODeadline
-    ) -> [PoolAction] {
-        guard !pools.hasPool(key) else { return [] }
-        return pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
-    }
-
     /// A client of a pool started (or stopped) keeping its server for session state. While
     /// pinned clients hold every server of the pool, a warning is logged once a minute.
     func pinChanged(_ client: ClientConnection, pinned: Bool) {
@@ -48,7 +15,9 @@ extension Pooler {
         let reason = client.session.sessionState?.pinReason
         let now = NIODeadline.now()
         let poolSize = config.database(named: key.database).map { config.poolSize(database: $0, user: key.user) }
-        let warn = shared.withLockedValue { $0.registry.pinChanged(key, pinned: pinned, poolSize: poolSize, now: now) }
+        let warn = pools.shared.withLockedValue {
+            $0.registry.pinChanged(key, pinned: pinned, poolSize: poolSize, now: now)
+        }
         if pinned, let reason {
             metrics.count(
                 "tidepool_pins_total", [("database", key.database), ("user", key.user), ("reason", reason.name)])
@@ -71,17 +40,13 @@ extension Pooler {
         }
         client.loop.clockWatchers[ObjectIdentifier(client)] = nil
         let id = client.id
-        shared.withLockedValue { s in
+        pools.shared.withLockedValue { s in
             if r.inConsole { s.registry.consoleLeft() }
             if s.registry.remove(id, address: r.address, counted: r.counted, pool: r.pool), let id {
                 s.pools.clientGaveUp(id)
             }
             if let key = r.cancelKey { s.registry.dropCancelKey(key) }
         }
-    }
-
-    func client(cancelKey key: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection? {
-        shared.withLockedValue { $0.registry.client(cancelKey: key) }
     }
 }
 

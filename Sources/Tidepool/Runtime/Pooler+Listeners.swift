@@ -76,10 +76,10 @@ extension Pooler {
     /// Stops accepting new clients.
     /// A shutdown that waits has begun: RESUME is refused from now on.
     public func beginDraining() {
-        shared.withLockedValue { $0.draining = true }
+        pools.shared.withLockedValue { $0.draining = true }
     }
 
-    var isDraining: Bool { shared.withLockedValue { $0.draining } }
+    var isDraining: Bool { pools.shared.withLockedValue { $0.draining } }
 
     /// Stops accepting clients. With `keepUnixSocket`, the Unix socket stays open for the admin
     /// console until the end, as PgBouncer's shutdowns that wait keep it (logins to a database
@@ -98,6 +98,49 @@ extension Pooler {
 
     /// SHUTDOWN WAIT_FOR_SERVERS (SIGINT): see `PoolStateMachine.closeForShutdown`.
     public func closeForShutdown() {
-        withPool { $0.closeForShutdown() }
+        pools.withPool { $0.closeForShutdown() }
+    }
+
+    /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server
+    /// of those pools is lent any more.
+    public func pause(database: String?) -> EventLoopFuture<Void> {
+        pools.shared.withLockedValue { $0.pools.pause(database: database) }
+        logger.info("PAUSE \(database ?? "all databases"): waiting for lent servers to come back")
+        return waitUntil(on: loops[0]) { [self] in lentServers(database: database) == 0 }
+    }
+
+    /// SUSPEND: PAUSE everything, waiting at most suspend_timeout (0: as long as it takes) for lent
+    /// servers to come back; clients still holding one then are dropped (their servers, mid
+    /// transaction, are closed with them), as PgBouncer drops connections it cannot flush in time.
+    func suspend(on loop: EventLoop) -> EventLoopFuture<Void> {
+        pools.shared.withLockedValue {
+            $0.suspended = true
+            $0.pools.pause(database: nil)
+        }
+        let timeout = config.global.suspendTimeout
+        let deadline = timeout > .zero ? NIODeadline.now() + timeout : .distantFuture
+        logger.info("SUSPEND: waiting for lent servers to come back")
+        return waitUntil(on: loop) { [self] in lentServers(database: nil) == 0 || .now() >= deadline }.map { [self] in
+            let holders = pools.shared.withLockedValue { s in
+                s.pools.clientsHoldingServers().compactMap { s.registry.clients[$0] }
+            }
+            guard !holders.isEmpty else { return }
+            logger.warning("SUSPEND: suspend_timeout: \(holders.count) client(s) still holding a server dropped")
+            for client in holders { client.onLoop { client.kill("suspend_timeout") } }
+        }
+    }
+
+    /// Servers lent to clients right now in the pools of `database` (all when nil).
+    public func lentServers(database: String?) -> Int {
+        pools.shared.withLockedValue { $0.pools.lentCount(database: database) }
+    }
+
+    public func resume(database: String?) {
+        let now = NIODeadline.now()
+        pools.withPool { $0.resume(database: database, now: now) }
+        pools.shared.withLockedValue { s in
+            if database == nil { s.suspended = false }
+        }
+        logger.info("RESUME \(database ?? "all databases")")
     }
 }

@@ -61,10 +61,10 @@ extension Pooler {
         // Servers made with connection settings that changed go as RECONNECT would send them.
         let now = NIODeadline.now()
         if let changed = old.databasesToReconnect(after: fresh.0) {
-            for database in changed { withPool { $0.reconnect(database: database, now: now) } }
+            for database in changed { pools.withPool { $0.reconnect(database: database, now: now) } }
             if !changed.isEmpty { logger.info("RELOAD: servers of \(changed.joined(separator: ", ")) are replaced") }
         } else {
-            withPool { $0.reconnect(database: nil, now: now) }
+            pools.withPool { $0.reconnect(database: nil, now: now) }
             logger.info("RELOAD: every server is replaced")
         }
         logger.info("RELOAD: configuration applied")
@@ -91,11 +91,12 @@ extension Pooler {
         SyslogOutput.shared.configure(enabled: g.syslog, ident: g.syslogIdent, facility: g.syslogFacility)
         hosts.apply(config)
         let now = NIODeadline.now()
-        withPool { pools in
+        pools.withPool { pools in
             var actions: [PoolAction] = []
             for key in pools.poolKeys {
                 guard let database = config.database(named: key.database) else { continue }
-                actions += pools.configure(key, settings: poolSettings(database: database, user: key.user), now: now)
+                actions += pools.configure(
+                    key, settings: self.pools.poolSettings(database: database, user: key.user), now: now)
             }
             return actions
         }

@@ -6,8 +6,10 @@ import NIOPosix
 import Synchronization
 import TidepoolCore
 
-/// The running pooler: listeners, the shared pool state machine, and the registry of live
-/// connections. Decisions are made by `PoolStateMachine`; this class only carries out its actions.
+/// The running pooler: settings, listeners, the janitor, start and stop, and the components it
+/// owns (the pool driver with the pools and the client registry, the server connector, the host
+/// resolver, credentials, cancels, each pool's listener), each of which sees it only through a
+/// protocol of its own.
 public final class Pooler: @unchecked Sendable {
     let settings: NIOLockedValueBox<Settings>
     /// Reads the configuration and the auth file again (for RELOAD and SIGHUP).
@@ -29,7 +31,6 @@ public final class Pooler: @unchecked Sendable {
     let waits = NIOLockedValueBox([ObjectIdentifier: (RepeatedTask, EventLoopPromise<Void>)]())
     let group: MultiThreadedEventLoopGroup
     let loops: [EventLoop]
-    let shared: NIOLockedValueBox<Shared>
     /// HBA rules and TLS contexts; loaded by start() and RELOAD.
     let securityBox = NIOLockedValueBox(Security())
     var security: Security { securityBox.withLockedValue { $0 } }
@@ -43,6 +44,8 @@ public final class Pooler: @unchecked Sendable {
     private(set) var hosts: HostResolver!
     /// Opens server connections (set once, at the end of init).
     private(set) var connector: ServerConnector!
+    /// The pools and the client registry under their lock (set once, at the end of init).
+    private(set) var pools: PoolDriver!
 
     var listeners: [Channel] = []
     /// The HTTP listener for /metrics and /health (stats_listen_port).
@@ -56,29 +59,6 @@ public final class Pooler: @unchecked Sendable {
     var sweepers: [RepeatedTask] = []
     /// What the pooler keeps for each of its event loops (`loops`, same order).
     let poolerLoops: [PoolerLoop]
-
-    struct Shared {
-        var pools: PoolStateMachine
-        /// The live clients and their counts.
-        var registry = ClientRegistry<ClientConnection>()
-        /// The actions of the pool decision being made (see `decide`).
-        var actions: [PoolAction] = []
-        var servers: [ServerID: ServerConnection] = [:]
-        /// ParameterStatus values a server of each pool reported at login.
-        var welcome: [PoolKey: [String: String]] = [:]
-        /// What a client of a pool gets at login, by the tracked values it asked for
-        /// (`StartupParameters.tracked` order): working it out per login was a fifth of what a
-        /// connection cost.
-        var welcomes: [PoolKey: [[String?]: ClientSession.Welcome]] = [:]
-        /// Once set, pool decisions are no longer carried out.
-        var shuttingDown = false
-        /// A shutdown signal or SHUTDOWN came: the pooler waits for clients or servers to finish.
-        var draining = false
-        /// DISABLE: databases that refuse new clients.
-        var disabled: Set<String> = []
-        /// SUSPEND: set until RESUME.
-        var suspended = false
-    }
 
     /// `loops`: the event loops connections run on, when not the pooler's own threads' (the
     /// handler tests run them on one `EmbeddedEventLoop`).
@@ -94,7 +74,6 @@ public final class Pooler: @unchecked Sendable {
         let count = threads ?? (config.global.threads > 0 ? config.global.threads : System.coreCount)
         self.group = MultiThreadedEventLoopGroup(numberOfThreads: loops == nil ? count : 1)
         self.loops = loops ?? Array(group.makeIterator())
-        self.shared = NIOLockedValueBox(Shared(pools: PoolStateMachine(loopCount: self.loops.count)))
         self.poolerLoops = self.loops.enumerated().map { PoolerLoop(index: $0, eventLoop: $1) }
         let configured = config.global.instanceID
         self.metrics = PoolerMetrics(
@@ -103,6 +82,7 @@ public final class Pooler: @unchecked Sendable {
         self.cancels = CancelRequests(pooler: self, hosts: hosts, group: group)
         self.credentials = Credentials(pooler: self, hosts: hosts)
         self.connector = ServerConnector(owner: self, hosts: hosts, credentials: credentials, loops: poolerLoops)
+        self.pools = PoolDriver(owner: self, connector: connector, loopCount: self.loops.count)
         self.listenerHub = ListenerHub(pooler: self)
     }
 
@@ -154,7 +134,7 @@ public final class Pooler: @unchecked Sendable {
         // unowned: `shutdown` cancels it; a weak reference would give the pooler a side table,
         // and every retain of it the slow path.
         janitor = loops[0].scheduleRepeatedTask(initialDelay: period, delay: period) { [unowned self] _ in
-            self.timerFired()
+            self.janitorTick()
         }
         warmStart()
         // Always running (cheap when no client registered): a RELOAD may switch timeouts on.
@@ -175,21 +155,40 @@ public final class Pooler: @unchecked Sendable {
         let now = NIODeadline.now()
         for (name, database) in config.databases where name != "*" {
             guard let user = database.user else { continue }
-            let settings = poolSettings(database: database, user: user)
+            let settings = pools.poolSettings(database: database, user: user)
             guard settings.minPoolSize > 0 else { continue }
             let key = PoolKey(database: name, user: user)
-            withPool { $0.configure(key, settings: settings, now: now) }
+            pools.withPool { $0.configure(key, settings: settings, now: now) }
+        }
+    }
+
+    /// Every 100 ms on the first loop: the pools' timers, host names due for a lookup, the end
+    /// of a stats period.
+    func janitorTick() {
+        let now = NIODeadline.now()
+        // Read first: a listener is made only for a pool with a client, which keeps it in use.
+        pools.timerFired(now: now, listening: listenerHub.pools)
+        hosts.refresh(now: now)
+        let elapsed = now - statsPeriodStart
+        if elapsed >= config.global.statsPeriod {
+            statsPeriodStart = now
+            let book = trafficBook(endingPeriodAfter: Double(elapsed.nanoseconds) / 1e9)
+            for (index, loop) in loops.enumerated() {
+                let latency = poolerLoops[index].latency
+                loop.execute { for recorder in latency.recorders.values { recorder.endPeriod() } }
+            }
+            if config.global.logStats { logStats(book) }
         }
     }
 
     /// Stops listening, closes every connection and stops the event loops. Blocks until done.
     public func shutdown() {
-        shared.withLockedValue { $0.shuttingDown = true }
+        pools.shared.withLockedValue { $0.shuttingDown = true }
         janitor?.cancel()
         try? statsListener?.close().wait()
         for sweeper in sweepers { sweeper.cancel() }
         for listener in listeners { try? listener.close().wait() }
-        let (clients, servers) = shared.withLockedValue { ($0.registry.clients.values, $0.servers.values) }
+        let (clients, servers) = pools.shared.withLockedValue { ($0.registry.clients.values, $0.servers.values) }
         var closing: [EventLoopFuture<Void>] = []
         for client in clients {
             client.channel.close(promise: nil)
@@ -207,7 +206,7 @@ public final class Pooler: @unchecked Sendable {
         for loop in poolerLoops { loop.flusher.stop() }  // their threads are gone
     }
 
-    public var connectedClients: Int { shared.withLockedValue { $0.registry.count } }
+    public var connectedClients: Int { pools.shared.withLockedValue { $0.registry.count } }
 
     /// Completes once `condition` holds, checking every 50 ms; fails if the pooler shuts down first
     /// (PAUSE or WAIT_CLOSE still waiting when a second signal stops it).
@@ -245,4 +244,10 @@ public final class Pooler: @unchecked Sendable {
 #endif
 
 /// What the pooler's components see of it.
-extension Pooler: CancelRouting, CredentialSources, ServerConnectorOwner, ResolvedHostsOwner, UnpooledServerOwner {}
+extension Pooler: CancelRouting, CredentialSources, ServerConnectorOwner, ResolvedHostsOwner, UnpooledServerOwner,
+    PoolDriverOwner
+{
+    func client(cancelKey key: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection? {
+        pools.client(cancelKey: key)
+    }
+}

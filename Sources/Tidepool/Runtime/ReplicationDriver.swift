@@ -64,8 +64,8 @@ extension Pooler {
         let key = PoolKey(database: session.database, entry: database, loginUser: session.user)
         let now = NIODeadline.now()
         var granted = false
-        withShared { s in
-            var actions = makePoolIfNew(key, database: database, in: &s.pools, now: now)
+        pools.withShared { s in
+            var actions = pools.makePoolIfNew(key, database: database, in: &s.pools, now: now)
             granted = s.pools.unpooledServerOpening(key, into: &actions)
             return actions
         }

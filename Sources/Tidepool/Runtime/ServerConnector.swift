@@ -177,17 +177,9 @@ extension Security {
 }
 
 extension Pooler {
-    /// The pool's `.connect`: a server registered before it connects, so that the pool can
-    /// lend it as soon as it has logged in.
-    func connect(_ id: ServerID, pool key: PoolKey, loop: Int) {
-        connector.open(id, pool: key, loop: loop, driver: self, listens: false) { server in
-            shared.withLockedValue { $0.servers[id] = server }
-        }
-    }
-
     /// A host name's new answer dropped addresses: the servers open to them close once released.
     func addressesDropped(host: String, gone: [String], answered: [String], now: NIODeadline) {
-        let ids = shared.withLockedValue { s in
+        let ids = pools.shared.withLockedValue { s in
             Set(
                 s.servers.compactMap { id, server -> ServerID? in
                     guard case .tcp(let name, _) = server.address, name == host,
@@ -199,7 +191,7 @@ extension Pooler {
         logger.info(
             "DNS: \(host) is now \(answered.joined(separator: ",")), no longer \(gone.joined(separator: ",")): \(ids.count) server(s) to close"
         )
-        if !ids.isEmpty { withPool { $0.reconnect(servers: ids, now: now) } }
+        if !ids.isEmpty { pools.withPool { $0.reconnect(servers: ids, now: now) } }
     }
 }
 
