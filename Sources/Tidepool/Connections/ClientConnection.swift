@@ -16,7 +16,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     typealias OutboundOut = ByteBuffer
 
     /// Held strongly: the pooler lets go of the client when it forgets it (`Pooler.forget`).
-    let pooler: Pooler
+    let pooler: any ClientConnectionOwner
     /// The pools, reached only through what `PoolDriving` offers.
     let pools: any PoolDriving
     /// The client's event loop and what the pooler keeps for it (the turn flusher, the clock).
@@ -52,7 +52,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     var reads = ReadGate()
 
     /// `pools`: the pooler's pool driver, unless a test stands in for it.
-    init(pooler: Pooler, channel: Channel, loopIndex: Int, pools: (any PoolDriving)? = nil) {
+    init(pooler: any ClientConnectionOwner, channel: Channel, loopIndex: Int, pools: (any PoolDriving)? = nil) {
         self.pooler = pooler
         self.pools = pools ?? pooler.pools
         self.channel = channel

@@ -7,7 +7,7 @@ import TidepoolCore
 /// everywhere with PgBouncer's closing log line. Made for each action; holds nothing.
 struct ClientExit {
     let client: ClientConnection
-    var pooler: Pooler { client.pooler }
+    var pooler: any ClientConnectionOwner { client.pooler }
 
     init(_ client: ClientConnection) { self.client = client }
 

@@ -9,7 +9,7 @@ import TidepoolCore
 /// pool and the welcome. Made for each action; holds nothing.
 struct ClientLogin {
     let client: ClientConnection
-    var pooler: Pooler { client.pooler }
+    var pooler: any ClientConnectionOwner { client.pooler }
 
     init(_ client: ClientConnection) { self.client = client }
 

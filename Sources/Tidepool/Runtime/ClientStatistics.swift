@@ -6,7 +6,7 @@ import TidepoolCore
 /// for /metrics. Made for each action; holds nothing.
 struct ClientStatistics {
     let client: ClientConnection
-    var pooler: Pooler { client.pooler }
+    var pooler: any ClientConnectionOwner { client.pooler }
 
     init(_ client: ClientConnection) { self.client = client }
 

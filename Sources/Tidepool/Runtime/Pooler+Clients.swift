@@ -5,6 +5,35 @@ import NIOCore
 import NIOPosix
 import TidepoolCore
 
+/// What a client's connection and its carriers (`ClientLogin`, `ClientStatistics`,
+/// `ClientExit`) need of the pooler beyond what they hold directly (its loop, the pool driver,
+/// the shared statements): the login's sources, the registry's bookkeeping, the console.
+protocol ClientConnectionOwner: AnyObject, Sendable {
+    var config: Config { get }
+    var logger: Logger { get }
+    var metrics: PoolerMetrics { get }
+    /// HBA rules, ident map and the client TLS context.
+    var security: Security { get }
+    /// auth_file's users.
+    var userlist: [String: PasswordSecret] { get }
+    var pools: PoolDriver! { get }
+    var credentials: Credentials! { get }
+    var cancels: CancelRequests! { get }
+    var listenerHub: ListenerHub! { get }
+    var statements: SharedStatements { get }
+    var poolerLoops: [PoolerLoop] { get }
+    /// A shutdown that waits has begun: logins to databases are refused.
+    var isDraining: Bool { get }
+    /// DISABLE: the database refuses new clients.
+    func isDisabled(_ database: String) -> Bool
+    func trafficCell(loop: Int, database: String) -> Pooler.TrafficCell
+    func countConsole(loop: Int, received: Int, sent: Int)
+    func pinChanged(_ client: ClientConnection, pinned: Bool)
+    func forget(_ client: ClientConnection)
+    func openReplicationServer(for client: ClientConnection)
+    func admin(_ command: AdminCommand, on loop: EventLoop) -> EventLoopFuture<AdminResult>
+}
+
 /// A client's pin and its exit, as counted in the registry (`PoolDriver`) and its pool's listener.
 extension Pooler {
     /// A client of a pool started (or stopped) keeping its server for session state. While

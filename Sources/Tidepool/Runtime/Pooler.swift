@@ -245,7 +245,7 @@ public final class Pooler: @unchecked Sendable {
 
 /// What the pooler's components see of it.
 extension Pooler: CancelRouting, CredentialSources, ServerConnectorOwner, ResolvedHostsOwner, UnpooledServerOwner,
-    PoolDriverOwner
+    PoolDriverOwner, ClientConnectionOwner
 {
     func client(cancelKey key: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection? {
         pools.client(cancelKey: key)

@@ -131,7 +131,7 @@ extension ClientSession {
     /// The read was taken in (`read`): what is left of it is kept for the next, and the client's
     /// bytes go to its server.
     public mutating func endRead(_ buffer: inout ByteBuffer, now: NIODeadline, into actions: inout Actions) {
-        if state != .closed { inbound.keep(&buffer) }
+        if !isClosed { inbound.keep(&buffer) }
         clientReadDone(now: now, into: &actions)
     }
 
@@ -187,7 +187,7 @@ extension ClientSession {
         into actions: inout Actions
     ) throws(WireError) -> Bool {
         guard case .linked(let server) = state, !swallowingUntilReady else {
-            guard state == .idle else {
+            guard isIdle else {
                 // Kept whole until a server is linked: how it is rewritten depends on that server.
                 stash(&buffer)
                 return false

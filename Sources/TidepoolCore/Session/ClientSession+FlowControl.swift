@@ -73,7 +73,7 @@ extension ClientSession {
     public mutating func settleReads(into actions: inout Actions) {
         let linked = holdsServer
         let pauseClient =
-            state != .closed
+            !isClosed
             && (!flow.clientWritable || (linked && !flow.serverWritable) || flow.handOffBacklog
                 || heldBytes > bufferLimit)
         let pauseServer = linked && (!flow.clientWritable || readyHold == .held)

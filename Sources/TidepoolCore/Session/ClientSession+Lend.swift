@@ -95,7 +95,7 @@ extension ClientSession {
                 close(error.postgresError, reason: "bad packet", into: &actions)
                 return
             }
-            if kept.readableBytes > 0, state != .closed { stash(&kept) }
+            if kept.readableBytes > 0, !isClosed { stash(&kept) }
             guard isLinked else { return }
         }
         if !pending.isEmpty {

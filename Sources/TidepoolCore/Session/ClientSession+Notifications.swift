@@ -15,7 +15,7 @@ extension ClientSession {
     public mutating func notification(
         _ message: ByteBuffer, channel: String, now: NIODeadline, into actions: inout Actions
     ) -> Int {
-        guard state == .idle || isWaiting || isLinked,
+        guard isIdle || isWaiting || isLinked,
             let sessionState, sessionState.channels.contains(channel)
         else { return 0 }
         if readyHold == .held, sessionState.awaitingNotify.remove(channel) != nil {

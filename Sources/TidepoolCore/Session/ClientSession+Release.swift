@@ -55,7 +55,7 @@ extension ClientSession {
     /// The client is gone (Terminate, closed socket, or closed by the pooler): the server it holds
     /// is reset and given back, or closed if it may be dirty. Safe to call more than once.
     public mutating func finish(serverResetQuery: String, resetAlways: Bool, into actions: inout Actions) {
-        if state == .closed { return }
+        if isClosed { return }
         self.serverResetQuery = serverResetQuery
         serverResetQueryAlways = resetAlways
         if isPassingThrough {

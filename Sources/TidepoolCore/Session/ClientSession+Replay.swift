@@ -145,7 +145,7 @@ extension ClientSession {
                 close(error.postgresError, reason: "bad packet", into: &actions)
                 return true
             }
-            if raw.readableBytes > 0, state != .closed { stash(&raw) }
+            if raw.readableBytes > 0, !isClosed { stash(&raw) }
         }
         return true
     }

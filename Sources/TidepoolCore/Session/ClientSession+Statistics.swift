@@ -88,7 +88,7 @@ extension ClientSession {
         }
         if waitingOwnNotification { ownNotificationTick(now: now, into: &actions) }
         guard let clock = timeoutClock else {
-            if !waitingOwnNotification, state != .closed { actions.append(.unwatchClock) }
+            if !waitingOwnNotification, !isClosed { actions.append(.unwatchClock) }
             return nil
         }
         let activity: ClientActivity

@@ -268,6 +268,13 @@ public struct ClientSession {
     @inline(__always) public var isLinked: Bool {
         if case .linked = state { true } else { false }
     }
+    // Matched rather than compared: `==` on a State with payloads is a call that compares them.
+    @inline(__always) public var isClosed: Bool {
+        if case .closed = state { true } else { false }
+    }
+    @inline(__always) var isIdle: Bool {
+        if case .idle = state { true } else { false }
+    }
     @inline(__always) public var isWaiting: Bool {
         if case .waiting = state { true } else { false }
     }
@@ -405,7 +412,7 @@ public struct ClientSession {
 
     /// Closes the client with `error`: the server it holds goes back (closed unless clean).
     public mutating func close(_ error: PostgresError, reason: String, into actions: inout Actions) {
-        guard state != .closed else { return }
+        guard !isClosed else { return }
         closing = Refusal(error, reason: reason)
         // A TLS handshake that never finished would hold the error, and the connection, until
         // the runtime's cap.
