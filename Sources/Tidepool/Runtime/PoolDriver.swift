@@ -213,11 +213,13 @@ final class PoolDriver: PoolDriving, @unchecked Sendable {
             body(&s)
             if s.actions.isEmpty || s.shuttingDown { return .nothing }
             // Most events decide one action: it is carried out without an array of its own.
-            if s.actions.count == 1 { return .one(Self.resolve(s.actions[0], in: &s)) }
+            // Moved out of the buffer rather than copied (the buffer keeps its capacity).
+            if s.actions.count == 1 { return .one(Self.resolve(s.actions.removeLast(), in: &s)) }
             let actions = s.actions
             return .many(actions.map { Self.resolve($0, in: &s) })
         }
-        switch decided {
+        // Consumed: the lend's connections are moved to `carryOut`, not copied and released.
+        switch consume decided {
         case .nothing: break
         case .one(let item): carryOut(item)
         case .many(let items): for item in items { carryOut(item) }
