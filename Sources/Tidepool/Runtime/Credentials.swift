@@ -59,10 +59,9 @@ final class Credentials: Sendable {
         return (dbname, AuthQueryCache.key(database: dbname, user: user))
     }
 
-    /// A fresh auth_query answer for `user`, without a lookup.
-    private func cachedAuthQuery(user: String, database: DatabaseEntry?) -> AuthQueryExchange.Outcome? {
-        let key = authQueryTarget(user: user, database: database).key
-        return state.withLockedValue { $0.authQuery.lookup(key, now: NIODeadline.now()) }
+    /// A fresh auth_query answer under `key`, without a lookup.
+    private func cachedAnswer(_ key: String) -> AuthQueryExchange.Outcome? {
+        state.withLockedValue { $0.authQuery.lookup(key, now: NIODeadline.now()) }
     }
 
     /// How the pooler logs in to a server of `database` as `user`: the entry's password (when it is
@@ -72,7 +71,7 @@ final class Credentials: Sendable {
         .forServer(
             user: user, database: database, listed: pooler.userlist[user],
             learned: { state.withLockedValue { $0.serverSecrets[user] } },
-            lookedUp: { cachedAuthQuery(user: user, database: database) })
+            lookedUp: { cachedAnswer(authQueryTarget(user: user, database: database).key) })
     }
 
     /// Looks up `user`'s secret with auth_query, from the cache when it is fresh. Completes on `loop`.
@@ -82,14 +81,13 @@ final class Credentials: Sendable {
     func lookUp(user: String, database: DatabaseEntry?, on loop: EventLoop) -> EventLoopFuture<
         AuthQueryExchange.Outcome
     > {
-        guard authUser(for: database) != nil else { return loop.makeSucceededFuture(.notFound) }
+        guard let authUser = authUser(for: database) else { return loop.makeSucceededFuture(.notFound) }
         let (authDBName, key) = authQueryTarget(user: user, database: database)
-        if let cached = state.withLockedValue({ $0.authQuery.lookup(key, now: NIODeadline.now()) }) {
-            return loop.makeSucceededFuture(cached)
-        }
+        if let cached = cachedAnswer(key) { return loop.makeSucceededFuture(cached) }
         let promise = loop.makePromise(of: AuthQueryExchange.Outcome.self)
         let start = { @Sendable in
-            let lookup = self.runLookup(user: user, database: database, on: loop)
+            let lookup = self.runLookup(
+                user: user, database: database, as: authUser, in: authDBName, key: key, on: loop)
             lookup.answer.whenComplete { promise.completeWith($0) }
             lookup.closed.whenComplete { _ in
                 if let next = self.lookups.withLockedValue({ $0.finished(target: authDBName) }) {
@@ -101,16 +99,16 @@ final class Credentials: Sendable {
         return promise.futureResult
     }
 
-    /// One lookup on a connection of its own as auth_user (its settings only, never the client's):
-    /// its answer, and when its connection has closed.
-    private func runLookup(user: String, database: DatabaseEntry?, on loop: EventLoop) -> (
-        answer: EventLoopFuture<AuthQueryExchange.Outcome>, closed: EventLoopFuture<Void>
-    ) {
+    /// One lookup of `user` (logging in to `database`) on a connection of its own as `authUser`
+    /// to `authDBName` (its settings only, never the client's): its answer (cached under `key`),
+    /// and when its connection has closed.
+    private func runLookup(
+        user: String, database: DatabaseEntry?, as authUser: String, in authDBName: String, key: String,
+        on loop: EventLoop
+    ) -> (answer: EventLoopFuture<AuthQueryExchange.Outcome>, closed: EventLoopFuture<Void>) {
         let config = pooler.config
         let none = loop.makeSucceededVoidFuture()
-        guard let authUser = authUser(for: database) else { return (loop.makeSucceededFuture(.notFound), none) }
-        let (authDBName, key) = authQueryTarget(user: user, database: database)
-        if let cached = state.withLockedValue({ $0.authQuery.lookup(key, now: NIODeadline.now()) }) {
+        if let cached = cachedAnswer(key) {
             return (loop.makeSucceededFuture(cached), none)  // found by a lookup this one queued behind
         }
         guard let target = config.database(named: authDBName) else {
