@@ -10,7 +10,7 @@ import TidepoolCore
 /// Tidepool's metrics in a Prometheus registry, through swift-metrics. Gauges and counters are
 /// brought up to date from the pools and the traffic book when scraped; histograms are recorded as
 /// transactions and queries finish (once per transaction or query, never per message).
-final class PoolerMetrics: @unchecked Sendable {
+final class PoolerMetrics: Sendable {
     let registry = PrometheusCollectorRegistry()
     let factory: PrometheusMetricsFactory
     let instance: String

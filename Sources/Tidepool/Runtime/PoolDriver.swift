@@ -28,10 +28,9 @@ protocol PoolDriverOwner: AnyObject, Sendable {
 
 /// The pool driver: runs the `PoolStateMachine` and the `ClientRegistry` under one lock, looks
 /// up the connections the pools' actions name, and carries them out (lends, connects, closes,
-/// checks). Unchecked: what it keeps (connections among them) is read and written only under
-/// `shared`'s lock.
-final class PoolDriver: PoolDriving, @unchecked Sendable {
-    struct Shared {
+/// checks).
+final class PoolDriver: PoolDriving, Sendable {
+    struct Shared: Sendable {
         var pools: PoolStateMachine
         /// The live clients and their counts.
         var registry = ClientRegistry<ClientConnection>()

@@ -4,7 +4,7 @@ import TidepoolCore
 
 /// A replication connection's own server (`ClientSession+PassThrough`): opened for one client,
 /// outside the pool (but within max_db_connections / max_user_connections), closed with it.
-final class ReplicationDriver: PoolDriving, @unchecked Sendable {
+final class ReplicationDriver: PoolDriving, Sendable {
     let key: PoolKey
     /// The pooler, which outlives the client's connection that holds this driver.
     unowned let pooler: any UnpooledServerOwner

@@ -169,3 +169,5 @@ public struct ClientRegistry<Client: AnyObject> {
         pinWarnings[key] = nil
     }
 }
+
+extension ClientRegistry: Sendable where Client: Sendable {}
