@@ -1173,7 +1173,7 @@ final class SessionDriver {
 
     @Test func adminConsoleIsWelcomedByTheSession() {
         let d = consoleSession()
-        #expect(d.session.state == .admin && d.session.adminReadOnly)
+        #expect(d.session.isAdmin && d.session.adminReadOnly)
         #expect(d.clientTypes == "RSSSSSSSKZ")
     }
 

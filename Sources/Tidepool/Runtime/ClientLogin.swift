@@ -114,7 +114,7 @@ struct ClientLogin {
             ClientSession.destination(
                 request, config: config, shuttingDown: pooler.isDraining, isDisabled: { pooler.isDisabled($0) }),
             notice: config.global.loginNotifyMessage, into: &client.actions)
-        if client.session.state == .admin {
+        if client.session.isAdmin {
             client.registration.inConsole = true
             pooler.pools.shared.withLockedValue { $0.registry.consoleEntered() }
         }

@@ -5,7 +5,15 @@ extension ClientSession {
     /// An admin console session's messages in the order they came: a command is run by the
     /// runtime (`runAdminCommand`) and the next message waits for its answer, so pipelined
     /// commands are answered in order, as PostgreSQL answers queries.
-    final class ConsoleQueue: @unchecked Sendable {
+    public final class Console: Equatable, @unchecked Sendable {
+        /// Read-only commands only (a stats_users user).
+        let readOnly: Bool
+
+        init(readOnly: Bool) { self.readOnly = readOnly }
+
+        /// The same console session.
+        public static func == (a: Console, b: Console) -> Bool { a === b }
+
         enum Step {
             case command(AdminCommand, received: Int)
             case reply(ByteBuffer, received: Int)
@@ -17,16 +25,17 @@ extension ClientSession {
     }
 
     /// The command the runtime is to run (`runAdminCommand`).
-    public var adminCommand: AdminCommand? { console?.running?.command }
+    public var adminCommand: AdminCommand? {
+        if case .admin(let console) = state { console.running?.command } else { nil }
+    }
 
     /// Bytes from an admin console client.
     public mutating func adminBytes(_ buffer: inout ByteBuffer, into actions: inout Actions) throws(WireError) {
-        let queue = console ?? ConsoleQueue()
-        console = queue
+        guard case .admin(let queue) = state else { return }
         while let chunk = try scanner.next(from: &buffer, classify: { _ in .inspect }) {
             guard case .message(let type, let body, _) = chunk else { continue }
             let received = body.readableBytes + 5
-            switch AdminConsoleSession.receive(type: type, body: body, readOnly: adminReadOnly) {
+            switch AdminConsoleSession.receive(type: type, body: body, readOnly: queue.readOnly) {
             case .terminate: queue.steps.append(.terminate)
             case .reply(let reply): queue.steps.append(.reply(reply, received: received))
             case .run(let command): queue.steps.append(.command(command, received: received))
@@ -38,13 +47,13 @@ extension ClientSession {
 
     /// The runtime ran `adminCommand`; `reply` is its answer (rows or error, and ReadyForQuery).
     public mutating func adminAnswered(_ reply: ByteBuffer, into actions: inout Actions) {
-        guard state == .admin, let queue = console, let running = queue.running else { return }
+        guard case .admin(let queue) = state, let running = queue.running else { return }
         queue.running = nil
         writeAdmin(reply, received: running.received, into: &actions)
         nextAdminStep(queue, into: &actions)
     }
 
-    mutating func nextAdminStep(_ queue: ConsoleQueue, into actions: inout Actions) {
+    mutating func nextAdminStep(_ queue: Console, into actions: inout Actions) {
         while queue.running == nil, let step = queue.steps.popFirst() {
             switch step {
             case .terminate:

@@ -281,8 +281,7 @@ extension ClientSession {
                 .fatal(SQLState.featureNotSupported, "replication connections to the admin console are not supported"),
                 reason: "replication to the console", into: &actions)
         case .success(.adminConsole(let readOnly)):
-            adminReadOnly = readOnly
-            state = .admin
+            state = .admin(Console(readOnly: readOnly))
             var out = ByteBufferAllocator().buffer(capacity: 256)
             Wire.authenticationOk(into: &out)
             for (name, value) in [

@@ -47,8 +47,8 @@ public struct ClientSession {
         case linked(ServerSessionState)
         /// A replication connection on a server of its own: every byte passes through both ways.
         case passThrough(ServerSessionState)
-        /// Connected to the admin console (`adminReadOnly`: as a stats_users user).
-        case admin
+        /// Connected to the admin console, with its messages not answered yet.
+        case admin(Console)
         case closed
     }
 
@@ -200,10 +200,13 @@ public struct ClientSession {
         var parameters: [String: String]
         var unrecognized: [String]
     }
-    /// On the admin console with the read-only commands only.
-    public var adminReadOnly = false
-    /// The admin console's messages not answered yet (`ClientSession+Admin.swift`).
-    var console: ConsoleQueue?
+    /// On the admin console with the read-only commands only (as a stats_users user).
+    public var adminReadOnly: Bool {
+        if case .admin(let console) = state { console.readOnly } else { false }
+    }
+    public var isAdmin: Bool {
+        if case .admin = state { true } else { false }
+    }
     public var poolMode = PoolMode.transaction
     /// Named prepared statements kept working across servers (transaction and statement pooling
     /// with max_prepared_statements > 0). While it is on, client bytes stay in `inbound` until a
