@@ -96,7 +96,7 @@ struct ClientLogin {
                 }
                 client.session.secretLookedUp(outcome, into: &client.actions)
                 client.run()
-                if client.session.state == .authenticating { client.processStash() }
+                if case .authenticating = client.session.state { client.processStash() }
             }
     }
 

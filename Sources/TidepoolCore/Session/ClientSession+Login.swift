@@ -149,7 +149,7 @@ extension ClientSession {
         guard let startup else { return }
         self.startup = nil
         let config = facts.config
-        writableScratch.scramIterations = config.global.scramIterations
+        login?.scramIterations = config.global.scramIterations
         if startup.minor > 0 || !startup.unrecognized.isEmpty {
             var out = ByteBufferAllocator().buffer(capacity: 32)
             Wire.negotiateProtocolVersion(minor: 0, unrecognized: startup.unrecognized, into: &out)
@@ -198,15 +198,16 @@ extension ClientSession {
         case .success((let method, .none)):
             startAuthentication(method, secret: nil, into: &actions)
         case .success((let method, .lookUp)):
-            authMethod = method
-            state = .lookingUpSecret
+            guard let login else { return }
+            login.authMethod = method
+            state = .lookingUpSecret(login)
             actions.append(.login(.lookUpSecret))
         }
     }
 
     /// auth_query answered.
     public mutating func secretLookedUp(_ outcome: AuthQueryExchange.Outcome, into actions: inout Actions) {
-        guard state == .lookingUpSecret else { return }
+        guard case .lookingUpSecret = state else { return }
         switch outcome {
         case .found(let secret):
             startAuthentication(authMethod, secret: secret, into: &actions)
@@ -223,17 +224,18 @@ extension ClientSession {
     }
 
     mutating func startAuthentication(_ method: AuthType, secret: PasswordSecret?, into actions: inout Actions) {
+        guard let login else { return }
         var machine = ClientAuthStateMachine(authType: method, user: user, secret: secret)
-        machine.scramIterations = scratch?.scramIterations ?? 4096
+        machine.scramIterations = login.scramIterations
         let step = machine.start()
-        auth = machine
-        state = .authenticating
+        login.auth = machine
+        state = .authenticating(login)
         authenticationStep(step, into: &actions)
     }
 
     /// A message while authenticating: it must be a password message.
     public mutating func passwordMessage(type: UInt8, body: ByteBuffer, into actions: inout Actions) {
-        guard state == .authenticating, type == MessageType.password else {
+        guard case .authenticating = state, type == MessageType.password else {
             close(
                 .fatal(SQLState.protocolViolation, "expected a password message"),
                 reason: "unexpected message during login", into: &actions)
@@ -311,14 +313,14 @@ extension ClientSession {
     /// The connection is open: client_login_timeout (when on) counts from now, on the clock's ticks.
     public mutating func connectionOpened(now: NIODeadline, loginTimeout: TimeAmount, into actions: inout Actions) {
         guard loginTimeout > .zero else { return }
-        writableScratch.loginDeadline = now + loginTimeout
+        login?.loginDeadline = now + loginTimeout
         actions.append(.watchClock)
     }
 
     /// Logged in: the login deadline is over, and the clock ticks the session for its timeouts
     /// only (a session watched for nothing is let go at its next tick).
     mutating func loginFinished(into actions: inout Actions) {
-        scratch?.loginDeadline = nil
+        login?.loginDeadline = nil
         if timeoutClock != nil { actions.append(.watchClock) }
     }
 

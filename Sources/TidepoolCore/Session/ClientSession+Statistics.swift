@@ -75,16 +75,11 @@ extension ClientSession {
     /// client is closed with, if any.
     @discardableResult
     public mutating func tick(now: NIODeadline, into actions: inout Actions) -> PostgresError? {
-        if let deadline = scratch?.loginDeadline {
-            switch state {
-            case .startup, .lookingUpSecret, .authenticating, .awaitingWelcome:
-                guard now >= deadline else { return nil }
-                let error = PostgresError.fatal(SQLState.protocolViolation, "client_login_timeout: login took too long")
-                close(error, reason: "client_login_timeout", into: &actions)
-                return error
-            default:
-                scratch?.loginDeadline = nil
-            }
+        if let deadline = login?.loginDeadline {
+            guard now >= deadline else { return nil }
+            let error = PostgresError.fatal(SQLState.protocolViolation, "client_login_timeout: login took too long")
+            close(error, reason: "client_login_timeout", into: &actions)
+            return error
         }
         if waitingOwnNotification { ownNotificationTick(now: now, into: &actions) }
         guard let clock = timeoutClock else {

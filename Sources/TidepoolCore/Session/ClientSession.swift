@@ -34,10 +34,12 @@ public struct ClientSession {
     /// Where the client is; a state that needs data carries it, so that no server is held, and
     /// no wait timed, outside the states that have them.
     public enum State: Equatable, Sendable {
-        case startup
+        /// From the connection to the StartupMessage's checks; the login's data is carried by
+        /// the login's states and dropped with them.
+        case startup(Login)
         /// Waiting for auth_query to find the user's secret.
-        case lookingUpSecret
-        case authenticating
+        case lookingUpSecret(Login)
+        case authenticating(Login)
         /// Logged in as far as the client knows, but waiting for a server to learn its parameters.
         case awaitingWelcome
         case idle
@@ -146,7 +148,7 @@ public struct ClientSession {
         case closeQuietly
     }
 
-    public internal(set) var state = State.startup
+    public internal(set) var state: State
     /// A replication connection's kind (the `replication` startup parameter).
     public internal(set) var replication: ReplicationMode?
     /// Who logged in, to which database.
@@ -156,21 +158,40 @@ public struct ClientSession {
     public var tls = false
     /// The TLS handshake was started and has not finished (`tlsEstablished`).
     var tlsHandshaking = false
-    /// What only the login and the closing need, kept out of line (a few hundred bytes an idle
-    /// client need not carry): made when first written, dropped when the login is over.
+    /// What a client rarely needs (why it is being closed, a failed parameter sync), kept out
+    /// of line: made when first written.
     var scratch: Scratch?
 
     final class Scratch {
+        var closing: Refusal?
+        var syncError: PostgresError?
+    }
+
+    /// What only the login needs (a few hundred bytes an idle client need not carry), carried by
+    /// the login's states.
+    public final class Login: Equatable, @unchecked Sendable {
         /// The StartupMessage, until the client is registered.
         var startup: Startup?
         var authMethod = AuthType.trust
         var auth: ClientAuthStateMachine?
-        var closing: Refusal?
-        var messageLimitAfterLogin = Int(Int32.max)
-        var syncError: PostgresError?
+        /// max_packet_size, taken once the login is over.
+        let messageLimitAfterLogin: Int
         var scramIterations = 4096
         /// When client_login_timeout closes the client if it is still logging in.
         var loginDeadline: NIODeadline?
+
+        init(messageLimitAfterLogin: Int) { self.messageLimitAfterLogin = messageLimitAfterLogin }
+
+        /// The same login.
+        public static func == (a: Login, b: Login) -> Bool { a === b }
+    }
+
+    /// The login's data, while logging in.
+    var login: Login? {
+        switch state {
+        case .startup(let login), .lookingUpSecret(let login), .authenticating(let login): login
+        default: nil
+        }
     }
 
     var writableScratch: Scratch {
@@ -183,16 +204,16 @@ public struct ClientSession {
     }
 
     var startup: Startup? {
-        get { scratch?.startup }
-        set { writableScratch.startup = newValue }
+        get { login?.startup }
+        set { login?.startup = newValue }
     }
     var authMethod: AuthType {
-        get { scratch?.authMethod ?? .trust }
-        set { writableScratch.authMethod = newValue }
+        get { login?.authMethod ?? .trust }
+        set { login?.authMethod = newValue }
     }
     var auth: ClientAuthStateMachine? {
-        get { scratch?.auth }
-        set { writableScratch.auth = newValue }
+        get { login?.auth }
+        set { login?.auth = newValue }
     }
 
     struct Startup {
@@ -388,13 +409,13 @@ public struct ClientSession {
     public init(maxMessageLength: Int, bufferLimit: Int = 65536) {
         self.bufferLimit = bufferLimit
         scanner = MessageScanner(maxMessageLength: min(maxMessageLength, Self.loginMessageLimit))
-        writableScratch.messageLimitAfterLogin = min(maxMessageLength, Self.largestMessage)
+        state = .startup(Login(messageLimitAfterLogin: min(maxMessageLength, Self.largestMessage)))
     }
 
-    /// The login is over: messages up to max_packet_size are taken from now on.
+    /// The login is over: messages up to max_packet_size are taken from now on (the login's data
+    /// goes with the state that follows).
     mutating func endLogin() {
-        if let scratch { scanner.maxMessageLength = scratch.messageLimitAfterLogin }
-        scratch = nil
+        if let login { scanner.maxMessageLength = login.messageLimitAfterLogin }
     }
 
     /// The connection carried out every action: the bytes they referred to are let go.
@@ -426,7 +447,7 @@ public struct ClientSession {
 
     /// Login is over: the client is told it may send queries.
     public mutating func loggedIn(now: NIODeadline, into actions: inout Actions) {
-        if scratch != nil { endLogin() }
+        if login != nil { endLogin() }
         state = .idle
         timeoutClock?.idleSince = now
         if !pending.isEmpty {
