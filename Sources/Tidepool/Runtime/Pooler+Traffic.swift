@@ -3,6 +3,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import Synchronization
 import TidepoolCore
 
 /// SHOW STATS counters and SHOW LATENCY histograms per event loop, the stats periods and log_stats.
@@ -23,15 +24,14 @@ extension Pooler {
     /// A database's traffic counters on one event loop. Clients of that loop hand theirs in once
     /// per transaction under the cell's own lock, which only a reader ever contends for: no
     /// pooler-wide lock and no lookup by database name per transaction.
-    final class TrafficCell: @unchecked Sendable {
+    final class TrafficCell: Sendable {
         let database: String
-        private let lock = NIOLock()
-        private var stats = TrafficStats()
+        private let stats = Mutex(TrafficStats())
 
         init(database: String) { self.database = database }
 
-        func add(_ delta: TrafficStats) { lock.withLock { stats += delta } }
-        var value: TrafficStats { lock.withLock { stats } }
+        func add(_ delta: TrafficStats) { stats.withLock { $0 += delta } }
+        var value: TrafficStats { stats.withLock { $0 } }
     }
 
     struct TrafficCellKey: Hashable {
