@@ -207,15 +207,15 @@ extension ClientSession {
 
     /// auth_query answered.
     public mutating func secretLookedUp(_ outcome: AuthQueryExchange.Outcome, into actions: inout Actions) {
-        guard case .lookingUpSecret = state else { return }
+        guard case .lookingUpSecret(let login) = state else { return }
         switch outcome {
         case .found(let secret):
-            startAuthentication(authMethod, secret: secret, into: &actions)
-        case .notFound where authMethod == .trust:
+            startAuthentication(login.authMethod, secret: secret, into: &actions)
+        case .notFound where login.authMethod == .trust:
             let message = "user \"\(user)\" is not in auth_file and auth_query did not find it"
             close(.fatal(SQLState.invalidAuthorization, message), reason: "no such user", into: &actions)
         case .notFound:
-            startAuthentication(authMethod, secret: nil, into: &actions)  // fails like a wrong password
+            startAuthentication(login.authMethod, secret: nil, into: &actions)  // fails like a wrong password
         case .failed:
             close(
                 .fatal(SQLState.connectionFailure, "authentication lookup failed (auth_query)"),

@@ -207,10 +207,6 @@ public struct ClientSession {
         get { login?.startup }
         set { login?.startup = newValue }
     }
-    var authMethod: AuthType {
-        get { login?.authMethod ?? .trust }
-        set { login?.authMethod = newValue }
-    }
     var auth: ClientAuthStateMachine? {
         get { login?.auth }
         set { login?.auth = newValue }
