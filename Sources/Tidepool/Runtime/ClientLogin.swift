@@ -116,7 +116,7 @@ struct ClientLogin {
             notice: config.global.loginNotifyMessage, into: &client.actions)
         if client.session.isAdmin {
             client.registration.inConsole = true
-            pooler.pools.shared.withLockedValue { $0.registry.consoleEntered() }
+            pooler.pools.consoleEntered()
         }
     }
 

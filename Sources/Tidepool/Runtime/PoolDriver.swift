@@ -368,6 +368,28 @@ final class PoolDriver: PoolDriving, Sendable {
         }
     }
 
+    func consoleEntered() {
+        shared.withLockedValue { $0.registry.consoleEntered() }
+    }
+
+    /// A client of pool `key` started or stopped being pinned; the number of pinned clients when
+    /// they now hold all its servers and the once-a-minute warning is due.
+    func pinChanged(_ key: PoolKey, pinned: Bool, poolSize: Int?, now: NIODeadline) -> Int? {
+        shared.withLockedValue { $0.registry.pinChanged(key, pinned: pinned, poolSize: poolSize, now: now) }
+    }
+
+    /// Undoes what a client was counted under (`ClientRegistration`); a client still queued leaves
+    /// its pool's queue.
+    func remove(_ id: ClientID?, _ r: ClientRegistration) {
+        shared.withLockedValue { s in
+            if r.inConsole { s.registry.consoleLeft() }
+            if s.registry.remove(id, address: r.address, counted: r.counted, pool: r.pool), let id {
+                s.pools.clientGaveUp(id)
+            }
+            if let key = r.cancelKey { s.registry.dropCancelKey(key) }
+        }
+    }
+
     func client(cancelKey key: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection? {
         shared.withLockedValue { $0.registry.client(cancelKey: key) }
     }

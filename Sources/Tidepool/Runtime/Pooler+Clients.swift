@@ -44,9 +44,7 @@ extension Pooler {
         let reason = client.session.sessionState?.pinReason
         let now = NIODeadline.now()
         let poolSize = config.database(named: key.database).map { config.poolSize(database: $0, user: key.user) }
-        let warn = pools.shared.withLockedValue {
-            $0.registry.pinChanged(key, pinned: pinned, poolSize: poolSize, now: now)
-        }
+        let warn = pools.pinChanged(key, pinned: pinned, poolSize: poolSize, now: now)
         if pinned, let reason {
             metrics.count(
                 "tidepool_pins_total", [("database", key.database), ("user", key.user), ("reason", reason.name)])
@@ -68,14 +66,7 @@ extension Pooler {
             listenerHub.listener(for: pool, loop: client.loopIndex).clientGone(id)
         }
         client.loop.clockWatchers[ObjectIdentifier(client)] = nil
-        let id = client.id
-        pools.shared.withLockedValue { s in
-            if r.inConsole { s.registry.consoleLeft() }
-            if s.registry.remove(id, address: r.address, counted: r.counted, pool: r.pool), let id {
-                s.pools.clientGaveUp(id)
-            }
-            if let key = r.cancelKey { s.registry.dropCancelKey(key) }
-        }
+        pools.remove(client.id, r)
     }
 }
 
