@@ -553,6 +553,21 @@ final class SessionDriver {
         #expect(d.forgotten == 1, "finish is idempotent")
     }
 
+    /// A client gone while part of a server message is still on its way: the rest of it would
+    /// reach the next client as the start of a reply, so the server is closed, in either mode.
+    @Test(arguments: [PoolMode.transaction, .session])
+    func aServerInTheMiddleOfAMessageIsNotReused(mode: PoolMode) {
+        let d = D(mode: mode)
+        d.client(D.query("select 1"))
+        d.lend()
+        let notice = D.m("N") { $0.writeString("SNOTICE\0\0") }
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"), notice.getSlice(at: 0, length: 3)!)
+        #expect(d.releases.isEmpty && d.session.isLinked)
+        d.session.finish(serverResetQuery: "DISCARD ALL", resetAlways: false, into: &d.actions)
+        d.carryOut()
+        #expect(d.releases == [false] && d.resets.isEmpty)
+    }
+
     /// The same inside COPY IN: the server waits for CopyDone, so it is closed.
     @Test func clientVanishingInsideCopyClosesTheServer() {
         let d = D()

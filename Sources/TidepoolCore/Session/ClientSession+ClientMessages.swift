@@ -113,7 +113,7 @@ extension ClientSession {
     /// The end of one read of client bytes: what was gathered for the linked server goes, and the
     /// timeouts learn the client is active.
     public mutating func clientReadDone(now: NIODeadline, into actions: inout Actions) {
-        if !toServer.isEmpty, holdsServer, !swallowingUntilReady {
+        if !toServer.isEmpty, holdsServer, !isSyncing {
             markSent(now: now)
             actions.append(.sendToServer)
         }
@@ -144,7 +144,7 @@ extension ClientSession {
     /// Counts a read for SHOW STATS and keeps its first bytes for log_slow_query_ms.
     mutating func clientRead(_ buffer: ByteBuffer) {
         traffic.received += buffer.readableBytes
-        if leaseUnanswered { keepForReplay(buffer) }
+        if case .linked(let server) = state, server.unanswered { keepForReplay(buffer, server) }
         if queryStart == nil, slowQueryThreshold > 0 {
             slowQueryRequest = buffer.getSlice(at: buffer.readerIndex, length: min(buffer.readableBytes, 160))
         }
@@ -163,7 +163,7 @@ extension ClientSession {
 
     mutating func forward(_ bytes: ByteBuffer, now: NIODeadline, into actions: inout Actions) {
         switch state {
-        case .linked where !swallowingUntilReady:
+        case .linked(let server) where server.sync == nil:
             toServer.append(bytes)
         case .idle:
             hold(bytes)
@@ -186,7 +186,7 @@ extension ClientSession {
         _ buffer: inout ByteBuffer, now: NIODeadline, isKnownStatement: (String) -> Bool,
         into actions: inout Actions
     ) throws(WireError) -> Bool {
-        guard case .linked(let server) = state, !swallowingUntilReady else {
+        guard case .linked(let server) = state, server.sync == nil else {
             guard isIdle else {
                 // Kept whole until a server is linked: how it is rewritten depends on that server.
                 stash(&buffer)

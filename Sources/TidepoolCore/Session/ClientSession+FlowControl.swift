@@ -106,6 +106,6 @@ extension ClientSession {
     /// Bytes the session holds: client bytes waiting for a server or for the rest of their
     /// message, and server bytes waiting for the rest of theirs (SHOW MEM, /metrics).
     public var bufferedBytes: Int {
-        flow.pendingBytes + (inbound.bytes?.readableBytes ?? 0) + (serverInbound.bytes?.readableBytes ?? 0)
+        flow.pendingBytes + (inbound.bytes?.readableBytes ?? 0) + (server?.kept.bytes?.readableBytes ?? 0)
     }
 }

@@ -25,7 +25,10 @@ extension ClientSession {
         if let statementCapacity, server.statements.capacity != statementCapacity {
             server.statements.resize(to: statementCapacity)
         }
-        beginLease(waitStart: waitStart)
+        server.scanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
+        server.kept = KeptBytes()
+        server.sync = nil
+        beginLease(server, waitStart: waitStart)
         state = .linked(server)
         traffic.serverAssignments += 1
         let waited = Int((now - waitStart).nanoseconds / 1000)
@@ -37,18 +40,12 @@ extension ClientSession {
             timeoutClock.quietSince = nil
         }
         resetServerFlow()
-        serverScanner = MessageScanner(maxMessageLength: scanner.maxMessageLength)
-        serverInbound = KeptBytes()
         let settings = settingsSync(server, into: &actions)
-        let parameters = parameterSync(server) ?? ""
-        if !settings.resets.isEmpty || !parameters.isEmpty || !settings.sets.isEmpty {
-            let sync = settings.resets + parameters + settings.sets
-            var out = ByteBufferAllocator().buffer(capacity: sync.utf8.count + 8)
-            Wire.query(sync, into: &out)
-            swallowingUntilReady = true
-            // Ahead of anything the client sent: its bytes wait for the sync's ReadyForQuery.
-            toServer.insert(out, at: 0)
-            actions.append(.sendToServer)
+        let parameters = parameterSync(server)
+        if !settings.resets.isEmpty || parameters != nil || !settings.sets.isEmpty {
+            sendSwallowed(
+                settings.resets + (parameters?.sets ?? "") + settings.sets, to: server,
+                spellings: parameters?.spellings ?? [:], into: &actions)
         } else {
             flushPending(now: now, isKnownStatement: isKnownStatement, into: &actions)
         }
@@ -56,11 +53,12 @@ extension ClientSession {
     }
 
     /// The SETs that make the server's tracked parameters the client's, in one Query; nil when they
-    /// already agree. The server is taken to hold the values from now on.
-    mutating func parameterSync(_ server: ServerSessionState) -> String? {
-        if !syncedParameters.isEmpty { syncedParameters.removeAll() }
+    /// already agree. The server is taken to hold the values from now on; `spellings` are the
+    /// server's values before, of those it reports (`ParameterSync`).
+    mutating func parameterSync(_ server: ServerSessionState) -> (sets: String, spellings: [String: String])? {
         guard server.$parameters != $wanted else { return nil }
         var sets = ""
+        var spellings: [String: String] = [:]
         for name in StartupParameters.tracked {
             // Parameters the server does not report (search_path) are known only once set here.
             guard let value = wanted[name] else {
@@ -73,14 +71,14 @@ extension ClientSession {
             }
             guard server.parameters[name] != value else { continue }
             if let before = server.parameters[name], !StartupParameters.unreported.contains(name) {
-                syncedParameters[name] = before  // unless the server reports a change
+                spellings[name] = before  // unless the server reports a change
             }
             // set_config takes the value as the startup packet gave it: `SET search_path = 'a,b'`
             // would name one schema "a,b".
             sets += "SELECT pg_catalog.set_config(\(name.sqlLiteral), \(value.sqlLiteral), false);"
             server.parameters[name] = value
         }
-        return sets.isEmpty ? nil : sets
+        return sets.isEmpty ? nil : (sets, spellings)
     }
 
     /// What the client sent while it waited goes to the server, now that it is linked.

@@ -48,7 +48,7 @@ extension ClientSession {
 
     /// Whether a notification written now would come between whole messages the client can take.
     var mayWriteNotification: Bool {
-        flow.clientWritable && readyHold == .none && (!isLinked || serverScanner.atMessageBoundary)
+        flow.clientWritable && readyHold == .none && atServerMessageBoundary
     }
 
     /// Writes the queued notifications if they may go now.

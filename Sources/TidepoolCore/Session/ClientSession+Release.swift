@@ -26,8 +26,7 @@ extension ClientSession {
     /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
     /// no cancel under way. The one rule for handing a server to another client.
     public var serverIsClean: Bool {
-        tracker.isClean && !swallowingUntilReady && cancelsInFlight == 0 && readyHold == .none
-            && (prepared?.isQuiet ?? true)
+        tracker.isClean && !isSyncing && cancelsInFlight == 0 && readyHold == .none && (prepared?.isQuiet ?? true)
     }
 
     /// The one way a linked server goes back while its client stays (see above): nothing of
@@ -36,7 +35,7 @@ extension ClientSession {
     /// part, `mayGiveBack`, first, to write the answer before).
     @inline(never)
     mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) {
-        guard isLinked, serverInbound.isEmpty, toServer.isEmpty, mayGiveBack else { return }
+        guard isLinked, serverKeptNothing, toServer.isEmpty, mayGiveBack else { return }
         unlink(now: now, reusable: true, into: &actions)
     }
 
@@ -60,8 +59,9 @@ extension ClientSession {
         serverResetQueryAlways = resetAlways
         if isPassingThrough {
             actions.append(.releaseServer(reusable: false))
-        } else if isLinked {
-            let clean = serverIsClean
+        } else if case .linked(let server) = state {
+            // Part of a message still to come would reach the next client.
+            let clean = serverIsClean && server.kept.isEmpty
             if clean, let sessionState, let reset = sessionState.resetForRelease() {
                 actions.append(.resetAndReleaseServer(reset))
             } else if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {

@@ -43,7 +43,7 @@ extension ClientSession {
     static let maxReplays = 3
 
     /// The pool lent a server: what the client has sent is kept until the server answers.
-    mutating func beginLease(waitStart: NIODeadline) {
+    mutating func beginLease(_ server: ServerSessionState, waitStart: NIODeadline) {
         let lease: LeaseStart
         if let kept = leaseStart {
             lease = kept
@@ -51,7 +51,7 @@ extension ClientSession {
             lease = LeaseStart()
             leaseStart = lease
         }
-        leaseUnanswered = true
+        server.unanswered = true
         lease.tracker = tracker
         lease.scanner = scanner
         if !pending.isEmpty { lease.pending.append(contentsOf: pending) }
@@ -64,19 +64,19 @@ extension ClientSession {
     }
 
     /// The server answered: nothing is replayed from now on.
-    mutating func leaseAnswered() {
-        leaseUnanswered = false
+    mutating func leaseAnswered(_ server: ServerSessionState) {
+        server.unanswered = false
         leaseStart!.answered()
     }
 
     /// Client bytes read while the lend is not answered.
     /// Past `bufferLimit` bytes the request is not kept: a message of any size then goes through
     /// as it arrives, and a server lost before answering it costs the client its connection.
-    mutating func keepForReplay(_ buffer: ByteBuffer) {
+    mutating func keepForReplay(_ buffer: ByteBuffer, _ server: ServerSessionState) {
         let lease = leaseStart!
         let kept = lease.after.bytes?.readableBytes ?? 0
         guard kept + buffer.readableBytes <= bufferLimit else {
-            leaseAnswered()
+            leaseAnswered(server)
             return
         }
         var copy = buffer
@@ -104,18 +104,16 @@ extension ClientSession {
     /// The linked server is gone, `unused` if none of the client's bytes were written to it.
     /// True if the client went back to the queue with what it had sent.
     mutating func requeueAfterLoss(unused: Bool, now: NIODeadline, into actions: inout Actions) -> Bool {
-        guard leaseUnanswered, let lease = leaseStart, unused || swallowingUntilReady || lease.goneBeforeAnswer,
+        guard case .linked(let server) = state, server.unanswered, let lease = leaseStart,
+            unused || server.sync != nil || lease.goneBeforeAnswer,
             lease.replays < Self.maxReplays,
             lease.tracker.outstanding > 0 || !lease.pending.isEmpty || lease.inbound != nil || !lease.after.isEmpty
         else { return false }
-        leaseUnanswered = false
+        server.unanswered = false
         lease.replays += 1
         state = .waiting(since: lease.waitStart)
-        swallowingUntilReady = false
-        syncError = nil
         readyHold = .none
         toServer.removeAll()
-        serverInbound = KeptBytes()
         tracker = lease.tracker
         scanner = lease.scanner
         if let snapshot = lease.prepared { prepared?.restore(snapshot) }

@@ -15,18 +15,18 @@ extension ClientSession {
         var buffer = data
         if readyHold == .held {
             // Kept behind the held ReadyForQuery (`listenConfirmed`).
-            serverInbound.keep(&buffer)
+            server.kept.keep(&buffer)
             return
         }
-        serverInbound.prepend(to: &buffer)
-        if leaseUnanswered, !swallowingUntilReady {
+        server.kept.prepend(to: &buffer)
+        if server.unanswered, server.sync == nil {
             // The first answer to the client's bytes on this server (`ClientSession+Replay`).
             if Self.isGoingAway(buffer) {
                 // Not the client's: its connection is not over (`serverLost`).
                 leaseStart!.goneBeforeAnswer = true
                 return
             }
-            leaseAnswered()
+            leaseAnswered(server)
         }
         serverBuffer = buffer
         var run = ServerBytesRun()
@@ -34,7 +34,7 @@ extension ClientSession {
             scan: while true {
                 let chunkStart = buffer.readerIndex
                 guard
-                    let chunk = try serverScanner.next(
+                    let chunk = try server.scanner.next(
                         from: &buffer,
                         classify: { type in
                             if type == MessageType.readyForQuery || type == MessageType.parameterStatus
@@ -44,7 +44,7 @@ extension ClientSession {
                             }
                             if type == MessageType.errorResponse {
                                 // The pooler's own SETs failed: seen whole, to tell the client why.
-                                if swallowingUntilReady { return .inspect }
+                                if server.sync != nil { return .inspect }
                                 if let sessionState, sessionState.awaitsReplies { sessionState.errorReceived() }
                             }
                             if prepared != nil {
@@ -59,8 +59,8 @@ extension ClientSession {
                 let chunkLength = buffer.readerIndex - chunkStart
                 switch chunk {
                 case .forward:
-                    if !swallowingUntilReady { run.add(chunkStart, chunkLength, to: &self, into: &actions) }
-                    if !notificationQueue.isEmpty, serverScanner.atMessageBoundary {
+                    if server.sync == nil { run.add(chunkStart, chunkLength, to: &self, into: &actions) }
+                    if !notificationQueue.isEmpty, server.scanner.atMessageBoundary {
                         run.write(to: &self, into: &actions)
                         writeQueuedNotifications(into: &actions)
                     }
@@ -72,8 +72,8 @@ extension ClientSession {
                         parameterStatus(body, server: server, into: &actions)
                         continue
                     }
-                    if type == MessageType.errorResponse, swallowingUntilReady {
-                        syncError = WireDecode.errorFields(body)
+                    if type == MessageType.errorResponse, server.sync != nil {
+                        server.sync!.error = WireDecode.errorFields(body)
                         continue
                     }
                     if type == MessageType.notificationResponse {
@@ -110,13 +110,12 @@ extension ClientSession {
                     }
                     var b = body
                     let status = TransactionStatus(rawValue: b.readInteger(as: UInt8.self) ?? 0) ?? .failed
-                    if swallowingUntilReady {
+                    if let sync = server.sync {
                         // The end of the pooler's own parameter sync: the client's bytes may go now.
-                        swallowingUntilReady = false
-                        if !syncedParameters.isEmpty { spellingsLearned(server, into: &actions) }
-                        if let error = syncError {
+                        server.sync = nil
+                        if !sync.spellings.isEmpty { spellingsLearned(sync.spellings, server, into: &actions) }
+                        if let error = sync.error {
                             // The client's settings could not be made: it cannot go on as if they were.
-                            syncError = nil
                             unlink(now: now, reusable: false, into: &actions)
                             close(
                                 .fatal(error.code, "could not restore session state: \(error.message)"),
@@ -188,7 +187,7 @@ extension ClientSession {
                             if status == .idle, sessionState.resyncDue {
                                 resyncServer(into: &actions)
                             } else if status == .inTransaction, let sync {
-                                sendSwallowed(sync, into: &actions)
+                                sendSwallowed(sync, to: server, into: &actions)
                             }
                         }
                     }
@@ -203,7 +202,7 @@ extension ClientSession {
             return
         }
         run.write(to: &self, into: &actions)
-        serverInbound.keep(&buffer)
+        server.kept.keep(&buffer)
         if !notificationQueue.isEmpty { writeQueuedNotifications(into: &actions) }
         if prepared != nil {
             let names = prepared!.takeAccepted()
@@ -229,10 +228,10 @@ extension ClientSession {
     ) {
         guard let (name, value) = WireDecode.parameterStatus(body) else { return }
         server.parameters[name] = value
-        if swallowingUntilReady {
+        if server.sync != nil {
             // Our own SET: remember the server's spelling of the value (and of the startup
             // value, when that is what was set).
-            syncedParameters[name] = nil
+            server.sync!.spellings[name] = nil
             if let was = wanted[name], was != value {
                 if startupParameters[name] == was { startupParameters[name] = value }
                 wanted[name] = value
@@ -257,8 +256,10 @@ extension ClientSession {
     /// The sync set parameters the server did not report again: their values were already the
     /// server's, as it spells them (the client gave `German`, the server has `German, DMY`), and
     /// that is what the client is told, as PostgreSQL would have at login.
-    mutating func spellingsLearned(_ server: ServerSessionState, into actions: inout Actions) {
-        for (name, spelled) in syncedParameters {
+    mutating func spellingsLearned(
+        _ spellings: [String: String], _ server: ServerSessionState, into actions: inout Actions
+    ) {
+        for (name, spelled) in spellings {
             server.parameters[name] = spelled
             guard let was = wanted[name], was != spelled else { continue }
             if startupParameters[name] == was { startupParameters[name] = spelled }
@@ -267,7 +268,6 @@ extension ClientSession {
             Wire.parameterStatus(name, spelled, into: &out)
             write(out, into: &actions)
         }
-        syncedParameters.removeAll()
     }
 
     /// The client's SQL is read with the standard_conforming_strings it has now.

@@ -300,11 +300,14 @@ extension ClientSession {
         return sql.isEmpty ? nil : sql
     }
 
-    /// Sends the pooler's own `sql`, its answers not shown, before the client's next request.
-    mutating func sendSwallowed(_ sql: String, into actions: inout Actions) {
+    /// Sends the pooler's own `sql` to `server`, its answers not shown, ahead of anything the
+    /// client sent: the client's bytes wait for its ReadyForQuery.
+    mutating func sendSwallowed(
+        _ sql: String, to server: ServerSessionState, spellings: [String: String] = [:], into actions: inout Actions
+    ) {
         var out = ByteBufferAllocator().buffer(capacity: sql.utf8.count + 8)
         Wire.query(sql, into: &out)
-        swallowingUntilReady = true
+        server.sync = ParameterSync(spellings: spellings)
         toServer.insert(out, at: 0)
         actions.append(.sendToServer)
     }
@@ -315,9 +318,10 @@ extension ClientSession {
         sessionState?.resyncDue = false
         guard case .linked(let server) = state else { return }
         let settings = settingsSync(server, into: &actions)
-        let sync = settings.resets + (parameterSync(server) ?? "") + settings.sets
+        let parameters = parameterSync(server)
+        let sync = settings.resets + (parameters?.sets ?? "") + settings.sets
         guard !sync.isEmpty else { return }
-        sendSwallowed(sync, into: &actions)
+        sendSwallowed(sync, to: server, spellings: parameters?.spellings ?? [:], into: &actions)
     }
 
     /// Whether the client keeps its server for its session state.

@@ -11,6 +11,19 @@ public final class ServerSessionState: @unchecked Sendable {
     /// Session settings the pooler replayed or saw committed here, by name (`SessionState`).
     public var settings: [String: String] = [:]
 
+    // The link to the client it is lent to, as that client's session reads it: only a linked
+    // session (`.linked(server)`) reaches it, and each lend starts it afresh (`ClientSession.lent`).
+    /// Frames the server's bytes.
+    var scanner = MessageScanner()
+    /// Server bytes not taken yet: part of a message, or what came behind a held ReadyForQuery.
+    var kept = KeptBytes()
+    /// The server has not answered the client's bytes of this lend yet: what the lend started
+    /// from is kept for a replay (`ClientSession+Replay`).
+    var unanswered = false
+    /// The pooler's own parameter sync, until its ReadyForQuery: the server's answers are not
+    /// the client's.
+    var sync: ClientSession.ParameterSync?
+
     public init(maxPreparedStatements: Int) {
         statements = ServerStatementCache(capacity: maxPreparedStatements)
     }
@@ -45,7 +58,8 @@ public struct ClientSession {
         case idle
         /// Queued for a server since then.
         case waiting(since: NIODeadline)
-        /// Holding this server (until `ClientSession+Release.swift` gives it back).
+        /// Holding this server (until `ClientSession+Release.swift` gives it back), with the
+        /// link's own state (its scanner, kept bytes, lease and parameter sync) in it.
         case linked(ServerSessionState)
         /// A replication connection on a server of its own: every byte passes through both ways.
         case passThrough(ServerSessionState)
@@ -158,13 +172,24 @@ public struct ClientSession {
     public var tls = false
     /// The TLS handshake was started and has not finished (`tlsEstablished`).
     var tlsHandshaking = false
-    /// What a client rarely needs (why it is being closed, a failed parameter sync), kept out
-    /// of line: made when first written.
+    /// What a client rarely needs (why it is being closed), kept out of line: made when first
+    /// written.
     var scratch: Scratch?
 
     final class Scratch {
         var closing: Refusal?
-        var syncError: PostgresError?
+    }
+
+    /// The pooler's own SETs running on the linked server (`ServerSessionState.sync`). A class:
+    /// made only when they run, while the check that none does, made for every server message,
+    /// stays a pointer's.
+    final class ParameterSync {
+        /// An error the server answered them with.
+        var error: PostgresError?
+        /// Reported parameters they set, with the server's value before (`spellingsLearned`).
+        var spellings: [String: String]
+
+        init(spellings: [String: String]) { self.spellings = spellings }
     }
 
     /// What only the login needs (a few hundred bytes an idle client need not carry), carried by
@@ -230,7 +255,6 @@ public struct ClientSession {
     /// server is linked, because how they are rewritten depends on what that server has prepared.
     public var prepared: PreparedStatementTracker?
     public var scanner: MessageScanner
-    var serverScanner = MessageScanner()
     public internal(set) var tracker = TransactionTracker()
     /// session_state = track in transaction or statement pooling: statements are read for state.
     public var tracksSessionState = false
@@ -244,8 +268,6 @@ public struct ClientSession {
     public var refusesPins = false
     /// Why the message being read is refused (session_state = refuse), until it is rewritten.
     var refusal: PinReason?
-    /// Responses to a query the pooler sent itself (parameter sync) are not shown to the client.
-    public internal(set) var swallowingUntilReady = false
     /// Cancel requests for this client still on their way to PostgreSQL: the server is not given
     /// back until they have arrived (one still on its way could hit the next client's query).
     public internal(set) var cancelsInFlight = 0
@@ -273,10 +295,9 @@ public struct ClientSession {
         case resuming
     }
 
-    /// What the current lend started from, until the server answers (`ClientSession+Replay`).
+    /// What the current lend started from, until the server answers (`ClientSession+Replay`);
+    /// made at the first lend and reused.
     var leaseStart: LeaseStart?
-    /// `leaseStart` holds the current lend's start: the server has not answered yet.
-    var leaseUnanswered = false
 
     /// The server the client holds, while linked or passing through.
     public var server: ServerSessionState? {
@@ -284,6 +305,18 @@ public struct ClientSession {
         case .linked(let server), .passThrough(let server): server
         default: nil
         }
+    }
+    /// The pooler's own parameter sync runs on the linked server.
+    @inline(__always) public var isSyncing: Bool {
+        if case .linked(let server) = state { server.sync != nil } else { false }
+    }
+    /// Nothing of the linked server's is kept (or no server is linked).
+    @inline(__always) var serverKeptNothing: Bool {
+        if case .linked(let server) = state { server.kept.isEmpty } else { true }
+    }
+    /// No server message is half read (or no server is linked).
+    @inline(__always) var atServerMessageBoundary: Bool {
+        if case .linked(let server) = state { server.scanner.atMessageBoundary } else { true }
     }
     @inline(__always) public var isLinked: Bool {
         if case .linked = state { true } else { false }
@@ -335,14 +368,6 @@ public struct ClientSession {
     /// The pooler's stale-plan epoch as the connection last read it; the tracker takes it before it
     /// names statements (`PreparedStatementTracker.epoch`).
     public var statementEpoch = 0
-    var serverInbound = KeptBytes()
-    /// An error the server answered the pooler's own SETs with.
-    var syncError: PostgresError? {
-        get { scratch?.syncError }
-        set { if newValue != nil || scratch != nil { writableScratch.syncError = newValue } }
-    }
-    /// Reported parameters the running sync sets, with the server's value before it (`spellingsLearned`).
-    var syncedParameters: [String: String] = [:]
     /// The tracked parameters the client logged in with: what RESET and RESET ALL go back to.
     var startupParameters: [String: String] = [:]
     /// The values of the tracked parameters as the client should see them.
