@@ -1,12 +1,58 @@
 import Foundation
+import Logging
 import NIOCore
 import TidepoolCore
 
-/// The admin console's commands carried out: SHOW views gathered from the pools and from every
-/// connection (each asked on its own event loop), and the control commands.
-extension Pooler {
-    /// The instance id: `instance_id`, or host-pid.
-    public var instanceID: String { metrics.instance }
+/// What the admin console's commands need of the pooler: its settings, and the operations a
+/// signal also starts (RELOAD, PAUSE, SUSPEND, RESUME), which stay the pooler's.
+protocol AdminOwner: AnyObject, Sendable {
+    var config: Config { get }
+    var userlist: [String: PasswordSecret] { get }
+    var logger: Logger { get }
+    var instanceID: String { get }
+    /// When the pooler was made, for SHOW STATE's uptime.
+    var startedAt: Date { get }
+    func reload() throws(PostgresError)
+    func pause(database: String?) -> EventLoopFuture<Void>
+    func resume(database: String?)
+    func suspend(on loop: EventLoop) -> EventLoopFuture<Void>
+    func waitUntil(on loop: EventLoop, _ condition: @escaping @Sendable () -> Bool) -> EventLoopFuture<Void>
+    /// SET: one setting changed at run time (a bad value, or a certificate that does not load,
+    /// refuses it).
+    func set(_ key: String, _ value: String) throws(PostgresError)
+    func trafficBook(endingPeriodAfter seconds: Double?) -> TrafficBook
+    /// Every loop's SHOW LATENCY histograms, merged.
+    func latencyBook(on loop: EventLoop) -> EventLoopFuture<LatencyBook>
+    /// Histograms allocated for SHOW LATENCY, roughly.
+    var latencyHistogramCount: Int { get }
+    func bufferFigures(on loop: EventLoop) -> EventLoopFuture<BufferFigures>
+}
+
+/// The admin console's commands carried out: SHOW views gathered from the pool driver and from
+/// every connection (each asked on its own event loop), and the control commands.
+final class AdminRuntime: Sendable {
+    /// The pooler, which owns the console's runtime and outlives it.
+    private unowned let owner: any AdminOwner
+    private let pools: PoolDriver
+    private let hosts: HostResolver
+    private let cancels: CancelRequests
+    private let statements: SharedStatements
+    private let listenerHub: ListenerHub
+
+    init(
+        owner: any AdminOwner, pools: PoolDriver, hosts: HostResolver, cancels: CancelRequests,
+        statements: SharedStatements, listenerHub: ListenerHub
+    ) {
+        self.owner = owner
+        self.pools = pools
+        self.hosts = hosts
+        self.cancels = cancels
+        self.statements = statements
+        self.listenerHub = listenerHub
+    }
+
+    private var config: Config { owner.config }
+    private var logger: Logger { owner.logger }
 
     func done(_ tag: String, on loop: EventLoop) -> EventLoopFuture<AdminResult> {
         loop.makeSucceededFuture(AdminResult(columns: [], rows: [], tag: tag))
@@ -21,31 +67,26 @@ extension Pooler {
             case .show(let what):
                 return try show(what, on: loop)
             case .reload:
-                try reload()
+                try owner.reload()
                 return done("RELOAD", on: loop)
             case .pause(let database):
                 try requireDatabase(database)
-                return pause(database: database).map { AdminResult(columns: [], rows: [], tag: "PAUSE") }
+                return owner.pause(database: database).map { AdminResult(columns: [], rows: [], tag: "PAUSE") }
             case .resume(let database):
                 try requireDatabase(database)
-                let refusal = pools.shared.withLockedValue { s in
-                    AdminRules.resumeRefusal(
-                        database: database, paused: s.pools.isPaused(database: database), suspended: s.suspended,
-                        shuttingDown: s.draining)
-                }
-                if let refusal { throw refusal }
-                resume(database: database)
+                if let refusal = pools.resumeRefusal(database: database) { throw refusal }
+                owner.resume(database: database)
                 return done("RESUME", on: loop)
             case .suspend:
-                return suspend(on: loop).map { AdminResult(columns: [], rows: [], tag: "SUSPEND") }
+                return owner.suspend(on: loop).map { AdminResult(columns: [], rows: [], tag: "SUSPEND") }
             case .disable(let database):
                 try requireDatabase(database)
-                pools.shared.withLockedValue { _ = $0.disabled.insert(database) }
+                pools.setDisabled(database, true)
                 logger.info("DISABLE \(database): new clients are refused")
                 return done("DISABLE", on: loop)
             case .enable(let database):
                 try requireDatabase(database)
-                pools.shared.withLockedValue { _ = $0.disabled.remove(database) }
+                pools.setDisabled(database, false)
                 logger.info("ENABLE \(database)")
                 return done("ENABLE", on: loop)
             case .reconnect(let database):
@@ -56,42 +97,28 @@ extension Pooler {
                 return done("RECONNECT", on: loop)
             case .waitClose(let database):
                 try requireDatabase(database)
-                return waitUntil(on: loop) { [self] in
-                    pools.shared.withLockedValue { $0.pools.closeNeededCount(database: database) } == 0
-                }.map { AdminResult(columns: [], rows: [], tag: "WAIT_CLOSE") }
+                return owner.waitUntil(on: loop) { [pools] in pools.closeNeededCount(database: database) == 0 }.map {
+                    AdminResult(columns: [], rows: [], tag: "WAIT_CLOSE")
+                }
             case .kill(let database):
                 try requireDatabase(database)
-                pools.shared.withLockedValue { $0.pools.pause(database: database) }
+                pools.pause(database: database)
                 let now = NIODeadline.now()
                 pools.withPool { $0.reconnect(database: database, now: now) }
                 // Clients of pools only: the console sessions (the one asking included) stay.
-                let victims = pools.shared.withLockedValue { s in
-                    s.registry.clients.values.filter { client in
-                        client.registration.pool.map { database == nil || $0.database == database } ?? false
-                    }
-                }
+                let victims = pools.poolClients(database: database)
                 for client in victims { client.onLoop { client.kill("KILL \(database ?? "")") } }
                 logger.info("KILL \(database ?? "all databases"): \(victims.count) client(s) closed")
                 return done("KILL", on: loop)
             case .killClient(let text):
                 let raw = UInt64(text.hasPrefix("C-") ? String(text.dropFirst(2)) : text)
-                guard let raw, let client = pools.shared.withLockedValue({ $0.registry.clients[ClientID(raw)] }) else {
+                guard let raw, let client = pools.client(ClientID(raw)) else {
                     throw PostgresError(code: SQLState.undefinedObject, message: "no client with id \(text)")
                 }
                 client.onLoop { client.kill("KILL_CLIENT") }
                 return done("KILL_CLIENT", on: loop)
             case .set(let key, let value):
-                var fresh = config
-                try fresh.set(key, value)
-                if key.hasPrefix("client_tls_") || key.hasPrefix("server_tls_") || key.hasPrefix("auth_") {
-                    // Certificates and HBA rules are loaded now; a bad file refuses the SET.
-                    do { try loadSecurity(fresh) } catch {
-                        throw PostgresError(code: SQLState.invalidParameterValue, message: "\(error)")
-                    }
-                }
-                settings.withLockedValue { $0.configBox = ConfigBox(value: fresh) }
-                applyPoolSettings(fresh)
-                logger.info("SET \(key) = \(value)")
+                try owner.set(key, value)
                 return done("SET", on: loop)
             case .shutdown(let mode):
                 let signal: Int32 =
@@ -119,29 +146,21 @@ extension Pooler {
         }
     }
 
-    func isDisabled(_ database: String) -> Bool {
-        pools.shared.withLockedValue { $0.disabled.contains(database) }
-    }
-
     func show(_ what: String, on loop: EventLoop) throws(PostgresError) -> EventLoopFuture<AdminResult> {
         let now = NIODeadline.now()
-        let (snapshots, poolClients, clientCount, disabled, suspended, allPaused, pinned, consoleClients) =
-            pools.shared.withLockedValue {
-                (
-                    $0.pools.snapshot(now: now), $0.registry.poolClients, $0.registry.count, $0.disabled, $0.suspended,
-                    $0.pools.isPaused(database: nil), $0.registry.pinnedClients, $0.registry.consoleClients
-                )
-            }
         let config = self.config
+        let views = pools.views(now: now, databases: what == "DATABASES" ? Array(config.databases.keys) : [])
+        let snapshots = views.pools
+        let (clientCount, consoleClients) = (views.clientCount, views.consoleClients)
         let console = AdminViews.consoleDatabase(config)
         switch what {
         case "POOLS":
             var counts: [PoolKey: PoolClientCounts] = [:]
             var modes: [PoolKey: PoolMode] = [:]
             for snap in snapshots {
-                let total = poolClients[snap.key] ?? 0
+                let total = views.poolClients[snap.key] ?? 0
                 counts[snap.key] = PoolClientCounts(
-                    active: max(total - snap.waiting, 0), waiting: snap.waiting, pinned: pinned[snap.key] ?? 0)
+                    active: max(total - snap.waiting, 0), waiting: snap.waiting, pinned: views.pinned[snap.key] ?? 0)
                 if let db = config.database(named: snap.key.database) {
                     modes[snap.key] = config.poolMode(database: db, user: snap.key.user)
                 }
@@ -154,7 +173,7 @@ extension Pooler {
                 AdminViews.lists(
                     databases: config.databases.count,
                     users: AdminViews.knownUsers(
-                        configured: config.users.keys, authFile: userlist.keys, pools: snapshots.map(\.key.user)),
+                        configured: config.users.keys, authFile: owner.userlist.keys, pools: snapshots.map(\.key.user)),
                     pools: snapshots.count,
                     clients: clientCount, serversUsed: snapshots.reduce(0) { $0 + $1.lent },
                     serversIdle: snapshots.reduce(0) { $0 + $1.idle },
@@ -163,26 +182,20 @@ extension Pooler {
                     dnsZones: hosts.cache.zoneRows().count, dnsQueries: hosts.cache.pending))
         case "DATABASES":
             var current: [String: Int] = [:]
-            var paused: Set<String> = []
             for snap in snapshots {
                 current[snap.key.database, default: 0] += snap.lent + snap.idle + snap.connecting
             }
-            let clients = pools.shared.withLockedValue { s in
-                for name in config.databases.keys where s.pools.isPaused(database: name) { paused.insert(name) }
-                return s.registry.databaseClients
-            }
             return loop.makeSucceededFuture(
                 AdminViews.databases(
-                    config, currentConnections: current, clients: clients, paused: paused, disabled: disabled,
-                    consoleClients: consoleClients))
+                    config, currentConnections: current, clients: views.databaseClients, paused: views.pausedDatabases,
+                    disabled: views.disabled, consoleClients: consoleClients))
         case "USERS":
             var connections: [String: Int] = [:]
             for snap in snapshots { connections[snap.key.user, default: 0] += snap.lent + snap.idle + snap.connecting }
-            let clients = pools.shared.withLockedValue { $0.registry.userClients }
             return loop.makeSucceededFuture(
                 AdminViews.users(
-                    config, poolUsers: snapshots.map(\.key.user), serverConnections: connections, clients: clients,
-                    authFileUsers: Array(userlist.keys)))
+                    config, poolUsers: snapshots.map(\.key.user), serverConnections: connections,
+                    clients: views.userClients, authFileUsers: Array(owner.userlist.keys)))
         case "FDS":
             let g = config.global
             let listeners = g.listenAddr.isEmpty ? [] : [(address: g.listenAddr, port: g.listenPort)]
@@ -190,7 +203,7 @@ extension Pooler {
                 AdminViews.fds(listeners: listeners, clients: clients, servers: servers)
             }
         case "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS":
-            let book = trafficBook()
+            let book = owner.trafficBook(endingPeriodAfter: nil)
             let databases = Array(Set(snapshots.map(\.key.database))) + (console.map { [$0] } ?? [])
             switch what {
             case "STATS": return loop.makeSucceededFuture(AdminViews.stats(book, databases: databases))
@@ -202,16 +215,16 @@ extension Pooler {
         case "STATE":
             return loop.makeSucceededFuture(
                 AdminViews.state(
-                    paused: allPaused, suspended: suspended, instanceID: instanceID,
-                    uptimeSeconds: Int(Date().timeIntervalSince(startedAt))))
+                    paused: views.allPaused, suspended: views.suspended, instanceID: owner.instanceID,
+                    uptimeSeconds: Int(Date().timeIntervalSince(owner.startedAt))))
         case "MEM":
-            let servers = pools.shared.withLockedValue { $0.servers.count }
+            let servers = views.serverCount
             let known = statements.knownCount
             let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
             let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
             let rss = (statm.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? 0) * pageSize
-            let histograms = latencyHistogramCount()
-            return bufferFigures(on: loop).map { buffers in
+            let histograms = owner.latencyHistogramCount
+            return owner.bufferFigures(on: loop).map { buffers in
                 AdminViews.memory([
                     ("process_rss", rss, 1, nil), ("clients", 0, clientCount, nil), ("servers", 0, servers, nil),
                     ("prepared_statement_names", 0, known, nil),
@@ -238,12 +251,7 @@ extension Pooler {
         case "DNS_ZONES":
             return loop.makeSucceededFuture(AdminViews.dnsZones(hosts.cache))
         case "LATENCY":
-            let books = loops.enumerated().map { index, l in l.submit { [self] in poolerLoops[index].latency.book } }
-            return EventLoopFuture.whenAllSucceed(books, on: loop).map { books in
-                var merged = LatencyBook()
-                for book in books { merged.merge(book) }
-                return AdminViews.latency(merged)
-            }
+            return owner.latencyBook(on: loop).map { AdminViews.latency($0) }
         case "LISTENS":
             let listeners = listenerHub.all
             let lists = listeners.map { listener in
@@ -268,7 +276,7 @@ extension Pooler {
 
     /// Every client as SHOW CLIENTS lists it, each asked on its own loop.
     func clientRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
-        let clients = pools.shared.withLockedValue { Array($0.registry.clients.values) }
+        let clients = pools.connections().clients
         let rows = clients.map { client in client.channel.eventLoop.submit { client.describe() } }
         return EventLoopFuture.whenAllSucceed(rows, on: loop)
     }
@@ -276,21 +284,13 @@ extension Pooler {
     /// Every server as SHOW SERVERS lists it, each asked on its own loop; one still being connected
     /// (no channel yet) is left out.
     func serverRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
-        let (servers, closing) = pools.shared.withLockedValue { s in
-            (Array(s.servers.values), Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) }))
-        }
+        let (_, servers, closing) = pools.connections()
         let rows: [EventLoopFuture<ConnectionRow?>] = servers.map { server in
             server.eventLoop.submit {
                 server.channel == nil ? nil : server.describe(closeNeeded: closing.contains(server.id))
             }
         }
         return EventLoopFuture.whenAllSucceed(rows, on: loop).map { $0.compactMap { $0 } }
-    }
-
-    /// Histograms allocated for SHOW LATENCY, roughly (three per database, span and loop).
-    func latencyHistogramCount() -> Int {
-        let databases = Set(trafficCells.withLockedValue { $0.keys.map(\.database) }).count
-        return databases * 3 * 3 * loops.count
     }
 }
 

@@ -180,7 +180,7 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
         case .runAdminCommand:
             guard let command = session.adminCommand else { return }
             // A command may complete on another loop (PAUSE waits on the first).
-            pooler.admin(command, on: eventLoop).hop(to: eventLoop).whenComplete { [self] result in
+            pooler.admin.admin(command, on: eventLoop).hop(to: eventLoop).whenComplete { [self] result in
                 session.adminAnswered(AdminConsoleSession.answer(result.mapError { $0 }), into: &actions)
                 run()
             }

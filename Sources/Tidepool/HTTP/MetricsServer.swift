@@ -179,11 +179,10 @@ extension Pooler {
     func renderMetrics(on loop: EventLoop) -> EventLoopFuture<String> {
         bufferFigures(on: loop).map { [self] buffers in
             let now = NIODeadline.now()
-            let (snapshots, clients, pinned) = pools.shared.withLockedValue {
-                ($0.pools.snapshot(now: now), $0.registry.poolClients, $0.registry.pinnedClients)
-            }
+            let views = pools.views(now: now)
             return metrics.render(
-                snapshots: snapshots, clients: clients, pinned: pinned, traffic: trafficBook(), buffers: buffers)
+                snapshots: views.pools, clients: views.poolClients, pinned: views.pinned, traffic: trafficBook(),
+                buffers: buffers)
         }
     }
 

@@ -8,8 +8,6 @@ import TidepoolCore
 protocol CancelRouting: AnyObject, Sendable {
     var config: Config { get }
     var logger: Logger { get }
-    /// The client that was given this cancel key, if it is still connected.
-    func client(cancelKey: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection?
 }
 
 /// Passes cancel requests on: a client's own key to the backend it is using (through its session,
@@ -17,13 +15,16 @@ protocol CancelRouting: AnyObject, Sendable {
 /// pool_size (PgBouncer's peering), and the session's own cancels to PostgreSQL.
 final class CancelRequests: Sendable {
     private unowned let pooler: any CancelRouting
+    /// Finds the client a cancel key was given to.
+    private let pools: PoolDriver
     private let hosts: HostResolver
     private let group: EventLoopGroup
     /// Requests being passed on to each peer, and those waiting for a slot.
     private let peers = NIOLockedValueBox(PeerCancels<ServerConnection.CancelTarget>())
 
-    init(pooler: any CancelRouting, hosts: HostResolver, group: EventLoopGroup) {
+    init(pooler: any CancelRouting, pools: PoolDriver, hosts: HostResolver, group: EventLoopGroup) {
         self.pooler = pooler
+        self.pools = pools
         self.hosts = hosts
         self.group = group
     }
@@ -41,7 +42,7 @@ final class CancelRequests: Sendable {
             pooler.logger.warning("cancel request for peer \(peer), which is not in [peers]: ignored")
             return
         }
-        guard let client = pooler.client(cancelKey: .init(processID: processID, secretKey: secretKey)) else {
+        guard let client = pools.client(cancelKey: .init(processID: processID, secretKey: secretKey)) else {
             pooler.logger.debug("cancel request with an unknown key ignored")
             return
         }

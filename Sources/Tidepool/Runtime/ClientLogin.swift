@@ -75,7 +75,7 @@ struct ClientLogin {
                 config: config, hba: security.hba, clientAddress: peer.addressAndPort, clientIP: peer.ip,
                 certificateCommonName: peer.certificateCommonName, knownSecret: pooler.userlist[user],
                 canLookUp: pooler.credentials.authUser(for: databaseEntry(config)) != nil, peer: peer.credentials,
-                ident: security.ident, databaseDisabled: pooler.isDisabled(database)),
+                ident: security.ident, databaseDisabled: pooler.pools.isDisabled(database)),
             into: &client.actions)
     }
 
@@ -112,7 +112,8 @@ struct ClientLogin {
         let pooler = self.pooler
         client.session.enter(
             ClientSession.destination(
-                request, config: config, shuttingDown: pooler.isDraining, isDisabled: { pooler.isDisabled($0) }),
+                request, config: config, shuttingDown: pooler.pools.isDraining,
+                isDisabled: { pooler.pools.isDisabled($0) }),
             notice: config.global.loginNotifyMessage, into: &client.actions)
         if client.session.isAdmin {
             client.registration.inConsole = true

@@ -9,15 +9,10 @@ protocol UnpooledServerOwner: AnyObject, Sendable {
     var loops: [EventLoop] { get }
     var logger: Logger { get }
     var metrics: PoolerMetrics { get }
-    /// Takes a slot in max_db_connections / max_user_connections for a server of `key` outside
-    /// the pool; false when none is left.
-    func unpooledServerOpening(_ key: PoolKey) -> Bool
-    /// Gives the slot back.
-    func unpooledServerClosed(_ key: PoolKey)
+    /// Slots for servers outside the pools (`unpooledServerOpening`), and the clients to deliver to.
+    var pools: PoolDriver! { get }
     /// Opens a pool's listener connection, driven by `driver`.
     func openListener(pool key: PoolKey, loop: Int, driver: ListenerDriver) -> ServerConnection
-    /// The clients among `ids` still connected.
-    func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection]
 }
 
 /// Carries out one pool's `ChannelListener`: opens and closes its server connection, sends its
@@ -85,7 +80,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
                 connection?.command(.listenerQuery(sql))
             case .confirm(let ids):
                 // The listener listens on these clients' new channels: their held ReadyForQuery may go.
-                for client in pooler.clients(ids) {
+                for client in pooler.pools.clients(ids) {
                     client.eventLoop.execute { client.deliver(.listenConfirmed) }
                 }
             case .close:
@@ -104,7 +99,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     }
 
     private func open() {
-        guard pooler.unpooledServerOpening(key) else {
+        guard pooler.pools.unpooledServerOpening(key) else {
             carryOut(
                 machine.connectFailed(
                     "max_db_connections or max_user_connections reached", now: .now()))
@@ -117,7 +112,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
     private func releaseSlot() {
         guard holdsSlot else { return }
         holdsSlot = false
-        pooler.unpooledServerClosed(key)
+        pooler.pools.unpooledServerClosed(key)
     }
 
     // MARK: The connection (on `loop`)
@@ -184,7 +179,7 @@ final class ListenerDriver: PoolDriving, @unchecked Sendable {
         message.writeInteger(Int32(body.readableBytes + 4))
         var copy = body
         message.writeBuffer(&copy)
-        let clients = pooler.clients(recipients)
+        let clients = pooler.pools.clients(recipients)
         for client in clients {
             client.eventLoop.execute { client.notification(message, channel: channel) }
         }
@@ -231,19 +226,7 @@ final class ListenerHub: Sendable {
 }
 
 extension Pooler {
-    func unpooledServerOpening(_ key: PoolKey) -> Bool {
-        var granted = false
-        pools.withPoolBuffer { pools, actions in granted = pools.unpooledServerOpening(key, into: &actions) }
-        return granted
-    }
-
-    func unpooledServerClosed(_ key: PoolKey) {
-        pools.shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
-    }
-
     func openListener(pool key: PoolKey, loop: Int, driver: ListenerDriver) -> ServerConnection {
         connector.open(unpooledServerID(), pool: key, loop: loop, driver: driver, listens: true)
     }
-
-    func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection] { pools.clients(ids) }
 }

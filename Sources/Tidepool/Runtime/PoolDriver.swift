@@ -53,7 +53,7 @@ final class PoolDriver: PoolDriving, Sendable {
         var suspended = false
     }
 
-    let shared: NIOLockedValueBox<Shared>
+    private let shared: NIOLockedValueBox<Shared>
     /// The pooler, which owns the driver and outlives it.
     private unowned let owner: any PoolDriverOwner
     private let connector: ServerConnector
@@ -397,5 +397,158 @@ final class PoolDriver: PoolDriving, Sendable {
     /// The clients among `ids` still connected.
     func clients(_ ids: some Sequence<ClientID>) -> [ClientConnection] {
         shared.withLockedValue { s in ids.compactMap { s.registry.clients[$0] } }
+    }
+
+    // MARK: Control and views (admin console, signals, /metrics)
+
+    /// The pools and the registry as SHOW and /metrics read them, taken under one lock.
+    struct Views {
+        var pools: [PoolSnapshot]
+        var poolClients: [PoolKey: Int]
+        var pinned: [PoolKey: Int]
+        var clientCount: Int
+        var consoleClients: Int
+        var databaseClients: [String: Int]
+        var userClients: [String: Int]
+        var serverCount: Int
+        var disabled: Set<String>
+        var suspended: Bool
+        var allPaused: Bool
+        /// Of `databases` asked for, the paused ones.
+        var pausedDatabases: Set<String>
+    }
+
+    func views(now: NIODeadline, databases: some Sequence<String> = []) -> Views {
+        shared.withLockedValue { s in
+            Views(
+                pools: s.pools.snapshot(now: now), poolClients: s.registry.poolClients,
+                pinned: s.registry.pinnedClients,
+                clientCount: s.registry.count, consoleClients: s.registry.consoleClients,
+                databaseClients: s.registry.databaseClients, userClients: s.registry.userClients,
+                serverCount: s.servers.count, disabled: s.disabled, suspended: s.suspended,
+                allPaused: s.pools.isPaused(database: nil),
+                pausedDatabases: Set(databases.filter { s.pools.isPaused(database: $0) }))
+        }
+    }
+
+    /// PAUSE: no more lends in the pools of `database` (all when nil).
+    func pause(database: String?) {
+        shared.withLockedValue { $0.pools.pause(database: database) }
+    }
+
+    /// SUSPEND: everything paused until RESUME.
+    func suspend() {
+        shared.withLockedValue {
+            $0.suspended = true
+            $0.pools.pause(database: nil)
+        }
+    }
+
+    /// Why RESUME of `database` (all when nil) is refused, if it is (`AdminRules.resumeRefusal`).
+    func resumeRefusal(database: String?) -> PostgresError? {
+        shared.withLockedValue { s in
+            AdminRules.resumeRefusal(
+                database: database, paused: s.pools.isPaused(database: database), suspended: s.suspended,
+                shuttingDown: s.draining)
+        }
+    }
+
+    func resume(database: String?) {
+        let now = NIODeadline.now()
+        withShared { s in
+            if database == nil { s.suspended = false }
+            return s.pools.resume(database: database, now: now)
+        }
+    }
+
+    /// DISABLE and ENABLE: whether `database` refuses new clients.
+    func setDisabled(_ database: String, _ disabled: Bool) {
+        shared.withLockedValue { s in
+            if disabled { s.disabled.insert(database) } else { s.disabled.remove(database) }
+        }
+    }
+
+    func isDisabled(_ database: String) -> Bool {
+        shared.withLockedValue { $0.disabled.contains(database) }
+    }
+
+    /// Servers lent to clients right now in the pools of `database` (all when nil).
+    func lentCount(database: String?) -> Int {
+        shared.withLockedValue { $0.pools.lentCount(database: database) }
+    }
+
+    /// Servers of `database` (all when nil) to close once released (WAIT_CLOSE).
+    func closeNeededCount(database: String?) -> Int {
+        shared.withLockedValue { $0.pools.closeNeededCount(database: database) }
+    }
+
+    /// The clients holding a server now (SUSPEND's suspend_timeout drops them).
+    func clientsHoldingServers() -> [ClientConnection] {
+        shared.withLockedValue { s in s.pools.clientsHoldingServers().compactMap { s.registry.clients[$0] } }
+    }
+
+    /// The clients of the pools of `database` (all when nil); console sessions are none of them.
+    func poolClients(database: String?) -> [ClientConnection] {
+        shared.withLockedValue { s in
+            s.registry.clients.values.filter { client in
+                client.registration.pool.map { database == nil || $0.database == database } ?? false
+            }
+        }
+    }
+
+    func client(_ id: ClientID) -> ClientConnection? {
+        shared.withLockedValue { $0.registry.clients[id] }
+    }
+
+    /// Every connection, the servers with whether each is to close once released.
+    func connections() -> (clients: [ClientConnection], servers: [ServerConnection], closeNeeded: Set<ServerID>) {
+        shared.withLockedValue { s in
+            (
+                Array(s.registry.clients.values), Array(s.servers.values),
+                Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) })
+            )
+        }
+    }
+
+    var clientCount: Int { shared.withLockedValue { $0.registry.count } }
+
+    /// The servers open to `host` at one of the addresses `gone`.
+    func servers(of host: String, at gone: [String]) -> Set<ServerID> {
+        shared.withLockedValue { s in
+            Set(
+                s.servers.compactMap { id, server -> ServerID? in
+                    guard case .tcp(let name, _) = server.address, name == host,
+                        let remote = server.remoteIP, gone.contains(remote)
+                    else { return nil }
+                    return id
+                })
+        }
+    }
+
+    /// A shutdown that waits has begun: RESUME is refused from now on.
+    func beginDraining() {
+        shared.withLockedValue { $0.draining = true }
+    }
+
+    var isDraining: Bool { shared.withLockedValue { $0.draining } }
+
+    /// The pooler stops: no pool decision is carried out from now on.
+    func shutDown() {
+        shared.withLockedValue { $0.shuttingDown = true }
+    }
+
+    // MARK: Servers outside the pools (listeners, replication)
+
+    /// Takes a slot in max_db_connections / max_user_connections for a server of `key` outside
+    /// the pool; false when none is left.
+    func unpooledServerOpening(_ key: PoolKey) -> Bool {
+        var granted = false
+        withPoolBuffer { pools, actions in granted = pools.unpooledServerOpening(key, into: &actions) }
+        return granted
+    }
+
+    /// Gives the slot back.
+    func unpooledServerClosed(_ key: PoolKey) {
+        shared.withLockedValue { $0.pools.unpooledServerClosed(key) }
     }
 }

@@ -46,9 +46,7 @@ extension ServerConnection {
 extension Pooler {
     /// Sums every connection's buffered bytes, each on its own loop.
     func bufferFigures(on loop: EventLoop) -> EventLoopFuture<BufferFigures> {
-        let (clients, servers) = pools.shared.withLockedValue {
-            (Array($0.registry.clients.values), Array($0.servers.values))
-        }
+        let (clients, servers, _) = pools.connections()
         var byLoop = [(clients: [ClientConnection], servers: [ServerConnection])](
             repeating: ([], []), count: loops.count)
         for client in clients { byLoop[client.loopIndex].clients.append(client) }

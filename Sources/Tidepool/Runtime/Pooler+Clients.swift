@@ -22,16 +22,12 @@ protocol ClientConnectionOwner: AnyObject, Sendable {
     var listenerHub: ListenerHub! { get }
     var statements: SharedStatements { get }
     var poolerLoops: [PoolerLoop] { get }
-    /// A shutdown that waits has begun: logins to databases are refused.
-    var isDraining: Bool { get }
-    /// DISABLE: the database refuses new clients.
-    func isDisabled(_ database: String) -> Bool
     func trafficCell(loop: Int, database: String) -> Pooler.TrafficCell
     func countConsole(loop: Int, received: Int, sent: Int)
     func pinChanged(_ client: ClientConnection, pinned: Bool)
     func forget(_ client: ClientConnection)
     func openReplicationServer(for client: ClientConnection)
-    func admin(_ command: AdminCommand, on loop: EventLoop) -> EventLoopFuture<AdminResult>
+    var admin: AdminRuntime! { get }
 }
 
 /// A client's pin and its exit, as counted in the registry (`PoolDriver`) and its pool's listener.

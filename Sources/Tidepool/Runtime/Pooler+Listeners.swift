@@ -76,10 +76,8 @@ extension Pooler {
     /// Stops accepting new clients.
     /// A shutdown that waits has begun: RESUME is refused from now on.
     public func beginDraining() {
-        pools.shared.withLockedValue { $0.draining = true }
+        pools.beginDraining()
     }
-
-    var isDraining: Bool { pools.shared.withLockedValue { $0.draining } }
 
     /// Stops accepting clients. With `keepUnixSocket`, the Unix socket stays open for the admin
     /// console until the end, as PgBouncer's shutdowns that wait keep it (logins to a database
@@ -104,7 +102,7 @@ extension Pooler {
     /// PAUSE: stop lending servers of `database` (all when nil); the future completes once no server
     /// of those pools is lent any more.
     public func pause(database: String?) -> EventLoopFuture<Void> {
-        pools.shared.withLockedValue { $0.pools.pause(database: database) }
+        pools.pause(database: database)
         logger.info("PAUSE \(database ?? "all databases"): waiting for lent servers to come back")
         return waitUntil(on: loops[0]) { [self] in lentServers(database: database) == 0 }
     }
@@ -113,17 +111,12 @@ extension Pooler {
     /// servers to come back; clients still holding one then are dropped (their servers, mid
     /// transaction, are closed with them), as PgBouncer drops connections it cannot flush in time.
     func suspend(on loop: EventLoop) -> EventLoopFuture<Void> {
-        pools.shared.withLockedValue {
-            $0.suspended = true
-            $0.pools.pause(database: nil)
-        }
+        pools.suspend()
         let timeout = config.global.suspendTimeout
         let deadline = timeout > .zero ? NIODeadline.now() + timeout : .distantFuture
         logger.info("SUSPEND: waiting for lent servers to come back")
         return waitUntil(on: loop) { [self] in lentServers(database: nil) == 0 || .now() >= deadline }.map { [self] in
-            let holders = pools.shared.withLockedValue { s in
-                s.pools.clientsHoldingServers().compactMap { s.registry.clients[$0] }
-            }
+            let holders = pools.clientsHoldingServers()
             guard !holders.isEmpty else { return }
             logger.warning("SUSPEND: suspend_timeout: \(holders.count) client(s) still holding a server dropped")
             for client in holders { client.onLoop { client.kill("suspend_timeout") } }
@@ -132,15 +125,11 @@ extension Pooler {
 
     /// Servers lent to clients right now in the pools of `database` (all when nil).
     public func lentServers(database: String?) -> Int {
-        pools.shared.withLockedValue { $0.pools.lentCount(database: database) }
+        pools.lentCount(database: database)
     }
 
     public func resume(database: String?) {
-        let now = NIODeadline.now()
-        pools.withPool { $0.resume(database: database, now: now) }
-        pools.shared.withLockedValue { s in
-            if database == nil { s.suspended = false }
-        }
+        pools.resume(database: database)
         logger.info("RESUME \(database ?? "all databases")")
     }
 }

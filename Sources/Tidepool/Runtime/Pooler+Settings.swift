@@ -70,6 +70,21 @@ extension Pooler {
         logger.info("RELOAD: configuration applied")
     }
 
+    /// SET from the admin console: one setting changed at run time; certificates and HBA rules
+    /// are loaded now, and a bad file refuses it.
+    func set(_ key: String, _ value: String) throws(PostgresError) {
+        var fresh = config
+        try fresh.set(key, value)
+        if key.hasPrefix("client_tls_") || key.hasPrefix("server_tls_") || key.hasPrefix("auth_") {
+            do { try loadSecurity(fresh) } catch {
+                throw PostgresError(code: SQLState.invalidParameterValue, message: "\(error)")
+            }
+        }
+        settings.withLockedValue { $0.configBox = ConfigBox(value: fresh) }
+        applyPoolSettings(fresh)
+        logger.info("SET \(key) = \(value)")
+    }
+
     /// For --check: loads the HBA file and the TLS certificates the way start() would.
     public static func checkSecurityFiles(_ config: Config) throws {
         _ = try Security.load(config)

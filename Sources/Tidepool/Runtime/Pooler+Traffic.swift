@@ -68,6 +68,22 @@ extension Pooler {
         }
     }
 
+    /// Every loop's SHOW LATENCY histograms, merged (each read on its own loop).
+    func latencyBook(on loop: EventLoop) -> EventLoopFuture<LatencyBook> {
+        let books = loops.enumerated().map { index, l in l.submit { [self] in poolerLoops[index].latency.book } }
+        return EventLoopFuture.whenAllSucceed(books, on: loop).map { books in
+            var merged = LatencyBook()
+            for book in books { merged.merge(book) }
+            return merged
+        }
+    }
+
+    /// Histograms allocated for SHOW LATENCY, roughly (three per database, span and loop).
+    var latencyHistogramCount: Int {
+        let databases = Set(trafficCells.withLockedValue { $0.keys.map(\.database) }).count
+        return databases * 3 * 3 * loops.count
+    }
+
     /// log_stats: one line per database with the last period's rates and averages.
     func logStats(_ book: TrafficBook) {
         for (database, delta) in book.lastPeriod.sorted(by: { $0.key < $1.key }) {

@@ -8,8 +8,8 @@ import TidepoolCore
 
 /// The running pooler: settings, listeners, the janitor, start and stop, and the components it
 /// owns (the pool driver with the pools and the client registry, the server connector, the host
-/// resolver, credentials, cancels, each pool's listener), each of which sees it only through a
-/// protocol of its own.
+/// resolver, credentials, cancels, each pool's listener, the admin console's runtime), each of
+/// which sees it only through a protocol of its own.
 public final class Pooler: @unchecked Sendable {
     let settings: NIOLockedValueBox<Settings>
     /// Reads the configuration and the auth file again (for RELOAD and SIGHUP).
@@ -27,6 +27,8 @@ public final class Pooler: @unchecked Sendable {
     public var commandLineVerbose = 0
     /// For SHOW STATE's uptime: when the pooler was made (at process start).
     let startedAt = Date()
+    /// The instance id: `instance_id`, or host-pid.
+    public var instanceID: String { metrics.instance }
     /// What `waitUntil` waits for, failed by `shutdown` if still pending.
     let waits = NIOLockedValueBox([ObjectIdentifier: (RepeatedTask, EventLoopPromise<Void>)]())
     let group: MultiThreadedEventLoopGroup
@@ -55,6 +57,8 @@ public final class Pooler: @unchecked Sendable {
     let metrics: PoolerMetrics
     /// Passes cancel requests on (set once, at the end of init: it is given the pooler).
     private(set) var cancels: CancelRequests!
+    /// Carries out the admin console's commands (set once, at the end of init).
+    private(set) var admin: AdminRuntime!
     var janitor: RepeatedTask?
     var sweepers: [RepeatedTask] = []
     /// What the pooler keeps for each of its event loops (`loops`, same order).
@@ -79,11 +83,13 @@ public final class Pooler: @unchecked Sendable {
         self.metrics = PoolerMetrics(
             instance: configured.isEmpty ? "\(ProcessInfo.processInfo.hostName)-\(getpid())" : configured)
         self.hosts = HostResolver(config.global, loop: self.loops[0], logger: logger, owner: self)
-        self.cancels = CancelRequests(pooler: self, hosts: hosts, group: group)
         self.credentials = Credentials(pooler: self, hosts: hosts)
         self.connector = ServerConnector(owner: self, hosts: hosts, credentials: credentials, loops: poolerLoops)
         self.pools = PoolDriver(owner: self, connector: connector, loopCount: self.loops.count)
+        self.cancels = CancelRequests(pooler: self, pools: pools, hosts: hosts, group: group)
         self.listenerHub = ListenerHub(pooler: self)
+        self.admin = AdminRuntime(
+            owner: self, pools: pools, hosts: hosts, cancels: cancels, statements: statements, listenerHub: listenerHub)
     }
 
     /// The stats periods of the traffic counters; the totals are summed from `trafficCells` when
@@ -183,12 +189,12 @@ public final class Pooler: @unchecked Sendable {
 
     /// Stops listening, closes every connection and stops the event loops. Blocks until done.
     public func shutdown() {
-        pools.shared.withLockedValue { $0.shuttingDown = true }
+        pools.shutDown()
         janitor?.cancel()
         try? statsListener?.close().wait()
         for sweeper in sweepers { sweeper.cancel() }
         for listener in listeners { try? listener.close().wait() }
-        let (clients, servers) = pools.shared.withLockedValue { ($0.registry.clients.values, $0.servers.values) }
+        let (clients, servers, _) = pools.connections()
         var closing: [EventLoopFuture<Void>] = []
         for client in clients {
             client.channel.close(promise: nil)
@@ -206,7 +212,7 @@ public final class Pooler: @unchecked Sendable {
         for loop in poolerLoops { loop.flusher.stop() }  // their threads are gone
     }
 
-    public var connectedClients: Int { pools.shared.withLockedValue { $0.registry.count } }
+    public var connectedClients: Int { pools.clientCount }
 
     /// Completes once `condition` holds, checking every 50 ms; fails if the pooler shuts down first
     /// (PAUSE or WAIT_CLOSE still waiting when a second signal stops it).
@@ -245,9 +251,5 @@ public final class Pooler: @unchecked Sendable {
 
 /// What the pooler's components see of it.
 extension Pooler: CancelRouting, CredentialSources, ServerConnectorOwner, ResolvedHostsOwner, UnpooledServerOwner,
-    PoolDriverOwner, ClientConnectionOwner
-{
-    func client(cancelKey key: ClientRegistry<ClientConnection>.CancelKey) -> ClientConnection? {
-        pools.client(cancelKey: key)
-    }
-}
+    PoolDriverOwner, ClientConnectionOwner, AdminOwner
+{}

@@ -20,7 +20,7 @@ final class ReplicationDriver: PoolDriving, Sendable {
 
     func releaseSlot() {
         guard holdsSlot.exchange(false, ordering: .relaxed) else { return }
-        pooler.unpooledServerClosed(key)
+        pooler.pools.unpooledServerClosed(key)
     }
 
     func serverLoggedIn(_ server: ServerConnection) {

@@ -179,15 +179,7 @@ extension Security {
 extension Pooler {
     /// A host name's new answer dropped addresses: the servers open to them close once released.
     func addressesDropped(host: String, gone: [String], answered: [String], now: NIODeadline) {
-        let ids = pools.shared.withLockedValue { s in
-            Set(
-                s.servers.compactMap { id, server -> ServerID? in
-                    guard case .tcp(let name, _) = server.address, name == host,
-                        let remote = server.remoteIP, gone.contains(remote)
-                    else { return nil }
-                    return id
-                })
-        }
+        let ids = pools.servers(of: host, at: gone)
         logger.info(
             "DNS: \(host) is now \(answered.joined(separator: ",")), no longer \(gone.joined(separator: ",")): \(ids.count) server(s) to close"
         )
