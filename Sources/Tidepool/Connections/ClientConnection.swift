@@ -10,7 +10,7 @@ import TidepoolCore
 /// decisions, because it waits on the pooler's registries and lookups.
 ///
 /// Threading: all mutable state is touched on the channel's event loop only.
-final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
+final class ClientConnection: ChannelDuplexHandler, OnPoolerLoop, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -79,20 +79,13 @@ final class ClientConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     var logger: Logger { pooler.logger }
-    /// The client's event loop, found without touching its channel (a cold object when a server
-    /// is handed over among thousands of clients).
-    var eventLoop: EventLoop { loop.eventLoop }
-
-    func onLoop(_ body: @escaping @Sendable () -> Void) {
-        let loop = eventLoop
-        if loop.inEventLoop { body() } else { loop.execute(body) }
-    }
 
     // MARK: Carrying out the session's actions
 
     /// Carries out the actions in order. An action may lead to another event (a lend from the pool
     /// arrives inside `requestServer`): its actions are appended and carried out by the same loop.
     func run() {
+        assertOnLoop()
         guard !runningActions else { return }
         runningActions = true
         var i = 0

@@ -12,7 +12,7 @@ import TidepoolCore
 /// Threading: all mutable state is touched on `eventLoop` only, except `session.state` (the
 /// backend's parameters and prepared statements), which only the linked client's session reads and
 /// updates (the hand-over through the event loops orders those accesses).
-final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
+final class ServerConnection: ChannelDuplexHandler, OnPoolerLoop, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -91,10 +91,6 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     private let remoteIPBox = NIOLockedValueBox<String?>(nil)
     var remoteIP: String? { remoteIPBox.withLockedValue { $0 } }
 
-    /// The server's event loop, known before its channel exists. Other threads use this, never
-    /// `channel`, which is set on that loop.
-    var eventLoop: EventLoop { loop.eventLoop }
-
     // MARK: Login
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -108,6 +104,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// Carries out what the session decided (on the server's loop).
     func run(_ actions: [ServerSession.Action]) {
+        assertOnLoop()
         for action in actions {
             switch action {
             case .send(let bytes):
@@ -208,6 +205,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
 
     /// The client on another loop took in enough of what was handed to it.
     private func handOffDrained() {
+        assertOnLoop()
         guard reads.holds.contains(.handOff), toClient.mayGoOn else { return }
         reads.release(.handOff, context)
     }
@@ -243,6 +241,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     private func attachOnLoop(_ client: ClientConnection, lease: UInt64) {
+        assertOnLoop()
         if case .closed = session.phase {
             // It died between being lent and being linked: nobody else will tell the client.
             client.onLoop { client.deliver(.serverLost(unused: true), from: self) }
@@ -264,6 +263,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     }
 
     private func detachOnLoop(_ lease: UInt64) {
+        assertOnLoop()
         guard leases.detach(lease) else { return }
         owner = nil
         reads.release(.session, context)
@@ -290,6 +290,7 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
     /// On the server's loop: from this handler's place in the pipeline while it is there (skips
     /// the pipeline's tail and its event-loop check), else through the channel.
     private func write(_ buffers: [ByteBuffer]) {
+        assertOnLoop()
         if let context {
             for b in buffers { context.write(NIOAny(b), promise: nil) }
             session.wroteClientBytes()
@@ -300,8 +301,4 @@ final class ServerConnection: ChannelDuplexHandler, @unchecked Sendable {
         }
     }
 
-    func onLoop(_ body: @escaping @Sendable () -> Void) {
-        let loop = eventLoop
-        if loop.inEventLoop { body() } else { loop.execute(body) }
-    }
 }

@@ -17,3 +17,30 @@ final class PoolerLoop: @unchecked Sendable {
         self.flusher = Pooler.TurnFlusher(loop: eventLoop)
     }
 }
+
+/// A connection that lives on one of the pooler's loops: its state is touched there only, and
+/// callers on other loops hop.
+protocol OnPoolerLoop: AnyObject {
+    var loop: PoolerLoop { get }
+}
+
+extension OnPoolerLoop {
+    /// The connection's event loop, known before its channel exists and found without touching
+    /// it (a cold object when a server is handed over among thousands of clients; `channel` is
+    /// set on that loop).
+    var eventLoop: EventLoop { loop.eventLoop }
+
+    /// Runs `body` on the connection's loop: now if the caller is on it.
+    func onLoop(_ body: @escaping @Sendable () -> Void) {
+        let loop = eventLoop
+        if loop.inEventLoop { body() } else { loop.execute(body) }
+    }
+
+    /// Debug builds check that the connection is touched on its own loop only. The integration
+    /// suite runs two loops, so a missing hop stops the pooler there instead of racing.
+    @inline(__always) func assertOnLoop() {
+        #if DEBUG
+            eventLoop.preconditionInEventLoop()
+        #endif
+    }
+}
