@@ -33,6 +33,35 @@ def wait_serving(t, within):
             time.sleep(0.05)
 
 
+def fd_targets(t):
+    """What each of the pooler's descriptors is open to (socket:[inode], a file, anon_inode:...)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{t.proc.pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{t.proc.pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
+def fd_report(t):
+    """What the pooler opened since `fd_baseline` and its sockets' states (from `ss`): for an
+    assertion's message, so that a leak seen once in CI can be told apart from a slow close."""
+    added = sorted(set(fd_targets(t)) - set(getattr(t, "fd_baseline_targets", [])))
+    try:
+        sockets = subprocess.run(["ss", "-tanpe"], capture_output=True, text=True).stdout
+    except OSError as error:
+        sockets = f"(ss: {error})"
+    mine = "\n".join(line for line in sockets.splitlines() if f"pid={t.proc.pid}," in line)
+    return f"opened since the baseline: {added}\nsockets:\n{mine}"
+
+
+def fd_baseline(t):
+    """The pooler's descriptor count now, remembering what they are for `settle_fds`'s report."""
+    t.fd_baseline_targets = fd_targets(t)
+    return t.pid_fd_count()
+
+
 def settle_fds(t, baseline, slack=4, within=5.0):
     deadline = time.time() + within
     while t.pid_fd_count() > baseline + slack and time.time() < deadline:
@@ -45,7 +74,7 @@ def test_terminating_random_servers_under_load(tidepool, pg):
                    check=True, capture_output=True)
     t = tidepool(settings="default_pool_size = 10\nmax_client_conn = 500\n")
     wait_serving(t, 5)
-    baseline = t.pid_fd_count()
+    baseline = fd_baseline(t)
     bench = start_pgbench(t.port, 100, 6, "-S")
     stop = time.time() + 5
     killed = 0
@@ -62,7 +91,7 @@ def test_terminating_random_servers_under_load(tidepool, pg):
     assert killed > 20, out
     assert "tps" in out or "aborted" in out
     assert wait_serving(t, 2) == 1
-    assert settle_fds(t, baseline) <= baseline + 4 + 10  # at most the pool's servers came back
+    assert settle_fds(t, baseline) <= baseline + 4 + 10, fd_report(t)  # at most the pool's servers came back
 
 
 def kill_postgres(pg):
@@ -92,7 +121,7 @@ def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
     wait_serving(t, 5)
     subprocess.run(["pgbench", "-i", "-q", "-h", "127.0.0.1", "-p", str(second_pg.port), "-U", "postgres",
                     "postgres"], check=True, capture_output=True)
-    baseline = t.pid_fd_count()
+    baseline = fd_baseline(t)
     in_transaction = [t.connect() for _ in range(3)]
     for c in in_transaction:
         c.execute("BEGIN")
@@ -138,7 +167,7 @@ def test_postgres_restart_under_load(tidepool, second_pg, clients, mode):
     for c in in_transaction + idle:
         c.close()
     bench.communicate(timeout=60)  # pgbench ends: clients got errors or went on, none hangs
-    assert settle_fds(t, baseline) <= baseline + 4 + 10
+    assert settle_fds(t, baseline) <= baseline + 4 + 10, fd_report(t)
 
 
 def test_socket_reset_during_tls_negotiation_is_waited_out(tidepool):
@@ -211,7 +240,7 @@ def test_client_vanishing_mid_pipeline_leaves_no_dirty_server(tidepool, pg):
     for _ in range(5):
         s = raw_startup(t.port)
         if baseline is None:
-            baseline = t.pid_fd_count()
+            baseline = fd_baseline(t)
         s.sendall(message(b"Q", b"BEGIN\0"))
         s.recv(65536)
         s.sendall(message(b"P", b"\0INSERT INTO vanish_pipeline VALUES (1)\0\0\0")
@@ -223,20 +252,20 @@ def test_client_vanishing_mid_pipeline_leaves_no_dirty_server(tidepool, pg):
         # The only server is clean: no transaction from the vanished clients, nothing committed.
         assert c.execute("SELECT txid_current_if_assigned()").fetchone()[0] is None
         assert c.execute("SELECT count(*) FROM vanish_pipeline").fetchone()[0] == 0
-    assert settle_fds(t, baseline) <= baseline + 4
+    assert settle_fds(t, baseline) <= baseline + 4, fd_report(t)
 
 
 def test_client_vanishing_mid_startup_leaks_nothing(tidepool):
     import socket
     t = tidepool()
     wait_serving(t, 5)
-    baseline = t.pid_fd_count()
+    baseline = fd_baseline(t)
     for i in range(100):
         s = socket.create_connection(("127.0.0.1", t.port), timeout=5)
         # Half a length word, part of a startup packet, or a whole one and no password answer.
         s.sendall([b"\0\0", b"\0\0\0\x30\0\x03\0\0user\0post", b"\0\0\0\x08"][i % 3])
         s.close()
-    assert settle_fds(t, baseline) <= baseline + 4
+    assert settle_fds(t, baseline) <= baseline + 4, fd_report(t)
     assert wait_serving(t, 2) == 1
 
 
