@@ -16,6 +16,8 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
     var scanner = MessageScanner(maxMessageLength: 1 << 20)
     var inbound = KeptBytes()
     var done = false
+    /// Closes the connection if PostgreSQL has not within a second of the Terminate.
+    var closeLater: Scheduled<Void>?
 
     init(
         login: ServerLoginStateMachine, query: String, user: String,
@@ -66,10 +68,12 @@ final class AuthQueryConnection: ChannelInboundHandler, @unchecked Sendable {
         // PostgreSQL closes the connection once its backend is gone (and out of its connection
         // count): the lookup's slot is given back then (`Credentials.lookUp`), within a second.
         let channel = context.channel
-        channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
+        closeLater = channel.eventLoop.scheduleTask(in: .seconds(1)) { channel.close(promise: nil) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        closeLater?.cancel()  // closed already: the task need not hold the channel
+        closeLater = nil
         guard !done else { return }
         done = true
         promise.succeed(
