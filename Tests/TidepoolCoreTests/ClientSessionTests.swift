@@ -568,6 +568,26 @@ final class SessionDriver {
         #expect(d.releases == [false] && d.resets.isEmpty)
     }
 
+    /// A message forwarded in pieces (its header read, its end still to come) after the last
+    /// ReadyForQuery keeps the server: given back then, the rest would reach the next client as
+    /// the start of a reply. Once the rest has come the server goes back, with no ReadyForQuery to
+    /// prompt it.
+    @Test func aServerGoesBackOnlyBetweenMessages() {
+        let d = D()
+        d.client(D.query("select pg_sleep(1)"))
+        d.lend()
+        d.session.cancelRequested(now: d.now, into: &d.actions)  // held until the cancel arrives
+        d.carryOut()
+        let notice = D.m("N") { $0.writeString("SNOTICE\0C00000\0Mlate\0\0") }
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"), notice.getSlice(at: 0, length: 9)!)
+        d.session.cancelFinished(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.releases.isEmpty && d.session.isLinked, "not in the middle of the notice")
+        d.serverSends(notice.getSlice(at: 9, length: notice.readableBytes - 9)!)
+        #expect(d.releases == [true] && d.session.isIdle)
+        #expect(d.clientTypes == "CZN")
+    }
+
     /// The same inside COPY IN: the server waits for CopyDone, so it is closed.
     @Test func clientVanishingInsideCopyClosesTheServer() {
         let d = D()

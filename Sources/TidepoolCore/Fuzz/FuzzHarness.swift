@@ -106,6 +106,7 @@ public enum FuzzHarness {
             var bytes = buffer.readSlice(length: min(Int(length), buffer.readableBytes))
         {
             now = now + .microseconds(Int64(kind))
+            var spareLent = false
             if kind & 0x80 != 0 {
                 // The sockets: which one, and whether it can take more, from the length byte.
                 if length & 1 == 0 {
@@ -142,8 +143,12 @@ public enum FuzzHarness {
                 guard !session.flow.serverPaused else { break }
                 session.serverBytes(bytes, now: now, into: &actions)
             case 2:
+                // A lend the session no longer wants is another server of the pool's, given back
+                // at once: not the one it holds.
+                spareLent = !session.isWaiting
                 _ = session.lent(
-                    server, now: now, isKnownStatement: { _ in false }, into: &actions)
+                    spareLent ? ServerSessionState(maxPreparedStatements: 4) : server, now: now,
+                    isKnownStatement: { _ in false }, into: &actions)
             case 3:
                 session.cancelRequested(now: now, into: &actions)
             case 4:
@@ -161,6 +166,11 @@ public enum FuzzHarness {
             for action in actions {
                 switch action {
                 case .sendToServer: session.toServer.removeAll()
+                case .releaseServer(reusable: true) where !spareLent, .resetAndReleaseServer:
+                    // The next client must start at a message of its own.
+                    precondition(
+                        server.kept.isEmpty && server.scanner.atMessageBoundary && server.sync == nil,
+                        "a server given back in the middle of a message or of the pooler's own query")
                 case .cancelServerQuery(let reportBack): if reportBack { cancels += 1 }
                 case .handInTraffic: _ = session.takeTraffic()
                 case .listenChanged:

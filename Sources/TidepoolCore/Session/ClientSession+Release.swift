@@ -6,7 +6,8 @@ import NIOCore
 ///   server's to read or of the client's to send, and `mayGiveBack` (not session pooling, the
 ///   server clean by `serverIsClean`, the client not pinned by its session state). Called where
 ///   any of that may have become true: a ReadyForQuery or a late notification read, replies the
-///   pooler made up itself, a cancel that reached PostgreSQL.
+///   pooler made up itself, a cancel that reached PostgreSQL, the end of a server message that
+///   came after the last ReadyForQuery.
 /// - `finish`: the client is gone: the server goes back clean (reset first when it holds the
 ///   client's session state, or server_reset_query in session pooling), or closed if it may be
 ///   dirty.
@@ -24,7 +25,10 @@ extension ClientSession {
     @inline(__always) public var mayGiveBack: Bool { poolMode != .session && serverIsClean && !isPinned }
 
     /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
-    /// no cancel under way. The one rule for handing a server to another client.
+    /// no cancel under way. The one rule for handing a server to another client, with the
+    /// server's bytes read to a message's end (`serverBetweenMessages`: the rest of one would
+    /// reach the next client as the start of a reply), which `releaseIfDone` and `finish` check
+    /// too; at a ReadyForQuery that ends a read it holds already.
     public var serverIsClean: Bool {
         tracker.isClean && !isSyncing && cancelsInFlight == 0 && readyHold == .none && (prepared?.isQuiet ?? true)
     }
@@ -35,7 +39,7 @@ extension ClientSession {
     /// part, `mayGiveBack`, first, to write the answer before).
     @inline(never)
     mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) {
-        guard isLinked, serverKeptNothing, toServer.isEmpty, mayGiveBack else { return }
+        guard isLinked, toServer.isEmpty, mayGiveBack, serverBetweenMessages else { return }
         unlink(now: now, reusable: true, into: &actions)
     }
 
@@ -59,9 +63,8 @@ extension ClientSession {
         serverResetQueryAlways = resetAlways
         if isPassingThrough {
             actions.append(.releaseServer(reusable: false))
-        } else if case .linked(let server) = state {
-            // Part of a message still to come would reach the next client.
-            let clean = serverIsClean && server.kept.isEmpty
+        } else if isLinked {
+            let clean = serverIsClean && serverBetweenMessages
             if clean, let sessionState, let reset = sessionState.resetForRelease() {
                 actions.append(.resetAndReleaseServer(reset))
             } else if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {

@@ -203,6 +203,10 @@ extension ClientSession {
         }
         run.write(to: &self, into: &actions)
         server.kept.keep(&buffer)
+        if isLinked, tracker.isClean {
+            // The end of a message that came after the last ReadyForQuery (a notice in pieces).
+            releaseIfDone(now: now, into: &actions)
+        }
         if !notificationQueue.isEmpty { writeQueuedNotifications(into: &actions) }
         if prepared != nil {
             let names = prepared!.takeAccepted()

@@ -310,9 +310,10 @@ public struct ClientSession {
     @inline(__always) public var isSyncing: Bool {
         if case .linked(let server) = state { server.sync != nil } else { false }
     }
-    /// Nothing of the linked server's is kept (or no server is linked).
-    @inline(__always) var serverKeptNothing: Bool {
-        if case .linked(let server) = state { server.kept.isEmpty } else { true }
+    /// The linked server's bytes end at a message's end: none kept, none of a message still to
+    /// come (or no server is linked).
+    @inline(__always) var serverBetweenMessages: Bool {
+        if case .linked(let server) = state { server.kept.isEmpty && server.scanner.atMessageBoundary } else { true }
     }
     /// No server message is half read (or no server is linked).
     @inline(__always) var atServerMessageBoundary: Bool {
