@@ -588,6 +588,29 @@ final class SessionDriver {
         #expect(d.clientTypes == "CZN")
     }
 
+    /// The other way too: a client message sent in part (a CopyData outside COPY counts as no
+    /// request) keeps its server, which would take the next client's bytes as the rest of it;
+    /// a client gone meanwhile has its server closed, not reset and reused.
+    @Test(arguments: [PoolMode.transaction, .session])
+    func aServerHalfwayThroughAClientMessageIsNotGivenBack(mode: PoolMode) {
+        let d = D(mode: mode)
+        d.client(D.query("select 1"))
+        d.lend()
+        d.session.cancelRequested(now: d.now, into: &d.actions)  // held until the cancel arrives
+        d.carryOut()
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        let copyData = D.m("d") { $0.writeString(String(repeating: "x", count: 100)) }
+        let sent = d.toServer.readableBytes
+        d.client(copyData.getSlice(at: 0, length: 10)!)
+        #expect(d.toServer.readableBytes == sent + 10, "the part went to the server")
+        d.session.cancelFinished(now: d.now, into: &d.actions)
+        d.carryOut()
+        #expect(d.releases.isEmpty && d.session.isLinked)
+        d.session.finish(serverResetQuery: "DISCARD ALL", resetAlways: true, into: &d.actions)
+        d.carryOut()
+        #expect(d.releases == [false] && d.resets.isEmpty)
+    }
+
     /// The same inside COPY IN: the server waits for CopyDone, so it is closed.
     @Test func clientVanishingInsideCopyClosesTheServer() {
         let d = D()

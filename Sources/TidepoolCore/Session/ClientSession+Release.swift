@@ -25,10 +25,11 @@ extension ClientSession {
     @inline(__always) public var mayGiveBack: Bool { poolMode != .session && serverIsClean && !isPinned }
 
     /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
-    /// no cancel under way. The one rule for handing a server to another client, with the
-    /// server's bytes read to a message's end (`serverBetweenMessages`: the rest of one would
-    /// reach the next client as the start of a reply), which `releaseIfDone` and `finish` check
-    /// too; at a ReadyForQuery that ends a read it holds already.
+    /// no cancel under way. The one rule for handing a server to another client, with both ways
+    /// of the link at a message's end (`linkBetweenMessages`: the rest of a server message would
+    /// reach the next client as the start of a reply, and the next client's bytes would complete
+    /// this one's), which `releaseIfDone` and `finish` check too; at a ReadyForQuery that ends a
+    /// read it holds already.
     public var serverIsClean: Bool {
         tracker.isClean && !isSyncing && cancelsInFlight == 0 && readyHold == .none && (prepared?.isQuiet ?? true)
     }
@@ -39,7 +40,7 @@ extension ClientSession {
     /// part, `mayGiveBack`, first, to write the answer before).
     @inline(never)
     mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) {
-        guard isLinked, toServer.isEmpty, mayGiveBack, serverBetweenMessages else { return }
+        guard isLinked, toServer.isEmpty, mayGiveBack, linkBetweenMessages else { return }
         unlink(now: now, reusable: true, into: &actions)
     }
 
@@ -64,7 +65,7 @@ extension ClientSession {
         if isPassingThrough {
             actions.append(.releaseServer(reusable: false))
         } else if isLinked {
-            let clean = serverIsClean && serverBetweenMessages
+            let clean = serverIsClean && linkBetweenMessages
             if clean, let sessionState, let reset = sessionState.resetForRelease() {
                 actions.append(.resetAndReleaseServer(reset))
             } else if clean, poolMode == .session || resetAlways, !serverResetQuery.isEmpty {

@@ -310,10 +310,12 @@ public struct ClientSession {
     @inline(__always) public var isSyncing: Bool {
         if case .linked(let server) = state { server.sync != nil } else { false }
     }
-    /// The linked server's bytes end at a message's end: none kept, none of a message still to
-    /// come (or no server is linked).
-    @inline(__always) var serverBetweenMessages: Bool {
-        if case .linked(let server) = state { server.kept.isEmpty && server.scanner.atMessageBoundary } else { true }
+    /// Both ways of the link end at a message's end: the client's bytes sent to the server (none
+    /// of a message still to come from the client) and the server's read (none kept, none of a
+    /// message still to come); true when no server is linked.
+    @inline(__always) var linkBetweenMessages: Bool {
+        guard case .linked(let server) = state else { return true }
+        return scanner.atMessageBoundary && server.kept.isEmpty && server.scanner.atMessageBoundary
     }
     /// No server message is half read (or no server is linked).
     @inline(__always) var atServerMessageBoundary: Bool {
