@@ -611,6 +611,22 @@ final class SessionDriver {
         #expect(d.releases == [false] && d.resets.isEmpty)
     }
 
+    /// A client that has begun its next message when its answer ends keeps the server (it would
+    /// ask for one again as soon as the message is whole), and it goes back after that request.
+    @Test func aClientInTheMiddleOfItsNextMessageKeepsTheServer() {
+        let d = D()
+        d.client(D.query("select 1"))
+        d.lend()
+        let next = D.query("select 2")
+        d.client(next.getSlice(at: 0, length: 3)!)
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases.isEmpty && d.session.isLinked)
+        d.client(next.getSlice(at: 3, length: next.readableBytes - 3)!)
+        #expect(d.requests == 1 && d.serverTypes == "QQ")
+        d.serverSends(D.complete("SELECT 1"), D.ready("I"))
+        #expect(d.releases == [true] && d.clientTypes == "CZCZ")
+    }
+
     /// The same inside COPY IN: the server waits for CopyDone, so it is closed.
     @Test func clientVanishingInsideCopyClosesTheServer() {
         let d = D()

@@ -40,7 +40,9 @@ extension ClientSession {
     /// part, `mayGiveBack`, first, to write the answer before).
     @inline(never)
     mutating func releaseIfDone(now: NIODeadline, into actions: inout Actions) {
-        guard isLinked, toServer.isEmpty, mayGiveBack, linkBetweenMessages else { return }
+        // A message the client has begun to send (kept until it is whole) keeps the server too:
+        // it would ask for one again as soon as the message is complete.
+        guard isLinked, toServer.isEmpty, mayGiveBack, linkBetweenMessages, inbound.isEmpty else { return }
         unlink(now: now, reusable: true, into: &actions)
     }
 
