@@ -1318,7 +1318,7 @@ final class SessionDriver {
         #expect(
             d.session.lent(d.server, now: d.now, isKnownStatement: { _ in false }, into: &d.actions)
                 == .parametersOnly)
-        #expect(d.session.state == .awaitingWelcome)
+        #expect(d.session.state.name == "awaitingWelcome")
         d.carryOut()
         #expect(d.releases == [true], "the server goes back at once, through the session's own action")
         let idle = D()
@@ -1352,6 +1352,25 @@ final class SessionDriver {
         done.session.tick(now: done.now, into: &done.actions)
         done.carryOut()
         #expect(done.closedWith == nil && done.clockUnwatched == 1)
+    }
+
+    /// Waiting for a server to learn the pool's parameters (or for a replication connection's
+    /// server) is still the login: client_login_timeout closes a client that waits past it.
+    @Test(arguments: [false, true]) func loginTimeoutCoversTheWaitForTheWelcome(replication: Bool) {
+        let d = D(loggedIn: false)
+        d.session.connectionOpened(now: d.now, loginTimeout: .seconds(5), into: &d.actions)
+        var parameters = ["user": "alice", "database": "app"]
+        if replication { parameters["replication"] = "true" }
+        d.session.startupPacket(startup(parameters), tlsOffered: false, bytesFollow: false, into: &d.actions)
+        d.session.registered(facts(.trust), into: &d.actions)
+        d.session.enter(.success(.pool(DatabaseEntry(name: "app"))), into: &d.actions)
+        if !replication { d.session.awaitWelcome(into: &d.actions) }
+        d.carryOut()
+        #expect(d.session.stateName == "login" && d.session.state.name == "awaitingWelcome")
+        d.advance(.seconds(5))
+        #expect(d.session.tick(now: d.now, into: &d.actions)?.message == "client_login_timeout: login took too long")
+        d.carryOut()
+        #expect(d.closedWith?.message == "client_login_timeout: login took too long")
     }
 
     /// A client with client-side timeouts is watched from its welcome on; one without them and

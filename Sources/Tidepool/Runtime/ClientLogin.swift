@@ -158,7 +158,7 @@ struct ClientLogin {
 
     /// The replication connection's own server logged in.
     func replicationServerReady(_ server: ServerConnection) {
-        guard client.session.state == .awaitingWelcome else {
+        guard client.session.isAwaitingWelcome else {
             server.command(.terminate)
             return
         }

@@ -19,7 +19,7 @@ extension ClientSession {
     ) -> Lend {
         guard case .waiting(let waitStart) = state else {
             actions.append(.releaseServer(reusable: true))
-            return state == .awaitingWelcome ? .parametersOnly : .unwanted
+            return isAwaitingWelcome ? .parametersOnly : .unwanted
         }
         // max_prepared_statements as it is now (SET, RELOAD), applied by the server's owner.
         if let statementCapacity, server.statements.capacity != statementCapacity {
@@ -127,7 +127,7 @@ extension ClientSession {
     /// True when it closed the client (one still waiting, or logging in).
     @discardableResult
     public mutating func waitFailed(_ error: PoolError, into actions: inout Actions) -> Bool {
-        guard isWaiting || state == .awaitingWelcome else { return false }
+        guard isWaiting || isAwaitingWelcome else { return false }
         var e = error.postgresError
         e.severity = "FATAL"
         close(e, reason: e.message, into: &actions)

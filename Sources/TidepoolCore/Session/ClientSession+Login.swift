@@ -300,9 +300,9 @@ extension ClientSession {
             actions.append(.flushClient)
             loginFinished(into: &actions)
         case .success(.pool):
-            if replication != nil {
+            if replication != nil, let login {
                 // Unpooled: a server of its own, then every byte passes through.
-                state = .awaitingWelcome
+                state = .awaitingWelcome(login)
                 actions.append(.login(.openReplicationServer))
                 return
             }
@@ -326,7 +326,8 @@ extension ClientSession {
 
     /// The pool knows no server parameters yet: a server is borrowed to learn them.
     public mutating func awaitWelcome(into actions: inout Actions) {
-        state = .awaitingWelcome
+        guard let login else { return }
+        state = .awaitingWelcome(login)
         actions.append(.requestServer)
     }
 

@@ -11,7 +11,7 @@ extension ClientSession {
     public mutating func passThroughStarted(
         _ server: ServerSessionState, cancelKey: (Int32, Int32), into actions: inout Actions
     ) {
-        guard state == .awaitingWelcome, replication != nil else { return }
+        guard isAwaitingWelcome, replication != nil else { return }
         state = .passThrough(server)
         resetServerFlow()
         var out = ByteBufferAllocator().buffer(capacity: 512)
@@ -36,7 +36,7 @@ extension ClientSession {
 
     /// The replication connection's server could not be opened: the client gets its error.
     public mutating func passThroughFailed(_ error: PostgresError, into actions: inout Actions) {
-        guard state == .awaitingWelcome else { return }
+        guard isAwaitingWelcome else { return }
         var fatal = error
         fatal.severity = "FATAL"
         close(fatal, reason: "replication server connection failed", into: &actions)

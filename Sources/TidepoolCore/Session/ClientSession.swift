@@ -53,8 +53,9 @@ public struct ClientSession {
         /// Waiting for auth_query to find the user's secret.
         case lookingUpSecret(Login)
         case authenticating(Login)
-        /// Logged in as far as the client knows, but waiting for a server to learn its parameters.
-        case awaitingWelcome
+        /// Authenticated, but waiting for a server to learn the pool's parameters (or for a
+        /// replication connection's own server): still the login, client_login_timeout included.
+        case awaitingWelcome(Login)
         case idle
         /// Queued for a server since then.
         case waiting(since: NIODeadline)
@@ -214,7 +215,9 @@ public struct ClientSession {
     /// The login's data, while logging in.
     var login: Login? {
         switch state {
-        case .startup(let login), .lookingUpSecret(let login), .authenticating(let login): login
+        case .startup(let login), .lookingUpSecret(let login), .authenticating(let login),
+            .awaitingWelcome(let login):
+            login
         default: nil
         }
     }
@@ -320,6 +323,9 @@ public struct ClientSession {
     /// No server message is half read (or no server is linked).
     @inline(__always) var atServerMessageBoundary: Bool {
         if case .linked(let server) = state { server.scanner.atMessageBoundary } else { true }
+    }
+    public var isAwaitingWelcome: Bool {
+        if case .awaitingWelcome = state { true } else { false }
     }
     @inline(__always) public var isLinked: Bool {
         if case .linked = state { true } else { false }
