@@ -284,7 +284,7 @@ final class AdminRuntime: Sendable {
     /// Every server as SHOW SERVERS lists it, each asked on its own loop; one still being connected
     /// (no channel yet) is left out.
     func serverRows(on loop: EventLoop) -> EventLoopFuture<[ConnectionRow]> {
-        let (_, servers, closing) = pools.connections()
+        let (servers, closing) = pools.serversClosing()
         let rows: [EventLoopFuture<ConnectionRow?>] = servers.map { server in
             server.eventLoop.submit {
                 server.channel == nil ? nil : server.describe(closeNeeded: closing.contains(server.id))

@@ -500,13 +500,15 @@ final class PoolDriver: PoolDriving, Sendable {
         shared.withLockedValue { $0.registry.clients[id] }
     }
 
-    /// Every connection, the servers with whether each is to close once released.
-    func connections() -> (clients: [ClientConnection], servers: [ServerConnection], closeNeeded: Set<ServerID>) {
+    /// Every connection.
+    func connections() -> (clients: [ClientConnection], servers: [ServerConnection]) {
+        shared.withLockedValue { s in (Array(s.registry.clients.values), Array(s.servers.values)) }
+    }
+
+    /// Every server, with the ones to close once released (SHOW SERVERS).
+    func serversClosing() -> (servers: [ServerConnection], closeNeeded: Set<ServerID>) {
         shared.withLockedValue { s in
-            (
-                Array(s.registry.clients.values), Array(s.servers.values),
-                Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) })
-            )
+            (Array(s.servers.values), Set(s.servers.keys.filter { s.pools.isCloseNeeded($0) }))
         }
     }
 

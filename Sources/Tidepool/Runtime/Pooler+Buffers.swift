@@ -46,7 +46,7 @@ extension ServerConnection {
 extension Pooler {
     /// Sums every connection's buffered bytes, each on its own loop.
     func bufferFigures(on loop: EventLoop) -> EventLoopFuture<BufferFigures> {
-        let (clients, servers, _) = pools.connections()
+        let (clients, servers) = pools.connections()
         var byLoop = [(clients: [ClientConnection], servers: [ServerConnection])](
             repeating: ([], []), count: loops.count)
         for client in clients { byLoop[client.loopIndex].clients.append(client) }

@@ -194,7 +194,7 @@ public final class Pooler: @unchecked Sendable {
         try? statsListener?.close().wait()
         for sweeper in sweepers { sweeper.cancel() }
         for listener in listeners { try? listener.close().wait() }
-        let (clients, servers, _) = pools.connections()
+        let (clients, servers) = pools.connections()
         var closing: [EventLoopFuture<Void>] = []
         for client in clients {
             client.channel.close(promise: nil)

@@ -25,11 +25,9 @@ extension ClientSession {
     @inline(__always) public var mayGiveBack: Bool { poolMode != .session && serverIsClean && !isPinned }
 
     /// Nothing outstanding, no transaction open, no query or reply of the pooler's own pending and
-    /// no cancel under way. The one rule for handing a server to another client, with both ways
-    /// of the link at a message's end (`linkBetweenMessages`: the rest of a server message would
-    /// reach the next client as the start of a reply, and the next client's bytes would complete
-    /// this one's), which `releaseIfDone` and `finish` check too; at a ReadyForQuery that ends a
-    /// read it holds already.
+    /// no cancel under way. With `linkBetweenMessages`, which `releaseIfDone` and `finish` add,
+    /// the rule for handing a server to another client (kept out of this getter, read at every
+    /// ReadyForQuery, where it holds already).
     public var serverIsClean: Bool {
         tracker.isClean && !isSyncing && cancelsInFlight == 0 && readyHold == .none && (prepared?.isQuiet ?? true)
     }
